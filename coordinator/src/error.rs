@@ -1,0 +1,37 @@
+//! The coordinator's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Any other I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A GGUF model file is malformed, truncated or unsupported.
+    #[error("GGUF: {0}")]
+    Gguf(String),
+    /// The model's weights or configuration do not fit the architecture.
+    #[error("model: {0}")]
+    Model(String),
+    /// Tokenizer construction or use failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A task specification is invalid.
+    #[error("task spec: {0}")]
+    Task(String),
+    /// Invalid input data (files of samples, labels).
+    #[error("data: {0}")]
+    Data(String),
+}
+
+/// Result with the coordinator's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,1 @@
+//! The coordinator LLM (SmolLM2 / Llama) in burn.

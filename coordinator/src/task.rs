@@ -1,0 +1,1 @@
+//! Task specifications (labels, prompt templates).

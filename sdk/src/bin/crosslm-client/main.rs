@@ -1,0 +1,34 @@
+//! `crosslm-client`: the desktop client of crosslm.
+
+use clap::{Parser, Subcommand};
+
+mod slm;
+
+/// crosslm desktop client: trains an on-device SLM and takes part in CrossLM rounds.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Work with the on-device SLM: embed, train, eval, score.
+    #[command(subcommand)]
+    Slm(slm::SlmCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Slm(cmd) => slm::run(cmd),
+    }
+}

@@ -1,0 +1,1 @@
+//! Labeled text data sets: loaders, splits, partitioning across clients.

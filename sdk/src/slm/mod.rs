@@ -1,0 +1,1 @@
+//! On-device small language models: MiniLM classifier and a light model.

@@ -1,0 +1,1 @@
+//! Cross-crate and network integration tests; see `tests/`.
