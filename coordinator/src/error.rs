@@ -28,6 +28,21 @@ pub enum Error {
     /// A task specification is invalid.
     #[error("task spec: {0}")]
     Task(String),
+    /// The coordinator's database failed or holds a corrupt record.
+    #[error("state store: {0}")]
+    Store(String),
+    /// Enrollment was refused.
+    #[error("enrollment: {0}")]
+    Enroll(String),
+    /// Certificate authority or TLS setup failed.
+    #[error("PKI: {0}")]
+    Pki(String),
+    /// The network side failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The SDK reported an error.
+    #[error(transparent)]
+    Sdk(#[from] crosslm_sdk::Error),
     /// Invalid input data (files of samples, labels).
     #[error("data: {0}")]
     Data(String),

@@ -1,8 +1,13 @@
 //! crosslm coordinator: the LLM, synthetic data generation, feedback fine-tuning, round
 //! orchestration and the QUIC server.
 
+pub mod daemon;
 pub mod error;
+pub mod generator;
 pub mod llm;
+pub mod round;
+pub mod store;
 pub mod task;
+pub mod transport;
 
 pub use error::{Error, Result};

@@ -22,6 +22,18 @@ pub enum Error {
     /// Tokenizer construction or use failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Enrollment failed or the stored identity is unusable.
+    #[error("enrollment: {0}")]
+    Enroll(String),
+    /// The QUIC/TLS link failed.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The coordinator refused a request.
+    #[error("coordinator refused: {0}")]
+    Refused(crate::protocol::ErrorMsg),
     /// A data file is malformed (with its line number where known).
     #[error("data: {0}")]
     Data(String),

@@ -3,6 +3,9 @@
 
 pub mod data;
 pub mod error;
+pub mod participant;
+pub mod protocol;
 pub mod slm;
+pub mod transport;
 
 pub use error::{Error, Result};

@@ -1,6 +1,13 @@
 //! `crosslm-coordinator`: the coordinator daemon and its tools.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
+use crosslm_coordinator::generator::{FileGenerator, Generator};
+use crosslm_coordinator::store::Store;
+use serde::Deserialize;
 
 mod llm;
 
@@ -14,9 +21,75 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the daemon: listen for clients and run rounds.
+    Serve(ServeArgs),
+    /// Mint one-time enrollment tokens (works while the daemon runs).
+    Token {
+        /// The coordinator's data dir.
+        #[arg(long, default_value = "crosslm-data")]
+        data_dir: PathBuf,
+        /// How many tokens.
+        #[arg(short, long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Print the state of rounds and clients as JSON (daemon stopped: the database is locked while it runs).
+    Status {
+        /// The coordinator's data dir.
+        #[arg(long, default_value = "crosslm-data")]
+        data_dir: PathBuf,
+    },
     /// Work with the LLM directly: tokenize, generate, classify.
     #[command(subcommand)]
     Llm(llm::LlmCmd),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Config file (TOML); see examples/coordinator.toml.
+    #[arg(short, long)]
+    config: PathBuf,
+    /// Override the listen address.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Override the data dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override the number of rounds to run before exiting.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Print this many fresh enrollment tokens at start.
+    #[arg(long, default_value_t = 0)]
+    print_tokens: usize,
+    /// Write the bound address to this file once listening (for scripts and tests).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+/// Where synthetic samples come from.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum GeneratorConfig {
+    /// Labeled samples from a JSONL file.
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    /// Task spec (TOML).
+    task: PathBuf,
+    #[serde(default)]
+    daemon: DaemonConfig,
+    generator: GeneratorConfig,
+}
+
+/// Relative paths in a config file are relative to the file.
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +102,66 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Serve(args) => serve(args),
+        Cmd::Token { data_dir, count } => {
+            for t in mint_tokens(&data_dir, count)? {
+                println!("{t}");
+            }
+            Ok(())
+        }
+        Cmd::Status { data_dir } => {
+            let store = Store::open(&data_dir).with_context(|| {
+                format!("opening {} (is the daemon running? it holds the lock)", data_dir.display())
+            })?;
+            let status = serde_json::json!({
+                "clients": store.clients()?,
+                "rounds": store.summaries()?,
+            });
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
         Cmd::Llm(cmd) => llm::run(cmd),
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let cfg: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
+    let base = args.config.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut daemon_cfg = cfg.daemon;
+    daemon_cfg.data_dir = resolve(&base, &daemon_cfg.data_dir);
+    if let Some(l) = args.listen {
+        daemon_cfg.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        daemon_cfg.data_dir = d;
+    }
+    if args.rounds.is_some() {
+        daemon_cfg.rounds = args.rounds;
+    }
+    let task = crosslm_coordinator::task::TaskSpec::from_toml_file(&resolve(&base, &cfg.task))?.info();
+    let generator: Box<dyn Generator> = match cfg.generator {
+        GeneratorConfig::File { path } => Box::new(FileGenerator::load(&resolve(&base, &path), &task)?),
+    };
+    for t in mint_tokens(&daemon_cfg.data_dir, args.print_tokens)? {
+        println!("enrollment token: {t}");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut daemon = Daemon::start(daemon_cfg, task, generator).await?;
+        if let Some(f) = &args.addr_file {
+            std::fs::write(f, daemon.addr.to_string()).with_context(|| format!("writing {}", f.display()))?;
+        }
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        tokio::select! {
+            r = daemon.wait() => { r?; }
+            _ = &mut ctrl_c => {
+                tracing::info!("Ctrl-C: stopping (state is on disk; a restart resumes)");
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
 }

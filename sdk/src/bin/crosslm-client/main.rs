@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod rounds;
 mod slm;
 
 /// crosslm desktop client: trains an on-device SLM and takes part in CrossLM rounds.
@@ -14,6 +15,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Enroll with a coordinator using a one-time token.
+    Enroll(rounds::EnrollArgs),
+    /// Take part in rounds with a trained SLM until Ctrl-C (or --rounds N).
+    Join(rounds::JoinArgs),
     /// Work with the on-device SLM: embed, train, eval, score.
     #[command(subcommand)]
     Slm(slm::SlmCmd),
@@ -30,5 +35,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Slm(cmd) => slm::run(cmd),
+        Cmd::Enroll(a) => rounds::enroll_cmd(a),
+        Cmd::Join(a) => rounds::join_cmd(a),
     }
 }

@@ -1,0 +1,156 @@
+//! The seam where synthetic data comes from: the [`Generator`] trait, and
+//! [`FileGenerator`], which serves labeled samples from a JSONL file (so data made by any
+//! external LLM can drive rounds).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crosslm_sdk::protocol::TaskInfo;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// One generated text and the label it was conditioned on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GeneratedSample {
+    /// The text.
+    pub text: String,
+    /// Index of the label in the task's label list.
+    pub label: u32,
+}
+
+/// Produces label-conditioned synthetic samples for a task.
+pub trait Generator: Send + 'static {
+    /// About `n_per_label` samples for each label of `task`, for round `round`.
+    fn generate(&mut self, task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>>;
+}
+
+impl crate::task::TaskSpec {
+    /// What clients are told about the task: its name, description and label names.
+    pub fn info(&self) -> TaskInfo {
+        TaskInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            labels: self.labels.iter().map(|l| l.name.clone()).collect(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Line {
+    text: String,
+    label: String,
+}
+
+/// Serves samples from a JSONL file of `{"text": ..., "label": "<label name>"}` lines.
+///
+/// Round `r` takes the next `n_per_label` samples of each label, wrapping around, so
+/// consecutive rounds see different data and a restarted coordinator regenerates the same
+/// batch for the same round.
+#[derive(Debug, Clone)]
+pub struct FileGenerator {
+    /// Per label, the deduplicated texts in file order.
+    pools: Vec<Vec<String>>,
+}
+
+impl FileGenerator {
+    /// Loads `path` for `task`. Blank lines are skipped; a line that is not valid JSON, has
+    /// an empty text or names a label the task does not have is an error naming the line.
+    pub fn load(path: &Path, task: &TaskInfo) -> Result<Self> {
+        let raw = std::fs::read(path).map_err(|source| Error::File { path: path.to_path_buf(), source })?;
+        let mut pools = vec![Vec::new(); task.labels.len()];
+        let mut seen = HashSet::new();
+        for (i, line) in raw.split(|b| *b == b'\n').enumerate() {
+            let lineno = i + 1;
+            let line = std::str::from_utf8(line)
+                .map_err(|_| Error::Data(format!("{}:{lineno}: invalid UTF-8", path.display())))?
+                .trim();
+            if line.is_empty() {
+                continue;
+            }
+            let l: Line = serde_json::from_str(line)
+                .map_err(|e| Error::Data(format!("{}:{lineno}: {e}", path.display())))?;
+            let label = task.labels.iter().position(|x| *x == l.label).ok_or_else(|| {
+                Error::Data(format!(
+                    "{}:{lineno}: unknown label {:?} (task {} has {:?})",
+                    path.display(),
+                    l.label,
+                    task.name,
+                    task.labels
+                ))
+            })?;
+            let text = l.text.trim().to_string();
+            if text.is_empty() {
+                return Err(Error::Data(format!("{}:{lineno}: empty text", path.display())));
+            }
+            if seen.insert(text.clone()) {
+                pools[label].push(text);
+            }
+        }
+        if let Some(i) = pools.iter().position(|p| p.is_empty()) {
+            return Err(Error::Data(format!(
+                "{}: no samples for label {:?}",
+                path.display(),
+                task.labels[i]
+            )));
+        }
+        Ok(Self { pools })
+    }
+}
+
+impl Generator for FileGenerator {
+    fn generate(&mut self, _task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>> {
+        let mut out = Vec::new();
+        for (label, pool) in self.pools.iter().enumerate() {
+            let n = n_per_label.min(pool.len());
+            let start = (round.saturating_sub(1) as usize).wrapping_mul(n_per_label) % pool.len();
+            out.extend((0..n).map(|k| GeneratedSample {
+                text: pool[(start + k) % pool.len()].clone(),
+                label: label as u32,
+            }));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskInfo {
+        TaskInfo { name: "mr".into(), description: String::new(), labels: vec!["negative".into(), "positive".into()] }
+    }
+
+    #[test]
+    fn serves_rotating_per_label_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.jsonl");
+        let mut s = String::new();
+        for i in 0..5 {
+            s += &format!("{{\"text\": \"bad {i}\", \"label\": \"negative\"}}\n");
+            s += &format!("{{\"text\": \"good {i}\", \"label\": \"positive\"}}\n\n");
+        }
+        s += "{\"text\": \"good 0\", \"label\": \"positive\"}\n";
+        std::fs::write(&p, s).unwrap();
+        let mut g = FileGenerator::load(&p, &task()).unwrap();
+        let r1 = g.generate(&task(), 2, 1).unwrap();
+        let r2 = g.generate(&task(), 2, 2).unwrap();
+        assert_eq!(r1.len(), 4);
+        assert_eq!(r1.iter().filter(|s| s.label == 1).count(), 2);
+        assert_ne!(r1, r2);
+        assert_eq!(r1, g.generate(&task(), 2, 1).unwrap(), "same round, same batch");
+    }
+
+    #[test]
+    fn bad_lines_name_their_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.jsonl");
+        std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\n{\"text\": \"b\", \"label\": \"meh\"}\n").unwrap();
+        let err = FileGenerator::load(&p, &task()).unwrap_err().to_string();
+        assert!(err.contains(":2:") && err.contains("unknown label"), "{err}");
+        std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\nnot json\n").unwrap();
+        assert!(FileGenerator::load(&p, &task()).unwrap_err().to_string().contains(":2:"));
+        std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\n").unwrap();
+        assert!(FileGenerator::load(&p, &task()).unwrap_err().to_string().contains("no samples for label"));
+    }
+}

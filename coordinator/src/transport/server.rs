@@ -1,0 +1,321 @@
+//! Accepts QUIC connections and runs one session task per client.
+//!
+//! A session is one bidirectional stream of frames. The first frame must be a `Hello` of
+//! our protocol version. A connection with a certificate of ours that the store knows is a
+//! client session; a connection without one may only enroll. Anything malformed gets an
+//! error frame and the connection is closed; other sessions are not affected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crosslm_sdk::protocol::{
+    ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION, ServerMsg, frame,
+};
+use crosslm_sdk::transport::EnrollToken;
+use crosslm_sdk::transport::tls::fingerprint;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use crate::daemon::{CoreEvent, Outbound};
+use crate::store::{ClientRecord, Store};
+use crate::transport::{Pki, Tokens};
+
+/// Shared by every session task.
+pub struct ServerCtx {
+    /// The CA.
+    pub pki: Pki,
+    /// Enrollment tokens.
+    pub tokens: Tokens,
+    /// The database.
+    pub store: Arc<Store>,
+    /// Events for the round core.
+    pub core: mpsc::Sender<CoreEvent>,
+}
+
+/// How long a peer may take to open its stream and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => session(conn, ctx).await,
+                Err(e) => tracing::warn!(%remote, error = %e, "connection refused during TLS handshake"),
+            }
+        });
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error(ErrorMsg { code, message: message.into() })
+}
+
+/// Reads the version from a Hello body before decoding the rest, so a peer of another
+/// version gets a clear answer rather than "malformed".
+fn peek_hello_version(body: &[u8]) -> Option<u16> {
+    if body.first() != Some(&0) {
+        return None;
+    }
+    postcard::take_from_bytes::<u16>(&body[1..]).ok().map(|(v, _)| v)
+}
+
+async fn read_body(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(0) => FrameError::Closed,
+        quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        quinn::ReadExactError::ReadError(e) => FrameError::Io(e.into()),
+    })?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > crosslm_sdk::protocol::MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    AsyncReadExt::read_exact(recv, &mut body).await.map_err(|_| FrameError::Truncated)?;
+    Ok(body)
+}
+
+fn frame_error_reply(e: &FrameError) -> Option<ServerMsg> {
+    match e {
+        FrameError::TooLarge(_) => Some(err(ErrorCode::TooLarge, e.to_string())),
+        FrameError::Malformed(_) => Some(err(ErrorCode::Malformed, e.to_string())),
+        _ => None,
+    }
+}
+
+async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
+    let remote = conn.remote_address();
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "connection closed before opening a stream");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "no stream opened in time; closing");
+            conn.close(1u32.into(), b"timeout");
+            return;
+        }
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_body(&mut recv)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, error = %e, "bad first frame");
+            close_with(&conn, &mut send, frame_error_reply(&e)).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "no hello in time; closing");
+            conn.close(1u32.into(), b"timeout");
+            return;
+        }
+    };
+    let info = match peek_hello_version(&hello) {
+        Some(PROTOCOL_VERSION) => match frame::decode::<ClientMsg>(&hello) {
+            Ok(ClientMsg::Hello { info, .. }) => info,
+            Ok(_) | Err(_) => {
+                tracing::warn!(%remote, "malformed hello");
+                close_with(&conn, &mut send, Some(err(ErrorCode::Malformed, "malformed Hello"))).await;
+                return;
+            }
+        },
+        Some(v) => {
+            tracing::warn!(%remote, client_version = v, "protocol version mismatch");
+            let msg = format!("client speaks protocol v{v}, this coordinator speaks v{PROTOCOL_VERSION}");
+            close_with(&conn, &mut send, Some(err(ErrorCode::VersionMismatch, msg))).await;
+            return;
+        }
+        None => {
+            tracing::warn!(%remote, "first frame is not a Hello");
+            close_with(&conn, &mut send, Some(err(ErrorCode::Malformed, "expected Hello first"))).await;
+            return;
+        }
+    };
+
+    let cert_fp = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| fingerprint(c.as_ref())));
+    let client = match &cert_fp {
+        Some(fp) => match ctx.store.client_by_cert(fp) {
+            Ok(Some(rec)) => Some(rec),
+            Ok(None) => {
+                tracing::warn!(%remote, "certificate of our CA but unknown to the store; refused");
+                let m = err(ErrorCode::Unauthenticated, "certificate not recognised; enroll again");
+                close_with(&conn, &mut send, Some(m)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%remote, error = %e, "store lookup failed");
+                close_with(&conn, &mut send, Some(err(ErrorCode::Internal, "internal error"))).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let welcome = ServerMsg::Welcome { version: PROTOCOL_VERSION, client_id: client.as_ref().map(|c| c.id.clone()) };
+    if frame::write(&mut send, &welcome).await.is_err() {
+        return;
+    }
+    match client {
+        Some(rec) => client_session(conn, send, recv, rec, info, ctx).await,
+        None => enroll_session(conn, send, recv, info, ctx).await,
+    }
+}
+
+async fn close_with(conn: &quinn::Connection, send: &mut quinn::SendStream, msg: Option<ServerMsg>) {
+    if let Some(m) = msg {
+        let _ = frame::write(send, &m).await;
+    }
+    let _ = send.finish();
+    // Give the error frame a moment to leave before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(2u32.into(), b"error");
+}
+
+async fn enroll_session(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    info: ClientInfo,
+    ctx: Arc<ServerCtx>,
+) {
+    let remote = conn.remote_address();
+    let msg = match tokio::time::timeout(HELLO_TIMEOUT, read_body(&mut recv)).await {
+        Ok(Ok(body)) => frame::decode::<ClientMsg>(&body),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(FrameError::Closed),
+    };
+    let reply = match msg {
+        Ok(ClientMsg::Enroll { token, csr_der }) => match enroll(&ctx, &token, &csr_der, &info) {
+            Ok(m) => {
+                tracing::info!(%remote, name = %info.name, "client enrolled");
+                m
+            }
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "enrollment refused");
+                err(ErrorCode::BadToken, e.to_string())
+            }
+        },
+        Ok(other) => {
+            tracing::warn!(%remote, msg = ?std::mem::discriminant(&other), "refused: no client certificate");
+            err(ErrorCode::Unauthenticated, "no client certificate: enroll with a token first")
+        }
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "bad frame from unauthenticated peer");
+            frame_error_reply(&e).unwrap_or_else(|| err(ErrorCode::Malformed, e.to_string()))
+        }
+    };
+    close_with(&conn, &mut send, Some(reply)).await;
+}
+
+fn enroll(ctx: &ServerCtx, token: &str, csr: &[u8], info: &ClientInfo) -> crate::Result<ServerMsg> {
+    let token = EnrollToken::parse(token)?;
+    if token.ca_fingerprint != ctx.pki.ca_fingerprint() {
+        return Err(crate::Error::Enroll("token is for another coordinator".into()));
+    }
+    ctx.tokens.consume(&token.secret)?;
+    let client_id = format!("client-{}", &fingerprint(csr)[..12]);
+    let cert_der = ctx.pki.sign_client(csr, &client_id)?;
+    ctx.store.add_client(&ClientRecord {
+        id: client_id.clone(),
+        cert_fingerprint: fingerprint(&cert_der),
+        info: info.clone(),
+        enrolled_at: crate::daemon::now_ms(),
+    })?;
+    Ok(ServerMsg::Enrolled { client_id, cert_der, ca_der: ctx.pki.ca_der().to_vec() })
+}
+
+async fn client_session(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    rec: ClientRecord,
+    info: ClientInfo,
+    ctx: Arc<ServerCtx>,
+) {
+    let remote = conn.remote_address();
+    let client = rec.id.clone();
+    if rec.info != info {
+        if let Err(e) = ctx.store.update_client_info(&client, &info) {
+            tracing::warn!(%client, error = %e, "could not update client info");
+        }
+    }
+    tracing::info!(%remote, %client, arch = %info.slm_arch, n_private = info.n_private, "client connected");
+    let (tx, mut rx) = mpsc::channel::<Outbound>(64);
+    let conn_id = conn.stable_id();
+    if ctx.core.send(CoreEvent::Connected { client: client.clone(), conn_id, info, tx }).await.is_err() {
+        return;
+    }
+    // Writer: everything the core wants this client to get, in order.
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let r = match out {
+                Outbound::Msg(m) => frame::write(&mut send, &m).await,
+                Outbound::Frames(frames) => {
+                    let mut r = Ok(());
+                    for f in frames.iter() {
+                        if let Err(e) = send.write_all(f).await {
+                            r = Err(FrameError::Io(e.into()));
+                            break;
+                        }
+                    }
+                    r
+                }
+                Outbound::Close => break,
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        send
+    });
+    // Reader: frames from the client, passed to the core.
+    let reason = loop {
+        let body = match read_body(&mut recv).await {
+            Ok(b) => b,
+            Err(FrameError::Closed) => break "closed".to_string(),
+            Err(e) => {
+                tracing::warn!(%client, error = %e, "bad frame; closing session");
+                if let Some(m) = frame_error_reply(&e) {
+                    let _ = ctx.core.send(CoreEvent::Say { client: client.clone(), conn_id, msg: m }).await;
+                }
+                break e.to_string();
+            }
+        };
+        let msg = match frame::decode::<ClientMsg>(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%client, error = %e, "malformed frame; closing session");
+                let m = err(ErrorCode::Malformed, e.to_string());
+                let _ = ctx.core.send(CoreEvent::Say { client: client.clone(), conn_id, msg: m }).await;
+                break e.to_string();
+            }
+        };
+        let ev = match msg {
+            ClientMsg::Scores { round, scores, last } => CoreEvent::Scores { client: client.clone(), round, scores, last },
+            ClientMsg::Report { round, local_accuracy } => CoreEvent::Report { client: client.clone(), round, local_accuracy },
+            ClientMsg::Abandon { round } => CoreEvent::Abandon { client: client.clone(), conn_id, round },
+            ClientMsg::Hello { .. } | ClientMsg::Enroll { .. } => {
+                let m = err(ErrorCode::Malformed, "Hello/Enroll are only valid at the start of a session");
+                CoreEvent::Say { client: client.clone(), conn_id, msg: m }
+            }
+        };
+        if ctx.core.send(ev).await.is_err() {
+            break "coordinator shutting down".to_string();
+        }
+    };
+    tracing::info!(%client, %reason, "session ended");
+    let _ = ctx.core.send(CoreEvent::Disconnected { client: client.clone(), conn_id }).await;
+    // The core drops our sender on Disconnected: the writer drains what is queued (an
+    // error reply, say) and ends; then close.
+    if let Ok(Ok(mut send)) = tokio::time::timeout(Duration::from_secs(2), writer).await {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+    conn.close(0u32.into(), b"bye");
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: fetches assets, builds once in release (the one profile), tests the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+./scripts/fetch-assets.sh
+cargo test --release --workspace "$@"

@@ -1,0 +1,308 @@
+//! A client session: one QUIC connection, one bidirectional control stream of frames.
+
+use std::net::SocketAddr;
+
+use crate::protocol::{
+    self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, PROTOCOL_VERSION, SampleScore,
+    ServerMsg, SyntheticSample, TaskInfo, frame,
+};
+use crate::transport::tls::{self, EnrollToken, Identity, SERVER_NAME};
+use crate::{Error, Result};
+
+/// The client-side seam of a round: an SLM (or anything) that judges synthetic samples.
+pub trait Scorer: Send + 'static {
+    /// For each sample, the probability of every label of `task` (each row sums to 1).
+    fn score(&mut self, task: &TaskInfo, samples: &[SyntheticSample]) -> Result<Vec<Vec<f32>>>;
+
+    /// Called with a finished round's aggregated scores (training data for the SLM).
+    /// Returns the local test accuracy to report, if the client measured one.
+    fn learn(
+        &mut self,
+        _task: &TaskInfo,
+        _samples: &[SyntheticSample],
+        _scores: &[AggregatedScore],
+    ) -> Result<Option<f32>> {
+        Ok(None)
+    }
+}
+
+/// Something that happened on a session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A round opened and its whole batch arrived.
+    Round {
+        /// The round.
+        round: u64,
+        /// The task.
+        task: TaskInfo,
+        /// All samples of the batch.
+        samples: Vec<SyntheticSample>,
+        /// Deadline, ms since the Unix epoch.
+        deadline_ms: u64,
+    },
+    /// Our scores for a round were accepted.
+    Accepted {
+        /// The round.
+        round: u64,
+    },
+    /// A round finished; its aggregated scores arrived.
+    Result {
+        /// The round.
+        round: u64,
+        /// Aggregated scores of every sample.
+        scores: Vec<AggregatedScore>,
+    },
+    /// A round failed.
+    Failed {
+        /// The round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator refused something we sent.
+    Refused(ErrorMsg),
+}
+
+fn endpoint_for(server: SocketAddr) -> Result<quinn::Endpoint> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind).map_err(|e| Error::Transport(format!("cannot bind UDP socket: {e}")))
+}
+
+async fn open(
+    server: SocketAddr,
+    cfg: quinn::ClientConfig,
+) -> Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let endpoint = endpoint_for(server)?;
+    let conn = endpoint
+        .connect_with(cfg, server, SERVER_NAME)
+        .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?
+        .await
+        .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?;
+    let (send, recv) =
+        conn.open_bi().await.map_err(|e| Error::Transport(format!("open stream: {e}")))?;
+    Ok((endpoint, conn, send, recv))
+}
+
+async fn send_msg(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<()> {
+    frame::write(send, msg).await.map_err(|e| Error::Transport(format!("send: {e}")))
+}
+
+async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<ServerMsg> {
+    frame::read(recv).await.map_err(|e| match e {
+        protocol::FrameError::Closed => Error::Transport("coordinator closed the session".into()),
+        e => Error::Transport(format!("receive: {e}")),
+    })
+}
+
+async fn hello(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    info: ClientInfo,
+) -> Result<Option<String>> {
+    send_msg(send, &ClientMsg::hello(info)).await?;
+    match recv_msg(recv).await? {
+        ServerMsg::Welcome { version, client_id } if version == PROTOCOL_VERSION => Ok(client_id),
+        ServerMsg::Welcome { version, .. } => Err(Error::Protocol(format!(
+            "coordinator speaks protocol v{version}, this client v{PROTOCOL_VERSION}"
+        ))),
+        ServerMsg::Error(e) => Err(Error::Refused(e)),
+        other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+/// Enrolls with a coordinator: trades a one-time token for a client certificate.
+pub async fn enroll(server: SocketAddr, token: &EnrollToken, info: ClientInfo) -> Result<Identity> {
+    let (key_der, csr_der) = tls::new_key_and_csr(&info.name)?;
+    let (endpoint, conn, mut send, mut recv) = open(server, tls::enroll_config(token)?).await?;
+    hello(&mut send, &mut recv, info).await?;
+    send_msg(&mut send, &ClientMsg::Enroll { token: token.to_string(), csr_der }).await?;
+    let reply = recv_msg(&mut recv).await;
+    conn.close(0u32.into(), b"enrolled");
+    endpoint.wait_idle().await;
+    match reply? {
+        ServerMsg::Enrolled { client_id, cert_der, ca_der } => {
+            if tls::fingerprint(&ca_der) != token.ca_fingerprint {
+                return Err(Error::Enroll("coordinator sent a CA that does not match the token".into()));
+            }
+            Ok(Identity { client_id, cert_der, key_der, ca_der })
+        }
+        ServerMsg::Error(e) => Err(Error::Refused(e)),
+        other => Err(Error::Protocol(format!("expected Enrolled, got {other:?}"))),
+    }
+}
+
+/// An open mutual-TLS session with the coordinator.
+pub struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    client_id: String,
+}
+
+impl Session {
+    /// Connects with an enrolled identity and opens the session.
+    pub async fn connect(server: SocketAddr, identity: &Identity, info: ClientInfo) -> Result<Self> {
+        let (endpoint, conn, mut send, mut recv) = open(server, tls::session_config(identity)?).await?;
+        let client_id = hello(&mut send, &mut recv, info)
+            .await?
+            .ok_or_else(|| Error::Protocol("coordinator did not recognise our certificate".into()))?;
+        Ok(Self { endpoint, conn, send, recv, client_id })
+    }
+
+    /// The id the coordinator knows us by.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Waits for the next event, assembling chunked batches and results.
+    pub async fn next_event(&mut self) -> Result<Event> {
+        match recv_msg(&mut self.recv).await? {
+            ServerMsg::RoundOpen { round, task, total_samples, deadline_ms } => {
+                // Bound the pre-allocation: the count is the peer's word, not ours.
+                let mut samples = Vec::with_capacity(total_samples.min(1 << 16) as usize);
+                loop {
+                    match recv_msg(&mut self.recv).await? {
+                        ServerMsg::Samples { round: r, samples: chunk, last } if r == round => {
+                            samples.extend(chunk);
+                            if last {
+                                break;
+                            }
+                        }
+                        other => {
+                            return Err(Error::Protocol(format!(
+                                "expected samples of round {round}, got {other:?}"
+                            )));
+                        }
+                    }
+                }
+                if samples.len() as u64 != total_samples {
+                    return Err(Error::Protocol(format!(
+                        "round {round} announced {total_samples} samples, got {}",
+                        samples.len()
+                    )));
+                }
+                Ok(Event::Round { round, task, samples, deadline_ms })
+            }
+            ServerMsg::RoundResult { round, scores, last } => {
+                let mut all = scores;
+                let mut last = last;
+                while !last {
+                    match recv_msg(&mut self.recv).await? {
+                        ServerMsg::RoundResult { round: r, scores, last: l } if r == round => {
+                            all.extend(scores);
+                            last = l;
+                        }
+                        other => {
+                            return Err(Error::Protocol(format!(
+                                "expected results of round {round}, got {other:?}"
+                            )));
+                        }
+                    }
+                }
+                Ok(Event::Result { round, scores: all })
+            }
+            ServerMsg::ScoresAccepted { round } => Ok(Event::Accepted { round }),
+            ServerMsg::RoundFailed { round, reason } => Ok(Event::Failed { round, reason }),
+            ServerMsg::Error(e) => Ok(Event::Refused(e)),
+            other => Err(Error::Protocol(format!("unexpected message {other:?}"))),
+        }
+    }
+
+    /// Sends scores for a round, streamed in chunks.
+    pub async fn send_scores(&mut self, round: u64, scores: &[SampleScore]) -> Result<()> {
+        for (chunk, last) in protocol::chunks(scores, protocol::SAMPLES_PER_CHUNK) {
+            send_msg(&mut self.send, &ClientMsg::Scores { round, scores: chunk, last }).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends any message (used by tools and tests).
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<()> {
+        send_msg(&mut self.send, msg).await
+    }
+
+    /// Closes the session politely.
+    pub async fn close(self) {
+        let _ = self.send.finish_owned();
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+}
+
+/// Runs a scorer in a blocking thread and gives it back (models are not `Sync`).
+async fn blocking<S: Scorer, T: Send + 'static>(
+    mut scorer: S,
+    f: impl FnOnce(&mut S) -> Result<T> + Send + 'static,
+) -> Result<(S, T)> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut scorer);
+        r.map(|t| (scorer, t))
+    })
+    .await
+    .map_err(|e| Error::Transport(format!("scoring task failed: {e}")))?
+}
+
+/// Takes part in rounds until `rounds` results were received (or forever with `None`),
+/// scoring every batch with `scorer` and handing results to [`Scorer::learn`].
+/// Returns the scorer and the number of rounds completed.
+pub async fn participate<S: Scorer>(
+    session: &mut Session,
+    mut scorer: S,
+    rounds: Option<u64>,
+) -> Result<(S, u64)> {
+    let mut done = 0u64;
+    let mut batches: std::collections::HashMap<u64, (TaskInfo, Vec<SyntheticSample>)> =
+        std::collections::HashMap::new();
+    while rounds.is_none_or(|r| done < r) {
+        match session.next_event().await? {
+            Event::Round { round, task, samples, .. } => {
+                tracing::info!(round, samples = samples.len(), "scoring batch");
+                let (t, s) = (task.clone(), samples.clone());
+                let (back, probs) = blocking(scorer, move |sc| sc.score(&t, &s)).await?;
+                scorer = back;
+                if probs.len() != samples.len() {
+                    return Err(Error::Model(format!(
+                        "scorer returned {} rows for {} samples",
+                        probs.len(),
+                        samples.len()
+                    )));
+                }
+                let scores: Vec<SampleScore> = samples
+                    .iter()
+                    .zip(probs)
+                    .map(|(s, probs)| SampleScore { id: s.id, probs })
+                    .collect();
+                session.send_scores(round, &scores).await?;
+                batches.insert(round, (task, samples));
+            }
+            Event::Accepted { round } => tracing::info!(round, "scores accepted"),
+            Event::Result { round, scores } => {
+                done += 1;
+                if let Some((task, samples)) = batches.remove(&round) {
+                    let (back, acc) = blocking(scorer, move |sc| sc.learn(&task, &samples, &scores)).await?;
+                    scorer = back;
+                    session.send(&ClientMsg::Report { round, local_accuracy: acc }).await?;
+                    tracing::info!(round, ?acc, "round finished");
+                } else {
+                    tracing::info!(round, "round finished (we did not score it)");
+                }
+            }
+            Event::Failed { round, reason } => {
+                batches.remove(&round);
+                tracing::warn!(round, %reason, "round failed");
+            }
+            Event::Refused(e) => return Err(Error::Refused(e)),
+        }
+    }
+    Ok((scorer, done))
+}

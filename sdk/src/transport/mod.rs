@@ -1,0 +1,8 @@
+//! The client side of the QUIC link: enrollment, mutual-TLS sessions, and taking part in
+//! rounds with a [`Scorer`].
+
+pub mod client;
+pub mod tls;
+
+pub use client::{Event, Scorer, Session, enroll, participate};
+pub use tls::{EnrollToken, Identity};

@@ -1,0 +1,115 @@
+//! Rounds over real QUIC on 127.0.0.1: a full round, a client vanishing mid-round.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
+use crosslm_coordinator::generator::FileGenerator;
+use crosslm_coordinator::round::{Phase, RoundConfig};
+use crosslm_coordinator::store::Store;
+use crosslm_sdk::transport::{Session, participate};
+use crosslm_tests::*;
+use tokio::io::AsyncBufReadExt;
+
+fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonConfig {
+    DaemonConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("coord"),
+        rounds: Some(1),
+        samples_per_label: 300, // 600 samples: several chunks each way
+        min_clients,
+        round: RoundConfig { quorum, deadline_ms: 60_000, ..Default::default() },
+        idle_timeout_ms: 3_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_three_clients_complete_a_round() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, task) = write_task(dir.path());
+    let samples = write_samples(dir.path(), 400);
+    let cfg = config(dir.path(), 3, 3);
+    let data_dir = cfg.data_dir.clone();
+    let tokens = mint_tokens(&data_dir, 3).unwrap();
+    let generator = FileGenerator::load(&samples, &task).unwrap();
+    let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();
+    let addr = daemon.addr;
+
+    let mut clients = Vec::new();
+    for (i, (token, p)) in tokens.into_iter().zip([0.9f32, 0.6, 0.3]).enumerate() {
+        clients.push(tokio::spawn(async move {
+            let id = enroll_with(addr, &token, &format!("c{i}")).await;
+            // n_private differs per client: the aggregation weights.
+            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), (i as u64 + 1) * 10)).await.unwrap();
+            let (_, n) = participate(&mut s, FixedScorer { p }, Some(1)).await.unwrap();
+            s.close().await;
+            n
+        }));
+    }
+    for c in clients {
+        assert_eq!(c.await.unwrap(), 1, "each client saw one round result");
+    }
+    assert_eq!(daemon.wait().await.unwrap(), 1);
+    drop(daemon);
+
+    let store = Store::open(&data_dir).unwrap();
+    let out = store.result(1).unwrap().expect("round 1 result persisted");
+    assert_eq!(out.contributors.len(), 3);
+    assert_eq!(out.scores.len(), 600);
+    // Weighted by n_private 10, 20, 30: (0.9*10 + 0.6*20 + 0.3*30) / 60 = 0.5.
+    for s in &out.scores {
+        assert!((s.quality - 0.5).abs() < 1e-4, "{s:?}");
+        assert!((s.soft.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_completes_on_quorum_when_a_client_process_is_killed() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, task) = write_task(dir.path());
+    let samples = write_samples(dir.path(), 400);
+    let cfg = config(dir.path(), 3, 2);
+    let data_dir = cfg.data_dir.clone();
+    let tokens = mint_tokens(&data_dir, 3).unwrap();
+    let generator = FileGenerator::load(&samples, &task).unwrap();
+    let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();
+    let addr = daemon.addr;
+
+    // The victim: a real process that receives the batch and then is SIGKILLed.
+    let victim_dir = dir.path().join("victim");
+    enroll_with(addr, &tokens[2], "victim").await.save(&victim_dir).unwrap();
+    let mut victim = tokio::process::Command::new(bin("test-client"))
+        .args([&addr.to_string(), victim_dir.to_str().unwrap(), "hang"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(victim.stdout.take().unwrap()).lines();
+
+    let mut clients = Vec::new();
+    for (i, token) in tokens[..2].iter().cloned().enumerate() {
+        clients.push(tokio::spawn(async move {
+            let id = enroll_with(addr, &token, &format!("c{i}")).await;
+            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), 10)).await.unwrap();
+            let (_, n) = participate(&mut s, FixedScorer { p: 0.8 }, Some(1)).await.unwrap();
+            n
+        }));
+    }
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.unwrap().unwrap();
+    assert_eq!(line.as_deref(), Some("got-batch"));
+    victim.start_kill().unwrap(); // SIGKILL: no goodbye on the wire
+    victim.wait().await.unwrap();
+
+    for c in clients {
+        let n = tokio::time::timeout(Duration::from_secs(30), c).await.expect("round finished").unwrap();
+        assert_eq!(n, 1);
+    }
+    assert_eq!(daemon.wait().await.unwrap(), 1);
+    drop(daemon);
+    let store = Store::open(&data_dir).unwrap();
+    let s = &store.summaries().unwrap()[0];
+    assert_eq!(s.phase, Phase::Done);
+    assert_eq!(s.replies.len(), 2);
+}
