@@ -1,1 +1,51 @@
 //! The coordinator LLM (SmolLM2 / Llama) in burn.
+//!
+//! - [`engine`]: [`Llm`], what CrossLM needs: generate, classify, perplexity.
+//! - [`generate`]: batched generation with a KV cache, sampling.
+//! - [`gguf`]: GGUF v3 reader and dequantization.
+//! - [`model`]: the Llama decoder (config, blocks, KV cache, LoRA adapters).
+//! - [`tokenizer`]: byte-level BPE from GGUF metadata, ChatML template.
+//! - [`train`]: LoRA fine-tuning (weighted completion NLL), adapter files.
+
+pub mod engine;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod tokenizer;
+pub mod train;
+
+pub use engine::{LabeledText, Llm, accuracy};
+pub use generate::Sampling;
+
+use std::path::PathBuf;
+
+/// Where the project's fetched assets live: `$CROSSLM_ASSETS`, else `<workspace>/assets`
+/// (filled by `scripts/fetch-assets.sh`).
+pub fn assets_dir() -> PathBuf {
+    match std::env::var_os("CROSSLM_ASSETS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets")),
+    }
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF file inside [`assets_dir`].
+pub fn smollm2_gguf_path() -> PathBuf {
+    assets_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[cfg(test)]
+pub(crate) mod test_assets {
+    use std::path::PathBuf;
+
+    /// The real model file; panics with a clear message when it is missing, so that tests on
+    /// the real model fail instead of silently passing.
+    pub fn smollm2_path() -> PathBuf {
+        let path = super::smollm2_gguf_path();
+        assert!(
+            path.is_file(),
+            "missing test asset {}: run scripts/fetch-assets.sh or set CROSSLM_ASSETS",
+            path.display()
+        );
+        path
+    }
+}

@@ -1,12 +1,187 @@
 //! `crosslm-coordinator llm ...` subcommands.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::tensor::Device;
 use clap::Subcommand;
+use crosslm_coordinator::llm::gguf::Gguf;
+use crosslm_coordinator::llm::tokenizer::Tokenizer;
+use crosslm_coordinator::llm::{Llm, Sampling, accuracy};
+use crosslm_coordinator::task::TaskSpec;
 
 /// LLM tools.
 #[derive(Subcommand)]
-pub enum LlmCmd {}
+pub enum LlmCmd {
+    /// Print the token ids of TEXT as a JSON array.
+    Tokenize {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Text to tokenize (special tokens such as <|im_start|> are recognized).
+        text: String,
+    },
+    /// Continue a prompt.
+    Generate {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt (a user message with --chat).
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling threshold (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Top-k filter (0 = off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print {"prompt_ids": [...], "generated_ids": [...]} instead of text.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Zero-shot classify a labeled data set and print the accuracy.
+    ///
+    /// The data file is JSONL (`{"text": ..., "label": "<label name>"}` per line) when its
+    /// name ends in `.jsonl` or `.json`, else TSV (`<label name><TAB><text>` per line).
+    Classify {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Task spec (TOML).
+        #[arg(long)]
+        task: PathBuf,
+        /// Labeled data (JSONL or TSV, see above).
+        #[arg(long)]
+        data: PathBuf,
+        /// Classify only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
 
 /// Runs an `llm` subcommand.
 pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
-    match cmd {}
+    match cmd {
+        LlmCmd::Tokenize { model, text } => {
+            let tok = Tokenizer::from_gguf(&Gguf::open(&model)?)?;
+            println!("{}", serde_json::to_string(&tok.encode(&text)?)?);
+        }
+        LlmCmd::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ids,
+        } => {
+            let llm = Llm::load(&model, &Device::flex())?;
+            let text = if chat {
+                llm.tokenizer.chat_prompt(&prompt)
+            } else {
+                prompt
+            };
+            let prompt_ids = llm.tokenizer.encode(&text)?;
+            let sampling = Sampling {
+                temperature,
+                top_k,
+                top_p,
+                max_new_tokens,
+                seed,
+            };
+            let generated = llm
+                .generate_ids(std::slice::from_ref(&prompt_ids), &sampling)
+                .pop()
+                .unwrap_or_default();
+            if ids {
+                let out = serde_json::json!({
+                    "prompt_ids": prompt_ids,
+                    "generated_ids": generated,
+                });
+                println!("{out}");
+            } else {
+                println!("{}", llm.tokenizer.decode(&generated, true)?);
+            }
+        }
+        LlmCmd::Classify {
+            model,
+            task,
+            data,
+            limit,
+        } => {
+            let task = TaskSpec::from_toml_file(&task)?;
+            let mut rows = read_labeled(&data, &task)?;
+            if let Some(n) = limit {
+                rows.truncate(n);
+            }
+            anyhow::ensure!(!rows.is_empty(), "{}: no examples", data.display());
+            let llm = Llm::load(&model, &Device::flex())?;
+            let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
+            let labels: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
+            let probs = llm.classify(&task, &texts)?;
+            let acc = accuracy(&probs, &labels);
+            println!(
+                "{}",
+                serde_json::json!({"task": task.name, "n": rows.len(), "accuracy": acc})
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads `(text, label index)` pairs from a JSONL or TSV file (see `Classify`).
+fn read_labeled(path: &Path, task: &TaskSpec) -> anyhow::Result<Vec<(String, usize)>> {
+    let content =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("jsonl" | "json")
+    );
+    let mut rows = Vec::new();
+    for (i, line) in content.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let (label, text) = if jsonl {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: bad JSON", at()))?;
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .map(str::to_string)
+                    .with_context(|| format!("{}: missing string field {k:?}", at()))
+            };
+            (field("label")?, field("text")?)
+        } else {
+            let (l, t) = line
+                .split_once('\t')
+                .with_context(|| format!("{}: expected <label><TAB><text>", at()))?;
+            (l.to_string(), t.to_string())
+        };
+        let idx = task.label_index(&label).with_context(|| {
+            format!(
+                "{}: unknown label {label:?} (task labels: {:?})",
+                at(),
+                task.label_names()
+            )
+        })?;
+        rows.push((text, idx));
+    }
+    Ok(rows)
 }

@@ -1,0 +1,667 @@
+//! The Llama decoder (SmolLM2) in burn: config, RMSNorm, RoPE, grouped-query attention with a
+//! KV cache, SwiGLU MLP, block, model and the tied LM head.
+//!
+//! Base weights are plain (non-parameter) tensors: they are frozen by construction, and the
+//! only trainable tensors are the optional LoRA adapters passed to [`Llama::forward`].
+//! Sequences of different lengths share a batch with LEFT padding: [`StepInputs`] carries each
+//! sequence's RoPE positions and an attention mask that hides pad keys and future keys.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+
+use super::gguf::Gguf;
+use crate::{Error, Result};
+
+/// Architecture hyper-parameters, read from GGUF `llama.*` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Number of decoder blocks.
+    pub n_layers: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    /// MLP inner size.
+    pub d_ff: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention: `n_heads` is a multiple).
+    pub n_kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest context the model was trained for.
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+}
+
+impl LlamaConfig {
+    /// Reads the config of a `llama` GGUF file.
+    pub fn from_gguf(g: &Gguf) -> Result<LlamaConfig> {
+        let arch = g.meta_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::Model(format!(
+                "architecture {arch} is not supported (expected llama)"
+            )));
+        }
+        let u = |k: &str| g.meta_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let vocab_size = match g.meta_u64("llama.vocab_size") {
+            Ok(v) => v as usize,
+            Err(_) => g.meta_str_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let config = LlamaConfig {
+            n_layers: u("block_count")?,
+            d_model: u("embedding_length")?,
+            d_ff: u("feed_forward_length")?,
+            n_heads: u("attention.head_count")?,
+            n_kv_heads: u("attention.head_count_kv")?,
+            vocab_size,
+            max_seq_len: u("context_length")?,
+            rope_theta: g.meta_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon")?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A tiny config for fast tests.
+    pub fn tiny(vocab_size: usize) -> LlamaConfig {
+        LlamaConfig {
+            n_layers: 2,
+            d_model: 32,
+            d_ff: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            vocab_size,
+            max_seq_len: 256,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let ok = self.n_layers > 0
+            && self.n_heads > 0
+            && self.n_kv_heads > 0
+            && self.n_heads % self.n_kv_heads == 0
+            && self.d_model % self.n_heads == 0
+            && self.head_dim() % 2 == 0
+            && self.vocab_size > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Model(format!("inconsistent llama config {self:?}")))
+        }
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    weight: Tensor<1>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Normalizes over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
+        (x / rms) * self.weight.clone().unsqueeze()
+    }
+}
+
+/// RoPE cos/sin for each (sequence, position) of a step, shaped to broadcast over heads and
+/// adjacent pairs: `[batch, 1, seq, head_dim / 2, 1]`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor<5>,
+    sin: Tensor<5>,
+}
+
+impl Rope {
+    /// Rotates ADJACENT pairs `(x[2i], x[2i+1])` of each head by `pos * theta^(-2i/d)`: the GGUF
+    /// converter permuted the q/k weight rows so that llama.cpp's "normal" RoPE applies.
+    /// `x`: `[batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, h, t, d] = x.dims();
+        let x = x.reshape([b, h, t, d / 2, 2]);
+        let x0 = x.clone().slice_dim(4, 0..1);
+        let x1 = x.slice_dim(4, 1..2);
+        let out0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
+        let out1 = x0 * self.sin.clone() + x1 * self.cos.clone();
+        Tensor::cat(vec![out0, out1], 4).reshape([b, h, t, d])
+    }
+}
+
+/// What one forward step needs besides the tokens: RoPE angles per sequence and the attention
+/// mask over `[cached keys, new keys]`. Built on the host from each sequence's left padding.
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// Rotary embedding for the new tokens.
+    pub rope: Rope,
+    /// `[batch, 1, seq, past + seq]`, `true` where a query must NOT see a key.
+    pub mask: Tensor<4, Bool>,
+}
+
+impl StepInputs {
+    /// Inputs for `seq` new tokens per sequence after `past` cached ones, where sequence `b`
+    /// starts with `pads[b]` pad tokens (left padding). A real token at absolute index `j` has
+    /// position `j - pads[b]`; a query sees keys that are not pads and not in its future.
+    pub fn new(
+        config: &LlamaConfig,
+        pads: &[usize],
+        past: usize,
+        seq: usize,
+        device: &Device,
+    ) -> StepInputs {
+        let batch = pads.len();
+        let half = config.head_dim() / 2;
+        let total = past + seq;
+        // Frequencies in f64, like the reference, then rounded once to f32.
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                config
+                    .rope_theta
+                    .powf(-((2 * i) as f64) / config.head_dim() as f64)
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(batch * seq * half);
+        let mut sin = Vec::with_capacity(batch * seq * half);
+        let mut mask = Vec::with_capacity(batch * seq * total);
+        for &pad in pads {
+            for t in 0..seq {
+                let abs = past + t;
+                let pos = abs.saturating_sub(pad) as f64;
+                for &f in &inv_freq {
+                    let a = pos * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+                mask.extend((0..total).map(|j| j < pad || j > abs));
+            }
+        }
+        let shape = [batch, 1, seq, half, 1];
+        StepInputs {
+            rope: Rope {
+                cos: Tensor::from_data(TensorData::new(cos, shape), device),
+                sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            },
+            mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, total]), device),
+        }
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys/values for `layer` and returns all of them.
+    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+
+    /// Keeps only the sequences at `rows` (e.g. to drop finished sequences from a batch).
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let device = k.device();
+            let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device);
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
+        }
+    }
+}
+
+/// One low-rank adapter `x -> scale * (x @ a) @ b` added to a frozen projection.
+#[derive(Module, Debug)]
+pub struct LoraPair {
+    /// `[d_in, rank]`, random at init.
+    pub a: Param<Tensor<2>>,
+    /// `[rank, d_out]`, zero at init so the adapter starts as a no-op.
+    pub b: Param<Tensor<2>>,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl LoraPair {
+    fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &Device) -> LoraPair {
+        let std = 1.0 / (d_in as f64).sqrt();
+        LoraPair {
+            a: Param::from_tensor(Tensor::random(
+                [d_in, rank],
+                Distribution::Normal(0.0, std),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
+            scale: alpha / rank as f64,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        linear(linear(x, self.a.val(), None), self.b.val(), None).mul_scalar(self.scale)
+    }
+}
+
+/// LoRA adapters of one block: on the query and value projections.
+#[derive(Module, Debug)]
+pub struct LoraBlock {
+    /// Adapter on `attn_q`.
+    pub q: LoraPair,
+    /// Adapter on `attn_v`.
+    pub v: LoraPair,
+}
+
+/// LoRA adapters for every block of a model; the only trainable tensors.
+#[derive(Module, Debug)]
+pub struct LoraAdapters {
+    /// One per block, in order.
+    pub blocks: Vec<LoraBlock>,
+}
+
+impl LoraAdapters {
+    /// Fresh adapters of the given rank (output unchanged until trained: `b = 0`).
+    pub fn new(config: &LlamaConfig, rank: usize, alpha: f64, device: &Device) -> LoraAdapters {
+        let kv_dim = config.n_kv_heads * config.head_dim();
+        let d = config.d_model;
+        LoraAdapters {
+            blocks: (0..config.n_layers)
+                .map(|_| LoraBlock {
+                    q: LoraPair::new(d, d, rank, alpha, device),
+                    v: LoraPair::new(d, kv_dim, rank, alpha, device),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Grouped-query self-attention. Weights are `[d_in, d_out]` (views of GGUF's `[out, in]`).
+#[derive(Module, Debug)]
+pub struct Attention {
+    wq: Tensor<2>,
+    wk: Tensor<2>,
+    wv: Tensor<2>,
+    wo: Tensor<2>,
+    n_heads: usize,
+    n_kv_heads: usize,
+}
+
+impl Attention {
+    /// `x`: `[batch, seq, d_model]` -> `[batch, seq, d_model]`; appends to `cache` if given.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        inputs: &StepInputs,
+        cache: Option<(&mut KvCache, usize)>,
+        lora: Option<&LoraBlock>,
+    ) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let (h, kvh) = (self.n_heads, self.n_kv_heads);
+        let hd = d / h;
+        let rep = h / kvh;
+        let mut q = linear(x.clone(), self.wq.clone(), None);
+        let k = linear(x.clone(), self.wk.clone(), None);
+        let mut v = linear(x.clone(), self.wv.clone(), None);
+        if let Some(l) = lora {
+            q = q + l.q.forward(x.clone());
+            v = v + l.v.forward(x);
+        }
+        let q = inputs.rope.apply(q.reshape([b, t, h, hd]).swap_dims(1, 2));
+        let k = inputs
+            .rope
+            .apply(k.reshape([b, t, kvh, hd]).swap_dims(1, 2));
+        let v = v.reshape([b, t, kvh, hd]).swap_dims(1, 2);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let s = k.dims()[2];
+        // GQA without copying K/V: query head `g * rep + r` uses kv head `g`, so fold the `rep`
+        // query heads of a group into the row axis: [b, kvh, rep * t, hd].
+        let q = q.reshape([b, kvh, rep * t, hd]);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt());
+        let mask = inputs.mask.clone().repeat_dim(2, rep);
+        let scores = scores.mask_fill(mask, -1.0e9);
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v); // [b, kvh, rep * t, hd]
+        let out = out
+            .reshape([b, h, t, hd])
+            .swap_dims(1, 2)
+            .reshape([b, t, d]);
+        debug_assert_eq!(s, inputs.mask.dims()[3]);
+        linear(out, self.wo.clone(), None)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    gate: Tensor<2>,
+    up: Tensor<2>,
+    down: Tensor<2>,
+}
+
+impl Mlp {
+    /// `[.., d_model] -> [.., d_model]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let g = silu(linear(x.clone(), self.gate.clone(), None));
+        let u = linear(x, self.up.clone(), None);
+        linear(g * u, self.down.clone(), None)
+    }
+}
+
+/// Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// One block over `[batch, seq, d_model]`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        inputs: &StepInputs,
+        cache: Option<(&mut KvCache, usize)>,
+        lora: Option<&LoraBlock>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .attn
+                .forward(self.attn_norm.forward(x), inputs, cache, lora);
+        h.clone() + self.mlp.forward(self.ffn_norm.forward(h))
+    }
+}
+
+/// The Llama decoder with a tied LM head.
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// `[vocab, d_model]`: token embeddings, also the LM head (tied).
+    embed: Tensor<2>,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+}
+
+/// A dequantized GGUF weight, checked against the expected row-major shape.
+fn load(g: &Gguf, name: &str, shape: &[usize]) -> Result<TensorData> {
+    let (got, values) = g.dequantize(name)?;
+    if got != shape {
+        return Err(Error::Model(format!(
+            "tensor {name} has shape {got:?}, expected {shape:?}"
+        )));
+    }
+    Ok(TensorData::new(values, got))
+}
+
+impl Llama {
+    /// Loads the model from a GGUF file, dequantizing every weight to f32.
+    pub fn from_gguf(g: &Gguf, device: &Device) -> Result<(LlamaConfig, Llama)> {
+        let c = LlamaConfig::from_gguf(g)?;
+        let kv = c.n_kv_heads * c.head_dim();
+        let t1 = |name: &str, n: usize| -> Result<Tensor<1>> {
+            Ok(Tensor::from_data(load(g, name, &[n])?, device))
+        };
+        // Linear weights: GGUF `[out, in]` row-major; the transposed view is `[in, out]`.
+        let lin = |name: &str, d_in: usize, d_out: usize| -> Result<Tensor<2>> {
+            let w: Tensor<2> = Tensor::from_data(load(g, name, &[d_out, d_in])?, device);
+            Ok(w.transpose())
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: t1(name, c.d_model)?,
+                eps: c.rms_eps,
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: norm(&p("attn_norm"))?,
+                attn: Attention {
+                    wq: lin(&p("attn_q"), c.d_model, c.d_model)?,
+                    wk: lin(&p("attn_k"), c.d_model, kv)?,
+                    wv: lin(&p("attn_v"), c.d_model, kv)?,
+                    wo: lin(&p("attn_output"), c.d_model, c.d_model)?,
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                },
+                ffn_norm: norm(&p("ffn_norm"))?,
+                mlp: Mlp {
+                    gate: lin(&p("ffn_gate"), c.d_model, c.d_ff)?,
+                    up: lin(&p("ffn_up"), c.d_model, c.d_ff)?,
+                    down: lin(&p("ffn_down"), c.d_ff, c.d_model)?,
+                },
+            });
+        }
+        if g.tensor_info("output.weight").is_ok() {
+            return Err(Error::Model(
+                "separate output.weight is not supported: this loader ties the LM head to \
+                 token_embd"
+                    .into(),
+            ));
+        }
+        let model = Llama {
+            embed: Tensor::from_data(
+                load(g, "token_embd.weight", &[c.vocab_size, c.d_model])?,
+                device,
+            ),
+            blocks,
+            norm: norm("output_norm.weight")?,
+        };
+        Ok((c, model))
+    }
+
+    /// A randomly initialised model (for tests of the machinery, not of the weights).
+    pub fn random(c: &LlamaConfig, device: &Device) -> Llama {
+        let w = |d_in: usize, d_out: usize| {
+            let std = 1.0 / (d_in as f64).sqrt();
+            Tensor::random([d_in, d_out], Distribution::Normal(0.0, std), device)
+        };
+        let norm = || RmsNorm {
+            weight: Tensor::ones([c.d_model], device),
+            eps: c.rms_eps,
+        };
+        let kv = c.n_kv_heads * c.head_dim();
+        Llama {
+            embed: Tensor::random(
+                [c.vocab_size, c.d_model],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            ),
+            blocks: (0..c.n_layers)
+                .map(|_| Block {
+                    attn_norm: norm(),
+                    attn: Attention {
+                        wq: w(c.d_model, c.d_model),
+                        wk: w(c.d_model, kv),
+                        wv: w(c.d_model, kv),
+                        wo: w(c.d_model, c.d_model),
+                        n_heads: c.n_heads,
+                        n_kv_heads: c.n_kv_heads,
+                    },
+                    ffn_norm: norm(),
+                    mlp: Mlp {
+                        gate: w(c.d_model, c.d_ff),
+                        up: w(c.d_model, c.d_ff),
+                        down: w(c.d_ff, c.d_model),
+                    },
+                })
+                .collect(),
+            norm: norm(),
+        }
+    }
+
+    /// Final hidden states `[batch, seq, d_model]` (after the output norm) for `tokens`
+    /// `[batch, seq]`, appending to `cache` when given.
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        inputs: &StepInputs,
+        mut cache: Option<&mut KvCache>,
+        lora: Option<&LoraAdapters>,
+    ) -> Tensor<3> {
+        let mut x = embedding(self.embed.clone(), tokens);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            x = block.forward(x, inputs, c, lora.map(|l| &l.blocks[i]));
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits over the vocabulary from hidden states: the tied LM head `h @ embed^T`.
+    pub fn lm_head<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        linear(hidden, self.embed.clone().transpose(), None)
+    }
+}
+
+/// Reads a float tensor back to the host as `f32`, row-major. Failing here is a bug (a
+/// float tensor always converts), not bad input, hence the panic.
+pub fn to_host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    match t.into_data().try_to_vec_as::<f32>() {
+        Ok(v) => v,
+        Err(e) => panic!("reading a float tensor back: {e:?}"),
+    }
+}
+
+/// Tokens `[batch, seq]` as an Int tensor.
+pub fn token_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
+    let batch = rows.len();
+    let seq = rows.first().map_or(0, Vec::len);
+    let data: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+    Tensor::from_data(TensorData::new(data, [batch, seq]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::test_assets;
+
+    fn to_vec(t: Tensor<3>) -> Vec<f32> {
+        to_host_f32(t)
+    }
+
+    /// Left padding must not change a sequence's hidden states: the same prompt alone and
+    /// padded in a batch beside a longer one give the same output.
+    #[test]
+    fn left_padding_matches_unpadded() {
+        let device = Device::flex();
+        let c = LlamaConfig::tiny(50);
+        let model = Llama::random(&c, &device);
+        let short = vec![3u32, 7, 9];
+        let long = vec![1u32, 2, 4, 8, 16, 32];
+        let alone = model.forward(
+            token_tensor(std::slice::from_ref(&short), &device),
+            &StepInputs::new(&c, &[0], 0, 3, &device),
+            None,
+            None,
+        );
+        let padded = vec![0u32, 0, 0, 3, 7, 9];
+        let both = model.forward(
+            token_tensor(&[padded, long], &device),
+            &StepInputs::new(&c, &[3, 0], 0, 6, &device),
+            None,
+            None,
+        );
+        let a = to_vec(alone);
+        let b = to_vec(both.slice([0..1, 3..6]));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+
+    /// Prefill + cached one-token steps equal one full forward pass.
+    #[test]
+    fn kv_cache_matches_full_forward() {
+        let device = Device::flex();
+        let c = LlamaConfig::tiny(50);
+        let model = Llama::random(&c, &device);
+        let ids = vec![5u32, 6, 7, 8, 9];
+        let full = to_vec(model.forward(
+            token_tensor(std::slice::from_ref(&ids), &device),
+            &StepInputs::new(&c, &[0], 0, 5, &device),
+            None,
+            None,
+        ));
+        let mut cache = KvCache::new();
+        let mut out = to_vec(model.forward(
+            token_tensor(&[ids[..3].to_vec()], &device),
+            &StepInputs::new(&c, &[0], 0, 3, &device),
+            Some(&mut cache),
+            None,
+        ));
+        for (i, &t) in ids.iter().enumerate().skip(3) {
+            out.extend(to_vec(model.forward(
+                token_tensor(&[vec![t]], &device),
+                &StepInputs::new(&c, &[0], i, 1, &device),
+                Some(&mut cache),
+                None,
+            )));
+        }
+        assert_eq!(cache.len(), 5);
+        for (x, y) in full.iter().zip(&out) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn reads_the_real_config() -> Result<()> {
+        let g = Gguf::open(test_assets::smollm2_path())?;
+        let c = LlamaConfig::from_gguf(&g)?;
+        let shape = (c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads);
+        assert_eq!(shape, (30, 576, 1536, 9, 3));
+        assert_eq!(
+            (c.vocab_size, c.max_seq_len, c.head_dim()),
+            (49152, 8192, 64)
+        );
+        assert_eq!(c.rope_theta, 100_000.0);
+        // Stored as f32 in the file.
+        assert!((c.rms_eps - 1e-5).abs() < 1e-12);
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! LoRA fine-tuning of the LLM on burn's autodiff device.
+//!
+//! The base model stays on its plain (non-autodiff) device and is never a parameter, so it is
+//! frozen by construction; activations become tracked where they meet the adapters, which live
+//! on `device.autodiff()`. The loss is the weighted mean, over examples, of each completion's
+//! mean token NLL given its prompt; prompt tokens are context only.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::engine::{Llm, left_pad};
+use super::model::{LlamaConfig, LoraAdapters, StepInputs, token_tensor};
+use crate::{Error, Result};
+
+/// One training example: the model should write `completion` after `prompt` (the prompt is
+/// used verbatim: apply the chat template first for chat-style data). `weight` scales the
+/// example's loss (e.g. client feedback); zero-weight examples are ignored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainExample {
+    /// Context text.
+    pub prompt: String,
+    /// Text whose likelihood is raised.
+    pub completion: String,
+    /// Loss weight, >= 0.
+    pub weight: f32,
+}
+
+/// LoRA hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Scale numerator: the update is `alpha / rank * x A B`.
+    pub alpha: f64,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Completions are cut to this many tokens (the EOS token included).
+    pub max_completion_tokens: usize,
+    /// Prompts are cut (from the left) to this many tokens.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for LoraConfig {
+    fn default() -> LoraConfig {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            learning_rate: 1e-3,
+            max_completion_tokens: 96,
+            max_prompt_tokens: 160,
+        }
+    }
+}
+
+/// Trains LoRA adapters (q and v projections of every block) with Adam.
+pub struct LoraTrainer {
+    /// The adapters, on the autodiff device while training.
+    adapters: Option<LoraAdapters>,
+    optim: ModuleOptimizer,
+    config: LoraConfig,
+}
+
+impl LoraTrainer {
+    /// Fresh adapters for `llm` (the model's output is unchanged until the first step).
+    pub fn new(llm: &Llm, config: LoraConfig, seed: u64) -> LoraTrainer {
+        let device = llm.device.clone().autodiff();
+        device.seed(seed);
+        let adapters = LoraAdapters::new(&llm.config, config.rank, config.alpha, &device);
+        LoraTrainer::from_adapters(adapters, config, &llm.device)
+    }
+
+    /// Continues training existing adapters (e.g. loaded with [`load_adapters`]).
+    pub fn from_adapters(adapters: LoraAdapters, config: LoraConfig, device: &Device) -> Self {
+        let device = device.clone().autodiff();
+        LoraTrainer {
+            adapters: Some(adapters.to_device(&device).train()),
+            optim: AdamConfig::new().init(),
+            config,
+        }
+    }
+
+    /// The current adapters without autodiff, ready for `Llm::lora` (inference).
+    pub fn adapters(&self) -> Option<LoraAdapters> {
+        self.adapters.as_ref().map(Module::valid)
+    }
+
+    /// One optimizer step on `batch`; returns the loss before the step.
+    pub fn step(&mut self, llm: &Llm, batch: &[TrainExample]) -> Result<f32> {
+        let adapters = self
+            .adapters
+            .take()
+            .ok_or_else(|| Error::Model("LoRA trainer lost its adapters".into()))?;
+        let loss = match weighted_nll(llm, Some(&adapters), batch, &self.config) {
+            Ok(loss) => loss,
+            Err(e) => {
+                self.adapters = Some(adapters);
+                return Err(e);
+            }
+        };
+        let value = loss
+            .clone()
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("reading the loss: {e:?}")))?;
+        let grads = GradientsParams::from_grads(loss.backward(), &adapters);
+        self.adapters = Some(self.optim.step(self.config.learning_rate, adapters, grads));
+        Ok(value)
+    }
+
+    /// Saves the adapters (see [`save_adapters`]).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let adapters = self
+            .adapters()
+            .ok_or_else(|| Error::Model("LoRA trainer lost its adapters".into()))?;
+        save_adapters(&adapters, &self.config, path)
+    }
+}
+
+/// Token ids of one example: prompt (left-truncated), then completion + EOS (right-truncated);
+/// returns the ids and the number of completion tokens at the end.
+fn example_ids(llm: &Llm, ex: &TrainExample, cfg: &LoraConfig) -> Result<(Vec<u32>, usize)> {
+    let mut prompt = llm.tokenizer.encode(&ex.prompt)?;
+    if prompt.len() > cfg.max_prompt_tokens {
+        prompt.drain(..prompt.len() - cfg.max_prompt_tokens);
+    }
+    let mut completion = llm.tokenizer.encode(&ex.completion)?;
+    completion.truncate(cfg.max_completion_tokens.saturating_sub(1));
+    completion.push(llm.tokenizer.eos_id);
+    if prompt.is_empty() {
+        // The first token is never predicted: keep one token of context.
+        prompt.push(llm.tokenizer.eos_id);
+    }
+    let n = completion.len();
+    prompt.extend(completion);
+    Ok((prompt, n))
+}
+
+/// Weighted NLL of the completions of `batch` (a scalar tensor; tracked when `lora` is on an
+/// autodiff device): `sum_i w_i * mean_t nll_it / sum_i w_i`.
+pub fn weighted_nll(
+    llm: &Llm,
+    lora: Option<&LoraAdapters>,
+    batch: &[TrainExample],
+    cfg: &LoraConfig,
+) -> Result<Tensor<1>> {
+    let batch: Vec<&TrainExample> = batch.iter().filter(|e| e.weight > 0.0).collect();
+    let total_w: f32 = batch.iter().map(|e| e.weight).sum();
+    if batch.is_empty() || !total_w.is_finite() {
+        return Err(Error::Data(
+            "training batch has no positive finite weight".into(),
+        ));
+    }
+    let seqs = batch
+        .iter()
+        .map(|e| example_ids(llm, e, cfg))
+        .collect::<Result<Vec<_>>>()?;
+    let ids: Vec<Vec<u32>> = seqs.iter().map(|(ids, _)| ids.clone()).collect();
+    let (rows, pads) = left_pad(&ids, llm.tokenizer.eos_id);
+    let (b, len) = (rows.len(), rows[0].len());
+    let device = &llm.device;
+    let inputs: Vec<Vec<u32>> = rows.iter().map(|r| r[..len - 1].to_vec()).collect();
+    let hidden = llm.model.forward(
+        token_tensor(&inputs, device),
+        &StepInputs::new(&llm.config, &pads, 0, len - 1, device),
+        None,
+        lora,
+    );
+    let lp = log_softmax(llm.model.lm_head(hidden), 2);
+    let targets: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r[1..].iter().map(|&t| t.into()))
+        .collect();
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, len - 1, 1]), device);
+    let picked = lp.gather(2, targets).reshape([b, len - 1]);
+    // Per-position weights: w_i / (n_i * W) on the completion positions, 0 elsewhere.
+    let mut w = vec![0.0f32; b * (len - 1)];
+    for (i, ((_, n), ex)) in seqs.iter().zip(&batch).enumerate() {
+        let per_token = ex.weight / (*n as f32 * total_w);
+        for j in len - 1 - n..len - 1 {
+            w[i * (len - 1) + j] = per_token;
+        }
+    }
+    let w = Tensor::<2>::from_data(TensorData::new(w, [b, len - 1]), device);
+    Ok((picked * w).sum().neg())
+}
+
+/// Magic line at the start of an adapter file.
+const ADAPTER_MAGIC: &[u8] = b"CROSSLM-LORA 1\n";
+
+/// Writes adapters: a magic line, a JSON header line (config, shapes) and the burnpack record.
+pub fn save_adapters(
+    adapters: &LoraAdapters,
+    cfg: &LoraConfig,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let header = serde_json::json!({
+        "lora": cfg,
+        "n_layers": adapters.blocks.len(),
+    });
+    let record = adapters
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map_err(|e| Error::Model(format!("serializing adapters: {e}")))?;
+    let mut bytes = ADAPTER_MAGIC.to_vec();
+    bytes.extend(header.to_string().as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&record);
+    std::fs::write(path, bytes).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads adapters written by [`save_adapters`] for a model of config `model`, onto `device`.
+/// A file that is not an adapter file, is corrupt, or does not fit the model is an error.
+pub fn load_adapters(
+    path: impl AsRef<Path>,
+    model: &LlamaConfig,
+    device: &Device,
+) -> Result<(LoraAdapters, LoraConfig)> {
+    let path = path.as_ref();
+    let bad = |msg: String| Error::Model(format!("LoRA adapter file {}: {msg}", path.display()));
+    let bytes = std::fs::read(path).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let rest = bytes
+        .strip_prefix(ADAPTER_MAGIC)
+        .ok_or_else(|| bad("not an adapter file (bad magic)".into()))?;
+    let nl = rest
+        .iter()
+        .position(|&c| c == b'\n')
+        .ok_or_else(|| bad("truncated header".into()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&rest[..nl]).map_err(|e| bad(format!("corrupt header: {e}")))?;
+    let cfg: LoraConfig = serde_json::from_value(header["lora"].clone())
+        .map_err(|e| bad(format!("corrupt header: {e}")))?;
+    let n_layers = header["n_layers"].as_u64().unwrap_or(0) as usize;
+    if n_layers != model.n_layers || cfg.rank == 0 {
+        return Err(bad(format!(
+            "made for {n_layers} layers with rank {}, model has {} layers",
+            cfg.rank, model.n_layers
+        )));
+    }
+    let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(
+        rest[nl + 1..].to_vec(),
+    ))
+    .map_err(|e| bad(format!("corrupt tensors: {e}")))?;
+    let adapters = LoraAdapters::new(model, cfg.rank, cfg.alpha, device)
+        .try_load_record(record)
+        .map_err(|e| bad(format!("tensors do not fit: {e}")))?;
+    Ok((adapters, cfg))
+}
