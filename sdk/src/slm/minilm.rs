@@ -1,0 +1,497 @@
+//! MiniLM (all-MiniLM-L6-v2): a 6-layer BERT encoder loaded from the HF `model.safetensors`,
+//! mean pooling, and a linear classification head.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use super::Classifier;
+use crate::{Error, Result};
+
+/// BERT hyper-parameters, as in the HF `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Wordpiece vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Longest sequence the position table covers.
+    pub max_position_embeddings: usize,
+    /// Segment vocabulary (only segment 0 is used).
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// Layer norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Dropout inside the encoder while fine-tuning.
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Activation; only GELU (erf) is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    /// Reads and checks an HF `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.hidden_act != "gelu" {
+            return Err(Error::Model(format!(
+                "activation {:?} is not supported (only gelu)",
+                self.hidden_act
+            )));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Model(format!(
+                "hidden size {} is not a multiple of {} heads",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !(0.0..1.0).contains(&self.hidden_dropout_prob) {
+            return Err(Error::Model("dropout must be in [0, 1)".into()));
+        }
+        Ok(())
+    }
+
+    /// A BERT encoder with random weights (lazily initialised; loading overwrites them).
+    pub fn init(&self, device: &Device) -> BertEncoder {
+        let d = self.hidden_size;
+        let norm = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let dropout = || DropoutConfig::new(self.hidden_dropout_prob).init();
+        BertEncoder {
+            embeddings: BertEmbeddings {
+                word: EmbeddingConfig::new(self.vocab_size, d).init(device),
+                position: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
+                token_type: EmbeddingConfig::new(self.type_vocab_size, d).init(device),
+                norm: norm(),
+                dropout: dropout(),
+            },
+            layers: (0..self.num_hidden_layers)
+                .map(|_| BertLayer {
+                    attention: SelfAttention {
+                        query: LinearConfig::new(d, d).init(device),
+                        key: LinearConfig::new(d, d).init(device),
+                        value: LinearConfig::new(d, d).init(device),
+                        output: LinearConfig::new(d, d).init(device),
+                        norm: norm(),
+                        dropout: dropout(),
+                        n_heads: self.num_attention_heads,
+                    },
+                    intermediate: LinearConfig::new(d, self.intermediate_size).init(device),
+                    output: LinearConfig::new(self.intermediate_size, d).init(device),
+                    norm: norm(),
+                    dropout: dropout(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Word + position + segment-0 embeddings, then layer norm.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl BertEmbeddings {
+    /// `[B, T]` ids to `[B, T, D]` embeddings.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = ids.dims();
+        let device = ids.device();
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &device).unsqueeze::<2>();
+        // Single-segment input: every token has segment 0, so add row 0 of the segment table.
+        let segment = self.token_type.weight.val().slice([0..1]).unsqueeze::<3>();
+        let x = self.word.forward(ids) + self.position.forward(positions) + segment;
+        self.dropout.forward(self.norm.forward(x))
+    }
+}
+
+/// Multi-head self-attention with its output projection and post-norm residual.
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    dropout: Dropout,
+    #[module(skip)]
+    n_heads: usize,
+}
+
+impl SelfAttention {
+    /// `x` `[B, T, D]`; `pad` `[B, T]` is true on padding keys.
+    pub fn forward(&self, x: Tensor<3>, pad: Tensor<2, Bool>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let h = self.n_heads;
+        let heads = |y: Tensor<3>| y.reshape([b, t, h, d / h]).swap_dims(1, 2);
+        let q = heads(self.query.forward(x.clone()));
+        let k = heads(self.key.forward(x.clone()));
+        let v = heads(self.value.forward(x.clone()));
+        let mask = pad.reshape([b, 1, 1, t]).expand([b, h, t, t]);
+        let context = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let context = context.swap_dims(1, 2).reshape([b, t, d]);
+        self.norm
+            .forward(x + self.dropout.forward(self.output.forward(context)))
+    }
+}
+
+/// One encoder layer: attention block, then GELU feed-forward with post-norm residual.
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    attention: SelfAttention,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl BertLayer {
+    /// `[B, T, D]` to `[B, T, D]`.
+    pub fn forward(&self, x: Tensor<3>, pad: Tensor<2, Bool>) -> Tensor<3> {
+        let x = self.attention.forward(x, pad);
+        let h = gelu(self.intermediate.forward(x.clone()));
+        self.norm
+            .forward(x + self.dropout.forward(self.output.forward(h)))
+    }
+}
+
+/// The BERT encoder: embeddings and a stack of layers.
+#[derive(Module, Debug)]
+pub struct BertEncoder {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+}
+
+impl BertEncoder {
+    /// Last hidden states `[B, T, D]`; `mask` `[B, T]` is 1 on tokens, 0 on padding.
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<3> {
+        let pad = mask.equal_elem(0.0);
+        let mut x = self.embeddings.forward(ids);
+        for layer in &self.layers {
+            x = layer.forward(x, pad.clone());
+        }
+        x
+    }
+
+    /// Mean-pooled sentence embeddings `[B, D]` (not normalised).
+    pub fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<2> {
+        let hidden = self.forward(ids, mask.clone());
+        mean_pool(hidden, mask)
+    }
+
+    /// Sets which parameters train: the embeddings and the lowest `frozen_layers` layers are
+    /// frozen (phones cannot afford backprop through all of them), the rest train.
+    pub fn freeze_lower(self, frozen_layers: usize, freeze_embeddings: bool) -> Self {
+        let embeddings = self.embeddings.set_require_grad(!freeze_embeddings);
+        let layers = self
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.set_require_grad(i >= frozen_layers))
+            .collect();
+        Self { embeddings, layers }
+    }
+
+    /// Overwrites every weight with the tensors of an HF BERT `model.safetensors` (names with or
+    /// without the `bert.` prefix), checking every name, dtype and shape.
+    pub fn load_safetensors(mut self, path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        let w = HfWeights { st: &st, device };
+        let e = &mut self.embeddings;
+        e.word.weight = w.param("embeddings.word_embeddings.weight", false)?;
+        e.position.weight = w.param("embeddings.position_embeddings.weight", false)?;
+        e.token_type.weight = w.param("embeddings.token_type_embeddings.weight", false)?;
+        w.norm(&mut e.norm, "embeddings.LayerNorm")?;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layer.{i}.");
+            let a = &mut l.attention;
+            w.linear(&mut a.query, &format!("{p}attention.self.query"))?;
+            w.linear(&mut a.key, &format!("{p}attention.self.key"))?;
+            w.linear(&mut a.value, &format!("{p}attention.self.value"))?;
+            w.linear(&mut a.output, &format!("{p}attention.output.dense"))?;
+            w.norm(&mut a.norm, &format!("{p}attention.output.LayerNorm"))?;
+            w.linear(&mut l.intermediate, &format!("{p}intermediate.dense"))?;
+            w.linear(&mut l.output, &format!("{p}output.dense"))?;
+            w.norm(&mut l.norm, &format!("{p}output.LayerNorm"))?;
+        }
+        Ok(self)
+    }
+}
+
+/// Masked mean over the sequence: `[B, T, D]`, mask `[B, T]` to `[B, D]`.
+pub fn mean_pool(hidden: Tensor<3>, mask: Tensor<2>) -> Tensor<2> {
+    let counts = mask.clone().sum_dim(1).clamp_min(1.0); // [B, 1]
+    let summed = (hidden * mask.unsqueeze_dim::<3>(2))
+        .sum_dim(1)
+        .squeeze_dim::<2>(1);
+    summed / counts
+}
+
+/// Reads HF tensors into burn parameters, checking shapes against the module being filled.
+struct HfWeights<'a> {
+    st: &'a SafeTensors<'a>,
+    device: &'a Device,
+}
+
+impl HfWeights<'_> {
+    fn tensor(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let view = self
+            .st
+            .tensor(name)
+            .or_else(|_| self.st.tensor(&format!("bert.{name}")))
+            .map_err(|_| Error::Model(format!("weights lack tensor {name:?}")))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::Model(format!(
+                "{name}: dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((view.shape().to_vec(), data))
+    }
+
+    /// A parameter of the shape the module expects; `transpose` turns HF's `[out, in]` linear
+    /// weights into burn's `[in, out]` (done once here, on the host, so matmuls read rows).
+    fn param<const D: usize>(&self, name: &str, transpose: bool) -> Result<Param<Tensor<D>>> {
+        let (shape, data) = self.tensor(name)?;
+        if shape.len() != D {
+            return Err(Error::Model(format!(
+                "{name}: rank {}, expected {D}",
+                shape.len()
+            )));
+        }
+        let (shape, data) = if transpose && D == 2 {
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut t = vec![0f32; data.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = data[r * cols + c];
+                }
+            }
+            (vec![cols, rows], t)
+        } else {
+            (shape, data)
+        };
+        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), self.device);
+        Ok(Param::from_tensor(tensor))
+    }
+
+    fn check<const D: usize>(
+        name: &str,
+        expected: [usize; D],
+        got: &Param<Tensor<D>>,
+    ) -> Result<()> {
+        // `lazy_shape`: reading the shape must not materialise a random init just to compare.
+        let got = got.lazy_shape().dims::<D>();
+        if got != expected {
+            return Err(Error::Model(format!(
+                "{name}: shape {got:?}, config expects {expected:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn linear(&self, linear: &mut Linear, prefix: &str) -> Result<()> {
+        let expected = linear.weight.lazy_shape().dims::<2>();
+        let weight = self.param::<2>(&format!("{prefix}.weight"), true)?;
+        Self::check(prefix, expected, &weight)?;
+        let bias = self.param::<1>(&format!("{prefix}.bias"), false)?;
+        Self::check(prefix, [expected[1]], &bias)?;
+        linear.weight = weight;
+        linear.bias = Some(bias);
+        Ok(())
+    }
+
+    fn norm(&self, norm: &mut LayerNorm, prefix: &str) -> Result<()> {
+        let expected = norm.gamma.lazy_shape().dims::<1>();
+        let gamma = self.param::<1>(&format!("{prefix}.weight"), false)?;
+        Self::check(prefix, expected, &gamma)?;
+        let beta = self.param::<1>(&format!("{prefix}.bias"), false)?;
+        Self::check(prefix, expected, &beta)?;
+        norm.gamma = gamma;
+        norm.beta = Some(beta);
+        Ok(())
+    }
+}
+
+/// MiniLM classifier: encoder, mean pooling, dropout, linear head.
+#[derive(Module, Debug)]
+pub struct MiniLmClassifier {
+    /// The pretrained encoder.
+    pub encoder: BertEncoder,
+    dropout: Dropout,
+    head: Linear,
+}
+
+impl MiniLmClassifier {
+    /// A classifier over `encoder` with a fresh head for `n_labels` labels.
+    pub fn new(encoder: BertEncoder, cfg: &BertConfig, n_labels: usize, device: &Device) -> Self {
+        Self {
+            encoder,
+            dropout: DropoutConfig::new(cfg.hidden_dropout_prob).init(),
+            head: LinearConfig::new(cfg.hidden_size, n_labels).init(device),
+        }
+    }
+}
+
+impl Classifier for MiniLmClassifier {
+    fn logits(&self, ids: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<2> {
+        let pooled = self.encoder.embed(ids, mask);
+        self.head.forward(self.dropout.forward(pooled))
+    }
+
+    fn freeze_lower(self, frozen_layers: usize, freeze_embeddings: bool) -> Self {
+        Self {
+            encoder: self.encoder.freeze_lower(frozen_layers, freeze_embeddings),
+            dropout: self.dropout,
+            head: self.head.set_require_grad(true),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::assets_dir;
+    use crate::slm::{Backend, MiniLm};
+
+    /// Reference embeddings from `/work/shared/reference/minilm_np.py`, stored as a fixture.
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        sentences: Vec<String>,
+        token_ids: Vec<Vec<u32>>,
+        cosine: Vec<Vec<f32>>,
+        embeddings: Vec<Vec<f32>>,
+    }
+
+    fn reference() -> Reference {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_reference.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn minilm_dir() -> std::path::PathBuf {
+        let dir = assets_dir().join("minilm");
+        assert!(
+            dir.join("model.safetensors").is_file(),
+            "MiniLM assets missing in {} (run the asset fetch script or set CROSSLM_ASSETS)",
+            dir.display()
+        );
+        dir
+    }
+
+    /// The gate: embeddings match the numpy oracle. Tolerance: every dimension of the unit
+    /// vectors within 1e-4 (f32 vs the oracle's mixed f32/f64 math), cosines within 1e-4.
+    #[test]
+    fn embeddings_match_numpy_oracle() {
+        let r = reference();
+        let model = MiniLm::from_pretrained(
+            &minilm_dir(),
+            vec!["a".into(), "b".into()],
+            128,
+            Backend::Flex,
+        )
+        .unwrap();
+        let texts: Vec<&str> = r.sentences.iter().map(String::as_str).collect();
+        assert_eq!(model.tokenizer().encode(&texts).unwrap(), r.token_ids);
+        let e = model.embed(&texts).unwrap();
+        let mut max_err = 0f32;
+        for (got, want) in e.iter().zip(&r.embeddings) {
+            assert_eq!(got.len(), 384);
+            for (g, w) in got.iter().zip(want) {
+                max_err = max_err.max((g - w).abs());
+            }
+        }
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!(
+                    (cos(&e[i], &e[j]) - r.cosine[i][j]).abs() < 1e-4,
+                    "cos[{i}][{j}]"
+                );
+            }
+        }
+        let pair = cos(&e[0], &e[1]);
+        println!("max per-dimension error {max_err:.2e}, cosine(pair) {pair:.4}");
+        assert!((pair - 0.755).abs() < 0.001, "{pair}");
+        assert!(max_err < 1e-4, "max per-dimension error {max_err}");
+    }
+
+    #[test]
+    fn bad_weights_and_config_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            minilm_dir().join("config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        std::fs::copy(
+            minilm_dir().join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), b"garbage").unwrap();
+        let err =
+            MiniLm::from_pretrained(dir.path(), vec!["a".into()], 64, Backend::Flex).unwrap_err();
+        assert!(matches!(err, Error::Model(_)), "{err}");
+        std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
+        assert!(MiniLm::from_pretrained(dir.path(), vec!["a".into()], 64, Backend::Flex).is_err());
+    }
+}

@@ -1,0 +1,487 @@
+//! The training loop shared by every architecture: AdamW, linear warmup then linear decay,
+//! length-bucketed mini-batches, weighted soft-target cross-entropy, early stopping on a local
+//! validation split.
+
+use std::time::Instant;
+
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::{Classifier, TextTokenizer, TokenBatch, argmax};
+use crate::{Error, Result};
+
+/// One training example: a text, a target distribution over the labels (one-hot for real data,
+/// soft for synthetic samples with aggregated scores) and a weight in the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainExample {
+    /// The text.
+    pub text: String,
+    /// Target probabilities, one per label, summing to 1.
+    pub target: Vec<f32>,
+    /// Weight of this example in the loss (>= 0).
+    pub weight: f32,
+}
+
+impl TrainExample {
+    /// A hard-labeled example with weight 1.
+    pub fn hard(text: impl Into<String>, label: usize, n_labels: usize) -> Self {
+        let mut target = vec![0.0; n_labels];
+        if let Some(t) = target.get_mut(label) {
+            *t = 1.0;
+        }
+        Self {
+            text: text.into(),
+            target,
+            weight: 1.0,
+        }
+    }
+}
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Passes over the training examples.
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    /// Peak learning rate (after warmup).
+    pub learning_rate: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f32,
+    /// Fraction of all steps spent warming up linearly from 0; the rest decays linearly to 0.
+    pub warmup_fraction: f64,
+    /// Fraction of the examples held out for early stopping (0 disables it).
+    pub validation_fraction: f64,
+    /// Epochs without a better validation loss before stopping.
+    pub patience: usize,
+    /// Freeze the lowest this-many encoder layers (MiniLM only).
+    pub freeze_layers: usize,
+    /// Freeze the embedding tables.
+    pub freeze_embeddings: bool,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f32>,
+    /// Seed for the validation split, batch order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            batch_size: 32,
+            learning_rate: 5e-5,
+            weight_decay: 0.01,
+            warmup_fraction: 0.1,
+            validation_fraction: 0.1,
+            patience: 2,
+            freeze_layers: 0,
+            freeze_embeddings: false,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Defaults for an architecture: MiniLM fine-tunes gently, the bag model learns from scratch
+    /// and wants a much larger step and more epochs.
+    pub fn for_arch(arch: super::Arch) -> Self {
+        match arch {
+            super::Arch::Minilm => Self::default(),
+            super::Arch::Bag => Self {
+                epochs: 10,
+                learning_rate: 5e-3,
+                weight_decay: 0.0,
+                warmup_fraction: 0.05,
+                patience: 3,
+                ..Self::default()
+            },
+        }
+    }
+
+    /// Learning rate at `step` of `total`: linear warmup, then linear decay to 0.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warmup = ((self.warmup_fraction * total as f64).round() as usize).max(1);
+        let s = step as f64 + 1.0;
+        if step < warmup {
+            self.learning_rate * s / warmup as f64
+        } else {
+            let rest = (total.saturating_sub(warmup)).max(1) as f64;
+            self.learning_rate * ((total as f64 - step as f64) / rest).clamp(0.0, 1.0)
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(Error::Data("epochs and batch size must be positive".into()));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(Error::Data("learning rate must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.validation_fraction)
+            || !(0.0..=1.0).contains(&self.warmup_fraction)
+        {
+            return Err(Error::Data(
+                "validation/warmup fractions must be in [0, 1)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reported after every optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainProgress {
+    /// Current epoch, from 1.
+    pub epoch: usize,
+    /// Planned epochs.
+    pub epochs: usize,
+    /// Optimizer steps done so far.
+    pub step: usize,
+    /// Planned steps.
+    pub total_steps: usize,
+    /// Loss of this step's batch.
+    pub loss: f32,
+    /// Learning rate of this step.
+    pub learning_rate: f64,
+    /// Validation loss, set on the last step of an epoch when there is a validation split.
+    pub val_loss: Option<f32>,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Epochs run (fewer than planned after early stopping).
+    pub epochs_run: usize,
+    /// Epoch whose weights were kept (the best on validation, else the last).
+    pub best_epoch: usize,
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Training examples (after the validation split).
+    pub train_examples: usize,
+    /// Validation examples.
+    pub val_examples: usize,
+    /// Mean training loss of the last epoch.
+    pub train_loss: f32,
+    /// Validation loss of the kept weights.
+    pub val_loss: Option<f32>,
+    /// Validation accuracy of the kept weights (argmax of target vs prediction).
+    pub val_accuracy: Option<f64>,
+    /// Wall time spent in training steps, seconds.
+    pub train_seconds: f64,
+    /// Training examples processed per second (forward + backward + update).
+    pub train_samples_per_sec: f64,
+}
+
+/// A tokenized example.
+struct Encoded {
+    ids: Vec<u32>,
+    target: Vec<f32>,
+    weight: f32,
+}
+
+/// Tensors of one batch: tokens, targets `[B, C]`, weights `[B, 1]`.
+struct Batch {
+    tokens: TokenBatch,
+    targets: Tensor<2>,
+    weights: Tensor<2>,
+}
+
+fn make_batch(items: &[&Encoded], n_labels: usize, pad_id: u32, device: &Device) -> Batch {
+    let seqs: Vec<&[u32]> = items.iter().map(|e| e.ids.as_slice()).collect();
+    let targets: Vec<f32> = items
+        .iter()
+        .flat_map(|e| e.target.iter().copied())
+        .collect();
+    let weights: Vec<f32> = items.iter().map(|e| e.weight).collect();
+    Batch {
+        tokens: TokenBatch::new(&seqs, pad_id, device),
+        targets: Tensor::from_data(TensorData::new(targets, [items.len(), n_labels]), device),
+        weights: Tensor::from_data(TensorData::new(weights, [items.len(), 1]), device),
+    }
+}
+
+/// Weighted soft-target cross-entropy: `sum_i w_i * -sum_c t_ic log p_ic / sum_i w_i`.
+pub(crate) fn weighted_soft_ce(
+    logits: Tensor<2>,
+    targets: Tensor<2>,
+    weights: Tensor<2>,
+) -> Tensor<1> {
+    let per_example = -(log_softmax(logits, 1) * targets).sum_dim(1); // [B, 1]
+    let total_weight = weights.clone().sum().clamp_min(1e-12);
+    (per_example * weights).sum() / total_weight
+}
+
+/// Batches of indices bucketed by length: shuffle, cut into pools of 16 batches, sort each pool
+/// by length, cut into batches, shuffle the batches. Batches pad little and still differ from
+/// epoch to epoch.
+fn bucketed_batches(
+    lengths: &[usize],
+    idx: &[usize],
+    batch: usize,
+    rng: &mut StdRng,
+) -> Vec<Vec<usize>> {
+    let mut idx = idx.to_vec();
+    idx.shuffle(rng);
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for pool in idx.chunks_mut(batch * 16) {
+        pool.sort_by_key(|&i| lengths[i]);
+        batches.extend(pool.chunks(batch).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
+}
+
+/// Trains `model` and returns it in inference form (no autodiff) with the report.
+pub(crate) fn fit<M: Classifier>(
+    model: M,
+    tokenizer: &TextTokenizer,
+    n_labels: usize,
+    examples: &[TrainExample],
+    cfg: &TrainConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<(M, TrainReport)> {
+    cfg.check()?;
+    if examples.is_empty() {
+        return Err(Error::Data("no training examples".into()));
+    }
+    for (i, e) in examples.iter().enumerate() {
+        if e.target.len() != n_labels {
+            return Err(Error::Data(format!(
+                "example {i}: {} target values for {n_labels} labels",
+                e.target.len()
+            )));
+        }
+        if !(e.weight >= 0.0 && e.weight.is_finite())
+            || e.target.iter().any(|t| !t.is_finite() || *t < 0.0)
+        {
+            return Err(Error::Data(format!(
+                "example {i}: weight and targets must be finite and >= 0"
+            )));
+        }
+    }
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let data: Vec<Encoded> = tokenizer
+        .encode(&texts)?
+        .into_iter()
+        .zip(examples)
+        .map(|(ids, e)| Encoded {
+            ids,
+            target: e.target.clone(),
+            weight: e.weight,
+        })
+        .collect();
+    let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    device.seed(cfg.seed);
+    let mut all: Vec<usize> = (0..data.len()).collect();
+    all.shuffle(&mut rng);
+    let n_val = if data.len() >= 20 {
+        (cfg.validation_fraction * data.len() as f64).round() as usize
+    } else {
+        0
+    };
+    let (val_idx, train_idx) = all.split_at(n_val);
+    let (val_idx, train_idx) = (val_idx.to_vec(), train_idx.to_vec());
+
+    let steps_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_epsilon(1e-8)
+        .with_grad_clipping(cfg.max_grad_norm.map(GradientClippingConfig::Norm))
+        .init();
+
+    let mut model = model
+        .set_require_grad(true)
+        .freeze_lower(cfg.freeze_layers, cfg.freeze_embeddings)
+        .train();
+    let pad = tokenizer.pad_id();
+    let mut best: Option<(f32, f64, usize, M)> = None;
+    let (mut step, mut epochs_run, mut train_loss, mut since_best) = (0, 0, 0.0f32, 0);
+    let mut train_seconds = 0.0;
+    let mut seen = 0usize;
+
+    for epoch in 1..=cfg.epochs {
+        epochs_run = epoch;
+        let (mut loss_sum, mut loss_weight) = (0.0f64, 0.0f64);
+        let batches = bucketed_batches(&lengths, &train_idx, cfg.batch_size, &mut rng);
+        let n_batches = batches.len();
+        for (b, batch_idx) in batches.into_iter().enumerate() {
+            let start = Instant::now();
+            let items: Vec<&Encoded> = batch_idx.iter().map(|&i| &data[i]).collect();
+            let batch = make_batch(&items, n_labels, pad, &model_device(device));
+            let logits = model.logits(batch.tokens.ids, batch.tokens.mask);
+            let loss = weighted_soft_ce(logits, batch.targets, batch.weights);
+            let loss_value = loss
+                .clone()
+                .try_into_scalar::<f32>()
+                .map_err(|e| Error::Model(format!("reading loss: {e:?}")))?;
+            if !loss_value.is_finite() {
+                return Err(Error::Model(format!(
+                    "loss became {loss_value} at step {step}"
+                )));
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = cfg.lr_at(step, total_steps);
+            model = optim.step(lr, model, grads);
+            train_seconds += start.elapsed().as_secs_f64();
+            seen += items.len();
+            step += 1;
+            loss_sum += f64::from(loss_value) * items.len() as f64;
+            loss_weight += items.len() as f64;
+
+            let last = b + 1 == n_batches;
+            let val = if last && !val_idx.is_empty() {
+                Some(evaluate(
+                    &model.valid(),
+                    &data,
+                    &val_idx,
+                    n_labels,
+                    pad,
+                    device,
+                )?)
+            } else {
+                None
+            };
+            progress(&TrainProgress {
+                epoch,
+                epochs: cfg.epochs,
+                step,
+                total_steps,
+                loss: loss_value,
+                learning_rate: lr,
+                val_loss: val.map(|v| v.0),
+            });
+            if let Some((val_loss, val_acc)) = val {
+                if best.as_ref().is_none_or(|b| val_loss < b.0) {
+                    best = Some((val_loss, val_acc, epoch, model.valid()));
+                    since_best = 0;
+                } else {
+                    since_best += 1;
+                }
+            }
+        }
+        train_loss = (loss_sum / loss_weight.max(1.0)) as f32;
+        if !val_idx.is_empty() && since_best >= cfg.patience {
+            tracing::info!(
+                "early stop after epoch {epoch}: no validation improvement for {since_best} epochs"
+            );
+            break;
+        }
+    }
+
+    let (model, best_epoch, val_loss, val_accuracy) = match best {
+        Some((loss, acc, epoch, m)) => (m, epoch, Some(loss), Some(acc)),
+        None => (model.valid(), epochs_run, None, None),
+    };
+    Ok((
+        model,
+        TrainReport {
+            epochs_run,
+            best_epoch,
+            steps: step,
+            train_examples: train_idx.len(),
+            val_examples: val_idx.len(),
+            train_loss,
+            val_loss,
+            val_accuracy,
+            train_seconds,
+            train_samples_per_sec: seen as f64 / train_seconds.max(1e-9),
+        },
+    ))
+}
+
+/// The device training tensors are created on: the plain device with autodiff.
+fn model_device(device: &Device) -> Device {
+    device.clone().autodiff()
+}
+
+/// Validation loss and accuracy of an inference-mode model.
+fn evaluate<M: Classifier>(
+    model: &M,
+    data: &[Encoded],
+    idx: &[usize],
+    n_labels: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<(f32, f64)> {
+    let mut sorted = idx.to_vec();
+    sorted.sort_by_key(|&i| data[i].ids.len());
+    let (mut loss_sum, mut weight_sum, mut correct) = (0.0f64, 0.0f64, 0usize);
+    for chunk in sorted.chunks(64) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = make_batch(&items, n_labels, pad, device);
+        let logits = model.logits(batch.tokens.ids, batch.tokens.mask);
+        let w: f64 = items.iter().map(|e| f64::from(e.weight)).sum();
+        let loss = weighted_soft_ce(logits.clone(), batch.targets, batch.weights)
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("reading loss: {e:?}")))?;
+        loss_sum += f64::from(loss) * w;
+        weight_sum += w;
+        let [_, c] = logits.dims();
+        let values = logits
+            .try_into_vec_as::<f32>()
+            .map_err(|e| Error::Model(format!("reading logits: {e:?}")))?;
+        for (k, e) in items.iter().enumerate() {
+            if argmax(&values[k * c..(k + 1) * c]) == argmax(&e.target) {
+                correct += 1;
+            }
+        }
+    }
+    Ok((
+        (loss_sum / weight_sum.max(1e-12)) as f32,
+        correct as f64 / idx.len().max(1) as f64,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let cfg = TrainConfig {
+            learning_rate: 1.0,
+            warmup_fraction: 0.1,
+            ..Default::default()
+        };
+        assert!((cfg.lr_at(0, 100) - 0.1).abs() < 1e-9);
+        assert!((cfg.lr_at(9, 100) - 1.0).abs() < 1e-9);
+        assert!(cfg.lr_at(50, 100) < 0.6 && cfg.lr_at(50, 100) > 0.5);
+        assert!(cfg.lr_at(99, 100) <= 0.02);
+    }
+
+    #[test]
+    fn weighted_soft_ce_matches_hand_computation() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::from_data([[0.0f32, 0.0], [2.0, 0.0]], &device);
+        let targets = Tensor::<2>::from_data([[1.0f32, 0.0], [0.5, 0.5]], &device);
+        let weights = Tensor::<2>::from_data([[1.0f32], [3.0]], &device);
+        let loss: f32 = weighted_soft_ce(logits, targets, weights).into_scalar();
+        let l1 = std::f32::consts::LN_2;
+        let lse = (2f32.exp() + 1.0).ln();
+        let l2 = 0.5 * (lse - 2.0) + 0.5 * lse;
+        assert!((loss - (l1 + 3.0 * l2) / 4.0).abs() < 1e-5, "{loss}");
+    }
+
+    #[test]
+    fn buckets_cover_every_index_once() {
+        let lengths: Vec<usize> = (0..100).map(|i| (i * 37) % 23).collect();
+        let idx: Vec<usize> = (0..100).collect();
+        let batches = bucketed_batches(&lengths, &idx, 8, &mut StdRng::seed_from_u64(1));
+        let mut all: Vec<usize> = batches.concat();
+        all.sort();
+        assert_eq!(all, idx);
+        assert!(batches.iter().all(|b| b.len() <= 8));
+    }
+}
