@@ -67,17 +67,17 @@ pub struct LoraTrainer {
 impl LoraTrainer {
     /// Fresh adapters for `llm` (the model's output is unchanged until the first step).
     pub fn new(llm: &Llm, config: LoraConfig, seed: u64) -> LoraTrainer {
-        let device = llm.device.clone().autodiff();
-        device.seed(seed);
-        let adapters = LoraAdapters::new(&llm.config, config.rank, config.alpha, &device);
+        llm.device.seed(seed);
+        let adapters = LoraAdapters::new(&llm.config, config.rank, config.alpha, &llm.device);
         LoraTrainer::from_adapters(adapters, config, &llm.device)
     }
 
     /// Continues training existing adapters (e.g. loaded with [`load_adapters`]).
     pub fn from_adapters(adapters: LoraAdapters, config: LoraConfig, device: &Device) -> Self {
-        let device = device.clone().autodiff();
+        // Built on the plain device, `train()` makes the factors tracked autodiff leaves.
+        let plain = device.clone().without_autodiff();
         LoraTrainer {
-            adapters: Some(adapters.to_device(&device).train()),
+            adapters: Some(adapters.to_device(&plain).train()),
             optim: AdamConfig::new().init(),
             config,
         }
@@ -255,4 +255,146 @@ pub fn load_adapters(
         .try_load_record(record)
         .map_err(|e| bad(format!("tensors do not fit: {e}")))?;
     Ok((adapters, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::gguf::Gguf;
+    use crate::llm::model::Llama;
+    use crate::llm::test_assets;
+    use crate::llm::tokenizer::Tokenizer;
+
+    /// A tiny random model with the real tokenizer: fast, and enough to see learning.
+    fn tiny_llm() -> Result<Llm> {
+        let tokenizer = Tokenizer::from_gguf(&Gguf::open(test_assets::smollm2_path())?)?;
+        let device = Device::flex();
+        device.seed(3);
+        let config = LlamaConfig::tiny(tokenizer.vocab_size());
+        let model = Llama::random(&config, &device);
+        Ok(Llm {
+            config,
+            model,
+            tokenizer,
+            device,
+            lora: None,
+        })
+    }
+
+    fn examples() -> Vec<TrainExample> {
+        vec![
+            TrainExample {
+                prompt: "Review:".into(),
+                completion: " a wonderful film".into(),
+                weight: 1.0,
+            },
+            TrainExample {
+                prompt: "Spam:".into(),
+                completion: " win money now".into(),
+                weight: 2.0,
+            },
+            TrainExample {
+                prompt: "ignored".into(),
+                completion: " zero weight".into(),
+                weight: 0.0,
+            },
+        ]
+    }
+
+    fn loss_of(llm: &Llm, lora: Option<&LoraAdapters>, cfg: &LoraConfig) -> Result<f32> {
+        let loss = weighted_nll(llm, lora, &examples(), cfg)?;
+        loss.try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("{e:?}")))
+    }
+
+    #[test]
+    fn lora_training_lowers_the_loss_and_adapters_round_trip() -> Result<()> {
+        let mut llm = tiny_llm()?;
+        let cfg = LoraConfig {
+            rank: 4,
+            learning_rate: 1e-2,
+            ..LoraConfig::default()
+        };
+        let before = loss_of(&llm, None, &cfg)?;
+        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 7);
+        let first = trainer.step(&llm, &examples())?;
+        // b = 0 at init: the adapters start as a no-op.
+        assert!((first - before).abs() < 1e-4, "{first} vs {before}");
+        let mut last = first;
+        for _ in 0..30 {
+            last = trainer.step(&llm, &examples())?;
+        }
+        let adapters = trainer
+            .adapters()
+            .ok_or_else(|| Error::Model("no adapters".into()))?;
+        let after = loss_of(&llm, Some(&adapters), &cfg)?;
+        assert!(after < 0.5 * before, "loss {before} -> {last} -> {after}");
+        // The base model is untouched.
+        assert!((loss_of(&llm, None, &cfg)? - before).abs() < 1e-5);
+
+        // Save, load, same loss; the loaded adapters drive `Llm::lora`.
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a.lora");
+        trainer.save(&path)?;
+        let (loaded, loaded_cfg) = load_adapters(&path, &llm.config, &llm.device)?;
+        assert_eq!(loaded_cfg, cfg);
+        llm.lora = Some(loaded);
+        let reloaded = loss_of(&llm, llm.lora.as_ref(), &cfg)?;
+        assert!((reloaded - after).abs() < 1e-5, "{reloaded} vs {after}");
+        Ok(())
+    }
+
+    #[test]
+    fn corrupt_adapter_files_are_clear_errors() -> Result<()> {
+        let llm = tiny_llm()?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a.lora");
+        let adapters = LoraAdapters::new(&llm.config, 2, 4.0, &llm.device);
+        save_adapters(&adapters, &LoraConfig::default(), &path)?;
+        let good = std::fs::read(&path)?;
+        let expect_err = |bytes: &[u8], why: &str| -> Result<()> {
+            std::fs::write(&path, bytes)?;
+            match load_adapters(&path, &llm.config, &llm.device) {
+                Err(Error::Model(msg)) => assert!(msg.contains(why), "{why}: {msg}"),
+                Err(other) => panic!("{why}: unexpected error {other}"),
+                Ok(_) => panic!("{why}: loaded a corrupt file"),
+            }
+            Ok(())
+        };
+        expect_err(b"hello", "bad magic")?;
+        expect_err(&good[..ADAPTER_MAGIC.len() + 5], "truncated header")?;
+        expect_err(&good[..good.len() - 100], "tensors")?;
+        let mut other = llm.config.clone();
+        other.n_layers = 3;
+        std::fs::write(&path, &good)?;
+        assert!(load_adapters(&path, &other, &llm.device).is_err());
+        Ok(())
+    }
+
+    /// One short check on the real model: a few steps on one example raise its likelihood.
+    #[test]
+    fn real_lora_steps_raise_completion_likelihood() -> Result<()> {
+        let llm = Llm::load(test_assets::smollm2_path(), &Device::flex())?;
+        let ex = vec![TrainExample {
+            prompt: llm.tokenizer.chat_prompt("Name a colour."),
+            completion: "Vermilion.".into(),
+            weight: 1.0,
+        }];
+        let cfg = LoraConfig {
+            learning_rate: 5e-3,
+            ..LoraConfig::default()
+        };
+        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 1);
+        let losses: Vec<f32> = (0..4)
+            .map(|_| trainer.step(&llm, &ex))
+            .collect::<Result<_>>()?;
+        let adapters = trainer
+            .adapters()
+            .ok_or_else(|| Error::Model("no adapters".into()))?;
+        let after = weighted_nll(&llm, Some(&adapters), &ex, &cfg)?
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("{e:?}")))?;
+        assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
+        Ok(())
+    }
 }
