@@ -184,7 +184,7 @@ impl TensorInfo {
         })?;
         let n = usize::try_from(self.n_elements())
             .map_err(|_| Error::Gguf(format!("tensor {}: too many elements", self.name)))?;
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(Error::Gguf(format!(
                 "tensor {}: {} elements is not a multiple of the {:?} block size {}",
                 self.name, n, self.ggml_type, block
@@ -494,7 +494,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let (block, block_bytes) = ty
         .block_layout()
         .ok_or_else(|| Error::Gguf(format!("unsupported tensor type {ty:?}")))?;
-    if n % block != 0 || bytes.len() != n / block * block_bytes {
+    if !n.is_multiple_of(block) || bytes.len() != n / block * block_bytes {
         return Err(Error::Gguf(format!(
             "{n} elements of {ty:?} do not fit {} bytes",
             bytes.len()

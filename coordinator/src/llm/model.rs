@@ -85,9 +85,9 @@ impl LlamaConfig {
         let ok = self.n_layers > 0
             && self.n_heads > 0
             && self.n_kv_heads > 0
-            && self.n_heads % self.n_kv_heads == 0
-            && self.d_model % self.n_heads == 0
-            && self.head_dim() % 2 == 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
+            && self.d_model.is_multiple_of(self.n_heads)
+            && self.head_dim().is_multiple_of(2)
             && self.vocab_size > 0;
         if ok {
             Ok(())
