@@ -174,7 +174,7 @@ fn header(headers: &str, name: &str) -> Option<String> {
             continue;
         };
         if key.trim().eq_ignore_ascii_case(name) {
-            let mut value = value.to_string();
+            let mut value = value.trim().to_string();
             while let Some(next) = lines.next_if(|l| l.starts_with([' ', '\t'])) {
                 value.push(' ');
                 value.push_str(next.trim());
