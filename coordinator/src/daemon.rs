@@ -144,6 +144,7 @@ pub struct Daemon {
     pub addr: SocketAddr,
     endpoint: quinn::Endpoint,
     core: tokio::task::JoinHandle<Result<u64>>,
+    server: Option<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -162,10 +163,10 @@ impl Daemon {
         let core = Core::new(cfg, task, generator, store.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let ctx = Arc::new(ServerCtx { pki, tokens, store, core: core_tx });
-        tokio::spawn(serve(endpoint.clone(), ctx));
+        let server = tokio::spawn(serve(endpoint.clone(), ctx));
         let core = tokio::spawn(core.run(core_rx, stop_rx));
         tracing::info!(%addr, "coordinator listening");
-        Ok(Self { addr, endpoint, core, stop: Some(stop_tx) })
+        Ok(Self { addr, endpoint, core, server: Some(server), stop: Some(stop_tx) })
     }
 
     /// Waits until the configured number of rounds is done (or [`Daemon::stop`]), then
@@ -173,6 +174,10 @@ impl Daemon {
     pub async fn wait(&mut self) -> Result<u64> {
         let r = (&mut self.core).await.map_err(|e| Error::Transport(format!("core task: {e}")))?;
         self.endpoint.close(0u32.into(), b"shutdown");
+        // Sessions end with the endpoint; once the server task is done the store is closed.
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
         r
     }
 

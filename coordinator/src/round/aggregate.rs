@@ -3,8 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 /// How client scores are combined.
+///
+/// Externally tagged (postcard, our store's encoding, cannot read internally tagged enums):
+/// in TOML, `aggregation = "median"` or `aggregation = { trimmed_mean = { trim = 0.1 } }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     /// Mean weighted by each client's number of private examples (the default).
     #[default]

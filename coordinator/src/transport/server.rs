@@ -35,18 +35,24 @@ pub struct ServerCtx {
 /// How long a peer may take to open its stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes, then waits for the sessions to end (so
+/// the store is released when this returns).
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
+    let mut sessions = tokio::task::JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => session(conn, ctx).await,
                 Err(e) => tracing::warn!(%remote, error = %e, "connection refused during TLS handshake"),
             }
         });
+        // Reap finished sessions so the set does not grow with every connection ever made.
+        while sessions.try_join_next().is_some() {}
     }
+    drop(ctx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while sessions.join_next().await.is_some() {} }).await;
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
@@ -67,6 +73,8 @@ async fn read_body(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> 
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(0) => FrameError::Closed,
+        // The peer closed or vanished between frames: an end, not a protocol error.
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_)) => FrameError::Closed,
         quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
         quinn::ReadExactError::ReadError(e) => FrameError::Io(e.into()),
     })?;

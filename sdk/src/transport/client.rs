@@ -227,8 +227,8 @@ impl Session {
     }
 
     /// Closes the session politely.
-    pub async fn close(self) {
-        let _ = self.send.finish_owned();
+    pub async fn close(mut self) {
+        let _ = self.send.finish();
         self.conn.close(0u32.into(), b"bye");
         self.endpoint.wait_idle().await;
     }
