@@ -19,6 +19,14 @@ def fn(*names):
     raise AttributeError("llama_cpp has none of " + ", ".join(names))
 
 
+def peak_rss_mib():
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -90,7 +98,7 @@ def main():
 
     run(1)  # warm-up
     out = {"b1": run(1), "b16": run(16),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+           "peak_rss_mib": peak_rss_mib(),
            "threads": a.threads}
     print(json.dumps(out))
 

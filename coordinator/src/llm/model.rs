@@ -421,10 +421,26 @@ impl Block {
 /// The Llama decoder with a tied LM head.
 #[derive(Module, Debug)]
 pub struct Llama {
-    /// `[vocab, d_model]`: token embeddings, also the LM head (tied).
+    /// `[vocab, d_model]`: token embeddings.
     embed: Tensor<2>,
+    /// `[d_model, vocab]`: the tied LM head, a contiguous transposed copy of `embed`.
+    head: Tensor<2>,
     blocks: Vec<Block>,
     norm: RmsNorm,
+}
+
+/// `[rows, cols]` row-major f32 data transposed to `[cols, rows]`.
+fn transpose(data: &TensorData, rows: usize, cols: usize) -> Result<TensorData> {
+    let v = data
+        .as_slice::<f32>()
+        .map_err(|e| Error::Model(format!("weight data is not f32: {e:?}")))?;
+    let mut out = vec![0.0f32; rows * cols];
+    for (r, row) in v.chunks_exact(cols).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            out[c * rows + r] = x;
+        }
+    }
+    Ok(TensorData::new(out, [cols, rows]))
 }
 
 /// A dequantized GGUF weight, checked against the expected row-major shape.
@@ -446,10 +462,11 @@ impl Llama {
         let t1 = |name: &str, n: usize| -> Result<Tensor<1>> {
             Ok(Tensor::from_data(load(g, name, &[n])?, device))
         };
-        // Linear weights: GGUF `[out, in]` row-major; the transposed view is `[in, out]`.
+        // Linear weights: GGUF `[out, in]` row-major, stored transposed as contiguous
+        // `[in, out]` (a strided transposed view makes gemm's one-row case very slow).
         let lin = |name: &str, d_in: usize, d_out: usize| -> Result<Tensor<2>> {
-            let w: Tensor<2> = Tensor::from_data(load(g, name, &[d_out, d_in])?, device);
-            Ok(w.transpose())
+            let data = load(g, name, &[d_out, d_in])?;
+            Ok(Tensor::from_data(transpose(&data, d_out, d_in)?, device))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -485,11 +502,10 @@ impl Llama {
                     .into(),
             ));
         }
+        let embed = load(g, "token_embd.weight", &[c.vocab_size, c.d_model])?;
         let model = Llama {
-            embed: Tensor::from_data(
-                load(g, "token_embd.weight", &[c.vocab_size, c.d_model])?,
-                device,
-            ),
+            head: Tensor::from_data(transpose(&embed, c.vocab_size, c.d_model)?, device),
+            embed: Tensor::from_data(embed, device),
             blocks,
             norm: norm("output_norm.weight")?,
         };
@@ -507,12 +523,14 @@ impl Llama {
             eps: c.rms_eps,
         };
         let kv = c.n_kv_heads * c.head_dim();
+        let embed: Tensor<2> = Tensor::random(
+            [c.vocab_size, c.d_model],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
         Llama {
-            embed: Tensor::random(
-                [c.vocab_size, c.d_model],
-                Distribution::Normal(0.0, 1.0),
-                device,
-            ),
+            head: Tensor::from_data(embed.clone().transpose().into_data(), device),
+            embed,
             blocks: (0..c.n_layers)
                 .map(|_| Block {
                     attn_norm: norm(),
@@ -555,7 +573,7 @@ impl Llama {
 
     /// Logits over the vocabulary from hidden states: the tied LM head `h @ embed^T`.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        linear(hidden, self.embed.clone().transpose(), None)
+        linear(hidden, self.head.clone(), None)
     }
 }
 
