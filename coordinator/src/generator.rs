@@ -113,6 +113,44 @@ impl Generator for FileGenerator {
     }
 }
 
+/// Generates samples with the coordinator's LLM, from the task's per-label prompts and
+/// generation settings. Round `r` samples with seed `seed + r`, so a restarted coordinator
+/// regenerates the same batch for an unfinished round.
+pub struct LlmGenerator {
+    llm: crate::llm::Llm,
+    spec: crate::task::TaskSpec,
+    seed: u64,
+}
+
+impl LlmGenerator {
+    /// Wraps a loaded model for a task.
+    pub fn new(llm: crate::llm::Llm, spec: crate::task::TaskSpec, seed: u64) -> Self {
+        Self { llm, spec, seed }
+    }
+
+    /// The model (for evaluation and tuning between rounds).
+    pub fn llm_mut(&mut self) -> &mut crate::llm::Llm {
+        &mut self.llm
+    }
+}
+
+impl Generator for LlmGenerator {
+    fn generate(&mut self, _task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>> {
+        let g = &self.spec.generation;
+        let sampling = crate::llm::Sampling {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            max_new_tokens: g.max_new_tokens,
+            seed: self.seed.wrapping_add(round.wrapping_mul(1_000_003)),
+        };
+        let started = std::time::Instant::now();
+        let out = self.llm.generate(&self.spec, n_per_label, &sampling)?;
+        tracing::info!(round, samples = out.len(), secs = started.elapsed().as_secs_f32(), "LLM generated samples");
+        Ok(out.into_iter().map(|t| GeneratedSample { text: t.text, label: t.label as u32 }).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
-use crosslm_coordinator::generator::{FileGenerator, Generator};
+use crosslm_coordinator::generator::{FileGenerator, Generator, LlmGenerator};
 use crosslm_coordinator::store::Store;
 use serde::Deserialize;
 
@@ -74,6 +74,14 @@ enum GeneratorConfig {
         /// The file.
         path: PathBuf,
     },
+    /// The coordinator's LLM (SmolLM2 GGUF), prompted with the task's label prompts.
+    Llm {
+        /// GGUF model file.
+        model: PathBuf,
+        /// Base sampling seed.
+        #[serde(default)]
+        seed: u64,
+    },
 }
 
 /// The config file.
@@ -141,9 +149,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.rounds.is_some() {
         daemon_cfg.rounds = args.rounds;
     }
-    let task = crosslm_coordinator::task::TaskSpec::from_toml_file(&resolve(&base, &cfg.task))?.info();
+    let spec = crosslm_coordinator::task::TaskSpec::from_toml_file(&resolve(&base, &cfg.task))?;
+    let task = spec.info();
     let generator: Box<dyn Generator> = match cfg.generator {
         GeneratorConfig::File { path } => Box::new(FileGenerator::load(&resolve(&base, &path), &task)?),
+        GeneratorConfig::Llm { model, seed } => {
+            let path = resolve(&base, &model);
+            tracing::info!(model = %path.display(), "loading the LLM");
+            let llm = crosslm_coordinator::llm::Llm::load(&path, &burn::tensor::Device::flex())
+                .with_context(|| format!("loading {}", path.display()))?;
+            Box::new(LlmGenerator::new(llm, spec, seed))
+        }
     };
     for t in mint_tokens(&daemon_cfg.data_dir, args.print_tokens)? {
         println!("enrollment token: {t}");

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod data;
 mod rounds;
 mod slm;
 
@@ -15,6 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Prepare data sets: per-client partitions.
+    #[command(subcommand)]
+    Data(data::DataCmd),
     /// Enroll with a coordinator using a one-time token.
     Enroll(rounds::EnrollArgs),
     /// Take part in rounds with a trained SLM until Ctrl-C (or --rounds N).
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Slm(cmd) => slm::run(cmd),
         Cmd::Enroll(a) => rounds::enroll_cmd(a),
+        Cmd::Data(cmd) => data::run(cmd),
         Cmd::Join(a) => rounds::join_cmd(a),
     }
 }
