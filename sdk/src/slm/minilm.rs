@@ -80,7 +80,9 @@ impl BertConfig {
                 self.hidden_act
             )));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Model(format!(
                 "hidden size {} is not a multiple of {} heads",
                 self.hidden_size, self.num_attention_heads
@@ -147,7 +149,12 @@ impl BertEmbeddings {
         let device = ids.device();
         let positions = Tensor::<1, Int>::arange(0..t as i64, &device).unsqueeze::<2>();
         // Single-segment input: every token has segment 0, so add row 0 of the segment table.
-        let segment = self.token_type.weight.val().slice([0..1]).unsqueeze::<3>();
+        let segment = self
+            .token_type
+            .weight
+            .val()
+            .narrow(0, 0, 1)
+            .unsqueeze::<3>();
         let x = self.word.forward(ids) + self.position.forward(positions) + segment;
         self.dropout.forward(self.norm.forward(x))
     }

@@ -96,8 +96,8 @@ impl TrainConfig {
         match arch {
             super::Arch::Minilm => Self::default(),
             super::Arch::Bag => Self {
-                epochs: 10,
-                learning_rate: 5e-3,
+                epochs: 15,
+                learning_rate: 1e-3,
                 weight_decay: 0.0,
                 warmup_fraction: 0.05,
                 patience: 3,
@@ -372,7 +372,7 @@ pub(crate) fn fit<M: Classifier>(
             }
         }
         train_loss = (loss_sum / loss_weight.max(1.0)) as f32;
-        if !val_idx.is_empty() && since_best >= cfg.patience {
+        if !val_idx.is_empty() && since_best >= cfg.patience && epoch < cfg.epochs {
             tracing::info!(
                 "early stop after epoch {epoch}: no validation improvement for {since_best} epochs"
             );

@@ -72,13 +72,13 @@ pub struct TrainArgs {
     /// Truncate texts to this many tokens.
     #[arg(long, default_value_t = 128)]
     max_len: usize,
-    /// Epochs (default: 3 for minilm, 10 for bag).
+    /// Epochs (default: 3 for minilm, 15 for bag).
     #[arg(long)]
     epochs: Option<usize>,
     /// Batch size.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Peak learning rate (default: 5e-5 for minilm, 5e-3 for bag).
+    /// Peak learning rate (default: 5e-5 for minilm, 1e-3 for bag).
     #[arg(long)]
     lr: Option<f64>,
     /// Fraction of the training data held out for early stopping.
