@@ -182,6 +182,22 @@ impl Llm {
         Ok(out)
     }
 
+    /// [`Llm::classify`] with contextual calibration (Zhao et al., 2021): each row is divided
+    /// by the label probabilities the model gives a content-free text ("N/A"), then
+    /// renormalized. Removes the small model's bias toward one verbalizer.
+    pub fn classify_calibrated(&self, task: &TaskSpec, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let prior = self.classify(task, &["N/A".to_string()])?.remove(0);
+        let probs = self.classify(task, texts)?;
+        Ok(probs
+            .into_iter()
+            .map(|p| {
+                let scaled: Vec<f32> = p.iter().zip(&prior).map(|(x, q)| x / q.max(1e-9)).collect();
+                let total: f32 = scaled.iter().sum();
+                scaled.iter().map(|x| x / total).collect()
+            })
+            .collect())
+    }
+
     /// `scores[i][l]` = log p(`conts[l]` | `prompts[i]`): the prompts run once, then their
     /// cache is repeated for every continuation.
     fn score_continuations(&self, prompts: &[Vec<u32>], conts: &[Vec<u32>]) -> Vec<Vec<f32>> {

@@ -134,9 +134,15 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
             let labels: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
             let probs = llm.classify(&task, &texts)?;
             let acc = accuracy(&probs, &labels);
+            let calibrated = accuracy(&llm.classify_calibrated(&task, &texts)?, &labels);
             println!(
                 "{}",
-                serde_json::json!({"task": task.name, "n": rows.len(), "accuracy": acc})
+                serde_json::json!({
+                    "task": task.name,
+                    "n": rows.len(),
+                    "accuracy": acc,
+                    "accuracy_calibrated": calibrated,
+                })
             );
         }
     }
