@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crosslm_sdk::protocol::{
-    self, ClientId, ClientInfo, ErrorCode, ErrorMsg, SampleScore, ServerMsg, SyntheticSample, TaskInfo, frame,
+    self, ClientId, ClientInfo, ErrorCode, ErrorMsg, SampleScore, ServerMsg, SyntheticSample,
+    TaskInfo, frame,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -151,7 +152,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon: opens the data dir (CA, tokens, database), resumes an unfinished
     /// round if there is one, and listens.
-    pub async fn start(cfg: DaemonConfig, task: TaskInfo, generator: Box<dyn Generator>) -> Result<Self> {
+    pub async fn start(
+        cfg: DaemonConfig,
+        task: TaskInfo,
+        generator: Box<dyn Generator>,
+    ) -> Result<Self> {
         let pki = Pki::load_or_create(&cfg.data_dir)?;
         let tokens = Tokens::open(&cfg.data_dir)?;
         let store = Arc::new(Store::open(&cfg.data_dir)?);
@@ -159,20 +164,35 @@ impl Daemon {
         let server_cfg = pki.server_config(Duration::from_millis(cfg.idle_timeout_ms))?;
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
             .map_err(|e| Error::Transport(format!("cannot listen on {}: {e}", cfg.listen)))?;
-        let addr = endpoint.local_addr().map_err(|e| Error::Transport(e.to_string()))?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|e| Error::Transport(e.to_string()))?;
         let core = Core::new(cfg, task, generator, store.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let ctx = Arc::new(ServerCtx { pki, tokens, store, core: core_tx });
+        let ctx = Arc::new(ServerCtx {
+            pki,
+            tokens,
+            store,
+            core: core_tx,
+        });
         let server = tokio::spawn(serve(endpoint.clone(), ctx));
         let core = tokio::spawn(core.run(core_rx, stop_rx));
         tracing::info!(%addr, "coordinator listening");
-        Ok(Self { addr, endpoint, core, server: Some(server), stop: Some(stop_tx) })
+        Ok(Self {
+            addr,
+            endpoint,
+            core,
+            server: Some(server),
+            stop: Some(stop_tx),
+        })
     }
 
     /// Waits until the configured number of rounds is done (or [`Daemon::stop`]), then
     /// closes the endpoint. Returns the number of rounds finished in total.
     pub async fn wait(&mut self) -> Result<u64> {
-        let r = (&mut self.core).await.map_err(|e| Error::Transport(format!("core task: {e}")))?;
+        let r = (&mut self.core)
+            .await
+            .map_err(|e| Error::Transport(format!("core task: {e}")))?;
         self.endpoint.close(0u32.into(), b"shutdown");
         // Sessions end with the endpoint; once the server task is done the store is closed.
         if let Some(server) = self.server.take() {
@@ -214,7 +234,12 @@ struct Core {
 type GenJoin = tokio::task::JoinHandle<(Box<dyn Generator>, Result<Vec<SyntheticSample>>)>;
 
 impl Core {
-    fn new(cfg: DaemonConfig, task: TaskInfo, generator: Box<dyn Generator>, store: Arc<Store>) -> Result<Self> {
+    fn new(
+        cfg: DaemonConfig,
+        task: TaskInfo,
+        generator: Box<dyn Generator>,
+        store: Arc<Store>,
+    ) -> Result<Self> {
         let finished = store
             .summaries()?
             .iter()
@@ -232,10 +257,20 @@ impl Core {
         };
         if let Some(rec) = core.store.unfinished_round()? {
             let replies = core.store.replies(rec.id)?;
-            tracing::info!(round = rec.id, replies = replies.len(), "resuming unfinished round");
+            tracing::info!(
+                round = rec.id,
+                replies = replies.len(),
+                "resuming unfinished round"
+            );
             let frames = encode_batch(&rec)?;
-            let machine =
-                RoundMachine::restore(rec.id, rec.task, rec.samples, rec.cfg, rec.deadline_at, replies);
+            let machine = RoundMachine::restore(
+                rec.id,
+                rec.task,
+                rec.samples,
+                rec.cfg,
+                rec.deadline_at,
+                replies,
+            );
             core.active = Some(Active { machine, frames });
         }
         Ok(core)
@@ -257,13 +292,18 @@ impl Core {
                 self.linger(&mut rx).await;
                 return Ok(self.finished);
             }
-            if self.active.is_none() && generating.is_none() && self.conns.len() >= self.cfg.min_clients.max(1) {
+            if self.active.is_none()
+                && generating.is_none()
+                && self.conns.len() >= self.cfg.min_clients.max(1)
+            {
                 generating = Some(self.spawn_generation()?);
             }
             let timeout = self.active.as_ref().and_then(|a| a.machine.poll_timeout());
             let sleep = async {
                 match timeout {
-                    Some(t) => tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms()))).await,
+                    Some(t) => {
+                        tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms()))).await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -304,11 +344,19 @@ impl Core {
         while !self.conns.is_empty() {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(CoreEvent::Disconnected { client, conn_id })) => {
-                    if self.conns.get(&client).is_some_and(|c| c.conn_id == conn_id) {
+                    if self
+                        .conns
+                        .get(&client)
+                        .is_some_and(|c| c.conn_id == conn_id)
+                    {
                         self.conns.remove(&client);
                     }
                 }
-                Ok(Some(CoreEvent::Report { client, round, local_accuracy: Some(acc) })) => {
+                Ok(Some(CoreEvent::Report {
+                    client,
+                    round,
+                    local_accuracy: Some(acc),
+                })) => {
                     let _ = self.store.put_report(round, &client, acc);
                 }
                 Ok(Some(_)) => {}
@@ -318,7 +366,10 @@ impl Core {
     }
 
     fn spawn_generation(&mut self) -> Result<GenJoin> {
-        let mut g = self.generator.take().ok_or_else(|| Error::Model("generator busy".into()))?;
+        let mut g = self
+            .generator
+            .take()
+            .ok_or_else(|| Error::Model("generator busy".into()))?;
         let task = self.task.clone();
         let n = self.cfg.samples_per_label;
         let round = self.store.next_round_id()?;
@@ -327,7 +378,11 @@ impl Core {
             let r = g.generate(&task, n, round).map(|v| {
                 v.into_iter()
                     .enumerate()
-                    .map(|(i, s)| SyntheticSample { id: i as u64, text: s.text, label: s.label })
+                    .map(|(i, s)| SyntheticSample {
+                        id: i as u64,
+                        text: s.text,
+                        label: s.label,
+                    })
                     .collect()
             });
             (g, r)
@@ -350,7 +405,12 @@ impl Core {
         let frames = encode_batch(&rec)?;
         let mut machine = RoundMachine::new(id, rec.task, rec.samples, rec.cfg, now);
         machine.start(self.conns.iter().map(|(c, k)| (c.clone(), k.weight)), now);
-        tracing::info!(round = id, samples = machine.samples().len(), clients = self.conns.len(), "round opened");
+        tracing::info!(
+            round = id,
+            samples = machine.samples().len(),
+            clients = self.conns.len(),
+            "round opened"
+        );
         self.active = Some(Active { machine, frames });
         Ok(())
     }
@@ -367,16 +427,32 @@ impl Core {
     fn handle(&mut self, ev: CoreEvent) -> Result<()> {
         let now = now_ms();
         match ev {
-            CoreEvent::Connected { client, conn_id, info, tx } => {
+            CoreEvent::Connected {
+                client,
+                conn_id,
+                info,
+                tx,
+            } => {
                 let weight = info.n_private as f64;
-                self.conns.insert(client.clone(), Conn { conn_id, tx, weight });
+                self.conns.insert(
+                    client.clone(),
+                    Conn {
+                        conn_id,
+                        tx,
+                        weight,
+                    },
+                );
                 self.partial.remove(&client);
                 if let Some(a) = self.active.as_mut() {
                     a.machine.join(client, weight, now);
                 }
             }
             CoreEvent::Disconnected { client, conn_id } => {
-                if self.conns.get(&client).is_some_and(|c| c.conn_id == conn_id) {
+                if self
+                    .conns
+                    .get(&client)
+                    .is_some_and(|c| c.conn_id == conn_id)
+                {
                     self.conns.remove(&client);
                     self.partial.remove(&client);
                     if let Some(a) = self.active.as_mut() {
@@ -384,36 +460,71 @@ impl Core {
                     }
                 }
             }
-            CoreEvent::Abandon { client, conn_id, round } => {
+            CoreEvent::Abandon {
+                client,
+                conn_id,
+                round,
+            } => {
                 if let Some(a) = self.active.as_mut().filter(|a| a.machine.id() == round) {
-                    if self.conns.get(&client).is_some_and(|c| c.conn_id == conn_id) {
+                    if self
+                        .conns
+                        .get(&client)
+                        .is_some_and(|c| c.conn_id == conn_id)
+                    {
                         a.machine.leave(&client, now);
                     }
                 }
             }
-            CoreEvent::Say { client, conn_id, msg } => {
-                if self.conns.get(&client).is_some_and(|c| c.conn_id == conn_id) {
+            CoreEvent::Say {
+                client,
+                conn_id,
+                msg,
+            } => {
+                if self
+                    .conns
+                    .get(&client)
+                    .is_some_and(|c| c.conn_id == conn_id)
+                {
                     self.send(&client, Outbound::Msg(msg));
                 }
             }
-            CoreEvent::Report { client, round, local_accuracy } => {
+            CoreEvent::Report {
+                client,
+                round,
+                local_accuracy,
+            } => {
                 if let Some(acc) = local_accuracy {
                     tracing::info!(%client, round, accuracy = acc, "client report");
                     self.store.put_report(round, &client, acc)?;
                 }
             }
-            CoreEvent::Scores { client, round, scores, last } => self.on_scores(client, round, scores, last, now)?,
+            CoreEvent::Scores {
+                client,
+                round,
+                scores,
+                last,
+            } => self.on_scores(client, round, scores, last, now)?,
         }
         Ok(())
     }
 
-    fn on_scores(&mut self, client: ClientId, round: u64, chunk: Vec<SampleScore>, last: bool, now: u64) -> Result<()> {
+    fn on_scores(
+        &mut self,
+        client: ClientId,
+        round: u64,
+        chunk: Vec<SampleScore>,
+        last: bool,
+        now: u64,
+    ) -> Result<()> {
         let Some(a) = self.active.as_mut().filter(|a| a.machine.id() == round) else {
             tracing::info!(%client, round, "scores for a round that is not open; ignored");
             return Ok(());
         };
         let limit = a.machine.samples().len();
-        let entry = self.partial.entry(client.clone()).or_insert((round, Vec::new()));
+        let entry = self
+            .partial
+            .entry(client.clone())
+            .or_insert((round, Vec::new()));
         if entry.0 != round {
             *entry = (round, Vec::new());
         }
@@ -422,13 +533,23 @@ impl Core {
             self.partial.remove(&client);
             let m = format!("more scores than the round's {limit} samples");
             tracing::warn!(%client, round, "{m}");
-            self.send(&client, Outbound::Msg(ServerMsg::Error(ErrorMsg { code: ErrorCode::BadScores, message: m })));
+            self.send(
+                &client,
+                Outbound::Msg(ServerMsg::Error(ErrorMsg {
+                    code: ErrorCode::BadScores,
+                    message: m,
+                })),
+            );
             return Ok(());
         }
         if !last {
             return Ok(());
         }
-        let scores = self.partial.remove(&client).map(|e| e.1).unwrap_or_default();
+        let scores = self
+            .partial
+            .remove(&client)
+            .map(|e| e.1)
+            .unwrap_or_default();
         match a.machine.on_scores(&client, scores, now) {
             ReplyVerdict::Accepted => {
                 if let Some(reply) = a.machine.reply(&client) {
@@ -439,7 +560,13 @@ impl Core {
             }
             ReplyVerdict::Ignored(_) => {}
             ReplyVerdict::Rejected(why) => {
-                self.send(&client, Outbound::Msg(ServerMsg::Error(ErrorMsg { code: ErrorCode::BadScores, message: why })));
+                self.send(
+                    &client,
+                    Outbound::Msg(ServerMsg::Error(ErrorMsg {
+                        code: ErrorCode::BadScores,
+                        message: why,
+                    })),
+                );
             }
         }
         Ok(())
@@ -448,8 +575,12 @@ impl Core {
     /// Carries out what the round machine asks for.
     fn drive(&mut self) -> Result<()> {
         loop {
-            let Some(a) = self.active.as_mut() else { return Ok(()) };
-            let Some(action) = a.machine.poll_action() else { return Ok(()) };
+            let Some(a) = self.active.as_mut() else {
+                return Ok(());
+            };
+            let Some(action) = a.machine.poll_action() else {
+                return Ok(());
+            };
             match action {
                 Action::SendBatch { client } => {
                     let frames = a.frames.clone();
@@ -457,7 +588,8 @@ impl Core {
                 }
                 Action::Completed(outcome) => {
                     let round = outcome.round;
-                    self.store.finish_round(round, Phase::Done, Some(&outcome))?;
+                    self.store
+                        .finish_round(round, Phase::Done, Some(&outcome))?;
                     self.finished += 1;
                     self.active = None;
                     let frames = encode_result(&outcome)?;
@@ -465,17 +597,35 @@ impl Core {
                     for c in clients {
                         self.send(&c, Outbound::Frames(frames.clone()));
                     }
-                    let q = outcome.scores.iter().map(|s| s.quality).sum::<f32>() / outcome.scores.len().max(1) as f32;
-                    tracing::info!(round, contributors = outcome.contributors.len(), mean_quality = q, "round done");
+                    let q = outcome.scores.iter().map(|s| s.quality).sum::<f32>()
+                        / outcome.scores.len().max(1) as f32;
+                    tracing::info!(
+                        round,
+                        contributors = outcome.contributors.len(),
+                        mean_quality = q,
+                        "round done"
+                    );
                 }
                 Action::Failed { reason } => {
                     let round = a.machine.id();
-                    self.store.finish_round(round, Phase::Failed { reason: reason.clone() }, None)?;
+                    self.store.finish_round(
+                        round,
+                        Phase::Failed {
+                            reason: reason.clone(),
+                        },
+                        None,
+                    )?;
                     self.finished += 1;
                     self.active = None;
                     let clients: Vec<ClientId> = self.conns.keys().cloned().collect();
                     for c in clients {
-                        self.send(&c, Outbound::Msg(ServerMsg::RoundFailed { round, reason: reason.clone() }));
+                        self.send(
+                            &c,
+                            Outbound::Msg(ServerMsg::RoundFailed {
+                                round,
+                                reason: reason.clone(),
+                            }),
+                        );
                     }
                 }
             }
@@ -484,7 +634,8 @@ impl Core {
 }
 
 fn encode_batch(rec: &RoundRecord) -> Result<Arc<Vec<Vec<u8>>>> {
-    let enc = |m: &ServerMsg| frame::encode(m).map_err(|e| Error::Transport(format!("encode: {e}")));
+    let enc =
+        |m: &ServerMsg| frame::encode(m).map_err(|e| Error::Transport(format!("encode: {e}")));
     let mut frames = vec![enc(&ServerMsg::RoundOpen {
         round: rec.id,
         task: rec.task.clone(),
@@ -492,7 +643,11 @@ fn encode_batch(rec: &RoundRecord) -> Result<Arc<Vec<Vec<u8>>>> {
         deadline_ms: rec.deadline_at,
     })?];
     for (samples, last) in protocol::chunks(&rec.samples, protocol::SAMPLES_PER_CHUNK) {
-        frames.push(enc(&ServerMsg::Samples { round: rec.id, samples, last })?);
+        frames.push(enc(&ServerMsg::Samples {
+            round: rec.id,
+            samples,
+            last,
+        })?);
     }
     Ok(Arc::new(frames))
 }
@@ -501,8 +656,12 @@ fn encode_result(o: &RoundOutcome) -> Result<Arc<Vec<Vec<u8>>>> {
     protocol::chunks(&o.scores, protocol::SAMPLES_PER_CHUNK)
         .into_iter()
         .map(|(scores, last)| {
-            frame::encode(&ServerMsg::RoundResult { round: o.round, scores, last })
-                .map_err(|e| Error::Transport(format!("encode: {e}")))
+            frame::encode(&ServerMsg::RoundResult {
+                round: o.round,
+                scores,
+                last,
+            })
+            .map_err(|e| Error::Transport(format!("encode: {e}")))
         })
         .collect::<Result<Vec<_>>>()
         .map(Arc::new)

@@ -22,7 +22,12 @@ pub struct GeneratedSample {
 /// Produces label-conditioned synthetic samples for a task.
 pub trait Generator: Send + 'static {
     /// About `n_per_label` samples for each label of `task`, for round `round`.
-    fn generate(&mut self, task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>>;
+    fn generate(
+        &mut self,
+        task: &TaskInfo,
+        n_per_label: usize,
+        round: u64,
+    ) -> Result<Vec<GeneratedSample>>;
 }
 
 impl crate::task::TaskSpec {
@@ -57,7 +62,10 @@ impl FileGenerator {
     /// Loads `path` for `task`. Blank lines are skipped; a line that is not valid JSON, has
     /// an empty text or names a label the task does not have is an error naming the line.
     pub fn load(path: &Path, task: &TaskInfo) -> Result<Self> {
-        let raw = std::fs::read(path).map_err(|source| Error::File { path: path.to_path_buf(), source })?;
+        let raw = std::fs::read(path).map_err(|source| Error::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut pools = vec![Vec::new(); task.labels.len()];
         let mut seen = HashSet::new();
         for (i, line) in raw.split(|b| *b == b'\n').enumerate() {
@@ -70,18 +78,25 @@ impl FileGenerator {
             }
             let l: Line = serde_json::from_str(line)
                 .map_err(|e| Error::Data(format!("{}:{lineno}: {e}", path.display())))?;
-            let label = task.labels.iter().position(|x| *x == l.label).ok_or_else(|| {
-                Error::Data(format!(
-                    "{}:{lineno}: unknown label {:?} (task {} has {:?})",
-                    path.display(),
-                    l.label,
-                    task.name,
-                    task.labels
-                ))
-            })?;
+            let label = task
+                .labels
+                .iter()
+                .position(|x| *x == l.label)
+                .ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}:{lineno}: unknown label {:?} (task {} has {:?})",
+                        path.display(),
+                        l.label,
+                        task.name,
+                        task.labels
+                    ))
+                })?;
             let text = l.text.trim().to_string();
             if text.is_empty() {
-                return Err(Error::Data(format!("{}:{lineno}: empty text", path.display())));
+                return Err(Error::Data(format!(
+                    "{}:{lineno}: empty text",
+                    path.display()
+                )));
             }
             if seen.insert(text.clone()) {
                 pools[label].push(text);
@@ -99,7 +114,12 @@ impl FileGenerator {
 }
 
 impl Generator for FileGenerator {
-    fn generate(&mut self, _task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>> {
+    fn generate(
+        &mut self,
+        _task: &TaskInfo,
+        n_per_label: usize,
+        round: u64,
+    ) -> Result<Vec<GeneratedSample>> {
         let mut out = Vec::new();
         for (label, pool) in self.pools.iter().enumerate() {
             let n = n_per_label.min(pool.len());
@@ -135,7 +155,12 @@ impl LlmGenerator {
 }
 
 impl Generator for LlmGenerator {
-    fn generate(&mut self, _task: &TaskInfo, n_per_label: usize, round: u64) -> Result<Vec<GeneratedSample>> {
+    fn generate(
+        &mut self,
+        _task: &TaskInfo,
+        n_per_label: usize,
+        round: u64,
+    ) -> Result<Vec<GeneratedSample>> {
         let g = &self.spec.generation;
         let sampling = crate::llm::Sampling {
             temperature: g.temperature,
@@ -146,8 +171,19 @@ impl Generator for LlmGenerator {
         };
         let started = std::time::Instant::now();
         let out = self.llm.generate(&self.spec, n_per_label, &sampling)?;
-        tracing::info!(round, samples = out.len(), secs = started.elapsed().as_secs_f32(), "LLM generated samples");
-        Ok(out.into_iter().map(|t| GeneratedSample { text: t.text, label: t.label as u32 }).collect())
+        tracing::info!(
+            round,
+            samples = out.len(),
+            secs = started.elapsed().as_secs_f32(),
+            "LLM generated samples"
+        );
+        Ok(out
+            .into_iter()
+            .map(|t| GeneratedSample {
+                text: t.text,
+                label: t.label as u32,
+            })
+            .collect())
     }
 }
 
@@ -156,7 +192,11 @@ mod tests {
     use super::*;
 
     fn task() -> TaskInfo {
-        TaskInfo { name: "mr".into(), description: String::new(), labels: vec!["negative".into(), "positive".into()] }
+        TaskInfo {
+            name: "mr".into(),
+            description: String::new(),
+            labels: vec!["negative".into(), "positive".into()],
+        }
     }
 
     #[test]
@@ -176,19 +216,40 @@ mod tests {
         assert_eq!(r1.len(), 4);
         assert_eq!(r1.iter().filter(|s| s.label == 1).count(), 2);
         assert_ne!(r1, r2);
-        assert_eq!(r1, g.generate(&task(), 2, 1).unwrap(), "same round, same batch");
+        assert_eq!(
+            r1,
+            g.generate(&task(), 2, 1).unwrap(),
+            "same round, same batch"
+        );
     }
 
     #[test]
     fn bad_lines_name_their_line_number() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.jsonl");
-        std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\n{\"text\": \"b\", \"label\": \"meh\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"text\": \"a\", \"label\": \"negative\"}\n{\"text\": \"b\", \"label\": \"meh\"}\n",
+        )
+        .unwrap();
         let err = FileGenerator::load(&p, &task()).unwrap_err().to_string();
-        assert!(err.contains(":2:") && err.contains("unknown label"), "{err}");
+        assert!(
+            err.contains(":2:") && err.contains("unknown label"),
+            "{err}"
+        );
         std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\nnot json\n").unwrap();
-        assert!(FileGenerator::load(&p, &task()).unwrap_err().to_string().contains(":2:"));
+        assert!(
+            FileGenerator::load(&p, &task())
+                .unwrap_err()
+                .to_string()
+                .contains(":2:")
+        );
         std::fs::write(&p, "{\"text\": \"a\", \"label\": \"negative\"}\n").unwrap();
-        assert!(FileGenerator::load(&p, &task()).unwrap_err().to_string().contains("no samples for label"));
+        assert!(
+            FileGenerator::load(&p, &task())
+                .unwrap_err()
+                .to_string()
+                .contains("no samples for label")
+        );
     }
 }

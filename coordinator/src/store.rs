@@ -89,7 +89,10 @@ fn dec<T: DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
 impl Store {
     /// Opens (or creates) `dir/state.redb`.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::File { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::File {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let path = dir.join("state.redb");
         let db = redb::Database::create(&path)
             .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
@@ -111,7 +114,10 @@ impl Store {
     pub fn add_client(&self, rec: &ClientRecord) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
-            tx.open_table(CLIENTS).map_err(db_err)?.insert(rec.id.as_str(), enc(rec)?.as_slice()).map_err(db_err)?;
+            tx.open_table(CLIENTS)
+                .map_err(db_err)?
+                .insert(rec.id.as_str(), enc(rec)?.as_slice())
+                .map_err(db_err)?;
             tx.open_table(CERTS)
                 .map_err(db_err)?
                 .insert(rec.cert_fingerprint.as_str(), rec.id.as_str())
@@ -125,7 +131,10 @@ impl Store {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = tx.open_table(CLIENTS).map_err(db_err)?;
-            let rec = t.get(id).map_err(db_err)?.map(|v| dec::<ClientRecord>(v.value(), "client"));
+            let rec = t
+                .get(id)
+                .map_err(db_err)?
+                .map(|v| dec::<ClientRecord>(v.value(), "client"));
             if let Some(rec) = rec {
                 let mut rec = rec?;
                 rec.info = info.clone();
@@ -138,7 +147,12 @@ impl Store {
     /// The client holding a certificate, by its fingerprint.
     pub fn client_by_cert(&self, fingerprint: &str) -> Result<Option<ClientRecord>> {
         let tx = self.db.begin_read().map_err(db_err)?;
-        let Some(id) = tx.open_table(CERTS).map_err(db_err)?.get(fingerprint).map_err(db_err)?.map(|v| v.value().to_string())
+        let Some(id) = tx
+            .open_table(CERTS)
+            .map_err(db_err)?
+            .get(fingerprint)
+            .map_err(db_err)?
+            .map(|v| v.value().to_string())
         else {
             return Ok(None);
         };
@@ -151,10 +165,13 @@ impl Store {
     pub fn clients(&self) -> Result<Vec<ClientRecord>> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(CLIENTS).map_err(db_err)?;
-        t.iter().map_err(db_err)?.map(|e| {
-            let (_, v) = e.map_err(db_err)?;
-            dec(v.value(), "client")
-        }).collect()
+        t.iter()
+            .map_err(db_err)?
+            .map(|e| {
+                let (_, v) = e.map_err(db_err)?;
+                dec(v.value(), "client")
+            })
+            .collect()
     }
 
     /// Id for the next round.
@@ -168,7 +185,10 @@ impl Store {
     /// Writes a round record.
     pub fn put_round(&self, rec: &RoundRecord) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(ROUNDS).map_err(db_err)?.insert(rec.id, enc(rec)?.as_slice()).map_err(db_err)?;
+        tx.open_table(ROUNDS)
+            .map_err(db_err)?
+            .insert(rec.id, enc(rec)?.as_slice())
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -184,7 +204,9 @@ impl Store {
     pub fn unfinished_round(&self) -> Result<Option<RoundRecord>> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(ROUNDS).map_err(db_err)?;
-        let Some((_, v)) = t.last().map_err(db_err)? else { return Ok(None) };
+        let Some((_, v)) = t.last().map_err(db_err)? else {
+            return Ok(None);
+        };
         let rec: RoundRecord = dec(v.value(), "round")?;
         Ok(matches!(rec.phase, Phase::Open | Phase::Collecting).then_some(rec))
     }
@@ -192,7 +214,10 @@ impl Store {
     /// Commits an accepted reply.
     pub fn put_reply(&self, round: u64, client: &str, reply: &Reply) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(REPLIES).map_err(db_err)?.insert((round, client), enc(reply)?.as_slice()).map_err(db_err)?;
+        tx.open_table(REPLIES)
+            .map_err(db_err)?
+            .insert((round, client), enc(reply)?.as_slice())
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -210,16 +235,29 @@ impl Store {
     }
 
     /// Closes a round: its final phase and (when done) its result, in one transaction.
-    pub fn finish_round(&self, round: u64, phase: Phase, outcome: Option<&RoundOutcome>) -> Result<()> {
+    pub fn finish_round(
+        &self,
+        round: u64,
+        phase: Phase,
+        outcome: Option<&RoundOutcome>,
+    ) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut rounds = tx.open_table(ROUNDS).map_err(db_err)?;
-            let rec = rounds.get(round).map_err(db_err)?.map(|v| dec::<RoundRecord>(v.value(), "round"));
+            let rec = rounds
+                .get(round)
+                .map_err(db_err)?
+                .map(|v| dec::<RoundRecord>(v.value(), "round"));
             let mut rec = rec.ok_or_else(|| Error::Store(format!("no round {round}")))??;
             rec.phase = phase;
-            rounds.insert(round, enc(&rec)?.as_slice()).map_err(db_err)?;
+            rounds
+                .insert(round, enc(&rec)?.as_slice())
+                .map_err(db_err)?;
             if let Some(o) = outcome {
-                tx.open_table(RESULTS).map_err(db_err)?.insert(round, enc(o)?.as_slice()).map_err(db_err)?;
+                tx.open_table(RESULTS)
+                    .map_err(db_err)?
+                    .insert(round, enc(o)?.as_slice())
+                    .map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
@@ -236,7 +274,10 @@ impl Store {
     /// Records a client's local accuracy after a round.
     pub fn put_report(&self, round: u64, client: &str, accuracy: f32) -> Result<()> {
         let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(REPORTS).map_err(db_err)?.insert((round, client), accuracy).map_err(db_err)?;
+        tx.open_table(REPORTS)
+            .map_err(db_err)?
+            .insert((round, client), accuracy)
+            .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -258,16 +299,22 @@ impl Store {
         let ids: Vec<u64> = {
             let tx = self.db.begin_read().map_err(db_err)?;
             let t = tx.open_table(ROUNDS).map_err(db_err)?;
-            t.iter().map_err(db_err)?.map(|e| e.map(|(k, _)| k.value()).map_err(db_err)).collect::<Result<_>>()?
+            t.iter()
+                .map_err(db_err)?
+                .map(|e| e.map(|(k, _)| k.value()).map_err(db_err))
+                .collect::<Result<_>>()?
         };
         ids.into_iter()
             .filter_map(|id| self.round(id).transpose())
             .map(|rec| {
                 let rec = rec?;
                 let replies = self.replies(rec.id)?.into_iter().map(|(c, _)| c).collect();
-                let mean_quality = self.result(rec.id)?.filter(|o| !o.scores.is_empty()).map(|o| {
-                    o.scores.iter().map(|s| s.quality).sum::<f32>() / o.scores.len() as f32
-                });
+                let mean_quality = self
+                    .result(rec.id)?
+                    .filter(|o| !o.scores.is_empty())
+                    .map(|o| {
+                        o.scores.iter().map(|s| s.quality).sum::<f32>() / o.scores.len() as f32
+                    });
                 Ok(RoundSummary {
                     id: rec.id,
                     task: rec.task.name,
@@ -289,8 +336,16 @@ mod tests {
     fn rec(id: u64) -> RoundRecord {
         RoundRecord {
             id,
-            task: TaskInfo { name: "t".into(), description: String::new(), labels: vec!["a".into(), "b".into()] },
-            samples: vec![SyntheticSample { id: 1, text: "x".into(), label: 0 }],
+            task: TaskInfo {
+                name: "t".into(),
+                description: String::new(),
+                labels: vec!["a".into(), "b".into()],
+            },
+            samples: vec![SyntheticSample {
+                id: 1,
+                text: "x".into(),
+                label: 0,
+            }],
             cfg: RoundConfig::default(),
             opened_at: 0,
             deadline_at: 10,
@@ -307,12 +362,22 @@ mod tests {
             let c = ClientRecord {
                 id: "c1".into(),
                 cert_fingerprint: "fp".into(),
-                info: ClientInfo { name: "n".into(), slm_arch: "minilm".into(), n_private: 5 },
+                info: ClientInfo {
+                    name: "n".into(),
+                    slm_arch: "minilm".into(),
+                    n_private: 5,
+                },
                 enrolled_at: 1,
             };
             s.add_client(&c).unwrap();
             s.put_round(&rec(1)).unwrap();
-            let reply = Reply { weight: 5.0, scores: vec![SampleScore { id: 1, probs: vec![0.5, 0.5] }] };
+            let reply = Reply {
+                weight: 5.0,
+                scores: vec![SampleScore {
+                    id: 1,
+                    probs: vec![0.5, 0.5],
+                }],
+            };
             s.put_reply(1, "c1", &reply).unwrap();
             s.put_reply(2, "c9", &reply).unwrap();
         }
@@ -320,7 +385,11 @@ mod tests {
         assert_eq!(s.client_by_cert("fp").unwrap().unwrap().id, "c1");
         assert!(s.client_by_cert("nope").unwrap().is_none());
         assert_eq!(s.unfinished_round().unwrap().unwrap().id, 1);
-        assert_eq!(s.replies(1).unwrap().len(), 1, "range scan stays within the round");
+        assert_eq!(
+            s.replies(1).unwrap().len(),
+            1,
+            "range scan stays within the round"
+        );
         assert_eq!(s.next_round_id().unwrap(), 2);
         s.finish_round(1, Phase::Done, None).unwrap();
         assert!(s.unfinished_round().unwrap().is_none());

@@ -11,7 +11,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some((msg, used))) = decode_frame::<ClientMsg>(data) {
         assert!(used <= data.len());
         let again = encode(&msg).expect("re-encode");
-        let (back, _) = decode_frame::<ClientMsg>(&again).expect("decode").expect("whole frame");
+        let (back, _) = decode_frame::<ClientMsg>(&again)
+            .expect("decode")
+            .expect("whole frame");
         assert_eq!(format!("{back:?}"), format!("{msg:?}"));
     }
     let _ = decode_frame::<ServerMsg>(data);

@@ -3,8 +3,10 @@
 
 pub mod data;
 pub mod error;
+#[cfg(feature = "slm")]
 pub mod participant;
 pub mod protocol;
+#[cfg(feature = "slm")]
 pub mod slm;
 pub mod transport;
 

@@ -50,7 +50,11 @@ impl Scorer for SlmScorer {
                 // Renormalise over the task's labels (a model may know more labels).
                 let row: Vec<f32> = map.iter().map(|&i| p[i]).collect();
                 let sum: f32 = row.iter().sum();
-                if sum > 0.0 { row.iter().map(|x| x / sum).collect() } else { vec![1.0 / row.len() as f32; row.len()] }
+                if sum > 0.0 {
+                    row.iter().map(|x| x / sum).collect()
+                } else {
+                    vec![1.0 / row.len() as f32; row.len()]
+                }
             })
             .collect())
     }

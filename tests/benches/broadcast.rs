@@ -19,7 +19,11 @@ const TEXT_LEN: usize = 1024;
 
 /// quinn alone: one uni stream of `bytes` over the same TLS/transport settings.
 async fn quinn_single_stream(pki: &Pki, bytes: usize) -> f64 {
-    let server = quinn::Endpoint::server(pki.server_config(Duration::from_secs(30)).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = quinn::Endpoint::server(
+        pki.server_config(Duration::from_secs(30)).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
     let addr = server.local_addr().unwrap();
     let recv = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().await.unwrap();
@@ -32,7 +36,15 @@ async fn quinn_single_stream(pki: &Pki, bytes: usize) -> f64 {
         (n, Instant::now())
     });
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = client.connect_with(tls::anonymous_config(pki.ca_der()).unwrap(), addr, SERVER_NAME).unwrap().await.unwrap();
+    let conn = client
+        .connect_with(
+            tls::anonymous_config(pki.ca_der()).unwrap(),
+            addr,
+            SERVER_NAME,
+        )
+        .unwrap()
+        .await
+        .unwrap();
     let chunk = vec![7u8; 1 << 20];
     let start = Instant::now();
     let mut s = conn.open_uni().await.unwrap();
@@ -49,7 +61,12 @@ async fn quinn_single_stream(pki: &Pki, bytes: usize) -> f64 {
 
 /// Our daemon broadcasting one round's batch to `n` clients; aggregate MiB/s of sample
 /// payload delivered (framing and encoding included in the time).
-async fn broadcast(dir: &std::path::Path, samples_path: &std::path::Path, per_label: usize, n: usize) -> (f64, usize) {
+async fn broadcast(
+    dir: &std::path::Path,
+    samples_path: &std::path::Path,
+    per_label: usize,
+    n: usize,
+) -> (f64, usize) {
     let (_, task) = write_task(dir);
     let data_dir = dir.join(format!("coord-{n}"));
     let tokens = mint_tokens(&data_dir, n).unwrap();
@@ -59,7 +76,11 @@ async fn broadcast(dir: &std::path::Path, samples_path: &std::path::Path, per_la
         rounds: Some(1),
         samples_per_label: per_label,
         min_clients: n,
-        round: RoundConfig { quorum: n, deadline_ms: 600_000, ..Default::default() },
+        round: RoundConfig {
+            quorum: n,
+            deadline_ms: 600_000,
+            ..Default::default()
+        },
         idle_timeout_ms: 30_000,
     };
     let generator = FileGenerator::load(samples_path, &task).unwrap();
@@ -74,9 +95,13 @@ async fn broadcast(dir: &std::path::Path, samples_path: &std::path::Path, per_la
     for (i, id) in ids.into_iter().enumerate() {
         let b = barrier.clone();
         handles.push(tokio::spawn(async move {
-            let mut s = Session::connect(addr, &id, info(&format!("b{i}"), 1)).await.unwrap();
+            let mut s = Session::connect(addr, &id, info(&format!("b{i}"), 1))
+                .await
+                .unwrap();
             b.wait().await;
-            let Event::Round { samples, .. } = s.next_event().await.unwrap() else { panic!() };
+            let Event::Round { samples, .. } = s.next_event().await.unwrap() else {
+                panic!()
+            };
             let bytes: usize = samples.iter().map(|x| x.text.len()).sum();
             (Instant::now(), bytes, s)
         }));
@@ -95,7 +120,10 @@ async fn broadcast(dir: &std::path::Path, samples_path: &std::path::Path, per_la
     daemon.stop();
     let _ = daemon.wait().await;
     drop(sessions);
-    (total as f64 / (1 << 20) as f64 / (last - start).as_secs_f64(), total / n)
+    (
+        total as f64 / (1 << 20) as f64 / (last - start).as_secs_f64(),
+        total / n,
+    )
 }
 
 fn main() {

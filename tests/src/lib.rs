@@ -10,7 +10,10 @@ use crosslm_sdk::transport::{EnrollToken, Identity, Scorer, enroll};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Path of a binary built by the same `cargo test` invocation (same profile).
@@ -19,7 +22,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -54,8 +61,12 @@ pub fn write_samples(dir: &Path, n: usize) -> PathBuf {
     let p = dir.join("samples.jsonl");
     let mut s = String::new();
     for i in 0..n {
-        s += &format!("{{\"text\": \"a dull, lifeless film number {i}\", \"label\": \"negative\"}}\n");
-        s += &format!("{{\"text\": \"a warm and wonderful film number {i}\", \"label\": \"positive\"}}\n");
+        s += &format!(
+            "{{\"text\": \"a dull, lifeless film number {i}\", \"label\": \"negative\"}}\n"
+        );
+        s += &format!(
+            "{{\"text\": \"a warm and wonderful film number {i}\", \"label\": \"positive\"}}\n"
+        );
     }
     std::fs::write(&p, s).expect("write samples");
     p
@@ -75,7 +86,13 @@ impl Scorer for FixedScorer {
             .iter()
             .map(|s| {
                 (0..n)
-                    .map(|l| if l == s.label as usize { self.p } else { (1.0 - self.p) / (n - 1) as f32 })
+                    .map(|l| {
+                        if l == s.label as usize {
+                            self.p
+                        } else {
+                            (1.0 - self.p) / (n - 1) as f32
+                        }
+                    })
                     .collect()
             })
             .collect())
@@ -84,7 +101,11 @@ impl Scorer for FixedScorer {
 
 /// Client metadata for tests.
 pub fn info(name: &str, n_private: u64) -> ClientInfo {
-    ClientInfo { name: name.into(), slm_arch: "test-double".into(), n_private }
+    ClientInfo {
+        name: name.into(),
+        slm_arch: "test-double".into(),
+        n_private,
+    }
 }
 
 /// Enrolls a client with a fresh token.

@@ -11,7 +11,13 @@ use crosslm_tests::*;
 
 fn start_coordinator(config: &Path, port: u16) -> std::process::Child {
     Command::new(bin("crosslm-coordinator"))
-        .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -29,7 +35,15 @@ async fn connect_retry(addr: SocketAddr, id: &Identity, name: &str) -> Session {
 }
 
 async fn score_round(s: &mut Session, p: f32) -> Vec<u64> {
-    let Event::Round { round, task, samples, .. } = s.next_event().await.unwrap() else { panic!("expected a round") };
+    let Event::Round {
+        round,
+        task,
+        samples,
+        ..
+    } = s.next_event().await.unwrap()
+    else {
+        panic!("expected a round")
+    };
     let mut scorer = FixedScorer { p };
     let probs = crosslm_sdk::transport::Scorer::score(&mut scorer, &task, &samples).unwrap();
     let scores: Vec<_> = samples
@@ -70,7 +84,13 @@ path = "samples.jsonl"
     )
     .unwrap();
     let out = Command::new(bin("crosslm-coordinator"))
-        .args(["token", "--data-dir", data.to_str().unwrap(), "--count", "3"])
+        .args([
+            "token",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--count",
+            "3",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -105,7 +125,12 @@ path = "samples.jsonl"
     // c0 and c1 reply; c2 takes the batch but has not replied when the coordinator dies.
     let batch0 = score_round(&mut s0, 0.9).await;
     score_round(&mut s1, 0.7).await;
-    let Event::Round { samples: before, .. } = s2.next_event().await.unwrap() else { panic!() };
+    let Event::Round {
+        samples: before, ..
+    } = s2.next_event().await.unwrap()
+    else {
+        panic!()
+    };
 
     coord.kill().unwrap(); // SIGKILL
     coord.wait().unwrap();
@@ -120,13 +145,22 @@ path = "samples.jsonl"
     assert_eq!(batch0, batch2, "the resumed round is the same round");
     assert_eq!(before.len(), batch2.len());
     for s in [&mut s0, &mut s1, &mut s2] {
-        let ev = tokio::time::timeout(Duration::from_secs(30), s.next_event()).await.unwrap().unwrap();
-        let Event::Result { round, scores } = ev else { panic!("expected result, got {ev:?}") };
+        let ev = tokio::time::timeout(Duration::from_secs(30), s.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        let Event::Result { round, scores } = ev else {
+            panic!("expected result, got {ev:?}")
+        };
         assert_eq!(round, 1);
         assert_eq!(scores.len(), 40);
         // Equal weights: (0.9 + 0.7 + 0.5) / 3 = 0.7 — the killed coordinator's two
         // acknowledged replies are in.
-        assert!(scores.iter().all(|x| (x.quality - 0.7).abs() < 1e-4), "{:?}", scores[0]);
+        assert!(
+            scores.iter().all(|x| (x.quality - 0.7).abs() < 1e-4),
+            "{:?}",
+            scores[0]
+        );
     }
     for s in [s0, s1, s2] {
         s.close().await;

@@ -18,7 +18,11 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
         rounds: Some(1),
         samples_per_label: 300, // 600 samples: several chunks each way
         min_clients,
-        round: RoundConfig { quorum, deadline_ms: 60_000, ..Default::default() },
+        round: RoundConfig {
+            quorum,
+            deadline_ms: 60_000,
+            ..Default::default()
+        },
         idle_timeout_ms: 3_000,
     }
 }
@@ -41,8 +45,12 @@ async fn coordinator_and_three_clients_complete_a_round() {
         clients.push(tokio::spawn(async move {
             let id = enroll_with(addr, &token, &format!("c{i}")).await;
             // n_private differs per client: the aggregation weights.
-            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), (i as u64 + 1) * 10)).await.unwrap();
-            let (_, n) = participate(&mut s, FixedScorer { p }, Some(1)).await.unwrap();
+            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), (i as u64 + 1) * 10))
+                .await
+                .unwrap();
+            let (_, n) = participate(&mut s, FixedScorer { p }, Some(1))
+                .await
+                .unwrap();
             s.close().await;
             n
         }));
@@ -79,7 +87,10 @@ async fn round_completes_on_quorum_when_a_client_process_is_killed() {
 
     // The victim: a real process that receives the batch and then is SIGKILLed.
     let victim_dir = dir.path().join("victim");
-    enroll_with(addr, &tokens[2], "victim").await.save(&victim_dir).unwrap();
+    enroll_with(addr, &tokens[2], "victim")
+        .await
+        .save(&victim_dir)
+        .unwrap();
     let mut victim = tokio::process::Command::new(bin("test-client"))
         .args([&addr.to_string(), victim_dir.to_str().unwrap(), "hang"])
         .stdout(Stdio::piped())
@@ -92,18 +103,28 @@ async fn round_completes_on_quorum_when_a_client_process_is_killed() {
     for (i, token) in tokens[..2].iter().cloned().enumerate() {
         clients.push(tokio::spawn(async move {
             let id = enroll_with(addr, &token, &format!("c{i}")).await;
-            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), 10)).await.unwrap();
-            let (_, n) = participate(&mut s, FixedScorer { p: 0.8 }, Some(1)).await.unwrap();
+            let mut s = Session::connect(addr, &id, info(&format!("c{i}"), 10))
+                .await
+                .unwrap();
+            let (_, n) = participate(&mut s, FixedScorer { p: 0.8 }, Some(1))
+                .await
+                .unwrap();
             n
         }));
     }
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.unwrap().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(line.as_deref(), Some("got-batch"));
     victim.start_kill().unwrap(); // SIGKILL: no goodbye on the wire
     victim.wait().await.unwrap();
 
     for c in clients {
-        let n = tokio::time::timeout(Duration::from_secs(30), c).await.expect("round finished").unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(30), c)
+            .await
+            .expect("round finished")
+            .unwrap();
         assert_eq!(n, 1);
     }
     assert_eq!(daemon.wait().await.unwrap(), 1);

@@ -8,10 +8,10 @@ use std::time::Duration;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::RoundConfig;
+use crosslm_sdk::Error;
 use crosslm_sdk::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg, frame};
 use crosslm_sdk::transport::tls::{self, SERVER_NAME};
 use crosslm_sdk::transport::{EnrollToken, Identity, Session, enroll, participate};
-use crosslm_sdk::Error;
 use crosslm_tests::*;
 
 async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToken>) {
@@ -23,7 +23,11 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
         rounds: Some(1),
         samples_per_label: 5,
         min_clients: 1,
-        round: RoundConfig { quorum: 1, deadline_ms: 60_000, ..Default::default() },
+        round: RoundConfig {
+            quorum: 1,
+            deadline_ms: 60_000,
+            ..Default::default()
+        },
         idle_timeout_ms: 3_000,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
@@ -31,16 +35,31 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
     (Daemon::start(cfg, task, Box::new(g)).await.unwrap(), tokens)
 }
 
-async fn raw(addr: SocketAddr, cfg: quinn::ClientConfig) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+async fn raw(
+    addr: SocketAddr,
+    cfg: quinn::ClientConfig,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = ep.connect_with(cfg, addr, SERVER_NAME).unwrap().await.unwrap();
+    let conn = ep
+        .connect_with(cfg, addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     (ep, conn, send, recv)
 }
 
 async fn expect_error(recv: &mut quinn::RecvStream, code: ErrorCode) -> String {
     loop {
-        let m: ServerMsg = tokio::time::timeout(Duration::from_secs(10), frame::read(recv)).await.unwrap().unwrap();
+        let m: ServerMsg = tokio::time::timeout(Duration::from_secs(10), frame::read(recv))
+            .await
+            .unwrap()
+            .unwrap();
         match m {
             ServerMsg::Error(e) => {
                 assert_eq!(e.code, code, "{e}");
@@ -62,9 +81,25 @@ async fn clients_without_a_valid_certificate_are_refused() {
 
     // No certificate: may say hello, may not do anything but enroll.
     let (_ep, _c, mut send, mut recv) = raw(addr, tls::anonymous_config(&id.ca_der).unwrap()).await;
-    frame::write(&mut send, &ClientMsg::hello(info("anon", 1))).await.unwrap();
-    let ServerMsg::Welcome { client_id: None, .. } = frame::read(&mut recv).await.unwrap() else { panic!() };
-    frame::write(&mut send, &ClientMsg::Scores { round: 1, scores: vec![], last: true }).await.unwrap();
+    frame::write(&mut send, &ClientMsg::hello(info("anon", 1)))
+        .await
+        .unwrap();
+    let ServerMsg::Welcome {
+        client_id: None, ..
+    } = frame::read(&mut recv).await.unwrap()
+    else {
+        panic!()
+    };
+    frame::write(
+        &mut send,
+        &ClientMsg::Scores {
+            round: 1,
+            scores: vec![],
+            last: true,
+        },
+    )
+    .await
+    .unwrap();
     let msg = expect_error(&mut recv, ErrorCode::Unauthenticated).await;
     assert!(msg.contains("enroll"), "{msg}");
 
@@ -79,20 +114,40 @@ async fn clients_without_a_valid_certificate_are_refused() {
         ca_der: id.ca_der.clone(), // trusts the real coordinator
     };
     let r = Session::connect(addr, &forged, info("mallory", 1)).await;
-    assert!(matches!(r, Err(Error::Transport(_)) | Err(Error::Protocol(_))), "forged cert accepted: {:?}", r.err());
+    assert!(
+        matches!(r, Err(Error::Transport(_)) | Err(Error::Protocol(_))),
+        "forged cert accepted: {:?}",
+        r.err()
+    );
 
     // Tokens: reuse, garbage secret, wrong coordinator.
-    let reuse = enroll(addr, &tokens[0], info("again", 1)).await.unwrap_err();
-    assert!(matches!(&reuse, Error::Refused(e) if e.code == ErrorCode::BadToken), "{reuse}");
-    let fake = EnrollToken { secret: "00".repeat(16), ca_fingerprint: tokens[1].ca_fingerprint.clone() };
+    let reuse = enroll(addr, &tokens[0], info("again", 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&reuse, Error::Refused(e) if e.code == ErrorCode::BadToken),
+        "{reuse}"
+    );
+    let fake = EnrollToken {
+        secret: "00".repeat(16),
+        ca_fingerprint: tokens[1].ca_fingerprint.clone(),
+    };
     let e = enroll(addr, &fake, info("fake", 1)).await.unwrap_err();
     assert!(e.to_string().contains("unknown token"), "{e}");
-    let pinned_elsewhere = EnrollToken { secret: tokens[1].secret.clone(), ca_fingerprint: "ab".repeat(32) };
-    assert!(enroll(addr, &pinned_elsewhere, info("x", 1)).await.is_err(), "CA pin must be checked");
+    let pinned_elsewhere = EnrollToken {
+        secret: tokens[1].secret.clone(),
+        ca_fingerprint: "ab".repeat(32),
+    };
+    assert!(
+        enroll(addr, &pinned_elsewhere, info("x", 1)).await.is_err(),
+        "CA pin must be checked"
+    );
 
     // The enrolled client still gets served.
     let mut s = Session::connect(addr, &id, info("good", 5)).await.unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1)).await.unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     s.close().await;
     d.wait().await.unwrap();
@@ -110,7 +165,15 @@ async fn bad_frames_get_errors_and_the_coordinator_keeps_serving() {
 
     // Wrong protocol version in the hello.
     let (_e1, _c1, mut send, mut recv) = raw(addr, cfg()).await;
-    frame::write(&mut send, &ClientMsg::Hello { version: PROTOCOL_VERSION + 7, info: info("bad", 1) }).await.unwrap();
+    frame::write(
+        &mut send,
+        &ClientMsg::Hello {
+            version: PROTOCOL_VERSION + 7,
+            info: info("bad", 1),
+        },
+    )
+    .await
+    .unwrap();
     let m = expect_error(&mut recv, ErrorCode::VersionMismatch).await;
     assert!(m.contains(&format!("v{}", PROTOCOL_VERSION + 7)), "{m}");
 
@@ -121,24 +184,36 @@ async fn bad_frames_get_errors_and_the_coordinator_keeps_serving() {
 
     // Garbage as the first frame.
     let (_e3, _c3, mut send, mut recv) = raw(addr, cfg()).await;
-    send.write_all(&[0, 0, 0, 3, 0xde, 0xad, 0xbe]).await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xde, 0xad, 0xbe])
+        .await
+        .unwrap();
     expect_error(&mut recv, ErrorCode::Malformed).await;
 
     // Garbage after a good hello, inside a session.
     let (_e4, _c4, mut send, mut recv) = raw(addr, cfg()).await;
-    frame::write(&mut send, &ClientMsg::hello(info("bad", 1))).await.unwrap();
+    frame::write(&mut send, &ClientMsg::hello(info("bad", 1)))
+        .await
+        .unwrap();
     send.write_all(&[0, 0, 0, 2, 0xff, 0xff]).await.unwrap();
     expect_error(&mut recv, ErrorCode::Malformed).await;
 
     // Oversized inside a session.
     let (_e5, _c5, mut send, mut recv) = raw(addr, cfg()).await;
-    frame::write(&mut send, &ClientMsg::hello(info("bad", 1))).await.unwrap();
-    send.write_all(&((64u32 << 20).to_be_bytes())).await.unwrap();
+    frame::write(&mut send, &ClientMsg::hello(info("bad", 1)))
+        .await
+        .unwrap();
+    send.write_all(&((64u32 << 20).to_be_bytes()))
+        .await
+        .unwrap();
     expect_error(&mut recv, ErrorCode::TooLarge).await;
 
     // Through all that, a well-behaved client completes a round.
-    let mut s = Session::connect(addr, &good, info("good", 5)).await.unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1)).await.unwrap();
+    let mut s = Session::connect(addr, &good, info("good", 5))
+        .await
+        .unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     s.close().await;
     assert_eq!(d.wait().await.unwrap(), 1);

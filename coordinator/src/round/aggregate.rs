@@ -34,7 +34,11 @@ pub fn combine(method: Aggregation, votes: &[(f64, &[f32])]) -> Vec<f32> {
         Aggregation::WeightedMean => {
             let total: f64 = votes.iter().map(|v| v.0.max(0.0)).sum();
             // All-zero weights (clients reporting no data) fall back to a plain mean.
-            let (total, uniform) = if total > 0.0 { (total, false) } else { (votes.len() as f64, true) };
+            let (total, uniform) = if total > 0.0 {
+                (total, false)
+            } else {
+                (votes.len() as f64, true)
+            };
             (0..n_labels)
                 .map(|l| {
                     votes
@@ -59,7 +63,11 @@ pub fn combine(method: Aggregation, votes: &[(f64, &[f32])]) -> Vec<f32> {
                 let mut col: Vec<f64> = votes.iter().map(|v| v.1[l] as f64).collect();
                 col.sort_by(f64::total_cmp);
                 let m = col.len() / 2;
-                if col.len() % 2 == 1 { col[m] } else { (col[m - 1] + col[m]) / 2.0 }
+                if col.len() % 2 == 1 {
+                    col[m]
+                } else {
+                    (col[m - 1] + col[m]) / 2.0
+                }
             })
             .collect(),
     };
@@ -94,13 +102,22 @@ mod tests {
     fn robust_options_ignore_an_outlier() {
         let good = [0.8f32, 0.2];
         let bad = [0.0f32, 1.0];
-        let votes = [(1.0, &good[..]), (1.0, &good[..]), (1.0, &good[..]), (1.0, &good[..]), (100.0, &bad[..])];
+        let votes = [
+            (1.0, &good[..]),
+            (1.0, &good[..]),
+            (1.0, &good[..]),
+            (1.0, &good[..]),
+            (100.0, &bad[..]),
+        ];
         let med = combine(Aggregation::Median, &votes);
         assert!(close(&med, &[0.8, 0.2]), "{med:?}");
         let tm = combine(Aggregation::TrimmedMean { trim: 0.2 }, &votes);
         assert!(close(&tm, &[0.8, 0.2]), "{tm:?}");
         let wm = combine(Aggregation::WeightedMean, &votes);
-        assert!(wm[1] > 0.9, "weighted mean follows the heavy outlier: {wm:?}");
+        assert!(
+            wm[1] > 0.9,
+            "weighted mean follows the heavy outlier: {wm:?}"
+        );
     }
 
     #[test]

@@ -32,7 +32,11 @@ pub struct RoundConfig {
 
 impl Default for RoundConfig {
     fn default() -> Self {
-        Self { quorum: 1, deadline_ms: 600_000, aggregation: Aggregation::WeightedMean }
+        Self {
+            quorum: 1,
+            deadline_ms: 600_000,
+            aggregation: Aggregation::WeightedMean,
+        }
     }
 }
 
@@ -246,7 +250,13 @@ impl RoundMachine {
         let mut ordered = scores;
         ordered.sort_by_key(|s| self.index[&s.id]);
         self.pending.remove(client);
-        self.replies.insert(client.to_string(), Reply { weight, scores: ordered });
+        self.replies.insert(
+            client.to_string(),
+            Reply {
+                weight,
+                scores: ordered,
+            },
+        );
         self.check(now);
         ReplyVerdict::Accepted
     }
@@ -283,16 +293,27 @@ impl RoundMachine {
                     s.probs.len()
                 ));
             }
-            if let Some(p) = s.probs.iter().find(|p| !p.is_finite() || **p < 0.0 || **p > 1.0) {
+            if let Some(p) = s
+                .probs
+                .iter()
+                .find(|p| !p.is_finite() || **p < 0.0 || **p > 1.0)
+            {
                 return Err(format!("sample {}: probability {p} is not in [0, 1]", s.id));
             }
             let sum: f32 = s.probs.iter().sum();
             if (sum - 1.0).abs() > SUM_TOLERANCE {
-                return Err(format!("sample {}: probabilities sum to {sum}, not 1", s.id));
+                return Err(format!(
+                    "sample {}: probabilities sum to {sum}, not 1",
+                    s.id
+                ));
             }
         }
         if seen.len() != self.samples.len() {
-            return Err(format!("{} of {} samples scored", seen.len(), self.samples.len()));
+            return Err(format!(
+                "{} of {} samples scored",
+                seen.len(),
+                self.samples.len()
+            ));
         }
         Ok(())
     }
@@ -307,7 +328,11 @@ impl RoundMachine {
         if enough && (self.pending.is_empty() || past_deadline) {
             let outcome = self.aggregate();
             self.phase = Phase::Done;
-            tracing::info!(round = self.id, clients = outcome.contributors.len(), "round aggregated");
+            tracing::info!(
+                round = self.id,
+                clients = outcome.contributors.len(),
+                "round aggregated"
+            );
             self.actions.push_back(Action::Completed(outcome));
         } else if past_deadline {
             let reason = format!(
@@ -317,7 +342,9 @@ impl RoundMachine {
             );
             tracing::warn!(round = self.id, %reason, "round failed");
             self.pending.clear();
-            self.phase = Phase::Failed { reason: reason.clone() };
+            self.phase = Phase::Failed {
+                reason: reason.clone(),
+            };
             self.actions.push_back(Action::Failed { reason });
         }
     }
@@ -328,14 +355,25 @@ impl RoundMachine {
             .iter()
             .enumerate()
             .map(|(i, sample)| {
-                let votes: Vec<(f64, &[f32])> =
-                    self.replies.values().map(|r| (r.weight, r.scores[i].probs.as_slice())).collect();
+                let votes: Vec<(f64, &[f32])> = self
+                    .replies
+                    .values()
+                    .map(|r| (r.weight, r.scores[i].probs.as_slice()))
+                    .collect();
                 let soft = combine(self.cfg.aggregation, &votes);
                 let quality = soft.get(sample.label as usize).copied().unwrap_or(0.0);
-                AggregatedScore { id: sample.id, quality, soft }
+                AggregatedScore {
+                    id: sample.id,
+                    quality,
+                    soft,
+                }
             })
             .collect();
-        RoundOutcome { round: self.id, scores, contributors: self.replies.keys().cloned().collect() }
+        RoundOutcome {
+            round: self.id,
+            scores,
+            contributors: self.replies.keys().cloned().collect(),
+        }
     }
 }
 

@@ -3,19 +3,39 @@
 use super::*;
 
 fn task() -> TaskInfo {
-    TaskInfo { name: "mr".into(), description: "polarity".into(), labels: vec!["neg".into(), "pos".into()] }
+    TaskInfo {
+        name: "mr".into(),
+        description: "polarity".into(),
+        labels: vec!["neg".into(), "pos".into()],
+    }
 }
 
 fn samples() -> Vec<SyntheticSample> {
-    (0..4).map(|i| SyntheticSample { id: 100 + i, text: format!("s{i}"), label: (i % 2) as u32 }).collect()
+    (0..4)
+        .map(|i| SyntheticSample {
+            id: 100 + i,
+            text: format!("s{i}"),
+            label: (i % 2) as u32,
+        })
+        .collect()
 }
 
 fn good_scores(p_pos: f32) -> Vec<SampleScore> {
-    samples().iter().map(|s| SampleScore { id: s.id, probs: vec![1.0 - p_pos, p_pos] }).collect()
+    samples()
+        .iter()
+        .map(|s| SampleScore {
+            id: s.id,
+            probs: vec![1.0 - p_pos, p_pos],
+        })
+        .collect()
 }
 
 fn cfg(quorum: usize) -> RoundConfig {
-    RoundConfig { quorum, deadline_ms: 1_000, aggregation: Aggregation::WeightedMean }
+    RoundConfig {
+        quorum,
+        deadline_ms: 1_000,
+        aggregation: Aggregation::WeightedMean,
+    }
 }
 
 fn drain(m: &mut RoundMachine) -> Vec<Action> {
@@ -34,13 +54,24 @@ fn start_sends_batch_to_every_client_then_completes_when_all_reply() {
     let sends = drain(&mut m);
     assert_eq!(sends.len(), 3);
     assert!(sends.iter().all(|a| matches!(a, Action::SendBatch { .. })));
-    assert_eq!(m.on_scores("c0", good_scores(0.9), 10), ReplyVerdict::Accepted);
-    assert_eq!(m.on_scores("c1", good_scores(0.7), 20), ReplyVerdict::Accepted);
+    assert_eq!(
+        m.on_scores("c0", good_scores(0.9), 10),
+        ReplyVerdict::Accepted
+    );
+    assert_eq!(
+        m.on_scores("c1", good_scores(0.7), 20),
+        ReplyVerdict::Accepted
+    );
     // Quorum reached, but c2 is still connected and pending: keep waiting.
     assert!(drain(&mut m).is_empty());
-    assert_eq!(m.on_scores("c2", good_scores(0.5), 30), ReplyVerdict::Accepted);
+    assert_eq!(
+        m.on_scores("c2", good_scores(0.5), 30),
+        ReplyVerdict::Accepted
+    );
     let done = drain(&mut m);
-    let [Action::Completed(out)] = done.as_slice() else { panic!("{done:?}") };
+    let [Action::Completed(out)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
     assert_eq!(out.contributors.len(), 3);
     assert_eq!(out.scores.len(), 4);
     // Sample 101 is labeled pos: quality = mean of 0.9, 0.7, 0.5.
@@ -59,7 +90,9 @@ fn dropout_completes_on_quorum_without_waiting_for_the_deadline() {
     m.on_scores("c0", good_scores(0.9), 10);
     m.on_scores("c1", good_scores(0.9), 10);
     m.leave("c2", 50);
-    assert!(matches!(drain(&mut m).as_slice(), [Action::Completed(o)] if o.contributors.len() == 2));
+    assert!(
+        matches!(drain(&mut m).as_slice(), [Action::Completed(o)] if o.contributors.len() == 2)
+    );
 }
 
 #[test]
@@ -73,7 +106,9 @@ fn deadline_with_quorum_completes_and_without_quorum_fails() {
     m.handle_timeout(999);
     assert!(drain(&mut m).is_empty(), "not yet the deadline");
     m.handle_timeout(1_000);
-    assert!(matches!(drain(&mut m).as_slice(), [Action::Completed(o)] if o.contributors.len() == 2));
+    assert!(
+        matches!(drain(&mut m).as_slice(), [Action::Completed(o)] if o.contributors.len() == 2)
+    );
 
     let mut m = RoundMachine::new(2, task(), samples(), cfg(2), 0);
     m.start(clients(3), 0);
@@ -95,7 +130,12 @@ fn quorum_not_met_by_dropouts_waits_for_deadline_then_fails() {
     assert!(drain(&mut m).is_empty());
     // A client that comes back before the deadline gets the batch again.
     m.join("c1".into(), 10.0, 500);
-    assert_eq!(drain(&mut m), vec![Action::SendBatch { client: "c1".into() }]);
+    assert_eq!(
+        drain(&mut m),
+        vec![Action::SendBatch {
+            client: "c1".into()
+        }]
+    );
     m.handle_timeout(1_000);
     assert!(matches!(drain(&mut m).as_slice(), [Action::Failed { .. }]));
 }
@@ -105,17 +145,31 @@ fn duplicate_and_late_replies_are_ignored() {
     let mut m = RoundMachine::new(1, task(), samples(), cfg(1), 0);
     m.start(clients(2), 0);
     drain(&mut m);
-    assert_eq!(m.on_scores("c0", good_scores(0.9), 10), ReplyVerdict::Accepted);
-    assert!(matches!(m.on_scores("c0", good_scores(0.1), 11), ReplyVerdict::Ignored(_)));
+    assert_eq!(
+        m.on_scores("c0", good_scores(0.9), 10),
+        ReplyVerdict::Accepted
+    );
+    assert!(matches!(
+        m.on_scores("c0", good_scores(0.1), 11),
+        ReplyVerdict::Ignored(_)
+    ));
     // Late: after the deadline.
-    assert!(matches!(m.on_scores("c1", good_scores(0.1), 1_000), ReplyVerdict::Ignored(_)));
+    assert!(matches!(
+        m.on_scores("c1", good_scores(0.1), 1_000),
+        ReplyVerdict::Ignored(_)
+    ));
     m.handle_timeout(1_000);
     let done = drain(&mut m);
-    let [Action::Completed(out)] = done.as_slice() else { panic!("{done:?}") };
+    let [Action::Completed(out)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
     // The duplicate did not overwrite the first reply.
     assert!((out.scores[1].quality - 0.9).abs() < 1e-5);
     // After completion, anything is late.
-    assert!(matches!(m.on_scores("c1", good_scores(0.1), 5), ReplyVerdict::Ignored(_)));
+    assert!(matches!(
+        m.on_scores("c1", good_scores(0.1), 5),
+        ReplyVerdict::Ignored(_)
+    ));
 }
 
 #[test]
@@ -146,10 +200,16 @@ fn bad_scores_are_rejected_and_the_client_may_retry() {
         ("twice", twice),
         ("len", wrong_len),
     ] {
-        assert!(matches!(m.on_scores("c0", bad, 5), ReplyVerdict::Rejected(_)), "{name}");
+        assert!(
+            matches!(m.on_scores("c0", bad, 5), ReplyVerdict::Rejected(_)),
+            "{name}"
+        );
     }
     assert!(drain(&mut m).is_empty());
-    assert_eq!(m.on_scores("c0", good_scores(0.5), 6), ReplyVerdict::Accepted);
+    assert_eq!(
+        m.on_scores("c0", good_scores(0.5), 6),
+        ReplyVerdict::Accepted
+    );
     assert!(matches!(drain(&mut m).as_slice(), [Action::Completed(_)]));
 }
 
@@ -158,7 +218,10 @@ fn scores_from_a_client_never_sent_the_batch_are_rejected() {
     let mut m = RoundMachine::new(1, task(), samples(), cfg(1), 0);
     m.start(clients(1), 0);
     drain(&mut m);
-    assert!(matches!(m.on_scores("stranger", good_scores(0.5), 5), ReplyVerdict::Rejected(_)));
+    assert!(matches!(
+        m.on_scores("stranger", good_scores(0.5), 5),
+        ReplyVerdict::Rejected(_)
+    ));
 }
 
 #[test]
@@ -167,8 +230,11 @@ fn restored_round_keeps_replies_and_resends_only_to_missing_clients() {
     m.start(clients(3), 0);
     drain(&mut m);
     m.on_scores("c0", good_scores(0.9), 10);
-    let persisted: Vec<(ClientId, Reply)> =
-        m.replies.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let persisted: Vec<(ClientId, Reply)> = m
+        .replies
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
 
     // The process dies; a new one restores from the store.
     let mut r = RoundMachine::restore(7, task(), samples(), cfg(2), m.deadline_at(), persisted);
@@ -176,10 +242,20 @@ fn restored_round_keeps_replies_and_resends_only_to_missing_clients() {
     assert!(r.has_replied("c0"));
     r.join("c0".into(), 10.0, 100);
     r.join("c1".into(), 10.0, 100);
-    assert_eq!(drain(&mut r), vec![Action::SendBatch { client: "c1".into() }]);
-    assert_eq!(r.on_scores("c1", good_scores(0.7), 200), ReplyVerdict::Accepted);
+    assert_eq!(
+        drain(&mut r),
+        vec![Action::SendBatch {
+            client: "c1".into()
+        }]
+    );
+    assert_eq!(
+        r.on_scores("c1", good_scores(0.7), 200),
+        ReplyVerdict::Accepted
+    );
     let done = drain(&mut r);
-    let [Action::Completed(out)] = done.as_slice() else { panic!("{done:?}") };
+    let [Action::Completed(out)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
     assert_eq!(out.contributors, vec!["c0".to_string(), "c1".to_string()]);
     assert!((out.scores[1].quality - 0.8).abs() < 1e-5);
 }

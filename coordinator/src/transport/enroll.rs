@@ -19,7 +19,10 @@ impl Tokens {
     /// Opens (creating) `data_dir/tokens`.
     pub fn open(data_dir: &Path) -> Result<Self> {
         let dir = data_dir.join("tokens");
-        std::fs::create_dir_all(dir.join("used")).map_err(|source| Error::File { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir.join("used")).map_err(|source| Error::File {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Self { dir })
     }
 
@@ -31,7 +34,10 @@ impl Tokens {
         let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let path = self.dir.join(fingerprint(secret.as_bytes()));
         std::fs::write(&path, b"").map_err(|source| Error::File { path, source })?;
-        Ok(EnrollToken { secret, ca_fingerprint: ca_fingerprint.to_string() })
+        Ok(EnrollToken {
+            secret,
+            ca_fingerprint: ca_fingerprint.to_string(),
+        })
     }
 
     /// Consumes a token. Fails if it is unknown or already used.
@@ -56,8 +62,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = Tokens::open(dir.path()).unwrap();
         let tok = t.mint(&"ab".repeat(32)).unwrap();
-        assert!(t.consume("deadbeef").unwrap_err().to_string().contains("unknown"));
+        assert!(
+            t.consume("deadbeef")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown")
+        );
         t.consume(&tok.secret).unwrap();
-        assert!(t.consume(&tok.secret).unwrap_err().to_string().contains("already used"));
+        assert!(
+            t.consume(&tok.secret)
+                .unwrap_err()
+                .to_string()
+                .contains("already used")
+        );
     }
 }

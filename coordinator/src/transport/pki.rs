@@ -9,7 +9,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
 
 use crate::{Error, Result};
 
@@ -25,16 +27,26 @@ pub struct Pki {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::File { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn write_secret(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|source| Error::File { path: path.to_path_buf(), source })?;
+    std::fs::write(path, contents).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| Error::File { path: path.to_path_buf(), source })?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::File {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
     }
     Ok(())
 }
@@ -47,22 +59,28 @@ impl Pki {
     /// Loads the CA from `dir/pki/`, creating it (and the server certificate) on first use.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
         let pki_dir = dir.join("pki");
-        std::fs::create_dir_all(&pki_dir)
-            .map_err(|source| Error::File { path: pki_dir.clone(), source })?;
+        std::fs::create_dir_all(&pki_dir).map_err(|source| Error::File {
+            path: pki_dir.clone(),
+            source,
+        })?;
         let p = |n: &str| -> PathBuf { pki_dir.join(n) };
         if !p("ca.pem").exists() {
             tracing::info!(dir = %pki_dir.display(), "creating the coordinator CA");
             let key = KeyPair::generate().map_err(pki_err("CA key"))?;
             let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki_err("CA"))?;
-            params.distinguished_name.push(DnType::CommonName, "crosslm coordinator CA");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "crosslm coordinator CA");
             params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             params.not_before = rcgen::date_time_ymd(2024, 1, 1);
             params.not_after = rcgen::date_time_ymd(2124, 1, 1);
             let cert = params.self_signed(&key).map_err(pki_err("CA"))?;
             write_secret(&p("ca.key"), &key.serialize_pem())?;
-            std::fs::write(p("ca.pem"), cert.pem())
-                .map_err(|source| Error::File { path: p("ca.pem"), source })?;
+            std::fs::write(p("ca.pem"), cert.pem()).map_err(|source| Error::File {
+                path: p("ca.pem"),
+                source,
+            })?;
             // A new CA invalidates any old server certificate.
             let _ = std::fs::remove_file(p("server.pem"));
         }
@@ -75,24 +93,31 @@ impl Pki {
 
         if !p("server.pem").exists() {
             let key = KeyPair::generate().map_err(pki_err("server key"))?;
-            let mut params = CertificateParams::new(vec![
-                SERVER_NAME.to_string(),
-                "localhost".to_string(),
-            ])
-            .map_err(pki_err("server"))?;
-            params.distinguished_name.push(DnType::CommonName, SERVER_NAME);
+            let mut params =
+                CertificateParams::new(vec![SERVER_NAME.to_string(), "localhost".to_string()])
+                    .map_err(pki_err("server"))?;
+            params
+                .distinguished_name
+                .push(DnType::CommonName, SERVER_NAME);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params.not_before = rcgen::date_time_ymd(2024, 1, 1);
             params.not_after = rcgen::date_time_ymd(2124, 1, 1);
             let cert = params.signed_by(&key, &issuer).map_err(pki_err("server"))?;
             write_secret(&p("server.key"), &key.serialize_pem())?;
-            std::fs::write(p("server.pem"), cert.pem())
-                .map_err(|source| Error::File { path: p("server.pem"), source })?;
+            std::fs::write(p("server.pem"), cert.pem()).map_err(|source| Error::File {
+                path: p("server.pem"),
+                source,
+            })?;
         }
         let server_der = pem_to_der(&read(&p("server.pem"))?, &p("server.pem"))?;
         let server_key = KeyPair::from_pem(&read(&p("server.key"))?)
             .map_err(|e| Error::Pki(format!("{}: {e}", p("server.key").display())))?;
-        Ok(Self { ca_der, issuer, server_der, server_key_der: server_key.serialize_der() })
+        Ok(Self {
+            ca_der,
+            issuer,
+            server_der,
+            server_key_der: server_key.serialize_der(),
+        })
     }
 
     /// DER of the CA certificate.
@@ -108,17 +133,21 @@ impl Pki {
     /// Signs a client's CSR, with the coordinator-chosen `client_id` as its name.
     /// Whatever names or extensions the CSR asked for are ignored.
     pub fn sign_client(&self, csr_der: &[u8], client_id: &str) -> Result<Vec<u8>> {
-        let mut csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der.to_vec(),
-        ))
+        let mut csr = CertificateSigningRequestParams::from_der(
+            &CertificateSigningRequestDer::from(csr_der.to_vec()),
+        )
         .map_err(|e| Error::Pki(format!("invalid certificate signing request: {e}")))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki_err("client"))?;
-        params.distinguished_name.push(DnType::CommonName, client_id);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, client_id);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(this_year() + CLIENT_CERT_YEARS, 1, 1);
         csr.params = params;
-        let cert = csr.signed_by(&self.issuer).map_err(pki_err("signing client certificate"))?;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(pki_err("signing client certificate"))?;
         Ok(cert.der().to_vec())
     }
 
@@ -127,13 +156,20 @@ impl Pki {
     /// enroll; the session layer refuses them anything else.
     pub fn server_config(&self, idle_timeout: std::time::Duration) -> Result<quinn::ServerConfig> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from(self.ca_der.clone())).map_err(|e| Error::Pki(e.to_string()))?;
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| Error::Pki(format!("client verifier: {e}")))?;
-        let chain = vec![CertificateDer::from(self.server_der.clone()), CertificateDer::from(self.ca_der.clone())];
+        roots
+            .add(CertificateDer::from(self.ca_der.clone()))
+            .map_err(|e| Error::Pki(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            tls::provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Pki(format!("client verifier: {e}")))?;
+        let chain = vec![
+            CertificateDer::from(self.server_der.clone()),
+            CertificateDer::from(self.ca_der.clone()),
+        ];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_der.clone()));
         let mut tls_cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -45,18 +45,26 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => session(conn, ctx).await,
-                Err(e) => tracing::warn!(%remote, error = %e, "connection refused during TLS handshake"),
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "connection refused during TLS handshake")
+                }
             }
         });
         // Reap finished sessions so the set does not grow with every connection ever made.
         while sessions.try_join_next().is_some() {}
     }
     drop(ctx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while sessions.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
-    ServerMsg::Error(ErrorMsg { code, message: message.into() })
+    ServerMsg::Error(ErrorMsg {
+        code,
+        message: message.into(),
+    })
 }
 
 /// Reads the version from a Hello body before decoding the rest, so a peer of another
@@ -65,7 +73,9 @@ fn peek_hello_version(body: &[u8]) -> Option<u16> {
     if body.first() != Some(&0) {
         return None;
     }
-    postcard::take_from_bytes::<u16>(&body[1..]).ok().map(|(v, _)| v)
+    postcard::take_from_bytes::<u16>(&body[1..])
+        .ok()
+        .map(|(v, _)| v)
 }
 
 async fn read_body(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
@@ -83,7 +93,9 @@ async fn read_body(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> 
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    AsyncReadExt::read_exact(recv, &mut body).await.map_err(|_| FrameError::Truncated)?;
+    AsyncReadExt::read_exact(recv, &mut body)
+        .await
+        .map_err(|_| FrameError::Truncated)?;
     Ok(body)
 }
 
@@ -127,19 +139,30 @@ async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
             Ok(ClientMsg::Hello { info, .. }) => info,
             Ok(_) | Err(_) => {
                 tracing::warn!(%remote, "malformed hello");
-                close_with(&conn, &mut send, Some(err(ErrorCode::Malformed, "malformed Hello"))).await;
+                close_with(
+                    &conn,
+                    &mut send,
+                    Some(err(ErrorCode::Malformed, "malformed Hello")),
+                )
+                .await;
                 return;
             }
         },
         Some(v) => {
             tracing::warn!(%remote, client_version = v, "protocol version mismatch");
-            let msg = format!("client speaks protocol v{v}, this coordinator speaks v{PROTOCOL_VERSION}");
+            let msg =
+                format!("client speaks protocol v{v}, this coordinator speaks v{PROTOCOL_VERSION}");
             close_with(&conn, &mut send, Some(err(ErrorCode::VersionMismatch, msg))).await;
             return;
         }
         None => {
             tracing::warn!(%remote, "first frame is not a Hello");
-            close_with(&conn, &mut send, Some(err(ErrorCode::Malformed, "expected Hello first"))).await;
+            close_with(
+                &conn,
+                &mut send,
+                Some(err(ErrorCode::Malformed, "expected Hello first")),
+            )
+            .await;
             return;
         }
     };
@@ -153,19 +176,30 @@ async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
             Ok(Some(rec)) => Some(rec),
             Ok(None) => {
                 tracing::warn!(%remote, "certificate of our CA but unknown to the store; refused");
-                let m = err(ErrorCode::Unauthenticated, "certificate not recognised; enroll again");
+                let m = err(
+                    ErrorCode::Unauthenticated,
+                    "certificate not recognised; enroll again",
+                );
                 close_with(&conn, &mut send, Some(m)).await;
                 return;
             }
             Err(e) => {
                 tracing::error!(%remote, error = %e, "store lookup failed");
-                close_with(&conn, &mut send, Some(err(ErrorCode::Internal, "internal error"))).await;
+                close_with(
+                    &conn,
+                    &mut send,
+                    Some(err(ErrorCode::Internal, "internal error")),
+                )
+                .await;
                 return;
             }
         },
         None => None,
     };
-    let welcome = ServerMsg::Welcome { version: PROTOCOL_VERSION, client_id: client.as_ref().map(|c| c.id.clone()) };
+    let welcome = ServerMsg::Welcome {
+        version: PROTOCOL_VERSION,
+        client_id: client.as_ref().map(|c| c.id.clone()),
+    };
     if frame::write(&mut send, &welcome).await.is_err() {
         return;
     }
@@ -175,7 +209,11 @@ async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
     }
 }
 
-async fn close_with(conn: &quinn::Connection, send: &mut quinn::SendStream, msg: Option<ServerMsg>) {
+async fn close_with(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    msg: Option<ServerMsg>,
+) {
     if let Some(m) = msg {
         let _ = frame::write(send, &m).await;
     }
@@ -211,7 +249,10 @@ async fn enroll_session(
         },
         Ok(other) => {
             tracing::warn!(%remote, msg = ?std::mem::discriminant(&other), "refused: no client certificate");
-            err(ErrorCode::Unauthenticated, "no client certificate: enroll with a token first")
+            err(
+                ErrorCode::Unauthenticated,
+                "no client certificate: enroll with a token first",
+            )
         }
         Err(e) => {
             tracing::warn!(%remote, error = %e, "bad frame from unauthenticated peer");
@@ -224,7 +265,9 @@ async fn enroll_session(
 fn enroll(ctx: &ServerCtx, token: &str, csr: &[u8], info: &ClientInfo) -> crate::Result<ServerMsg> {
     let token = EnrollToken::parse(token)?;
     if token.ca_fingerprint != ctx.pki.ca_fingerprint() {
-        return Err(crate::Error::Enroll("token is for another coordinator".into()));
+        return Err(crate::Error::Enroll(
+            "token is for another coordinator".into(),
+        ));
     }
     ctx.tokens.consume(&token.secret)?;
     let client_id = format!("client-{}", &fingerprint(csr)[..12]);
@@ -235,7 +278,11 @@ fn enroll(ctx: &ServerCtx, token: &str, csr: &[u8], info: &ClientInfo) -> crate:
         info: info.clone(),
         enrolled_at: crate::daemon::now_ms(),
     })?;
-    Ok(ServerMsg::Enrolled { client_id, cert_der, ca_der: ctx.pki.ca_der().to_vec() })
+    Ok(ServerMsg::Enrolled {
+        client_id,
+        cert_der,
+        ca_der: ctx.pki.ca_der().to_vec(),
+    })
 }
 
 async fn client_session(
@@ -256,7 +303,17 @@ async fn client_session(
     tracing::info!(%remote, %client, arch = %info.slm_arch, n_private = info.n_private, "client connected");
     let (tx, mut rx) = mpsc::channel::<Outbound>(64);
     let conn_id = conn.stable_id();
-    if ctx.core.send(CoreEvent::Connected { client: client.clone(), conn_id, info, tx }).await.is_err() {
+    if ctx
+        .core
+        .send(CoreEvent::Connected {
+            client: client.clone(),
+            conn_id,
+            info,
+            tx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     // Writer: everything the core wants this client to get, in order.
@@ -290,7 +347,14 @@ async fn client_session(
             Err(e) => {
                 tracing::warn!(%client, error = %e, "bad frame; closing session");
                 if let Some(m) = frame_error_reply(&e) {
-                    let _ = ctx.core.send(CoreEvent::Say { client: client.clone(), conn_id, msg: m }).await;
+                    let _ = ctx
+                        .core
+                        .send(CoreEvent::Say {
+                            client: client.clone(),
+                            conn_id,
+                            msg: m,
+                        })
+                        .await;
                 }
                 break e.to_string();
             }
@@ -300,17 +364,51 @@ async fn client_session(
             Err(e) => {
                 tracing::warn!(%client, error = %e, "malformed frame; closing session");
                 let m = err(ErrorCode::Malformed, e.to_string());
-                let _ = ctx.core.send(CoreEvent::Say { client: client.clone(), conn_id, msg: m }).await;
+                let _ = ctx
+                    .core
+                    .send(CoreEvent::Say {
+                        client: client.clone(),
+                        conn_id,
+                        msg: m,
+                    })
+                    .await;
                 break e.to_string();
             }
         };
         let ev = match msg {
-            ClientMsg::Scores { round, scores, last } => CoreEvent::Scores { client: client.clone(), round, scores, last },
-            ClientMsg::Report { round, local_accuracy } => CoreEvent::Report { client: client.clone(), round, local_accuracy },
-            ClientMsg::Abandon { round } => CoreEvent::Abandon { client: client.clone(), conn_id, round },
+            ClientMsg::Scores {
+                round,
+                scores,
+                last,
+            } => CoreEvent::Scores {
+                client: client.clone(),
+                round,
+                scores,
+                last,
+            },
+            ClientMsg::Report {
+                round,
+                local_accuracy,
+            } => CoreEvent::Report {
+                client: client.clone(),
+                round,
+                local_accuracy,
+            },
+            ClientMsg::Abandon { round } => CoreEvent::Abandon {
+                client: client.clone(),
+                conn_id,
+                round,
+            },
             ClientMsg::Hello { .. } | ClientMsg::Enroll { .. } => {
-                let m = err(ErrorCode::Malformed, "Hello/Enroll are only valid at the start of a session");
-                CoreEvent::Say { client: client.clone(), conn_id, msg: m }
+                let m = err(
+                    ErrorCode::Malformed,
+                    "Hello/Enroll are only valid at the start of a session",
+                );
+                CoreEvent::Say {
+                    client: client.clone(),
+                    conn_id,
+                    msg: m,
+                }
             }
         };
         if ctx.core.send(ev).await.is_err() {
@@ -318,7 +416,13 @@ async fn client_session(
         }
     };
     tracing::info!(%client, %reason, "session ended");
-    let _ = ctx.core.send(CoreEvent::Disconnected { client: client.clone(), conn_id }).await;
+    let _ = ctx
+        .core
+        .send(CoreEvent::Disconnected {
+            client: client.clone(),
+            conn_id,
+        })
+        .await;
     // The core drops our sender on Disconnected: the writer drains what is queued (an
     // error reply, say) and ends; then close.
     if let Ok(Ok(mut send)) = tokio::time::timeout(Duration::from_secs(2), writer).await {

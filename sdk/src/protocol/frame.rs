@@ -31,8 +31,8 @@ pub enum FrameError {
 
 /// Encodes `msg` into a frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut buf = postcard::to_extend(msg, vec![0u8; 4])
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut buf =
+        postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len));
@@ -81,7 +81,11 @@ where
     while got < 4 {
         let n = r.read(&mut len[got..]).await?;
         if n == 0 {
-            return Err(if got == 0 { FrameError::Closed } else { FrameError::Truncated });
+            return Err(if got == 0 {
+                FrameError::Closed
+            } else {
+                FrameError::Truncated
+            });
         }
         got += n;
     }
@@ -116,7 +120,11 @@ mod tests {
     fn sample_msg() -> ServerMsg {
         ServerMsg::Samples {
             round: 7,
-            samples: vec![SyntheticSample { id: 1, text: "a fine film".into(), label: 1 }],
+            samples: vec![SyntheticSample {
+                id: 1,
+                text: "a fine film".into(),
+                label: 1,
+            }],
             last: true,
         }
     }
@@ -128,22 +136,35 @@ mod tests {
         let (back, used): (ServerMsg, usize) = decode_frame(&f).unwrap().unwrap();
         assert_eq!(back, m);
         assert_eq!(used, f.len());
-        assert!(decode_frame::<ServerMsg>(&f[..f.len() - 1]).unwrap().is_none());
+        assert!(
+            decode_frame::<ServerMsg>(&f[..f.len() - 1])
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
     fn oversized_length_is_refused_before_allocating() {
         let mut f = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
         f.extend_from_slice(&[0; 8]);
-        assert!(matches!(decode_frame::<ServerMsg>(&f), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            decode_frame::<ServerMsg>(&f),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn garbage_and_trailing_bytes_are_malformed() {
-        assert!(matches!(decode::<ClientMsg>(&[0xff, 0xff, 0xff]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<ClientMsg>(&[0xff, 0xff, 0xff]),
+            Err(FrameError::Malformed(_))
+        ));
         let mut body = postcard::to_stdvec(&sample_msg()).unwrap();
         body.push(0);
-        assert!(matches!(decode::<ServerMsg>(&body), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<ServerMsg>(&body),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -151,7 +172,11 @@ mod tests {
         // Hello is variant 0 and its version comes first: byte 0 = tag, then a varint.
         let body = postcard::to_stdvec(&ClientMsg::Hello {
             version: 300,
-            info: ClientInfo { name: "x".into(), slm_arch: "minilm".into(), n_private: 1 },
+            info: ClientInfo {
+                name: "x".into(),
+                slm_arch: "minilm".into(),
+                n_private: 1,
+            },
         })
         .unwrap();
         assert_eq!(body[0], 0);
@@ -166,6 +191,9 @@ mod tests {
         drop(a);
         let m: ServerMsg = read(&mut b).await.unwrap();
         assert_eq!(m, sample_msg());
-        assert!(matches!(read::<ServerMsg, _>(&mut b).await, Err(FrameError::Closed)));
+        assert!(matches!(
+            read::<ServerMsg, _>(&mut b).await,
+            Err(FrameError::Closed)
+        ));
     }
 }

@@ -217,7 +217,10 @@ pub enum ServerMsg {
 impl ClientMsg {
     /// The `Hello` this build sends.
     pub fn hello(info: ClientInfo) -> Self {
-        ClientMsg::Hello { version: PROTOCOL_VERSION, info }
+        ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            info,
+        }
     }
 }
 

@@ -69,26 +69,36 @@ fn endpoint_for(server: SocketAddr) -> Result<quinn::Endpoint> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    quinn::Endpoint::client(bind).map_err(|e| Error::Transport(format!("cannot bind UDP socket: {e}")))
+    quinn::Endpoint::client(bind)
+        .map_err(|e| Error::Transport(format!("cannot bind UDP socket: {e}")))
 }
 
 async fn open(
     server: SocketAddr,
     cfg: quinn::ClientConfig,
-) -> Result<(quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+) -> Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+)> {
     let endpoint = endpoint_for(server)?;
     let conn = endpoint
         .connect_with(cfg, server, SERVER_NAME)
         .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?
         .await
         .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?;
-    let (send, recv) =
-        conn.open_bi().await.map_err(|e| Error::Transport(format!("open stream: {e}")))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::Transport(format!("open stream: {e}")))?;
     Ok((endpoint, conn, send, recv))
 }
 
 async fn send_msg(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<()> {
-    frame::write(send, msg).await.map_err(|e| Error::Transport(format!("send: {e}")))
+    frame::write(send, msg)
+        .await
+        .map_err(|e| Error::Transport(format!("send: {e}")))
 }
 
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<ServerMsg> {
@@ -119,16 +129,34 @@ pub async fn enroll(server: SocketAddr, token: &EnrollToken, info: ClientInfo) -
     let (key_der, csr_der) = tls::new_key_and_csr(&info.name)?;
     let (endpoint, conn, mut send, mut recv) = open(server, tls::enroll_config(token)?).await?;
     hello(&mut send, &mut recv, info).await?;
-    send_msg(&mut send, &ClientMsg::Enroll { token: token.to_string(), csr_der }).await?;
+    send_msg(
+        &mut send,
+        &ClientMsg::Enroll {
+            token: token.to_string(),
+            csr_der,
+        },
+    )
+    .await?;
     let reply = recv_msg(&mut recv).await;
     conn.close(0u32.into(), b"enrolled");
     endpoint.wait_idle().await;
     match reply? {
-        ServerMsg::Enrolled { client_id, cert_der, ca_der } => {
+        ServerMsg::Enrolled {
+            client_id,
+            cert_der,
+            ca_der,
+        } => {
             if tls::fingerprint(&ca_der) != token.ca_fingerprint {
-                return Err(Error::Enroll("coordinator sent a CA that does not match the token".into()));
+                return Err(Error::Enroll(
+                    "coordinator sent a CA that does not match the token".into(),
+                ));
             }
-            Ok(Identity { client_id, cert_der, key_der, ca_der })
+            Ok(Identity {
+                client_id,
+                cert_der,
+                key_der,
+                ca_der,
+            })
         }
         ServerMsg::Error(e) => Err(Error::Refused(e)),
         other => Err(Error::Protocol(format!("expected Enrolled, got {other:?}"))),
@@ -146,12 +174,23 @@ pub struct Session {
 
 impl Session {
     /// Connects with an enrolled identity and opens the session.
-    pub async fn connect(server: SocketAddr, identity: &Identity, info: ClientInfo) -> Result<Self> {
-        let (endpoint, conn, mut send, mut recv) = open(server, tls::session_config(identity)?).await?;
-        let client_id = hello(&mut send, &mut recv, info)
-            .await?
-            .ok_or_else(|| Error::Protocol("coordinator did not recognise our certificate".into()))?;
-        Ok(Self { endpoint, conn, send, recv, client_id })
+    pub async fn connect(
+        server: SocketAddr,
+        identity: &Identity,
+        info: ClientInfo,
+    ) -> Result<Self> {
+        let (endpoint, conn, mut send, mut recv) =
+            open(server, tls::session_config(identity)?).await?;
+        let client_id = hello(&mut send, &mut recv, info).await?.ok_or_else(|| {
+            Error::Protocol("coordinator did not recognise our certificate".into())
+        })?;
+        Ok(Self {
+            endpoint,
+            conn,
+            send,
+            recv,
+            client_id,
+        })
     }
 
     /// The id the coordinator knows us by.
@@ -162,12 +201,21 @@ impl Session {
     /// Waits for the next event, assembling chunked batches and results.
     pub async fn next_event(&mut self) -> Result<Event> {
         match recv_msg(&mut self.recv).await? {
-            ServerMsg::RoundOpen { round, task, total_samples, deadline_ms } => {
+            ServerMsg::RoundOpen {
+                round,
+                task,
+                total_samples,
+                deadline_ms,
+            } => {
                 // Bound the pre-allocation: the count is the peer's word, not ours.
                 let mut samples = Vec::with_capacity(total_samples.min(1 << 16) as usize);
                 loop {
                     match recv_msg(&mut self.recv).await? {
-                        ServerMsg::Samples { round: r, samples: chunk, last } if r == round => {
+                        ServerMsg::Samples {
+                            round: r,
+                            samples: chunk,
+                            last,
+                        } if r == round => {
                             samples.extend(chunk);
                             if last {
                                 break;
@@ -186,14 +234,27 @@ impl Session {
                         samples.len()
                     )));
                 }
-                Ok(Event::Round { round, task, samples, deadline_ms })
+                Ok(Event::Round {
+                    round,
+                    task,
+                    samples,
+                    deadline_ms,
+                })
             }
-            ServerMsg::RoundResult { round, scores, last } => {
+            ServerMsg::RoundResult {
+                round,
+                scores,
+                last,
+            } => {
                 let mut all = scores;
                 let mut last = last;
                 while !last {
                     match recv_msg(&mut self.recv).await? {
-                        ServerMsg::RoundResult { round: r, scores, last: l } if r == round => {
+                        ServerMsg::RoundResult {
+                            round: r,
+                            scores,
+                            last: l,
+                        } if r == round => {
                             all.extend(scores);
                             last = l;
                         }
@@ -216,7 +277,15 @@ impl Session {
     /// Sends scores for a round, streamed in chunks.
     pub async fn send_scores(&mut self, round: u64, scores: &[SampleScore]) -> Result<()> {
         for (chunk, last) in protocol::chunks(scores, protocol::SAMPLES_PER_CHUNK) {
-            send_msg(&mut self.send, &ClientMsg::Scores { round, scores: chunk, last }).await?;
+            send_msg(
+                &mut self.send,
+                &ClientMsg::Scores {
+                    round,
+                    scores: chunk,
+                    last,
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -265,7 +334,12 @@ pub async fn participate<S: Scorer>(
         std::collections::HashMap::new();
     while rounds.is_none_or(|r| done < r) {
         match session.next_event().await? {
-            Event::Round { round, task, samples, .. } => {
+            Event::Round {
+                round,
+                task,
+                samples,
+                ..
+            } => {
                 tracing::info!(round, samples = samples.len(), "scoring batch");
                 let (t, s) = (task.clone(), samples.clone());
                 let (back, probs) = blocking(scorer, move |sc| sc.score(&t, &s)).await?;
@@ -289,9 +363,15 @@ pub async fn participate<S: Scorer>(
             Event::Result { round, scores } => {
                 done += 1;
                 if let Some((task, samples)) = batches.remove(&round) {
-                    let (back, acc) = blocking(scorer, move |sc| sc.learn(&task, &samples, &scores)).await?;
+                    let (back, acc) =
+                        blocking(scorer, move |sc| sc.learn(&task, &samples, &scores)).await?;
                     scorer = back;
-                    session.send(&ClientMsg::Report { round, local_accuracy: acc }).await?;
+                    session
+                        .send(&ClientMsg::Report {
+                            round,
+                            local_accuracy: acc,
+                        })
+                        .await?;
                     tracing::info!(round, ?acc, "round finished");
                 } else {
                     tracing::info!(round, "round finished (we did not score it)");

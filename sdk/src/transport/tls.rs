@@ -90,20 +90,31 @@ impl Identity {
     /// Loads the identity from `data_dir`.
     pub fn load(data_dir: &Path) -> Result<Self> {
         let path = Self::path(data_dir);
-        let bytes = std::fs::read(&path).map_err(|source| Error::File { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?;
         serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Enroll(format!("{}: corrupt identity file ({e}); enroll again", path.display()))
+            Error::Enroll(format!(
+                "{}: corrupt identity file ({e}); enroll again",
+                path.display()
+            ))
         })
     }
 
     /// Saves the identity into `data_dir` (owner-only permissions on Unix).
     pub fn save(&self, data_dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| Error::File { path: data_dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::File {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
         let path = Self::path(data_dir);
         let tmp = path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Enroll(e.to_string()))?;
-        std::fs::write(&tmp, json).map_err(|source| Error::File { path: tmp.clone(), source })?;
+        std::fs::write(&tmp, json).map_err(|source| Error::File {
+            path: tmp.clone(),
+            source,
+        })?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -114,7 +125,8 @@ impl Identity {
     }
 }
 
-fn tls13_client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+fn tls13_client_builder()
+-> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
     rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Transport(format!("TLS setup: {e}")))
@@ -165,7 +177,10 @@ pub fn session_config(id: &Identity) -> Result<quinn::ClientConfig> {
 /// Client config for enrollment: no client certificate; the server must present a chain
 /// ending in the CA whose fingerprint the token carries.
 pub fn enroll_config(token: &EnrollToken) -> Result<quinn::ClientConfig> {
-    let verifier = Arc::new(PinnedCaVerifier { fingerprint: token.ca_fingerprint.clone(), provider: provider() });
+    let verifier = Arc::new(PinnedCaVerifier {
+        fingerprint: token.ca_fingerprint.clone(),
+        provider: provider(),
+    });
     let tls = tls13_client_builder()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -180,7 +195,9 @@ pub fn anonymous_config(ca_der: &[u8]) -> Result<quinn::ClientConfig> {
     roots
         .add(CertificateDer::from(ca_der.to_vec()))
         .map_err(|e| Error::Transport(format!("bad CA certificate: {e}")))?;
-    let tls = tls13_client_builder()?.with_root_certificates(roots).with_no_client_auth();
+    let tls = tls13_client_builder()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     quic_client(tls)
 }
 
@@ -210,7 +227,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
                 )
             })?;
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             self.provider.clone(),
@@ -249,18 +268,25 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// A fresh key pair and a CSR for it: the key stays on the device, the CSR goes to the
 /// coordinator.
 pub fn new_key_and_csr(name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate().map_err(|e| Error::Enroll(format!("key generation: {e}")))?;
+    let key =
+        rcgen::KeyPair::generate().map_err(|e| Error::Enroll(format!("key generation: {e}")))?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(|e| Error::Enroll(e.to_string()))?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let csr = params.serialize_request(&key).map_err(|e| Error::Enroll(format!("CSR: {e}")))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| Error::Enroll(format!("CSR: {e}")))?;
     Ok((key.serialize_der(), csr.der().to_vec()))
 }
 
@@ -270,9 +296,18 @@ mod tests {
 
     #[test]
     fn token_roundtrip_and_rejects_garbage() {
-        let t = EnrollToken { secret: "ab".repeat(16), ca_fingerprint: "cd".repeat(32) };
+        let t = EnrollToken {
+            secret: "ab".repeat(16),
+            ca_fingerprint: "cd".repeat(32),
+        };
         assert_eq!(EnrollToken::parse(&t.to_string()).unwrap(), t);
-        for bad in ["", "xlm1", "xlm2.abababababababababab.cd", "xlm1.zz.cd", &format!("xlm1.{}.{}", "ab".repeat(16), "cd".repeat(31))] {
+        for bad in [
+            "",
+            "xlm1",
+            "xlm2.abababababababababab.cd",
+            "xlm1.zz.cd",
+            &format!("xlm1.{}.{}", "ab".repeat(16), "cd".repeat(31)),
+        ] {
             assert!(EnrollToken::parse(bad).is_err(), "{bad}");
         }
     }

@@ -97,7 +97,11 @@ struct ConfigFile {
 
 /// Relative paths in a config file are relative to the file.
 fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,7 +123,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Status { data_dir } => {
             let store = Store::open(&data_dir).with_context(|| {
-                format!("opening {} (is the daemon running? it holds the lock)", data_dir.display())
+                format!(
+                    "opening {} (is the daemon running? it holds the lock)",
+                    data_dir.display()
+                )
             })?;
             let status = serde_json::json!({
                 "clients": store.clients()?,
@@ -152,7 +159,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let spec = crosslm_coordinator::task::TaskSpec::from_toml_file(&resolve(&base, &cfg.task))?;
     let task = spec.info();
     let generator: Box<dyn Generator> = match cfg.generator {
-        GeneratorConfig::File { path } => Box::new(FileGenerator::load(&resolve(&base, &path), &task)?),
+        GeneratorConfig::File { path } => {
+            Box::new(FileGenerator::load(&resolve(&base, &path), &task)?)
+        }
         GeneratorConfig::Llm { model, seed } => {
             let path = resolve(&base, &model);
             tracing::info!(model = %path.display(), "loading the LLM");
@@ -168,7 +177,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut daemon = Daemon::start(daemon_cfg, task, generator).await?;
         if let Some(f) = &args.addr_file {
-            std::fs::write(f, daemon.addr.to_string()).with_context(|| format!("writing {}", f.display()))?;
+            std::fs::write(f, daemon.addr.to_string())
+                .with_context(|| format!("writing {}", f.display()))?;
         }
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);

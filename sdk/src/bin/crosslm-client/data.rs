@@ -60,7 +60,11 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     let DataCmd::Partition(a) = cmd;
     let loaded = data::load_auto(&a.data, None, &TableSpec::default(), BadRows::Skip)?;
     if !loaded.skipped.is_empty() {
-        eprintln!("skipped {} bad rows of {}", loaded.skipped.len(), a.data.display());
+        eprintln!(
+            "skipped {} bad rows of {}",
+            loaded.skipped.len(),
+            a.data.display()
+        );
     }
     let (train, test) = loaded.dataset.split(a.test_fraction, a.seed)?;
     let test = match a.test_limit {
@@ -79,7 +83,11 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             None => p.clone(),
         };
         write_jsonl(&a.out.join(format!("client-{i}.jsonl")), &p)?;
-        println!("client-{i}: {} examples, per label {:?}", p.len(), p.label_counts());
+        println!(
+            "client-{i}: {} examples, per label {:?}",
+            p.len(),
+            p.label_counts()
+        );
     }
     println!("test: {} examples", test.len());
     Ok(())

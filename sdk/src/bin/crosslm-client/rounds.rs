@@ -55,24 +55,40 @@ pub struct JoinArgs {
 /// Runs `enroll`.
 pub fn enroll_cmd(a: EnrollArgs) -> anyhow::Result<()> {
     let token = EnrollToken::parse(&a.token)?;
-    let info = ClientInfo { name: a.name, slm_arch: String::new(), n_private: 0 };
+    let info = ClientInfo {
+        name: a.name,
+        slm_arch: String::new(),
+        n_private: 0,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let id = rt.block_on(enroll(a.coordinator, &token, info))?;
     id.save(&a.data_dir)?;
-    println!("enrolled as {} (identity in {})", id.client_id, Identity::path(&a.data_dir).display());
+    println!(
+        "enrolled as {} (identity in {})",
+        id.client_id,
+        Identity::path(&a.data_dir).display()
+    );
     Ok(())
 }
 
 /// Runs `join`.
 pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
-    let id = Identity::load(&a.data_dir).context("no identity: run `crosslm-client enroll` first")?;
+    let id =
+        Identity::load(&a.data_dir).context("no identity: run `crosslm-client enroll` first")?;
     let slm = load_checkpoint(&a.checkpoint, a.backend)
         .with_context(|| format!("loading checkpoint {}", a.checkpoint.display()))?;
-    let info = ClientInfo { name: a.name, slm_arch: slm.arch().to_string(), n_private: a.n_private };
+    let info = ClientInfo {
+        name: a.name,
+        slm_arch: slm.arch().to_string(),
+        n_private: a.n_private,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let mut session = Session::connect(a.coordinator, &id, info).await?;
-        tracing::info!(client = session.client_id(), "joined; waiting for rounds (Ctrl-C to leave)");
+        tracing::info!(
+            client = session.client_id(),
+            "joined; waiting for rounds (Ctrl-C to leave)"
+        );
         tokio::select! {
             r = participate(&mut session, SlmScorer::new(slm), a.rounds) => {
                 let (_, n) = r?;
