@@ -15,7 +15,7 @@ CLIENTS=4
 
 echo "== partition MR across $CLIENTS clients (64 private examples each)"
 "$B/crosslm-client" data partition --data "$CROSSLM_ASSETS/data/mr/movieReviewSnippets_GroundTruth.txt" \
-  --clients $CLIENTS --per-client 64 --test-limit 1000 --out "$RUN/data"
+  --clients $CLIENTS --per-client 64 --test-limit 400 --out "$RUN/data"
 
 arch() { if [ "$1" -lt 2 ]; then echo minilm; else echo bag; fi; }
 for i in $(seq 0 $((CLIENTS - 1))); do

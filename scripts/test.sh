@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 ./scripts/fetch-assets.sh
+# The network tests drive the real binaries (e.g. SIGKILL the coordinator): build them first.
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"
