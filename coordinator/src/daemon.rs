@@ -416,11 +416,11 @@ impl Core {
     }
 
     fn send(&mut self, client: &str, out: Outbound) {
-        if let Some(c) = self.conns.get(client) {
-            if c.tx.try_send(out).is_err() {
-                tracing::warn!(%client, "client queue full or closed; dropping it");
-                self.conns.remove(client);
-            }
+        if let Some(c) = self.conns.get(client)
+            && c.tx.try_send(out).is_err()
+        {
+            tracing::warn!(%client, "client queue full or closed; dropping it");
+            self.conns.remove(client);
         }
     }
 
@@ -465,14 +465,13 @@ impl Core {
                 conn_id,
                 round,
             } => {
-                if let Some(a) = self.active.as_mut().filter(|a| a.machine.id() == round) {
-                    if self
+                if let Some(a) = self.active.as_mut().filter(|a| a.machine.id() == round)
+                    && self
                         .conns
                         .get(&client)
                         .is_some_and(|c| c.conn_id == conn_id)
-                    {
-                        a.machine.leave(&client, now);
-                    }
+                {
+                    a.machine.leave(&client, now);
                 }
             }
             CoreEvent::Say {

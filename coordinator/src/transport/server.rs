@@ -295,10 +295,10 @@ async fn client_session(
 ) {
     let remote = conn.remote_address();
     let client = rec.id.clone();
-    if rec.info != info {
-        if let Err(e) = ctx.store.update_client_info(&client, &info) {
-            tracing::warn!(%client, error = %e, "could not update client info");
-        }
+    if rec.info != info
+        && let Err(e) = ctx.store.update_client_info(&client, &info)
+    {
+        tracing::warn!(%client, error = %e, "could not update client info");
     }
     tracing::info!(%remote, %client, arch = %info.slm_arch, n_private = info.n_private, "client connected");
     let (tx, mut rx) = mpsc::channel::<Outbound>(64);

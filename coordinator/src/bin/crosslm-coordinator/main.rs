@@ -156,7 +156,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.rounds.is_some() {
         daemon_cfg.rounds = args.rounds;
     }
-    let spec = crosslm_coordinator::task::TaskSpec::from_toml_file(&resolve(&base, &cfg.task))?;
+    let spec = crosslm_coordinator::task::TaskSpec::from_toml_file(resolve(&base, &cfg.task))?;
     let task = spec.info();
     let generator: Box<dyn Generator> = match cfg.generator {
         GeneratorConfig::File { path } => {
