@@ -341,37 +341,21 @@ async fn client_session(
     });
     // Reader: frames from the client, passed to the core.
     let reason = loop {
-        let body = match read_body(&mut recv).await {
-            Ok(b) => b,
+        let frame = read_body(&mut recv).await;
+        let msg = match frame.and_then(|body| frame::decode::<ClientMsg>(&body)) {
+            Ok(m) => m,
             Err(FrameError::Closed) => break "closed".to_string(),
             Err(e) => {
                 tracing::warn!(%client, error = %e, "bad frame; closing session");
-                if let Some(m) = frame_error_reply(&e) {
-                    let _ = ctx
-                        .core
-                        .send(CoreEvent::Say {
-                            client: client.clone(),
-                            conn_id,
-                            msg: m,
-                        })
-                        .await;
-                }
-                break e.to_string();
-            }
-        };
-        let msg = match frame::decode::<ClientMsg>(&body) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(%client, error = %e, "malformed frame; closing session");
-                let m = err(ErrorCode::Malformed, e.to_string());
-                let _ = ctx
-                    .core
-                    .send(CoreEvent::Say {
+                // Malformed and oversized frames get an answer; a broken stream gets none.
+                if let Some(msg) = frame_error_reply(&e) {
+                    let say = CoreEvent::Say {
                         client: client.clone(),
                         conn_id,
-                        msg: m,
-                    })
-                    .await;
+                        msg,
+                    };
+                    let _ = ctx.core.send(say).await;
+                }
                 break e.to_string();
             }
         };
