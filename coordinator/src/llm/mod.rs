@@ -28,6 +28,19 @@ pub fn assets_dir() -> PathBuf {
     }
 }
 
+/// The default GPU device of this build: wgpu (Vulkan/Metal/DX12), or CUDA with the `cuda`
+/// feature. Models move there with burn's `Module::to_device`.
+pub fn default_gpu_device() -> burn::tensor::Device {
+    #[cfg(feature = "cuda")]
+    {
+        burn::tensor::Device::cuda(0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+    }
+}
+
 /// The SmolLM2-135M-Instruct Q4_1 GGUF file inside [`assets_dir`].
 pub fn smollm2_gguf_path() -> PathBuf {
     assets_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

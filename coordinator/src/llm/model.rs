@@ -603,6 +603,38 @@ mod tests {
         to_host_f32(t)
     }
 
+    /// The decoder is backend-generic: on wgpu (lavapipe in CI, a GPU elsewhere) it computes
+    /// what it computes on Flex. Tiny shapes: lavapipe is slow.
+    #[test]
+    fn wgpu_forward_matches_flex() {
+        if !crosslm_sdk::slm::wgpu_available() {
+            eprintln!("SKIPPED: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
+            return;
+        }
+        let flex = Device::flex();
+        let c = LlamaConfig::tiny(50);
+        let model = Llama::random(&c, &flex);
+        let wgpu = crate::llm::default_gpu_device();
+        let on_gpu = model.clone().to_device(&wgpu);
+        let ids = vec![vec![5u32, 6, 7, 8, 9]];
+        let run = |m: &Llama, d: &Device| {
+            to_vec(m.forward(
+                token_tensor(&ids, d),
+                &StepInputs::new(&c, &[0], 0, 5, d),
+                None,
+                None,
+            ))
+        };
+        let (a, b) = (run(&model, &flex), run(&on_gpu, &wgpu));
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-3, "flex vs wgpu differ by {worst}");
+    }
+
     /// Left padding must not change a sequence's hidden states: the same prompt alone and
     /// padded in a batch beside a longer one give the same output.
     #[test]
