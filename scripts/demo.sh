@@ -2,7 +2,9 @@
 # The main job, end to end on loopback: fetch assets, build, split MR across 4 clients
 # (2 MiniLM, 2 light bag models), train each SLM on its private slice, start the
 # coordinator (SmolLM2 generating label-conditioned samples), and let the clients enroll
-# and take part in 2 rounds over QUIC + mutual TLS. Prints the rounds and client accuracy.
+# and take part in 2 rounds over QUIC + mutual TLS: each client scores the samples, and after
+# each round trains on its private data plus the scored samples (weighted by aggregated
+# quality, soft labels) and reports its test accuracy. Prints the rounds and accuracies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -15,7 +17,7 @@ CLIENTS=4
 
 echo "== partition MR across $CLIENTS clients (64 private examples each)"
 "$B/crosslm-client" data partition --data "$CROSSLM_ASSETS/data/mr/movieReviewSnippets_GroundTruth.txt" \
-  --clients $CLIENTS --per-client 64 --test-limit 400 --out "$RUN/data"
+  --clients $CLIENTS --per-client 64 --test-limit 300 --out "$RUN/data"
 
 arch() { if [ "$1" -lt 2 ]; then echo minilm; else echo bag; fi; }
 for i in $(seq 0 $((CLIENTS - 1))); do
@@ -40,6 +42,7 @@ while read -r _ _ token; do
   n=$(wc -l < "$RUN/data/client-$i.jsonl")
   "$B/crosslm-client" join --coordinator "$ADDR" --data-dir "$RUN/client-$i" \
     --checkpoint "$RUN/client-$i/ckpt" --n-private "$n" --name "client-$i" --rounds 2 \
+    --data "$RUN/data/client-$i.jsonl" --test "$RUN/data/test.jsonl" \
     2> "$RUN/client-$i.log" &
   pids+=($!)
   i=$((i + 1))

@@ -1,20 +1,49 @@
 //! The bridge between an on-device SLM and a round: [`SlmScorer`] scores synthetic samples
-//! with any [`Slm`], mapping the task's labels onto the model's by name.
+//! with any [`Slm`], mapping the task's labels onto the model's by name, and (with
+//! [`Learning`]) trains the SLM on each round's scored samples beside its private data, the
+//! client half of CrossLM.
 
-use crate::protocol::{SyntheticSample, TaskInfo};
-use crate::slm::Slm;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::protocol::{AggregatedScore, SyntheticSample, TaskInfo};
+use crate::slm::{Slm, TrainConfig, TrainExample, accuracy};
 use crate::transport::Scorer;
 use crate::{Error, Result};
+
+/// How a client learns from a finished round.
+pub struct Learning {
+    /// The private labeled examples (they never leave the device).
+    pub private: Vec<TrainExample>,
+    /// Local test split, `(texts, label indices)`, for the accuracy reported after a round.
+    pub test: Option<(Vec<String>, Vec<usize>)>,
+    /// Training settings for the per-round update.
+    pub train: TrainConfig,
+    /// Synthetic samples whose aggregated quality is below this are not trained on.
+    pub min_quality: f32,
+    /// Where to save the updated model after each round.
+    pub checkpoint: Option<PathBuf>,
+}
 
 /// Scores samples with an SLM.
 pub struct SlmScorer {
     slm: Box<dyn Slm>,
+    learning: Option<Learning>,
 }
 
 impl SlmScorer {
     /// Wraps a model.
     pub fn new(slm: Box<dyn Slm>) -> Self {
-        Self { slm }
+        Self {
+            slm,
+            learning: None,
+        }
+    }
+
+    /// Also train on each round's result (see [`Learning`]).
+    pub fn with_learning(mut self, learning: Learning) -> Self {
+        self.learning = Some(learning);
+        self
     }
 
     /// The model back.
@@ -40,6 +69,58 @@ impl SlmScorer {
 }
 
 impl Scorer for SlmScorer {
+    /// Trains on private data plus the round's synthetic samples, each weighted by its
+    /// aggregated quality with the aggregated soft label as target, then reports the local
+    /// test accuracy.
+    fn learn(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+        scores: &[AggregatedScore],
+    ) -> Result<Option<f32>> {
+        let map = self.label_map(task)?;
+        let n_labels = self.slm.labels().len();
+        let Some(learning) = self.learning.as_ref() else {
+            return Ok(None);
+        };
+        let by_id: HashMap<u64, &SyntheticSample> = samples.iter().map(|s| (s.id, s)).collect();
+        let mut examples = learning.private.clone();
+        let before = examples.len();
+        for sc in scores.iter().filter(|s| s.quality >= learning.min_quality) {
+            let Some(sample) = by_id.get(&sc.id) else {
+                continue;
+            };
+            if sc.soft.len() != map.len() {
+                continue;
+            }
+            let mut target = vec![0.0; n_labels];
+            for (task_label, &model_label) in map.iter().enumerate() {
+                target[model_label] = sc.soft[task_label];
+            }
+            examples.push(TrainExample {
+                text: sample.text.clone(),
+                target,
+                weight: sc.quality,
+            });
+        }
+        tracing::info!(
+            private = before,
+            synthetic = examples.len() - before,
+            "training on the round's result"
+        );
+        self.slm.train(&examples, &learning.train, &mut |_| {})?;
+        if let Some(dir) = &learning.checkpoint {
+            self.slm.save(dir)?;
+        }
+        match &learning.test {
+            Some((texts, labels)) => {
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                Ok(Some(accuracy(self.slm.as_ref(), &texts, labels)? as f32))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn score(&mut self, task: &TaskInfo, samples: &[SyntheticSample]) -> Result<Vec<Vec<f32>>> {
         let map = self.label_map(task)?;
         let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
@@ -57,5 +138,126 @@ impl Scorer for SlmScorer {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::assets_dir;
+    use crate::slm::{Backend, Bag, BagConfig, TextTokenizer};
+
+    fn small_bag() -> Box<dyn Slm> {
+        let tokenizer =
+            TextTokenizer::from_file(&assets_dir().join("minilm/tokenizer.json"), 32).unwrap();
+        let cfg = BagConfig {
+            buckets: 1021,
+            dim: 16,
+            hidden: 16,
+            ..BagConfig::new(tokenizer.vocab_size())
+        };
+        Box::new(
+            Bag::with_config(
+                tokenizer,
+                cfg,
+                vec!["neg".into(), "pos".into()],
+                Backend::Flex,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn task(labels: &[&str]) -> TaskInfo {
+        TaskInfo {
+            name: "t".into(),
+            description: String::new(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn samples() -> Vec<SyntheticSample> {
+        (0..8)
+            .map(|i| SyntheticSample {
+                id: i,
+                text: if i % 2 == 0 {
+                    format!("awful dull boring mess {i}")
+                } else {
+                    format!("wonderful moving great film {i}")
+                },
+                label: (i % 2) as u32,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scores_follow_the_task_label_order() {
+        let mut s = SlmScorer::new(small_bag());
+        let a = s.score(&task(&["neg", "pos"]), &samples()).unwrap();
+        let b = s.score(&task(&["pos", "neg"]), &samples()).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x[0] - y[1]).abs() < 1e-6 && (x[1] - y[0]).abs() < 1e-6);
+            assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        let err = s
+            .score(&task(&["neg", "meh"]), &samples())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("meh"), "{err}");
+    }
+
+    #[test]
+    fn learning_trains_on_scored_samples_saves_and_reports_accuracy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let s = samples();
+        let texts: Vec<String> = s.iter().map(|x| x.text.clone()).collect();
+        let labels: Vec<usize> = s.iter().map(|x| x.label as usize).collect();
+        let train = TrainConfig {
+            epochs: 30,
+            learning_rate: 5e-3,
+            validation_fraction: 0.0,
+            ..TrainConfig::default()
+        };
+        let mut scorer = SlmScorer::new(small_bag()).with_learning(Learning {
+            private: vec![
+                TrainExample::hard("awful film", 0, 2),
+                TrainExample::hard("great film", 1, 2),
+            ],
+            test: Some((texts, labels)),
+            train,
+            min_quality: 0.5,
+            checkpoint: Some(ckpt.clone()),
+        });
+        // Aggregated scores: confident and right, so the model should learn the samples.
+        let scores: Vec<AggregatedScore> = s
+            .iter()
+            .map(|x| {
+                let soft = if x.label == 0 {
+                    vec![0.9, 0.1]
+                } else {
+                    vec![0.1, 0.9]
+                };
+                AggregatedScore {
+                    id: x.id,
+                    quality: 0.9,
+                    soft,
+                }
+            })
+            .collect();
+        let acc = scorer
+            .learn(&task(&["neg", "pos"]), &s, &scores)
+            .unwrap()
+            .expect("accuracy");
+        assert!(
+            acc >= 0.99,
+            "trained on the scored samples themselves, accuracy {acc}"
+        );
+        assert!(ckpt.join("meta.json").exists(), "checkpoint updated");
+        // Without learning configured, learn is a no-op.
+        let mut plain = SlmScorer::new(small_bag());
+        assert_eq!(
+            plain.learn(&task(&["neg", "pos"]), &s, &scores).unwrap(),
+            None
+        );
     }
 }

@@ -128,9 +128,17 @@ fn main() -> anyhow::Result<()> {
                     data_dir.display()
                 )
             })?;
+            let rounds = store.summaries()?;
+            let mut reports = Vec::new();
+            for r in &rounds {
+                let accs: std::collections::BTreeMap<_, _> =
+                    store.reports(r.id)?.into_iter().collect();
+                reports.push(serde_json::json!({"round": r.id, "local_accuracy": accs}));
+            }
             let status = serde_json::json!({
                 "clients": store.clients()?,
-                "rounds": store.summaries()?,
+                "rounds": rounds,
+                "client_reports": reports,
             });
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
