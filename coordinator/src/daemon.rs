@@ -51,6 +51,8 @@ pub struct DaemonConfig {
     pub round: RoundConfig,
     /// Milliseconds of silence after which a client counts as gone.
     pub idle_timeout_ms: u64,
+    /// After the last round, how long to wait for clients to report and leave.
+    pub linger_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -63,6 +65,7 @@ impl Default for DaemonConfig {
             min_clients: 1,
             round: RoundConfig::default(),
             idle_timeout_ms: 30_000,
+            linger_ms: 120_000,
         }
     }
 }
@@ -338,9 +341,10 @@ impl Core {
         }
     }
 
-    /// After the last round, give clients a few seconds to take their results and leave.
+    /// After the last round, give clients time to take their results, train, report and
+    /// leave (they report after training on the result).
     async fn linger(&mut self, rx: &mut mpsc::Receiver<CoreEvent>) {
-        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        let until = tokio::time::Instant::now() + Duration::from_millis(self.cfg.linger_ms);
         while !self.conns.is_empty() {
             match tokio::time::timeout_at(until, rx.recv()).await {
                 Ok(Some(CoreEvent::Disconnected { client, conn_id })) => {

@@ -82,6 +82,7 @@ async fn broadcast(
             ..Default::default()
         },
         idle_timeout_ms: 30_000,
+        linger_ms: 10_000,
     };
     let generator = FileGenerator::load(samples_path, &task).unwrap();
     let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();

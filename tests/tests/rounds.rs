@@ -24,6 +24,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
             ..Default::default()
         },
         idle_timeout_ms: 3_000,
+        linger_ms: 10_000,
     }
 }
 

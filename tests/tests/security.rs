@@ -29,6 +29,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
             ..Default::default()
         },
         idle_timeout_ms: 3_000,
+        linger_ms: 10_000,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
     let g = FileGenerator::load(&samples, &task).unwrap();

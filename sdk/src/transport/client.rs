@@ -366,12 +366,14 @@ pub async fn participate<S: Scorer>(
                     let (back, acc) =
                         blocking(scorer, move |sc| sc.learn(&task, &samples, &scores)).await?;
                     scorer = back;
-                    session
-                        .send(&ClientMsg::Report {
-                            round,
-                            local_accuracy: acc,
-                        })
-                        .await?;
+                    // A report is informational: a coordinator that already left loses nothing.
+                    let report = ClientMsg::Report {
+                        round,
+                        local_accuracy: acc,
+                    };
+                    if let Err(e) = session.send(&report).await {
+                        tracing::warn!(round, error = %e, "could not report local accuracy");
+                    }
                     tracing::info!(round, ?acc, "round finished");
                 } else {
                     tracing::info!(round, "round finished (we did not score it)");
