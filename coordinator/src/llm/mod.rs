@@ -19,14 +19,8 @@ pub use generate::Sampling;
 
 use std::path::PathBuf;
 
-/// Where the project's fetched assets live: `$CROSSLM_ASSETS`, else `<workspace>/assets`
-/// (filled by `scripts/fetch-assets.sh`).
-pub fn assets_dir() -> PathBuf {
-    match std::env::var_os("CROSSLM_ASSETS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../assets")),
-    }
-}
+/// Where the project's fetched assets live (one definition, shared with the SDK).
+pub use crosslm_sdk::data::assets_dir;
 
 /// The default GPU device of this build: wgpu (Vulkan/Metal/DX12), or CUDA with the `cuda`
 /// feature. Models move there with burn's `Module::to_device`.
