@@ -77,8 +77,6 @@ pub enum Outbound {
     Msg(ServerMsg),
     /// Pre-encoded frames (a round's batch or result).
     Frames(Arc<Vec<Vec<u8>>>),
-    /// End the session.
-    Close,
 }
 
 /// What session tasks tell the core.

@@ -144,27 +144,13 @@ impl Scorer for SlmScorer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::assets_dir;
-    use crate::slm::{Backend, Bag, BagConfig, TextTokenizer};
+    use crate::slm::{Backend, small_test_bag};
 
     fn small_bag() -> Box<dyn Slm> {
-        let tokenizer =
-            TextTokenizer::from_file(&assets_dir().join("minilm/tokenizer.json"), 32).unwrap();
-        let cfg = BagConfig {
-            buckets: 1021,
-            dim: 16,
-            hidden: 16,
-            ..BagConfig::new(tokenizer.vocab_size())
-        };
-        Box::new(
-            Bag::with_config(
-                tokenizer,
-                cfg,
-                vec!["neg".into(), "pos".into()],
-                Backend::Flex,
-            )
-            .unwrap(),
-        )
+        Box::new(small_test_bag(
+            vec!["neg".into(), "pos".into()],
+            Backend::Flex,
+        ))
     }
 
     fn task(labels: &[&str]) -> TaskInfo {

@@ -331,7 +331,6 @@ async fn client_session(
                     }
                     r
                 }
-                Outbound::Close => break,
             };
             if r.is_err() {
                 break;

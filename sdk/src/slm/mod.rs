@@ -422,6 +422,22 @@ pub fn argmax(values: &[f32]) -> usize {
         .0
 }
 
+/// A bag model with small tables over the MiniLM wordpieces, for tests (lavapipe is slow,
+/// and toy tasks need little).
+#[cfg(test)]
+pub(crate) fn small_test_bag(labels: Vec<String>, backend: Backend) -> Bag {
+    let tokenizer =
+        TextTokenizer::from_file(&crate::data::assets_dir().join("minilm/tokenizer.json"), 32)
+            .expect("assets/minilm/tokenizer.json: run scripts/fetch-assets.sh");
+    let cfg = BagConfig {
+        buckets: 1021,
+        dim: 16,
+        hidden: 16,
+        ..BagConfig::new(tokenizer.vocab_size())
+    };
+    Bag::with_config(tokenizer, cfg, labels, backend).expect("small bag model")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,16 +471,7 @@ mod tests {
     }
 
     fn bag(backend: Backend) -> Bag {
-        let tokenizer =
-            TextTokenizer::from_file(&assets_dir().join("minilm/tokenizer.json"), 32).unwrap();
-        // Small tables: lavapipe (software Vulkan) is slow, and the toy task needs little.
-        let cfg = BagConfig {
-            buckets: 1021,
-            dim: 16,
-            hidden: 16,
-            ..BagConfig::new(tokenizer.vocab_size())
-        };
-        Bag::with_config(tokenizer, cfg, labels(), backend).unwrap()
+        small_test_bag(labels(), backend)
     }
 
     /// Trains the light model on a toy task, then checks scoring, soft targets and a checkpoint

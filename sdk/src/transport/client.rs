@@ -341,8 +341,11 @@ pub async fn participate<S: Scorer>(
                 ..
             } => {
                 tracing::info!(round, samples = samples.len(), "scoring batch");
-                let (t, s) = (task.clone(), samples.clone());
-                let (back, probs) = blocking(scorer, move |sc| sc.score(&t, &s)).await?;
+                // The batch moves into the scoring thread and back: no copy of it.
+                let (back, (probs, task, samples)) = blocking(scorer, move |sc| {
+                    sc.score(&task, &samples).map(|p| (p, task, samples))
+                })
+                .await?;
                 scorer = back;
                 if probs.len() != samples.len() {
                     return Err(Error::Model(format!(
