@@ -23,6 +23,7 @@ use crate::round::{Action, Phase, ReplyVerdict, RoundConfig, RoundMachine, Round
 use crate::store::{RoundRecord, Store};
 use crate::transport::server::{ServerCtx, serve};
 use crate::transport::{Pki, Tokens};
+use crate::tuning::LlmReport;
 use crate::{Error, Result};
 
 /// Milliseconds since the Unix epoch: the machine's notion of time.
@@ -230,9 +231,30 @@ struct Core {
     active: Option<Active>,
     partial: HashMap<ClientId, (u64, Vec<SampleScore>)>,
     finished: u64,
+    llm_steps: std::collections::VecDeque<LlmStep>,
 }
 
-type GenJoin = tokio::task::JoinHandle<(Box<dyn Generator>, Result<Vec<SyntheticSample>>)>;
+/// Work on the generator (the LLM) that runs off the core task: it owns the generator while
+/// it runs, so generation and tuning never overlap.
+type Job = tokio::task::JoinHandle<(Box<dyn Generator>, JobOut)>;
+
+/// What a [`Job`] produced.
+enum JobOut {
+    /// A round's samples.
+    Samples(Result<Vec<SyntheticSample>>),
+    /// The LLM's baseline or post-round report (`None`: the generator does not measure/learn).
+    Llm(u64, Result<Option<LlmReport>>),
+}
+
+/// LLM work waiting for the generator, done before the next round is generated (so the
+/// next round's samples come from the tuned model).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LlmStep {
+    /// Measure the untouched model.
+    Baseline,
+    /// Learn from round N's result.
+    Feedback(u64),
+}
 
 impl Core {
     fn new(
@@ -255,7 +277,20 @@ impl Core {
             active: None,
             partial: HashMap::new(),
             finished,
+            llm_steps: Default::default(),
         };
+        // Resume the LLM's side where it stopped: the baseline, then the newest round's
+        // feedback if its report is missing (the generator skips learning it twice).
+        let reported: std::collections::HashSet<u64> =
+            core.store.llm_reports()?.iter().map(|r| r.round).collect();
+        if !reported.contains(&0) {
+            core.llm_steps.push_back(LlmStep::Baseline);
+        }
+        if let Some(last) = core.store.last_done_round()?
+            && !reported.contains(&last)
+        {
+            core.llm_steps.push_back(LlmStep::Feedback(last));
+        }
         if let Some(rec) = core.store.unfinished_round()? {
             let replies = core.store.replies(rec.id)?;
             tracing::info!(
@@ -286,18 +321,26 @@ impl Core {
         mut rx: mpsc::Receiver<CoreEvent>,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<u64> {
-        let mut generating: Option<GenJoin> = None;
+        let mut job: Option<Job> = None;
         loop {
-            if self.all_done() && self.active.is_none() {
+            if self.all_done()
+                && self.active.is_none()
+                && job.is_none()
+                && self.llm_steps.is_empty()
+            {
                 tracing::info!(rounds = self.finished, "all rounds done");
                 self.linger(&mut rx).await;
                 return Ok(self.finished);
             }
-            if self.active.is_none()
-                && generating.is_none()
-                && self.conns.len() >= self.cfg.min_clients.max(1)
-            {
-                generating = Some(self.spawn_generation()?);
+            if job.is_none() {
+                if let Some(step) = self.llm_steps.pop_front() {
+                    job = Some(self.spawn_llm_step(step)?);
+                } else if self.active.is_none()
+                    && !self.all_done()
+                    && self.conns.len() >= self.cfg.min_clients.max(1)
+                {
+                    job = Some(self.spawn_generation()?);
+                }
             }
             let timeout = self.active.as_ref().and_then(|a| a.machine.poll_timeout());
             let sleep = async {
@@ -313,15 +356,21 @@ impl Core {
                     Some(ev) => self.handle(ev)?,
                     None => return Ok(self.finished),
                 },
-                res = async { generating.as_mut().expect("guarded").await }, if generating.is_some() => {
-                    generating = None;
-                    let (g, samples) = res.map_err(|e| Error::Model(format!("generator task: {e}")))?;
+                res = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
+                    job = None;
+                    let (g, out) = res.map_err(|e| Error::Model(format!("generator task: {e}")))?;
                     self.generator = Some(g);
-                    match samples {
-                        Ok(samples) => self.open_round(samples)?,
-                        Err(e) => {
+                    match out {
+                        JobOut::Samples(Ok(samples)) => self.open_round(samples)?,
+                        JobOut::Samples(Err(e)) => {
                             tracing::error!(error = %e, "generation failed; retrying in 5 s");
                             tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        JobOut::Llm(_, Ok(Some(report))) => self.store.put_llm_report(&report)?,
+                        JobOut::Llm(_, Ok(None)) => {}
+                        // The rounds go on with the model as it is; the error is in the log.
+                        JobOut::Llm(round, Err(e)) => {
+                            tracing::error!(round, error = %e, "LLM tuning/evaluation failed")
                         }
                     }
                 }
@@ -367,7 +416,35 @@ impl Core {
         }
     }
 
-    fn spawn_generation(&mut self) -> Result<GenJoin> {
+    fn spawn_llm_step(&mut self, step: LlmStep) -> Result<Job> {
+        let mut g = self
+            .generator
+            .take()
+            .ok_or_else(|| Error::Model("generator busy".into()))?;
+        Ok(match step {
+            LlmStep::Baseline => {
+                tracing::info!("measuring the LLM before the first round");
+                tokio::task::spawn_blocking(move || {
+                    let r = g.baseline();
+                    (g, JobOut::Llm(0, r))
+                })
+            }
+            LlmStep::Feedback(round) => {
+                let rec = self.store.round(round)?;
+                let outcome = self.store.result(round)?;
+                tracing::info!(round, "LLM learning from the round's feedback");
+                tokio::task::spawn_blocking(move || {
+                    let r = match (rec, outcome) {
+                        (Some(rec), Some(o)) => g.feedback(round, &rec.samples, &o.scores),
+                        _ => Err(Error::Store(format!("round {round} has no stored result"))),
+                    };
+                    (g, JobOut::Llm(round, r))
+                })
+            }
+        })
+    }
+
+    fn spawn_generation(&mut self) -> Result<Job> {
         let mut g = self
             .generator
             .take()
@@ -387,7 +464,7 @@ impl Core {
                     })
                     .collect()
             });
-            (g, r)
+            (g, JobOut::Samples(r))
         }))
     }
 
@@ -593,6 +670,7 @@ impl Core {
                         .finish_round(round, Phase::Done, Some(&outcome))?;
                     self.finished += 1;
                     self.active = None;
+                    self.llm_steps.push_back(LlmStep::Feedback(round));
                     let frames = encode_result(&outcome)?;
                     let clients: Vec<ClientId> = self.conns.keys().cloned().collect();
                     for c in clients {

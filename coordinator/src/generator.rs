@@ -5,8 +5,10 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crosslm_sdk::protocol::TaskInfo;
+use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample, TaskInfo};
 use serde::Deserialize;
+
+use crate::tuning::LlmReport;
 
 use crate::{Error, Result};
 
@@ -28,6 +30,23 @@ pub trait Generator: Send + 'static {
         n_per_label: usize,
         round: u64,
     ) -> Result<Vec<GeneratedSample>>;
+
+    /// Measures the model before any round (the zero-shot start); `None`: nothing to measure.
+    fn baseline(&mut self) -> Result<Option<LlmReport>> {
+        Ok(None)
+    }
+
+    /// Learns from a finished round's aggregated scores (the LLM half of CrossLM) and
+    /// measures the result; `None`: this generator does not learn. Called again for the same
+    /// round after a restart that interrupted it, so it must not learn a round twice.
+    fn feedback(
+        &mut self,
+        _round: u64,
+        _samples: &[SyntheticSample],
+        _scores: &[AggregatedScore],
+    ) -> Result<Option<LlmReport>> {
+        Ok(None)
+    }
 }
 
 impl crate::task::TaskSpec {
@@ -135,17 +154,94 @@ impl Generator for FileGenerator {
 
 /// Generates samples with the coordinator's LLM, from the task's per-label prompts and
 /// generation settings. Round `r` samples with seed `seed + r`, so a restarted coordinator
-/// regenerates the same batch for an unfinished round.
+/// regenerates the same batch for an unfinished round. With [`LlmGenerator::with_tuning`] it
+/// also learns from each round's feedback (see [`crate::tuning`]) and keeps its adapters in
+/// a state directory, so a restart continues from the last tuned round.
 pub struct LlmGenerator {
     llm: crate::llm::Llm,
     spec: crate::task::TaskSpec,
     seed: u64,
+    tuning: Option<Tuning>,
+    evaluator: Option<crate::tuning::Evaluator>,
+}
+
+struct Tuning {
+    cfg: crate::tuning::TuningConfig,
+    trainer: crate::llm::train::LoraTrainer,
+    state_dir: std::path::PathBuf,
+    /// Rounds up to this one are in the adapters.
+    tuned_through: u64,
+}
+
+/// Adapter files are `adapters-<round>.lora`: the highest round is the current state.
+fn latest_adapters(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let round = name.strip_prefix("adapters-")?.strip_suffix(".lora")?;
+            Some((round.parse::<u64>().ok()?, e.path()))
+        })
+        .max_by_key(|(r, _)| *r)
 }
 
 impl LlmGenerator {
     /// Wraps a loaded model for a task.
     pub fn new(llm: crate::llm::Llm, spec: crate::task::TaskSpec, seed: u64) -> Self {
-        Self { llm, spec, seed }
+        Self {
+            llm,
+            spec,
+            seed,
+            tuning: None,
+            evaluator: None,
+        }
+    }
+
+    /// Measures the model with `evaluator` before the first round and after each tuning.
+    pub fn with_evaluator(mut self, evaluator: crate::tuning::Evaluator) -> Self {
+        if !evaluator.is_empty() {
+            self.evaluator = Some(evaluator);
+        }
+        self
+    }
+
+    /// Tunes the model on each round's feedback; adapters live in `state_dir` (the latest
+    /// ones found there are loaded and applied now). A disabled config leaves the model frozen.
+    pub fn with_tuning(
+        mut self,
+        cfg: crate::tuning::TuningConfig,
+        state_dir: std::path::PathBuf,
+    ) -> Result<Self> {
+        if !cfg.enabled {
+            return Ok(self);
+        }
+        let (trainer, tuned_through) = match latest_adapters(&state_dir) {
+            Some((round, path)) => {
+                let (adapters, lora) =
+                    crate::llm::train::load_adapters(&path, &self.llm.config, &self.llm.device)?;
+                tracing::info!(round, file = %path.display(), "LLM adapters loaded");
+                self.llm.lora = Some(adapters.clone());
+                let trainer =
+                    crate::llm::train::LoraTrainer::from_adapters(adapters, lora, &self.llm.device);
+                (trainer, round)
+            }
+            None => (
+                crate::llm::train::LoraTrainer::new(&self.llm, cfg.lora.clone(), cfg.seed),
+                0,
+            ),
+        };
+        std::fs::create_dir_all(&state_dir).map_err(|source| Error::File {
+            path: state_dir.clone(),
+            source,
+        })?;
+        self.tuning = Some(Tuning {
+            cfg,
+            trainer,
+            state_dir,
+            tuned_through,
+        });
+        Ok(self)
     }
 
     /// The model (for evaluation and tuning between rounds).
@@ -184,6 +280,55 @@ impl Generator for LlmGenerator {
                 label: t.label as u32,
             })
             .collect())
+    }
+
+    fn baseline(&mut self) -> Result<Option<LlmReport>> {
+        match &self.evaluator {
+            Some(e) => e.baseline(&self.llm, &self.spec).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn feedback(
+        &mut self,
+        round: u64,
+        samples: &[SyntheticSample],
+        scores: &[AggregatedScore],
+    ) -> Result<Option<LlmReport>> {
+        let Some(t) = self.tuning.as_mut() else {
+            return Ok(None);
+        };
+        let mut report = if round <= t.tuned_through {
+            // A restart interrupted this round after its adapters were saved.
+            let mut r = crate::tuning::LlmReport::new(round);
+            r.tuned = true;
+            r
+        } else {
+            let r = crate::tuning::tune(
+                &mut self.llm,
+                &mut t.trainer,
+                &self.spec,
+                &t.cfg,
+                round,
+                samples,
+                scores,
+            )?;
+            let path = t.state_dir.join(format!("adapters-{round}.lora"));
+            t.trainer.save(&path)?;
+            // Older adapter files are history; the newest is the state.
+            if let Some(prev) = (t.tuned_through > 0).then(|| {
+                t.state_dir
+                    .join(format!("adapters-{}.lora", t.tuned_through))
+            }) {
+                let _ = std::fs::remove_file(prev);
+            }
+            t.tuned_through = round;
+            r
+        };
+        if let Some(e) = &self.evaluator {
+            e.evaluate(&self.llm, &self.spec, &mut report)?;
+        }
+        Ok(Some(report))
     }
 }
 

@@ -9,5 +9,6 @@ pub mod round;
 pub mod store;
 pub mod task;
 pub mod transport;
+pub mod tuning;
 
 pub use error::{Error, Result};

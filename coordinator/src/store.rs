@@ -11,6 +11,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::round::{Phase, Reply, RoundConfig, RoundOutcome};
+use crate::tuning::LlmReport;
 use crate::{Error, Result};
 
 const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
@@ -19,6 +20,8 @@ const ROUNDS: TableDefinition<u64, &[u8]> = TableDefinition::new("rounds");
 const REPLIES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("replies");
 const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("results");
 const REPORTS: TableDefinition<(u64, &str), f32> = TableDefinition::new("reports");
+/// The LLM's figures per round (0 = before the first), JSON so fields can be added.
+const LLM: TableDefinition<u64, &[u8]> = TableDefinition::new("llm");
 
 /// An enrolled client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +108,7 @@ impl Store {
             tx.open_table(REPLIES).map_err(db_err)?;
             tx.open_table(RESULTS).map_err(db_err)?;
             tx.open_table(REPORTS).map_err(db_err)?;
+            tx.open_table(LLM).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
@@ -294,6 +298,39 @@ impl Store {
             .collect()
     }
 
+    /// Records the LLM's figures after `report.round` (0: before any round).
+    pub fn put_llm_report(&self, report: &LlmReport) -> Result<()> {
+        let bytes = serde_json::to_vec(report).map_err(db_err)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(LLM)
+            .map_err(db_err)?
+            .insert(report.round, bytes.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Every LLM report, by round.
+    pub fn llm_reports(&self) -> Result<Vec<LlmReport>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(LLM).map_err(db_err)?;
+        t.iter()
+            .map_err(db_err)?
+            .map(|e| {
+                let (_, v) = e.map_err(db_err)?;
+                serde_json::from_slice(v.value())
+                    .map_err(|e| Error::Store(format!("corrupt LLM report: {e}")))
+            })
+            .collect()
+    }
+
+    /// The id of the newest finished round with a result, if any.
+    pub fn last_done_round(&self) -> Result<Option<u64>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(RESULTS).map_err(db_err)?;
+        let last = t.last().map_err(db_err)?;
+        Ok(last.map(|(k, _)| k.value()))
+    }
+
     /// A summary of every round, oldest first.
     pub fn summaries(&self) -> Result<Vec<RoundSummary>> {
         let ids: Vec<u64> = {
@@ -394,5 +431,13 @@ mod tests {
         s.finish_round(1, Phase::Done, None).unwrap();
         assert!(s.unfinished_round().unwrap().is_none());
         assert_eq!(s.summaries().unwrap().len(), 1);
+        let mut r = LlmReport::new(0);
+        r.task_accuracy = Some(0.5);
+        s.put_llm_report(&r).unwrap();
+        r.round = 1;
+        s.put_llm_report(&r).unwrap();
+        let got = s.llm_reports().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1], r);
     }
 }

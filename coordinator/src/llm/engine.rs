@@ -188,14 +188,7 @@ impl Llm {
     pub fn classify_calibrated(&self, task: &TaskSpec, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let prior = self.classify(task, &["N/A".to_string()])?.remove(0);
         let probs = self.classify(task, texts)?;
-        Ok(probs
-            .into_iter()
-            .map(|p| {
-                let scaled: Vec<f32> = p.iter().zip(&prior).map(|(x, q)| x / q.max(1e-9)).collect();
-                let total: f32 = scaled.iter().sum();
-                scaled.iter().map(|x| x / total).collect()
-            })
-            .collect())
+        Ok(probs.iter().map(|p| calibrate(p, &prior)).collect())
     }
 
     /// `scores[i][l]` = log p(`conts[l]` | `prompts[i]`): the prompts run once, then their
@@ -279,6 +272,17 @@ impl Llm {
         }
         Ok((nll / count as f64).exp())
     }
+}
+
+/// Contextual calibration of one row: divide by the content-free `prior`, renormalize.
+pub fn calibrate(probs: &[f32], prior: &[f32]) -> Vec<f32> {
+    let scaled: Vec<f32> = probs
+        .iter()
+        .zip(prior)
+        .map(|(x, q)| x / q.max(1e-9))
+        .collect();
+    let total: f32 = scaled.iter().sum();
+    scaled.iter().map(|x| x / total).collect()
 }
 
 /// Fraction of rows whose most probable label is the true one.

@@ -55,4 +55,23 @@ pub(crate) mod test_assets {
         );
         path
     }
+
+    /// A tiny random model with the real tokenizer: fast, and enough to see learning.
+    pub fn tiny_llm() -> crate::Result<super::Llm> {
+        use super::gguf::Gguf;
+        use super::model::{Llama, LlamaConfig};
+        use super::tokenizer::Tokenizer;
+        let tokenizer = Tokenizer::from_gguf(&Gguf::open(smollm2_path())?)?;
+        let device = burn::tensor::Device::flex();
+        device.seed(3);
+        let config = LlamaConfig::tiny(tokenizer.vocab_size());
+        let model = Llama::random(&config, &device);
+        Ok(super::Llm {
+            config,
+            model,
+            tokenizer,
+            device,
+            lora: None,
+        })
+    }
 }

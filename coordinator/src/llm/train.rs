@@ -260,26 +260,7 @@ pub fn load_adapters(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::gguf::Gguf;
-    use crate::llm::model::Llama;
-    use crate::llm::test_assets;
-    use crate::llm::tokenizer::Tokenizer;
-
-    /// A tiny random model with the real tokenizer: fast, and enough to see learning.
-    fn tiny_llm() -> Result<Llm> {
-        let tokenizer = Tokenizer::from_gguf(&Gguf::open(test_assets::smollm2_path())?)?;
-        let device = Device::flex();
-        device.seed(3);
-        let config = LlamaConfig::tiny(tokenizer.vocab_size());
-        let model = Llama::random(&config, &device);
-        Ok(Llm {
-            config,
-            model,
-            tokenizer,
-            device,
-            lora: None,
-        })
-    }
+    use crate::llm::test_assets::{self, tiny_llm};
 
     fn examples() -> Vec<TrainExample> {
         vec![

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::{FileGenerator, Generator, LlmGenerator};
 use crosslm_coordinator::store::Store;
+use crosslm_coordinator::tuning::{EvalConfig, Evaluator, TuningConfig};
 use serde::Deserialize;
 
 mod llm;
@@ -93,6 +94,12 @@ struct ConfigFile {
     #[serde(default)]
     daemon: DaemonConfig,
     generator: GeneratorConfig,
+    /// How the LLM learns from rounds (LLM generator only).
+    #[serde(default)]
+    tuning: TuningConfig,
+    /// What the LLM is measured on before the first round and after each tuning.
+    #[serde(default)]
+    eval: EvalConfig,
 }
 
 /// Relative paths in a config file are relative to the file.
@@ -139,6 +146,7 @@ fn main() -> anyhow::Result<()> {
                 "clients": store.clients()?,
                 "rounds": rounds,
                 "client_reports": reports,
+                "llm": store.llm_reports()?,
             });
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
@@ -175,7 +183,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(model = %path.display(), "loading the LLM");
             let llm = crosslm_coordinator::llm::Llm::load(&path, &burn::tensor::Device::flex())
                 .with_context(|| format!("loading {}", path.display()))?;
-            Box::new(LlmGenerator::new(llm, spec, seed))
+            let mut eval = cfg.eval;
+            eval.test = eval.test.map(|p| resolve(&base, &p));
+            eval.general = eval.general.map(|p| resolve(&base, &p));
+            let evaluator = Evaluator::load(&eval, &spec).context("loading evaluation data")?;
+            Box::new(
+                LlmGenerator::new(llm, spec, seed)
+                    .with_evaluator(evaluator)
+                    .with_tuning(cfg.tuning, daemon_cfg.data_dir.join("llm"))?,
+            )
         }
     };
     for t in mint_tokens(&daemon_cfg.data_dir, args.print_tokens)? {

@@ -1,0 +1,543 @@
+//! The LLM half of CrossLM: after a round, LoRA-tune the coordinator's LLM on the clients'
+//! aggregated feedback, then measure it.
+//!
+//! Two kinds of training example come out of one scored sample whose quality (aggregated
+//! probability of its intended label) clears `min_quality`:
+//! - generation side: (the label's generation prompt -> the sample), weight = quality, so the
+//!   LLM writes more like the samples the clients' SLMs found clearly on-label;
+//! - task side: (classification prompt of the sample -> each label's verbalizer), weight =
+//!   quality x the sample's aggregated soft label for that label: a soft-target cross-entropy
+//!   that teaches the LLM the task itself.
+//!
+//! The paper (arXiv 2312.05842) gives no code; these are our choices, each a [`TuningConfig`]
+//! option. Evaluation ([`Evaluator`]) reports task accuracy on a labeled test split and
+//! perplexity on held-out general text (is general ability kept?).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crosslm_sdk::data::{self, BadRows, TableSpec};
+use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::llm::train::{LoraConfig, LoraTrainer, TrainExample};
+use crate::llm::{Llm, accuracy};
+use crate::task::TaskSpec;
+use crate::{Error, Result};
+
+/// How the LLM learns from a round (the `[tuning]` part of the coordinator config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TuningConfig {
+    /// Tune at all. `false` is the "CrossLM without LLM tuning" ablation: the LLM stays frozen.
+    pub enabled: bool,
+    /// Samples whose aggregated quality is below this are not trained on.
+    pub min_quality: f32,
+    /// Train the LLM to write the well-scored samples (label prompt -> sample).
+    pub generation_side: bool,
+    /// Train the LLM to classify the well-scored samples (prompt -> verbalizer, soft labels).
+    pub task_side: bool,
+    /// Passes over a round's examples.
+    pub epochs: usize,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    /// At most this many samples per round are trained on (the best-scored first); bounds
+    /// the time a round's tuning takes on a CPU.
+    pub max_samples: usize,
+    /// LoRA settings (rank, alpha, learning rate, token limits).
+    pub lora: LoraConfig,
+    /// Seed of the adapters' initialization and the example order.
+    pub seed: u64,
+}
+
+impl Default for TuningConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_quality: 0.5,
+            generation_side: true,
+            task_side: true,
+            epochs: 1,
+            batch_size: 8,
+            max_samples: 64,
+            lora: LoraConfig {
+                rank: 8,
+                alpha: 16.0,
+                learning_rate: 5e-4,
+                max_completion_tokens: 64,
+                max_prompt_tokens: 160,
+            },
+            seed: 7,
+        }
+    }
+}
+
+/// What the LLM is measured on (the `[eval]` part of the coordinator config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Labeled test data of the task (any format `crosslm-client data` reads), for accuracy.
+    pub test: Option<PathBuf>,
+    /// Use at most this many test rows (the first ones).
+    pub test_limit: usize,
+    /// Held-out general text for perplexity: one text per line; in tab-separated lines the
+    /// last field is the text (the NYT editorial snippets of the MR archive).
+    pub general: Option<PathBuf>,
+    /// Use at most this many general texts.
+    pub general_limit: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            test: None,
+            test_limit: 300,
+            general: None,
+            general_limit: 100,
+        }
+    }
+}
+
+/// The LLM's figures after a round (round 0: before any round, the zero-shot start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlmReport {
+    /// The round after which this was measured (0 = before the first).
+    pub round: u64,
+    /// Whether the LLM was tuned on this round's feedback.
+    pub tuned: bool,
+    /// Samples of the round that were trained on.
+    pub samples_used: usize,
+    /// Training examples (generation side + task side).
+    pub examples: usize,
+    /// Mean loss of the first and of the last optimizer step.
+    pub loss_first: Option<f32>,
+    /// Mean loss of the last optimizer step.
+    pub loss_last: Option<f32>,
+    /// Accuracy on the task's test split (argmax of the verbalizer probabilities).
+    pub task_accuracy: Option<f64>,
+    /// The same with contextual calibration.
+    pub task_accuracy_calibrated: Option<f64>,
+    /// Perplexity on held-out general text.
+    pub perplexity: Option<f64>,
+    /// Seconds spent tuning.
+    pub tune_secs: f64,
+    /// Seconds spent evaluating.
+    pub eval_secs: f64,
+}
+
+impl LlmReport {
+    /// An empty report for `round`.
+    pub fn new(round: u64) -> Self {
+        Self {
+            round,
+            tuned: false,
+            samples_used: 0,
+            examples: 0,
+            loss_first: None,
+            loss_last: None,
+            task_accuracy: None,
+            task_accuracy_calibrated: None,
+            perplexity: None,
+            tune_secs: 0.0,
+            eval_secs: 0.0,
+        }
+    }
+}
+
+/// The training examples one round's feedback gives (see the module docs).
+pub fn feedback_examples(
+    llm: &Llm,
+    spec: &TaskSpec,
+    cfg: &TuningConfig,
+    samples: &[SyntheticSample],
+    scores: &[AggregatedScore],
+) -> (usize, Vec<TrainExample>) {
+    let by_id: std::collections::HashMap<u64, &SyntheticSample> =
+        samples.iter().map(|s| (s.id, s)).collect();
+    let mut kept: Vec<(&SyntheticSample, &AggregatedScore)> = scores
+        .iter()
+        .filter(|s| s.quality.is_finite() && s.quality >= cfg.min_quality)
+        .filter(|s| s.soft.len() == spec.labels.len())
+        .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
+        .filter(|(x, _)| (x.label as usize) < spec.labels.len())
+        .collect();
+    kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
+    kept.truncate(cfg.max_samples);
+    let tok = &llm.tokenizer;
+    let mut out = Vec::new();
+    for (sample, score) in &kept {
+        let label = &spec.labels[sample.label as usize];
+        if cfg.generation_side {
+            // Samples do not record which of the label's prompts wrote them; any of the
+            // label's paraphrased prompts is a fair context.
+            let p = &label.prompts[sample.id as usize % label.prompts.len()];
+            out.push(TrainExample {
+                prompt: tok.chat_prompt(p),
+                completion: sample.text.clone(),
+                weight: score.quality,
+            });
+        }
+        if cfg.task_side {
+            let prompt = tok.chat_prompt(&spec.classify_prompt(&sample.text));
+            for (l, target) in spec.labels.iter().zip(&score.soft) {
+                if *target > 0.01 {
+                    out.push(TrainExample {
+                        prompt: prompt.clone(),
+                        completion: l.verbalizer.clone(),
+                        weight: score.quality * target,
+                    });
+                }
+            }
+        }
+    }
+    (kept.len(), out)
+}
+
+/// LoRA-tunes `llm` on a round's feedback and leaves the new adapters in `llm.lora`.
+/// Returns the report's training fields.
+pub fn tune(
+    llm: &mut Llm,
+    trainer: &mut LoraTrainer,
+    spec: &TaskSpec,
+    cfg: &TuningConfig,
+    round: u64,
+    samples: &[SyntheticSample],
+    scores: &[AggregatedScore],
+) -> Result<LlmReport> {
+    let started = Instant::now();
+    let mut report = LlmReport::new(round);
+    let (used, mut examples) = feedback_examples(llm, spec, cfg, samples, scores);
+    report.samples_used = used;
+    report.examples = examples.len();
+    if examples.is_empty() {
+        tracing::warn!(
+            round,
+            "no sample cleared the quality threshold; LLM not tuned"
+        );
+        return Ok(report);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(round));
+    let steps = cfg.epochs * examples.len().div_ceil(cfg.batch_size.max(1));
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        examples.shuffle(&mut rng);
+        for batch in examples.chunks(cfg.batch_size.max(1)) {
+            let loss = trainer.step(llm, batch)?;
+            step += 1;
+            report.loss_first.get_or_insert(loss);
+            report.loss_last = Some(loss);
+            tracing::info!(round, step, steps, loss, "LLM tuning");
+        }
+    }
+    llm.lora = trainer.adapters();
+    report.tuned = true;
+    report.tune_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Measures the LLM: task accuracy on a test split, perplexity on general text.
+pub struct Evaluator {
+    test_texts: Vec<String>,
+    test_labels: Vec<usize>,
+    general: Vec<String>,
+}
+
+impl Evaluator {
+    /// Loads the evaluation data named by `cfg` (paths relative to the working directory).
+    pub fn load(cfg: &EvalConfig, spec: &TaskSpec) -> Result<Self> {
+        let mut e = Self {
+            test_texts: Vec::new(),
+            test_labels: Vec::new(),
+            general: Vec::new(),
+        };
+        if let Some(path) = &cfg.test {
+            let names: Vec<String> = spec.labels.iter().map(|l| l.name.clone()).collect();
+            let table = TableSpec {
+                labels: Some(names),
+                ..TableSpec::default()
+            };
+            let loaded = data::load_auto(path, None, &table, BadRows::Skip)?;
+            let ds = loaded.dataset;
+            // Map the file's label names onto the task's.
+            for ex in ds.examples.into_iter().take(cfg.test_limit) {
+                let name = &ds.label_names[ex.label];
+                let idx = spec.label_index(name).ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}: label {name:?} is not one of task {}'s",
+                        path.display(),
+                        spec.name
+                    ))
+                })?;
+                e.test_texts.push(ex.text);
+                e.test_labels.push(idx);
+            }
+        }
+        if let Some(path) = &cfg.general {
+            e.general = load_general(path, cfg.general_limit)?;
+        }
+        Ok(e)
+    }
+
+    /// From texts already in memory.
+    pub fn from_parts(test: Vec<(String, usize)>, general: Vec<String>) -> Self {
+        let (test_texts, test_labels) = test.into_iter().unzip();
+        Self {
+            test_texts,
+            test_labels,
+            general,
+        }
+    }
+
+    /// Whether there is anything to measure.
+    pub fn is_empty(&self) -> bool {
+        self.test_texts.is_empty() && self.general.is_empty()
+    }
+
+    /// Fills the evaluation fields of `report`.
+    pub fn evaluate(&self, llm: &Llm, spec: &TaskSpec, report: &mut LlmReport) -> Result<()> {
+        let started = Instant::now();
+        if !self.test_texts.is_empty() {
+            let probs = llm.classify(spec, &self.test_texts)?;
+            report.task_accuracy = Some(accuracy(&probs, &self.test_labels));
+            let prior = llm.classify(spec, &["N/A".to_string()])?.remove(0);
+            let calibrated: Vec<Vec<f32>> = probs
+                .iter()
+                .map(|p| crate::llm::engine::calibrate(p, &prior))
+                .collect();
+            report.task_accuracy_calibrated = Some(accuracy(&calibrated, &self.test_labels));
+        }
+        if !self.general.is_empty() {
+            report.perplexity = Some(llm.perplexity(&self.general)?);
+        }
+        report.eval_secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            round = report.round,
+            accuracy = ?report.task_accuracy,
+            calibrated = ?report.task_accuracy_calibrated,
+            perplexity = ?report.perplexity,
+            secs = report.eval_secs,
+            "LLM evaluated"
+        );
+        Ok(())
+    }
+
+    /// A report of the untouched model (round 0).
+    pub fn baseline(&self, llm: &Llm, spec: &TaskSpec) -> Result<LlmReport> {
+        let mut r = LlmReport::new(0);
+        self.evaluate(llm, spec, &mut r)?;
+        Ok(r)
+    }
+}
+
+/// General texts for perplexity: non-empty lines (the last tab-separated field), at least
+/// 40 characters, the first `limit`.
+pub fn load_general(path: &Path, limit: usize) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|source| Error::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // The archive's files are not all valid UTF-8; a lossy read keeps every line usable.
+    let text = String::from_utf8_lossy(&bytes);
+    let out: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.rsplit('\t').next())
+        .map(str::trim)
+        .filter(|t| t.chars().count() >= 40)
+        .take(limit)
+        .map(str::to_string)
+        .collect();
+    if out.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no general texts of at least 40 characters",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::{Generator, LlmGenerator};
+    use crate::llm::test_assets::tiny_llm;
+
+    fn spec() -> TaskSpec {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks/mr.toml");
+        TaskSpec::from_toml_file(p).unwrap()
+    }
+
+    /// Three samples: two clear the 0.5 threshold.
+    fn round() -> (Vec<SyntheticSample>, Vec<AggregatedScore>) {
+        let texts = [
+            "A dull, lifeless film with no reason to exist.",
+            "Maybe fine.",
+            "A warm, funny and moving picture.",
+        ];
+        let samples = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| SyntheticSample {
+                id: i as u64,
+                text: t.to_string(),
+                label: if i == 2 { 1 } else { 0 },
+            })
+            .collect();
+        let scores = vec![
+            AggregatedScore {
+                id: 0,
+                quality: 0.9,
+                soft: vec![0.9, 0.1],
+            },
+            AggregatedScore {
+                id: 1,
+                quality: 0.3,
+                soft: vec![0.3, 0.7],
+            },
+            AggregatedScore {
+                id: 2,
+                quality: 0.995,
+                soft: vec![0.005, 0.995],
+            },
+        ];
+        (samples, scores)
+    }
+
+    fn quick() -> TuningConfig {
+        TuningConfig {
+            epochs: 3,
+            batch_size: 4,
+            lora: LoraConfig {
+                learning_rate: 5e-3,
+                ..TuningConfig::default().lora
+            },
+            ..TuningConfig::default()
+        }
+    }
+
+    #[test]
+    fn feedback_gives_weighted_generation_and_soft_task_examples() {
+        let llm = tiny_llm().unwrap();
+        let (samples, scores) = round();
+        let (used, ex) = feedback_examples(&llm, &spec(), &quick(), &samples, &scores);
+        assert_eq!(used, 2, "the 0.3-quality sample is below the threshold");
+        // Best first: sample 2 (gen + 1 task example, its 0.005 label is dropped), then
+        // sample 0 (gen + 2 task examples).
+        assert_eq!(ex.len(), 5);
+        assert_eq!(ex[0].completion, "A warm, funny and moving picture.");
+        let positive = &spec().labels[1].prompts;
+        assert!(
+            positive.iter().any(|p| ex[0].prompt.contains(p)),
+            "{}",
+            ex[0].prompt
+        );
+        assert_eq!(ex[0].weight, 0.995);
+        assert_eq!(ex[1].completion, "Positive");
+        assert!(ex[1].prompt.contains("A warm, funny"));
+        let neg: Vec<_> = ex.iter().filter(|e| e.completion == "Negative").collect();
+        assert_eq!(neg.len(), 1);
+        assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
+        let only_task = TuningConfig {
+            generation_side: false,
+            max_samples: 1,
+            ..quick()
+        };
+        let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
+        assert_eq!((used, ex.len()), (1, 1));
+    }
+
+    #[test]
+    fn generator_tunes_saves_and_does_not_relearn_a_round_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("llm");
+        let (samples, scores) = round();
+        let mut g = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(quick(), state.clone())
+            .unwrap();
+        let r1 = g.feedback(1, &samples, &scores).unwrap().unwrap();
+        assert!(r1.tuned && r1.examples == 5, "{r1:?}");
+        let (first, last) = (r1.loss_first.unwrap(), r1.loss_last.unwrap());
+        assert!(last < first, "loss {first} -> {last}");
+        assert!(state.join("adapters-1.lora").is_file());
+        assert!(g.llm_mut().lora.is_some(), "the tuned adapters are in use");
+
+        // A restart: the adapters are loaded, round 1 is not learned again.
+        let mut g = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(quick(), state.clone())
+            .unwrap();
+        assert!(g.llm_mut().lora.is_some());
+        let again = g.feedback(1, &samples, &scores).unwrap().unwrap();
+        assert!(again.tuned && again.examples == 0, "{again:?}");
+        let r2 = g.feedback(2, &samples, &scores).unwrap().unwrap();
+        assert_eq!(r2.examples, 5);
+        assert!(state.join("adapters-2.lora").is_file());
+        assert!(!state.join("adapters-1.lora").exists());
+
+        // Disabled: the model stays frozen and nothing is reported.
+        let mut frozen = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(
+                TuningConfig {
+                    enabled: false,
+                    ..quick()
+                },
+                dir.path().join("frozen"),
+            )
+            .unwrap();
+        assert!(frozen.feedback(1, &samples, &scores).unwrap().is_none());
+        assert!(frozen.llm_mut().lora.is_none());
+    }
+
+    #[test]
+    fn general_text_takes_the_last_tab_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.txt");
+        std::fs::write(
+            &p,
+            "1_1\t0.4\tThe city plans a holiday celebration in the square at noon.\nshort\n\
+             A plain line without tabs that is long enough to be used here.\n",
+        )
+        .unwrap();
+        let g = load_general(&p, 10).unwrap();
+        assert_eq!(
+            g,
+            vec![
+                "The city plans a holiday celebration in the square at noon.".to_string(),
+                "A plain line without tabs that is long enough to be used here.".to_string()
+            ]
+        );
+        assert_eq!(load_general(&p, 1).unwrap().len(), 1);
+        std::fs::write(&p, "tiny\n").unwrap();
+        assert!(load_general(&p, 10).is_err());
+    }
+
+    /// On the real model: the evaluation figures are in range and the NYT text's perplexity
+    /// is that of fluent English for a small model.
+    #[test]
+    fn real_model_evaluation() {
+        let llm = crate::llm::Llm::load(
+            crate::llm::test_assets::smollm2_path(),
+            &burn::tensor::Device::flex(),
+        )
+        .unwrap();
+        let assets = crate::llm::assets_dir();
+        let spec = spec();
+        let e = Evaluator::load(
+            &EvalConfig {
+                test: Some(assets.join("data/mr/movieReviewSnippets_GroundTruth.txt")),
+                test_limit: 16,
+                general: Some(assets.join("data/mr/nytEditorialSnippets_GroundTruth.txt")),
+                general_limit: 8,
+            },
+            &spec,
+        )
+        .unwrap();
+        let r = e.baseline(&llm, &spec).unwrap();
+        assert_eq!(r.round, 0);
+        let acc = r.task_accuracy.unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert!((0.0..=1.0).contains(&r.task_accuracy_calibrated.unwrap()));
+        let ppl = r.perplexity.unwrap();
+        assert!((3.0..200.0).contains(&ppl), "perplexity {ppl}");
+    }
+}
