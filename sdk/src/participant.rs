@@ -21,6 +21,10 @@ pub struct Learning {
     pub train: TrainConfig,
     /// Synthetic samples whose aggregated quality is below this are not trained on.
     pub min_quality: f32,
+    /// Learn from the clients' scores (CrossLM). `false` ignores them: every sample is
+    /// trained on with its intended label and weight 1 (the "synthetic data without
+    /// feedback" baseline, ZeroGen style).
+    pub use_scores: bool,
     /// Where to save the updated model after each round.
     pub checkpoint: Option<PathBuf>,
 }
@@ -86,22 +90,34 @@ impl Scorer for SlmScorer {
         let by_id: HashMap<u64, &SyntheticSample> = samples.iter().map(|s| (s.id, s)).collect();
         let mut examples = learning.private.clone();
         let before = examples.len();
-        for sc in scores.iter().filter(|s| s.quality >= learning.min_quality) {
-            let Some(sample) = by_id.get(&sc.id) else {
-                continue;
-            };
-            if sc.soft.len() != map.len() {
-                continue;
+        if learning.use_scores {
+            for sc in scores.iter().filter(|s| s.quality >= learning.min_quality) {
+                let Some(sample) = by_id.get(&sc.id) else {
+                    continue;
+                };
+                if sc.soft.len() != map.len() {
+                    continue;
+                }
+                let mut target = vec![0.0; n_labels];
+                for (task_label, &model_label) in map.iter().enumerate() {
+                    target[model_label] = sc.soft[task_label];
+                }
+                examples.push(TrainExample {
+                    text: sample.text.clone(),
+                    target,
+                    weight: sc.quality,
+                });
             }
-            let mut target = vec![0.0; n_labels];
-            for (task_label, &model_label) in map.iter().enumerate() {
-                target[model_label] = sc.soft[task_label];
+        } else {
+            for sample in samples {
+                if let Some(&model_label) = map.get(sample.label as usize) {
+                    examples.push(TrainExample::hard(
+                        sample.text.clone(),
+                        model_label,
+                        n_labels,
+                    ));
+                }
             }
-            examples.push(TrainExample {
-                text: sample.text.clone(),
-                target,
-                weight: sc.quality,
-            });
         }
         tracing::info!(
             private = before,
@@ -212,6 +228,7 @@ mod tests {
             test: Some((texts, labels)),
             train,
             min_quality: 0.5,
+            use_scores: true,
             checkpoint: Some(ckpt.clone()),
         });
         // Aggregated scores: confident and right, so the model should learn the samples.
@@ -245,5 +262,48 @@ mod tests {
             plain.learn(&task(&["neg", "pos"]), &s, &scores).unwrap(),
             None
         );
+    }
+
+    /// Without feedback every sample counts with its intended label, whatever the scores.
+    #[test]
+    fn learning_without_scores_uses_intended_labels() {
+        let s = samples();
+        let texts: Vec<String> = s.iter().map(|x| x.text.clone()).collect();
+        let labels: Vec<usize> = s.iter().map(|x| x.label as usize).collect();
+        // Scores that would make a CrossLM learner skip (and mislabel) every sample.
+        let scores: Vec<AggregatedScore> = s
+            .iter()
+            .map(|x| AggregatedScore {
+                id: x.id,
+                quality: 0.1,
+                soft: if x.label == 0 {
+                    vec![0.1, 0.9]
+                } else {
+                    vec![0.9, 0.1]
+                },
+            })
+            .collect();
+        let learner = |use_scores| Learning {
+            private: vec![],
+            test: Some((texts.clone(), labels.clone())),
+            train: TrainConfig {
+                epochs: 30,
+                learning_rate: 5e-3,
+                validation_fraction: 0.0,
+                ..TrainConfig::default()
+            },
+            min_quality: 0.5,
+            use_scores,
+            checkpoint: None,
+        };
+        let mut unscored = SlmScorer::new(small_bag()).with_learning(learner(false));
+        let acc = unscored
+            .learn(&task(&["neg", "pos"]), &s, &scores)
+            .unwrap()
+            .unwrap();
+        assert!(acc >= 0.99, "accuracy {acc}");
+        // With scores, nothing clears the threshold and there is nothing to train on.
+        let mut scored = SlmScorer::new(small_bag()).with_learning(learner(true));
+        assert!(scored.learn(&task(&["neg", "pos"]), &s, &scores).is_err());
     }
 }

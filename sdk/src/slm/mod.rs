@@ -9,6 +9,7 @@ mod checkpoint;
 mod minilm;
 mod tokenizer;
 mod train;
+mod weights;
 
 use std::path::Path;
 
@@ -134,6 +135,10 @@ pub trait Slm: Send {
     ) -> Result<TrainReport>;
     /// Writes a checkpoint directory (weights, tokenizer, metadata).
     fn save(&self, dir: &Path) -> Result<()>;
+    /// Every float parameter, flattened in a fixed order (for weight averaging).
+    fn weights(&self) -> Result<Vec<f32>>;
+    /// Replaces every float parameter from [`Slm::weights`] of a same-shaped model.
+    fn set_weights(&mut self, weights: &[f32]) -> Result<()>;
 }
 
 /// Architecture-specific configuration, kept for checkpoints.
@@ -392,6 +397,15 @@ impl<M: Classifier> Slm for TextClassifier<M> {
     fn save(&self, dir: &Path) -> Result<()> {
         checkpoint::save(self, dir)
     }
+
+    fn weights(&self) -> Result<Vec<f32>> {
+        weights::flatten(&self.model)
+    }
+
+    fn set_weights(&mut self, w: &[f32]) -> Result<()> {
+        self.model = weights::unflatten(self.model.clone(), w)?;
+        Ok(())
+    }
 }
 
 /// Accuracy of `slm` on labeled texts (argmax of the predicted probabilities).
@@ -507,6 +521,34 @@ mod tests {
         for (a, b) in probs.iter().flatten().zip(again.iter().flatten()) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    /// Flat weights move a trained model's behaviour into another model of the same shape
+    /// (what FedAvg does); a vector of the wrong size is refused.
+    #[test]
+    fn weights_flatten_and_replace() {
+        let mut a = bag(Backend::Flex);
+        let cfg = TrainConfig {
+            epochs: 10,
+            learning_rate: 2e-2,
+            validation_fraction: 0.0,
+            batch_size: 8,
+            ..TrainConfig::for_arch(Arch::Bag)
+        };
+        a.train(&toy_examples(), &cfg, &mut |_| {}).unwrap();
+        let w = a.weights().unwrap();
+        let mut b = bag(Backend::Flex);
+        let texts = ["great fun film", "awful boring mess"];
+        let pa = a.predict_proba(&texts).unwrap();
+        assert_ne!(b.weights().unwrap(), w);
+        b.set_weights(&w).unwrap();
+        assert_eq!(b.weights().unwrap(), w);
+        let pb = b.predict_proba(&texts).unwrap();
+        for (x, y) in pa.iter().flatten().zip(pb.iter().flatten()) {
+            assert!((x - y).abs() < 1e-6);
+        }
+        assert!(b.set_weights(&w[1..]).is_err());
+        assert!(b.set_weights(&[w.clone(), vec![0.0]].concat()).is_err());
     }
 
     #[test]

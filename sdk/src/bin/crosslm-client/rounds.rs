@@ -133,6 +133,7 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
             test,
             train,
             min_quality: a.min_quality,
+            use_scores: true,
             checkpoint: Some(a.checkpoint.clone()),
         });
     }
