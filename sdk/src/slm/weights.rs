@@ -14,7 +14,7 @@ struct Collect {
 
 impl ModuleVisitor for Collect {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        match param.val().into_data().convert::<f32>().to_vec::<f32>() {
+        match param.val().into_data().convert::<f32>().try_to_vec::<f32>() {
             Ok(v) => self.out.extend(v),
             Err(e) => {
                 self.err.get_or_insert(format!("{e:?}"));

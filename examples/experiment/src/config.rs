@@ -1,0 +1,294 @@
+//! The experiment config file (TOML): task, clients, data split, rounds, variants.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use crosslm_coordinator::tuning::TuningConfig;
+use crosslm_sdk::slm::Arch;
+use serde::{Deserialize, Serialize};
+
+/// How private data is spread over clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partition {
+    /// Every client draws from the same label distribution.
+    Iid,
+    /// Label-skewed: per label, client shares from Dirichlet(alpha).
+    Dirichlet(f64),
+}
+
+/// A group of clients with the same SLM architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientGroup {
+    /// The SLM architecture.
+    pub arch: Arch,
+    /// How many clients.
+    pub count: usize,
+}
+
+/// What is compared. Each is one row of the results table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// Each client trains only on its private data (as many epochs as a CrossLM client).
+    Standalone,
+    /// One SLM per architecture on all private data pooled: the upper bound.
+    Centralized,
+    /// Federated averaging of SLM weights (MiniLM clients only: it needs one architecture).
+    Fedavg,
+    /// Frozen-LLM samples with their intended labels, no scores, no LLM tuning (ZeroGen).
+    Synthetic,
+    /// CrossLM with the LLM frozen (ablation): clients learn from scored samples.
+    CrosslmFrozenLlm,
+    /// CrossLM: scored samples for the clients, LoRA tuning of the LLM on the feedback.
+    Crosslm,
+}
+
+impl Variant {
+    /// Short display name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Variant::Standalone => "Standalone",
+            Variant::Centralized => "Centralized (upper bound)",
+            Variant::Fedavg => "FedAvg (MiniLM clients)",
+            Variant::Synthetic => "Synthetic without feedback",
+            Variant::CrosslmFrozenLlm => "CrossLM without LLM tuning",
+            Variant::Crosslm => "CrossLM",
+        }
+    }
+}
+
+/// SLM training settings for one architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlmTraining {
+    /// Epochs of the first, local-only training (round 0).
+    pub epochs_initial: usize,
+    /// Epochs of each per-round update.
+    pub epochs_per_round: usize,
+    /// Learning rate of the first training.
+    pub lr_initial: f64,
+    /// Learning rate of per-round updates.
+    pub lr_per_round: f64,
+    /// Epochs of the Centralized baseline (all private data pooled, so fewer passes).
+    pub epochs_centralized: usize,
+    /// Batch size.
+    pub batch_size: usize,
+}
+
+impl SlmTraining {
+    /// Chosen once from the SLM issue's figures (not tuned on any test split).
+    pub fn default_for(arch: Arch) -> Self {
+        match arch {
+            Arch::Minilm => Self {
+                epochs_initial: 8,
+                epochs_per_round: 2,
+                lr_initial: 1e-4,
+                lr_per_round: 5e-5,
+                epochs_centralized: 4,
+                batch_size: 16,
+            },
+            Arch::Bag => Self {
+                epochs_initial: 30,
+                epochs_per_round: 5,
+                lr_initial: 2e-3,
+                lr_per_round: 1e-3,
+                epochs_centralized: 30,
+                batch_size: 16,
+            },
+        }
+    }
+}
+
+impl Default for SlmTraining {
+    fn default() -> Self {
+        Self::default_for(Arch::Minilm)
+    }
+}
+
+/// One experiment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Name: results go to `<out>/<name>/`.
+    pub name: String,
+    /// Task spec (TOML); relative to the config file.
+    pub task: PathBuf,
+    /// Labeled data set, relative to the assets dir (`$CROSSLM_ASSETS`, default `assets/`).
+    pub data: PathBuf,
+    /// The LLM (GGUF), relative to the assets dir.
+    #[serde(default = "default_llm")]
+    pub llm: PathBuf,
+    /// MiniLM files (and the bag model's tokenizer), relative to the assets dir.
+    #[serde(default = "default_minilm")]
+    pub minilm: PathBuf,
+    /// General text for the LLM's perplexity, relative to the assets dir.
+    #[serde(default = "default_general")]
+    pub general: PathBuf,
+    /// Seed of the split, partition, model initialization and sampling.
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// The clients, by architecture.
+    pub clients: Vec<ClientGroup>,
+    /// Private labeled examples per client.
+    pub per_client: usize,
+    /// IID or Dirichlet.
+    pub partition: Partition,
+    /// CrossLM rounds.
+    pub rounds: u64,
+    /// Synthetic samples per label per round.
+    pub samples_per_label: usize,
+    /// Held-out test examples for the SLMs (never trained on).
+    pub test_size: usize,
+    /// The LLM's task accuracy uses the first this many test examples.
+    pub llm_test_size: usize,
+    /// General texts for the LLM's perplexity.
+    #[serde(default = "default_general_size")]
+    pub general_size: usize,
+    /// Samples below this aggregated quality are not trained on (clients).
+    #[serde(default = "half")]
+    pub min_quality: f32,
+    /// SLM tokens per text.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// What to run, in order.
+    pub variants: Vec<Variant>,
+    /// MiniLM training.
+    #[serde(default = "minilm_training")]
+    pub minilm_training: SlmTraining,
+    /// Bag model training.
+    #[serde(default = "bag_training")]
+    pub bag_training: SlmTraining,
+    /// The LLM's tuning (CrossLM variant).
+    #[serde(default)]
+    pub tuning: TuningConfig,
+}
+
+fn default_llm() -> PathBuf {
+    "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+}
+fn default_minilm() -> PathBuf {
+    "minilm".into()
+}
+fn default_general() -> PathBuf {
+    "data/mr/nytEditorialSnippets_GroundTruth.txt".into()
+}
+fn default_general_size() -> usize {
+    100
+}
+fn default_max_len() -> usize {
+    64
+}
+fn one() -> u64 {
+    1
+}
+fn half() -> f32 {
+    0.5
+}
+fn minilm_training() -> SlmTraining {
+    SlmTraining::default_for(Arch::Minilm)
+}
+fn bag_training() -> SlmTraining {
+    SlmTraining::default_for(Arch::Bag)
+}
+
+impl ExperimentConfig {
+    /// Reads a config file; the task path becomes absolute.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.task.is_relative() {
+            cfg.task = base.join(&cfg.task);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.clients.iter().map(|g| g.count).sum::<usize>() == 0 {
+            bail!("no clients");
+        }
+        if self.per_client == 0 || self.test_size == 0 || self.rounds == 0 {
+            bail!("per_client, test_size and rounds must be positive");
+        }
+        if let Partition::Dirichlet(a) = self.partition
+            && !(a > 0.0 && a.is_finite())
+        {
+            bail!("Dirichlet alpha must be positive, got {a}");
+        }
+        if self.variants.is_empty() {
+            bail!("no variants to run");
+        }
+        Ok(())
+    }
+
+    /// Every client's architecture, in client order.
+    pub fn archs(&self) -> Vec<Arch> {
+        self.clients
+            .iter()
+            .flat_map(|g| std::iter::repeat_n(g.arch, g.count))
+            .collect()
+    }
+
+    /// Training settings of an architecture.
+    pub fn training(&self, arch: Arch) -> &SlmTraining {
+        match arch {
+            Arch::Minilm => &self.minilm_training,
+            Arch::Bag => &self.bag_training,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let c = ExperimentConfig::load(&p).unwrap();
+                assert!(
+                    c.task.is_file(),
+                    "{}: task {}",
+                    p.display(),
+                    c.task.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 3);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.toml");
+        let base = r#"
+name = "x"
+task = "t.toml"
+data = "d"
+clients = [{ arch = "minilm", count = 2 }]
+per_client = 8
+rounds = 1
+samples_per_label = 4
+test_size = 10
+llm_test_size = 5
+variants = ["crosslm"]
+"#;
+        std::fs::write(&p, format!("{base}partition = \"iid\"\n")).unwrap();
+        let c = ExperimentConfig::load(&p).unwrap();
+        assert_eq!(c.archs(), vec![Arch::Minilm, Arch::Minilm]);
+        std::fs::write(&p, format!("{base}partition = {{ dirichlet = -1.0 }}\n")).unwrap();
+        assert!(ExperimentConfig::load(&p).is_err());
+        std::fs::write(&p, format!("{base}partition = \"iid\"\nbogus = 1\n")).unwrap();
+        assert!(ExperimentConfig::load(&p).is_err());
+    }
+}

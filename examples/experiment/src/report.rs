@@ -1,0 +1,416 @@
+//! What an experiment measured (`metrics.json`), and its renderings: a markdown table and a
+//! PNG plot of accuracy per round.
+
+use std::path::Path;
+
+use anyhow::Context;
+use crosslm_coordinator::tuning::LlmReport;
+use crosslm_sdk::slm::Arch;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ExperimentConfig, Variant};
+
+/// One round of one variant (round 0: after local-only training).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// The round.
+    pub round: u64,
+    /// Each client's SLM test accuracy (`None`: not measured or not applicable).
+    pub slm: Vec<Option<f32>>,
+    /// The LLM's figures after this round, where measured.
+    pub llm: Option<LlmReport>,
+    /// Synthetic samples in the round.
+    pub samples: Option<usize>,
+    /// Mean aggregated quality of the round's samples.
+    pub mean_quality: Option<f32>,
+    /// Samples at or above the clients' quality threshold.
+    pub kept: Option<usize>,
+}
+
+/// One variant's run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantResult {
+    /// Which.
+    pub variant: Variant,
+    /// Rounds, in order.
+    pub rounds: Vec<RoundMetrics>,
+    /// Wall time of the variant.
+    pub secs: f64,
+}
+
+/// One client of the experiment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientMeta {
+    /// Name (as enrolled).
+    pub name: String,
+    /// SLM architecture.
+    pub arch: Arch,
+    /// Private examples.
+    pub n_private: usize,
+    /// Private examples per task label.
+    pub label_counts: Vec<usize>,
+}
+
+/// Everything an experiment measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    /// The config it ran.
+    pub config: ExperimentConfig,
+    /// The clients.
+    pub clients: Vec<ClientMeta>,
+    /// Each client's SLM accuracy after local-only training (every variant's round 0).
+    pub initial: Vec<f32>,
+    /// The untouched LLM's figures.
+    pub llm_zero_shot: Option<LlmReport>,
+    /// The variants run so far.
+    pub variants: Vec<VariantResult>,
+}
+
+/// Mean, min and max of the measured values.
+pub fn stats(values: &[Option<f32>]) -> Option<(f32, f32, f32)> {
+    let v: Vec<f32> = values.iter().flatten().copied().collect();
+    if v.is_empty() {
+        return None;
+    }
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    let min = v.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    Some((mean, min, max))
+}
+
+impl Metrics {
+    /// The mean accuracy of one architecture's clients in a round.
+    fn arch_mean(&self, r: &RoundMetrics, arch: Arch) -> Option<f32> {
+        let v: Vec<Option<f32>> = r
+            .slm
+            .iter()
+            .zip(&self.clients)
+            .filter(|(_, c)| c.arch == arch)
+            .map(|(a, _)| *a)
+            .collect();
+        stats(&v).map(|s| s.0)
+    }
+
+    /// A variant's result, if run.
+    pub fn variant(&self, v: Variant) -> Option<&VariantResult> {
+        self.variants.iter().find(|r| r.variant == v)
+    }
+
+    /// The markdown report.
+    pub fn markdown(&self) -> String {
+        let c = &self.config;
+        let pct = |x: Option<f32>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
+        let pct64 = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
+        let ppl = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.2}"));
+        let archs: Vec<Arch> = [Arch::Minilm, Arch::Bag]
+            .into_iter()
+            .filter(|a| self.clients.iter().any(|c| c.arch == *a))
+            .collect();
+        let partition = match c.partition {
+            crate::config::Partition::Iid => "IID".to_string(),
+            crate::config::Partition::Dirichlet(a) => format!("Dirichlet({a})"),
+        };
+        let mut s = format!(
+            "# {}\n\nTask `{}`, {} clients ({}) x {} private examples, {partition}, {} rounds, \
+             {} synthetic samples per label per round, seed {}. SLM accuracy on {} held-out \
+             examples; LLM task accuracy on the first {} of them; LLM perplexity on {} general \
+             texts. Accuracies in %.\n\n",
+            c.name,
+            c.task.file_stem().and_then(|s| s.to_str()).unwrap_or("?"),
+            self.clients.len(),
+            archs
+                .iter()
+                .map(|a| format!(
+                    "{} {a}",
+                    self.clients.iter().filter(|c| c.arch == *a).count()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            c.per_client,
+            c.rounds,
+            c.samples_per_label,
+            c.seed,
+            c.test_size,
+            c.llm_test_size,
+            c.general_size,
+        );
+        s += "| Variant | SLM mean | SLM min | SLM max |";
+        for a in &archs {
+            s += &format!(" {a} mean |");
+        }
+        s += " LLM acc | LLM acc (calibrated) | LLM perplexity |\n|---|---|---|---|";
+        for _ in &archs {
+            s += "---|";
+        }
+        s += "---|---|---|\n";
+        let zero = self.llm_zero_shot.as_ref();
+        let round0 = RoundMetrics {
+            round: 0,
+            slm: self.initial.iter().map(|a| Some(*a)).collect(),
+            llm: None,
+            samples: None,
+            mean_quality: None,
+            kept: None,
+        };
+        let mut row = |name: &str, r: &RoundMetrics, llm: Option<&LlmReport>| {
+            let st = stats(&r.slm);
+            s += &format!(
+                "| {name} | {} | {} | {} |",
+                pct(st.map(|x| x.0)),
+                pct(st.map(|x| x.1)),
+                pct(st.map(|x| x.2))
+            );
+            for a in &archs {
+                s += &format!(" {} |", pct(self.arch_mean(r, *a)));
+            }
+            s += &format!(
+                " {} | {} | {} |\n",
+                pct64(llm.and_then(|l| l.task_accuracy)),
+                pct64(llm.and_then(|l| l.task_accuracy_calibrated)),
+                ppl(llm.and_then(|l| l.perplexity))
+            );
+        };
+        row("Local only, before any round", &round0, None);
+        if zero.is_some() {
+            row("LLM zero-shot (start)", &empty_round(), zero);
+        }
+        for v in &self.variants {
+            let Some(last) = v.rounds.last() else {
+                continue;
+            };
+            let llm = match v.variant {
+                Variant::Crosslm => last.llm.as_ref(),
+                // The LLM behind these rows is the frozen, zero-shot one.
+                Variant::Synthetic | Variant::CrosslmFrozenLlm => zero,
+                _ => None,
+            };
+            row(v.variant.label(), last, llm);
+        }
+        s += "\nFinal round for every variant (Centralized: one model per architecture on the \
+              pooled private data; FedAvg: MiniLM clients only).\n";
+        // Per-round detail of every round-based variant.
+        for v in &self.variants {
+            if v.rounds.len() < 2 {
+                continue;
+            }
+            s += &format!(
+                "\n## {} per round\n\n| Round | SLM mean | SLM min | SLM max | samples | mean quality | kept | LLM acc | LLM acc (cal.) | LLM perplexity | LLM tuning s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+                v.variant.label()
+            );
+            for r in &v.rounds {
+                let st = stats(&r.slm);
+                let llm = r.llm.as_ref();
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    r.round,
+                    pct(st.map(|x| x.0)),
+                    pct(st.map(|x| x.1)),
+                    pct(st.map(|x| x.2)),
+                    r.samples.map_or("—".into(), |n| n.to_string()),
+                    r.mean_quality.map_or("—".into(), |q| format!("{q:.3}")),
+                    r.kept.map_or("—".into(), |n| n.to_string()),
+                    pct64(llm.and_then(|l| l.task_accuracy)),
+                    pct64(llm.and_then(|l| l.task_accuracy_calibrated)),
+                    ppl(llm.and_then(|l| l.perplexity)),
+                    llm.filter(|l| l.tuned)
+                        .map_or("—".into(), |l| format!("{:.0}", l.tune_secs)),
+                );
+            }
+        }
+        s += "\n## Wall time per variant\n\n";
+        for v in &self.variants {
+            s += &format!("- {}: {:.0} s\n", v.variant.label(), v.secs);
+        }
+        s
+    }
+
+    /// The headline: SLM mean accuracy, Standalone vs CrossLM; the LLM's task accuracy,
+    /// zero-shot vs tuned; its general perplexity before and after.
+    pub fn summary(&self) -> String {
+        let final_mean = |v: Variant| {
+            self.variant(v)
+                .and_then(|r| r.rounds.last())
+                .and_then(|r| stats(&r.slm))
+                .map(|s| s.0)
+        };
+        let mut out = String::new();
+        if let (Some(a), Some(b)) = (
+            final_mean(Variant::Standalone),
+            final_mean(Variant::Crosslm),
+        ) {
+            out += &format!(
+                "SLM mean accuracy: Standalone {:.1}% -> CrossLM {:.1}% ({:+.1} points)\n",
+                100.0 * a,
+                100.0 * b,
+                100.0 * (b - a)
+            );
+        }
+        let tuned = self
+            .variant(Variant::Crosslm)
+            .and_then(|v| v.rounds.iter().rev().find_map(|r| r.llm.clone()));
+        if let (Some(z), Some(t)) = (&self.llm_zero_shot, &tuned) {
+            if let (Some(a), Some(b)) = (z.task_accuracy, t.task_accuracy) {
+                out += &format!(
+                    "LLM task accuracy: zero-shot {:.1}% -> tuned {:.1}% ({:+.1} points)\n",
+                    100.0 * a,
+                    100.0 * b,
+                    100.0 * (b - a)
+                );
+            }
+            if let (Some(a), Some(b)) = (z.task_accuracy_calibrated, t.task_accuracy_calibrated) {
+                out += &format!(
+                    "LLM task accuracy, calibrated: zero-shot {:.1}% -> tuned {:.1}%\n",
+                    100.0 * a,
+                    100.0 * b
+                );
+            }
+            if let (Some(a), Some(b)) = (z.perplexity, t.perplexity) {
+                out += &format!(
+                    "LLM perplexity on general text: {a:.2} -> {b:.2} ({:+.1}%)\n",
+                    100.0 * (b - a) / a
+                );
+            }
+        }
+        out
+    }
+
+    /// Writes `metrics.json` and `results.md` into `dir`, then `accuracy.png` (a plot that
+    /// fails, e.g. for want of a font, is a warning: the numbers are already written).
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(dir.join("metrics.json"), json)?;
+        std::fs::write(dir.join("results.md"), self.markdown())?;
+        if let Err(e) = crate::plot::plot(self, &dir.join("accuracy.png")) {
+            tracing::warn!(error = %e, "no plot");
+        }
+        Ok(())
+    }
+
+    /// Reads `metrics.json` from `dir`.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let p = dir.join("metrics.json");
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    }
+}
+
+fn empty_round() -> RoundMetrics {
+    RoundMetrics {
+        round: 0,
+        slm: vec![],
+        llm: None,
+        samples: None,
+        mean_quality: None,
+        kept: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        let config: ExperimentConfig = toml::from_str(
+            r#"
+name = "t"
+task = "mr.toml"
+data = "d"
+clients = [{ arch = "minilm", count = 1 }, { arch = "bag", count = 1 }]
+per_client = 8
+partition = { dirichlet = 0.5 }
+rounds = 2
+samples_per_label = 4
+test_size = 10
+llm_test_size = 5
+variants = ["standalone", "crosslm"]
+"#,
+        )
+        .unwrap();
+        let llm = |round, acc, ppl| {
+            let mut r = LlmReport::new(round);
+            r.task_accuracy = Some(acc);
+            r.task_accuracy_calibrated = Some(acc + 0.05);
+            r.perplexity = Some(ppl);
+            r.tuned = round > 0;
+            r
+        };
+        let round = |round, a: f32, b: f32, l: Option<LlmReport>| RoundMetrics {
+            round,
+            slm: vec![Some(a), Some(b)],
+            llm: l,
+            samples: Some(8),
+            mean_quality: Some(0.6),
+            kept: Some(5),
+        };
+        Metrics {
+            config,
+            clients: vec![
+                ClientMeta {
+                    name: "client-0".into(),
+                    arch: Arch::Minilm,
+                    n_private: 8,
+                    label_counts: vec![3, 5],
+                },
+                ClientMeta {
+                    name: "client-1".into(),
+                    arch: Arch::Bag,
+                    n_private: 8,
+                    label_counts: vec![6, 2],
+                },
+            ],
+            initial: vec![0.6, 0.5],
+            llm_zero_shot: Some(llm(0, 0.5, 20.0)),
+            variants: vec![
+                VariantResult {
+                    variant: Variant::Standalone,
+                    rounds: vec![round(0, 0.6, 0.5, None), round(2, 0.62, 0.5, None)],
+                    secs: 1.0,
+                },
+                VariantResult {
+                    variant: Variant::Crosslm,
+                    rounds: vec![
+                        round(0, 0.6, 0.5, Some(llm(0, 0.5, 20.0))),
+                        round(1, 0.66, 0.56, Some(llm(1, 0.6, 20.2))),
+                        round(2, 0.7, 0.6, Some(llm(2, 0.7, 20.4))),
+                    ],
+                    secs: 2.0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn table_summary_and_plot() {
+        let m = metrics();
+        let md = m.markdown();
+        assert!(
+            md.contains("| CrossLM | 65.0 | 60.0 | 70.0 | 70.0 | 60.0 | 70.0 | 75.0 | 20.40 |"),
+            "{md}"
+        );
+        assert!(md.contains("| Standalone | 56.0 | 50.0 | 62.0 |"), "{md}");
+        assert!(md.contains("Dirichlet(0.5)"));
+        let s = m.summary();
+        assert!(
+            s.contains("Standalone 56.0% -> CrossLM 65.0% (+9.0 points)"),
+            "{s}"
+        );
+        assert!(s.contains("zero-shot 50.0% -> tuned 70.0%"), "{s}");
+        assert!(s.contains("20.00 -> 20.40 (+2.0%)"), "{s}");
+        let dir = tempfile::tempdir().unwrap();
+        m.write(dir.path()).unwrap();
+        let back = Metrics::read(dir.path()).unwrap();
+        assert_eq!(back.markdown(), md);
+        let png = std::fs::read(dir.path().join("accuracy.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG plot is written");
+        assert!(png.len() > 10_000);
+    }
+
+    #[test]
+    fn stats_skip_missing_values() {
+        assert_eq!(stats(&[None, None]), None);
+        let (mean, min, max) = stats(&[Some(0.5), None, Some(0.7)]).unwrap();
+        assert!((mean - 0.6).abs() < 1e-6 && min == 0.5 && max == 0.7);
+    }
+}

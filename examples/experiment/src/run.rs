@@ -1,0 +1,749 @@
+//! Running an experiment: data split and partition, local-only training, then each variant.
+//! The round-based variants run the real coordinator daemon and one real client per device
+//! (enrollment, mutual TLS, QUIC on loopback), in this process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use burn::tensor::Device;
+use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
+use crosslm_coordinator::generator::{GeneratedSample, Generator, LlmGenerator};
+use crosslm_coordinator::llm::Llm;
+use crosslm_coordinator::round::RoundConfig;
+use crosslm_coordinator::store::Store;
+use crosslm_coordinator::task::TaskSpec;
+use crosslm_coordinator::tuning::{Evaluator, LlmReport, TuningConfig, load_general};
+use crosslm_sdk::data::{self, BadRows, TableSpec};
+use crosslm_sdk::participant::{Learning, SlmScorer};
+use crosslm_sdk::protocol::{AggregatedScore, ClientInfo, SyntheticSample, TaskInfo};
+use crosslm_sdk::slm::{
+    Arch, Backend, Slm, TrainConfig, TrainExample, accuracy, load_checkpoint, new_slm,
+};
+use crosslm_sdk::transport::{Scorer, Session, enroll, participate};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::config::{ExperimentConfig, Partition, SlmTraining, Variant};
+use crate::report::{ClientMeta, Metrics, RoundMetrics, VariantResult};
+
+/// One simulated device.
+pub struct Client {
+    /// Enrollment name.
+    pub name: String,
+    /// SLM architecture.
+    pub arch: Arch,
+    /// Private examples, labels as task label indices.
+    pub private: Vec<(String, usize)>,
+}
+
+/// Everything the variants share.
+pub struct Ctx {
+    /// The config.
+    pub cfg: ExperimentConfig,
+    /// The task.
+    pub spec: TaskSpec,
+    /// `<out>/<name>`.
+    pub dir: PathBuf,
+    /// Frozen-LLM generations and the zero-shot evaluation, shared by runs of the same task,
+    /// data, seed and split (the LLM and its seeds are the same, so are its outputs).
+    pub cache: PathBuf,
+    /// Assets dir.
+    pub assets: PathBuf,
+    /// The clients.
+    pub clients: Vec<Client>,
+    /// Held-out test examples.
+    pub test: Vec<(String, usize)>,
+    /// General text for perplexity.
+    pub general: Vec<String>,
+    /// Progress display.
+    pub mp: MultiProgress,
+}
+
+fn bar(mp: &MultiProgress, len: u64, msg: impl Into<String>) -> ProgressBar {
+    let b = mp.add(ProgressBar::new(len));
+    b.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b.enable_steady_tick(Duration::from_millis(250));
+    b.set_message(msg.into());
+    b
+}
+
+impl Ctx {
+    /// Loads the task and data, splits off the test set and partitions the rest.
+    pub fn setup(cfg: ExperimentConfig, out: &Path, mp: MultiProgress) -> anyhow::Result<Self> {
+        let assets = crosslm_sdk::data::assets_dir();
+        let spec = TaskSpec::from_toml_file(&cfg.task)?;
+        let path = assets.join(&cfg.data);
+        let loaded = data::load_auto(&path, None, &TableSpec::default(), BadRows::Skip)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let ds = loaded.dataset;
+        // The data set's label names onto the task's.
+        let map: Vec<usize> = ds
+            .label_names
+            .iter()
+            .map(|n| {
+                spec.label_index(n).with_context(|| {
+                    format!("data label {n:?} is not one of task {}'s labels", spec.name)
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let n = ds.examples.len();
+        if n < cfg.test_size * 2 {
+            bail!(
+                "{} has {n} examples, too few for a test split of {}",
+                path.display(),
+                cfg.test_size
+            );
+        }
+        let (pool, test) = ds.split(cfg.test_size as f64 / n as f64 * 1.02, cfg.seed)?;
+        let test = test.sample(cfg.test_size, cfg.seed);
+        let archs = cfg.archs();
+        let parts = match cfg.partition {
+            Partition::Iid => pool.partition_iid(archs.len(), cfg.seed)?,
+            Partition::Dirichlet(a) => pool.partition_dirichlet(archs.len(), a, cfg.seed)?,
+        };
+        let clients = parts
+            .into_iter()
+            .zip(&archs)
+            .enumerate()
+            .map(|(i, (p, arch))| {
+                let p = p.sample(cfg.per_client, cfg.seed.wrapping_add(i as u64));
+                Client {
+                    name: format!("client-{i}"),
+                    arch: *arch,
+                    private: p
+                        .examples
+                        .into_iter()
+                        .map(|e| (e.text, map[e.label]))
+                        .collect(),
+                }
+            })
+            .collect::<Vec<_>>();
+        if let Some(c) = clients.iter().find(|c| c.private.is_empty()) {
+            bail!("{} got no private examples", c.name);
+        }
+        let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
+        let key = format!(
+            "{}-{}-s{}-t{}",
+            spec.name,
+            cfg.data
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("data"),
+            cfg.seed,
+            cfg.test_size
+        );
+        Ok(Self {
+            dir: out.join(&cfg.name),
+            cache: out.join(".cache").join(key),
+            test: test
+                .examples
+                .into_iter()
+                .map(|e| (e.text, map[e.label]))
+                .collect(),
+            spec,
+            assets,
+            clients,
+            general,
+            mp,
+            cfg,
+        })
+    }
+
+    /// Client metadata for the report.
+    pub fn client_meta(&self) -> Vec<ClientMeta> {
+        self.clients
+            .iter()
+            .map(|c| {
+                let mut counts = vec![0; self.spec.labels.len()];
+                for (_, l) in &c.private {
+                    counts[*l] += 1;
+                }
+                ClientMeta {
+                    name: c.name.clone(),
+                    arch: c.arch,
+                    n_private: c.private.len(),
+                    label_counts: counts,
+                }
+            })
+            .collect()
+    }
+
+    fn labels(&self) -> Vec<String> {
+        self.spec.labels.iter().map(|l| l.name.clone()).collect()
+    }
+
+    fn examples(&self, rows: &[(String, usize)]) -> Vec<TrainExample> {
+        let n = self.spec.labels.len();
+        rows.iter()
+            .map(|(t, l)| TrainExample::hard(t.clone(), *l, n))
+            .collect()
+    }
+
+    fn train_cfg(&self, arch: Arch, initial: bool, seed: u64) -> TrainConfig {
+        let t: &SlmTraining = self.cfg.training(arch);
+        TrainConfig {
+            epochs: if initial {
+                t.epochs_initial
+            } else {
+                t.epochs_per_round
+            },
+            learning_rate: if initial {
+                t.lr_initial
+            } else {
+                t.lr_per_round
+            },
+            batch_size: t.batch_size,
+            // Tiny private sets: no validation split, train on all of it.
+            validation_fraction: 0.0,
+            seed,
+            ..TrainConfig::for_arch(arch)
+        }
+    }
+
+    fn test_accuracy(&self, slm: &dyn Slm) -> anyhow::Result<f32> {
+        let texts: Vec<&str> = self.test.iter().map(|(t, _)| t.as_str()).collect();
+        let labels: Vec<usize> = self.test.iter().map(|(_, l)| *l).collect();
+        Ok(accuracy(slm, &texts, &labels)? as f32)
+    }
+
+    fn fresh_slm(&self, arch: Arch) -> anyhow::Result<Box<dyn Slm>> {
+        Ok(new_slm(
+            arch,
+            &self.assets.join(&self.cfg.minilm),
+            self.labels(),
+            self.cfg.max_len,
+            Backend::Flex,
+        )?)
+    }
+
+    fn initial_ckpt(&self, i: usize) -> PathBuf {
+        self.dir.join("models").join(format!("client-{i}-round0"))
+    }
+
+    /// Local-only training of every client (round 0 of every variant); returns accuracies.
+    /// Checkpoints are reused when present and `accs` is given.
+    pub fn initial(&self, known: Option<&[f32]>) -> anyhow::Result<Vec<f32>> {
+        if let Some(accs) = known
+            && accs.len() == self.clients.len()
+            && (0..accs.len()).all(|i| self.initial_ckpt(i).join("meta.json").is_file())
+        {
+            return Ok(accs.to_vec());
+        }
+        let pb = bar(&self.mp, self.clients.len() as u64, "local-only training");
+        let mut accs = Vec::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            pb.set_message(format!("local-only training: {} ({})", c.name, c.arch));
+            let mut slm = self.fresh_slm(c.arch)?;
+            let seed = self.cfg.seed.wrapping_add(i as u64);
+            slm.train(
+                &self.examples(&c.private),
+                &self.train_cfg(c.arch, true, seed),
+                &mut |_| {},
+            )?;
+            slm.save(&self.initial_ckpt(i))?;
+            let acc = self.test_accuracy(slm.as_ref())?;
+            tracing::info!(client = %c.name, arch = %c.arch, accuracy = acc, "local-only model");
+            accs.push(acc);
+            pb.inc(1);
+        }
+        pb.finish_with_message("local-only training done");
+        Ok(accs)
+    }
+
+    /// Runs one variant.
+    pub fn run(&self, v: Variant, initial: &[f32]) -> anyhow::Result<VariantResult> {
+        let started = Instant::now();
+        let round0 = RoundMetrics {
+            round: 0,
+            slm: initial.iter().map(|a| Some(*a)).collect(),
+            llm: None,
+            samples: None,
+            mean_quality: None,
+            kept: None,
+        };
+        let mut rounds = match v {
+            Variant::Standalone => self.standalone()?,
+            Variant::Centralized => self.centralized()?,
+            Variant::Fedavg => self.fedavg()?,
+            Variant::Synthetic | Variant::CrosslmFrozenLlm | Variant::Crosslm => {
+                tokio::runtime::Runtime::new()?.block_on(self.rounds(v))?
+            }
+        };
+        if v == Variant::Crosslm
+            && let Some(r0) = rounds.first_mut().filter(|r| r.round == 0)
+        {
+            // The LLM's start was measured by the daemon as round 0.
+            r0.slm = round0.slm.clone();
+        } else if v != Variant::Centralized && v != Variant::Fedavg {
+            rounds.insert(0, round0);
+        }
+        Ok(VariantResult {
+            variant: v,
+            rounds,
+            secs: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Each client trains on its private data only, as many per-round updates as CrossLM.
+    fn standalone(&self) -> anyhow::Result<Vec<RoundMetrics>> {
+        let n = self.clients.len();
+        let pb = bar(&self.mp, (n as u64) * self.cfg.rounds, "standalone");
+        let mut accs = vec![vec![None; n]; self.cfg.rounds as usize];
+        for (i, c) in self.clients.iter().enumerate() {
+            let mut slm = load_checkpoint(&self.initial_ckpt(i), Backend::Flex)?;
+            for r in 0..self.cfg.rounds as usize {
+                pb.set_message(format!("standalone: {} round {}", c.name, r + 1));
+                let seed = self.cfg.seed.wrapping_add(1000 * (r as u64 + 1) + i as u64);
+                slm.train(
+                    &self.examples(&c.private),
+                    &self.train_cfg(c.arch, false, seed),
+                    &mut |_| {},
+                )?;
+                accs[r][i] = Some(self.test_accuracy(slm.as_ref())?);
+                pb.inc(1);
+            }
+        }
+        pb.finish_with_message("standalone done");
+        Ok(accs
+            .into_iter()
+            .enumerate()
+            .map(|(r, slm)| plain_round(r as u64 + 1, slm))
+            .collect())
+    }
+
+    /// One model per architecture on every client's private data pooled.
+    fn centralized(&self) -> anyhow::Result<Vec<RoundMetrics>> {
+        let pooled: Vec<(String, usize)> = self
+            .clients
+            .iter()
+            .flat_map(|c| c.private.iter().cloned())
+            .collect();
+        let mut archs: Vec<Arch> = self.clients.iter().map(|c| c.arch).collect();
+        archs.dedup();
+        archs.sort_by_key(|a| *a as u8);
+        archs.dedup();
+        let pb = bar(&self.mp, archs.len() as u64, "centralized");
+        let mut per_arch = Vec::new();
+        for arch in archs {
+            pb.set_message(format!("centralized: {arch} on {} examples", pooled.len()));
+            let mut slm = self.fresh_slm(arch)?;
+            let t = self.cfg.training(arch);
+            let cfg = TrainConfig {
+                epochs: t.epochs_centralized,
+                ..self.train_cfg(arch, true, self.cfg.seed)
+            };
+            slm.train(&self.examples(&pooled), &cfg, &mut |_| {})?;
+            per_arch.push((arch, self.test_accuracy(slm.as_ref())?));
+            pb.inc(1);
+        }
+        pb.finish_with_message("centralized done");
+        let slm = self
+            .clients
+            .iter()
+            .map(|c| per_arch.iter().find(|(a, _)| *a == c.arch).map(|x| x.1))
+            .collect();
+        Ok(vec![plain_round(self.cfg.rounds, slm)])
+    }
+
+    /// Federated averaging of the MiniLM clients' weights (weighted by private data size):
+    /// a first round of local-only epochs, then `rounds` rounds of per-round epochs. Weights
+    /// are averaged in this process: FedAvg is a baseline, not part of the system.
+    fn fedavg(&self) -> anyhow::Result<Vec<RoundMetrics>> {
+        let members: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| self.clients[i].arch == Arch::Minilm)
+            .collect();
+        if members.is_empty() {
+            bail!("FedAvg needs MiniLM clients");
+        }
+        let total: f64 = members
+            .iter()
+            .map(|&i| self.clients[i].private.len() as f64)
+            .sum();
+        let mut slm = self.fresh_slm(Arch::Minilm)?;
+        let mut global = slm.weights()?;
+        let rounds = self.cfg.rounds + 1;
+        let pb = bar(&self.mp, rounds * members.len() as u64, "FedAvg");
+        let mut out = Vec::new();
+        for r in 0..rounds {
+            let mut avg = vec![0.0f64; global.len()];
+            for &i in &members {
+                let c = &self.clients[i];
+                pb.set_message(format!("FedAvg round {r}: {}", c.name));
+                slm.set_weights(&global)?;
+                let seed = self.cfg.seed.wrapping_add(1000 * r + i as u64);
+                slm.train(
+                    &self.examples(&c.private),
+                    &self.train_cfg(Arch::Minilm, r == 0, seed),
+                    &mut |_| {},
+                )?;
+                let w = c.private.len() as f64 / total;
+                for (a, x) in avg.iter_mut().zip(slm.weights()?) {
+                    *a += w * x as f64;
+                }
+                pb.inc(1);
+            }
+            global = avg.into_iter().map(|x| x as f32).collect();
+            slm.set_weights(&global)?;
+            let acc = self.test_accuracy(slm.as_ref())?;
+            tracing::info!(round = r, accuracy = acc, "FedAvg global model");
+            let slm_accs = self
+                .clients
+                .iter()
+                .map(|c| (c.arch == Arch::Minilm).then_some(acc))
+                .collect();
+            out.push(plain_round(r, slm_accs));
+        }
+        pb.finish_with_message("FedAvg done");
+        Ok(out)
+    }
+
+    /// CrossLM (tuned or frozen LLM) or synthetic data without feedback: the real daemon and
+    /// one real client per device, over QUIC on loopback.
+    async fn rounds(&self, v: Variant) -> anyhow::Result<Vec<RoundMetrics>> {
+        let cfg = &self.cfg;
+        let n = self.clients.len();
+        let coord_dir = self
+            .dir
+            .join(format!("{v:?}").to_lowercase())
+            .join("coordinator");
+        if coord_dir.exists() {
+            std::fs::remove_dir_all(&coord_dir)?;
+        }
+        let llm_path = self.assets.join(&cfg.llm);
+        let llm = Llm::load(&llm_path, &Device::flex())
+            .with_context(|| format!("loading {}", llm_path.display()))?;
+        let mut inner = LlmGenerator::new(llm, self.spec.clone(), cfg.seed);
+        if v == Variant::Crosslm {
+            let test = self.test[..cfg.llm_test_size.min(self.test.len())].to_vec();
+            inner = inner
+                .with_evaluator(Evaluator::from_parts(test, self.general.clone()))
+                .with_tuning(cfg.tuning.clone(), coord_dir.join("llm"))?;
+        } else {
+            inner = inner.with_tuning(
+                TuningConfig {
+                    enabled: false,
+                    ..cfg.tuning.clone()
+                },
+                coord_dir.join("llm"),
+            )?;
+        }
+        let generator = Cached {
+            inner,
+            dir: self.cache.clone(),
+            // Before any tuning the LLM is the frozen one: its round-1 batch is shared.
+            frozen_through: if v == Variant::Crosslm { 1 } else { u64::MAX },
+            eval_key: format!("l{}-g{}", cfg.llm_test_size, cfg.general_size),
+        };
+        let daemon_cfg = DaemonConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: coord_dir.clone(),
+            rounds: Some(cfg.rounds),
+            samples_per_label: cfg.samples_per_label,
+            min_clients: n,
+            round: RoundConfig {
+                quorum: n,
+                deadline_ms: 60 * 60 * 1000,
+                ..RoundConfig::default()
+            },
+            idle_timeout_ms: 120_000,
+            linger_ms: 60 * 60 * 1000,
+        };
+        let tokens = mint_tokens(&coord_dir, n)?;
+        let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), Box::new(generator)).await?;
+        let addr = daemon.addr;
+        let pb = bar(
+            &self.mp,
+            cfg.rounds * n as u64 * 2,
+            format!("{}: LLM measuring/generating", v.label()),
+        );
+        let mut tasks = Vec::new();
+        for (i, (c, token)) in self.clients.iter().zip(tokens).enumerate() {
+            let slm = load_checkpoint(&self.initial_ckpt(i), Backend::Flex)?;
+            let seed = cfg.seed.wrapping_add(i as u64);
+            let learning = Learning {
+                private: self.examples(&c.private),
+                test: Some(self.test.iter().cloned().unzip()),
+                train: self.train_cfg(c.arch, false, seed),
+                min_quality: cfg.min_quality,
+                use_scores: v != Variant::Synthetic,
+                checkpoint: None,
+            };
+            let scorer = Progress {
+                inner: SlmScorer::new(slm).with_learning(learning),
+                bar: pb.clone(),
+                name: c.name.clone(),
+                label: v.label(),
+            };
+            let info = ClientInfo {
+                name: c.name.clone(),
+                slm_arch: c.arch.to_string(),
+                n_private: c.private.len() as u64,
+            };
+            let rounds = cfg.rounds;
+            tasks.push(tokio::spawn(async move {
+                let id = enroll(addr, &token, info.clone()).await?;
+                let mut s = Session::connect(addr, &id, info).await?;
+                let (_, done) = participate(&mut s, scorer, Some(rounds)).await?;
+                s.close().await;
+                Ok::<u64, crosslm_sdk::Error>(done)
+            }));
+        }
+        for t in tasks {
+            let done = t.await.context("client task")??;
+            if done != cfg.rounds {
+                bail!("a client took part in {done} of {} rounds", cfg.rounds);
+            }
+        }
+        daemon.wait().await?;
+        pb.finish_with_message(format!("{} done", v.label()));
+        drop(daemon);
+        self.collect(&coord_dir)
+    }
+
+    /// Per-round metrics from the coordinator's store: the clients' reports (sent over the
+    /// network after each round), the rounds' quality, the LLM's reports.
+    fn collect(&self, coord_dir: &Path) -> anyhow::Result<Vec<RoundMetrics>> {
+        let store = Store::open(coord_dir)?;
+        let names: std::collections::HashMap<String, usize> = store
+            .clients()?
+            .into_iter()
+            .filter_map(|c| {
+                let i = self.clients.iter().position(|x| x.name == c.info.name)?;
+                Some((c.id, i))
+            })
+            .collect();
+        let llm: Vec<LlmReport> = store.llm_reports()?;
+        let mut out = Vec::new();
+        if let Some(r0) = llm.iter().find(|r| r.round == 0) {
+            out.push(RoundMetrics {
+                round: 0,
+                slm: vec![],
+                llm: Some(r0.clone()),
+                samples: None,
+                mean_quality: None,
+                kept: None,
+            });
+        }
+        for s in store.summaries()? {
+            let mut slm = vec![None; self.clients.len()];
+            for (id, acc) in store.reports(s.id)? {
+                if let Some(&i) = names.get(&id) {
+                    slm[i] = Some(acc);
+                }
+            }
+            let kept = store.result(s.id)?.map(|o| {
+                o.scores
+                    .iter()
+                    .filter(|x| x.quality >= self.cfg.min_quality)
+                    .count()
+            });
+            out.push(RoundMetrics {
+                round: s.id,
+                slm,
+                llm: llm.iter().find(|r| r.round == s.id).cloned(),
+                samples: Some(s.samples),
+                mean_quality: s.mean_quality,
+                kept,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn plain_round(round: u64, slm: Vec<Option<f32>>) -> RoundMetrics {
+    RoundMetrics {
+        round,
+        slm,
+        llm: None,
+        samples: None,
+        mean_quality: None,
+        kept: None,
+    }
+}
+
+/// A client's scorer with a progress bar.
+struct Progress {
+    inner: SlmScorer,
+    bar: ProgressBar,
+    name: String,
+    label: &'static str,
+}
+
+impl Scorer for Progress {
+    fn score(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+    ) -> crosslm_sdk::Result<Vec<Vec<f32>>> {
+        self.bar.set_message(format!(
+            "{}: {} scoring {} samples",
+            self.label,
+            self.name,
+            samples.len()
+        ));
+        let r = self.inner.score(task, samples);
+        self.bar.inc(1);
+        r
+    }
+
+    fn learn(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+        scores: &[AggregatedScore],
+    ) -> crosslm_sdk::Result<Option<f32>> {
+        self.bar.set_message(format!(
+            "{}: {} training on the round",
+            self.label, self.name
+        ));
+        let r = self.inner.learn(task, samples, scores);
+        self.bar.inc(1);
+        if let Ok(Some(acc)) = &r {
+            self.bar.println(format!(
+                "  {} {}: accuracy {:.3}",
+                self.label, self.name, acc
+            ));
+        }
+        r
+    }
+}
+
+/// Shares the frozen LLM's outputs between variants and runs: rounds up to `frozen_through`
+/// are generated before any tuning, so a file from an earlier variant (same task, seed and
+/// model) is the same batch; the zero-shot evaluation likewise.
+struct Cached {
+    inner: LlmGenerator,
+    dir: PathBuf,
+    frozen_through: u64,
+    eval_key: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedSample {
+    text: String,
+    label: u32,
+}
+
+impl Generator for Cached {
+    fn generate(
+        &mut self,
+        task: &TaskInfo,
+        n: usize,
+        round: u64,
+    ) -> crosslm_coordinator::Result<Vec<GeneratedSample>> {
+        if round > self.frozen_through {
+            return self.inner.generate(task, n, round);
+        }
+        let path = self.dir.join(format!("frozen-round{round}-n{n}.json"));
+        if let Some(v) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<CachedSample>>(&b).ok())
+        {
+            tracing::info!(round, file = %path.display(), "frozen-LLM batch from the cache");
+            return Ok(v
+                .into_iter()
+                .map(|s| GeneratedSample {
+                    text: s.text,
+                    label: s.label,
+                })
+                .collect());
+        }
+        let out = self.inner.generate(task, n, round)?;
+        let rows: Vec<CachedSample> = out
+            .iter()
+            .map(|s| CachedSample {
+                text: s.text.clone(),
+                label: s.label,
+            })
+            .collect();
+        write_json(&path, &rows);
+        Ok(out)
+    }
+
+    fn baseline(&mut self) -> crosslm_coordinator::Result<Option<LlmReport>> {
+        let path = self.dir.join(format!("zero-shot-{}.json", self.eval_key));
+        if let Some(r) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LlmReport>(&b).ok())
+        {
+            tracing::info!(file = %path.display(), "zero-shot evaluation from the cache");
+            return Ok(Some(r));
+        }
+        let r = self.inner.baseline()?;
+        if let Some(r) = &r {
+            write_json(&path, r);
+        }
+        Ok(r)
+    }
+
+    fn feedback(
+        &mut self,
+        round: u64,
+        samples: &[SyntheticSample],
+        scores: &[AggregatedScore],
+    ) -> crosslm_coordinator::Result<Option<LlmReport>> {
+        self.inner.feedback(round, samples, scores)
+    }
+}
+
+/// A cache write that fails costs only time later.
+fn write_json<T: serde::Serialize>(path: &Path, v: &T) {
+    let r = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(path, serde_json::to_vec(v).unwrap_or_default()));
+    if let Err(e) = r {
+        tracing::warn!(file = %path.display(), error = %e, "cache not written");
+    }
+}
+
+/// Runs a whole experiment (or continues one: finished variants in an existing
+/// `metrics.json` of the same config are kept), writing results after each variant.
+pub fn experiment(
+    cfg: ExperimentConfig,
+    out: &Path,
+    fresh: bool,
+    mp: MultiProgress,
+) -> anyhow::Result<Metrics> {
+    let ctx = Arc::new(Ctx::setup(cfg, out, mp)?);
+    let previous = if fresh {
+        None
+    } else {
+        Metrics::read(&ctx.dir)
+            .ok()
+            .filter(|m| serde_json::to_value(&m.config).ok() == serde_json::to_value(&ctx.cfg).ok())
+    };
+    let initial = ctx.initial(previous.as_ref().map(|m| m.initial.as_slice()))?;
+    let mut metrics = Metrics {
+        config: ctx.cfg.clone(),
+        clients: ctx.client_meta(),
+        initial,
+        llm_zero_shot: previous.as_ref().and_then(|m| m.llm_zero_shot.clone()),
+        variants: previous.map(|m| m.variants).unwrap_or_default(),
+    };
+    metrics.write(&ctx.dir)?;
+    for &v in &ctx.cfg.variants {
+        if metrics.variant(v).is_some() {
+            ctx.mp
+                .println(format!("{}: already in metrics.json, kept", v.label()))?;
+            continue;
+        }
+        ctx.mp.println(format!("== {}", v.label()))?;
+        let r = ctx.run(v, &metrics.initial)?;
+        if let Some(z) = r
+            .rounds
+            .iter()
+            .find(|r| r.round == 0)
+            .and_then(|r| r.llm.clone())
+        {
+            metrics.llm_zero_shot = Some(z);
+        }
+        metrics.variants.push(r);
+        metrics.write(&ctx.dir)?;
+    }
+    Ok(metrics)
+}
