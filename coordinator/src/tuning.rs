@@ -68,6 +68,7 @@ impl Default for TuningConfig {
                 learning_rate: 5e-4,
                 max_completion_tokens: 64,
                 max_prompt_tokens: 160,
+                top_layers: 10,
             },
             seed: 7,
         }
@@ -406,8 +407,9 @@ mod tests {
 
     fn quick() -> TuningConfig {
         TuningConfig {
-            epochs: 3,
-            batch_size: 4,
+            // One batch holds the whole round: first and last losses are comparable.
+            epochs: 4,
+            batch_size: 8,
             lora: LoraConfig {
                 learning_rate: 5e-3,
                 ..TuningConfig::default().lora

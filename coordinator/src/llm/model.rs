@@ -295,23 +295,49 @@ pub struct LoraBlock {
 /// LoRA adapters for every block of a model; the only trainable tensors.
 #[derive(Module, Debug)]
 pub struct LoraAdapters {
-    /// One per block, in order.
+    /// Index of the first adapted block: blocks below it have no adapter, so training
+    /// neither tracks nor back-propagates through them (the cost of a step shrinks with it).
+    pub first: usize,
+    /// One per adapted block, in order.
     pub blocks: Vec<LoraBlock>,
 }
 
 impl LoraAdapters {
-    /// Fresh adapters of the given rank (output unchanged until trained: `b = 0`).
-    pub fn new(config: &LlamaConfig, rank: usize, alpha: f64, device: &Device) -> LoraAdapters {
+    /// Fresh adapters of the given rank on the top `top_layers` blocks (0: every block);
+    /// the output is unchanged until trained (`b = 0`).
+    pub fn new(
+        config: &LlamaConfig,
+        rank: usize,
+        alpha: f64,
+        top_layers: usize,
+        device: &Device,
+    ) -> LoraAdapters {
         let kv_dim = config.n_kv_heads * config.head_dim();
         let d = config.d_model;
+        let top = if top_layers == 0 {
+            config.n_layers
+        } else {
+            top_layers.min(config.n_layers)
+        };
         LoraAdapters {
-            blocks: (0..config.n_layers)
+            first: config.n_layers - top,
+            blocks: (0..top)
                 .map(|_| LoraBlock {
                     q: LoraPair::new(d, d, rank, alpha, device),
                     v: LoraPair::new(d, kv_dim, rank, alpha, device),
                 })
                 .collect(),
         }
+    }
+
+    /// The adapter of block `i`, if it has one.
+    pub fn block(&self, i: usize) -> Option<&LoraBlock> {
+        i.checked_sub(self.first).and_then(|j| self.blocks.get(j))
+    }
+
+    /// Blocks of the model these adapters were made for.
+    pub fn n_layers(&self) -> usize {
+        self.first + self.blocks.len()
     }
 }
 
@@ -566,7 +592,7 @@ impl Llama {
         let mut x = embedding(self.embed.clone(), tokens);
         for (i, block) in self.blocks.iter().enumerate() {
             let c = cache.as_deref_mut().map(|c| (c, i));
-            x = block.forward(x, inputs, c, lora.map(|l| &l.blocks[i]));
+            x = block.forward(x, inputs, c, lora.and_then(|l| l.block(i)));
         }
         self.norm.forward(x)
     }

@@ -42,6 +42,10 @@ pub struct LoraConfig {
     pub max_completion_tokens: usize,
     /// Prompts are cut (from the left) to this many tokens.
     pub max_prompt_tokens: usize,
+    /// Adapt only the top this many blocks (0: all). Lower blocks then run forward only,
+    /// untracked, which makes a training step much cheaper on a CPU.
+    #[serde(default)]
+    pub top_layers: usize,
 }
 
 impl Default for LoraConfig {
@@ -52,6 +56,7 @@ impl Default for LoraConfig {
             learning_rate: 1e-3,
             max_completion_tokens: 96,
             max_prompt_tokens: 160,
+            top_layers: 0,
         }
     }
 }
@@ -68,7 +73,13 @@ impl LoraTrainer {
     /// Fresh adapters for `llm` (the model's output is unchanged until the first step).
     pub fn new(llm: &Llm, config: LoraConfig, seed: u64) -> LoraTrainer {
         llm.device.seed(seed);
-        let adapters = LoraAdapters::new(&llm.config, config.rank, config.alpha, &llm.device);
+        let adapters = LoraAdapters::new(
+            &llm.config,
+            config.rank,
+            config.alpha,
+            config.top_layers,
+            &llm.device,
+        );
         LoraTrainer::from_adapters(adapters, config, &llm.device)
     }
 
@@ -168,22 +179,27 @@ pub fn weighted_nll(
         None,
         lora,
     );
+    // Completions are right-aligned (rows are left-padded): only the last `k` positions are
+    // ever scored, so the LM head (49152 wide) runs on those alone.
+    let k = seqs.iter().map(|(_, n)| *n).max().unwrap_or(1).min(len - 1);
+    let [_, t, dm] = hidden.dims();
+    let hidden = hidden.slice([0..b, t - k..t, 0..dm]);
     let lp = log_softmax(llm.model.lm_head(hidden), 2);
     let targets: Vec<i64> = rows
         .iter()
-        .flat_map(|r| r[1..].iter().map(|&t| t.into()))
+        .flat_map(|r| r[len - k..].iter().map(|&t| t.into()))
         .collect();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, len - 1, 1]), device);
-    let picked = lp.gather(2, targets).reshape([b, len - 1]);
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, k, 1]), device);
+    let picked = lp.gather(2, targets).reshape([b, k]);
     // Per-position weights: w_i / (n_i * W) on the completion positions, 0 elsewhere.
-    let mut w = vec![0.0f32; b * (len - 1)];
+    let mut w = vec![0.0f32; b * k];
     for (i, ((_, n), ex)) in seqs.iter().zip(&batch).enumerate() {
         let per_token = ex.weight / (*n as f32 * total_w);
-        for j in len - 1 - n..len - 1 {
-            w[i * (len - 1) + j] = per_token;
+        for j in k - n..k {
+            w[i * k + j] = per_token;
         }
     }
-    let w = Tensor::<2>::from_data(TensorData::new(w, [b, len - 1]), device);
+    let w = Tensor::<2>::from_data(TensorData::new(w, [b, k]), device);
     Ok((picked * w).sum().neg())
 }
 
@@ -199,7 +215,7 @@ pub fn save_adapters(
     let path = path.as_ref();
     let header = serde_json::json!({
         "lora": cfg,
-        "n_layers": adapters.blocks.len(),
+        "n_layers": adapters.n_layers(),
     });
     let record = adapters
         .clone()
@@ -251,7 +267,7 @@ pub fn load_adapters(
         rest[nl + 1..].to_vec(),
     ))
     .map_err(|e| bad(format!("corrupt tensors: {e}")))?;
-    let adapters = LoraAdapters::new(model, cfg.rank, cfg.alpha, device)
+    let adapters = LoraAdapters::new(model, cfg.rank, cfg.alpha, cfg.top_layers, device)
         .try_load_record(record)
         .map_err(|e| bad(format!("tensors do not fit: {e}")))?;
     Ok((adapters, cfg))
@@ -330,7 +346,7 @@ mod tests {
         let llm = tiny_llm()?;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("a.lora");
-        let adapters = LoraAdapters::new(&llm.config, 2, 4.0, &llm.device);
+        let adapters = LoraAdapters::new(&llm.config, 2, 4.0, 0, &llm.device);
         save_adapters(&adapters, &LoraConfig::default(), &path)?;
         let good = std::fs::read(&path)?;
         let expect_err = |bytes: &[u8], why: &str| -> Result<()> {
@@ -376,6 +392,39 @@ mod tests {
             .try_into_scalar::<f32>()
             .map_err(|e| Error::Model(format!("{e:?}")))?;
         assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
+        Ok(())
+    }
+
+    /// Adapters on the top blocks only: lower blocks have none, training still lowers the
+    /// loss, and the file round-trips with its layer count.
+    #[test]
+    fn top_layer_adapters_train_and_round_trip() -> Result<()> {
+        let llm = tiny_llm()?;
+        let n = llm.config.n_layers;
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            learning_rate: 1e-2,
+            top_layers: 1,
+            ..LoraConfig::default()
+        };
+        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 1);
+        let first = trainer.step(&llm, &examples())?;
+        for _ in 0..10 {
+            trainer.step(&llm, &examples())?;
+        }
+        let adapters = trainer.adapters().expect("adapters");
+        assert_eq!((adapters.first, adapters.blocks.len()), (n - 1, 1));
+        assert!(adapters.block(0).is_none() || n == 1);
+        assert!(adapters.block(n - 1).is_some());
+        let after = loss_of(&llm, Some(&adapters), &cfg)?;
+        assert!(after < first - 0.1, "loss {first} -> {after}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.lora");
+        trainer.save(&path)?;
+        let (loaded, lcfg) = load_adapters(&path, &llm.config, &llm.device)?;
+        assert_eq!(lcfg.top_layers, 1);
+        assert!((loss_of(&llm, Some(&loaded), &cfg)? - after).abs() < 1e-4);
         Ok(())
     }
 }

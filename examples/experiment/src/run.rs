@@ -713,13 +713,28 @@ pub fn experiment(
     let previous = if fresh {
         None
     } else {
+        // Same experiment (the variant list aside): keep what it already measured.
+        let key = |c: &ExperimentConfig| {
+            let mut c = c.clone();
+            c.variants.clear();
+            serde_json::to_value(&c).ok()
+        };
         Metrics::read(&ctx.dir)
             .ok()
-            .filter(|m| serde_json::to_value(&m.config).ok() == serde_json::to_value(&ctx.cfg).ok())
+            .filter(|m| key(&m.config) == key(&ctx.cfg))
     };
     let initial = ctx.initial(previous.as_ref().map(|m| m.initial.as_slice()))?;
+    let mut config = ctx.cfg.clone();
+    if let Some(p) = &previous {
+        // The union of what was run then and what runs now.
+        for v in &p.config.variants {
+            if !config.variants.contains(v) {
+                config.variants.push(*v);
+            }
+        }
+    }
     let mut metrics = Metrics {
-        config: ctx.cfg.clone(),
+        config,
         clients: ctx.client_meta(),
         initial,
         llm_zero_shot: previous.as_ref().and_then(|m| m.llm_zero_shot.clone()),
