@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use crate::data::{self, BadRows, Dataset, Example, TableSpec};
 use crate::participant::{Learning, SlmScorer};
 use crate::protocol::{ClientInfo, ClientMsg, SampleScore, SyntheticSample, TaskInfo};
-use crate::slm::{self, Arch, Backend, CheckpointMeta, Slm, TrainConfig, TrainExample};
+use crate::slm::{
+    self, Arch, Backend, CheckpointMeta, Slm, TrainConfig, TrainExample, TrainProgress,
+};
 use crate::transport::{EnrollToken, Event, Identity, Scorer, Session};
 use crate::{Error, Result};
 
@@ -700,7 +702,7 @@ impl Client {
         let cancel = self.cancel.subscribe();
         let (model, result) = blocking(move || {
             let mut model = None;
-            let r = (|| {
+            let r = (|| -> Result<TrainSummary> {
                 let mut slm = match Self::take_model(loaded, &dir, cfg.backend)? {
                     Some(m) => m,
                     None => slm::new_slm(
@@ -851,7 +853,7 @@ impl Client {
             });
         }
         let reporter = self.reporter.clone();
-        let scorer = scorer.with_train_progress(Box::new(move |p| {
+        let scorer = scorer.with_train_progress(Box::new(move |p: &TrainProgress| {
             reporter.report(
                 Activity::Learning,
                 p.step as u64,
