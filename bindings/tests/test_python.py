@@ -61,6 +61,14 @@ def write_private(path, n):
     return path
 
 
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def free_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -109,16 +117,17 @@ path = "samples.jsonl"
             if line.startswith("enrollment token: "):
                 self.tokens.append(line.split(": ", 1)[1].strip())
         deadline = time.time() + 60
-        while not (os.path.exists(addr_file) and open(addr_file).read().strip()):
+        while not read(addr_file):
             if time.time() > deadline:
                 raise RuntimeError("coordinator did not start listening")
             time.sleep(0.05)
-        self.addr = open(addr_file).read().strip()
+        self.addr = read(addr_file)
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.proc.stdout.close()
         self.log.close()
 
 

@@ -503,12 +503,15 @@ impl Client {
             .ok_or_else(|| {
                 Error::NotReady("no coordinator address: configure one (host:port)".into())
             })?;
-        let mut addrs = tokio::net::lookup_host(name.as_str()).await.map_err(|e| {
-            Error::InvalidInput(format!(
-                "coordinator address {name:?}: {e} (expected host:port)"
-            ))
-        })?;
-        let addr = addrs.next().ok_or_else(|| {
+        let addr = tokio::net::lookup_host(name.clone())
+            .await
+            .map_err(|e| {
+                Error::InvalidInput(format!(
+                    "coordinator address {name:?}: {e} (expected host:port)"
+                ))
+            })?
+            .next();
+        let addr = addr.ok_or_else(|| {
             Error::InvalidInput(format!("coordinator address {name:?} resolves to nothing"))
         })?;
         Ok((name, addr))

@@ -97,71 +97,82 @@ pub fn enroll_cmd(a: EnrollArgs) -> anyhow::Result<()> {
 }
 
 /// Draws progress bars for training, scoring and learning; other activities are lines.
+#[derive(Default)]
 struct Bars {
-    bar: ProgressBar,
-    current: Mutex<Option<(Activity, Option<u64>)>>,
+    /// The activity being drawn, and its bar.
+    current: Mutex<(Option<(Activity, Option<u64>)>, Option<ProgressBar>)>,
 }
 
 impl Bars {
-    fn new() -> Self {
+    fn new_bar(prefix: String) -> ProgressBar {
         // Hidden when stderr is not a terminal (logs, tests): the lines below still print.
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        Self {
-            bar,
-            current: Mutex::new(None),
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix);
+        bar
+    }
+
+    /// Clears the bar being drawn.
+    fn clear(&self) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = cur.1.take() {
+            b.finish_and_clear();
         }
+        cur.0 = None;
     }
 
     fn on(&self, p: &Progress) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let key = (p.activity, p.round);
         let barred = matches!(
             p.activity,
             Activity::Training | Activity::Scoring | Activity::Learning
         );
-        if *current != Some(key) {
-            *current = Some(key);
-            self.bar.finish_and_clear();
+        if cur.0 != Some(key) {
+            cur.0 = Some(key);
+            if let Some(b) = cur.1.take() {
+                b.finish_and_clear();
+            }
             if barred {
-                let what = match (p.activity, p.round) {
+                cur.1 = Some(Self::new_bar(match (p.activity, p.round) {
                     (Activity::Scoring, Some(r)) => format!("round {r} scoring"),
                     (Activity::Learning, Some(r)) => format!("round {r} training"),
                     _ => "training".to_string(),
-                };
-                self.bar.reset();
-                self.bar.set_style(
-                    ProgressStyle::with_template(
-                        "{spinner} {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
-                self.bar.set_prefix(what);
+                }));
             }
         }
-        if barred {
-            self.bar.set_length(p.total);
-            self.bar.set_position(p.done);
+        if let Some(bar) = cur.1.as_ref().filter(|_| barred) {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
             match p.loss {
-                Some(l) => self.bar.set_message(format!("{} loss {l:.4}", p.message)),
-                None => self.bar.set_message(p.message.clone()),
+                Some(l) => bar.set_message(format!("{} loss {l:.4}", p.message)),
+                None => bar.set_message(p.message.clone()),
             }
         }
-        match p.activity {
+        let line = match p.activity {
             Activity::RoundFinished | Activity::Connecting | Activity::Stopping => {
-                self.bar.suspend(|| println!("{}", p.message));
+                Some(p.message.clone())
             }
-            Activity::Waiting if p.message.starts_with("joined") => {
-                self.bar.suspend(|| println!("{}", p.message));
-            }
-            Activity::Training if p.accuracy.is_some() || p.message == "trained" => {
-                self.bar.finish_and_clear();
+            Activity::Waiting if p.message.starts_with("joined") => Some(p.message.clone()),
+            Activity::Training if p.message == "trained" => {
                 let acc = p
                     .accuracy
                     .map_or("no test split".to_string(), |a| format!("{a:.4}"));
-                println!("trained: {} steps, local accuracy {acc}", p.total);
+                Some(format!("trained: {} steps, local accuracy {acc}", p.total))
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(line) = line {
+            match cur.1.as_ref() {
+                Some(bar) => bar.suspend(|| println!("{line}")),
+                None => println!("{line}"),
+            }
         }
     }
 }
@@ -210,7 +221,7 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
             client.config().data_dir.display()
         );
     }
-    let bars = Arc::new(Bars::new());
+    let bars = Arc::new(Bars::default());
     let b = bars.clone();
     client.set_listener(Some(Arc::new(move |p: &Progress| b.on(p))));
     if let Some(path) = &data {
@@ -265,7 +276,7 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         let s = client.join(a.rounds).await?;
-        bars.bar.finish_and_clear();
+        bars.clear();
         println!(
             "took part in {} round(s){}; last round {}, local accuracy {}",
             s.rounds,
