@@ -110,7 +110,7 @@ fn binary_enrolls_trains_and_completes_a_round() {
         .unwrap();
     let cs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let round = &cs["rounds"][0];
-    assert_eq!(round["phase"], "done", "{cs}");
+    assert_eq!(round["phase"], "Done", "{cs}");
     assert!(round["replies"].to_string().contains(&client_id), "{cs}");
     assert!(
         cs["client_reports"][0]["local_accuracy"]

@@ -215,12 +215,6 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
         cfg.test_fraction = 0.0;
     }
     let client = Arc::new(Client::open(cfg)?);
-    if client.status().client_id.is_none() {
-        anyhow::bail!(
-            "not enrolled: run `crosslm-client enroll --token ...` with this data dir ({}) first",
-            client.config().data_dir.display()
-        );
-    }
     let bars = Arc::new(Bars::default());
     let b = bars.clone();
     client.set_listener(Some(Arc::new(move |p: &Progress| b.on(p))));
@@ -238,6 +232,12 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
             .load_test_file(path)
             .with_context(|| format!("loading test data {}", path.display()))?;
         println!("test data: {} examples", d.test_examples);
+    }
+    if client.status().client_id.is_none() {
+        anyhow::bail!(
+            "not enrolled: run `crosslm-client enroll --token ...` with this data dir ({}) first",
+            client.config().data_dir.display()
+        );
     }
     let rt = runtime()?;
     rt.block_on(async move {
