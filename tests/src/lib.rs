@@ -146,7 +146,13 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts the daemon in `dir`: `rounds` rounds of `per_label` samples per label, opening
     /// when `min_clients` are connected, done on one reply; prints `tokens` tokens.
-    pub fn start(dir: &Path, rounds: u64, per_label: usize, min_clients: usize, tokens: usize) -> Self {
+    pub fn start(
+        dir: &Path,
+        rounds: u64,
+        per_label: usize,
+        min_clients: usize,
+        tokens: usize,
+    ) -> Self {
         write_task(dir);
         write_samples(dir, per_label.max(1));
         let config = dir.join("coordinator.toml");

@@ -72,10 +72,19 @@ fn binary_enrolls_trains_and_completes_a_round() {
         text(&out.stderr)
     );
     eprintln!("join took {:.1}s:\n{stdout}", start.elapsed().as_secs_f64());
-    assert!(stdout.contains("private data: 30 examples (10 held out"), "{stdout}");
+    assert!(
+        stdout.contains("private data: 30 examples (10 held out"),
+        "{stdout}"
+    );
     assert!(stdout.contains("trained: "), "{stdout}");
-    assert!(stdout.contains("round 1 finished, local accuracy"), "{stdout}");
-    assert!(stdout.contains("took part in 1 round(s); last round 1"), "{stdout}");
+    assert!(
+        stdout.contains("round 1 finished, local accuracy"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("took part in 1 round(s); last round 1"),
+        "{stdout}"
+    );
 
     // Persisted: the checkpoint and the state file; `status` shows them.
     let data_dir = dir.path().join("client-data");
@@ -92,7 +101,10 @@ fn binary_enrolls_trains_and_completes_a_round() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["last_round"], 1);
     assert_eq!(status["arch"], "bag");
-    assert_eq!(status["labels"], serde_json::json!(["negative", "positive"]));
+    assert_eq!(
+        status["labels"],
+        serde_json::json!(["negative", "positive"])
+    );
     let client_id = status["client_id"].as_str().expect("client id").to_string();
     assert!(enrolled.contains(&client_id));
     let human = text(&client(&["status", "--config", cfg]).stdout);
@@ -155,13 +167,11 @@ fn ctrl_c_while_waiting_leaves_cleanly_and_keeps_the_checkpoint() {
     assert!(kill.success());
     let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
     let status = join.wait().unwrap();
-    assert!(
-        status.success(),
-        "{status:?}: {seen:?} {rest:?}"
-    );
+    assert!(status.success(), "{status:?}: {seen:?} {rest:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "left promptly");
     assert!(
-        rest.iter().any(|l| l.contains("took part in 0 round(s) (stopped)")),
+        rest.iter()
+            .any(|l| l.contains("took part in 0 round(s) (stopped)")),
         "{rest:?}"
     );
     let ckpt = dir.path().join("client-data/checkpoint");
@@ -173,7 +183,11 @@ fn ctrl_c_while_waiting_leaves_cleanly_and_keeps_the_checkpoint() {
         .arg(&data)
         .output()
         .unwrap();
-    assert!(out.status.success(), "checkpoint loads: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "checkpoint loads: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -199,16 +213,58 @@ fn bad_input_gets_clear_errors() {
     assert!(!out.status.success());
     assert!(err.contains("unreachable"), "{err}");
     // Malformed token.
-    let out = client(&["enroll", "--coordinator", "127.0.0.1:9", "--data-dir", &dd, "--token", "xyz"]);
-    assert!(text(&out.stderr).contains("malformed token"), "{}", text(&out.stderr));
+    let out = client(&[
+        "enroll",
+        "--coordinator",
+        "127.0.0.1:9",
+        "--data-dir",
+        &dd,
+        "--token",
+        "xyz",
+    ]);
+    assert!(
+        text(&out.stderr).contains("malformed token"),
+        "{}",
+        text(&out.stderr)
+    );
     // Join before enrolling; missing data file; missing config file.
-    let out = client(&["join", "--coordinator", "127.0.0.1:9", "--data-dir", &dd, "--checkpoint", d]);
-    assert!(text(&out.stderr).contains("not enrolled"), "{}", text(&out.stderr));
-    let out = client(&["join", "--data-dir", &dd, "--data", &format!("{d}/nope.jsonl")]);
-    assert!(text(&out.stderr).contains("nope.jsonl"), "{}", text(&out.stderr));
+    let out = client(&[
+        "join",
+        "--coordinator",
+        "127.0.0.1:9",
+        "--data-dir",
+        &dd,
+        "--checkpoint",
+        d,
+    ]);
+    assert!(
+        text(&out.stderr).contains("not enrolled"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = client(&[
+        "join",
+        "--data-dir",
+        &dd,
+        "--data",
+        &format!("{d}/nope.jsonl"),
+    ]);
+    assert!(
+        text(&out.stderr).contains("nope.jsonl"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = client(&["status", "--config", &format!("{d}/nope.toml")]);
-    assert!(text(&out.stderr).contains("nope.toml"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nope.toml"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = client(&["status", "--data-dir", &dd]);
     assert!(out.status.success());
-    assert!(text(&out.stdout).contains("enrolled:         no"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("enrolled:         no"),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -96,11 +96,13 @@ pub fn enroll_cmd(a: EnrollArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The activity (and round) being drawn, and its bar.
+type Drawn = (Option<(Activity, Option<u64>)>, Option<ProgressBar>);
+
 /// Draws progress bars for training, scoring and learning; other activities are lines.
 #[derive(Default)]
 struct Bars {
-    /// The activity being drawn, and its bar.
-    current: Mutex<(Option<(Activity, Option<u64>)>, Option<ProgressBar>)>,
+    current: Mutex<Drawn>,
 }
 
 impl Bars {
