@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 ./scripts/fetch-assets.sh
-# The network tests drive the real binaries (e.g. SIGKILL the coordinator): build them first.
-cargo build --release --workspace --bins
+# The network tests drive the real binaries (e.g. SIGKILL the coordinator), and the binding
+# tests the crosslm-ffi library: build them first.
+cargo build --release --workspace
 cargo test --release --workspace "$@"
+# The mobile bindings for real: generate Kotlin/Swift/Python from the built library, then drive
+# a coordinator on loopback through the Python module (system python3, unittest).
+./scripts/bindings.sh > /dev/null
+python3 bindings/tests/test_python.py

@@ -37,6 +37,18 @@ pub enum Error {
     /// A data file is malformed (with its line number where known).
     #[error("data: {0}")]
     Data(String),
+    /// A setting or argument is invalid (bad address, empty name, out-of-range value).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// An operation needs a step that has not happened yet (enroll, load data, train).
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// Another long operation is running on the same client.
+    #[error("busy: {0} is running")]
+    Busy(String),
+    /// The operation was cancelled.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Result with the SDK's error.

@@ -1,6 +1,8 @@
 //! crosslm edge SDK: the wire protocol, the QUIC client, and the on-device small language
 //! models (SLMs) that train on private data and score synthetic samples.
 
+#[cfg(feature = "slm")]
+pub mod client;
 pub mod data;
 pub mod error;
 #[cfg(feature = "slm")]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::protocol::{AggregatedScore, SyntheticSample, TaskInfo};
-use crate::slm::{Slm, TrainConfig, TrainExample, accuracy};
+use crate::slm::{Slm, TrainConfig, TrainExample, TrainProgress, accuracy};
 use crate::transport::Scorer;
 use crate::{Error, Result};
 
@@ -29,10 +29,14 @@ pub struct Learning {
     pub checkpoint: Option<PathBuf>,
 }
 
+/// Called after every optimizer step of the per-round training.
+pub type TrainProgressFn = Box<dyn FnMut(&TrainProgress) + Send>;
+
 /// Scores samples with an SLM.
 pub struct SlmScorer {
     slm: Box<dyn Slm>,
     learning: Option<Learning>,
+    train_progress: Option<TrainProgressFn>,
 }
 
 impl SlmScorer {
@@ -41,7 +45,14 @@ impl SlmScorer {
         Self {
             slm,
             learning: None,
+            train_progress: None,
         }
+    }
+
+    /// Reports the progress of each round's training (progress bars, app callbacks).
+    pub fn with_train_progress(mut self, f: TrainProgressFn) -> Self {
+        self.train_progress = Some(f);
+        self
     }
 
     /// Also train on each round's result (see [`Learning`]).
@@ -124,7 +135,12 @@ impl Scorer for SlmScorer {
             synthetic = examples.len() - before,
             "training on the round's result"
         );
-        self.slm.train(&examples, &learning.train, &mut |_| {})?;
+        let mut no_progress = |_: &TrainProgress| {};
+        let progress: &mut dyn FnMut(&TrainProgress) = match self.train_progress.as_mut() {
+            Some(f) => f,
+            None => &mut no_progress,
+        };
+        self.slm.train(&examples, &learning.train, progress)?;
         if let Some(dir) = &learning.checkpoint {
             self.slm.save(dir)?;
         }

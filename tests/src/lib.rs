@@ -129,3 +129,143 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A `crosslm-coordinator serve` process on 127.0.0.1 with a file generator
+/// ([`write_task`], [`write_samples`]), killed on drop.
+pub struct CoordinatorProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Enrollment tokens it printed.
+    pub tokens: Vec<String>,
+    /// Its data dir (for `crosslm-coordinator status` after it exits).
+    pub data_dir: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts the daemon in `dir`: `rounds` rounds of `per_label` samples per label, opening
+    /// when `min_clients` are connected, done on one reply; prints `tokens` tokens.
+    pub fn start(
+        dir: &Path,
+        rounds: u64,
+        per_label: usize,
+        min_clients: usize,
+        tokens: usize,
+    ) -> Self {
+        write_task(dir);
+        write_samples(dir, per_label.max(1));
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+task = "task.toml"
+[daemon]
+listen = "127.0.0.1:0"
+data_dir = "coord"
+rounds = {rounds}
+samples_per_label = {per_label}
+min_clients = {min_clients}
+idle_timeout_ms = 5000
+linger_ms = 5000
+[daemon.round]
+quorum = 1
+deadline_ms = 120000
+[generator]
+kind = "file"
+path = "samples.jsonl"
+"#
+            ),
+        )
+        .expect("write coordinator config");
+        let addr_file = dir.join("addr");
+        let mut child = std::process::Command::new(bin("crosslm-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--print-tokens", &tokens.to_string(), "--addr-file"])
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start crosslm-coordinator");
+        // Tokens are printed before it listens; the address file appears once it does.
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+        let mut toks = Vec::new();
+        while toks.len() < tokens {
+            let line = lines
+                .next()
+                .expect("coordinator printed its tokens")
+                .expect("read");
+            if let Some(t) = line.strip_prefix("enrollment token: ") {
+                toks.push(t.trim().to_string());
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file)
+                && let Ok(a) = s.trim().parse()
+            {
+                break a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "coordinator did not start listening"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        Self {
+            child,
+            addr,
+            tokens: toks,
+            data_dir: dir.join("coord"),
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (after its rounds and linger).
+    pub fn wait(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "coordinator did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small private data file for [`write_task`]'s task: `n` JSONL rows, alternating labels,
+/// with distinct wording per label so that a small model learns it.
+pub fn write_private_data(dir: &Path, n: usize) -> PathBuf {
+    let p = dir.join("private.jsonl");
+    let neg = ["dull", "lifeless", "boring", "awful", "tedious"];
+    let pos = ["warm", "wonderful", "moving", "brilliant", "charming"];
+    let mut s = String::new();
+    for i in 0..n {
+        let (label, words) = if i % 2 == 0 {
+            ("negative", &neg)
+        } else {
+            ("positive", &pos)
+        };
+        let text = format!(
+            "a {} and {} film, take {i}",
+            words[i % words.len()],
+            words[(i / 2 + 1) % words.len()]
+        );
+        s += &format!("{}\n", serde_json::json!({"text": text, "label": label}));
+    }
+    std::fs::write(&p, s).expect("write private data");
+    p
+}

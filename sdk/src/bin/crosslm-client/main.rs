@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod config;
 mod data;
 mod rounds;
 mod slm;
@@ -21,8 +22,11 @@ enum Cmd {
     Data(data::DataCmd),
     /// Enroll with a coordinator using a one-time token.
     Enroll(rounds::EnrollArgs),
-    /// Take part in rounds with a trained SLM until Ctrl-C (or --rounds N).
+    /// Take part in rounds until Ctrl-C (or --rounds N); trains first when there is no
+    /// checkpoint yet.
     Join(rounds::JoinArgs),
+    /// Show the local state: enrollment, checkpoint, last round, local accuracy.
+    Status(rounds::StatusArgs),
     /// Work with the on-device SLM: embed, train, eval, score.
     #[command(subcommand)]
     Slm(slm::SlmCmd),
@@ -42,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Enroll(a) => rounds::enroll_cmd(a),
         Cmd::Data(cmd) => data::run(cmd),
         Cmd::Join(a) => rounds::join_cmd(a),
+        Cmd::Status(a) => rounds::status_cmd(a),
     }
 }

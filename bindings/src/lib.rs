@@ -1,0 +1,489 @@
+//! crosslm client for mobile apps and other languages: the SDK's high-level
+//! [`crosslm_sdk::client::Client`] exported with uniffi proc-macros, so that Kotlin (Android),
+//! Swift (iOS) and Python get the same API as the desktop client.
+//!
+//! Long operations are `async` (Kotlin `suspend`, Swift `async`, Python coroutines) and run on
+//! one Tokio runtime owned by this library, so the foreign side needs no Rust executor.
+//! Progress arrives through the foreign-implemented [`ProgressListener`]; errors are the flat
+//! [`CrossLmError`] whose message says what went wrong.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crosslm_sdk::client::{self, Client, ClientConfig};
+use crosslm_sdk::slm::{Arch, Backend};
+
+uniffi::setup_scaffolding!();
+
+/// Every error of the bindings. Flat: the foreign side sees the kind and the message.
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+#[uniffi(flat_error)]
+pub enum CrossLmError {
+    /// A setting or argument is invalid.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A file could not be read or written.
+    #[error("{0}")]
+    Io(String),
+    /// A data file or rows are malformed or unusable.
+    #[error("{0}")]
+    Data(String),
+    /// The model is missing, corrupt or does not fit.
+    #[error("{0}")]
+    Model(String),
+    /// Enrollment failed (malformed token, identity unusable).
+    #[error("{0}")]
+    Enrollment(String),
+    /// The coordinator refused a request (e.g. an unknown or used token).
+    #[error("{0}")]
+    Refused(String),
+    /// The coordinator could not be reached or the connection broke.
+    #[error("{0}")]
+    Network(String),
+    /// The coordinator broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+    /// A step is missing first (enroll, load data, train).
+    #[error("{0}")]
+    NotReady(String),
+    /// Another long operation is running.
+    #[error("{0}")]
+    Busy(String),
+    /// The operation was cancelled.
+    #[error("{0}")]
+    Cancelled(String),
+}
+
+impl From<crosslm_sdk::Error> for CrossLmError {
+    fn from(e: crosslm_sdk::Error) -> Self {
+        use crosslm_sdk::Error as E;
+        let msg = e.to_string();
+        match e {
+            E::File { .. } | E::Io(_) => Self::Io(msg),
+            E::Model(_) | E::Tokenizer(_) => Self::Model(msg),
+            E::Enroll(_) => Self::Enrollment(msg),
+            E::Transport(_) => Self::Network(msg),
+            E::Protocol(_) => Self::Protocol(msg),
+            E::Refused(_) => Self::Refused(msg),
+            E::Data(_) => Self::Data(msg),
+            E::InvalidInput(_) => Self::InvalidInput(msg),
+            E::NotReady(_) => Self::NotReady(msg),
+            E::Busy(_) => Self::Busy(msg),
+            E::Cancelled => Self::Cancelled(msg),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, CrossLmError>;
+
+/// SLM architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum SlmArch {
+    /// all-MiniLM-L6-v2 fine-tuned (22.7M parameters): better, heavier.
+    Minilm,
+    /// Light bag of wordpieces: for weak devices.
+    Bag,
+}
+
+/// Where the SLM computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum SlmBackend {
+    /// CPU (always available).
+    Cpu,
+    /// GPU through wgpu (Vulkan on Android, Metal on iOS).
+    Gpu,
+}
+
+/// How a [`CrossLmClient`] is set up; [`default_settings`] fills in the defaults.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ClientSettings {
+    /// Coordinator `host:port`; may be left out after enrollment.
+    pub coordinator: Option<String>,
+    /// App-private directory for the identity, checkpoint and state.
+    pub data_dir: String,
+    /// Device name, as the coordinator logs it.
+    pub name: String,
+    /// Architecture of a fresh model.
+    pub arch: SlmArch,
+    /// Compute backend.
+    pub backend: SlmBackend,
+    /// Directory with the MiniLM `tokenizer.json` (and weights for MiniLM), shipped with the app.
+    pub model_dir: String,
+    /// Epochs of `train` (`None`: the architecture's default).
+    pub train_epochs: Option<u32>,
+    /// Epochs of the training after each round.
+    pub round_epochs: u32,
+    /// Fraction of private data held out to measure local accuracy.
+    pub test_fraction: f64,
+    /// Synthetic samples below this aggregated quality are not trained on.
+    pub min_quality: f32,
+    /// How long to wait for the coordinator to answer, ms.
+    pub connect_timeout_ms: u64,
+}
+
+/// Default settings for a data dir.
+#[uniffi::export]
+pub fn default_settings(data_dir: String) -> ClientSettings {
+    let d = ClientConfig::default();
+    ClientSettings {
+        coordinator: None,
+        data_dir,
+        name: d.name,
+        arch: SlmArch::Bag,
+        backend: SlmBackend::Cpu,
+        model_dir: d.model_dir.display().to_string(),
+        train_epochs: None,
+        round_epochs: d.round_epochs as u32,
+        test_fraction: d.test_fraction,
+        min_quality: d.min_quality,
+        connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+    }
+}
+
+/// The library's version.
+#[uniffi::export]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").into()
+}
+
+/// What the client is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum Activity {
+    /// Nothing.
+    Idle,
+    /// Trading a token for a certificate.
+    Enrolling,
+    /// Training on the private data.
+    Training,
+    /// Connecting to the coordinator.
+    Connecting,
+    /// Waiting for a round or its result.
+    Waiting,
+    /// Scoring a round's samples.
+    Scoring,
+    /// Training on a finished round's result.
+    Learning,
+    /// A round finished for this client.
+    RoundFinished,
+    /// Leaving the coordinator.
+    Stopping,
+}
+
+impl From<client::Activity> for Activity {
+    fn from(a: client::Activity) -> Self {
+        use client::Activity as A;
+        match a {
+            A::Idle => Self::Idle,
+            A::Enrolling => Self::Enrolling,
+            A::Training => Self::Training,
+            A::Connecting => Self::Connecting,
+            A::Waiting => Self::Waiting,
+            A::Scoring => Self::Scoring,
+            A::Learning => Self::Learning,
+            A::RoundFinished => Self::RoundFinished,
+            A::Stopping => Self::Stopping,
+        }
+    }
+}
+
+/// One progress report.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ProgressEvent {
+    /// What is happening.
+    pub activity: Activity,
+    /// The round, while taking part in one.
+    pub round: Option<u64>,
+    /// Units done (training steps, scored samples).
+    pub done: u64,
+    /// Units planned (0: unknown).
+    pub total: u64,
+    /// Loss of the last training step.
+    pub loss: Option<f32>,
+    /// Local accuracy, when just measured.
+    pub accuracy: Option<f32>,
+    /// A line for people.
+    pub message: String,
+}
+
+/// Implemented by the app: receives progress, on a background thread.
+#[uniffi::export(with_foreign)]
+pub trait ProgressListener: Send + Sync {
+    /// One report.
+    fn on_progress(&self, event: ProgressEvent);
+}
+
+/// Adapts a foreign listener to the SDK's.
+struct Forward(Arc<dyn ProgressListener>);
+
+impl client::ProgressListener for Forward {
+    fn on_progress(&self, p: &client::Progress) {
+        self.0.on_progress(ProgressEvent {
+            activity: p.activity.into(),
+            round: p.round,
+            done: p.done,
+            total: p.total,
+            loss: p.loss,
+            accuracy: p.accuracy,
+            message: p.message.clone(),
+        });
+    }
+}
+
+/// A snapshot of the client.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ClientStatus {
+    /// Id assigned at enrollment.
+    pub client_id: Option<String>,
+    /// The coordinator.
+    pub coordinator: Option<String>,
+    /// Checkpoint directory, if it holds a model.
+    pub checkpoint: Option<String>,
+    /// The model's labels.
+    pub labels: Vec<String>,
+    /// Private training examples loaded.
+    pub private_examples: u64,
+    /// Local test examples loaded.
+    pub test_examples: u64,
+    /// What the client is doing.
+    pub activity: Activity,
+    /// The round in progress.
+    pub round: Option<u64>,
+    /// Progress of the current activity, 0 to 1.
+    pub progress: f32,
+    /// Rounds taken part in, over all runs.
+    pub rounds_completed: u64,
+    /// The last of them.
+    pub last_round: Option<u64>,
+    /// Local accuracy after the last training.
+    pub local_accuracy: Option<f32>,
+}
+
+/// What loading private data gave.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct DataSummary {
+    /// Training examples.
+    pub examples: u64,
+    /// Held-out test examples.
+    pub test_examples: u64,
+    /// Label names.
+    pub labels: Vec<String>,
+    /// Rows skipped.
+    pub skipped: u64,
+}
+
+impl From<client::DataSummary> for DataSummary {
+    fn from(d: client::DataSummary) -> Self {
+        Self {
+            examples: d.examples,
+            test_examples: d.test_examples,
+            labels: d.labels,
+            skipped: d.skipped,
+        }
+    }
+}
+
+/// One labeled text of private data.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct LabeledText {
+    /// The text.
+    pub text: String,
+    /// Its label name.
+    pub label: String,
+}
+
+/// What `train` did.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct TrainSummary {
+    /// Epochs run.
+    pub epochs: u64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Training loss of the last epoch.
+    pub train_loss: f32,
+    /// Local accuracy after training.
+    pub local_accuracy: Option<f32>,
+    /// Seconds spent training.
+    pub seconds: f64,
+}
+
+/// What `join` did.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct JoinSummary {
+    /// Rounds finished during the call.
+    pub rounds: u64,
+    /// The last round taken part in.
+    pub last_round: Option<u64>,
+    /// Local accuracy after it.
+    pub local_accuracy: Option<f32>,
+    /// Whether `cancel` ended it.
+    pub cancelled: bool,
+}
+
+/// The runtime that drives the network and the SDK's worker threads; the foreign executor
+/// only awaits its join handles.
+fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("crosslm")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| CrossLmError::Io(format!("cannot start the runtime: {e}")))
+}
+
+/// Runs an SDK future on the library's runtime.
+async fn on_runtime<T: Send + 'static>(
+    f: impl std::future::Future<Output = crosslm_sdk::Result<T>> + Send + 'static,
+) -> Result<T> {
+    runtime()?
+        .spawn(f)
+        .await
+        .map_err(|e| CrossLmError::Io(format!("task failed: {e}")))?
+        .map_err(Into::into)
+}
+
+/// The crosslm client: enroll, load private data, train, take part in rounds.
+#[derive(uniffi::Object)]
+pub struct CrossLmClient {
+    inner: Arc<Client>,
+}
+
+#[uniffi::export]
+impl CrossLmClient {
+    /// Opens a client on its data dir (created if needed).
+    #[uniffi::constructor]
+    pub fn new(settings: ClientSettings) -> Result<Arc<Self>> {
+        init_logging();
+        let d = ClientConfig::default();
+        let config = ClientConfig {
+            coordinator: settings.coordinator.filter(|c| !c.trim().is_empty()),
+            data_dir: PathBuf::from(settings.data_dir),
+            name: settings.name,
+            arch: match settings.arch {
+                SlmArch::Minilm => Arch::Minilm,
+                SlmArch::Bag => Arch::Bag,
+            },
+            backend: match settings.backend {
+                SlmBackend::Cpu => Backend::Flex,
+                SlmBackend::Gpu => Backend::Wgpu,
+            },
+            model_dir: PathBuf::from(settings.model_dir),
+            train_epochs: settings.train_epochs.map(|e| e as usize),
+            round_epochs: settings.round_epochs as usize,
+            test_fraction: settings.test_fraction,
+            min_quality: settings.min_quality,
+            connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            ..d
+        };
+        Ok(Arc::new(Self {
+            inner: Arc::new(Client::open(config)?),
+        }))
+    }
+
+    /// Sets the progress listener (replacing any earlier one).
+    pub fn set_listener(&self, listener: Arc<dyn ProgressListener>) {
+        self.inner.set_listener(Some(Arc::new(Forward(listener))));
+    }
+
+    /// Removes the progress listener.
+    pub fn clear_listener(&self) {
+        self.inner.set_listener(None);
+    }
+
+    /// Enrolls with the coordinator using a one-time token; returns the client id.
+    pub async fn enroll(&self, token: String) -> Result<String> {
+        let c = self.inner.clone();
+        on_runtime(async move { c.enroll(&token).await }).await
+    }
+
+    /// Loads private labeled data from a file (CSV/TSV/JSONL with `text` and `label`, or a
+    /// benchmark format).
+    pub fn load_data_file(&self, path: String) -> Result<DataSummary> {
+        Ok(self
+            .inner
+            .load_data_file(std::path::Path::new(&path))?
+            .into())
+    }
+
+    /// Loads private labeled data from rows.
+    pub fn load_data_rows(&self, rows: Vec<LabeledText>) -> Result<DataSummary> {
+        let rows: Vec<(String, String)> = rows.into_iter().map(|r| (r.text, r.label)).collect();
+        Ok(self.inner.load_data_rows(&rows)?.into())
+    }
+
+    /// Loads a separate local test file.
+    pub fn load_test_file(&self, path: String) -> Result<DataSummary> {
+        Ok(self
+            .inner
+            .load_test_file(std::path::Path::new(&path))?
+            .into())
+    }
+
+    /// Trains the SLM on the private data and saves the checkpoint.
+    pub async fn train(&self) -> Result<TrainSummary> {
+        let c = self.inner.clone();
+        let s = on_runtime(async move { c.train().await }).await?;
+        Ok(TrainSummary {
+            epochs: s.epochs,
+            steps: s.steps,
+            train_loss: s.train_loss,
+            local_accuracy: s.local_accuracy,
+            seconds: s.seconds,
+        })
+    }
+
+    /// Takes part in rounds until `rounds` results arrived (`None`: until cancelled).
+    pub async fn join(&self, rounds: Option<u64>) -> Result<JoinSummary> {
+        let c = self.inner.clone();
+        let s = on_runtime(async move { c.join(rounds).await }).await?;
+        Ok(JoinSummary {
+            rounds: s.rounds,
+            last_round: s.last_round,
+            local_accuracy: s.local_accuracy,
+            cancelled: s.cancelled,
+        })
+    }
+
+    /// Stops the running operation at its next safe point (the checkpoint is kept).
+    pub fn cancel(&self) {
+        self.inner.cancel();
+    }
+
+    /// A snapshot of the client.
+    pub fn status(&self) -> ClientStatus {
+        let s = self.inner.status();
+        ClientStatus {
+            client_id: s.client_id,
+            coordinator: s.coordinator,
+            checkpoint: s.checkpoint.map(|p| p.display().to_string()),
+            labels: s.labels,
+            private_examples: s.private_examples,
+            test_examples: s.test_examples,
+            activity: s.activity.into(),
+            round: s.round,
+            progress: s.progress,
+            rounds_completed: s.rounds_completed,
+            last_round: s.last_round,
+            local_accuracy: s.local_accuracy,
+        }
+    }
+}
+
+/// Logs to stderr once, filtered by `RUST_LOG` (default: warnings), for apps' debug consoles.
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
+}
