@@ -43,8 +43,9 @@ pub struct TuningConfig {
     pub epochs: usize,
     /// Examples per optimizer step.
     pub batch_size: usize,
-    /// At most this many samples per round are trained on (the best-scored first); bounds
-    /// the time a round's tuning takes on a CPU.
+    /// At most this many samples per round are trained on, equally many per label (the
+    /// best-scored first; as many per label as the scarcest label has); bounds the time a
+    /// round's tuning takes on a CPU and keeps the labels balanced.
     pub max_samples: usize,
     /// LoRA settings (rank, alpha, learning rate, token limits).
     pub lora: LoraConfig,
@@ -165,7 +166,25 @@ pub fn feedback_examples(
         .filter(|(x, _)| (x.label as usize) < spec.labels.len())
         .collect();
     kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
-    kept.truncate(cfg.max_samples);
+    // Equally many of each label (the best-scored first), so that the SLMs finding one
+    // label's samples better does not teach the LLM to answer that label for everything.
+    let n_labels = spec.labels.len();
+    let per_label = kept
+        .iter()
+        .fold(vec![0usize; n_labels], |mut c, (x, _)| {
+            c[x.label as usize] += 1;
+            c
+        })
+        .into_iter()
+        .min()
+        .unwrap_or(0)
+        .min(cfg.max_samples / n_labels.max(1));
+    let mut taken = vec![0usize; n_labels];
+    kept.retain(|(x, _)| {
+        let t = &mut taken[x.label as usize];
+        *t += 1;
+        *t <= per_label
+    });
     let tok = &llm.tokenizer;
     let mut out = Vec::new();
     for (sample, score) in &kept {
@@ -442,11 +461,32 @@ mod tests {
         assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
         let only_task = TuningConfig {
             generation_side: false,
-            max_samples: 1,
             ..quick()
         };
         let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
-        assert_eq!((used, ex.len()), (1, 1));
+        assert_eq!((used, ex.len()), (2, 3));
+        // A second good negative sample: still one per label (the best negative one).
+        let (mut samples, mut scores) = (samples, scores);
+        samples.push(SyntheticSample {
+            id: 3,
+            text: "Tedious beyond words.".into(),
+            label: 0,
+        });
+        scores.push(AggregatedScore {
+            id: 3,
+            quality: 0.95,
+            soft: vec![0.95, 0.05],
+        });
+        let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
+        assert_eq!(used, 2);
+        assert!(
+            ex.iter()
+                .any(|e| e.prompt.contains("Tedious beyond words."))
+        );
+        assert!(
+            !ex.iter()
+                .any(|e| e.prompt.contains("A dull, lifeless film"))
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::tuning::LlmReport;
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample, TaskInfo};
-use crosslm_sdk::transport::{Session, participate};
+use crosslm_sdk::transport::{Scorer, Session, participate};
 use crosslm_tests::*;
 
 /// What the generator saw, in order.
@@ -65,6 +65,28 @@ impl Generator for Recording {
     }
 }
 
+/// Scores like [`FixedScorer`] and reports a local accuracy after each round.
+struct Reporting(FixedScorer);
+
+impl Scorer for Reporting {
+    fn score(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+    ) -> crosslm_sdk::Result<Vec<Vec<f32>>> {
+        self.0.score(task, samples)
+    }
+
+    fn learn(
+        &mut self,
+        _: &TaskInfo,
+        _: &[SyntheticSample],
+        _: &[AggregatedScore],
+    ) -> crosslm_sdk::Result<Option<f32>> {
+        Ok(Some(0.75))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llm_learns_between_rounds_and_reports_persist() {
     init_tracing();
@@ -101,7 +123,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
             let mut s = Session::connect(addr, &id, info(&format!("c{i}"), 10))
                 .await
                 .unwrap();
-            let (_, n) = participate(&mut s, FixedScorer { p: 0.8 }, Some(2))
+            let (_, n) = participate(&mut s, Reporting(FixedScorer { p: 0.8 }), Some(2))
                 .await
                 .unwrap();
             s.close().await;
@@ -158,4 +180,10 @@ async fn llm_learns_between_rounds_and_reports_persist() {
     let rounds: Vec<u64> = reports.iter().map(|r| r.round).collect();
     assert_eq!(rounds, vec![0, 1, 2]);
     assert_eq!(reports[2].task_accuracy, Some(0.7));
+    // The last round's reports arrive although the clients close right after sending them.
+    for round in [1, 2] {
+        let r = store.reports(round).unwrap();
+        assert_eq!(r.len(), 2, "round {round}: {r:?}");
+        assert!(r.iter().all(|(_, a)| *a == 0.75));
+    }
 }

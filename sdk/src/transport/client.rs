@@ -295,9 +295,12 @@ impl Session {
         send_msg(&mut self.send, msg).await
     }
 
-    /// Closes the session politely.
+    /// Closes the session politely: what was sent (e.g. the last round's report) is
+    /// delivered before the connection closes; closing at once would discard it.
     pub async fn close(mut self) {
         let _ = self.send.finish();
+        // Resolves once the coordinator has read the stream to its end (or stopped it).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.send.stopped()).await;
         self.conn.close(0u32.into(), b"bye");
         self.endpoint.wait_idle().await;
     }
