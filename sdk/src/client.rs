@@ -853,6 +853,7 @@ impl Client {
                 train,
                 min_quality: self.config.min_quality,
                 use_scores: true,
+                soft_targets: true,
                 checkpoint: Some(sibling(&self.checkpoint_dir(), "new")),
             });
         }

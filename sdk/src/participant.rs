@@ -25,6 +25,9 @@ pub struct Learning {
     /// trained on with its intended label and weight 1 (the "synthetic data without
     /// feedback" baseline, ZeroGen style).
     pub use_scores: bool,
+    /// With scores: train toward the aggregated soft label (`true`) or toward the sample's
+    /// intended label (`false`, the scores then only select and weight samples).
+    pub soft_targets: bool,
     /// Where to save the updated model after each round.
     pub checkpoint: Option<PathBuf>,
 }
@@ -110,8 +113,14 @@ impl Scorer for SlmScorer {
                     continue;
                 }
                 let mut target = vec![0.0; n_labels];
-                for (task_label, &model_label) in map.iter().enumerate() {
-                    target[model_label] = sc.soft[task_label];
+                if learning.soft_targets {
+                    for (task_label, &model_label) in map.iter().enumerate() {
+                        target[model_label] = sc.soft[task_label];
+                    }
+                } else if let Some(&model_label) = map.get(sample.label as usize) {
+                    target[model_label] = 1.0;
+                } else {
+                    continue;
                 }
                 examples.push(TrainExample {
                     text: sample.text.clone(),
@@ -245,6 +254,7 @@ mod tests {
             train,
             min_quality: 0.5,
             use_scores: true,
+            soft_targets: true,
             checkpoint: Some(ckpt.clone()),
         });
         // Aggregated scores: confident and right, so the model should learn the samples.
@@ -310,6 +320,7 @@ mod tests {
             },
             min_quality: 0.5,
             use_scores,
+            soft_targets: true,
             checkpoint: None,
         };
         let mut unscored = SlmScorer::new(small_bag()).with_learning(learner(false));

@@ -149,6 +149,10 @@ pub struct ExperimentConfig {
     /// Samples below this aggregated quality are not trained on (clients).
     #[serde(default = "half")]
     pub min_quality: f32,
+    /// CrossLM clients train toward the aggregated soft labels (`true`) or toward the
+    /// samples' intended labels, the scores only selecting and weighting (`false`).
+    #[serde(default = "yes")]
+    pub client_soft_targets: bool,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
@@ -182,6 +186,9 @@ fn default_max_len() -> usize {
 }
 fn one() -> u64 {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn half() -> f32 {
     0.5

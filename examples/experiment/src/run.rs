@@ -470,6 +470,7 @@ impl Ctx {
                 train: self.train_cfg(c.arch, false, seed),
                 min_quality: cfg.min_quality,
                 use_scores: v != Variant::Synthetic,
+                soft_targets: cfg.client_soft_targets,
                 checkpoint: None,
             };
             let scorer = Progress {
