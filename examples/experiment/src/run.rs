@@ -273,10 +273,8 @@ impl Ctx {
                 tokio::runtime::Runtime::new()?.block_on(self.rounds(v))?
             }
         };
-        if v == Variant::Crosslm
-            && let Some(r0) = rounds.first_mut().filter(|r| r.round == 0)
-        {
-            // The LLM's start was measured by the daemon as round 0.
+        if let Some(r0) = rounds.first_mut().filter(|r| r.round == 0) {
+            // The LLM's start was measured (or read from the cache) by the daemon as round 0.
             r0.slm = round0.slm.clone();
         } else if v != Variant::Centralized && v != Variant::Fedavg {
             rounds.insert(0, round0);
