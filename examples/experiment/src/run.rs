@@ -293,7 +293,7 @@ impl Ctx {
         let mut accs = vec![vec![None; n]; self.cfg.rounds as usize];
         for (i, c) in self.clients.iter().enumerate() {
             let mut slm = load_checkpoint(&self.initial_ckpt(i), Backend::Flex)?;
-            for r in 0..self.cfg.rounds as usize {
+            for (r, round) in accs.iter_mut().enumerate() {
                 pb.set_message(format!("standalone: {} round {}", c.name, r + 1));
                 let seed = self.cfg.seed.wrapping_add(1000 * (r as u64 + 1) + i as u64);
                 slm.train(
@@ -301,7 +301,7 @@ impl Ctx {
                     &self.train_cfg(c.arch, false, seed),
                     &mut |_| {},
                 )?;
-                accs[r][i] = Some(self.test_accuracy(slm.as_ref())?);
+                round[i] = Some(self.test_accuracy(slm.as_ref())?);
                 pb.inc(1);
             }
         }
