@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::data::{self, BadRows, Dataset, Example, TableSpec};
 use crate::participant::{Learning, SlmScorer};
-use crate::protocol::{ClientInfo, ClientMsg, SampleScore, SyntheticSample, TaskInfo};
+use crate::protocol::{ClientInfo, ClientMsg, SyntheticSample, TaskInfo};
 use crate::slm::{
     self, Arch, Backend, CheckpointMeta, Slm, TrainConfig, TrainExample, TrainProgress,
 };
@@ -961,12 +961,9 @@ impl Client {
                         }
                         Err(e) => return Err(e),
                     };
-                    let scores: Vec<SampleScore> = samples
-                        .iter()
-                        .zip(probs)
-                        .map(|(s, probs)| SampleScore { id: s.id, probs })
-                        .collect();
-                    session.send_scores(round, &scores).await?;
+                    session
+                        .send_scores(round, &crate::transport::sample_scores(&samples, probs)?)
+                        .await?;
                     batches.insert(round, (task, samples));
                     self.reporter.report(
                         Activity::Waiting,

@@ -321,7 +321,6 @@ impl Ctx {
             .flat_map(|c| c.private.iter().cloned())
             .collect();
         let mut archs: Vec<Arch> = self.clients.iter().map(|c| c.arch).collect();
-        archs.dedup();
         archs.sort_by_key(|a| *a as u8);
         archs.dedup();
         let pb = bar(&self.mp, archs.len() as u64, "centralized");

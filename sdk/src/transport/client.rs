@@ -311,6 +311,26 @@ impl Session {
     }
 }
 
+/// Pairs each sample with its row of label probabilities; a scorer that returned a different
+/// number of rows is an error (the coordinator would refuse the reply anyway).
+pub fn sample_scores(
+    samples: &[SyntheticSample],
+    probs: Vec<Vec<f32>>,
+) -> Result<Vec<SampleScore>> {
+    if probs.len() != samples.len() {
+        return Err(Error::Model(format!(
+            "scorer returned {} rows for {} samples",
+            probs.len(),
+            samples.len()
+        )));
+    }
+    Ok(samples
+        .iter()
+        .zip(probs)
+        .map(|(s, probs)| SampleScore { id: s.id, probs })
+        .collect())
+}
+
 /// Runs a scorer in a blocking thread and gives it back (models are not `Sync`).
 async fn blocking<S: Scorer, T: Send + 'static>(
     mut scorer: S,
@@ -350,19 +370,9 @@ pub async fn participate<S: Scorer>(
                 })
                 .await?;
                 scorer = back;
-                if probs.len() != samples.len() {
-                    return Err(Error::Model(format!(
-                        "scorer returned {} rows for {} samples",
-                        probs.len(),
-                        samples.len()
-                    )));
-                }
-                let scores: Vec<SampleScore> = samples
-                    .iter()
-                    .zip(probs)
-                    .map(|(s, probs)| SampleScore { id: s.id, probs })
-                    .collect();
-                session.send_scores(round, &scores).await?;
+                session
+                    .send_scores(round, &sample_scores(&samples, probs)?)
+                    .await?;
                 batches.insert(round, (task, samples));
             }
             Event::Accepted { round } => tracing::info!(round, "scores accepted"),

@@ -4,5 +4,5 @@
 pub mod client;
 pub mod tls;
 
-pub use client::{Event, Scorer, Session, enroll, participate};
+pub use client::{Event, Scorer, Session, enroll, participate, sample_scores};
 pub use tls::{EnrollToken, Identity};
