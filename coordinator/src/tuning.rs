@@ -5,9 +5,11 @@
 //! probability of its intended label) clears `min_quality`:
 //! - generation side: (the label's generation prompt -> the sample), weight = quality, so the
 //!   LLM writes more like the samples the clients' SLMs found clearly on-label;
-//! - task side: (classification prompt of the sample -> each label's verbalizer), weight =
-//!   quality x the sample's aggregated soft label for that label: a soft-target cross-entropy
-//!   that teaches the LLM the task itself.
+//! - task side: (classification prompt of the sample -> its intended label's verbalizer),
+//!   weight = quality: the clients vouched that the sample carries the label it was written
+//!   for, so the LLM learns to classify text like it. With `task_targets = "soft"` the target is
+//!   the aggregated soft label instead (one example per label, weight = quality x soft label);
+//!   with weak SLMs (60% accurate) those targets sit near uniform and teach little.
 //!
 //! The paper (arXiv 2312.05842) gives no code; these are our choices, each a [`TuningConfig`]
 //! option. Evaluation ([`Evaluator`]) reports task accuracy on a labeled test split and
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crosslm_sdk::data::{self, BadRows, TableSpec};
+use crosslm_sdk::participant::label_balance;
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -37,15 +40,18 @@ pub struct TuningConfig {
     pub min_quality: f32,
     /// Train the LLM to write the well-scored samples (label prompt -> sample).
     pub generation_side: bool,
-    /// Train the LLM to classify the well-scored samples (prompt -> verbalizer, soft labels).
+    /// Train the LLM to classify the well-scored samples (prompt -> verbalizer).
     pub task_side: bool,
+    /// The task side's targets: the samples' intended labels or the clients' soft labels.
+    pub task_targets: TaskTargets,
     /// Passes over a round's examples.
     pub epochs: usize,
     /// Examples per optimizer step.
     pub batch_size: usize,
-    /// At most this many samples per round are trained on, equally many per label (the
-    /// best-scored first; as many per label as the scarcest label has); bounds the time a
-    /// round's tuning takes on a CPU and keeps the labels balanced.
+    /// At most this many samples per round are trained on, at most `max_samples / labels`
+    /// per label, the best-scored first; bounds the time a round's tuning takes on a CPU.
+    /// Labels are kept balanced: no label gets more than twice the samples of the scarcest,
+    /// and weights are scaled so that every label carries the same total weight.
     pub max_samples: usize,
     /// LoRA settings (rank, alpha, learning rate, token limits).
     pub lora: LoraConfig,
@@ -60,6 +66,7 @@ impl Default for TuningConfig {
             min_quality: 0.5,
             generation_side: true,
             task_side: true,
+            task_targets: TaskTargets::Intended,
             epochs: 1,
             batch_size: 8,
             max_samples: 64,
@@ -74,6 +81,16 @@ impl Default for TuningConfig {
             seed: 7,
         }
     }
+}
+
+/// What the task side of the LLM's tuning trains toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskTargets {
+    /// The label the sample was generated for (kept only when the clients agreed).
+    Intended,
+    /// The clients' aggregated label distribution.
+    Soft,
 }
 
 /// What the LLM is measured on (the `[eval]` part of the coordinator config).
@@ -169,25 +186,16 @@ pub fn feedback_examples(
     // Equally many of each label (the best-scored first), so that the SLMs finding one
     // label's samples better does not teach the LLM to answer that label for everything.
     let n_labels = spec.labels.len();
-    let per_label = kept
-        .iter()
-        .fold(vec![0usize; n_labels], |mut c, (x, _)| {
-            c[x.label as usize] += 1;
-            c
-        })
+    let labels: Vec<usize> = kept.iter().map(|(x, _)| x.label as usize).collect();
+    let factors = label_balance(&labels, n_labels, cfg.max_samples / n_labels.max(1));
+    let kept: Vec<_> = kept
         .into_iter()
-        .min()
-        .unwrap_or(0)
-        .min(cfg.max_samples / n_labels.max(1));
-    let mut taken = vec![0usize; n_labels];
-    kept.retain(|(x, _)| {
-        let t = &mut taken[x.label as usize];
-        *t += 1;
-        *t <= per_label
-    });
+        .zip(factors)
+        .filter(|(_, f)| *f > 0.0)
+        .collect();
     let tok = &llm.tokenizer;
     let mut out = Vec::new();
-    for (sample, score) in &kept {
+    for ((sample, score), balance) in &kept {
         let label = &spec.labels[sample.label as usize];
         if cfg.generation_side {
             // Samples do not record which of the label's prompts wrote them; any of the
@@ -196,18 +204,27 @@ pub fn feedback_examples(
             out.push(TrainExample {
                 prompt: tok.chat_prompt(p),
                 completion: sample.text.clone(),
-                weight: score.quality,
+                weight: score.quality * balance,
             });
         }
         if cfg.task_side {
             let prompt = tok.chat_prompt(&spec.classify_prompt(&sample.text));
-            for (l, target) in spec.labels.iter().zip(&score.soft) {
-                if *target > 0.01 {
-                    out.push(TrainExample {
-                        prompt: prompt.clone(),
-                        completion: l.verbalizer.clone(),
-                        weight: score.quality * target,
-                    });
+            match cfg.task_targets {
+                TaskTargets::Intended => out.push(TrainExample {
+                    prompt,
+                    completion: label.verbalizer.clone(),
+                    weight: score.quality * balance,
+                }),
+                TaskTargets::Soft => {
+                    for (l, target) in spec.labels.iter().zip(&score.soft) {
+                        if *target > 0.01 {
+                            out.push(TrainExample {
+                                prompt: prompt.clone(),
+                                completion: l.verbalizer.clone(),
+                                weight: score.quality * target * balance,
+                            });
+                        }
+                    }
                 }
             }
         }
@@ -438,14 +455,13 @@ mod tests {
     }
 
     #[test]
-    fn feedback_gives_weighted_generation_and_soft_task_examples() {
+    fn feedback_gives_weighted_generation_and_task_examples() {
         let llm = tiny_llm().unwrap();
         let (samples, scores) = round();
         let (used, ex) = feedback_examples(&llm, &spec(), &quick(), &samples, &scores);
         assert_eq!(used, 2, "the 0.3-quality sample is below the threshold");
-        // Best first: sample 2 (gen + 1 task example, its 0.005 label is dropped), then
-        // sample 0 (gen + 2 task examples).
-        assert_eq!(ex.len(), 5);
+        // Best first: sample 2 (generation + task example), then sample 0.
+        assert_eq!(ex.len(), 4);
         assert_eq!(ex[0].completion, "A warm, funny and moving picture.");
         let positive = &spec().labels[1].prompts;
         assert!(
@@ -456,37 +472,54 @@ mod tests {
         assert_eq!(ex[0].weight, 0.995);
         assert_eq!(ex[1].completion, "Positive");
         assert!(ex[1].prompt.contains("A warm, funny"));
+        assert_eq!(ex[3].completion, "Negative");
+        assert!((ex[3].weight - 0.9).abs() < 1e-6);
+
+        // Soft targets: one task example per label above 1%, weight = quality x soft label.
+        let soft = TuningConfig {
+            task_targets: TaskTargets::Soft,
+            ..quick()
+        };
+        let (used, ex) = feedback_examples(&llm, &spec(), &soft, &samples, &scores);
+        assert_eq!((used, ex.len()), (2, 5));
         let neg: Vec<_> = ex.iter().filter(|e| e.completion == "Negative").collect();
         assert_eq!(neg.len(), 1);
         assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
+
         let only_task = TuningConfig {
             generation_side: false,
             ..quick()
         };
         let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
-        assert_eq!((used, ex.len()), (2, 3));
-        // A second good negative sample: still one per label (the best negative one).
+        assert_eq!((used, ex.len()), (2, 2));
+
+        // Two more good negative samples: at most twice the scarcest label (2 negatives, the
+        // best), and each label the same total weight.
         let (mut samples, mut scores) = (samples, scores);
-        samples.push(SyntheticSample {
-            id: 3,
-            text: "Tedious beyond words.".into(),
-            label: 0,
-        });
-        scores.push(AggregatedScore {
-            id: 3,
-            quality: 0.95,
-            soft: vec![0.95, 0.05],
-        });
+        for (id, text, q) in [(3, "Tedious beyond words.", 0.95), (4, "Flat and dull.", 0.6)] {
+            samples.push(SyntheticSample {
+                id,
+                text: text.into(),
+                label: 0,
+            });
+            scores.push(AggregatedScore {
+                id,
+                quality: q,
+                soft: vec![q, 1.0 - q],
+            });
+        }
         let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
-        assert_eq!(used, 2);
-        assert!(
+        assert_eq!((used, ex.len()), (3, 3));
+        assert!(!ex.iter().any(|e| e.prompt.contains("Flat and dull.")));
+        let total = |c: &str| -> f32 {
             ex.iter()
-                .any(|e| e.prompt.contains("Tedious beyond words."))
-        );
-        assert!(
-            !ex.iter()
-                .any(|e| e.prompt.contains("A dull, lifeless film"))
-        );
+                .filter(|e| e.completion == c)
+                .map(|e| e.weight)
+                .sum()
+        };
+        // Negatives: (0.95 + 0.9) x 0.75; positive: 0.995 x 1.5.
+        assert!((total("Negative") - 1.85 * 0.75).abs() < 1e-5);
+        assert!((total("Positive") - 0.995 * 1.5).abs() < 1e-5);
     }
 
     #[test]
@@ -498,7 +531,7 @@ mod tests {
             .with_tuning(quick(), state.clone())
             .unwrap();
         let r1 = g.feedback(1, &samples, &scores).unwrap().unwrap();
-        assert!(r1.tuned && r1.examples == 5, "{r1:?}");
+        assert!(r1.tuned && r1.examples == 4, "{r1:?}");
         let (first, last) = (r1.loss_first.unwrap(), r1.loss_last.unwrap());
         assert!(last < first, "loss {first} -> {last}");
         assert!(state.join("adapters-1.lora").is_file());
@@ -512,7 +545,7 @@ mod tests {
         let again = g.feedback(1, &samples, &scores).unwrap().unwrap();
         assert!(again.tuned && again.examples == 0, "{again:?}");
         let r2 = g.feedback(2, &samples, &scores).unwrap().unwrap();
-        assert_eq!(r2.examples, 5);
+        assert_eq!(r2.examples, 4);
         assert!(state.join("adapters-2.lora").is_file());
         assert!(!state.join("adapters-1.lora").exists());
 

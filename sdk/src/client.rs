@@ -53,6 +53,10 @@ pub struct ClientConfig {
     pub test_fraction: f64,
     /// Synthetic samples below this aggregated quality are not trained on.
     pub min_quality: f32,
+    /// Train toward the clients' aggregated soft labels instead of the samples' intended
+    /// labels (the default, `false`: scores then only select and weight the samples; the
+    /// soft labels of weak SLMs are their own uncertain beliefs, see the README's results).
+    pub soft_targets: bool,
     /// Aggregation weight announced to the coordinator (default: number of private examples).
     pub n_private: Option<u64>,
     /// How long to wait for the coordinator to answer a connection.
@@ -76,6 +80,7 @@ impl Default for ClientConfig {
             round_epochs: 2,
             test_fraction: 0.2,
             min_quality: 0.5,
+            soft_targets: false,
             n_private: None,
             connect_timeout: Duration::from_secs(10),
             seed: 42,
@@ -853,7 +858,8 @@ impl Client {
                 train,
                 min_quality: self.config.min_quality,
                 use_scores: true,
-                soft_targets: true,
+                soft_targets: self.config.soft_targets,
+                balance_labels: true,
                 checkpoint: Some(sibling(&self.checkpoint_dir(), "new")),
             });
         }

@@ -28,8 +28,49 @@ pub struct Learning {
     /// With scores: train toward the aggregated soft label (`true`) or toward the sample's
     /// intended label (`false`, the scores then only select and weight samples).
     pub soft_targets: bool,
+    /// With scores: balance the kept samples' labels ([`label_balance`]).
+    pub balance_labels: bool,
     /// Where to save the updated model after each round.
     pub checkpoint: Option<PathBuf>,
+}
+
+/// Balances the labels of a round's kept samples (their intended labels, best-scored first):
+/// each label keeps at most `cap` samples and at most twice as many as the scarcest label
+/// (none at all when a label has no sample), and gets a weight factor that gives every label
+/// the same total weight. Returns one factor per sample, 0 for a sample left out.
+///
+/// Why: the clients' SLMs are not equally sure of every label (under label skew especially),
+/// so the samples that clear a quality threshold lean toward some labels; trained on as they
+/// are, a model learns to answer those labels more often. The coordinator's LLM tuning uses
+/// the same rule.
+pub fn label_balance(labels: &[usize], n_labels: usize, cap: usize) -> Vec<f32> {
+    let mut counts = vec![0usize; n_labels];
+    for &l in labels {
+        if let Some(c) = counts.get_mut(l) {
+            *c += 1;
+        }
+    }
+    let limit = counts
+        .iter()
+        .copied()
+        .min()
+        .unwrap_or(0)
+        .saturating_mul(2)
+        .min(cap);
+    let taken: Vec<usize> = counts.iter().map(|c| (*c).min(limit)).collect();
+    let total: usize = taken.iter().sum();
+    let mean = total as f32 / n_labels.max(1) as f32;
+    let mut seen = vec![0usize; n_labels];
+    labels
+        .iter()
+        .map(|&l| match seen.get_mut(l) {
+            Some(s) if *s < limit => {
+                *s += 1;
+                mean / taken[l] as f32
+            }
+            _ => 0.0,
+        })
+        .collect()
 }
 
 /// Called after every optimizer step of the per-round training.
@@ -105,27 +146,38 @@ impl Scorer for SlmScorer {
         let mut examples = learning.private.clone();
         let before = examples.len();
         if learning.use_scores {
-            for sc in scores.iter().filter(|s| s.quality >= learning.min_quality) {
-                let Some(sample) = by_id.get(&sc.id) else {
-                    continue;
-                };
-                if sc.soft.len() != map.len() {
+            let mut kept: Vec<(&SyntheticSample, &AggregatedScore, usize)> = scores
+                .iter()
+                .filter(|s| s.quality >= learning.min_quality && s.soft.len() == map.len())
+                .filter_map(|sc| {
+                    let sample = by_id.get(&sc.id)?;
+                    let model_label = *map.get(sample.label as usize)?;
+                    Some((*sample, sc, model_label))
+                })
+                .collect();
+            kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
+            let factors = if learning.balance_labels {
+                let labels: Vec<usize> = kept.iter().map(|k| k.2).collect();
+                label_balance(&labels, n_labels, usize::MAX)
+            } else {
+                vec![1.0; kept.len()]
+            };
+            for ((sample, sc, model_label), factor) in kept.into_iter().zip(factors) {
+                if factor <= 0.0 {
                     continue;
                 }
                 let mut target = vec![0.0; n_labels];
                 if learning.soft_targets {
-                    for (task_label, &model_label) in map.iter().enumerate() {
-                        target[model_label] = sc.soft[task_label];
+                    for (task_label, &m) in map.iter().enumerate() {
+                        target[m] = sc.soft[task_label];
                     }
-                } else if let Some(&model_label) = map.get(sample.label as usize) {
-                    target[model_label] = 1.0;
                 } else {
-                    continue;
+                    target[model_label] = 1.0;
                 }
                 examples.push(TrainExample {
                     text: sample.text.clone(),
                     target,
-                    weight: sc.quality,
+                    weight: sc.quality * factor,
                 });
             }
         } else {
@@ -186,6 +238,18 @@ impl Scorer for SlmScorer {
 mod tests {
     use super::*;
     use crate::slm::{Backend, small_test_bag};
+
+    #[test]
+    fn label_balance_caps_and_evens_the_labels() {
+        // 5 of label 0, 2 of label 1: label 0 keeps its best 4, each label weighs 3 in all.
+        let f = label_balance(&[0, 0, 1, 0, 0, 1, 0], 2, usize::MAX);
+        assert_eq!(f, vec![0.75, 0.75, 1.5, 0.75, 0.75, 1.5, 0.0]);
+        // The cap applies first.
+        assert_eq!(label_balance(&[0, 1, 0, 1], 2, 1), vec![1.0, 1.0, 0.0, 0.0]);
+        // A label with no sample: nothing is kept.
+        assert_eq!(label_balance(&[0, 0], 2, 10), vec![0.0, 0.0]);
+        assert!(label_balance(&[], 2, 10).is_empty());
+    }
 
     fn small_bag() -> Box<dyn Slm> {
         Box::new(small_test_bag(
@@ -255,6 +319,7 @@ mod tests {
             min_quality: 0.5,
             use_scores: true,
             soft_targets: true,
+            balance_labels: false,
             checkpoint: Some(ckpt.clone()),
         });
         // Aggregated scores: confident and right, so the model should learn the samples.
@@ -321,6 +386,7 @@ mod tests {
             min_quality: 0.5,
             use_scores,
             soft_targets: true,
+            balance_labels: false,
             checkpoint: None,
         };
         let mut unscored = SlmScorer::new(small_bag()).with_learning(learner(false));

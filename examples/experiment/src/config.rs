@@ -143,6 +143,10 @@ pub struct ExperimentConfig {
     pub test_size: usize,
     /// The LLM's task accuracy uses the first this many test examples.
     pub llm_test_size: usize,
+    /// Validation examples (training pool, held by no client), for choices that must not
+    /// see the test split (`crosslm-experiment probe-llm`).
+    #[serde(default = "default_validation_size")]
+    pub validation_size: usize,
     /// General texts for the LLM's perplexity.
     #[serde(default = "default_general_size")]
     pub general_size: usize,
@@ -150,9 +154,13 @@ pub struct ExperimentConfig {
     #[serde(default = "half")]
     pub min_quality: f32,
     /// CrossLM clients train toward the aggregated soft labels (`true`) or toward the
-    /// samples' intended labels, the scores only selecting and weighting (`false`).
-    #[serde(default = "yes")]
+    /// samples' intended labels, the scores only selecting and weighting (`false`, default).
+    #[serde(default)]
     pub client_soft_targets: bool,
+    /// CrossLM clients balance the labels of the samples they keep (see
+    /// `crosslm_sdk::participant::label_balance`).
+    #[serde(default = "yes")]
+    pub client_balance_labels: bool,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
@@ -189,6 +197,9 @@ fn one() -> u64 {
 }
 fn yes() -> bool {
     true
+}
+fn default_validation_size() -> usize {
+    200
 }
 fn half() -> f32 {
     0.5

@@ -10,10 +10,12 @@ use indicatif::MultiProgress;
 
 mod config;
 mod plot;
+mod probe;
 mod report;
 mod run;
 
 use config::{ExperimentConfig, Variant};
+use crosslm_coordinator::tuning::TaskTargets;
 use report::Metrics;
 
 /// CrossLM experiments: CrossLM against Standalone, Centralized, FedAvg, synthetic data
@@ -42,11 +44,41 @@ enum Cmd {
         #[arg(long)]
         fresh: bool,
     },
+    /// Tune the LLM on the frozen LLM's round-1 batch (scored by the local-only SLMs) and
+    /// measure it on the validation split after each epoch: the evidence for `[tuning]`.
+    /// Needs an earlier `run` of the same config (local-only models, cached batch).
+    ProbeLlm {
+        /// The experiment config (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Results root, as for `run`.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+        /// Epochs, measured after each.
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+        /// Task side only (no generation-side examples).
+        #[arg(long)]
+        task_only: bool,
+        /// Task-side targets: the samples' intended labels or the clients' soft labels.
+        #[arg(long, value_enum, default_value = "intended")]
+        targets: Targets,
+        /// LoRA learning rate (default: the config's).
+        #[arg(long)]
+        lr: Option<f64>,
+    },
     /// Re-render results.md and accuracy.png from a results dir's metrics.json.
     Report {
         /// `results/<name>`.
         dir: PathBuf,
     },
+}
+
+/// Task-side targets (see `[tuning] task_targets`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Targets {
+    Intended,
+    Soft,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,6 +121,35 @@ fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64(),
                 dir.display()
             );
+            Ok(())
+        }
+        Cmd::ProbeLlm {
+            config,
+            out,
+            epochs,
+            task_only,
+            targets,
+            lr,
+        } => {
+            let cfg = ExperimentConfig::load(&config)?;
+            let ctx = run::Ctx::setup(cfg, &out, MultiProgress::new())?;
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+                .with_writer(std::io::stderr)
+                .init();
+            let table = probe::probe_llm(
+                &ctx,
+                &probe::Probe {
+                    epochs,
+                    generation_side: !task_only,
+                    task_targets: match targets {
+                        Targets::Intended => TaskTargets::Intended,
+                        Targets::Soft => TaskTargets::Soft,
+                    },
+                    learning_rate: lr,
+                },
+            )?;
+            println!("{table}");
             Ok(())
         }
         Cmd::Report { dir } => {

@@ -54,6 +54,8 @@ pub struct Ctx {
     pub clients: Vec<Client>,
     /// Held-out test examples.
     pub test: Vec<(String, usize)>,
+    /// Validation examples: from the training pool, held by no client, disjoint from `test`.
+    pub validation: Vec<(String, usize)>,
     /// General text for perplexity.
     pub general: Vec<String>,
     /// Progress display.
@@ -101,6 +103,7 @@ impl Ctx {
         let (pool, test) = ds.split(cfg.test_size as f64 / n as f64 * 1.02, cfg.seed)?;
         let test = test.sample(cfg.test_size, cfg.seed);
         let archs = cfg.archs();
+        let pool_examples = pool.examples.clone();
         let parts = match cfg.partition {
             Partition::Iid => pool.partition_iid(archs.len(), cfg.seed)?,
             Partition::Dirichlet(a) => pool.partition_dirichlet(archs.len(), a, cfg.seed)?,
@@ -125,6 +128,25 @@ impl Ctx {
         if let Some(c) = clients.iter().find(|c| c.private.is_empty()) {
             bail!("{} got no private examples", c.name);
         }
+        // Validation: pool examples no client holds, for choices that must not look at the
+        // test split.
+        let held: std::collections::HashSet<&str> = clients
+            .iter()
+            .flat_map(|c| c.private.iter().map(|(t, _)| t.as_str()))
+            .collect();
+        let rest = data::Dataset {
+            label_names: ds.label_names.clone(),
+            examples: pool_examples
+                .into_iter()
+                .filter(|e| !held.contains(e.text.as_str()))
+                .collect(),
+        };
+        let validation = rest
+            .sample(cfg.validation_size, cfg.seed.wrapping_add(0x5eed))
+            .examples
+            .into_iter()
+            .map(|e| (e.text, map[e.label]))
+            .collect();
         let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
         let key = format!(
             "{}-{}-s{}-t{}",
@@ -144,6 +166,7 @@ impl Ctx {
                 .into_iter()
                 .map(|e| (e.text, map[e.label]))
                 .collect(),
+            validation,
             spec,
             assets,
             clients,
@@ -220,7 +243,8 @@ impl Ctx {
         )?)
     }
 
-    fn initial_ckpt(&self, i: usize) -> PathBuf {
+    /// Where client `i`'s local-only model is saved.
+    pub fn initial_ckpt(&self, i: usize) -> PathBuf {
         self.dir.join("models").join(format!("client-{i}-round0"))
     }
 
@@ -468,6 +492,7 @@ impl Ctx {
                 min_quality: cfg.min_quality,
                 use_scores: v != Variant::Synthetic,
                 soft_targets: cfg.client_soft_targets,
+                balance_labels: cfg.client_balance_labels,
                 checkpoint: None,
             };
             let scorer = Progress {
@@ -620,10 +645,13 @@ struct Cached {
     eval_key: String,
 }
 
+/// One sample of a cached frozen-LLM batch.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct CachedSample {
-    text: String,
-    label: u32,
+pub struct CachedSample {
+    /// The sample.
+    pub text: String,
+    /// Its intended label.
+    pub label: u32,
 }
 
 impl Generator for Cached {
@@ -711,15 +739,40 @@ pub fn experiment(
     let previous = if fresh {
         None
     } else {
-        // Same experiment (the variant list aside): keep what it already measured.
+        // Same experiment (the variant list and the CrossLM-only settings aside): keep what
+        // it already measured, except CrossLM variants run under other CrossLM settings.
         let key = |c: &ExperimentConfig| {
             let mut c = c.clone();
             c.variants.clear();
+            c.client_soft_targets = false;
+            c.client_balance_labels = true;
+            c.tuning = TuningConfig::default();
             serde_json::to_value(&c).ok()
         };
         Metrics::read(&ctx.dir)
             .ok()
             .filter(|m| key(&m.config) == key(&ctx.cfg))
+            .map(|mut m| {
+                let client = |c: &ExperimentConfig| {
+                    c.client_soft_targets != ctx.cfg.client_soft_targets
+                        || c.client_balance_labels != ctx.cfg.client_balance_labels
+                };
+                let frozen = client(&m.config);
+                let tuned = frozen || m.config.tuning != ctx.cfg.tuning;
+                let stale = move |v: Variant| match v {
+                    Variant::Crosslm => tuned,
+                    Variant::CrosslmFrozenLlm => frozen,
+                    _ => false,
+                };
+                let (drop, keep): (Vec<_>, Vec<_>) =
+                    m.variants.drain(..).partition(|r| stale(r.variant));
+                for r in &drop {
+                    tracing::info!(variant = ?r.variant, "CrossLM settings changed: runs again");
+                }
+                m.variants = keep;
+                m.config.variants.retain(|v| !stale(*v) || ctx.cfg.variants.contains(v));
+                m
+            })
     };
     let initial = ctx.initial(previous.as_ref().map(|m| m.initial.as_slice()))?;
     let mut config = ctx.cfg.clone();

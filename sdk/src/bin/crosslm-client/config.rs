@@ -39,6 +39,8 @@ pub struct FileConfig {
     pub round_epochs: Option<usize>,
     /// Minimum aggregated quality of a synthetic sample to train on.
     pub min_quality: Option<f32>,
+    /// Train toward the aggregated soft labels instead of the intended labels.
+    pub soft_targets: Option<bool>,
     /// Aggregation weight announced to the coordinator.
     pub n_private: Option<u64>,
     /// Connection timeout, ms.
@@ -126,6 +128,7 @@ impl CommonArgs {
             round_epochs: file.round_epochs.unwrap_or(d.round_epochs),
             test_fraction: file.test_fraction.unwrap_or(d.test_fraction),
             min_quality: file.min_quality.unwrap_or(d.min_quality),
+            soft_targets: file.soft_targets.unwrap_or(d.soft_targets),
             n_private: file.n_private,
             connect_timeout: self
                 .connect_timeout_ms
