@@ -498,7 +498,10 @@ mod tests {
         // Two more good negative samples: at most twice the scarcest label (2 negatives, the
         // best), and each label the same total weight.
         let (mut samples, mut scores) = (samples, scores);
-        for (id, text, q) in [(3, "Tedious beyond words.", 0.95), (4, "Flat and dull.", 0.6)] {
+        for (id, text, q) in [
+            (3, "Tedious beyond words.", 0.95),
+            (4, "Flat and dull.", 0.6),
+        ] {
             samples.push(SyntheticSample {
                 id,
                 text: text.into(),

@@ -52,8 +52,9 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
     let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
     let mut probs = Vec::new();
     for (i, c) in ctx.clients.iter().enumerate() {
-        let slm = load_checkpoint(&ctx.initial_ckpt(i), Backend::Flex)
-            .with_context(|| format!("{}: run the experiment's local-only training first", c.name))?;
+        let slm = load_checkpoint(&ctx.initial_ckpt(i), Backend::Flex).with_context(|| {
+            format!("{}: run the experiment's local-only training first", c.name)
+        })?;
         probs.push((c.private.len() as f64, slm.predict_proba(&texts)?));
     }
     let scores: Vec<AggregatedScore> = samples

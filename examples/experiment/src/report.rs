@@ -245,6 +245,14 @@ impl Metrics {
                 100.0 * (b - a)
             );
         }
+        if let (Some(a), Some(b)) = (final_mean(Variant::Synthetic), final_mean(Variant::Crosslm)) {
+            out += &format!(
+                "SLM mean accuracy: Synthetic without feedback {:.1}% -> CrossLM {:.1}% ({:+.1} points)\n",
+                100.0 * a,
+                100.0 * b,
+                100.0 * (b - a)
+            );
+        }
         let tuned = self
             .variant(Variant::Crosslm)
             .and_then(|v| v.rounds.iter().rev().find_map(|r| r.llm.clone()));
@@ -258,8 +266,10 @@ impl Metrics {
                 );
             }
             if let (Some(a), Some(b)) = (z.task_accuracy_calibrated, t.task_accuracy_calibrated) {
+                // Contextual calibration corrects a zero-shot model's label bias; a tuned model
+                // has learned the labels, and its "N/A" prior no longer means "no content".
                 out += &format!(
-                    "LLM task accuracy, calibrated: zero-shot {:.1}% -> tuned {:.1}%\n",
+                    "LLM task accuracy, calibrated (a zero-shot correction): zero-shot {:.1}% -> tuned {:.1}%\n",
                     100.0 * a,
                     100.0 * b
                 );

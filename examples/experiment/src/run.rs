@@ -727,6 +727,33 @@ fn write_json<T: serde::Serialize>(path: &Path, v: &T) {
     }
 }
 
+/// Whether an earlier run under `prev` is the same experiment as `now` (the variant list and
+/// the CrossLM-only settings aside): `None` if not, else the variants it ran that must run
+/// again because the CrossLM settings they depend on changed.
+pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option<Vec<Variant>> {
+    let key = |c: &ExperimentConfig| {
+        let mut c = c.clone();
+        c.variants.clear();
+        c.client_soft_targets = false;
+        c.client_balance_labels = true;
+        c.tuning = TuningConfig::default();
+        serde_json::to_value(&c).ok()
+    };
+    if key(prev) != key(now) {
+        return None;
+    }
+    let client = prev.client_soft_targets != now.client_soft_targets
+        || prev.client_balance_labels != now.client_balance_labels;
+    let mut stale = Vec::new();
+    if client {
+        stale.push(Variant::CrosslmFrozenLlm);
+    }
+    if client || prev.tuning != now.tuning {
+        stale.push(Variant::Crosslm);
+    }
+    Some(stale)
+}
+
 /// Runs a whole experiment (or continues one: finished variants in an existing
 /// `metrics.json` of the same config are kept), writing results after each variant.
 pub fn experiment(
@@ -739,40 +766,21 @@ pub fn experiment(
     let previous = if fresh {
         None
     } else {
-        // Same experiment (the variant list and the CrossLM-only settings aside): keep what
-        // it already measured, except CrossLM variants run under other CrossLM settings.
-        let key = |c: &ExperimentConfig| {
-            let mut c = c.clone();
-            c.variants.clear();
-            c.client_soft_targets = false;
-            c.client_balance_labels = true;
-            c.tuning = TuningConfig::default();
-            serde_json::to_value(&c).ok()
-        };
-        Metrics::read(&ctx.dir)
-            .ok()
-            .filter(|m| key(&m.config) == key(&ctx.cfg))
-            .map(|mut m| {
-                let client = |c: &ExperimentConfig| {
-                    c.client_soft_targets != ctx.cfg.client_soft_targets
-                        || c.client_balance_labels != ctx.cfg.client_balance_labels
-                };
-                let frozen = client(&m.config);
-                let tuned = frozen || m.config.tuning != ctx.cfg.tuning;
-                let stale = move |v: Variant| match v {
-                    Variant::Crosslm => tuned,
-                    Variant::CrosslmFrozenLlm => frozen,
-                    _ => false,
-                };
-                let (drop, keep): (Vec<_>, Vec<_>) =
-                    m.variants.drain(..).partition(|r| stale(r.variant));
-                for r in &drop {
-                    tracing::info!(variant = ?r.variant, "CrossLM settings changed: runs again");
-                }
-                m.variants = keep;
-                m.config.variants.retain(|v| !stale(*v) || ctx.cfg.variants.contains(v));
-                m
-            })
+        Metrics::read(&ctx.dir).ok().and_then(|mut m| {
+            let stale = stale_variants(&m.config, &ctx.cfg)?;
+            let (drop, keep): (Vec<_>, Vec<_>) = m
+                .variants
+                .drain(..)
+                .partition(|r| stale.contains(&r.variant));
+            for r in &drop {
+                tracing::info!(variant = ?r.variant, "CrossLM settings changed: runs again");
+            }
+            m.variants = keep;
+            m.config
+                .variants
+                .retain(|v| !stale.contains(v) || ctx.cfg.variants.contains(v));
+            Some(m)
+        })
     };
     let initial = ctx.initial(previous.as_ref().map(|m| m.initial.as_slice()))?;
     let mut config = ctx.cfg.clone();
@@ -812,4 +820,32 @@ pub fn experiment(
         metrics.write(&ctx.dir)?;
     }
     Ok(metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ExperimentConfig {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/mr-iid.toml");
+        ExperimentConfig::load(&p).unwrap()
+    }
+
+    #[test]
+    fn resuming_reruns_only_the_variants_whose_settings_changed() {
+        let prev = cfg();
+        let mut now = prev.clone();
+        now.variants = vec![Variant::Crosslm];
+        assert_eq!(stale_variants(&prev, &now), Some(vec![]));
+        now.tuning.epochs += 1;
+        assert_eq!(stale_variants(&prev, &now), Some(vec![Variant::Crosslm]));
+        now.client_soft_targets = !now.client_soft_targets;
+        assert_eq!(
+            stale_variants(&prev, &now),
+            Some(vec![Variant::CrosslmFrozenLlm, Variant::Crosslm])
+        );
+        // Another experiment altogether: nothing is kept.
+        now.per_client += 1;
+        assert_eq!(stale_variants(&prev, &now), None);
+    }
 }
