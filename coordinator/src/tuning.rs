@@ -185,8 +185,8 @@ pub fn feedback_examples(
         .filter(|(x, _)| (x.label as usize) < spec.labels.len())
         .collect();
     kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
-    // Equally many of each label (the best-scored first), so that the SLMs finding one
-    // label's samples better does not teach the LLM to answer that label for everything.
+    // Balanced labels (the best-scored first), so that the SLMs finding one label's samples
+    // better does not teach the LLM to answer that label for everything.
     let n_labels = spec.labels.len();
     let labels: Vec<usize> = kept.iter().map(|(x, _)| x.label as usize).collect();
     let factors = label_balance(&labels, n_labels, cfg.max_samples / n_labels.max(1));

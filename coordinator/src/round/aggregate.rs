@@ -1,5 +1,6 @@
 //! Aggregation of per-client label probabilities into one soft label per sample.
 
+use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use serde::{Deserialize, Serialize};
 
 /// How client scores are combined.
@@ -20,6 +21,22 @@ pub enum Aggregation {
     },
     /// Per label, the median over clients; the most robust option.
     Median,
+}
+
+/// One sample's aggregated score from its clients' votes `(weight, probs)`: the soft label
+/// ([`combine`]) and the quality, the soft label's probability of the intended label.
+pub fn score_sample(
+    method: Aggregation,
+    sample: &SyntheticSample,
+    votes: &[(f64, &[f32])],
+) -> AggregatedScore {
+    let soft = combine(method, votes);
+    let quality = soft.get(sample.label as usize).copied().unwrap_or(0.0);
+    AggregatedScore {
+        id: sample.id,
+        quality,
+        soft,
+    }
 }
 
 /// Combines the probability vectors of several clients for one sample.

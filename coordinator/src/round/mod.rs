@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use crosslm_sdk::protocol::{AggregatedScore, ClientId, SampleScore, SyntheticSample, TaskInfo};
 use serde::{Deserialize, Serialize};
 
-pub use aggregate::{Aggregation, combine};
+pub use aggregate::{Aggregation, combine, score_sample};
 
 /// Tolerance on the sum of a client's probabilities for one sample.
 pub const SUM_TOLERANCE: f32 = 1e-3;
@@ -360,13 +360,7 @@ impl RoundMachine {
                     .values()
                     .map(|r| (r.weight, r.scores[i].probs.as_slice()))
                     .collect();
-                let soft = combine(self.cfg.aggregation, &votes);
-                let quality = soft.get(sample.label as usize).copied().unwrap_or(0.0);
-                AggregatedScore {
-                    id: sample.id,
-                    quality,
-                    soft,
-                }
+                score_sample(self.cfg.aggregation, sample, &votes)
             })
             .collect();
         RoundOutcome {

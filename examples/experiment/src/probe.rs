@@ -10,7 +10,7 @@ use anyhow::Context;
 use burn::tensor::Device;
 use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::llm::train::LoraTrainer;
-use crosslm_coordinator::round::aggregate::{Aggregation, combine};
+use crosslm_coordinator::round::aggregate::{Aggregation, score_sample};
 use crosslm_coordinator::tuning::{Evaluator, LlmReport, TaskTargets, TuningConfig, tune};
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use crosslm_sdk::slm::{Backend, load_checkpoint};
@@ -63,12 +63,7 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
         .map(|(j, s)| {
             let votes: Vec<(f64, &[f32])> =
                 probs.iter().map(|(w, p)| (*w, p[j].as_slice())).collect();
-            let soft = combine(Aggregation::WeightedMean, &votes);
-            AggregatedScore {
-                id: s.id,
-                quality: soft.get(s.label as usize).copied().unwrap_or(0.0),
-                soft,
-            }
+            score_sample(Aggregation::WeightedMean, s, &votes)
         })
         .collect();
     let mean_q = scores.iter().map(|s| s.quality).sum::<f32>() / scores.len().max(1) as f32;

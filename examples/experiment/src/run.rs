@@ -103,7 +103,6 @@ impl Ctx {
         let (pool, test) = ds.split(cfg.test_size as f64 / n as f64 * 1.02, cfg.seed)?;
         let test = test.sample(cfg.test_size, cfg.seed);
         let archs = cfg.archs();
-        let pool_examples = pool.examples.clone();
         let parts = match cfg.partition {
             Partition::Iid => pool.partition_iid(archs.len(), cfg.seed)?,
             Partition::Dirichlet(a) => pool.partition_dirichlet(archs.len(), a, cfg.seed)?,
@@ -136,9 +135,11 @@ impl Ctx {
             .collect();
         let rest = data::Dataset {
             label_names: ds.label_names.clone(),
-            examples: pool_examples
-                .into_iter()
+            examples: pool
+                .examples
+                .iter()
                 .filter(|e| !held.contains(e.text.as_str()))
+                .cloned()
                 .collect(),
         };
         let validation = rest
@@ -737,6 +738,8 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         c.client_soft_targets = false;
         c.client_balance_labels = true;
         c.tuning = TuningConfig::default();
+        // Only `probe-llm` reads the validation split.
+        c.validation_size = 0;
         serde_json::to_value(&c).ok()
     };
     if key(prev) != key(now) {
