@@ -171,6 +171,8 @@ struct Tuning {
     state_dir: std::path::PathBuf,
     /// Rounds up to this one are in the adapters.
     tuned_through: u64,
+    /// General texts rehearsed beside the generation side.
+    rehearsal: Vec<String>,
 }
 
 /// Adapter files are `adapters-<round>.lora`: the highest round is the current state.
@@ -235,11 +237,13 @@ impl LlmGenerator {
             path: state_dir.clone(),
             source,
         })?;
+        let rehearsal = crate::tuning::load_rehearsal(&cfg)?;
         self.tuning = Some(Tuning {
             cfg,
             trainer,
             state_dir,
             tuned_through,
+            rehearsal,
         });
         Ok(self)
     }
@@ -312,6 +316,7 @@ impl Generator for LlmGenerator {
                 round,
                 samples,
                 scores,
+                &t.rehearsal,
             )?;
             let path = t.state_dir.join(format!("adapters-{round}.lora"));
             t.trainer.save(&path)?;

@@ -22,7 +22,7 @@ use crosslm_sdk::data::{self, BadRows, TableSpec};
 use crosslm_sdk::participant::label_balance;
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::llm::train::{LoraConfig, LoraTrainer, TrainExample};
@@ -46,6 +46,21 @@ pub struct TuningConfig {
     pub task_targets: TaskTargets,
     /// Passes over a round's examples.
     pub epochs: usize,
+    /// The generation side (and its rehearsal) trains in only the first this many of the
+    /// `epochs` passes: the task side needs several passes to move the LLM's answers, while
+    /// every pass over the generation side pulls the model further toward short review-like
+    /// text and away from general text (measured with `crosslm-experiment probe-llm`).
+    pub generation_epochs: usize,
+    /// General-text rehearsal: this many general texts per generation-side example are
+    /// trained on beside them (plain language modelling, no prompt), so that learning to
+    /// write the task's samples does not cost the LLM its general ability. 0: none.
+    pub rehearsal: f32,
+    /// Where the rehearsal texts come from (the format of [`load_general`]). None: no
+    /// rehearsal.
+    pub rehearsal_text: Option<PathBuf>,
+    /// The first this many texts of `rehearsal_text` are never trained on: when it is the
+    /// evaluation's general text too, keep this at least the evaluation's `general_limit`.
+    pub rehearsal_skip: usize,
     /// Examples per optimizer step.
     pub batch_size: usize,
     /// At most this many samples per round are trained on, at most `max_samples / labels`
@@ -70,6 +85,10 @@ impl Default for TuningConfig {
             // Chosen on a validation split (`crosslm-experiment probe-llm`, MR): after one and
             // two passes the LLM's accuracy had not moved, after three it had.
             epochs: 3,
+            generation_epochs: 1,
+            rehearsal: 1.0,
+            rehearsal_text: None,
+            rehearsal_skip: 1000,
             batch_size: 8,
             max_samples: 64,
             lora: LoraConfig {
@@ -130,8 +149,11 @@ pub struct LlmReport {
     pub tuned: bool,
     /// Samples of the round that were trained on.
     pub samples_used: usize,
-    /// Training examples (generation side + task side).
+    /// Training examples (generation side, its rehearsal texts, task side).
     pub examples: usize,
+    /// Optimizer steps taken.
+    #[serde(default)]
+    pub steps: usize,
     /// Mean loss of the first and of the last optimizer step.
     pub loss_first: Option<f32>,
     /// Mean loss of the last optimizer step.
@@ -156,6 +178,7 @@ impl LlmReport {
             tuned: false,
             samples_used: 0,
             examples: 0,
+            steps: 0,
             loss_first: None,
             loss_last: None,
             task_accuracy: None,
@@ -168,13 +191,24 @@ impl LlmReport {
 }
 
 /// The training examples one round's feedback gives (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackExamples {
+    /// Samples of the round that cleared the threshold and the label balance.
+    pub used: usize,
+    /// Generation side: label prompt -> sample.
+    pub generation: Vec<TrainExample>,
+    /// Task side: classification prompt -> label word.
+    pub task: Vec<TrainExample>,
+}
+
+/// The training examples one round's feedback gives (see the module docs).
 pub fn feedback_examples(
     llm: &Llm,
     spec: &TaskSpec,
     cfg: &TuningConfig,
     samples: &[SyntheticSample],
     scores: &[AggregatedScore],
-) -> (usize, Vec<TrainExample>) {
+) -> FeedbackExamples {
     let by_id: std::collections::HashMap<u64, &SyntheticSample> =
         samples.iter().map(|s| (s.id, s)).collect();
     let mut kept: Vec<(&SyntheticSample, &AggregatedScore)> = scores
@@ -196,14 +230,17 @@ pub fn feedback_examples(
         .filter(|(_, f)| *f > 0.0)
         .collect();
     let tok = &llm.tokenizer;
-    let mut out = Vec::new();
+    let mut out = FeedbackExamples {
+        used: kept.len(),
+        ..FeedbackExamples::default()
+    };
     for ((sample, score), balance) in &kept {
         let label = &spec.labels[sample.label as usize];
         if cfg.generation_side {
             // Samples do not record which of the label's prompts wrote them; any of the
             // label's paraphrased prompts is a fair context.
             let p = &label.prompts[sample.id as usize % label.prompts.len()];
-            out.push(TrainExample {
+            out.generation.push(TrainExample {
                 prompt: tok.chat_prompt(p),
                 completion: sample.text.clone(),
                 weight: score.quality * balance,
@@ -212,7 +249,7 @@ pub fn feedback_examples(
         if cfg.task_side {
             let prompt = tok.chat_prompt(&spec.classify_prompt(&sample.text));
             match cfg.task_targets {
-                TaskTargets::Intended => out.push(TrainExample {
+                TaskTargets::Intended => out.task.push(TrainExample {
                     prompt,
                     completion: label.verbalizer.clone(),
                     weight: score.quality * balance,
@@ -220,7 +257,7 @@ pub fn feedback_examples(
                 TaskTargets::Soft => {
                     for (l, target) in spec.labels.iter().zip(&score.soft) {
                         if *target > 0.01 {
-                            out.push(TrainExample {
+                            out.task.push(TrainExample {
                                 prompt: prompt.clone(),
                                 completion: l.verbalizer.clone(),
                                 weight: score.quality * target * balance,
@@ -231,11 +268,37 @@ pub fn feedback_examples(
             }
         }
     }
-    (kept.len(), out)
+    out
 }
 
-/// LoRA-tunes `llm` on a round's feedback and leaves the new adapters in `llm.lora`.
+/// The rehearsal examples of a round: `round(ratio x generation.len())` texts of `pool`
+/// (a different draw each round), prompt-free, each weighted like the mean generation-side
+/// example.
+pub fn rehearsal_examples(
+    pool: &[String],
+    generation: &[TrainExample],
+    ratio: f32,
+    seed: u64,
+) -> Vec<TrainExample> {
+    let n = ((generation.len() as f32 * ratio.max(0.0)).round() as usize).min(pool.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let weight = generation.iter().map(|e| e.weight).sum::<f32>() / generation.len() as f32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    pool.choose_multiple(&mut rng, n)
+        .map(|t| TrainExample {
+            prompt: String::new(),
+            completion: t.clone(),
+            weight,
+        })
+        .collect()
+}
+
+/// LoRA-tunes `llm` on a round's feedback (plus `rehearsal` general texts, see
+/// [`TuningConfig::rehearsal`]) and leaves the new adapters in `llm.lora`.
 /// Returns the report's training fields.
+#[allow(clippy::too_many_arguments)]
 pub fn tune(
     llm: &mut Llm,
     trainer: &mut LoraTrainer,
@@ -244,25 +307,45 @@ pub fn tune(
     round: u64,
     samples: &[SyntheticSample],
     scores: &[AggregatedScore],
+    rehearsal: &[String],
 ) -> Result<LlmReport> {
     let started = Instant::now();
     let mut report = LlmReport::new(round);
-    let (used, mut examples) = feedback_examples(llm, spec, cfg, samples, scores);
-    report.samples_used = used;
-    report.examples = examples.len();
-    if examples.is_empty() {
+    let fb = feedback_examples(llm, spec, cfg, samples, scores);
+    let seed = cfg.seed.wrapping_add(round);
+    let mut generation = fb.generation;
+    generation.extend(rehearsal_examples(
+        rehearsal,
+        &generation,
+        cfg.rehearsal,
+        seed,
+    ));
+    report.samples_used = fb.used;
+    report.examples = generation.len() + fb.task.len();
+    if report.examples == 0 {
         tracing::warn!(
             round,
             "no sample cleared the quality threshold; LLM not tuned"
         );
         return Ok(report);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(round));
-    let steps = cfg.epochs * examples.len().div_ceil(cfg.batch_size.max(1));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let batch_size = cfg.batch_size.max(1);
+    let epoch_examples = |epoch: usize| {
+        let mut v = fb.task.clone();
+        if epoch < cfg.generation_epochs {
+            v.extend(generation.iter().cloned());
+        }
+        v
+    };
+    let steps: usize = (0..cfg.epochs)
+        .map(|e| epoch_examples(e).len().div_ceil(batch_size))
+        .sum();
     let mut step = 0;
-    for _ in 0..cfg.epochs {
+    for epoch in 0..cfg.epochs {
+        let mut examples = epoch_examples(epoch);
         examples.shuffle(&mut rng);
-        for batch in examples.chunks(cfg.batch_size.max(1)) {
+        for batch in examples.chunks(batch_size) {
             let loss = trainer.step(llm, batch)?;
             step += 1;
             report.loss_first.get_or_insert(loss);
@@ -270,10 +353,35 @@ pub fn tune(
             tracing::info!(round, step, steps, loss, "LLM tuning");
         }
     }
+    if step == 0 {
+        tracing::warn!(round, "no training example in any epoch; LLM not tuned");
+        return Ok(report);
+    }
     llm.lora = trainer.adapters();
+    report.steps = step;
     report.tuned = true;
     report.tune_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The rehearsal texts `cfg` names: those of `rehearsal_text` after the first
+/// `rehearsal_skip`; none when rehearsal is off.
+pub fn load_rehearsal(cfg: &TuningConfig) -> Result<Vec<String>> {
+    let Some(path) = cfg.rehearsal_text.as_ref().filter(|_| cfg.rehearsal > 0.0) else {
+        return Ok(Vec::new());
+    };
+    let texts: Vec<String> = load_general(path, usize::MAX)?
+        .into_iter()
+        .skip(cfg.rehearsal_skip)
+        .collect();
+    if texts.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no rehearsal text after the first {} (rehearsal_skip)",
+            path.display(),
+            cfg.rehearsal_skip
+        )));
+    }
+    Ok(texts)
 }
 
 /// Measures the LLM: task accuracy on a test split, perplexity on general text.
@@ -447,6 +555,7 @@ mod tests {
         TuningConfig {
             // One batch holds the whole round: first and last losses are comparable.
             epochs: 4,
+            generation_epochs: 4,
             batch_size: 8,
             lora: LoraConfig {
                 learning_rate: 5e-3,
@@ -460,31 +569,36 @@ mod tests {
     fn feedback_gives_weighted_generation_and_task_examples() {
         let llm = tiny_llm().unwrap();
         let (samples, scores) = round();
-        let (used, ex) = feedback_examples(&llm, &spec(), &quick(), &samples, &scores);
-        assert_eq!(used, 2, "the 0.3-quality sample is below the threshold");
-        // Best first: sample 2 (generation + task example), then sample 0.
-        assert_eq!(ex.len(), 4);
-        assert_eq!(ex[0].completion, "A warm, funny and moving picture.");
+        let fb = feedback_examples(&llm, &spec(), &quick(), &samples, &scores);
+        assert_eq!(fb.used, 2, "the 0.3-quality sample is below the threshold");
+        // Best first: sample 2, then sample 0; one generation and one task example each.
+        let (g, t) = (&fb.generation, &fb.task);
+        assert_eq!((g.len(), t.len()), (2, 2));
+        assert_eq!(g[0].completion, "A warm, funny and moving picture.");
         let positive = &spec().labels[1].prompts;
         assert!(
-            positive.iter().any(|p| ex[0].prompt.contains(p)),
+            positive.iter().any(|p| g[0].prompt.contains(p)),
             "{}",
-            ex[0].prompt
+            g[0].prompt
         );
-        assert_eq!(ex[0].weight, 0.995);
-        assert_eq!(ex[1].completion, "Positive");
-        assert!(ex[1].prompt.contains("A warm, funny"));
-        assert_eq!(ex[3].completion, "Negative");
-        assert!((ex[3].weight - 0.9).abs() < 1e-6);
+        assert_eq!(g[0].weight, 0.995);
+        assert_eq!(t[0].completion, "Positive");
+        assert!(t[0].prompt.contains("A warm, funny"));
+        assert_eq!(t[1].completion, "Negative");
+        assert!((t[1].weight - 0.9).abs() < 1e-6);
 
         // Soft targets: one task example per label above 1%, weight = quality x soft label.
         let soft = TuningConfig {
             task_targets: TaskTargets::Soft,
             ..quick()
         };
-        let (used, ex) = feedback_examples(&llm, &spec(), &soft, &samples, &scores);
-        assert_eq!((used, ex.len()), (2, 5));
-        let neg: Vec<_> = ex.iter().filter(|e| e.completion == "Negative").collect();
+        let fb = feedback_examples(&llm, &spec(), &soft, &samples, &scores);
+        assert_eq!((fb.used, fb.generation.len(), fb.task.len()), (2, 2, 3));
+        let neg: Vec<_> = fb
+            .task
+            .iter()
+            .filter(|e| e.completion == "Negative")
+            .collect();
         assert_eq!(neg.len(), 1);
         assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
 
@@ -492,8 +606,8 @@ mod tests {
             generation_side: false,
             ..quick()
         };
-        let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
-        assert_eq!((used, ex.len()), (2, 2));
+        let fb = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
+        assert_eq!((fb.used, fb.generation.len(), fb.task.len()), (2, 0, 2));
 
         // Two more good negative samples: at most twice the scarcest label (2 negatives, the
         // best), and each label the same total weight.
@@ -513,8 +627,9 @@ mod tests {
                 soft: vec![q, 1.0 - q],
             });
         }
-        let (used, ex) = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
-        assert_eq!((used, ex.len()), (3, 3));
+        let fb = feedback_examples(&llm, &spec(), &only_task, &samples, &scores);
+        let ex = fb.task;
+        assert_eq!((fb.used, ex.len()), (3, 3));
         assert!(!ex.iter().any(|e| e.prompt.contains("Flat and dull.")));
         let total = |c: &str| -> f32 {
             ex.iter()
@@ -566,6 +681,83 @@ mod tests {
             .unwrap();
         assert!(frozen.feedback(1, &samples, &scores).unwrap().is_none());
         assert!(frozen.llm_mut().lora.is_none());
+    }
+
+    #[test]
+    fn rehearsal_draws_general_texts_weighted_like_the_generation_side() {
+        let generation: Vec<TrainExample> = [0.5f32, 1.0]
+            .iter()
+            .map(|&weight| TrainExample {
+                prompt: "write".into(),
+                completion: "a review".into(),
+                weight,
+            })
+            .collect();
+        let pool: Vec<String> = (0..10).map(|i| format!("general text {i}")).collect();
+        let r = rehearsal_examples(&pool, &generation, 1.5, 3);
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|e| e.prompt.is_empty() && e.weight == 0.75));
+        let mut texts: Vec<&str> = r.iter().map(|e| e.completion.as_str()).collect();
+        assert!(texts.iter().all(|t| pool.iter().any(|p| p == t)));
+        texts.dedup();
+        assert_eq!(texts.len(), 3, "drawn without replacement");
+        let other: Vec<String> = rehearsal_examples(&pool, &generation, 1.5, 4)
+            .into_iter()
+            .map(|e| e.completion)
+            .collect();
+        assert_ne!(texts, other, "another round, another draw");
+        assert!(rehearsal_examples(&pool, &generation, 0.0, 3).is_empty());
+        assert!(rehearsal_examples(&[], &generation, 1.0, 3).is_empty());
+        assert_eq!(rehearsal_examples(&pool, &generation, 100.0, 3).len(), 10);
+    }
+
+    /// The generation side and its rehearsal train only in the first `generation_epochs`;
+    /// rehearsal texts come after `rehearsal_skip`.
+    #[test]
+    fn generation_side_and_rehearsal_train_in_the_first_epochs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let general = dir.path().join("general.txt");
+        let lines: Vec<String> = (0..6)
+            .map(|i| format!("General text number {i} is long enough to be kept here."))
+            .collect();
+        std::fs::write(&general, lines.join("\n")).unwrap();
+        let cfg = TuningConfig {
+            epochs: 2,
+            generation_epochs: 1,
+            batch_size: 1,
+            rehearsal: 1.0,
+            rehearsal_text: Some(general.clone()),
+            rehearsal_skip: 4,
+            ..quick()
+        };
+        let pool = load_rehearsal(&cfg).unwrap();
+        assert_eq!(pool, lines[4..].to_vec(), "the first 4 are skipped");
+        let mut llm = tiny_llm().unwrap();
+        let mut trainer = LoraTrainer::new(&llm, cfg.lora.clone(), cfg.seed);
+        let (samples, scores) = round();
+        let r = tune(
+            &mut llm,
+            &mut trainer,
+            &spec(),
+            &cfg,
+            1,
+            &samples,
+            &scores,
+            &pool,
+        )
+        .unwrap();
+        // 2 generation + 2 rehearsal + 2 task examples; epoch 1 all six, epoch 2 the task two.
+        assert_eq!((r.examples, r.steps), (6, 8), "{r:?}");
+        let off = TuningConfig {
+            rehearsal: 0.0,
+            ..cfg.clone()
+        };
+        assert!(load_rehearsal(&off).unwrap().is_empty());
+        let all_skipped = TuningConfig {
+            rehearsal_skip: 6,
+            ..cfg
+        };
+        assert!(load_rehearsal(&all_skipped).is_err());
     }
 
     #[test]

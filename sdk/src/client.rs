@@ -860,6 +860,7 @@ impl Client {
                 use_scores: true,
                 soft_targets: self.config.soft_targets,
                 balance_labels: true,
+                relative_weights: true,
                 checkpoint: Some(sibling(&self.checkpoint_dir(), "new")),
             });
         }

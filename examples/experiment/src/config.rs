@@ -161,6 +161,10 @@ pub struct ExperimentConfig {
     /// `crosslm_sdk::participant::label_balance`).
     #[serde(default = "yes")]
     pub client_balance_labels: bool,
+    /// CrossLM clients scale the kept samples' weights to average 1 (`Learning::relative_weights`
+    /// in the SDK); `false`: the absolute qualities.
+    #[serde(default = "yes")]
+    pub client_relative_weights: bool,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,

@@ -11,7 +11,9 @@ use burn::tensor::Device;
 use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::llm::train::LoraTrainer;
 use crosslm_coordinator::round::aggregate::{Aggregation, score_sample};
-use crosslm_coordinator::tuning::{Evaluator, LlmReport, TaskTargets, TuningConfig, tune};
+use crosslm_coordinator::tuning::{
+    Evaluator, LlmReport, TaskTargets, TuningConfig, load_rehearsal, tune,
+};
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use crosslm_sdk::slm::{Backend, load_checkpoint};
 
@@ -76,7 +78,7 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
         epochs: 1,
         generation_side: p.generation_side,
         task_targets: p.task_targets,
-        ..cfg.tuning.clone()
+        ..crate::run::resolve_tuning(cfg, &ctx.assets)
     };
     if let Some(lr) = p.learning_rate {
         tcfg.lora.learning_rate = lr;
@@ -85,11 +87,13 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
     writeln!(
         out,
         "probe-llm {}: {} samples (mean quality {mean_q:.3}), validation {} sentences, \
-         generation side {}, task targets {:?}, lr {}\n",
+         generation side {} ({} epochs, rehearsal {}), task targets {:?}, lr {}\n",
         cfg.name,
         samples.len(),
         ctx.validation.len(),
         p.generation_side,
+        cfg.tuning.generation_epochs,
+        tcfg.rehearsal,
         p.task_targets,
         tcfg.lora.learning_rate
     )?;
@@ -117,16 +121,23 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
     let r0 = eval.baseline(&llm, &ctx.spec)?;
     row(&mut out, 0, &r0)?;
     eprintln!("{out}");
+    let rehearsal = load_rehearsal(&tcfg)?;
     let mut trainer = LoraTrainer::new(&llm, tcfg.lora.clone(), tcfg.seed);
     for e in 1..=p.epochs {
+        // One call per epoch: the generation side only in the first `generation_epochs`.
+        let epoch_cfg = TuningConfig {
+            generation_epochs: usize::from(e <= cfg.tuning.generation_epochs),
+            ..tcfg.clone()
+        };
         let mut r = tune(
             &mut llm,
             &mut trainer,
             &ctx.spec,
-            &tcfg,
+            &epoch_cfg,
             e as u64,
             &samples,
             &scores,
+            &rehearsal,
         )?;
         eval.evaluate(&llm, &ctx.spec, &mut r)?;
         row(&mut out, e, &r)?;

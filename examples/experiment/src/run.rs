@@ -276,6 +276,17 @@ impl Ctx {
             pb.inc(1);
         }
         pb.finish_with_message("local-only training done");
+        // Kept variants started from the earlier checkpoints: say so if these differ.
+        if let Some(known) = known
+            && known != accs.as_slice()
+        {
+            tracing::warn!(
+                ?known,
+                now = ?accs,
+                "local-only models retrained with different accuracies; variants kept from \
+                 the earlier run started elsewhere (use --fresh to rerun them)"
+            );
+        }
         Ok(accs)
     }
 
@@ -443,7 +454,7 @@ impl Ctx {
             let test = self.test[..cfg.llm_test_size.min(self.test.len())].to_vec();
             inner = inner
                 .with_evaluator(Evaluator::from_parts(test, self.general.clone()))
-                .with_tuning(cfg.tuning.clone(), coord_dir.join("llm"))?;
+                .with_tuning(resolve_tuning(cfg, &self.assets), coord_dir.join("llm"))?;
         } else {
             inner = inner.with_tuning(
                 TuningConfig {
@@ -494,6 +505,7 @@ impl Ctx {
                 use_scores: v != Variant::Synthetic,
                 soft_targets: cfg.client_soft_targets,
                 balance_labels: cfg.client_balance_labels,
+                relative_weights: cfg.client_relative_weights,
                 checkpoint: None,
             };
             let scorer = Progress {
@@ -717,6 +729,24 @@ impl Generator for Cached {
     }
 }
 
+/// The LLM's tuning settings with the rehearsal text resolved: by default the general-text
+/// file, after the texts the evaluation reads (`rehearsal_skip` is raised to at least
+/// `general_size`, so no evaluated text is ever trained on); a relative path is taken from
+/// the assets folder.
+pub fn resolve_tuning(cfg: &ExperimentConfig, assets: &Path) -> TuningConfig {
+    let mut t = cfg.tuning.clone();
+    let path = t
+        .rehearsal_text
+        .clone()
+        .unwrap_or_else(|| cfg.general.clone());
+    let path = assets.join(path);
+    if path == assets.join(&cfg.general) {
+        t.rehearsal_skip = t.rehearsal_skip.max(cfg.general_size);
+    }
+    t.rehearsal_text = Some(path);
+    t
+}
+
 /// A cache write that fails costs only time later.
 fn write_json<T: serde::Serialize>(path: &Path, v: &T) {
     let r = path
@@ -737,6 +767,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         c.variants.clear();
         c.client_soft_targets = false;
         c.client_balance_labels = true;
+        c.client_relative_weights = true;
         c.tuning = TuningConfig::default();
         // Only `probe-llm` reads the validation split.
         c.validation_size = 0;
@@ -746,7 +777,8 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         return None;
     }
     let client = prev.client_soft_targets != now.client_soft_targets
-        || prev.client_balance_labels != now.client_balance_labels;
+        || prev.client_balance_labels != now.client_balance_labels
+        || prev.client_relative_weights != now.client_relative_weights;
     let mut stale = Vec::new();
     if client {
         stale.push(Variant::CrosslmFrozenLlm);
@@ -842,11 +874,17 @@ mod tests {
         assert_eq!(stale_variants(&prev, &now), Some(vec![]));
         now.tuning.epochs += 1;
         assert_eq!(stale_variants(&prev, &now), Some(vec![Variant::Crosslm]));
-        now.client_soft_targets = !now.client_soft_targets;
-        assert_eq!(
-            stale_variants(&prev, &now),
-            Some(vec![Variant::CrosslmFrozenLlm, Variant::Crosslm])
-        );
+        for flip in [
+            |c: &mut ExperimentConfig| c.client_soft_targets = !c.client_soft_targets,
+            |c: &mut ExperimentConfig| c.client_relative_weights = !c.client_relative_weights,
+        ] {
+            flip(&mut now);
+            assert_eq!(
+                stale_variants(&prev, &now),
+                Some(vec![Variant::CrosslmFrozenLlm, Variant::Crosslm])
+            );
+            flip(&mut now);
+        }
         // Another experiment altogether: nothing is kept.
         now.per_client += 1;
         assert_eq!(stale_variants(&prev, &now), None);

@@ -187,10 +187,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             eval.test = eval.test.map(|p| resolve(&base, &p));
             eval.general = eval.general.map(|p| resolve(&base, &p));
             let evaluator = Evaluator::load(&eval, &spec).context("loading evaluation data")?;
+            let mut tuning = cfg.tuning;
+            tuning.rehearsal_text = tuning.rehearsal_text.map(|p| resolve(&base, &p));
+            if tuning.rehearsal > 0.0
+                && tuning.rehearsal_text.is_some()
+                && tuning.rehearsal_text == eval.general
+                && tuning.rehearsal_skip < eval.general_limit
+            {
+                anyhow::bail!(
+                    "[tuning] rehearsal_skip = {} would train on texts that [eval] measures \
+                     perplexity on (general_limit = {}): raise it to at least that",
+                    tuning.rehearsal_skip,
+                    eval.general_limit
+                );
+            }
             Box::new(
                 LlmGenerator::new(llm, spec, seed)
                     .with_evaluator(evaluator)
-                    .with_tuning(cfg.tuning, daemon_cfg.data_dir.join("llm"))?,
+                    .with_tuning(tuning, daemon_cfg.data_dir.join("llm"))?,
             )
         }
     };
