@@ -11,6 +11,10 @@
 //!   the aggregated soft label instead (one example per label, weight = quality x soft label);
 //!   with weak SLMs (60% accurate) those targets sit near uniform and teach little.
 //!
+//! The generation side trains only in the first `generation_epochs` passes, beside as many
+//! general texts (rehearsal, plain language modelling) so that writing the task's samples does
+//! not pull the LLM away from general text; the task side trains in every pass.
+//!
 //! The paper (arXiv 2312.05842) gives no code; these are our choices, each a [`TuningConfig`]
 //! option. Evaluation ([`Evaluator`]) reports task accuracy on a labeled test split and
 //! perplexity on held-out general text (is general ability kept?).
@@ -56,7 +60,7 @@ pub struct TuningConfig {
     /// write the task's samples does not cost the LLM its general ability. 0: none.
     pub rehearsal: f32,
     /// Where the rehearsal texts come from (the format of [`load_general`]). None: no
-    /// rehearsal.
+    /// rehearsal (the experiment runner fills in its general-text file).
     pub rehearsal_text: Option<PathBuf>,
     /// The first this many texts of `rehearsal_text` are never trained on: when it is the
     /// evaluation's general text too, keep this at least the evaluation's `general_limit`.
@@ -190,7 +194,7 @@ impl LlmReport {
     }
 }
 
-/// The training examples one round's feedback gives (see the module docs).
+/// A round's training examples, by side.
 #[derive(Debug, Clone, Default)]
 pub struct FeedbackExamples {
     /// Samples of the round that cleared the threshold and the label balance.
@@ -320,6 +324,9 @@ pub fn tune(
         cfg.rehearsal,
         seed,
     ));
+    if cfg.generation_epochs == 0 {
+        generation.clear();
+    }
     report.samples_used = fb.used;
     report.examples = generation.len() + fb.task.len();
     if report.examples == 0 {
@@ -368,6 +375,12 @@ pub fn tune(
 /// `rehearsal_skip`; none when rehearsal is off.
 pub fn load_rehearsal(cfg: &TuningConfig) -> Result<Vec<String>> {
     let Some(path) = cfg.rehearsal_text.as_ref().filter(|_| cfg.rehearsal > 0.0) else {
+        if cfg.enabled && cfg.generation_side && cfg.rehearsal > 0.0 {
+            tracing::warn!(
+                "[tuning] rehearsal is on but no rehearsal_text is set: the generation side \
+                 trains without rehearsal"
+            );
+        }
         return Ok(Vec::new());
     };
     let texts: Vec<String> = load_general(path, usize::MAX)?
@@ -475,6 +488,14 @@ impl Evaluator {
         let mut r = LlmReport::new(0);
         self.evaluate(llm, spec, &mut r)?;
         Ok(r)
+    }
+}
+
+/// Whether two paths name one file (links and relative parts resolved where they exist).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -697,10 +718,10 @@ mod tests {
         let r = rehearsal_examples(&pool, &generation, 1.5, 3);
         assert_eq!(r.len(), 3);
         assert!(r.iter().all(|e| e.prompt.is_empty() && e.weight == 0.75));
-        let mut texts: Vec<&str> = r.iter().map(|e| e.completion.as_str()).collect();
+        let texts: Vec<&str> = r.iter().map(|e| e.completion.as_str()).collect();
         assert!(texts.iter().all(|t| pool.iter().any(|p| p == t)));
-        texts.dedup();
-        assert_eq!(texts.len(), 3, "drawn without replacement");
+        let distinct: std::collections::HashSet<&str> = texts.iter().copied().collect();
+        assert_eq!(distinct.len(), 3, "drawn without replacement");
         let other: Vec<String> = rehearsal_examples(&pool, &generation, 1.5, 4)
             .into_iter()
             .map(|e| e.completion)

@@ -302,7 +302,26 @@ impl Metrics {
         let p = dir.join("metrics.json");
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        let mut v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        fill_legacy(&mut v);
+        serde_json::from_value(v).with_context(|| format!("parsing {}", p.display()))
+    }
+}
+
+/// Settings that a `metrics.json` written before they existed ran with (their defaults
+/// since differ), so that resuming sees those runs as the different runs they were.
+fn fill_legacy(v: &mut serde_json::Value) {
+    let Some(cfg) = v.get_mut("config").and_then(|c| c.as_object_mut()) else {
+        return;
+    };
+    cfg.entry("client_relative_weights")
+        .or_insert(serde_json::Value::Bool(false));
+    if let Some(t) = cfg.get_mut("tuning").and_then(|t| t.as_object_mut()) {
+        // The generation side trained in every epoch, without rehearsal.
+        let epochs = t.get("epochs").cloned().unwrap_or(serde_json::json!(3));
+        t.entry("generation_epochs").or_insert(epochs);
+        t.entry("rehearsal").or_insert(serde_json::json!(0.0));
     }
 }
 
@@ -412,9 +431,29 @@ variants = ["standalone", "crosslm"]
         m.write(dir.path()).unwrap();
         let back = Metrics::read(dir.path()).unwrap();
         assert_eq!(back.markdown(), md);
+        assert_eq!(back.config, m.config, "settings written are settings read");
         let png = std::fs::read(dir.path().join("accuracy.png")).unwrap();
         assert!(png.starts_with(b"\x89PNG"), "a PNG plot is written");
         assert!(png.len() > 10_000);
+    }
+
+    /// A `metrics.json` from before a setting existed reads back with the value it ran with.
+    #[test]
+    fn old_metrics_read_with_the_settings_they_ran_with() {
+        let m = metrics();
+        let mut v = serde_json::to_value(&m).unwrap();
+        let cfg = v["config"].as_object_mut().unwrap();
+        cfg.remove("client_relative_weights");
+        let t = cfg["tuning"].as_object_mut().unwrap();
+        t.remove("generation_epochs");
+        t.remove("rehearsal");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("metrics.json"), v.to_string()).unwrap();
+        let back = Metrics::read(dir.path()).unwrap();
+        assert!(!back.config.client_relative_weights);
+        assert_eq!(back.config.tuning.generation_epochs, m.config.tuning.epochs);
+        assert_eq!(back.config.tuning.rehearsal, 0.0);
+        assert_ne!(back.config, m.config);
     }
 
     #[test]

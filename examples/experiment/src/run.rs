@@ -740,7 +740,7 @@ pub fn resolve_tuning(cfg: &ExperimentConfig, assets: &Path) -> TuningConfig {
         .clone()
         .unwrap_or_else(|| cfg.general.clone());
     let path = assets.join(path);
-    if path == assets.join(&cfg.general) {
+    if crosslm_coordinator::tuning::same_file(&path, &assets.join(&cfg.general)) {
         t.rehearsal_skip = t.rehearsal_skip.max(cfg.general_size);
     }
     t.rehearsal_text = Some(path);

@@ -7,8 +7,10 @@ use burn::tensor::Device;
 use clap::Subcommand;
 use crosslm_coordinator::llm::gguf::Gguf;
 use crosslm_coordinator::llm::tokenizer::Tokenizer;
+use crosslm_coordinator::llm::train::load_adapters;
 use crosslm_coordinator::llm::{Llm, Sampling, accuracy};
 use crosslm_coordinator::task::TaskSpec;
+use crosslm_coordinator::tuning::load_general;
 
 /// LLM tools.
 #[derive(Subcommand)]
@@ -69,6 +71,28 @@ pub enum LlmCmd {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Perplexity on general text, with or without tuned LoRA adapters: did tuning cost the
+    /// model its general ability?
+    ///
+    /// TEXT: one text per line; in tab-separated lines the last field is the text (the MR
+    /// archive's NYT snippets, Reuters .tab files). Lines under 40 characters are skipped.
+    Perplexity {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapters saved by the coordinator (`<data_dir>/llm/adapters-<round>.lora`).
+        #[arg(long)]
+        adapters: Option<PathBuf>,
+        /// General text file (see above).
+        #[arg(long)]
+        text: PathBuf,
+        /// Skip the first N texts.
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        /// Use N texts.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 /// Runs an `llm` subcommand.
@@ -116,6 +140,38 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
             } else {
                 println!("{}", llm.tokenizer.decode(&generated, true)?);
             }
+        }
+        LlmCmd::Perplexity {
+            model,
+            adapters,
+            text,
+            skip,
+            limit,
+        } => {
+            let texts = load_general(&text, skip.saturating_add(limit))?
+                .into_iter()
+                .skip(skip)
+                .collect::<Vec<_>>();
+            anyhow::ensure!(
+                !texts.is_empty(),
+                "{}: no texts after {skip}",
+                text.display()
+            );
+            let mut llm = Llm::load(&model, &Device::flex())?;
+            if let Some(path) = &adapters {
+                let (lora, _) = load_adapters(path, &llm.config, &llm.device)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                llm.lora = Some(lora);
+            }
+            let ppl = llm.perplexity(&texts)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "texts": texts.len(),
+                    "adapters": adapters.map(|p| p.display().to_string()),
+                    "perplexity": ppl,
+                })
+            );
         }
         LlmCmd::Classify {
             model,

@@ -190,8 +190,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let mut tuning = cfg.tuning;
             tuning.rehearsal_text = tuning.rehearsal_text.map(|p| resolve(&base, &p));
             if tuning.rehearsal > 0.0
-                && tuning.rehearsal_text.is_some()
-                && tuning.rehearsal_text == eval.general
+                && let (Some(a), Some(b)) = (&tuning.rehearsal_text, &eval.general)
+                && crosslm_coordinator::tuning::same_file(a, b)
                 && tuning.rehearsal_skip < eval.general_limit
             {
                 anyhow::bail!(
