@@ -43,6 +43,10 @@ enum Cmd {
         /// Start over instead of keeping variants already in `metrics.json`.
         #[arg(long)]
         fresh: bool,
+        /// Another seed (partition, models, samples) than the config's; results go to
+        /// `<out>/<name>-seed<N>/`.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Tune the LLM on the frozen LLM's round-1 batch (scored by the local-only SLMs) and
     /// measure it on the validation split after each epoch: the evidence for `[tuning]`.
@@ -89,10 +93,15 @@ fn main() -> anyhow::Result<()> {
             out,
             variants,
             fresh,
+            seed,
         } => {
             let mut cfg = ExperimentConfig::load(&config)?;
             if let Some(v) = variants {
                 cfg.variants = v;
+            }
+            if let Some(s) = seed {
+                cfg.seed = s;
+                cfg.name = format!("{}-seed{s}", cfg.name);
             }
             let dir = out.join(&cfg.name);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
