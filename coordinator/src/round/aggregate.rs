@@ -39,6 +39,53 @@ pub fn score_sample(
     }
 }
 
+/// Removes one client's label bias from its scores of a batch (a prior-shift correction):
+/// each label's probability is divided by the client's mean probability of that label over
+/// the batch, multiplied by the batch's share of samples written for that label, and each
+/// row renormalized. Why: a client whose private data is mostly one label (label skew) leans
+/// toward that label for every sample, so its votes would drop the other labels' samples,
+/// the very ones it lacks; a client that answers the same for every sample carries no signal
+/// and becomes uniform. `rows[i]` scores `samples[i]`.
+pub fn correct_prior(rows: &[&[f32]], samples: &[SyntheticSample]) -> Vec<Vec<f32>> {
+    let Some(n_labels) = rows.first().map(|r| r.len()) else {
+        return Vec::new();
+    };
+    let n = rows.len() as f64;
+    let mut prior = vec![0.0f64; n_labels];
+    for r in rows {
+        for (p, x) in prior.iter_mut().zip(r.iter()) {
+            *p += *x as f64 / n;
+        }
+    }
+    let mut target = vec![0.0f64; n_labels];
+    for s in samples {
+        if let Some(t) = target.get_mut(s.label as usize) {
+            *t += 1.0;
+        }
+    }
+    let total: f64 = target.iter().sum();
+    if total == 0.0 {
+        target.fill(1.0 / n_labels as f64);
+    } else {
+        target.iter_mut().for_each(|t| *t /= total);
+    }
+    rows.iter()
+        .map(|r| {
+            let scaled: Vec<f64> = r
+                .iter()
+                .zip(prior.iter().zip(&target))
+                .map(|(&x, (&p, &t))| if p > 1e-9 { x as f64 * t / p } else { 0.0 })
+                .collect();
+            let sum: f64 = scaled.iter().sum();
+            if sum > 0.0 && sum.is_finite() {
+                scaled.iter().map(|x| (x / sum) as f32).collect()
+            } else {
+                vec![1.0 / n_labels as f32; n_labels]
+            }
+        })
+        .collect()
+}
+
 /// Combines the probability vectors of several clients for one sample.
 ///
 /// `votes` holds `(weight, probs)` per client, all of the same length. The result is
@@ -135,6 +182,46 @@ mod tests {
             wm[1] > 0.9,
             "weighted mean follows the heavy outlier: {wm:?}"
         );
+    }
+
+    fn batch(labels: &[u32]) -> Vec<SyntheticSample> {
+        labels
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| SyntheticSample {
+                id: i as u64,
+                text: String::new(),
+                label,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prior_correction_removes_a_clients_label_bias() {
+        let samples = batch(&[0, 0, 1, 1]);
+        // A skewed client: leans positive everywhere, but still ranks the samples right.
+        let rows: [&[f32]; 4] = [&[0.3, 0.7], &[0.2, 0.8], &[0.05, 0.95], &[0.1, 0.9]];
+        let out = correct_prior(&rows, &samples);
+        assert!(
+            out[0][0] > 0.5 && out[1][0] > 0.5,
+            "negatives now lean negative: {out:?}"
+        );
+        assert!(out[2][1] > 0.5 && out[3][1] > 0.5, "{out:?}");
+        assert!(
+            out.iter()
+                .all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5)
+        );
+        // The same answer for every sample is no signal: uniform.
+        let flat: [&[f32]; 4] = [&[0.1, 0.9]; 4];
+        let out = correct_prior(&flat, &samples);
+        assert!(out.iter().all(|r| close(r, &[0.5, 0.5])), "{out:?}");
+        // An unbiased client is left as it is.
+        let fair: [&[f32]; 4] = [&[0.8, 0.2], &[0.6, 0.4], &[0.4, 0.6], &[0.2, 0.8]];
+        let out = correct_prior(&fair, &samples);
+        for (a, b) in out.iter().zip(fair) {
+            assert!(close(a, b), "{out:?}");
+        }
+        assert!(correct_prior(&[], &samples).is_empty());
     }
 
     #[test]

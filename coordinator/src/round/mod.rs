@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use crosslm_sdk::protocol::{AggregatedScore, ClientId, SampleScore, SyntheticSample, TaskInfo};
 use serde::{Deserialize, Serialize};
 
-pub use aggregate::{Aggregation, combine, score_sample};
+pub use aggregate::{Aggregation, combine, correct_prior, score_sample};
 
 /// Tolerance on the sum of a client's probabilities for one sample.
 pub const SUM_TOLERANCE: f32 = 1e-3;
@@ -28,6 +28,8 @@ pub struct RoundConfig {
     pub deadline_ms: u64,
     /// How client scores are combined.
     pub aggregation: Aggregation,
+    /// Correct each client's label bias before combining ([`correct_prior`]).
+    pub prior_correction: bool,
 }
 
 impl Default for RoundConfig {
@@ -36,6 +38,7 @@ impl Default for RoundConfig {
             quorum: 1,
             deadline_ms: 600_000,
             aggregation: Aggregation::WeightedMean,
+            prior_correction: true,
         }
     }
 }
@@ -350,15 +353,27 @@ impl RoundMachine {
     }
 
     fn aggregate(&self) -> RoundOutcome {
+        let per_client: Vec<(f64, Vec<Vec<f32>>)> = self
+            .replies
+            .values()
+            .map(|r| {
+                let rows: Vec<&[f32]> = r.scores.iter().map(|s| s.probs.as_slice()).collect();
+                let rows = if self.cfg.prior_correction {
+                    correct_prior(&rows, &self.samples)
+                } else {
+                    rows.iter().map(|r| r.to_vec()).collect()
+                };
+                (r.weight, rows)
+            })
+            .collect();
         let scores = self
             .samples
             .iter()
             .enumerate()
             .map(|(i, sample)| {
-                let votes: Vec<(f64, &[f32])> = self
-                    .replies
-                    .values()
-                    .map(|r| (r.weight, r.scores[i].probs.as_slice()))
+                let votes: Vec<(f64, &[f32])> = per_client
+                    .iter()
+                    .map(|(w, rows)| (*w, rows[i].as_slice()))
                     .collect();
                 score_sample(self.cfg.aggregation, sample, &votes)
             })

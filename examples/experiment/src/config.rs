@@ -165,6 +165,10 @@ pub struct ExperimentConfig {
     /// in the SDK); `false`: the absolute qualities.
     #[serde(default = "yes")]
     pub client_relative_weights: bool,
+    /// The coordinator corrects each client's label bias before aggregating its scores
+    /// (`[round] prior_correction` of the coordinator).
+    #[serde(default = "yes")]
+    pub prior_correction: bool,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,

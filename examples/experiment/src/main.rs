@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
 
+mod compare;
 mod config;
 mod plot;
 mod probe;
@@ -75,6 +76,13 @@ enum Cmd {
     Report {
         /// `results/<name>`.
         dir: PathBuf,
+    },
+    /// One experiment under several seeds (`run --seed`): final-round SLM accuracy per seed,
+    /// mean ± s.d., and CrossLM's paired differences to the baselines.
+    Compare {
+        /// Results dirs (`results/<name>`, `results/<name>-seed2`, ...).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
     },
 }
 
@@ -166,6 +174,14 @@ fn main() -> anyhow::Result<()> {
             m.write(&dir)?;
             println!("{}", m.markdown());
             println!("{}", m.summary());
+            Ok(())
+        }
+        Cmd::Compare { dirs } => {
+            let runs = dirs
+                .iter()
+                .map(|d| Metrics::read(d))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            print!("{}", compare::compare(&runs));
             Ok(())
         }
     }

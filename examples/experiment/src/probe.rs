@@ -10,7 +10,7 @@ use anyhow::Context;
 use burn::tensor::Device;
 use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::llm::train::LoraTrainer;
-use crosslm_coordinator::round::aggregate::{Aggregation, score_sample};
+use crosslm_coordinator::round::aggregate::{Aggregation, correct_prior, score_sample};
 use crosslm_coordinator::tuning::{
     Evaluator, LlmReport, TaskTargets, TuningConfig, load_rehearsal, tune,
 };
@@ -57,7 +57,14 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
         let slm = load_checkpoint(&ctx.initial_ckpt(i), Backend::Flex).with_context(|| {
             format!("{}: run the experiment's local-only training first", c.name)
         })?;
-        probs.push((c.private.len() as f64, slm.predict_proba(&texts)?));
+        let rows = slm.predict_proba(&texts)?;
+        let rows = if cfg.prior_correction {
+            let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            correct_prior(&refs, &samples)
+        } else {
+            rows
+        };
+        probs.push((c.private.len() as f64, rows));
     }
     let scores: Vec<AggregatedScore> = samples
         .iter()

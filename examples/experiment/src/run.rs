@@ -480,6 +480,7 @@ impl Ctx {
             round: RoundConfig {
                 quorum: n,
                 deadline_ms: 60 * 60 * 1000,
+                prior_correction: cfg.prior_correction,
                 ..RoundConfig::default()
             },
             idle_timeout_ms: 120_000,
@@ -768,6 +769,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         c.client_soft_targets = false;
         c.client_balance_labels = true;
         c.client_relative_weights = true;
+        c.prior_correction = true;
         c.tuning = TuningConfig::default();
         // Only `probe-llm` reads the validation split.
         c.validation_size = 0;
@@ -778,7 +780,8 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
     }
     let client = prev.client_soft_targets != now.client_soft_targets
         || prev.client_balance_labels != now.client_balance_labels
-        || prev.client_relative_weights != now.client_relative_weights;
+        || prev.client_relative_weights != now.client_relative_weights
+        || prev.prior_correction != now.prior_correction;
     let mut stale = Vec::new();
     if client {
         stale.push(Variant::CrosslmFrozenLlm);
@@ -877,6 +880,7 @@ mod tests {
         for flip in [
             |c: &mut ExperimentConfig| c.client_soft_targets = !c.client_soft_targets,
             |c: &mut ExperimentConfig| c.client_relative_weights = !c.client_relative_weights,
+            |c: &mut ExperimentConfig| c.prior_correction = !c.prior_correction,
         ] {
             flip(&mut now);
             assert_eq!(
