@@ -346,7 +346,15 @@ pub fn tune(
         v
     };
     let steps: usize = (0..cfg.epochs)
-        .map(|e| epoch_examples(e).len().div_ceil(batch_size))
+        .map(|e| {
+            let n = fb.task.len()
+                + if e < cfg.generation_epochs {
+                    generation.len()
+                } else {
+                    0
+                };
+            n.div_ceil(batch_size)
+        })
         .sum();
     let mut step = 0;
     for epoch in 0..cfg.epochs {

@@ -22,8 +22,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 
 /// The final-round mean SLM accuracy (in %) of `v` in `m`.
 fn final_slm(m: &Metrics, v: Variant) -> Option<f64> {
-    let r = m.variant(v)?.rounds.last()?;
-    stats(&r.slm).map(|s| 100.0 * s.0 as f64)
+    m.final_slm_mean(v).map(|x| 100.0 * x as f64)
 }
 
 /// The markdown comparison of `runs` (one experiment under several seeds).

@@ -96,6 +96,12 @@ impl Metrics {
         self.variants.iter().find(|r| r.variant == v)
     }
 
+    /// The final-round mean SLM accuracy (a fraction) of variant `v`.
+    pub fn final_slm_mean(&self, v: Variant) -> Option<f32> {
+        let last = self.variant(v)?.rounds.last()?;
+        stats(&last.slm).map(|s| s.0)
+    }
+
     /// The markdown report.
     pub fn markdown(&self) -> String {
         let c = &self.config;
@@ -227,12 +233,7 @@ impl Metrics {
     /// The headline: SLM mean accuracy, Standalone vs CrossLM; the LLM's task accuracy,
     /// zero-shot vs tuned; its general perplexity before and after.
     pub fn summary(&self) -> String {
-        let final_mean = |v: Variant| {
-            self.variant(v)
-                .and_then(|r| r.rounds.last())
-                .and_then(|r| stats(&r.slm))
-                .map(|s| s.0)
-        };
+        let final_mean = |v: Variant| self.final_slm_mean(v);
         let mut out = String::new();
         if let (Some(a), Some(b)) = (
             final_mean(Variant::Standalone),
