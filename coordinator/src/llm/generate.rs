@@ -255,12 +255,13 @@ mod tests {
     }
 
     /// On a tiny random model, a batch of prompts of different lengths gives each prompt the
-    /// same continuation as generating it alone with the same seed.
+    /// same continuation as generating it alone with the same seed, and a stop token ends each
+    /// continuation exactly where it first comes.
     #[test]
     fn batched_equals_unbatched_on_tiny_model() {
         let device = Device::flex();
         let c = LlamaConfig::tiny(64);
-        let model = Llama::random(&c, &device);
+        let model = Llama::random(&c, 5, &device);
         let prompts = vec![vec![5u32, 9, 11], vec![7u32], vec![1u32, 2, 3, 4, 5, 6, 7]];
         let s = Sampling {
             temperature: 0.9,
@@ -280,6 +281,17 @@ mod tests {
             let alone = generate(dec, std::slice::from_ref(p), &s, Some(&seeds[i..=i]), 63);
             assert_eq!(alone[0], batched[i], "prompt {i}");
         }
-        assert!(batched.iter().all(|o| !o.is_empty() && o.len() <= 8));
+        // The model and seeds are fixed, so this holds or fails on every run.
+        assert!(
+            batched.iter().all(|o| o.len() == 8 && !o.contains(&63)),
+            "expected full-length continuations: {batched:?}"
+        );
+        let stop = batched[0][3];
+        let cut = generate(dec, &prompts, &s, Some(&seeds), stop);
+        for (i, (full, cut)) in batched.iter().zip(&cut).enumerate() {
+            let expected: Vec<u32> = full.iter().copied().take_while(|&t| t != stop).collect();
+            assert_eq!(*cut, expected, "prompt {i}");
+        }
+        assert!(cut[0].len() <= 3);
     }
 }

@@ -65,7 +65,7 @@ pub(crate) mod test_assets {
         let device = burn::tensor::Device::flex();
         device.seed(3);
         let config = LlamaConfig::tiny(tokenizer.vocab_size());
-        let model = Llama::random(&config, &device);
+        let model = Llama::random(&config, 3, &device);
         Ok(super::Llm {
             config,
             model,

@@ -538,22 +538,28 @@ impl Llama {
         Ok((c, model))
     }
 
-    /// A randomly initialised model (for tests of the machinery, not of the weights).
-    pub fn random(c: &LlamaConfig, device: &Device) -> Llama {
-        let w = |d_in: usize, d_out: usize| {
-            let std = 1.0 / (d_in as f64).sqrt();
-            Tensor::random([d_in, d_out], Distribution::Normal(0.0, std), device)
+    /// A randomly initialised model (for tests of the machinery, not of the weights). Its
+    /// own RNG, seeded by `seed`, draws the weights: tests running side by side share the
+    /// backend's RNG, so seeding that would not make the model reproducible.
+    pub fn random(c: &LlamaConfig, seed: u64, device: &Device) -> Llama {
+        use rand::{Rng, SeedableRng};
+        let rng = std::cell::RefCell::new(rand::rngs::StdRng::seed_from_u64(seed));
+        // Uniform with the given standard deviation: the machinery only needs the scale.
+        let uniform = |shape: [usize; 2], std: f64| {
+            let a = (std * 3f64.sqrt()) as f32;
+            let mut rng = rng.borrow_mut();
+            let values: Vec<f32> = (0..shape[0] * shape[1])
+                .map(|_| rng.random_range(-a..a))
+                .collect();
+            Tensor::<2>::from_data(TensorData::new(values, shape), device)
         };
+        let w = |d_in: usize, d_out: usize| uniform([d_in, d_out], 1.0 / (d_in as f64).sqrt());
         let norm = || RmsNorm {
             weight: Tensor::ones([c.d_model], device),
             eps: c.rms_eps,
         };
         let kv = c.n_kv_heads * c.head_dim();
-        let embed: Tensor<2> = Tensor::random(
-            [c.vocab_size, c.d_model],
-            Distribution::Normal(0.0, 1.0),
-            device,
-        );
+        let embed = uniform([c.vocab_size, c.d_model], 1.0);
         Llama {
             head: Tensor::from_data(embed.clone().transpose().into_data(), device),
             embed,
@@ -639,7 +645,7 @@ mod tests {
         }
         let flex = Device::flex();
         let c = LlamaConfig::tiny(50);
-        let model = Llama::random(&c, &flex);
+        let model = Llama::random(&c, 1, &flex);
         let wgpu = crate::llm::default_gpu_device();
         let on_gpu = model.clone().to_device(&wgpu);
         let ids = vec![vec![5u32, 6, 7, 8, 9]];
@@ -667,7 +673,7 @@ mod tests {
     fn left_padding_matches_unpadded() {
         let device = Device::flex();
         let c = LlamaConfig::tiny(50);
-        let model = Llama::random(&c, &device);
+        let model = Llama::random(&c, 1, &device);
         let short = vec![3u32, 7, 9];
         let long = vec![1u32, 2, 4, 8, 16, 32];
         let alone = model.forward(
@@ -696,7 +702,7 @@ mod tests {
     fn kv_cache_matches_full_forward() {
         let device = Device::flex();
         let c = LlamaConfig::tiny(50);
-        let model = Llama::random(&c, &device);
+        let model = Llama::random(&c, 1, &device);
         let ids = vec![5u32, 6, 7, 8, 9];
         let full = to_vec(model.forward(
             token_tensor(std::slice::from_ref(&ids), &device),
