@@ -104,10 +104,7 @@ fn llamacpp(prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> 
         println!("(pip install llama-cpp-python to compare)");
         return None;
     }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../scripts/bench/llm_llamacpp.py"
-    );
+    let script = crosslm_sdk::data::workspace_root().join("scripts/bench/llm_llamacpp.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(smollm2_gguf_path())

@@ -211,12 +211,12 @@ prompts = ["write b"]
 
     #[test]
     fn example_tasks_load() -> Result<()> {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tasks");
-        let mr = TaskSpec::from_toml_file(format!("{dir}/mr.toml"))?;
+        let dir = crosslm_sdk::data::workspace_root().join("examples/tasks");
+        let mr = TaskSpec::from_toml_file(dir.join("mr.toml"))?;
         assert_eq!(mr.label_names(), vec!["negative", "positive"]);
-        let spam = TaskSpec::from_toml_file(format!("{dir}/spam.toml"))?;
+        let spam = TaskSpec::from_toml_file(dir.join("spam.toml"))?;
         assert_eq!(spam.label_names(), vec!["ham", "spam"]);
-        let r8 = TaskSpec::from_toml_file(format!("{dir}/r8.toml"))?;
+        let r8 = TaskSpec::from_toml_file(dir.join("r8.toml"))?;
         assert_eq!(
             r8.label_names(),
             vec![

@@ -540,7 +540,7 @@ mod tests {
     use crate::llm::test_assets::tiny_llm;
 
     fn spec() -> TaskSpec {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tasks/mr.toml");
+        let p = crosslm_sdk::data::workspace_root().join("examples/tasks/mr.toml");
         TaskSpec::from_toml_file(p).unwrap()
     }
 

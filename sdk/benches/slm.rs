@@ -97,7 +97,7 @@ fn bench_torch(texts_json: &Path, steps: usize) -> Result<(f64, f64, String), St
             py.display()
         ));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/slm_torch.py");
+    let script = crosslm_sdk::data::workspace_root().join("scripts/bench/slm_torch.py");
     let out = Command::new(&py)
         .arg(&script)
         .arg(assets_dir().join("minilm"))

@@ -10,10 +10,7 @@ use crosslm_sdk::transport::{EnrollToken, Identity, Scorer, enroll};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    crosslm_sdk::data::workspace_root()
 }
 
 /// Path of a binary built by the same `cargo test` invocation (same profile).

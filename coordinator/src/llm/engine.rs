@@ -502,10 +502,9 @@ mod tests {
     #[test]
     fn real_classify_and_perplexity_are_sane() -> Result<()> {
         let llm = smollm2();
-        let task = TaskSpec::from_toml_file(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/tasks/mr.toml"
-        ))?;
+        let task = TaskSpec::from_toml_file(
+            crosslm_sdk::data::workspace_root().join("examples/tasks/mr.toml"),
+        )?;
         let texts = vec![
             "A dull, lifeless mess with wooden acting and no story at all.".to_string(),
             "A joyous, moving film with wonderful performances.".to_string(),

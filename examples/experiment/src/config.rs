@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+        let dir = crosslm_sdk::data::workspace_root().join("examples/experiments");
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();

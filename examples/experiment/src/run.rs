@@ -865,7 +865,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> ExperimentConfig {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/mr-iid.toml");
+        let p = crosslm_sdk::data::workspace_root().join("examples/experiments/mr-iid.toml");
         ExperimentConfig::load(&p).unwrap()
     }
 

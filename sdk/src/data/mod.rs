@@ -298,10 +298,23 @@ pub fn load_auto(
 pub fn assets_dir() -> PathBuf {
     match std::env::var_os("CROSSLM_ASSETS") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("assets"),
+        None => workspace_root().join("assets"),
     }
+}
+
+/// The workspace checkout: found from `$CARGO_MANIFEST_DIR` at run time when cargo runs the
+/// program (tests, benches, `cargo run`), else from where this crate was compiled. The run-time
+/// path comes first because a target dir shared between checkouts can hold a binary compiled in
+/// another one, whose compile-time path may no longer exist.
+pub fn workspace_root() -> PathBuf {
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let Some(start) = std::env::var_os("CARGO_MANIFEST_DIR") else {
+        return compiled;
+    };
+    Path::new(&start)
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .map_or(compiled, Path::to_path_buf)
 }
 
 #[cfg(test)]

@@ -429,8 +429,7 @@ mod tests {
     }
 
     fn reference() -> Reference {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_reference.json");
+        let path = crate::data::workspace_root().join("sdk/tests/fixtures/minilm_reference.json");
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     }
 
