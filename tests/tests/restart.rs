@@ -174,4 +174,39 @@ path = "samples.jsonl"
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["rounds"][0]["phase"], "Done");
     assert_eq!(status["rounds"][0]["replies"].as_array().unwrap().len(), 3);
+
+    // `samples` lists the round's samples with the scores that survived the restart.
+    let out = Command::new(bin("crosslm-coordinator"))
+        .args(["samples", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40);
+    for l in &lines {
+        assert_eq!(l["round"], 1);
+        assert!((l["quality"].as_f64().unwrap() - 0.7).abs() < 1e-4, "{l}");
+        assert!(l["label"] == "negative" || l["label"] == "positive", "{l}");
+        assert!(!l["text"].as_str().unwrap().is_empty());
+    }
+    let out = Command::new(bin("crosslm-coordinator"))
+        .args([
+            "samples",
+            "--round",
+            "9",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no round 9"));
 }

@@ -39,6 +39,17 @@ enum Cmd {
         #[arg(long, default_value = "crosslm-data")]
         data_dir: PathBuf,
     },
+    /// Print the rounds' synthetic samples with their aggregated scores, as JSON lines (daemon
+    /// stopped): what the clients were sent and what they made of it. `label` is the
+    /// intended label's name, so `crosslm-client slm score --format jsonl` reads the output.
+    Samples {
+        /// The coordinator's data dir.
+        #[arg(long, default_value = "crosslm-data")]
+        data_dir: PathBuf,
+        /// Only this round.
+        #[arg(long)]
+        round: Option<u64>,
+    },
     /// Work with the LLM directly: tokenize, generate, classify.
     #[command(subcommand)]
     Llm(llm::LlmCmd),
@@ -151,8 +162,52 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
+        Cmd::Samples { data_dir, round } => print_samples(&data_dir, round),
         Cmd::Llm(cmd) => llm::run(cmd),
     }
+}
+
+/// `samples`: one JSON line per synthetic sample; `quality` and `soft` are null for a round
+/// that has no aggregated scores (yet).
+fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = Store::open(data_dir).with_context(|| {
+        format!(
+            "opening {} (is the daemon running? it holds the lock)",
+            data_dir.display()
+        )
+    })?;
+    let ids: Vec<u64> = match only {
+        Some(r) => vec![r],
+        None => store.summaries()?.iter().map(|r| r.id).collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    for id in ids {
+        let round = store
+            .round(id)?
+            .with_context(|| format!("no round {id} in {}", data_dir.display()))?;
+        let scores: std::collections::HashMap<u64, _> = store
+            .result(id)?
+            .map(|o| o.scores.into_iter().map(|s| (s.id, s)).collect())
+            .unwrap_or_default();
+        for sample in &round.samples {
+            let score = scores.get(&sample.id);
+            let line = serde_json::json!({
+                "round": id,
+                "id": sample.id,
+                "label": round.task.labels.get(sample.label as usize),
+                "text": sample.text,
+                "quality": score.map(|s| s.quality),
+                "soft": score.map(|s| &s.soft),
+            });
+            match writeln!(out, "{line}") {
+                // A reader that stops early (`| head`) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                r => r?,
+            }
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
