@@ -168,7 +168,7 @@ fn ctrl_c_while_waiting_leaves_cleanly_and_keeps_the_checkpoint() {
     let rest: Vec<String> = lines.map_while(|l| l.ok()).collect();
     let status = join.wait().unwrap();
     assert!(status.success(), "{status:?}: {seen:?} {rest:?}");
-    assert!(started.elapsed() < Duration::from_secs(10), "left promptly");
+    assert!(started.elapsed() < Duration::from_secs(20), "left promptly");
     assert!(
         rest.iter()
             .any(|l| l.contains("took part in 0 round(s) (stopped)")),

@@ -104,7 +104,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
             deadline_ms: 60_000,
             ..Default::default()
         },
-        idle_timeout_ms: 3_000,
+        idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 5_000,
     };
     let data_dir = cfg.data_dir.clone();

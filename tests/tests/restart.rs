@@ -73,7 +73,7 @@ data_dir = "coord"
 rounds = 1
 samples_per_label = 20
 min_clients = 3
-idle_timeout_ms = 3000
+idle_timeout_ms = 10000
 [daemon.round]
 quorum = 3
 deadline_ms = 120000

@@ -23,7 +23,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
             deadline_ms: 60_000,
             ..Default::default()
         },
-        idle_timeout_ms: 3_000,
+        idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
     }
 }

@@ -28,7 +28,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
             deadline_ms: 60_000,
             ..Default::default()
         },
-        idle_timeout_ms: 3_000,
+        idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();

@@ -63,7 +63,6 @@ pub(crate) mod test_assets {
         use super::tokenizer::Tokenizer;
         let tokenizer = Tokenizer::from_gguf(&Gguf::open(smollm2_path())?)?;
         let device = burn::tensor::Device::flex();
-        device.seed(3);
         let config = LlamaConfig::tiny(tokenizer.vocab_size());
         let model = Llama::random(&config, 3, &device);
         Ok(super::Llm {

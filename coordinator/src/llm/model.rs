@@ -9,7 +9,9 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::{embedding, linear};
-use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::gguf::Gguf;
 use crate::{Error, Result};
@@ -253,6 +255,20 @@ impl KvCache {
     }
 }
 
+/// A `[rows, cols]` tensor of normal draws with standard deviation `std` (Box-Muller) from
+/// `rng`. Random weights come from here, not from the backend's RNG: that one is shared by
+/// everything running in the process (tests side by side), so seeding it reproduces nothing.
+pub fn seeded_normal(rng: &mut StdRng, shape: [usize; 2], std: f64, device: &Device) -> Tensor<2> {
+    let values: Vec<f32> = (0..shape[0] * shape[1])
+        .map(|_| {
+            let u1 = 1.0 - rng.random::<f64>(); // (0, 1]: ln stays finite
+            let u2 = rng.random::<f64>();
+            (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
 /// One low-rank adapter `x -> scale * (x @ a) @ b` added to a frozen projection.
 #[derive(Module, Debug)]
 pub struct LoraPair {
@@ -265,14 +281,17 @@ pub struct LoraPair {
 }
 
 impl LoraPair {
-    fn new(d_in: usize, d_out: usize, rank: usize, alpha: f64, device: &Device) -> LoraPair {
+    fn new(
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> LoraPair {
         let std = 1.0 / (d_in as f64).sqrt();
         LoraPair {
-            a: Param::from_tensor(Tensor::random(
-                [d_in, rank],
-                Distribution::Normal(0.0, std),
-                device,
-            )),
+            a: Param::from_tensor(seeded_normal(rng, [d_in, rank], std, device)),
             b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
             scale: alpha / rank as f64,
         }
@@ -310,8 +329,10 @@ impl LoraAdapters {
         rank: usize,
         alpha: f64,
         top_layers: usize,
+        seed: u64,
         device: &Device,
     ) -> LoraAdapters {
+        let mut rng = StdRng::seed_from_u64(seed);
         let kv_dim = config.n_kv_heads * config.head_dim();
         let d = config.d_model;
         let top = if top_layers == 0 {
@@ -323,8 +344,8 @@ impl LoraAdapters {
             first: config.n_layers - top,
             blocks: (0..top)
                 .map(|_| LoraBlock {
-                    q: LoraPair::new(d, d, rank, alpha, device),
-                    v: LoraPair::new(d, kv_dim, rank, alpha, device),
+                    q: LoraPair::new(d, d, rank, alpha, &mut rng, device),
+                    v: LoraPair::new(d, kv_dim, rank, alpha, &mut rng, device),
                 })
                 .collect(),
         }
@@ -538,28 +559,29 @@ impl Llama {
         Ok((c, model))
     }
 
-    /// A randomly initialised model (for tests of the machinery, not of the weights). Its
-    /// own RNG, seeded by `seed`, draws the weights: tests running side by side share the
-    /// backend's RNG, so seeding that would not make the model reproducible.
+    /// A randomly initialised model (for tests of the machinery, not of the weights), the
+    /// same for the same `seed` (see [`seeded_normal`]).
     pub fn random(c: &LlamaConfig, seed: u64, device: &Device) -> Llama {
-        use rand::{Rng, SeedableRng};
-        let rng = std::cell::RefCell::new(rand::rngs::StdRng::seed_from_u64(seed));
-        // Uniform with the given standard deviation: the machinery only needs the scale.
-        let uniform = |shape: [usize; 2], std: f64| {
-            let a = (std * 3f64.sqrt()) as f32;
-            let mut rng = rng.borrow_mut();
-            let values: Vec<f32> = (0..shape[0] * shape[1])
-                .map(|_| rng.random_range(-a..a))
-                .collect();
-            Tensor::<2>::from_data(TensorData::new(values, shape), device)
+        let rng = std::cell::RefCell::new(StdRng::seed_from_u64(seed));
+        let w = |d_in: usize, d_out: usize| {
+            seeded_normal(
+                &mut rng.borrow_mut(),
+                [d_in, d_out],
+                1.0 / (d_in as f64).sqrt(),
+                device,
+            )
         };
-        let w = |d_in: usize, d_out: usize| uniform([d_in, d_out], 1.0 / (d_in as f64).sqrt());
         let norm = || RmsNorm {
             weight: Tensor::ones([c.d_model], device),
             eps: c.rms_eps,
         };
         let kv = c.n_kv_heads * c.head_dim();
-        let embed = uniform([c.vocab_size, c.d_model], 1.0);
+        let embed = seeded_normal(
+            &mut rng.borrow_mut(),
+            [c.vocab_size, c.d_model],
+            1.0,
+            device,
+        );
         Llama {
             head: Tensor::from_data(embed.clone().transpose().into_data(), device),
             embed,

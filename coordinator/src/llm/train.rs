@@ -72,12 +72,12 @@ pub struct LoraTrainer {
 impl LoraTrainer {
     /// Fresh adapters for `llm` (the model's output is unchanged until the first step).
     pub fn new(llm: &Llm, config: LoraConfig, seed: u64) -> LoraTrainer {
-        llm.device.seed(seed);
         let adapters = LoraAdapters::new(
             &llm.config,
             config.rank,
             config.alpha,
             config.top_layers,
+            seed,
             &llm.device,
         );
         LoraTrainer::from_adapters(adapters, config, &llm.device)
@@ -267,7 +267,7 @@ pub fn load_adapters(
         rest[nl + 1..].to_vec(),
     ))
     .map_err(|e| bad(format!("corrupt tensors: {e}")))?;
-    let adapters = LoraAdapters::new(model, cfg.rank, cfg.alpha, cfg.top_layers, device)
+    let adapters = LoraAdapters::new(model, cfg.rank, cfg.alpha, cfg.top_layers, 0, device)
         .try_load_record(record)
         .map_err(|e| bad(format!("tensors do not fit: {e}")))?;
     Ok((adapters, cfg))
@@ -346,7 +346,7 @@ mod tests {
         let llm = tiny_llm()?;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("a.lora");
-        let adapters = LoraAdapters::new(&llm.config, 2, 4.0, 0, &llm.device);
+        let adapters = LoraAdapters::new(&llm.config, 2, 4.0, 0, 1, &llm.device);
         save_adapters(&adapters, &LoraConfig::default(), &path)?;
         let good = std::fs::read(&path)?;
         let expect_err = |bytes: &[u8], why: &str| -> Result<()> {
