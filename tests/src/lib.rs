@@ -8,10 +8,7 @@ use crosslm_sdk::Result;
 use crosslm_sdk::protocol::{ClientInfo, SyntheticSample, TaskInfo};
 use crosslm_sdk::transport::{EnrollToken, Identity, Scorer, enroll};
 
-/// The workspace root.
-pub fn workspace_root() -> PathBuf {
-    crosslm_sdk::data::workspace_root()
-}
+pub use crosslm_sdk::data::workspace_root;
 
 /// Path of a binary built by the same `cargo test` invocation (same profile).
 pub fn bin(name: &str) -> PathBuf {

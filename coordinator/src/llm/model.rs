@@ -258,7 +258,7 @@ impl KvCache {
 /// A `[rows, cols]` tensor of normal draws with standard deviation `std` (Box-Muller) from
 /// `rng`. Random weights come from here, not from the backend's RNG: that one is shared by
 /// everything running in the process (tests side by side), so seeding it reproduces nothing.
-pub fn seeded_normal(rng: &mut StdRng, shape: [usize; 2], std: f64, device: &Device) -> Tensor<2> {
+fn seeded_normal(rng: &mut StdRng, shape: [usize; 2], std: f64, device: &Device) -> Tensor<2> {
     let values: Vec<f32> = (0..shape[0] * shape[1])
         .map(|_| {
             let u1 = 1.0 - rng.random::<f64>(); // (0, 1]: ln stays finite

@@ -140,12 +140,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { data_dir } => {
-            let store = Store::open(&data_dir).with_context(|| {
-                format!(
-                    "opening {} (is the daemon running? it holds the lock)",
-                    data_dir.display()
-                )
-            })?;
+            let store = open_store(&data_dir)?;
             let rounds = store.summaries()?;
             let mut reports = Vec::new();
             for r in &rounds {
@@ -167,16 +162,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `samples`: one JSON line per synthetic sample; `quality` and `soft` are null for a round
-/// that has no aggregated scores (yet).
-fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
-    use std::io::Write;
-    let store = Store::open(data_dir).with_context(|| {
+/// Opens a stopped daemon's database; the running daemon holds its lock.
+fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
+    Store::open(data_dir).with_context(|| {
         format!(
             "opening {} (is the daemon running? it holds the lock)",
             data_dir.display()
         )
-    })?;
+    })
+}
+
+/// `samples`: one JSON line per synthetic sample; `quality` and `soft` are null for a round
+/// that has no aggregated scores (yet).
+fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = open_store(data_dir)?;
     let ids: Vec<u64> = match only {
         Some(r) => vec![r],
         None => store.summaries()?.iter().map(|r| r.id).collect(),
