@@ -29,7 +29,9 @@ use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
-use crate::llm::train::{LoraConfig, LoraTrainer, TrainExample};
+use crate::llm::train::{
+    LoraConfig, LoraTrainer, PreferencePair, TrainExample, reference_logprobs,
+};
 use crate::llm::{Llm, accuracy};
 use crate::task::TaskSpec;
 use crate::{Error, Result};
@@ -72,6 +74,9 @@ pub struct TuningConfig {
     /// Labels are kept balanced: no label gets more than twice the samples of the scarcest,
     /// and weights are scaled so that every label carries the same total weight.
     pub max_samples: usize,
+    /// Preference pairs on the generation side (DPO), beside its weighted samples (so only
+    /// with `generation_side`): the LLM learns from what the clients scored low as well.
+    pub preference: PreferenceConfig,
     /// LoRA settings (rank, alpha, learning rate, token limits).
     pub lora: LoraConfig,
     /// Seed of the adapters' initialization and the example order.
@@ -95,6 +100,7 @@ impl Default for TuningConfig {
             rehearsal_skip: 1000,
             batch_size: 8,
             max_samples: 64,
+            preference: PreferenceConfig::default(),
             lora: LoraConfig {
                 rank: 8,
                 alpha: 16.0,
@@ -106,6 +112,53 @@ impl Default for TuningConfig {
             seed: 7,
         }
     }
+}
+
+/// Preference pairs for the generation side (the `[tuning.preference]` part of the config):
+/// the "preference pairs, high vs low score" option, trained with DPO (Rafailov et
+/// al., 2023) against the LLM as it was at the round's start. Pairs train in the generation
+/// epochs, beside the weighted samples (unless `generation_side` is off).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreferenceConfig {
+    /// Train on preference pairs at all.
+    pub enabled: bool,
+    /// Which samples are paired under a label's prompt.
+    pub source: PairSource,
+    /// DPO's beta: how far the model may move from the reference per unit of margin.
+    pub beta: f32,
+    /// Only pairs whose scores differ by at least this much.
+    pub margin: f32,
+    /// At most this many pairs per label and round (the best against the worst first).
+    pub max_pairs_per_label: usize,
+    /// Passes over the pairs, within the first `generation_epochs` of the round's epochs.
+    pub epochs: usize,
+}
+
+impl Default for PreferenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            source: PairSource::SameLabel,
+            beta: 0.1,
+            margin: 0.3,
+            max_pairs_per_label: 16,
+            epochs: 1,
+        }
+    }
+}
+
+/// Where the preference pairs under label A's prompt come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairSource {
+    /// Samples written for A: chosen the high-quality ones, rejected the low (the issue's
+    /// option; few pairs when the LLM rarely misses its label).
+    SameLabel,
+    /// Every sample, scored by the clients' aggregated probability of A: rejected are also
+    /// samples written for other labels that clearly carry them, which teaches the LLM to keep
+    /// other labels' text out of A's samples (many more pairs).
+    AllLabels,
 }
 
 /// What the task side of the LLM's tuning trains toward.
@@ -158,6 +211,9 @@ pub struct LlmReport {
     /// Optimizer steps taken.
     #[serde(default)]
     pub steps: usize,
+    /// Preference pairs trained on (generation side, DPO).
+    #[serde(default)]
+    pub pairs: usize,
     /// Mean loss of the first and of the last optimizer step.
     pub loss_first: Option<f32>,
     /// Mean loss of the last optimizer step.
@@ -183,6 +239,7 @@ impl LlmReport {
             samples_used: 0,
             examples: 0,
             steps: 0,
+            pairs: 0,
             loss_first: None,
             loss_last: None,
             task_accuracy: None,
@@ -275,6 +332,52 @@ pub fn feedback_examples(
     out
 }
 
+/// The round's preference pairs (see [`PreferenceConfig`]): per label, the best-scored
+/// candidates against the worst-scored, best with worst first, while the score gap is at
+/// least `margin`; a pair's weight is its score gap.
+pub fn preference_pairs(
+    llm: &Llm,
+    spec: &TaskSpec,
+    cfg: &PreferenceConfig,
+    samples: &[SyntheticSample],
+    scores: &[AggregatedScore],
+) -> Vec<PreferencePair> {
+    let n_labels = spec.labels.len();
+    let by_id: std::collections::HashMap<u64, &SyntheticSample> =
+        samples.iter().map(|s| (s.id, s)).collect();
+    let scored: Vec<(&SyntheticSample, &AggregatedScore)> = scores
+        .iter()
+        .filter(|s| s.soft.len() == n_labels && s.soft.iter().all(|p| p.is_finite()))
+        .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
+        .filter(|(x, _)| (x.label as usize) < n_labels)
+        .collect();
+    let mut out = Vec::new();
+    for (a, label) in spec.labels.iter().enumerate() {
+        let mut cands: Vec<(&SyntheticSample, f32)> = scored
+            .iter()
+            .filter(|(x, _)| cfg.source == PairSource::AllLabels || x.label as usize == a)
+            .map(|(x, s)| (*x, s.soft[a]))
+            .collect();
+        cands.sort_by(|x, y| y.1.total_cmp(&x.1));
+        let half = cands.len() / 2;
+        let (best, worst) = cands.split_at(cands.len() - half);
+        let pairs = best.iter().zip(worst.iter().rev());
+        for ((chosen, hi), (rejected, lo)) in pairs.take(cfg.max_pairs_per_label) {
+            if hi - lo < cfg.margin {
+                break;
+            }
+            let p = &label.prompts[chosen.id as usize % label.prompts.len()];
+            out.push(PreferencePair {
+                prompt: llm.tokenizer.chat_prompt(p),
+                chosen: chosen.text.clone(),
+                rejected: rejected.text.clone(),
+                weight: hi - lo,
+            });
+        }
+    }
+    out
+}
+
 /// The rehearsal examples of a round: `round(ratio x generation.len())` texts of `pool`
 /// (a different draw each round), prompt-free, each weighted like the mean generation-side
 /// example.
@@ -336,37 +439,68 @@ pub fn tune(
         );
         return Ok(report);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let batch_size = cfg.batch_size.max(1);
-    let epoch_examples = |epoch: usize| {
-        let mut v = fb.task.clone();
-        if epoch < cfg.generation_epochs {
-            v.extend(generation.iter().cloned());
-        }
-        v
+    let pref = &cfg.preference;
+    let pairs = if pref.enabled && cfg.generation_side && cfg.generation_epochs > 0 {
+        preference_pairs(llm, spec, pref, samples, scores)
+    } else {
+        Vec::new()
     };
-    let steps: usize = (0..cfg.epochs)
-        .map(|e| {
-            let n = fb.task.len()
-                + if e < cfg.generation_epochs {
-                    generation.len()
-                } else {
-                    0
-                };
-            n.div_ceil(batch_size)
-        })
-        .sum();
-    let mut step = 0;
+    // The reference is the LLM as it enters the round (its adapters so far).
+    let reference = reference_logprobs(llm, &pairs, &cfg.lora, batch_size)?;
+    report.pairs = pairs.len();
+    if !pairs.is_empty() {
+        tracing::info!(round, pairs = pairs.len(), "LLM preference pairs");
+    }
+    // An epoch's work: batches of examples, and in the generation epochs batches of pairs
+    // (half a batch: a pair is two sequences), in a shuffled order.
+    enum Batch {
+        Examples(Vec<TrainExample>),
+        Pairs(Vec<(PreferencePair, (f32, f32))>),
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut epochs: Vec<Vec<Batch>> = Vec::new();
     for epoch in 0..cfg.epochs {
-        let mut examples = epoch_examples(epoch);
-        examples.shuffle(&mut rng);
-        for batch in examples.chunks(batch_size) {
-            let loss = trainer.step(llm, batch)?;
-            step += 1;
-            report.loss_first.get_or_insert(loss);
-            report.loss_last = Some(loss);
-            tracing::info!(round, step, steps, loss, "LLM tuning");
+        let mut examples = fb.task.clone();
+        if epoch < cfg.generation_epochs {
+            examples.extend(generation.iter().cloned());
         }
+        examples.shuffle(&mut rng);
+        let mut batches: Vec<Batch> = examples
+            .chunks(batch_size)
+            .map(|c| Batch::Examples(c.to_vec()))
+            .collect();
+        if epoch < cfg.generation_epochs.min(pref.epochs) {
+            let mut paired: Vec<_> = pairs
+                .iter()
+                .cloned()
+                .zip(reference.iter().copied())
+                .collect();
+            paired.shuffle(&mut rng);
+            batches.extend(
+                paired
+                    .chunks((batch_size / 2).max(1))
+                    .map(|c| Batch::Pairs(c.to_vec())),
+            );
+        }
+        batches.shuffle(&mut rng);
+        epochs.push(batches);
+    }
+    let steps: usize = epochs.iter().map(Vec::len).sum();
+    let mut step = 0;
+    for batch in epochs.into_iter().flatten() {
+        let (loss, kind) = match batch {
+            Batch::Examples(b) => (trainer.step(llm, &b)?, "samples"),
+            Batch::Pairs(b) => {
+                let (pairs, reference): (Vec<_>, Vec<_>) = b.into_iter().unzip();
+                let loss = trainer.preference_step(llm, &pairs, &reference, pref.beta)?;
+                (loss, "pairs")
+            }
+        };
+        step += 1;
+        report.loss_first.get_or_insert(loss);
+        report.loss_last = Some(loss);
+        tracing::info!(round, step, steps, loss, kind, "LLM tuning");
     }
     if step == 0 {
         tracing::warn!(round, "no training example in any epoch; LLM not tuned");
@@ -669,6 +803,83 @@ mod tests {
         // Negatives: (0.95 + 0.9) x 0.75; positive: 0.995 x 1.5.
         assert!((total("Negative") - 1.85 * 0.75).abs() < 1e-5);
         assert!((total("Positive") - 0.995 * 1.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn preference_pairs_put_the_best_against_the_worst() {
+        let llm = tiny_llm().unwrap();
+        let (samples, scores) = round();
+        let cfg = PreferenceConfig {
+            enabled: true,
+            ..PreferenceConfig::default()
+        };
+        // Same label: the negatives 0 (0.9) and 1 (0.3); the lone positive has no partner.
+        let pairs = preference_pairs(&llm, &spec(), &cfg, &samples, &scores);
+        assert_eq!(pairs.len(), 1, "{pairs:?}");
+        assert_eq!(pairs[0].chosen, samples[0].text);
+        assert_eq!(pairs[0].rejected, samples[1].text);
+        assert!((pairs[0].weight - 0.6).abs() < 1e-6);
+        let negative = &spec().labels[0].prompts;
+        assert!(negative.iter().any(|p| pairs[0].prompt.contains(p)));
+        // A gap below the margin is no pair.
+        let strict = PreferenceConfig {
+            margin: 0.7,
+            ..cfg.clone()
+        };
+        assert!(preference_pairs(&llm, &spec(), &strict, &samples, &scores).is_empty());
+        // All labels: under each label's prompt, its clearest sample against the other
+        // label's clearest one.
+        let all = PreferenceConfig {
+            source: PairSource::AllLabels,
+            ..cfg.clone()
+        };
+        let pairs = preference_pairs(&llm, &spec(), &all, &samples, &scores);
+        let texts: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|p| (p.chosen.as_str(), p.rejected.as_str()))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                (samples[0].text.as_str(), samples[2].text.as_str()),
+                (samples[2].text.as_str(), samples[0].text.as_str()),
+            ]
+        );
+        let capped = PreferenceConfig {
+            max_pairs_per_label: 0,
+            ..all
+        };
+        assert!(preference_pairs(&llm, &spec(), &capped, &samples, &scores).is_empty());
+    }
+
+    #[test]
+    fn tuning_with_preference_pairs_trains_on_them() {
+        let mut llm = tiny_llm().unwrap();
+        let cfg = TuningConfig {
+            epochs: 2,
+            generation_epochs: 2,
+            preference: PreferenceConfig {
+                enabled: true,
+                ..PreferenceConfig::default()
+            },
+            ..quick()
+        };
+        let mut trainer = LoraTrainer::new(&llm, cfg.lora.clone(), cfg.seed);
+        let (samples, scores) = round();
+        let r = tune(
+            &mut llm,
+            &mut trainer,
+            &spec(),
+            &cfg,
+            1,
+            &samples,
+            &scores,
+            &[],
+        )
+        .unwrap();
+        // 4 examples in one batch and 1 pair, in each of the 2 epochs (pairs: 1 epoch).
+        assert_eq!((r.pairs, r.examples, r.steps), (1, 4, 3), "{r:?}");
+        assert!(r.tuned);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_sigmoid, log_softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::engine::{Llm, left_pad};
@@ -101,11 +101,30 @@ impl LoraTrainer {
 
     /// One optimizer step on `batch`; returns the loss before the step.
     pub fn step(&mut self, llm: &Llm, batch: &[TrainExample]) -> Result<f32> {
+        let cfg = self.config.clone();
+        self.step_on(|adapters| weighted_nll(llm, Some(adapters), batch, &cfg))
+    }
+
+    /// One optimizer step on the DPO loss of `pairs` (see [`dpo_loss`]); `reference` from
+    /// [`reference_logprobs`]. Returns the loss before the step.
+    pub fn preference_step(
+        &mut self,
+        llm: &Llm,
+        pairs: &[PreferencePair],
+        reference: &[(f32, f32)],
+        beta: f32,
+    ) -> Result<f32> {
+        let cfg = self.config.clone();
+        self.step_on(|adapters| dpo_loss(llm, Some(adapters), pairs, reference, beta, &cfg))
+    }
+
+    /// One Adam step on the loss `loss_of` builds from the tracked adapters.
+    fn step_on(&mut self, loss_of: impl FnOnce(&LoraAdapters) -> Result<Tensor<1>>) -> Result<f32> {
         let adapters = self
             .adapters
             .take()
             .ok_or_else(|| Error::Model("LoRA trainer lost its adapters".into()))?;
-        let loss = match weighted_nll(llm, Some(&adapters), batch, &self.config) {
+        let loss = match loss_of(&adapters) {
             Ok(loss) => loss,
             Err(e) => {
                 self.adapters = Some(adapters);
@@ -149,21 +168,15 @@ fn example_ids(llm: &Llm, ex: &TrainExample, cfg: &LoraConfig) -> Result<(Vec<u3
     Ok((prompt, n))
 }
 
-/// Weighted NLL of the completions of `batch` (a scalar tensor; tracked when `lora` is on an
-/// autodiff device): `sum_i w_i * mean_t nll_it / sum_i w_i`.
-pub fn weighted_nll(
+/// Log-probabilities of the completion tokens of `batch`: `[b, k]` (rows right-aligned, `k`
+/// the longest completion) and each row's completion length; positions before a row's
+/// completion hold other tokens' values and must be masked by the caller.
+fn completion_token_logprobs(
     llm: &Llm,
     lora: Option<&LoraAdapters>,
-    batch: &[TrainExample],
+    batch: &[&TrainExample],
     cfg: &LoraConfig,
-) -> Result<Tensor<1>> {
-    let batch: Vec<&TrainExample> = batch.iter().filter(|e| e.weight > 0.0).collect();
-    let total_w: f32 = batch.iter().map(|e| e.weight).sum();
-    if batch.is_empty() || !total_w.is_finite() {
-        return Err(Error::Data(
-            "training batch has no positive finite weight".into(),
-        ));
-    }
+) -> Result<(Tensor<2>, Vec<usize>)> {
     let seqs = batch
         .iter()
         .map(|e| example_ids(llm, e, cfg))
@@ -191,16 +204,137 @@ pub fn weighted_nll(
         .collect();
     let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, k, 1]), device);
     let picked = lp.gather(2, targets).reshape([b, k]);
-    // Per-position weights: w_i / (n_i * W) on the completion positions, 0 elsewhere.
-    let mut w = vec![0.0f32; b * k];
-    for (i, ((_, n), ex)) in seqs.iter().zip(&batch).enumerate() {
-        let per_token = ex.weight / (*n as f32 * total_w);
+    Ok((picked, seqs.iter().map(|(_, n)| (*n).min(k)).collect()))
+}
+
+/// `[b, k]` mask with `scale(i, n_i)` on row i's last `n_i` positions, 0 elsewhere.
+fn completion_mask(ns: &[usize], k: usize, scale: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let mut w = vec![0.0f32; ns.len() * k];
+    for (i, &n) in ns.iter().enumerate() {
+        let v = scale(i, n);
         for j in k - n..k {
-            w[i * k + j] = per_token;
+            w[i * k + j] = v;
         }
     }
-    let w = Tensor::<2>::from_data(TensorData::new(w, [b, k]), device);
+    w
+}
+
+/// Weighted NLL of the completions of `batch` (a scalar tensor; tracked when `lora` is on an
+/// autodiff device): `sum_i w_i * mean_t nll_it / sum_i w_i`.
+pub fn weighted_nll(
+    llm: &Llm,
+    lora: Option<&LoraAdapters>,
+    batch: &[TrainExample],
+    cfg: &LoraConfig,
+) -> Result<Tensor<1>> {
+    let batch: Vec<&TrainExample> = batch.iter().filter(|e| e.weight > 0.0).collect();
+    let total_w: f32 = batch.iter().map(|e| e.weight).sum();
+    if batch.is_empty() || !total_w.is_finite() {
+        return Err(Error::Data(
+            "training batch has no positive finite weight".into(),
+        ));
+    }
+    let (picked, ns) = completion_token_logprobs(llm, lora, &batch, cfg)?;
+    let [b, k] = picked.dims();
+    // Per-position weights: w_i / (n_i * W) on the completion positions.
+    let w = completion_mask(&ns, k, |i, n| batch[i].weight / (n as f32 * total_w));
+    let w = Tensor::<2>::from_data(TensorData::new(w, [b, k]), &llm.device);
     Ok((picked * w).sum().neg())
+}
+
+/// One preference pair for the generation side: after `prompt`, `chosen` (a sample the
+/// clients scored high) should become likelier than `rejected` (one they scored low).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PreferencePair {
+    /// Context text (the label's generation prompt, chat template applied).
+    pub prompt: String,
+    /// The preferred completion.
+    pub chosen: String,
+    /// The dispreferred completion.
+    pub rejected: String,
+    /// Loss weight, >= 0 (e.g. the score gap).
+    pub weight: f32,
+}
+
+impl PreferencePair {
+    fn sides(&self) -> [TrainExample; 2] {
+        [&self.chosen, &self.rejected].map(|c| TrainExample {
+            prompt: self.prompt.clone(),
+            completion: c.clone(),
+            weight: 1.0,
+        })
+    }
+}
+
+/// Summed completion log-probabilities `[2p]` of the pairs' chosen (first p) and rejected
+/// (last p) sides.
+fn pair_logprobs(
+    llm: &Llm,
+    lora: Option<&LoraAdapters>,
+    pairs: &[PreferencePair],
+    cfg: &LoraConfig,
+) -> Result<Tensor<1>> {
+    let sides: Vec<[TrainExample; 2]> = pairs.iter().map(PreferencePair::sides).collect();
+    let batch: Vec<&TrainExample> = sides
+        .iter()
+        .map(|[c, _]| c)
+        .chain(sides.iter().map(|[_, r]| r))
+        .collect();
+    let (picked, ns) = completion_token_logprobs(llm, lora, &batch, cfg)?;
+    let [b, k] = picked.dims();
+    let mask = completion_mask(&ns, k, |_, _| 1.0);
+    let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, k]), &llm.device);
+    Ok((picked * mask).sum_dim(1).reshape([b]))
+}
+
+/// The reference model's summed log-probabilities (chosen, rejected) of each pair: the
+/// model as it is now (`llm.lora` applied, nothing tracked), in batches of `batch_size`.
+pub fn reference_logprobs(
+    llm: &Llm,
+    pairs: &[PreferencePair],
+    cfg: &LoraConfig,
+    batch_size: usize,
+) -> Result<Vec<(f32, f32)>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let lp = pair_logprobs(llm, llm.lora.as_ref(), chunk, cfg)?
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::Model(format!("reading log-probabilities: {e:?}")))?;
+        let p = chunk.len();
+        out.extend((0..p).map(|i| (lp[i], lp[p + i])));
+    }
+    Ok(out)
+}
+
+/// DPO loss (Rafailov et al., 2023) of `pairs` against their reference log-probabilities:
+/// `-sum_i w_i log sigmoid(beta * ((c_i - c_ref_i) - (r_i - r_ref_i))) / sum_i w_i`.
+pub fn dpo_loss(
+    llm: &Llm,
+    lora: Option<&LoraAdapters>,
+    pairs: &[PreferencePair],
+    reference: &[(f32, f32)],
+    beta: f32,
+    cfg: &LoraConfig,
+) -> Result<Tensor<1>> {
+    let total_w: f32 = pairs.iter().map(|p| p.weight.max(0.0)).sum();
+    if pairs.is_empty() || pairs.len() != reference.len() || !(total_w > 0.0) {
+        return Err(Error::Data(
+            "preference batch is empty, has no positive weight, or lacks reference values".into(),
+        ));
+    }
+    let p = pairs.len();
+    let lp = pair_logprobs(llm, lora, pairs, cfg)?;
+    let device = &llm.device;
+    // margin_i = (c_i - r_i) - (c_ref_i - r_ref_i)
+    let chosen = lp.clone().slice([0..p]);
+    let rejected = lp.slice([p..2 * p]);
+    let ref_margin: Vec<f32> = reference.iter().map(|(c, r)| c - r).collect();
+    let ref_margin = Tensor::<1>::from_data(TensorData::new(ref_margin, [p]), device);
+    let margin = chosen - rejected - ref_margin;
+    let w: Vec<f32> = pairs.iter().map(|x| x.weight.max(0.0) / total_w).collect();
+    let w = Tensor::<1>::from_data(TensorData::new(w, [p]), device);
+    Ok((log_sigmoid(margin.mul_scalar(beta)) * w).sum().neg())
 }
 
 /// Magic line at the start of an adapter file.
@@ -392,6 +526,51 @@ mod tests {
             .try_into_scalar::<f32>()
             .map_err(|e| Error::Model(format!("{e:?}")))?;
         assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
+        Ok(())
+    }
+
+    /// DPO steps make the chosen completions likelier relative to the rejected ones than
+    /// under the reference; the first loss is ln 2 (the adapters start as a no-op).
+    #[test]
+    fn dpo_steps_raise_the_chosen_over_the_rejected() -> Result<()> {
+        let mut llm = tiny_llm()?;
+        let pairs = vec![
+            PreferencePair {
+                prompt: "Review:".into(),
+                chosen: " a wonderful film".into(),
+                rejected: " a dreadful film".into(),
+                weight: 1.0,
+            },
+            PreferencePair {
+                prompt: "Spam:".into(),
+                chosen: " win money now".into(),
+                rejected: " lunch at noon".into(),
+                weight: 0.5,
+            },
+        ];
+        let cfg = LoraConfig {
+            rank: 4,
+            learning_rate: 1e-2,
+            ..LoraConfig::default()
+        };
+        let reference = reference_logprobs(&llm, &pairs, &cfg, 1)?;
+        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 3);
+        let first = trainer.preference_step(&llm, &pairs, &reference, 0.5)?;
+        assert!((first - std::f32::consts::LN_2).abs() < 1e-3, "{first}");
+        for _ in 0..20 {
+            trainer.preference_step(&llm, &pairs, &reference, 0.5)?;
+        }
+        let adapters = trainer.adapters().expect("adapters");
+        let after = dpo_loss(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg)?
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("{e:?}")))?;
+        assert!(after < first - 0.1, "DPO loss {first} -> {after}");
+        assert!(dpo_loss(&llm, None, &[], &[], 0.5, &cfg).is_err());
+        llm.lora = Some(adapters);
+        let now = reference_logprobs(&llm, &pairs, &cfg, 2)?;
+        for ((c, r), (c0, r0)) in now.iter().zip(&reference) {
+            assert!((c - r) > (c0 - r0), "margin {} -> {}", c0 - r0, c - r);
+        }
         Ok(())
     }
 
