@@ -116,8 +116,8 @@ impl Default for TuningConfig {
 
 /// Preference pairs for the generation side (the `[tuning.preference]` part of the config):
 /// the "preference pairs, high vs low score" option, trained with DPO (Rafailov et
-/// al., 2023) against the LLM as it was at the round's start. Pairs train in the generation
-/// epochs, beside the weighted samples (unless `generation_side` is off).
+/// al., 2023) against the LLM as it was at the round's start. Pairs train in the first
+/// `epochs` of the round's passes, beside the weighted samples; they need `generation_side`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreferenceConfig {
@@ -131,7 +131,9 @@ pub struct PreferenceConfig {
     pub margin: f32,
     /// At most this many pairs per label and round (the best against the worst first).
     pub max_pairs_per_label: usize,
-    /// Passes over the pairs, within the first `generation_epochs` of the round's epochs.
+    /// Passes over the pairs: they train in the first this many of the round's `epochs`.
+    /// Unlike the generation side's samples, pairs raise one text only against another, so
+    /// they pull the LLM less toward task-like text and may take more passes.
     pub epochs: usize,
 }
 
@@ -441,7 +443,7 @@ pub fn tune(
     }
     let batch_size = cfg.batch_size.max(1);
     let pref = &cfg.preference;
-    let pairs = if pref.enabled && cfg.generation_side && cfg.generation_epochs > 0 {
+    let pairs = if pref.enabled && cfg.generation_side && pref.epochs > 0 {
         preference_pairs(llm, spec, pref, samples, scores)
     } else {
         Vec::new()
@@ -470,7 +472,7 @@ pub fn tune(
             .chunks(batch_size)
             .map(|c| Batch::Examples(c.to_vec()))
             .collect();
-        if epoch < cfg.generation_epochs.min(pref.epochs) {
+        if epoch < pref.epochs {
             let mut paired: Vec<_> = pairs
                 .iter()
                 .cloned()
@@ -856,10 +858,11 @@ mod tests {
     fn tuning_with_preference_pairs_trains_on_them() {
         let mut llm = tiny_llm().unwrap();
         let cfg = TuningConfig {
-            epochs: 2,
-            generation_epochs: 2,
+            epochs: 3,
+            generation_epochs: 1,
             preference: PreferenceConfig {
                 enabled: true,
+                epochs: 2,
                 ..PreferenceConfig::default()
             },
             ..quick()
@@ -877,8 +880,9 @@ mod tests {
             &[],
         )
         .unwrap();
-        // 4 examples in one batch and 1 pair, in each of the 2 epochs (pairs: 1 epoch).
-        assert_eq!((r.pairs, r.examples, r.steps), (1, 4, 3), "{r:?}");
+        // Epoch 1: the 4 examples in one batch and the pair; epoch 2: the 2 task-side examples
+        // and the pair; epoch 3: the task side only.
+        assert_eq!((r.pairs, r.examples, r.steps), (1, 4, 5), "{r:?}");
         assert!(r.tuned);
     }
 

@@ -284,3 +284,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented example config parses (it lists every option), so it cannot drift from
+    /// the config types unnoticed.
+    #[test]
+    fn example_config_parses() {
+        let path = crosslm_sdk::data::workspace_root().join("examples/coordinator.toml");
+        let text = std::fs::read_to_string(&path).expect("examples/coordinator.toml");
+        let cfg: ConfigFile = toml::from_str(&text).expect("example config parses");
+        assert!(cfg.tuning.enabled && !cfg.tuning.preference.enabled);
+        assert_eq!(cfg.tuning.preference.max_pairs_per_label, 16);
+    }
+}
