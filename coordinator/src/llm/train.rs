@@ -318,7 +318,8 @@ pub fn dpo_loss(
     cfg: &LoraConfig,
 ) -> Result<Tensor<1>> {
     let total_w: f32 = pairs.iter().map(|p| p.weight.max(0.0)).sum();
-    if pairs.is_empty() || pairs.len() != reference.len() || !(total_w > 0.0) {
+    if pairs.is_empty() || pairs.len() != reference.len() || !total_w.is_finite() || total_w <= 0.0
+    {
         return Err(Error::Data(
             "preference batch is empty, has no positive weight, or lacks reference values".into(),
         ));
@@ -327,8 +328,8 @@ pub fn dpo_loss(
     let lp = pair_logprobs(llm, lora, pairs, cfg)?;
     let device = &llm.device;
     // margin_i = (c_i - r_i) - (c_ref_i - r_ref_i)
-    let chosen = lp.clone().slice([0..p]);
-    let rejected = lp.slice([p..2 * p]);
+    let chosen = lp.clone().narrow(0, 0, p);
+    let rejected = lp.narrow(0, p, p);
     let ref_margin: Vec<f32> = reference.iter().map(|(c, r)| c - r).collect();
     let ref_margin = Tensor::<1>::from_data(TensorData::new(ref_margin, [p]), device);
     let margin = chosen - rejected - ref_margin;
