@@ -116,7 +116,8 @@ pub struct ClientSettings {
     pub round_epochs: u32,
     /// Fraction of private data held out to measure local accuracy.
     pub test_fraction: f64,
-    /// Synthetic samples below this aggregated quality are not trained on.
+    /// Synthetic samples below this quality (the intended label's share against its
+    /// strongest rival: the aggregated quality with two labels) are not trained on.
     pub min_quality: f32,
     /// How long to wait for the coordinator to answer, ms.
     pub connect_timeout_ms: u64,

@@ -2,7 +2,9 @@
 //! aggregated feedback, then measure it.
 //!
 //! Two kinds of training example come out of one scored sample whose quality (aggregated
-//! probability of its intended label) clears `min_quality`:
+//! probability of its intended label) clears `min_quality` (compared as its share against the
+//! strongest rival label, [`AggregatedScore::rival_share`], which is the quality itself with
+//! two labels):
 //! - generation side: (the label's generation prompt -> the sample), weight = quality, so the
 //!   LLM writes more like the samples the clients' SLMs found clearly on-label;
 //! - task side: (classification prompt of the sample -> its intended label's verbalizer),
@@ -42,7 +44,9 @@ use crate::{Error, Result};
 pub struct TuningConfig {
     /// Tune at all. `false` is the "CrossLM without LLM tuning" ablation: the LLM stays frozen.
     pub enabled: bool,
-    /// Samples whose aggregated quality is below this are not trained on.
+    /// Samples below this quality are not trained on: the intended label's share against its
+    /// strongest rival ([`AggregatedScore::rival_share`]), the aggregated quality itself with
+    /// two labels.
     pub min_quality: f32,
     /// Train the LLM to write the well-scored samples (label prompt -> sample).
     pub generation_side: bool,
@@ -276,7 +280,7 @@ pub fn feedback_examples(
         samples.iter().map(|s| (s.id, s)).collect();
     let mut kept: Vec<(&SyntheticSample, &AggregatedScore)> = scores
         .iter()
-        .filter(|s| s.quality.is_finite() && s.quality >= cfg.min_quality)
+        .filter(|s| s.quality.is_finite() && s.rival_share() >= cfg.min_quality)
         .filter(|s| s.soft.len() == spec.labels.len())
         .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
         .filter(|(x, _)| (x.label as usize) < spec.labels.len())

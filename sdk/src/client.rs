@@ -51,7 +51,8 @@ pub struct ClientConfig {
     pub round_epochs: usize,
     /// Fraction of loaded private data held out to measure local accuracy (0: none).
     pub test_fraction: f64,
-    /// Synthetic samples below this aggregated quality are not trained on.
+    /// Synthetic samples below this quality are not trained on (the intended label's share
+    /// against its strongest rival: the aggregated quality with two labels).
     pub min_quality: f32,
     /// Train toward the clients' aggregated soft labels instead of the samples' intended
     /// labels (the default, `false`: scores then only select and weight the samples; the

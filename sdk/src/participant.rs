@@ -19,7 +19,9 @@ pub struct Learning {
     pub test: Option<(Vec<String>, Vec<usize>)>,
     /// Training settings for the per-round update.
     pub train: TrainConfig,
-    /// Synthetic samples whose aggregated quality is below this are not trained on.
+    /// Synthetic samples whose intended label's share against its strongest rival
+    /// ([`AggregatedScore::rival_share`]; the aggregated quality with two labels) is below
+    /// this are not trained on.
     pub min_quality: f32,
     /// Learn from the clients' scores (CrossLM). `false` ignores them: every sample is
     /// trained on with its intended label and weight 1 (the "synthetic data without
@@ -92,7 +94,9 @@ fn scored_examples(
     let mut kept: Vec<(&SyntheticSample, &AggregatedScore, usize)> = scores
         .iter()
         .filter(|s| {
-            s.quality.is_finite() && s.quality >= learning.min_quality && s.soft.len() == map.len()
+            s.quality.is_finite()
+                && s.rival_share() >= learning.min_quality
+                && s.soft.len() == map.len()
         })
         .filter_map(|sc| {
             let sample = by_id.get(&sc.id)?;

@@ -150,7 +150,8 @@ pub struct ExperimentConfig {
     /// General texts for the LLM's perplexity.
     #[serde(default = "default_general_size")]
     pub general_size: usize,
-    /// Samples below this aggregated quality are not trained on (clients).
+    /// Samples below this quality (the intended label's share against its strongest rival:
+    /// the aggregated quality with two labels) are not trained on (clients).
     #[serde(default = "half")]
     pub min_quality: f32,
     /// CrossLM clients train toward the aggregated soft labels (`true`) or toward the

@@ -575,7 +575,7 @@ impl Ctx {
             let kept = store.result(s.id)?.map(|o| {
                 o.scores
                     .iter()
-                    .filter(|x| x.quality >= self.cfg.min_quality)
+                    .filter(|x| x.rival_share() >= self.cfg.min_quality)
                     .count()
             });
             out.push(RoundMetrics {

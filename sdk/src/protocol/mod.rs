@@ -73,6 +73,38 @@ pub struct AggregatedScore {
     pub soft: Vec<f32>,
 }
 
+impl AggregatedScore {
+    /// The intended label's share against its strongest rival, `quality / (quality + max
+    /// other)`: what quality thresholds (`min_quality`) apply to. With two labels it is the
+    /// quality itself; with more it keeps one meaning for any label count (0.5: a tie with
+    /// the runner-up), which the raw quality does not (with 8 labels and unsure SLMs the
+    /// intended label can lead at 0.2).
+    pub fn rival_share(&self) -> f32 {
+        if self.soft.len() <= 2 {
+            return self.quality;
+        }
+        // `quality` is the intended label's entry: skip one entry equal to it (another equal
+        // one is a tie, and then the share is 0.5 whichever index was intended).
+        let mut skipped = false;
+        let rival = self
+            .soft
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let intended = !skipped && p == self.quality;
+                skipped |= intended;
+                !intended
+            })
+            .fold(0.0f32, f32::max);
+        let total = self.quality + rival;
+        if total > 0.0 && total.is_finite() {
+            self.quality / total
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Machine-readable error kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -240,6 +272,27 @@ pub fn chunks<T: Clone>(items: &[T], per_chunk: usize) -> Vec<(Vec<T>, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rival_share_is_the_quality_with_two_labels_and_a_contest_with_more() {
+        let score = |quality: f32, soft: Vec<f32>| AggregatedScore {
+            id: 1,
+            quality,
+            soft,
+        };
+        assert_eq!(score(0.3, vec![0.7, 0.3]).rival_share(), 0.3);
+        // 8 unsure labels: the intended one leads at 0.2 against 0.15.
+        let mut soft = vec![0.65 / 7.0; 8];
+        soft[3] = 0.2;
+        soft[5] = 0.15;
+        let s = score(0.2, soft.clone());
+        assert!((s.rival_share() - 0.2 / 0.35).abs() < 1e-6);
+        // The same soft label seen from label 5: behind the leader.
+        assert!((score(0.15, soft).rival_share() - 0.15 / 0.35).abs() < 1e-6);
+        // A tie with the runner-up is 0.5, whichever index was intended.
+        assert_eq!(score(0.4, vec![0.4, 0.4, 0.2]).rival_share(), 0.5);
+        assert_eq!(score(0.0, vec![0.0, 0.0, 0.0]).rival_share(), 0.0);
+    }
 
     #[test]
     fn chunking_marks_last_and_covers_all() {

@@ -37,7 +37,8 @@ pub struct FileConfig {
     pub train_epochs: Option<usize>,
     /// Epochs of the training after each round.
     pub round_epochs: Option<usize>,
-    /// Minimum aggregated quality of a synthetic sample to train on.
+    /// Minimum quality of a synthetic sample to train on (the intended label's share against
+    /// its strongest rival: the aggregated quality with two labels).
     pub min_quality: Option<f32>,
     /// Train toward the aggregated soft labels instead of the intended labels.
     pub soft_targets: Option<bool>,

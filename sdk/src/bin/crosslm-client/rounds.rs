@@ -59,7 +59,8 @@ pub struct JoinArgs {
     /// Epochs of the first local training (no checkpoint yet).
     #[arg(long)]
     pub train_epochs: Option<usize>,
-    /// Synthetic samples below this aggregated quality are not trained on.
+    /// Synthetic samples below this quality (the intended label's share against its
+    /// strongest rival: the aggregated quality with two labels) are not trained on.
     #[arg(long)]
     pub min_quality: Option<f32>,
 }
