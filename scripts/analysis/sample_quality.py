@@ -29,6 +29,18 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def rival_share(sample):
+    """What the threshold applies to (`AggregatedScore::rival_share`): the intended label's
+    share against its strongest rival; the quality itself with two labels."""
+    q, soft = sample["quality"], sample.get("soft") or []
+    if len(soft) <= 2:
+        return q
+    others = list(soft)
+    others.remove(min(others, key=lambda p: abs(p - q)))
+    total = q + max(others)
+    return q / total if total > 0 else 0.0
+
+
 def judge_label(row, labels):
     """The judge's most probable label name, from one `slm score` line."""
     probs = row.get("probs") or row.get("probabilities")
@@ -81,7 +93,7 @@ def main():
             by_round[s["round"]].append((s, judge_label(j, labels) == s["label"]))
         for r in sorted(by_round):
             rows = by_round[r]
-            scored = [(s["quality"], ok) for s, ok in rows if s["quality"] is not None]
+            scored = [(rival_share(s), ok) for s, ok in rows if s["quality"] is not None]
             kept = [ok for q, ok in scored if q >= args.threshold]
             dropped = [ok for q, ok in scored if q < args.threshold]
             share = lambda xs: f"{100 * sum(xs) / len(xs):.0f}%" if xs else "-"
