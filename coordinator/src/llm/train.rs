@@ -152,7 +152,7 @@ impl LoraTrainer {
 /// Token ids of one example: prompt (left-truncated), then completion + EOS (right-truncated);
 /// returns the ids and the number of completion tokens at the end. A completion cut at
 /// `max_completion_tokens` gets no EOS: one there would teach the LLM to stop where the cut
-/// fell (R8's ~120-token stories shrank from 87 to 26 words in two rounds).
+/// fell (R8's stories run ~120 tokens).
 fn example_ids(llm: &Llm, ex: &TrainExample, cfg: &LoraConfig) -> Result<(Vec<u32>, usize)> {
     let mut prompt = llm.tokenizer.encode(&ex.prompt)?;
     if prompt.len() > cfg.max_prompt_tokens {
