@@ -811,6 +811,23 @@ mod tests {
         assert!((total("Positive") - 0.995 * 1.5).abs() < 1e-5);
     }
 
+    /// Round 1 of [`round`] tuned under `cfg` with fresh adapters.
+    fn tune_round(llm: &mut Llm, cfg: &TuningConfig, rehearsal: &[String]) -> LlmReport {
+        let mut trainer = LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed);
+        let (samples, scores) = round();
+        tune(
+            llm,
+            &mut trainer,
+            &spec(),
+            cfg,
+            1,
+            &samples,
+            &scores,
+            rehearsal,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn preference_pairs_put_the_best_against_the_worst() {
         let llm = tiny_llm().unwrap();
@@ -871,19 +888,7 @@ mod tests {
             },
             ..quick()
         };
-        let mut trainer = LoraTrainer::new(&llm, cfg.lora.clone(), cfg.seed);
-        let (samples, scores) = round();
-        let r = tune(
-            &mut llm,
-            &mut trainer,
-            &spec(),
-            &cfg,
-            1,
-            &samples,
-            &scores,
-            &[],
-        )
-        .unwrap();
+        let r = tune_round(&mut llm, &cfg, &[]);
         // Epoch 1: the 4 examples in one batch and the pair; epoch 2: the 2 task-side examples
         // and the pair; epoch 3: the task side only.
         assert_eq!((r.pairs, r.examples, r.steps), (1, 4, 5), "{r:?}");
@@ -981,19 +986,7 @@ mod tests {
         let pool = load_rehearsal(&cfg).unwrap();
         assert_eq!(pool, lines[4..].to_vec(), "the first 4 are skipped");
         let mut llm = tiny_llm().unwrap();
-        let mut trainer = LoraTrainer::new(&llm, cfg.lora.clone(), cfg.seed);
-        let (samples, scores) = round();
-        let r = tune(
-            &mut llm,
-            &mut trainer,
-            &spec(),
-            &cfg,
-            1,
-            &samples,
-            &scores,
-            &pool,
-        )
-        .unwrap();
+        let r = tune_round(&mut llm, &cfg, &pool);
         // 2 generation + 2 rehearsal + 2 task examples; epoch 1 all six, epoch 2 the task two.
         assert_eq!((r.examples, r.steps), (6, 8), "{r:?}");
         let off = TuningConfig {
