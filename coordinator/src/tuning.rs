@@ -458,8 +458,8 @@ pub fn tune(
     if !pairs.is_empty() {
         tracing::info!(round, pairs = pairs.len(), "LLM preference pairs");
     }
-    // An epoch's work: batches of examples, and in the generation epochs batches of pairs
-    // (half a batch: a pair is two sequences), in a shuffled order.
+    // An epoch's work: batches of examples, and in the first `preference.epochs` passes
+    // batches of pairs (half a batch: a pair is two sequences), in a shuffled order.
     enum Batch {
         Examples(Vec<TrainExample>),
         Pairs(Vec<(PreferencePair, (f32, f32))>),
