@@ -268,6 +268,24 @@ pub struct FeedbackExamples {
     pub task: Vec<TrainExample>,
 }
 
+/// The round's samples joined with their scores, where both fit the task (a soft label per
+/// task label, an intended label of the task).
+fn scored_samples<'a>(
+    spec: &TaskSpec,
+    samples: &'a [SyntheticSample],
+    scores: &'a [AggregatedScore],
+) -> Vec<(&'a SyntheticSample, &'a AggregatedScore)> {
+    let n_labels = spec.labels.len();
+    let by_id: std::collections::HashMap<u64, &SyntheticSample> =
+        samples.iter().map(|s| (s.id, s)).collect();
+    scores
+        .iter()
+        .filter(|s| s.soft.len() == n_labels)
+        .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
+        .filter(|(x, _)| (x.label as usize) < n_labels)
+        .collect()
+}
+
 /// The training examples one round's feedback gives (see the module docs).
 pub fn feedback_examples(
     llm: &Llm,
@@ -276,15 +294,8 @@ pub fn feedback_examples(
     samples: &[SyntheticSample],
     scores: &[AggregatedScore],
 ) -> FeedbackExamples {
-    let by_id: std::collections::HashMap<u64, &SyntheticSample> =
-        samples.iter().map(|s| (s.id, s)).collect();
-    let mut kept: Vec<(&SyntheticSample, &AggregatedScore)> = scores
-        .iter()
-        .filter(|s| s.quality.is_finite() && s.rival_share() >= cfg.min_quality)
-        .filter(|s| s.soft.len() == spec.labels.len())
-        .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
-        .filter(|(x, _)| (x.label as usize) < spec.labels.len())
-        .collect();
+    let mut kept = scored_samples(spec, samples, scores);
+    kept.retain(|(_, s)| s.quality.is_finite() && s.rival_share() >= cfg.min_quality);
     kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
     // Balanced labels (the best-scored first), so that the SLMs finding one label's samples
     // better does not teach the LLM to answer that label for everything.
@@ -348,15 +359,8 @@ pub fn preference_pairs(
     samples: &[SyntheticSample],
     scores: &[AggregatedScore],
 ) -> Vec<PreferencePair> {
-    let n_labels = spec.labels.len();
-    let by_id: std::collections::HashMap<u64, &SyntheticSample> =
-        samples.iter().map(|s| (s.id, s)).collect();
-    let scored: Vec<(&SyntheticSample, &AggregatedScore)> = scores
-        .iter()
-        .filter(|s| s.soft.len() == n_labels && s.soft.iter().all(|p| p.is_finite()))
-        .filter_map(|s| by_id.get(&s.id).map(|x| (*x, s)))
-        .filter(|(x, _)| (x.label as usize) < n_labels)
-        .collect();
+    let mut scored = scored_samples(spec, samples, scores);
+    scored.retain(|(_, s)| s.soft.iter().all(|p| p.is_finite()));
     let mut out = Vec::new();
     for (a, label) in spec.labels.iter().enumerate() {
         let mut cands: Vec<(&SyntheticSample, f32)> = scored

@@ -101,8 +101,7 @@ impl LoraTrainer {
 
     /// One optimizer step on `batch`; returns the loss before the step.
     pub fn step(&mut self, llm: &Llm, batch: &[TrainExample]) -> Result<f32> {
-        let cfg = self.config.clone();
-        self.step_on(|adapters| weighted_nll(llm, Some(adapters), batch, &cfg))
+        self.step_on(|adapters, cfg| weighted_nll(llm, Some(adapters), batch, cfg))
     }
 
     /// One optimizer step on the DPO loss of `pairs` (see [`dpo_loss`]); `reference` from
@@ -114,17 +113,19 @@ impl LoraTrainer {
         reference: &[(f32, f32)],
         beta: f32,
     ) -> Result<f32> {
-        let cfg = self.config.clone();
-        self.step_on(|adapters| dpo_loss(llm, Some(adapters), pairs, reference, beta, &cfg))
+        self.step_on(|adapters, cfg| dpo_loss(llm, Some(adapters), pairs, reference, beta, cfg))
     }
 
     /// One Adam step on the loss `loss_of` builds from the tracked adapters.
-    fn step_on(&mut self, loss_of: impl FnOnce(&LoraAdapters) -> Result<Tensor<1>>) -> Result<f32> {
+    fn step_on(
+        &mut self,
+        loss_of: impl FnOnce(&LoraAdapters, &LoraConfig) -> Result<Tensor<1>>,
+    ) -> Result<f32> {
         let adapters = self
             .adapters
             .take()
             .ok_or_else(|| Error::Model("LoRA trainer lost its adapters".into()))?;
-        let loss = match loss_of(&adapters) {
+        let loss = match loss_of(&adapters, &self.config) {
             Ok(loss) => loss,
             Err(e) => {
                 self.adapters = Some(adapters);
