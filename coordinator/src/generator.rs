@@ -167,7 +167,7 @@ pub struct LlmGenerator {
 
 struct Tuning {
     cfg: crate::tuning::TuningConfig,
-    trainer: crate::llm::train::LoraTrainer,
+    trainers: crate::tuning::Trainers,
     state_dir: std::path::PathBuf,
     /// Rounds up to this one are in the adapters.
     tuned_through: u64,
@@ -175,7 +175,8 @@ struct Tuning {
     rehearsal: Vec<String>,
 }
 
-/// Adapter files are `adapters-<round>.lora`: the highest round is the current state.
+/// Adapter files are `adapters-<round>.lora` (see [`crate::tuning::Trainers::files`]): the
+/// highest round is the current state.
 fn latest_adapters(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
     std::fs::read_dir(dir)
         .ok()?
@@ -218,21 +219,19 @@ impl LlmGenerator {
         if !cfg.enabled {
             return Ok(self);
         }
-        let (trainer, tuned_through) = match latest_adapters(&state_dir) {
+        use crate::tuning::Trainers;
+        let (trainers, tuned_through) = match latest_adapters(&state_dir) {
             Some((round, path)) => {
-                let (adapters, lora) =
-                    crate::llm::train::load_adapters(&path, &self.llm.config, &self.llm.device)?;
+                let trainers = Trainers::load(&self.llm, &cfg, &state_dir, round)?;
                 tracing::info!(round, file = %path.display(), "LLM adapters loaded");
-                self.llm.lora = Some(adapters.clone());
-                let trainer =
-                    crate::llm::train::LoraTrainer::from_adapters(adapters, lora, &self.llm.device);
-                (trainer, round)
+                (trainers, round)
             }
-            None => (
-                crate::llm::train::LoraTrainer::new(&self.llm, cfg.lora.clone(), cfg.seed),
-                0,
-            ),
+            None => (Trainers::new(&self.llm, &cfg), 0),
         };
+        // Fresh adapters leave the model's output as it was; with split adapters the task
+        // side's are then in place from the start, so classification never falls back to
+        // the generation side's.
+        trainers.apply(&mut self.llm);
         std::fs::create_dir_all(&state_dir).map_err(|source| Error::File {
             path: state_dir.clone(),
             source,
@@ -240,7 +239,7 @@ impl LlmGenerator {
         let rehearsal = crate::tuning::load_rehearsal(&cfg)?;
         self.tuning = Some(Tuning {
             cfg,
-            trainer,
+            trainers,
             state_dir,
             tuned_through,
             rehearsal,
@@ -310,7 +309,7 @@ impl Generator for LlmGenerator {
         } else {
             let r = crate::tuning::tune(
                 &mut self.llm,
-                &mut t.trainer,
+                &mut t.trainers,
                 &self.spec,
                 &t.cfg,
                 round,
@@ -318,14 +317,13 @@ impl Generator for LlmGenerator {
                 scores,
                 &t.rehearsal,
             )?;
-            let path = t.state_dir.join(format!("adapters-{round}.lora"));
-            t.trainer.save(&path)?;
-            // Older adapter files are history; the newest is the state.
-            if let Some(prev) = (t.tuned_through > 0).then(|| {
-                t.state_dir
-                    .join(format!("adapters-{}.lora", t.tuned_through))
-            }) {
-                let _ = std::fs::remove_file(prev);
+            t.trainers.save(&t.state_dir, round)?;
+            // Older adapter files are history; the newest are the state.
+            if t.tuned_through > 0 {
+                let (gen_file, task_file) =
+                    crate::tuning::Trainers::files(&t.state_dir, t.tuned_through);
+                let _ = std::fs::remove_file(gen_file);
+                let _ = std::fs::remove_file(task_file);
             }
             t.tuned_through = round;
             r

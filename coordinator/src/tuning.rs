@@ -32,7 +32,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::llm::train::{
-    LoraConfig, LoraTrainer, PreferencePair, TrainExample, reference_logprobs,
+    LoraConfig, LoraTrainer, PreferencePair, TrainExample, load_adapters, reference_logprobs,
 };
 use crate::llm::{Llm, accuracy};
 use crate::task::TaskSpec;
@@ -54,6 +54,8 @@ pub struct TuningConfig {
     pub task_side: bool,
     /// The task side's targets: the samples' intended labels or the clients' soft labels.
     pub task_targets: TaskTargets,
+    /// One set of LoRA adapters for both sides, or one each.
+    pub adapters: AdapterLayout,
     /// Passes over a round's examples.
     pub epochs: usize,
     /// The generation side (and its rehearsal) trains in only the first this many of the
@@ -95,6 +97,7 @@ impl Default for TuningConfig {
             generation_side: true,
             task_side: true,
             task_targets: TaskTargets::Intended,
+            adapters: AdapterLayout::Shared,
             // Chosen on a validation split (`crosslm-experiment probe-llm`, MR): after one and
             // two passes the LLM's accuracy had not moved, after three it had.
             epochs: 3,
@@ -167,6 +170,19 @@ pub enum PairSource {
     AllLabels,
 }
 
+/// Which LoRA adapters the two sides of the LLM's tuning train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterLayout {
+    /// One set for both: the task side's one-word answers (each ending in EOS) then also
+    /// shape how the LLM writes; on R8 its stories shrank from 87 to 25 words in two rounds.
+    Shared,
+    /// The generation side trains the adapters the LLM writes (and is measured for
+    /// perplexity) with; the task side trains its own, used only to classify. The LLM then
+    /// learns the task without the task side changing its samples.
+    Split,
+}
+
 /// What the task side of the LLM's tuning trains toward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,8 +244,11 @@ pub struct LlmReport {
     pub task_accuracy: Option<f64>,
     /// The same with contextual calibration.
     pub task_accuracy_calibrated: Option<f64>,
-    /// Perplexity on held-out general text.
+    /// Perplexity on held-out general text (with the adapters the LLM writes with).
     pub perplexity: Option<f64>,
+    /// The same with the task side's own adapters (split adapters only).
+    #[serde(default)]
+    pub perplexity_task: Option<f64>,
     /// Seconds spent tuning.
     pub tune_secs: f64,
     /// Seconds spent evaluating.
@@ -251,6 +270,7 @@ impl LlmReport {
             task_accuracy: None,
             task_accuracy_calibrated: None,
             perplexity: None,
+            perplexity_task: None,
             tune_secs: 0.0,
             eval_secs: 0.0,
         }
@@ -412,13 +432,89 @@ pub fn rehearsal_examples(
         .collect()
 }
 
+/// The LoRA trainers of the LLM's tuning: one shared by both sides, or one per side
+/// ([`AdapterLayout`]).
+pub struct Trainers {
+    /// Trains the adapters the LLM writes with (with shared adapters, also classifies with).
+    pub generation: LoraTrainer,
+    /// The task side's own trainer (split adapters only).
+    pub task: Option<LoraTrainer>,
+}
+
+impl Trainers {
+    /// Fresh adapters laid out as `cfg` says (the model's output is unchanged until the
+    /// first step).
+    pub fn new(llm: &Llm, cfg: &TuningConfig) -> Self {
+        let task = (cfg.adapters == AdapterLayout::Split)
+            .then(|| LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed.wrapping_add(1)));
+        Self {
+            generation: LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed),
+            task,
+        }
+    }
+
+    /// The adapter files of `round` in `dir`: the generation side's (or shared) and the task
+    /// side's own.
+    pub fn files(dir: &Path, round: u64) -> (PathBuf, PathBuf) {
+        (
+            dir.join(format!("adapters-{round}.lora")),
+            dir.join(format!("task-adapters-{round}.lora")),
+        )
+    }
+
+    /// The adapters [`Trainers::save`] left for `round` in `dir`, laid out as `cfg` says; a
+    /// layout that does not match the files is an error (a state from another config).
+    pub fn load(llm: &Llm, cfg: &TuningConfig, dir: &Path, round: u64) -> Result<Self> {
+        let (gen_path, task_path) = Self::files(dir, round);
+        let load = |path: &Path| -> Result<LoraTrainer> {
+            let (adapters, lora) = load_adapters(path, &llm.config, &llm.device)?;
+            Ok(LoraTrainer::from_adapters(adapters, lora, &llm.device))
+        };
+        let generation = load(&gen_path)?;
+        let task = match (cfg.adapters, task_path.is_file()) {
+            (AdapterLayout::Split, true) => Some(load(&task_path)?),
+            (AdapterLayout::Shared, false) => None,
+            (layout, _) => {
+                return Err(Error::Model(format!(
+                    "{}: the saved LLM adapters do not match [tuning] adapters = {layout:?} \
+                     (split adapters keep a task-adapters-<round>.lora beside them); \
+                     use the config the state was made with, or a fresh data dir",
+                    dir.display()
+                )));
+            }
+        };
+        Ok(Self { generation, task })
+    }
+
+    /// Saves the adapters as `round`'s files in `dir` (see [`Trainers::files`]).
+    pub fn save(&self, dir: &Path, round: u64) -> Result<()> {
+        let (gen_path, task_path) = Self::files(dir, round);
+        if let Some(t) = &self.task {
+            t.save(&task_path)?;
+        }
+        // The generation side's file last: its presence marks the round as saved.
+        self.generation.save(&gen_path)
+    }
+
+    /// Puts the current adapters into `llm` (`lora`, and `task_lora` when split).
+    pub fn apply(&self, llm: &mut Llm) {
+        llm.lora = self.generation.adapters();
+        llm.task_lora = self.task.as_ref().and_then(LoraTrainer::adapters);
+    }
+
+    /// The trainer of the task side's examples.
+    fn task_side(&mut self) -> &mut LoraTrainer {
+        self.task.as_mut().unwrap_or(&mut self.generation)
+    }
+}
+
 /// LoRA-tunes `llm` on a round's feedback (plus `rehearsal` general texts, see
-/// [`TuningConfig::rehearsal`]) and leaves the new adapters in `llm.lora`.
+/// [`TuningConfig::rehearsal`]) and leaves the new adapters in `llm` ([`Trainers::apply`]).
 /// Returns the report's training fields.
 #[allow(clippy::too_many_arguments)]
 pub fn tune(
     llm: &mut Llm,
-    trainer: &mut LoraTrainer,
+    trainers: &mut Trainers,
     spec: &TaskSpec,
     cfg: &TuningConfig,
     round: u64,
@@ -463,23 +559,38 @@ pub fn tune(
         tracing::info!(round, pairs = pairs.len(), "LLM preference pairs");
     }
     // An epoch's work: batches of examples, and in the first `preference.epochs` passes
-    // batches of pairs (half a batch: a pair is two sequences), in a shuffled order.
+    // batches of pairs (half a batch: a pair is two sequences), in a shuffled order. With
+    // split adapters each side's examples batch apart, for their own trainer.
     enum Batch {
         Examples(Vec<TrainExample>),
+        TaskExamples(Vec<TrainExample>),
         Pairs(Vec<(PreferencePair, (f32, f32))>),
     }
+    let split = trainers.task.is_some();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut epochs: Vec<Vec<Batch>> = Vec::new();
     for epoch in 0..cfg.epochs {
-        let mut examples = fb.task.clone();
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut examples = Vec::new();
+        if split {
+            let mut task = fb.task.clone();
+            task.shuffle(&mut rng);
+            batches.extend(
+                task.chunks(batch_size)
+                    .map(|c| Batch::TaskExamples(c.to_vec())),
+            );
+        } else {
+            examples.extend(fb.task.iter().cloned());
+        }
         if epoch < cfg.generation_epochs {
             examples.extend(generation.iter().cloned());
         }
         examples.shuffle(&mut rng);
-        let mut batches: Vec<Batch> = examples
-            .chunks(batch_size)
-            .map(|c| Batch::Examples(c.to_vec()))
-            .collect();
+        batches.extend(
+            examples
+                .chunks(batch_size)
+                .map(|c| Batch::Examples(c.to_vec())),
+        );
         if epoch < pref.epochs {
             let mut paired: Vec<_> = pairs
                 .iter()
@@ -500,10 +611,13 @@ pub fn tune(
     let mut step = 0;
     for batch in epochs.into_iter().flatten() {
         let (loss, kind) = match batch {
-            Batch::Examples(b) => (trainer.step(llm, &b)?, "samples"),
+            Batch::Examples(b) => (trainers.generation.step(llm, &b)?, "samples"),
+            Batch::TaskExamples(b) => (trainers.task_side().step(llm, &b)?, "task"),
             Batch::Pairs(b) => {
                 let (pairs, reference): (Vec<_>, Vec<_>) = b.into_iter().unzip();
-                let loss = trainer.preference_step(llm, &pairs, &reference, pref.beta)?;
+                let loss = trainers
+                    .generation
+                    .preference_step(llm, &pairs, &reference, pref.beta)?;
                 (loss, "pairs")
             }
         };
@@ -516,7 +630,7 @@ pub fn tune(
         tracing::warn!(round, "no training example in any epoch; LLM not tuned");
         return Ok(report);
     }
-    llm.lora = trainer.adapters();
+    trainers.apply(llm);
     report.steps = step;
     report.tuned = true;
     report.tune_secs = started.elapsed().as_secs_f64();
@@ -622,6 +736,9 @@ impl Evaluator {
         }
         if !self.general.is_empty() {
             report.perplexity = Some(llm.perplexity(&self.general)?);
+            if let Some(task) = &llm.task_lora {
+                report.perplexity_task = Some(llm.perplexity_with(Some(task), &self.general)?);
+            }
         }
         report.eval_secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -629,6 +746,7 @@ impl Evaluator {
             accuracy = ?report.task_accuracy,
             calibrated = ?report.task_accuracy_calibrated,
             perplexity = ?report.perplexity,
+            perplexity_task = ?report.perplexity_task,
             secs = report.eval_secs,
             "LLM evaluated"
         );
@@ -817,11 +935,11 @@ mod tests {
 
     /// Round 1 of [`round`] tuned under `cfg` with fresh adapters.
     fn tune_round(llm: &mut Llm, cfg: &TuningConfig, rehearsal: &[String]) -> LlmReport {
-        let mut trainer = LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed);
+        let mut trainers = Trainers::new(llm, cfg);
         let (samples, scores) = round();
         tune(
             llm,
-            &mut trainer,
+            &mut trainers,
             &spec(),
             cfg,
             1,
@@ -938,6 +1056,100 @@ mod tests {
             .unwrap();
         assert!(frozen.feedback(1, &samples, &scores).unwrap().is_none());
         assert!(frozen.llm_mut().lora.is_none());
+    }
+
+    /// Split adapters: the task side trains its own, which classify; the adapters the LLM
+    /// writes with do not move when only the task side trains (shared ones do).
+    #[test]
+    fn split_adapters_keep_the_task_side_out_of_the_writing_adapters() {
+        let general = ["The city council met on Tuesday to discuss the new budget.".to_string()];
+        let texts = ["A warm, funny and moving picture.".to_string()];
+        let base = tiny_llm().unwrap();
+        let (base_ppl, base_probs) = (
+            base.perplexity(&general).unwrap(),
+            base.classify(&spec(), &texts).unwrap(),
+        );
+        let task_only = TuningConfig {
+            generation_side: false,
+            adapters: AdapterLayout::Split,
+            ..quick()
+        };
+        let mut llm = tiny_llm().unwrap();
+        let r = tune_round(&mut llm, &task_only, &[]);
+        assert_eq!((r.examples, r.steps), (2, 4), "{r:?}");
+        assert!(llm.lora.is_some() && llm.task_lora.is_some());
+        assert_eq!(llm.perplexity(&general).unwrap(), base_ppl);
+        let task_ppl = llm
+            .perplexity_with(llm.task_lora.as_ref(), &general)
+            .unwrap();
+        assert_ne!(task_ppl, base_ppl);
+        let probs = llm.classify(&spec(), &texts).unwrap();
+        assert!(
+            (probs[0][1] - base_probs[0][1]).abs() > 1e-4,
+            "{probs:?} {base_probs:?}"
+        );
+
+        let mut shared = tiny_llm().unwrap();
+        tune_round(
+            &mut shared,
+            &TuningConfig {
+                adapters: AdapterLayout::Shared,
+                ..task_only.clone()
+            },
+            &[],
+        );
+        assert!(shared.task_lora.is_none());
+        assert_ne!(shared.perplexity(&general).unwrap(), base_ppl);
+
+        // Both sides: each side's examples batch apart, so twice the steps of shared adapters.
+        let both = TuningConfig {
+            adapters: AdapterLayout::Split,
+            ..quick()
+        };
+        let r = tune_round(&mut tiny_llm().unwrap(), &both, &[]);
+        assert_eq!((r.examples, r.steps), (4, 8), "{r:?}");
+    }
+
+    #[test]
+    fn split_adapters_are_saved_restored_and_must_match_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("llm");
+        let (samples, scores) = round();
+        let split = TuningConfig {
+            adapters: AdapterLayout::Split,
+            ..quick()
+        };
+        let texts = ["A warm, funny and moving picture.".to_string()];
+        let mut g = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(split.clone(), state.clone())
+            .unwrap();
+        assert!(g.llm_mut().task_lora.is_some(), "in place from the start");
+        g.feedback(1, &samples, &scores).unwrap().unwrap();
+        let probs = g.llm_mut().classify(&spec(), &texts).unwrap();
+        assert!(state.join("adapters-1.lora").is_file());
+        assert!(state.join("task-adapters-1.lora").is_file());
+
+        let mut g = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(split.clone(), state.clone())
+            .unwrap();
+        assert_eq!(g.llm_mut().classify(&spec(), &texts).unwrap(), probs);
+        g.feedback(2, &samples, &scores).unwrap().unwrap();
+        assert!(state.join("task-adapters-2.lora").is_file());
+        assert!(!state.join("task-adapters-1.lora").exists());
+
+        // The state of split adapters under a shared config, and the other way round.
+        let err = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_tuning(quick(), state.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("do not match"), "{err}");
+        std::fs::remove_file(state.join("task-adapters-2.lora")).unwrap();
+        assert!(
+            LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+                .with_tuning(split, state)
+                .is_err()
+        );
     }
 
     #[test]

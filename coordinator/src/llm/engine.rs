@@ -44,6 +44,10 @@ pub struct Llm {
     pub device: Device,
     /// Adapters applied on top of the base model, if any (see [`super::train`]).
     pub lora: Option<LoraAdapters>,
+    /// The task side's own adapters, when it has them (split adapters, see
+    /// `crate::tuning::AdapterLayout`): classification runs with these instead of `lora`, so
+    /// that learning one-word answers does not change how the model writes.
+    pub task_lora: Option<LoraAdapters>,
 }
 
 impl Llm {
@@ -65,6 +69,7 @@ impl Llm {
             tokenizer,
             device: device.clone(),
             lora: None,
+            task_lora: None,
         })
     }
 
@@ -195,7 +200,7 @@ impl Llm {
     /// cache is repeated for every continuation.
     fn score_continuations(&self, prompts: &[Vec<u32>], conts: &[Vec<u32>]) -> Vec<Vec<f32>> {
         let (c, d) = (&self.config, &self.device);
-        let lora = self.lora.as_ref();
+        let lora = self.classifier_lora();
         let (rows, pads) = left_pad(prompts, self.tokenizer.eos_id);
         let mut cache = KvCache::new();
         let len = rows[0].len();
@@ -245,10 +250,20 @@ impl Llm {
         scores
     }
 
+    /// The adapters classification runs with: the task side's own, else the shared ones.
+    pub fn classifier_lora(&self) -> Option<&LoraAdapters> {
+        self.task_lora.as_ref().or(self.lora.as_ref())
+    }
+
     /// Perplexity of the model on plain texts: `exp(mean NLL)` over every predicted token
     /// (each text's first token has no context and is not scored). Texts are cut to
     /// [`MAX_TEXT_TOKENS`].
     pub fn perplexity(&self, texts: &[String]) -> Result<f64> {
+        self.perplexity_with(self.lora.as_ref(), texts)
+    }
+
+    /// [`Llm::perplexity`] with the given adapters instead of `lora` (e.g. the task side's).
+    pub fn perplexity_with(&self, lora: Option<&LoraAdapters>, texts: &[String]) -> Result<f64> {
         let mut ids = Vec::with_capacity(texts.len());
         for t in texts {
             let mut v = self.tokenizer.encode(t)?;
@@ -266,7 +281,11 @@ impl Llm {
         ids.sort_by_key(Vec::len);
         let (mut nll, mut count) = (0.0f64, 0usize);
         for batch in ids.chunks(4) {
-            let (sum, n) = sequence_nll(self.decoder(), batch, self.tokenizer.eos_id);
+            let dec = Decoder {
+                lora,
+                ..self.decoder()
+            };
+            let (sum, n) = sequence_nll(dec, batch, self.tokenizer.eos_id);
             nll += sum;
             count += n;
         }

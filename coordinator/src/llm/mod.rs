@@ -71,6 +71,7 @@ pub(crate) mod test_assets {
             tokenizer,
             device,
             lora: None,
+            task_lora: None,
         })
     }
 }

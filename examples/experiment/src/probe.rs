@@ -9,10 +9,9 @@ use std::fmt::Write as _;
 use anyhow::Context;
 use burn::tensor::Device;
 use crosslm_coordinator::llm::Llm;
-use crosslm_coordinator::llm::train::LoraTrainer;
 use crosslm_coordinator::round::aggregate::{Aggregation, correct_prior, score_sample};
 use crosslm_coordinator::tuning::{
-    Evaluator, LlmReport, TaskTargets, TuningConfig, load_rehearsal, tune,
+    Evaluator, LlmReport, TaskTargets, Trainers, TuningConfig, load_rehearsal, tune,
 };
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use crosslm_sdk::slm::{Backend, load_checkpoint};
@@ -129,7 +128,7 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
     row(&mut out, 0, &r0)?;
     eprintln!("{out}");
     let rehearsal = load_rehearsal(&tcfg)?;
-    let mut trainer = LoraTrainer::new(&llm, tcfg.lora.clone(), tcfg.seed);
+    let mut trainers = Trainers::new(&llm, &tcfg);
     for e in 1..=p.epochs {
         // One call per epoch: the generation side only in the first `generation_epochs`.
         let epoch_cfg = TuningConfig {
@@ -138,7 +137,7 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
         };
         let mut r = tune(
             &mut llm,
-            &mut trainer,
+            &mut trainers,
             &ctx.spec,
             &epoch_cfg,
             e as u64,

@@ -107,7 +107,12 @@ impl Metrics {
         let c = &self.config;
         let pct = |x: Option<f32>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
         let pct64 = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
-        let ppl = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.2}"));
+        // With split adapters, also the task side's own (it classifies, it never writes).
+        let ppl = |l: Option<&LlmReport>| match l.map(|l| (l.perplexity, l.perplexity_task)) {
+            Some((Some(x), Some(t))) => format!("{x:.2} (task adapters {t:.2})"),
+            Some((Some(x), None)) => format!("{x:.2}"),
+            _ => "—".to_string(),
+        };
         let archs: Vec<Arch> = [Arch::Minilm, Arch::Bag]
             .into_iter()
             .filter(|a| self.clients.iter().any(|c| c.arch == *a))
@@ -173,7 +178,7 @@ impl Metrics {
                 " {} | {} | {} |\n",
                 pct64(llm.and_then(|l| l.task_accuracy)),
                 pct64(llm.and_then(|l| l.task_accuracy_calibrated)),
-                ppl(llm.and_then(|l| l.perplexity))
+                ppl(llm)
             );
         };
         row("Local only, before any round", &round0, None);
@@ -217,7 +222,7 @@ impl Metrics {
                     r.kept.map_or("—".into(), |n| n.to_string()),
                     pct64(llm.and_then(|l| l.task_accuracy)),
                     pct64(llm.and_then(|l| l.task_accuracy_calibrated)),
-                    ppl(llm.and_then(|l| l.perplexity)),
+                    ppl(llm),
                     llm.filter(|l| l.tuned)
                         .map_or("—".into(), |l| format!("{:.0}", l.tune_secs)),
                 );
@@ -280,6 +285,12 @@ impl Metrics {
                     "LLM perplexity on general text: {a:.2} -> {b:.2} ({:+.1}%)\n",
                     100.0 * (b - a) / a
                 );
+                if let Some(c) = t.perplexity_task {
+                    out += &format!(
+                        "LLM perplexity with the task side's own adapters: {a:.2} -> {c:.2} ({:+.1}%)\n",
+                        100.0 * (c - a) / a
+                    );
+                }
             }
         }
         out
