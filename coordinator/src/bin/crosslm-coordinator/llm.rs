@@ -53,7 +53,7 @@ pub enum LlmCmd {
         #[arg(long)]
         ids: bool,
     },
-    /// Zero-shot classify a labeled data set and print the accuracy.
+    /// Classify a labeled data set (zero-shot, or with tuned adapters) and print the accuracy.
     ///
     /// The data file is JSONL (`{"text": ..., "label": "<label name>"}` per line) when its
     /// name ends in `.jsonl` or `.json`, else TSV (`<label name><TAB><text>` per line).
@@ -67,6 +67,10 @@ pub enum LlmCmd {
         /// Labeled data (JSONL or TSV, see above).
         #[arg(long)]
         data: PathBuf,
+        /// LoRA adapters saved by the coordinator: `<data_dir>/llm/adapters-<round>.lora`, or
+        /// with split adapters the task side's `task-adapters-<round>.lora`.
+        #[arg(long)]
+        adapters: Option<PathBuf>,
         /// Classify only the first N examples.
         #[arg(long)]
         limit: Option<usize>,
@@ -177,6 +181,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
             model,
             task,
             data,
+            adapters,
             limit,
         } => {
             let task = TaskSpec::from_toml_file(&task)?;
@@ -185,7 +190,12 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 rows.truncate(n);
             }
             anyhow::ensure!(!rows.is_empty(), "{}: no examples", data.display());
-            let llm = Llm::load(&model, &Device::flex())?;
+            let mut llm = Llm::load(&model, &Device::flex())?;
+            if let Some(path) = &adapters {
+                let (lora, _) = load_adapters(path, &llm.config, &llm.device)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                llm.lora = Some(lora);
+            }
             let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
             let labels: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
             let probs = llm.classify(&task, &texts)?;
@@ -195,6 +205,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "task": task.name,
+                    "adapters": adapters.map(|p| p.display().to_string()),
                     "n": rows.len(),
                     "accuracy": acc,
                     "accuracy_calibrated": calibrated,
