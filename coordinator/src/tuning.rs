@@ -1120,11 +1120,20 @@ mod tests {
             ..quick()
         };
         let texts = ["A warm, funny and moving picture.".to_string()];
+        let general = vec!["The city council met on Tuesday to discuss the new budget.".into()];
+        let eval = Evaluator::from_parts(vec![(texts[0].clone(), 1)], general);
         let mut g = LlmGenerator::new(tiny_llm().unwrap(), spec(), 1)
+            .with_evaluator(eval)
             .with_tuning(split.clone(), state.clone())
             .unwrap();
         assert!(g.llm_mut().task_lora.is_some(), "in place from the start");
-        g.feedback(1, &samples, &scores).unwrap().unwrap();
+        let r = g.feedback(1, &samples, &scores).unwrap().unwrap();
+        // Both adapter sets are measured on the general text.
+        let (ppl, ppl_task) = (r.perplexity.unwrap(), r.perplexity_task.unwrap());
+        assert!(
+            ppl.is_finite() && ppl_task.is_finite() && ppl != ppl_task,
+            "{r:?}"
+        );
         let probs = g.llm_mut().classify(&spec(), &texts).unwrap();
         assert!(state.join("adapters-1.lora").is_file());
         assert!(state.join("task-adapters-1.lora").is_file());
