@@ -175,20 +175,6 @@ struct Tuning {
     rehearsal: Vec<String>,
 }
 
-/// Adapter files are `adapters-<round>.lora` (see [`crate::tuning::Trainers::files`]): the
-/// highest round is the current state.
-fn latest_adapters(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let round = name.strip_prefix("adapters-")?.strip_suffix(".lora")?;
-            Some((round.parse::<u64>().ok()?, e.path()))
-        })
-        .max_by_key(|(r, _)| *r)
-}
-
 impl LlmGenerator {
     /// Wraps a loaded model for a task.
     pub fn new(llm: crate::llm::Llm, spec: crate::task::TaskSpec, seed: u64) -> Self {
@@ -220,10 +206,10 @@ impl LlmGenerator {
             return Ok(self);
         }
         use crate::tuning::Trainers;
-        let (trainers, tuned_through) = match latest_adapters(&state_dir) {
-            Some((round, path)) => {
+        let (trainers, tuned_through) = match Trainers::latest_round(&state_dir) {
+            Some(round) => {
                 let trainers = Trainers::load(&self.llm, &cfg, &state_dir, round)?;
-                tracing::info!(round, file = %path.display(), "LLM adapters loaded");
+                tracing::info!(round, dir = %state_dir.display(), "LLM adapters loaded");
                 (trainers, round)
             }
             None => (Trainers::new(&self.llm, &cfg), 0),
@@ -318,12 +304,8 @@ impl Generator for LlmGenerator {
                 &t.rehearsal,
             )?;
             t.trainers.save(&t.state_dir, round)?;
-            // Older adapter files are history; the newest are the state.
             if t.tuned_through > 0 {
-                let (gen_file, task_file) =
-                    crate::tuning::Trainers::files(&t.state_dir, t.tuned_through);
-                let _ = std::fs::remove_file(gen_file);
-                let _ = std::fs::remove_file(task_file);
+                crate::tuning::Trainers::remove(&t.state_dir, t.tuned_through);
             }
             t.tuned_through = round;
             r

@@ -462,6 +462,28 @@ impl Trainers {
         )
     }
 
+    /// The newest round whose adapters are saved in `dir` (the generation side's file marks
+    /// a round as saved), if any.
+    pub fn latest_round(dir: &Path) -> Option<u64> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let round = name.strip_prefix("adapters-")?.strip_suffix(".lora")?;
+                round.parse::<u64>().ok()
+            })
+            .max()
+    }
+
+    /// Removes `round`'s files from `dir` (older rounds are history; the newest are the
+    /// state). Missing files are no error.
+    pub fn remove(dir: &Path, round: u64) {
+        let (gen_path, task_path) = Self::files(dir, round);
+        let _ = std::fs::remove_file(gen_path);
+        let _ = std::fs::remove_file(task_path);
+    }
+
     /// The adapters [`Trainers::save`] left for `round` in `dir`, laid out as `cfg` says; a
     /// layout that does not match the files is an error (a state from another config).
     pub fn load(llm: &Llm, cfg: &TuningConfig, dir: &Path, round: u64) -> Result<Self> {

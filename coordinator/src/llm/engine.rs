@@ -280,11 +280,11 @@ impl Llm {
         // Similar lengths together keep padding low.
         ids.sort_by_key(Vec::len);
         let (mut nll, mut count) = (0.0f64, 0usize);
+        let dec = Decoder {
+            lora,
+            ..self.decoder()
+        };
         for batch in ids.chunks(4) {
-            let dec = Decoder {
-                lora,
-                ..self.decoder()
-            };
             let (sum, n) = sequence_nll(dec, batch, self.tokenizer.eos_id);
             nll += sum;
             count += n;

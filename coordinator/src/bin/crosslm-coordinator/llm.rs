@@ -161,12 +161,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 "{}: no texts after {skip}",
                 text.display()
             );
-            let mut llm = Llm::load(&model, &Device::flex())?;
-            if let Some(path) = &adapters {
-                let (lora, _) = load_adapters(path, &llm.config, &llm.device)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                llm.lora = Some(lora);
-            }
+            let llm = load_llm(&model, adapters.as_deref())?;
             let ppl = llm.perplexity(&texts)?;
             println!(
                 "{}",
@@ -190,12 +185,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 rows.truncate(n);
             }
             anyhow::ensure!(!rows.is_empty(), "{}: no examples", data.display());
-            let mut llm = Llm::load(&model, &Device::flex())?;
-            if let Some(path) = &adapters {
-                let (lora, _) = load_adapters(path, &llm.config, &llm.device)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                llm.lora = Some(lora);
-            }
+            let llm = load_llm(&model, adapters.as_deref())?;
             let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
             let labels: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
             let probs = llm.classify(&task, &texts)?;
@@ -214,6 +204,17 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model on the CPU, with `adapters` (a coordinator's `.lora` file) applied if given.
+fn load_llm(model: &Path, adapters: Option<&Path>) -> anyhow::Result<Llm> {
+    let mut llm = Llm::load(model, &Device::flex())?;
+    if let Some(path) = adapters {
+        let (lora, _) = load_adapters(path, &llm.config, &llm.device)
+            .with_context(|| format!("loading {}", path.display()))?;
+        llm.lora = Some(lora);
+    }
+    Ok(llm)
 }
 
 /// Reads `(text, label index)` pairs from a JSONL or TSV file (see `Classify`).
