@@ -149,15 +149,18 @@ impl Ctx {
             .map(|e| (e.text, map[e.label]))
             .collect();
         let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
+        // The cached frozen-LLM batches and zero-shot results depend on the whole task spec
+        // (sampler, prompts, classification template), not only on its name.
         let key = format!(
-            "{}-{}-s{}-t{}",
+            "{}-{}-s{}-t{}-{:016x}",
             spec.name,
             cfg.data
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .unwrap_or("data"),
             cfg.seed,
-            cfg.test_size
+            cfg.test_size,
+            spec_digest(&spec)?
         );
         Ok(Self {
             dir: out.join(&cfg.name),
@@ -659,6 +662,15 @@ struct Cached {
     eval_key: String,
 }
 
+/// A digest of the task spec that stays the same across builds (FNV-1a over its JSON), so
+/// that cache directories outlive the binary that wrote them.
+fn spec_digest(spec: &TaskSpec) -> anyhow::Result<u64> {
+    let bytes = serde_json::to_vec(spec)?;
+    Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    }))
+}
+
 /// One sample of a cached frozen-LLM batch.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct CachedSample {
@@ -867,6 +879,21 @@ mod tests {
     fn cfg() -> ExperimentConfig {
         let p = crosslm_sdk::data::workspace_root().join("examples/experiments/mr-iid.toml");
         ExperimentConfig::load(&p).unwrap()
+    }
+
+    #[test]
+    fn cache_keys_follow_the_task_spec_not_only_its_name() {
+        let tasks = crosslm_sdk::data::workspace_root().join("examples/tasks");
+        let mr = TaskSpec::from_toml_file(tasks.join("mr.toml")).unwrap();
+        let hot = TaskSpec::from_toml_file(tasks.join("mr-hot.toml")).unwrap();
+        assert_eq!(mr.name, hot.name);
+        assert_eq!(spec_digest(&mr).unwrap(), spec_digest(&mr.clone()).unwrap());
+        assert_ne!(spec_digest(&mr).unwrap(), spec_digest(&hot).unwrap());
+        let mut prompts = mr.clone();
+        prompts.labels[0]
+            .prompts
+            .push("Write a negative sentence.".into());
+        assert_ne!(spec_digest(&mr).unwrap(), spec_digest(&prompts).unwrap());
     }
 
     #[test]
