@@ -158,6 +158,11 @@ pub struct ExperimentConfig {
     /// samples' intended labels, the scores only selecting and weighting (`false`, default).
     #[serde(default)]
     pub client_soft_targets: bool,
+    /// CrossLM clients train on the scored samples: threshold, label balance, quality weights
+    /// (`true`, default). `false`: on every sample with its intended label and weight 1, as in
+    /// Synthetic without feedback; their scores then only steer the LLM's tuning.
+    #[serde(default = "yes")]
+    pub client_use_scores: bool,
     /// CrossLM clients balance the labels of the samples they keep (see
     /// `crosslm_sdk::participant::label_balance`).
     #[serde(default = "yes")]

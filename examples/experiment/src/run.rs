@@ -506,7 +506,7 @@ impl Ctx {
                 test: Some(self.test.iter().cloned().unzip()),
                 train: self.train_cfg(c.arch, false, seed),
                 min_quality: cfg.min_quality,
-                use_scores: v != Variant::Synthetic,
+                use_scores: v != Variant::Synthetic && cfg.client_use_scores,
                 soft_targets: cfg.client_soft_targets,
                 balance_labels: cfg.client_balance_labels,
                 relative_weights: cfg.client_relative_weights,
@@ -779,6 +779,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         let mut c = c.clone();
         c.variants.clear();
         c.client_soft_targets = false;
+        c.client_use_scores = true;
         c.client_balance_labels = true;
         c.client_relative_weights = true;
         c.prior_correction = true;
@@ -791,6 +792,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         return None;
     }
     let client = prev.client_soft_targets != now.client_soft_targets
+        || prev.client_use_scores != now.client_use_scores
         || prev.client_balance_labels != now.client_balance_labels
         || prev.client_relative_weights != now.client_relative_weights
         || prev.prior_correction != now.prior_correction;
@@ -906,6 +908,7 @@ mod tests {
         assert_eq!(stale_variants(&prev, &now), Some(vec![Variant::Crosslm]));
         for flip in [
             |c: &mut ExperimentConfig| c.client_soft_targets = !c.client_soft_targets,
+            |c: &mut ExperimentConfig| c.client_use_scores = !c.client_use_scores,
             |c: &mut ExperimentConfig| c.client_relative_weights = !c.client_relative_weights,
             |c: &mut ExperimentConfig| c.prior_correction = !c.prior_correction,
         ] {
