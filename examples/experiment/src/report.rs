@@ -145,6 +145,11 @@ impl Metrics {
             c.llm_test_size,
             c.general_size,
         );
+        if !c.client_use_scores {
+            s += "CrossLM clients train on every sample with its intended label and weight 1, as \
+                  Synthetic's do (`client_use_scores = false`): their scores only steer the \
+                  LLM.\n\n";
+        }
         s += "| Variant | SLM mean | SLM min | SLM max |";
         for a in &archs {
             s += &format!(" {a} mean |");
@@ -439,6 +444,14 @@ variants = ["standalone", "crosslm"]
         );
         assert!(md.contains("| Standalone | 56.0 | 50.0 | 62.0 |"), "{md}");
         assert!(md.contains("Dirichlet(0.5)"));
+        assert!(!md.contains("client_use_scores"), "{md}");
+        let mut llm_only = metrics();
+        llm_only.config.client_use_scores = false;
+        assert!(
+            llm_only
+                .markdown()
+                .contains("their scores only steer the LLM")
+        );
         let s = m.summary();
         assert!(
             s.contains("Standalone 56.0% -> CrossLM 65.0% (+9.0 points)"),
