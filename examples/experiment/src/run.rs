@@ -605,12 +605,6 @@ fn plain_round(round: u64, slm: Vec<Option<f32>>) -> RoundMetrics {
     }
 }
 
-/// Held while an in-process client trains. Burn's CPU backend draws dropout masks from one
-/// process-wide RNG, which each training run seeds at its start: clients training at once
-/// would interleave their draws in whatever order the threads run, and the same experiment
-/// would give different accuracies from run to run. (A real client is a process of its own.)
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// A client's scorer with a progress bar.
 struct Progress {
     inner: SlmScorer,
@@ -646,11 +640,8 @@ impl Scorer for Progress {
             "{}: {} training on the round",
             self.label, self.name
         ));
-        let r = {
-            // A poisoned lock only means another client's training panicked.
-            let _one_at_a_time = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
-            self.inner.learn(task, samples, scores)
-        };
+        // In-process clients train one at a time: `crosslm_sdk`'s training holds a lock.
+        let r = self.inner.learn(task, samples, scores);
         self.bar.inc(1);
         if let Ok(Some(acc)) = &r {
             self.bar.println(format!(

@@ -239,6 +239,12 @@ fn bucketed_batches(
     batches
 }
 
+/// Held for the whole of a training run. Burn's CPU backend draws dropout masks from one
+/// process-wide RNG, which each run seeds at its start: two runs at once in one process (e.g.
+/// several clients of an experiment) would interleave their draws in whatever order the
+/// threads run, and the same inputs would train different models.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Trains `model` and returns it in inference form (no autodiff) with the report.
 pub(crate) fn fit<M: Classifier>(
     model: M,
@@ -281,6 +287,8 @@ pub(crate) fn fit<M: Classifier>(
         .collect();
     let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
 
+    // A poisoned lock only means another run panicked; the RNG is reseeded below.
+    let _one_at_a_time = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     device.seed(cfg.seed);
     let mut all: Vec<usize> = (0..data.len()).collect();
