@@ -43,6 +43,10 @@ pub enum Variant {
     CrosslmFrozenLlm,
     /// CrossLM: scored samples for the clients, LoRA tuning of the LLM on the feedback.
     Crosslm,
+    /// Diagnostic, not a method: Synthetic with a perfect generator. Each round serves real
+    /// examples (held by no client, outside the test and validation splits, true labels) in
+    /// place of the LLM's samples, so it bounds what better generated data could give.
+    RealData,
 }
 
 impl Variant {
@@ -55,6 +59,7 @@ impl Variant {
             Variant::Synthetic => "Synthetic without feedback",
             Variant::CrosslmFrozenLlm => "CrossLM without LLM tuning",
             Variant::Crosslm => "CrossLM",
+            Variant::RealData => "Real data instead of synthetic (oracle)",
         }
     }
 }

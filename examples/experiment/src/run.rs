@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use burn::tensor::Device;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
-use crosslm_coordinator::generator::{GeneratedSample, Generator, LlmGenerator};
+use crosslm_coordinator::generator::{FileGenerator, GeneratedSample, Generator, LlmGenerator};
 use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::store::Store;
@@ -56,6 +56,9 @@ pub struct Ctx {
     pub test: Vec<(String, usize)>,
     /// Validation examples: from the training pool, held by no client, disjoint from `test`.
     pub validation: Vec<(String, usize)>,
+    /// Pool examples in none of the above (no client's, not test, not validation), shuffled:
+    /// what the `real_data` oracle serves.
+    pub unseen: Vec<(String, usize)>,
     /// General text for perplexity.
     pub general: Vec<String>,
     /// Progress display.
@@ -147,6 +150,18 @@ impl Ctx {
             .examples
             .into_iter()
             .map(|e| (e.text, map[e.label]))
+            .collect::<Vec<_>>();
+        let taken: std::collections::HashSet<&str> = validation
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .chain(test.examples.iter().map(|e| e.text.as_str()))
+            .collect();
+        let unseen = rest
+            .sample(rest.examples.len(), cfg.seed.wrapping_add(0x0ac1e))
+            .examples
+            .into_iter()
+            .filter(|e| !taken.contains(e.text.as_str()))
+            .map(|e| (e.text, map[e.label]))
             .collect();
         let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
         // The cached frozen-LLM batches and zero-shot results depend on the whole task spec
@@ -171,6 +186,7 @@ impl Ctx {
                 .map(|e| (e.text, map[e.label]))
                 .collect(),
             validation,
+            unseen,
             spec,
             assets,
             clients,
@@ -308,9 +324,10 @@ impl Ctx {
             Variant::Standalone => self.standalone()?,
             Variant::Centralized => self.centralized()?,
             Variant::Fedavg => self.fedavg()?,
-            Variant::Synthetic | Variant::CrosslmFrozenLlm | Variant::Crosslm => {
-                tokio::runtime::Runtime::new()?.block_on(self.rounds(v))?
-            }
+            Variant::Synthetic
+            | Variant::CrosslmFrozenLlm
+            | Variant::Crosslm
+            | Variant::RealData => tokio::runtime::Runtime::new()?.block_on(self.rounds(v))?,
         };
         if let Some(r0) = rounds.first_mut().filter(|r| r.round == 0) {
             // The LLM's start was measured (or read from the cache) by the daemon as round 0.
@@ -437,18 +454,10 @@ impl Ctx {
         Ok(out)
     }
 
-    /// CrossLM (tuned or frozen LLM) or synthetic data without feedback: the real daemon and
-    /// one real client per device, over QUIC on loopback.
-    async fn rounds(&self, v: Variant) -> anyhow::Result<Vec<RoundMetrics>> {
+    /// The LLM behind a round-based variant: tuned for CrossLM, frozen otherwise; its frozen
+    /// batches and zero-shot evaluation shared through the cache.
+    fn llm_generator(&self, v: Variant, coord_dir: &Path) -> anyhow::Result<Cached> {
         let cfg = &self.cfg;
-        let n = self.clients.len();
-        let coord_dir = self
-            .dir
-            .join(format!("{v:?}").to_lowercase())
-            .join("coordinator");
-        if coord_dir.exists() {
-            std::fs::remove_dir_all(&coord_dir)?;
-        }
         let llm_path = self.assets.join(&cfg.llm);
         let llm = Llm::load(&llm_path, &Device::flex())
             .with_context(|| format!("loading {}", llm_path.display()))?;
@@ -467,12 +476,49 @@ impl Ctx {
                 coord_dir.join("llm"),
             )?;
         }
-        let generator = Cached {
+        Ok(Cached {
             inner,
             dir: self.cache.clone(),
             // Before any tuning the LLM is the frozen one: its round-1 batch is shared.
             frozen_through: if v == Variant::Crosslm { 1 } else { u64::MAX },
             eval_key: format!("l{}-g{}", cfg.llm_test_size, cfg.general_size),
+        })
+    }
+
+    /// The `real_data` oracle's generator: the unseen pool written as the coordinator's sample
+    /// file (next to its data dir, a record of what was served), `samples_per_label` a label
+    /// per round in shuffled order.
+    fn real_data(&self, coord_dir: &Path) -> anyhow::Result<FileGenerator> {
+        let path = coord_dir.with_file_name("real-data.jsonl");
+        let mut out = String::new();
+        for (text, label) in &self.unseen {
+            let line = serde_json::json!({ "text": text, "label": self.spec.labels[*label].name });
+            out += &line.to_string();
+            out.push('\n');
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        Ok(FileGenerator::load(&path, &self.spec.info())?)
+    }
+
+    /// CrossLM (tuned or frozen LLM) or synthetic data without feedback: the real daemon and
+    /// one real client per device, over QUIC on loopback.
+    async fn rounds(&self, v: Variant) -> anyhow::Result<Vec<RoundMetrics>> {
+        let cfg = &self.cfg;
+        let n = self.clients.len();
+        let coord_dir = self
+            .dir
+            .join(format!("{v:?}").to_lowercase())
+            .join("coordinator");
+        if coord_dir.exists() {
+            std::fs::remove_dir_all(&coord_dir)?;
+        }
+        let generator: Box<dyn Generator> = if v == Variant::RealData {
+            Box::new(self.real_data(&coord_dir)?)
+        } else {
+            Box::new(self.llm_generator(v, &coord_dir)?)
         };
         let daemon_cfg = DaemonConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -490,7 +536,7 @@ impl Ctx {
             linger_ms: 60 * 60 * 1000,
         };
         let tokens = mint_tokens(&coord_dir, n)?;
-        let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), Box::new(generator)).await?;
+        let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), generator).await?;
         let addr = daemon.addr;
         let pb = bar(
             &self.mp,
@@ -506,7 +552,9 @@ impl Ctx {
                 test: Some(self.test.iter().cloned().unzip()),
                 train: self.train_cfg(c.arch, false, seed),
                 min_quality: cfg.min_quality,
-                use_scores: v != Variant::Synthetic && cfg.client_use_scores,
+                // Synthetic and the oracle train on every sample with its given label.
+                use_scores: !matches!(v, Variant::Synthetic | Variant::RealData)
+                    && cfg.client_use_scores,
                 soft_targets: cfg.client_soft_targets,
                 balance_labels: cfg.client_balance_labels,
                 relative_weights: cfg.client_relative_weights,
@@ -897,6 +945,43 @@ mod tests {
             .prompts
             .push("Write a negative sentence.".into());
         assert_ne!(spec_digest(&mr).unwrap(), spec_digest(&prompts).unwrap());
+    }
+
+    #[test]
+    fn the_real_data_oracle_serves_only_examples_no_split_holds() {
+        let mut cfg = cfg();
+        cfg.validation_size = 100;
+        let out = std::env::temp_dir().join(format!("crosslm-oracle-{}", std::process::id()));
+        let ctx = Ctx::setup(cfg, &out, MultiProgress::new()).unwrap();
+        let held: std::collections::HashSet<&str> = ctx
+            .clients
+            .iter()
+            .flat_map(|c| c.private.iter())
+            .chain(&ctx.test)
+            .chain(&ctx.validation)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        // MR: 10,662 snippets less 400 test, 512 private, 100 validation (and duplicates).
+        assert!(ctx.unseen.len() > 9_000, "{}", ctx.unseen.len());
+        assert!(ctx.unseen.iter().all(|(t, _)| !held.contains(t.as_str())));
+        // Both labels, in shuffled order (not the file's label-sorted one).
+        let first: Vec<usize> = ctx.unseen[..20].iter().map(|(_, l)| *l).collect();
+        assert!(first.contains(&0) && first.contains(&1), "{first:?}");
+        // Served through the coordinator's file generator: each round a fresh, balanced batch
+        // with the true labels.
+        let mut g = ctx.real_data(&out.join("real_data/coordinator")).unwrap();
+        let info = ctx.spec.info();
+        let r1 = g.generate(&info, 8, 1).unwrap();
+        let r2 = g.generate(&info, 8, 2).unwrap();
+        assert_eq!(r1.len(), 16);
+        assert!(r1.iter().all(|s| !r2.contains(s)));
+        let truth: std::collections::HashMap<&str, usize> =
+            ctx.unseen.iter().map(|(t, l)| (t.as_str(), *l)).collect();
+        for s in r1.iter().chain(&r2) {
+            assert_eq!(truth.get(s.text.as_str()), Some(&(s.label as usize)));
+        }
+        assert_eq!(r1.iter().filter(|s| s.label == 0).count(), 8);
+        std::fs::remove_dir_all(&out).ok();
     }
 
     #[test]
