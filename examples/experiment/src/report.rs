@@ -107,10 +107,13 @@ impl Metrics {
         let c = &self.config;
         let pct = |x: Option<f32>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
         let pct64 = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{:.1}", 100.0 * x));
-        // With split adapters, also the task side's own (it classifies, it never writes).
+        // With split adapters, also the task side's own (it classifies, it never writes);
+        // before any tuning (a zero-shot report from a split-adapter run) the two are one.
         let ppl = |l: Option<&LlmReport>| match l.map(|l| (l.perplexity, l.perplexity_task)) {
-            Some((Some(x), Some(t))) => format!("{x:.2} (task adapters {t:.2})"),
-            Some((Some(x), None)) => format!("{x:.2}"),
+            Some((Some(x), Some(t))) if (x - t).abs() >= 0.005 => {
+                format!("{x:.2} (task adapters {t:.2})")
+            }
+            Some((Some(x), _)) => format!("{x:.2}"),
             _ => "—".to_string(),
         };
         let archs: Vec<Arch> = [Arch::Minilm, Arch::Bag]
@@ -445,6 +448,23 @@ variants = ["standalone", "crosslm"]
         assert!(md.contains("| Standalone | 56.0 | 50.0 | 62.0 |"), "{md}");
         assert!(md.contains("Dirichlet(0.5)"));
         assert!(!md.contains("client_use_scores"), "{md}");
+        // Split adapters: the task side's perplexity beside the writing side's, once tuned.
+        let mut split = metrics();
+        for r in split.llm_zero_shot.iter_mut().chain(
+            split.variants[1]
+                .rounds
+                .iter_mut()
+                .filter_map(|r| r.llm.as_mut()),
+        ) {
+            r.perplexity_task = Some(20.0 + r.round as f64);
+        }
+        let md_split = split.markdown();
+        assert!(
+            md_split.contains("| 20.40 (task adapters 22.00) |"),
+            "{md_split}"
+        );
+        assert!(md_split.contains("| 20.00 |"), "{md_split}");
+        assert!(!md_split.contains("(task adapters 20.00)"), "{md_split}");
         let mut llm_only = metrics();
         llm_only.config.client_use_scores = false;
         assert!(
