@@ -50,6 +50,12 @@ pub struct TuningConfig {
     pub min_quality: f32,
     /// Train the LLM to write the well-scored samples (label prompt -> sample).
     pub generation_side: bool,
+    /// The generation side leaves out samples scored above this (1.0: none left out), so the
+    /// LLM learns to write correct but not the easiest samples: the clients' SLMs score real
+    /// task data lower than the LLM's own (measured with the experiment runner's `real_data`
+    /// oracle), so the plain reward pulls the writing toward what they already find easy.
+    /// The task side still learns from every kept sample.
+    pub generation_max_quality: f32,
     /// Train the LLM to classify the well-scored samples (prompt -> verbalizer).
     pub task_side: bool,
     /// The task side's targets: the samples' intended labels or the clients' soft labels.
@@ -95,6 +101,7 @@ impl Default for TuningConfig {
             enabled: true,
             min_quality: 0.5,
             generation_side: true,
+            generation_max_quality: 1.0,
             task_side: true,
             task_targets: TaskTargets::Intended,
             adapters: AdapterLayout::Shared,
@@ -306,6 +313,23 @@ fn scored_samples<'a>(
         .collect()
 }
 
+/// Best-scored-first samples with their label-balance factors, so that the SLMs finding one
+/// label's samples better does not teach the LLM to answer that label for everything.
+fn balanced<'a>(
+    spec: &TaskSpec,
+    cfg: &TuningConfig,
+    best_first: Vec<(&'a SyntheticSample, &'a AggregatedScore)>,
+) -> Vec<((&'a SyntheticSample, &'a AggregatedScore), f32)> {
+    let n_labels = spec.labels.len();
+    let labels: Vec<usize> = best_first.iter().map(|(x, _)| x.label as usize).collect();
+    let factors = label_balance(&labels, n_labels, cfg.max_samples / n_labels.max(1));
+    best_first
+        .into_iter()
+        .zip(factors)
+        .filter(|(_, f)| *f > 0.0)
+        .collect()
+}
+
 /// The training examples one round's feedback gives (see the module docs).
 pub fn feedback_examples(
     llm: &Llm,
@@ -314,27 +338,20 @@ pub fn feedback_examples(
     samples: &[SyntheticSample],
     scores: &[AggregatedScore],
 ) -> FeedbackExamples {
-    let mut kept = scored_samples(spec, samples, scores);
-    kept.retain(|(_, s)| s.quality.is_finite() && s.rival_share() >= cfg.min_quality);
-    kept.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
-    // Balanced labels (the best-scored first), so that the SLMs finding one label's samples
-    // better does not teach the LLM to answer that label for everything.
-    let n_labels = spec.labels.len();
-    let labels: Vec<usize> = kept.iter().map(|(x, _)| x.label as usize).collect();
-    let factors = label_balance(&labels, n_labels, cfg.max_samples / n_labels.max(1));
-    let kept: Vec<_> = kept
-        .into_iter()
-        .zip(factors)
-        .filter(|(_, f)| *f > 0.0)
-        .collect();
+    let mut scored = scored_samples(spec, samples, scores);
+    scored.retain(|(_, s)| s.quality.is_finite() && s.rival_share() >= cfg.min_quality);
+    scored.sort_by(|a, b| b.1.quality.total_cmp(&a.1.quality));
+    let kept = balanced(spec, cfg, scored.clone());
     let tok = &llm.tokenizer;
     let mut out = FeedbackExamples {
         used: kept.len(),
         ..FeedbackExamples::default()
     };
-    for ((sample, score), balance) in &kept {
-        let label = &spec.labels[sample.label as usize];
-        if cfg.generation_side {
+    if cfg.generation_side {
+        // Its own selection: the cap removes the top before the best-first budget is filled.
+        scored.retain(|(_, s)| s.rival_share() <= cfg.generation_max_quality);
+        for ((sample, score), balance) in balanced(spec, cfg, scored) {
+            let label = &spec.labels[sample.label as usize];
             // Samples do not record which of the label's prompts wrote them; any of the
             // label's paraphrased prompts is a fair context.
             let p = &label.prompts[sample.id as usize % label.prompts.len()];
@@ -344,6 +361,9 @@ pub fn feedback_examples(
                 weight: score.quality * balance,
             });
         }
+    }
+    for ((sample, score), balance) in &kept {
+        let label = &spec.labels[sample.label as usize];
         if cfg.task_side {
             let prompt = tok.chat_prompt(&spec.classify_prompt(&sample.text));
             match cfg.task_targets {
@@ -914,6 +934,38 @@ mod tests {
             .collect();
         assert_eq!(neg.len(), 1);
         assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
+
+        // A cap on the generation side: the 0.995 sample is left out of the writing only.
+        let capped = TuningConfig {
+            generation_max_quality: 0.95,
+            ..quick()
+        };
+        let (mut s2, mut q2) = (samples.clone(), scores.clone());
+        s2.push(SyntheticSample {
+            id: 5,
+            text: "Pleasant enough.".into(),
+            label: 1,
+        });
+        q2.push(AggregatedScore {
+            id: 5,
+            quality: 0.8,
+            soft: vec![0.2, 0.8],
+        });
+        let fb = feedback_examples(&llm, &spec(), &capped, &s2, &q2);
+        assert_eq!((fb.used, fb.generation.len(), fb.task.len()), (3, 2, 3));
+        let written: Vec<(&str, f32)> = fb
+            .generation
+            .iter()
+            .map(|e| (e.completion.as_str(), e.weight))
+            .collect();
+        assert_eq!(
+            written,
+            vec![
+                ("A dull, lifeless film with no reason to exist.", 0.9),
+                ("Pleasant enough.", 0.8)
+            ]
+        );
+        assert!(fb.task.iter().any(|e| e.prompt.contains("A warm, funny")));
 
         let only_task = TuningConfig {
             generation_side: false,
