@@ -209,4 +209,13 @@ path = "samples.jsonl"
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no round 9"));
+    // A mistyped data dir is an error, and reading it creates nothing there.
+    let wrong = dir.path().join("no-such-coordinator");
+    let out = Command::new(bin("crosslm-coordinator"))
+        .args(["samples", "--data-dir", wrong.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no coordinator state"));
+    assert!(!wrong.exists());
 }

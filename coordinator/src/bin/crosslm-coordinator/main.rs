@@ -162,8 +162,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Opens a stopped daemon's database; the running daemon holds its lock.
+/// Opens a stopped daemon's database; the running daemon holds its lock. A read-only command
+/// must not create an empty database where none was (a mistyped `--data-dir`).
 fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
+    if !data_dir.join("state.redb").is_file() {
+        anyhow::bail!(
+            "{} holds no coordinator state (no state.redb): is --data-dir the daemon's?",
+            data_dir.display()
+        );
+    }
     Store::open(data_dir).with_context(|| {
         format!(
             "opening {} (is the daemon running? it holds the lock)",
