@@ -50,12 +50,13 @@ pub struct TuningConfig {
     pub min_quality: f32,
     /// Train the LLM to write the well-scored samples (label prompt -> sample).
     pub generation_side: bool,
-    /// The generation side leaves out samples scored above this (1.0: none left out), so the
-    /// LLM learns to write correct but not the easiest samples: the clients' SLMs score real
-    /// task data lower than the LLM's own (measured with the experiment runner's `real_data`
-    /// oracle), so the plain reward pulls the writing toward what they already find easy.
-    /// The task side still learns from every kept sample.
-    pub generation_max_quality: f32,
+    /// The generation side leaves out this share of each label's kept samples, the
+    /// best-scored (0: none), so the LLM learns to write correct but not the easiest samples:
+    /// the clients' SLMs score real task data lower than the LLM's own (measured with the
+    /// experiment runner's `real_data` oracle), so the plain reward pulls the writing toward
+    /// what they already find easy. A share, not a score cap, because the scores' scale moves
+    /// with the partition and the round. The task side still learns from every kept sample.
+    pub generation_skip_best: f32,
     /// Train the LLM to classify the well-scored samples (prompt -> verbalizer).
     pub task_side: bool,
     /// The task side's targets: the samples' intended labels or the clients' soft labels.
@@ -101,7 +102,7 @@ impl Default for TuningConfig {
             enabled: true,
             min_quality: 0.5,
             generation_side: true,
-            generation_max_quality: 1.0,
+            generation_skip_best: 0.0,
             task_side: true,
             task_targets: TaskTargets::Intended,
             adapters: AdapterLayout::Shared,
@@ -348,8 +349,21 @@ pub fn feedback_examples(
         ..FeedbackExamples::default()
     };
     if cfg.generation_side {
-        // Its own selection: the cap removes the top before the best-first budget is filled.
-        scored.retain(|(_, s)| s.rival_share() <= cfg.generation_max_quality);
+        // Its own selection: the best are left out before the best-first budget is filled.
+        let mut per_label = vec![0usize; spec.labels.len()];
+        for (x, _) in &scored {
+            per_label[x.label as usize] += 1;
+        }
+        let skip: Vec<usize> = per_label
+            .iter()
+            .map(|&n| (n as f32 * cfg.generation_skip_best.clamp(0.0, 1.0)).floor() as usize)
+            .collect();
+        let mut seen = vec![0usize; spec.labels.len()];
+        scored.retain(|(x, _)| {
+            let l = x.label as usize;
+            seen[l] += 1;
+            seen[l] > skip[l]
+        });
         for ((sample, score), balance) in balanced(spec, cfg, scored) {
             let label = &spec.labels[sample.label as usize];
             // Samples do not record which of the label's prompts wrote them; any of the
@@ -935,9 +949,10 @@ mod tests {
         assert_eq!(neg.len(), 1);
         assert!((neg[0].weight - 0.9 * 0.9).abs() < 1e-6);
 
-        // A cap on the generation side: the 0.995 sample is left out of the writing only.
+        // Half of each label's best left out of the generation side (the writing) only: of
+        // two positives the 0.995 one, of one negative none.
         let capped = TuningConfig {
-            generation_max_quality: 0.95,
+            generation_skip_best: 0.5,
             ..quick()
         };
         let (mut s2, mut q2) = (samples.clone(), scores.clone());
