@@ -151,6 +151,7 @@ impl Ctx {
             .into_iter()
             .map(|e| (e.text, map[e.label]))
             .collect::<Vec<_>>();
+        // The data set repeats some sentences, so a pool text may also be a test text.
         let taken: std::collections::HashSet<&str> = validation
             .iter()
             .map(|(t, _)| t.as_str())
