@@ -64,6 +64,18 @@ impl Variant {
     }
 }
 
+/// Which held-out split the variants are measured on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalSplit {
+    /// The test split: the numbers to report.
+    #[default]
+    Test,
+    /// The validation split (`validation_size` pool examples no client holds): for choosing
+    /// settings without looking at the test split.
+    Validation,
+}
+
 /// SLM training settings for one architecture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,6 +164,10 @@ pub struct ExperimentConfig {
     /// see the test split (`crosslm-experiment probe-llm`).
     #[serde(default = "default_validation_size")]
     pub validation_size: usize,
+    /// Measure the SLMs and the LLM on the test split (default) or on the validation split,
+    /// which stands in for it when choosing settings (its first `llm_test_size` for the LLM).
+    #[serde(default)]
+    pub evaluate_on: EvalSplit,
     /// General texts for the LLM's perplexity.
     #[serde(default = "default_general_size")]
     pub general_size: usize,
@@ -231,12 +247,20 @@ fn bag_training() -> SlmTraining {
 }
 
 impl ExperimentConfig {
-    /// Reads a config file; the task path becomes absolute.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
+    /// Reads a config file (the task path becomes absolute), with `key=value` overrides applied first (dotted keys reach into
+    /// tables, `tuning.epochs=2`; a value is read as TOML, else taken as a string), so that a
+    /// sweep needs no copies of the file.
+    pub fn load_with(path: &Path, sets: &[String]) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: Self =
+        let mut doc: toml::Table =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for set in sets {
+            apply_set(&mut doc, set)?;
+        }
+        let mut cfg: Self = doc
+            .try_into()
+            .with_context(|| format!("parsing {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         if cfg.task.is_relative() {
             cfg.task = base.join(&cfg.task);
@@ -260,6 +284,9 @@ impl ExperimentConfig {
         if self.variants.is_empty() {
             bail!("no variants to run");
         }
+        if self.evaluate_on == EvalSplit::Validation && self.validation_size == 0 {
+            bail!("evaluate_on = \"validation\" needs a validation_size above 0");
+        }
         Ok(())
     }
 
@@ -280,6 +307,32 @@ impl ExperimentConfig {
     }
 }
 
+/// Applies one `key=value` override to a parsed config.
+fn apply_set(doc: &mut toml::Table, set: &str) -> anyhow::Result<()> {
+    let Some((key, raw)) = set.split_once('=') else {
+        bail!("--set {set:?}: expected KEY=VALUE");
+    };
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, tables) = parts
+        .split_last()
+        .filter(|(l, _)| !l.is_empty())
+        .with_context(|| format!("--set {set:?}: empty key"))?;
+    let mut table = doc;
+    for part in tables {
+        table = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("--set {set:?}: {part} is not a table"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,7 +344,7 @@ mod tests {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
-                let c = ExperimentConfig::load(&p).unwrap();
+                let c = ExperimentConfig::load_with(&p, &[]).unwrap();
                 assert!(
                     c.task.is_file(),
                     "{}: task {}",
@@ -321,11 +374,39 @@ llm_test_size = 5
 variants = ["crosslm"]
 "#;
         std::fs::write(&p, format!("{base}partition = \"iid\"\n")).unwrap();
-        let c = ExperimentConfig::load(&p).unwrap();
+        let c = ExperimentConfig::load_with(&p, &[]).unwrap();
         assert_eq!(c.archs(), vec![Arch::Minilm, Arch::Minilm]);
         std::fs::write(&p, format!("{base}partition = {{ dirichlet = -1.0 }}\n")).unwrap();
-        assert!(ExperimentConfig::load(&p).is_err());
+        assert!(ExperimentConfig::load_with(&p, &[]).is_err());
         std::fs::write(&p, format!("{base}partition = \"iid\"\nbogus = 1\n")).unwrap();
-        assert!(ExperimentConfig::load(&p).is_err());
+        assert!(ExperimentConfig::load_with(&p, &[]).is_err());
+    }
+
+    #[test]
+    fn overrides_reach_fields_and_tables_and_are_checked() {
+        let p = crosslm_sdk::data::workspace_root().join("examples/experiments/mr-iid.toml");
+        let base = ExperimentConfig::load_with(&p, &[]).unwrap();
+        assert_eq!(base.evaluate_on, EvalSplit::Test);
+        let sets = [
+            "min_quality=0.25",
+            "evaluate_on=validation",
+            "name=sweep",
+            "tuning.epochs=7",
+            "rounds = 1",
+        ]
+        .map(String::from);
+        let c = ExperimentConfig::load_with(&p, &sets).unwrap();
+        assert_eq!(c.min_quality, 0.25);
+        assert_eq!(c.evaluate_on, EvalSplit::Validation);
+        assert_eq!(c.name, "sweep");
+        assert_eq!(c.tuning.epochs, 7);
+        assert_eq!(c.rounds, 1);
+        assert_eq!(c.tuning.batch_size, base.tuning.batch_size);
+        for bad in ["bogus=1", "min_quality", "rounds=many", "name.x=1", "=3"] {
+            assert!(
+                ExperimentConfig::load_with(&p, &[bad.to_string()]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -48,6 +48,10 @@ enum Cmd {
         /// `<out>/<name>-seed<N>/`.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override a config setting, `KEY=VALUE` (repeatable; `tuning.epochs=2` reaches into
+        /// a table), e.g. `--set evaluate_on=validation --set min_quality=0.25 --set name=x`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Tune the LLM on the frozen LLM's round-1 batch (scored by the local-only SLMs) and
     /// measure it on the validation split after each epoch: the evidence for `[tuning]`.
@@ -71,6 +75,9 @@ enum Cmd {
         /// LoRA learning rate (default: the config's).
         #[arg(long)]
         lr: Option<f64>,
+        /// Override a config setting, `KEY=VALUE`, as for `run`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Re-render results.md and accuracy.png from a results dir's metrics.json.
     Report {
@@ -102,8 +109,9 @@ fn main() -> anyhow::Result<()> {
             variants,
             fresh,
             seed,
+            sets,
         } => {
-            let mut cfg = ExperimentConfig::load(&config)?;
+            let mut cfg = ExperimentConfig::load_with(&config, &sets)?;
             if let Some(v) = variants {
                 cfg.variants = v;
             }
@@ -147,8 +155,9 @@ fn main() -> anyhow::Result<()> {
             task_only,
             targets,
             lr,
+            sets,
         } => {
-            let cfg = ExperimentConfig::load(&config)?;
+            let cfg = ExperimentConfig::load_with(&config, &sets)?;
             let ctx = run::Ctx::setup(cfg, &out, MultiProgress::new())?;
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))

@@ -127,7 +127,7 @@ impl Metrics {
         let mut s = format!(
             "# {}\n\nTask `{}`, {} clients ({}) x {} private examples, {partition}, {} rounds, \
              {} synthetic samples per label per round, seed {}. SLM accuracy on {} held-out \
-             examples; LLM task accuracy on the first {} of them; LLM perplexity on {} general \
+             {}examples; LLM task accuracy on the first {} of them; LLM perplexity on {} general \
              texts. Accuracies in %.\n\n",
             c.name,
             c.task.file_stem().and_then(|s| s.to_str()).unwrap_or("?"),
@@ -144,7 +144,16 @@ impl Metrics {
             c.rounds,
             c.samples_per_label,
             c.seed,
-            c.test_size,
+            match c.evaluate_on {
+                crate::config::EvalSplit::Test => c.test_size,
+                crate::config::EvalSplit::Validation => c.validation_size,
+            },
+            match c.evaluate_on {
+                crate::config::EvalSplit::Test => "",
+                crate::config::EvalSplit::Validation => {
+                    "validation (not test: `evaluate_on = \"validation\"`) "
+                }
+            },
             c.llm_test_size,
             c.general_size,
         );

@@ -24,7 +24,7 @@ use crosslm_sdk::slm::{
 use crosslm_sdk::transport::{Scorer, Session, enroll, participate};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::config::{ExperimentConfig, Partition, SlmTraining, Variant};
+use crate::config::{EvalSplit, ExperimentConfig, Partition, SlmTraining, Variant};
 use crate::report::{ClientMeta, Metrics, RoundMetrics, VariantResult};
 
 /// One simulated device.
@@ -52,7 +52,8 @@ pub struct Ctx {
     pub assets: PathBuf,
     /// The clients.
     pub clients: Vec<Client>,
-    /// Held-out test examples.
+    /// Held-out examples the variants are measured on: the test split, or the validation
+    /// split under `evaluate_on = "validation"`.
     pub test: Vec<(String, usize)>,
     /// Validation examples: from the training pool, held by no client, disjoint from `test`.
     pub validation: Vec<(String, usize)>,
@@ -145,13 +146,16 @@ impl Ctx {
                 .cloned()
                 .collect(),
         };
+        // The data set repeats some sentences, so a pool text may also be a test text.
+        let test_texts: std::collections::HashSet<&str> =
+            test.examples.iter().map(|e| e.text.as_str()).collect();
         let validation = rest
             .sample(cfg.validation_size, cfg.seed.wrapping_add(0x5eed))
             .examples
             .into_iter()
+            .filter(|e| !test_texts.contains(e.text.as_str()))
             .map(|e| (e.text, map[e.label]))
             .collect::<Vec<_>>();
-        // The data set repeats some sentences, so a pool text may also be a test text.
         let taken: std::collections::HashSet<&str> = validation
             .iter()
             .map(|(t, _)| t.as_str())
@@ -178,14 +182,18 @@ impl Ctx {
             cfg.test_size,
             spec_digest(&spec)?
         );
-        Ok(Self {
-            dir: out.join(&cfg.name),
-            cache: out.join(".cache").join(key),
-            test: test
+        let test = match cfg.evaluate_on {
+            EvalSplit::Test => test
                 .examples
                 .into_iter()
                 .map(|e| (e.text, map[e.label]))
                 .collect(),
+            EvalSplit::Validation => validation.clone(),
+        };
+        Ok(Self {
+            dir: out.join(&cfg.name),
+            cache: out.join(".cache").join(key),
+            test,
             validation,
             unseen,
             spec,
@@ -482,7 +490,13 @@ impl Ctx {
             dir: self.cache.clone(),
             // Before any tuning the LLM is the frozen one: its round-1 batch is shared.
             frozen_through: if v == Variant::Crosslm { 1 } else { u64::MAX },
-            eval_key: format!("l{}-g{}", cfg.llm_test_size, cfg.general_size),
+            eval_key: match cfg.evaluate_on {
+                EvalSplit::Test => format!("l{}-g{}", cfg.llm_test_size, cfg.general_size),
+                EvalSplit::Validation => format!(
+                    "val{}-l{}-g{}",
+                    cfg.validation_size, cfg.llm_test_size, cfg.general_size
+                ),
+            },
         })
     }
 
@@ -834,8 +848,10 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         c.client_relative_weights = true;
         c.prior_correction = true;
         c.tuning = TuningConfig::default();
-        // Only `probe-llm` reads the validation split.
-        c.validation_size = 0;
+        // Only `probe-llm` reads the validation split, unless the variants are measured on it.
+        if c.evaluate_on == EvalSplit::Test {
+            c.validation_size = 0;
+        }
         serde_json::to_value(&c).ok()
     };
     if key(prev) != key(now) {
@@ -930,7 +946,7 @@ mod tests {
 
     fn cfg() -> ExperimentConfig {
         let p = crosslm_sdk::data::workspace_root().join("examples/experiments/mr-iid.toml");
-        ExperimentConfig::load(&p).unwrap()
+        ExperimentConfig::load_with(&p, &[]).unwrap()
     }
 
     #[test]
@@ -983,6 +999,25 @@ mod tests {
         }
         assert_eq!(r1.iter().filter(|s| s.label == 0).count(), 8);
         std::fs::remove_dir_all(&out).ok();
+    }
+
+    #[test]
+    fn evaluating_on_validation_measures_on_examples_outside_the_test_split() {
+        let mut cfg = cfg();
+        cfg.validation_size = 150;
+        let out = std::env::temp_dir().join(format!("crosslm-val-{}", std::process::id()));
+        let on_test = Ctx::setup(cfg.clone(), &out, MultiProgress::new()).unwrap();
+        cfg.evaluate_on = EvalSplit::Validation;
+        let on_val = Ctx::setup(cfg, &out, MultiProgress::new()).unwrap();
+        // 150 drawn, less any that repeat a test sentence.
+        assert!(on_val.test.len() > 140, "{}", on_val.test.len());
+        assert_eq!(on_val.test, on_test.validation);
+        // Same clients, and the test split stays out of everything the run measures on.
+        assert_eq!(on_val.clients[3].private, on_test.clients[3].private);
+        let test: std::collections::HashSet<&str> =
+            on_test.test.iter().map(|(t, _)| t.as_str()).collect();
+        assert!(on_val.test.iter().all(|(t, _)| !test.contains(t.as_str())));
+        assert!(on_val.unseen.iter().all(|(t, _)| !test.contains(t.as_str())));
     }
 
     #[test]
