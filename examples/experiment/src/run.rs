@@ -1017,7 +1017,12 @@ mod tests {
         let test: std::collections::HashSet<&str> =
             on_test.test.iter().map(|(t, _)| t.as_str()).collect();
         assert!(on_val.test.iter().all(|(t, _)| !test.contains(t.as_str())));
-        assert!(on_val.unseen.iter().all(|(t, _)| !test.contains(t.as_str())));
+        assert!(
+            on_val
+                .unseen
+                .iter()
+                .all(|(t, _)| !test.contains(t.as_str()))
+        );
     }
 
     #[test]
