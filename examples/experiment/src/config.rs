@@ -247,9 +247,9 @@ fn bag_training() -> SlmTraining {
 }
 
 impl ExperimentConfig {
-    /// Reads a config file (the task path becomes absolute), with `key=value` overrides applied first (dotted keys reach into
-    /// tables, `tuning.epochs=2`; a value is read as TOML, else taken as a string), so that a
-    /// sweep needs no copies of the file.
+    /// Reads a config file (the task path becomes absolute), with `key=value` overrides
+    /// applied first (dotted keys reach into tables, `tuning.epochs=2`; a value is read as
+    /// TOML, else taken as a string), so that a sweep needs no copies of the file.
     pub fn load_with(path: &Path, sets: &[String]) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -288,6 +288,18 @@ impl ExperimentConfig {
             bail!("evaluate_on = \"validation\" needs a validation_size above 0");
         }
         Ok(())
+    }
+
+    /// How many held-out examples the variants are measured on, and the report's word for
+    /// the split ("" for the test split).
+    pub fn evaluated(&self) -> (usize, &'static str) {
+        match self.evaluate_on {
+            EvalSplit::Test => (self.test_size, ""),
+            EvalSplit::Validation => (
+                self.validation_size,
+                "validation (not test: `evaluate_on = \"validation\"`) ",
+            ),
+        }
     }
 
     /// Every client's architecture, in client order.

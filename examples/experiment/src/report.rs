@@ -144,16 +144,8 @@ impl Metrics {
             c.rounds,
             c.samples_per_label,
             c.seed,
-            match c.evaluate_on {
-                crate::config::EvalSplit::Test => c.test_size,
-                crate::config::EvalSplit::Validation => c.validation_size,
-            },
-            match c.evaluate_on {
-                crate::config::EvalSplit::Test => "",
-                crate::config::EvalSplit::Validation => {
-                    "validation (not test: `evaluate_on = \"validation\"`) "
-                }
-            },
+            c.evaluated().0,
+            c.evaluated().1,
             c.llm_test_size,
             c.general_size,
         );

@@ -156,11 +156,8 @@ impl Ctx {
             .filter(|e| !test_texts.contains(e.text.as_str()))
             .map(|e| (e.text, map[e.label]))
             .collect::<Vec<_>>();
-        let taken: std::collections::HashSet<&str> = validation
-            .iter()
-            .map(|(t, _)| t.as_str())
-            .chain(test.examples.iter().map(|e| e.text.as_str()))
-            .collect();
+        let mut taken = test_texts;
+        taken.extend(validation.iter().map(|(t, _)| t.as_str()));
         let unseen = rest
             .sample(rest.examples.len(), cfg.seed.wrapping_add(0x0ac1e))
             .examples
