@@ -858,6 +858,7 @@ impl Client {
                 test: test.map(|t| t.examples.into_iter().map(|e| (e.text, e.label)).unzip()),
                 train,
                 min_quality: self.config.min_quality,
+                min_quality_from: 1,
                 use_scores: true,
                 soft_targets: self.config.soft_targets,
                 balance_labels: true,

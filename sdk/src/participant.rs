@@ -23,6 +23,11 @@ pub struct Learning {
     /// ([`AggregatedScore::rival_share`]; the aggregated quality with two labels) is below
     /// this are not trained on.
     pub min_quality: f32,
+    /// The threshold applies from this round on, counting the rounds this scorer has learned
+    /// from (1: always); earlier rounds keep every sample, still weighted by quality. Why:
+    /// in the first rounds the scoring SLMs have seen only their private data, and a threshold
+    /// on their scores can cost a client more good samples than bad ones.
+    pub min_quality_from: u64,
     /// Learn from the clients' scores (CrossLM). `false` ignores them: every sample is
     /// trained on with its intended label and weight 1 (the "synthetic data without
     /// feedback" baseline, ZeroGen style).
@@ -81,11 +86,11 @@ pub fn label_balance(labels: &[usize], n_labels: usize, cap: usize) -> Vec<f32> 
         .collect()
 }
 
-/// The training examples a CrossLM client takes from a round's scored samples: those at or
-/// above the quality threshold, labels balanced, weighted by quality (see [`Learning`]).
+/// The training examples a CrossLM client takes from a round's scored samples: those `threshold`, labels balanced, weighted by quality (see [`Learning`]).
 /// `map` gives the model's label index of each task label.
 fn scored_examples(
     learning: &Learning,
+    threshold: f32,
     map: &[usize],
     n_labels: usize,
     by_id: &HashMap<u64, &SyntheticSample>,
@@ -94,9 +99,7 @@ fn scored_examples(
     let mut kept: Vec<(&SyntheticSample, &AggregatedScore, usize)> = scores
         .iter()
         .filter(|s| {
-            s.quality.is_finite()
-                && s.rival_share() >= learning.min_quality
-                && s.soft.len() == map.len()
+            s.quality.is_finite() && s.rival_share() >= threshold && s.soft.len() == map.len()
         })
         .filter_map(|sc| {
             let sample = by_id.get(&sc.id)?;
@@ -146,6 +149,8 @@ pub struct SlmScorer {
     slm: Box<dyn Slm>,
     learning: Option<Learning>,
     train_progress: Option<TrainProgressFn>,
+    /// Rounds learned from so far (for [`Learning::min_quality_from`]).
+    learned: u64,
 }
 
 impl SlmScorer {
@@ -155,6 +160,7 @@ impl SlmScorer {
             slm,
             learning: None,
             train_progress: None,
+            learned: 0,
         }
     }
 
@@ -210,8 +216,16 @@ impl Scorer for SlmScorer {
         let by_id: HashMap<u64, &SyntheticSample> = samples.iter().map(|s| (s.id, s)).collect();
         let mut examples = learning.private.clone();
         let before = examples.len();
+        self.learned += 1;
         if learning.use_scores {
-            examples.extend(scored_examples(learning, &map, n_labels, &by_id, scores));
+            let threshold = if self.learned >= learning.min_quality_from {
+                learning.min_quality
+            } else {
+                0.0
+            };
+            examples.extend(scored_examples(
+                learning, threshold, &map, n_labels, &by_id, scores,
+            ));
         } else {
             for sample in samples {
                 if let Some(&model_label) = map.get(sample.label as usize) {
@@ -357,6 +371,7 @@ mod tests {
             test: Some((texts, labels)),
             train,
             min_quality: 0.5,
+            min_quality_from: 1,
             use_scores: true,
             soft_targets: true,
             balance_labels: false,
@@ -415,26 +430,31 @@ mod tests {
                 },
             })
             .collect();
-        let learner = |use_scores| Learning {
+        let learner = |use_scores, min_quality_from| Learning {
             private: vec![],
             test: Some((texts.clone(), labels.clone())),
             train: bag_training(),
             min_quality: 0.5,
+            min_quality_from,
             use_scores,
             soft_targets: true,
             balance_labels: false,
             relative_weights: true,
             checkpoint: None,
         };
-        let mut unscored = SlmScorer::new(small_bag()).with_learning(learner(false));
+        let mut unscored = SlmScorer::new(small_bag()).with_learning(learner(false, 1));
         let acc = unscored
             .learn(&task(&["neg", "pos"]), &s, &scores)
             .unwrap()
             .unwrap();
         assert!(acc >= 0.99, "accuracy {acc}");
         // With scores, nothing clears the threshold and there is nothing to train on.
-        let mut scored = SlmScorer::new(small_bag()).with_learning(learner(true));
+        let mut scored = SlmScorer::new(small_bag()).with_learning(learner(true, 1));
         assert!(scored.learn(&task(&["neg", "pos"]), &s, &scores).is_err());
+        // A threshold from round 2 on: the first round keeps every sample, the second none.
+        let mut later = SlmScorer::new(small_bag()).with_learning(learner(true, 2));
+        assert!(later.learn(&task(&["neg", "pos"]), &s, &scores).is_ok());
+        assert!(later.learn(&task(&["neg", "pos"]), &s, &scores).is_err());
     }
 
     /// Kept samples: threshold, balance, and weights relative (mean 1) or absolute.
@@ -468,6 +488,7 @@ mod tests {
             test: None,
             train: TrainConfig::default(),
             min_quality: 0.5,
+            min_quality_from: 1,
             use_scores: true,
             soft_targets: false,
             balance_labels: true,
@@ -476,7 +497,7 @@ mod tests {
         };
         // The model orders the labels the other way round.
         let map = [1, 0];
-        let abs = scored_examples(&learning, &map, 2, &by_id, &scores);
+        let abs = scored_examples(&learning, 0.5, &map, 2, &by_id, &scores);
         assert_eq!(abs.len(), 4, "the 0.3 sample is below the threshold");
         let w: Vec<f32> = abs.iter().map(|e| e.weight).collect();
         assert!(
@@ -489,7 +510,7 @@ mod tests {
             "negative is the model's label 1"
         );
         learning.relative_weights = true;
-        let rel = scored_examples(&learning, &map, 2, &by_id, &scores);
+        let rel = scored_examples(&learning, 0.5, &map, 2, &by_id, &scores);
         let total: f32 = rel.iter().map(|e| e.weight).sum();
         assert!((total - 4.0).abs() < 1e-5, "weights average 1: {total}");
         assert!(

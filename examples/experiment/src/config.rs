@@ -175,6 +175,11 @@ pub struct ExperimentConfig {
     /// the aggregated quality with two labels) are not trained on (clients).
     #[serde(default = "half")]
     pub min_quality: f32,
+    /// CrossLM clients apply `min_quality` from this round on (1, default: from the first);
+    /// earlier rounds keep every sample, still weighted by quality (`Learning::min_quality_from`
+    /// in the SDK).
+    #[serde(default = "one")]
+    pub min_quality_from_round: u64,
     /// CrossLM clients train toward the aggregated soft labels (`true`) or toward the
     /// samples' intended labels, the scores only selecting and weighting (`false`, default).
     #[serde(default)]

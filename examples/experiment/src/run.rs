@@ -564,6 +564,7 @@ impl Ctx {
                 test: Some(self.test.iter().cloned().unzip()),
                 train: self.train_cfg(c.arch, false, seed),
                 min_quality: cfg.min_quality,
+                min_quality_from: cfg.min_quality_from_round,
                 // Synthetic and the oracle train on every sample with its given label.
                 use_scores: !matches!(v, Variant::Synthetic | Variant::RealData)
                     && cfg.client_use_scores,
@@ -840,6 +841,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         let mut c = c.clone();
         c.variants.clear();
         c.client_soft_targets = false;
+        c.min_quality_from_round = 1;
         c.client_use_scores = true;
         c.client_balance_labels = true;
         c.client_relative_weights = true;
@@ -855,6 +857,7 @@ pub fn stale_variants(prev: &ExperimentConfig, now: &ExperimentConfig) -> Option
         return None;
     }
     let client = prev.client_soft_targets != now.client_soft_targets
+        || prev.min_quality_from_round != now.min_quality_from_round
         || prev.client_use_scores != now.client_use_scores
         || prev.client_balance_labels != now.client_balance_labels
         || prev.client_relative_weights != now.client_relative_weights
@@ -1032,6 +1035,7 @@ mod tests {
         assert_eq!(stale_variants(&prev, &now), Some(vec![Variant::Crosslm]));
         for flip in [
             |c: &mut ExperimentConfig| c.client_soft_targets = !c.client_soft_targets,
+            |c: &mut ExperimentConfig| c.min_quality_from_round ^= 3,
             |c: &mut ExperimentConfig| c.client_use_scores = !c.client_use_scores,
             |c: &mut ExperimentConfig| c.client_relative_weights = !c.client_relative_weights,
             |c: &mut ExperimentConfig| c.prior_correction = !c.prior_correction,
