@@ -23,7 +23,8 @@ pub struct RoundMetrics {
     pub samples: Option<usize>,
     /// Mean aggregated quality of the round's samples.
     pub mean_quality: Option<f32>,
-    /// Samples at or above the clients' quality threshold.
+    /// Samples the CrossLM clients kept: at or above their quality threshold (all of them in
+    /// rounds before `min_quality_from_round`).
     pub kept: Option<usize>,
 }
 

@@ -636,10 +636,16 @@ impl Ctx {
                     slm[i] = Some(acc);
                 }
             }
+            // What the CrossLM clients trained on: every sample before the threshold's round.
+            let threshold = if s.id >= self.cfg.min_quality_from_round {
+                self.cfg.min_quality
+            } else {
+                0.0
+            };
             let kept = store.result(s.id)?.map(|o| {
                 o.scores
                     .iter()
-                    .filter(|x| x.rival_share() >= self.cfg.min_quality)
+                    .filter(|x| x.quality.is_finite() && x.rival_share() >= threshold)
                     .count()
             });
             out.push(RoundMetrics {
