@@ -86,7 +86,8 @@ pub fn label_balance(labels: &[usize], n_labels: usize, cap: usize) -> Vec<f32> 
         .collect()
 }
 
-/// The training examples a CrossLM client takes from a round's scored samples: those `threshold`, labels balanced, weighted by quality (see [`Learning`]).
+/// The training examples a CrossLM client takes from a round's scored samples: those at or
+/// above `threshold`, labels balanced, weighted by quality (see [`Learning`]).
 /// `map` gives the model's label index of each task label.
 fn scored_examples(
     learning: &Learning,
