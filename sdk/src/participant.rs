@@ -142,6 +142,12 @@ fn scored_examples(
     out
 }
 
+/// The quality threshold a CrossLM client applies in its `round`-th round (from 1): none
+/// (0) before round `from`, `min_quality` from then on (see [`Learning::min_quality_from`]).
+pub fn scheduled_threshold(min_quality: f32, from: u64, round: u64) -> f32 {
+    if round >= from { min_quality } else { 0.0 }
+}
+
 /// Called after every optimizer step of the per-round training.
 pub type TrainProgressFn = Box<dyn FnMut(&TrainProgress) + Send>;
 
@@ -219,11 +225,11 @@ impl Scorer for SlmScorer {
         let before = examples.len();
         self.learned += 1;
         if learning.use_scores {
-            let threshold = if self.learned >= learning.min_quality_from {
-                learning.min_quality
-            } else {
-                0.0
-            };
+            let threshold = scheduled_threshold(
+                learning.min_quality,
+                learning.min_quality_from,
+                self.learned,
+            );
             examples.extend(scored_examples(
                 learning, threshold, &map, n_labels, &by_id, scores,
             ));

@@ -125,6 +125,7 @@ impl Metrics {
             crate::config::Partition::Iid => "IID".to_string(),
             crate::config::Partition::Dirichlet(a) => format!("Dirichlet({a})"),
         };
+        let (n_eval, split) = c.evaluated();
         let mut s = format!(
             "# {}\n\nTask `{}`, {} clients ({}) x {} private examples, {partition}, {} rounds, \
              {} synthetic samples per label per round, seed {}. SLM accuracy on {} held-out \
@@ -145,8 +146,8 @@ impl Metrics {
             c.rounds,
             c.samples_per_label,
             c.seed,
-            c.evaluated().0,
-            c.evaluated().1,
+            n_eval,
+            split,
             c.llm_test_size,
             c.general_size,
         );

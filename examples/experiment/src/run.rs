@@ -637,11 +637,11 @@ impl Ctx {
                 }
             }
             // What the CrossLM clients trained on: every sample before the threshold's round.
-            let threshold = if s.id >= self.cfg.min_quality_from_round {
-                self.cfg.min_quality
-            } else {
-                0.0
-            };
+            let threshold = crosslm_sdk::participant::scheduled_threshold(
+                self.cfg.min_quality,
+                self.cfg.min_quality_from_round,
+                s.id,
+            );
             let kept = store.result(s.id)?.map(|o| {
                 o.scores
                     .iter()
