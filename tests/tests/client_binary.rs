@@ -268,3 +268,91 @@ fn bad_input_gets_clear_errors() {
         text(&out.stdout)
     );
 }
+
+/// `slm score` of a checkpoint on a data file: each line's probability of "positive".
+fn positive_probs(ckpt: &Path, data: &Path) -> Vec<f64> {
+    let out = Command::new(bin("crosslm-client"))
+        .args(["slm", "score", "--checkpoint"])
+        .arg(ckpt)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .expect("run crosslm-client");
+    assert!(out.status.success(), "score: {}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("score line is JSON");
+            v["probs"]["positive"]
+                .as_f64()
+                .expect("a positive probability")
+        })
+        .collect()
+}
+
+#[test]
+fn slm_train_continues_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_private_data(dir.path(), 40);
+    let first = dir.path().join("first");
+    let train = |extra: &[&str], out: &Path, data: &Path| {
+        let out = Command::new(bin("crosslm-client"))
+            .args(["slm", "train", "--val-fraction", "0", "--out"])
+            .arg(out)
+            .arg("--data")
+            .arg(data)
+            .args(extra)
+            .output()
+            .expect("run crosslm-client");
+        (out.status.success(), text(&out.stderr))
+    };
+    let (ok, err) = train(&["--arch", "bag", "--epochs", "5"], &first, &data);
+    assert!(ok, "first training: {err}");
+
+    // The labels in the other order of first appearance: they are mapped by name onto the
+    // checkpoint's. A learning rate too small to move anything leaves its predictions as they
+    // were; a new model (what the flag, if ignored, would train) predicts differently.
+    let swapped = dir.path().join("swapped.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut reordered: Vec<String> = lines.iter().skip(1).cloned().collect();
+    reordered.push(lines[0].clone());
+    std::fs::write(&swapped, reordered.join("\n") + "\n").unwrap();
+    let second = dir.path().join("second");
+    let init = first.to_str().unwrap();
+    let (ok, err) = train(
+        &["--init", init, "--epochs", "1", "--lr", "1e-12"],
+        &second,
+        &swapped,
+    );
+    assert!(ok, "continued training: {err}");
+    assert!(err.contains("continuing the bag checkpoint"), "{err}");
+    let before = positive_probs(&first, &data);
+    let after = positive_probs(&second, &data);
+    assert_eq!(before.len(), 40);
+    for (b, a) in before.iter().zip(&after) {
+        assert!((b - a).abs() < 1e-4, "{b} -> {a}");
+    }
+    let fresh = dir.path().join("fresh");
+    let (ok, err) = train(
+        &["--arch", "bag", "--epochs", "1", "--lr", "1e-12"],
+        &fresh,
+        &swapped,
+    );
+    assert!(ok, "{err}");
+    let new = positive_probs(&fresh, &data);
+    assert!(
+        before.iter().zip(&new).any(|(b, n)| (b - n).abs() > 1e-3),
+        "a new model should not predict as the trained one"
+    );
+
+    // A label the checkpoint does not know: the row is refused by name.
+    let meh = dir.path().join("meh.jsonl");
+    std::fs::write(&meh, "{\"text\": \"so so\", \"label\": \"meh\"}\n").unwrap();
+    let (ok, err) = train(&["--init", init], &dir.path().join("x"), &meh);
+    assert!(!ok);
+    assert!(err.contains("unknown label \"meh\""), "{err}");
+}

@@ -124,6 +124,41 @@ impl Default for SlmTraining {
     }
 }
 
+/// An `[minilm_training]` or `[bag_training]` table as written: the fields it leaves out take
+/// that architecture's defaults (not the struct's, which are MiniLM's: a partial
+/// `[bag_training]` would otherwise train the bag model at MiniLM's rates).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlmTrainingPatch {
+    epochs_initial: Option<usize>,
+    epochs_per_round: Option<usize>,
+    lr_initial: Option<f64>,
+    lr_per_round: Option<f64>,
+    epochs_centralized: Option<usize>,
+    batch_size: Option<usize>,
+}
+
+impl SlmTrainingPatch {
+    fn over(self, base: SlmTraining) -> SlmTraining {
+        SlmTraining {
+            epochs_initial: self.epochs_initial.unwrap_or(base.epochs_initial),
+            epochs_per_round: self.epochs_per_round.unwrap_or(base.epochs_per_round),
+            lr_initial: self.lr_initial.unwrap_or(base.lr_initial),
+            lr_per_round: self.lr_per_round.unwrap_or(base.lr_per_round),
+            epochs_centralized: self.epochs_centralized.unwrap_or(base.epochs_centralized),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+        }
+    }
+}
+
+fn minilm_training_patch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlmTraining, D::Error> {
+    Ok(SlmTrainingPatch::deserialize(d)?.over(minilm_training()))
+}
+
+fn bag_training_patch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SlmTraining, D::Error> {
+    Ok(SlmTrainingPatch::deserialize(d)?.over(bag_training()))
+}
+
 /// One experiment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,10 +242,13 @@ pub struct ExperimentConfig {
     /// What to run, in order.
     pub variants: Vec<Variant>,
     /// MiniLM training.
-    #[serde(default = "minilm_training")]
+    #[serde(
+        default = "minilm_training",
+        deserialize_with = "minilm_training_patch"
+    )]
     pub minilm_training: SlmTraining,
     /// Bag model training.
-    #[serde(default = "bag_training")]
+    #[serde(default = "bag_training", deserialize_with = "bag_training_patch")]
     pub bag_training: SlmTraining,
     /// The LLM's tuning (CrossLM variant).
     #[serde(default)]
@@ -419,11 +457,56 @@ variants = ["crosslm"]
         assert_eq!(c.tuning.epochs, 7);
         assert_eq!(c.rounds, 1);
         assert_eq!(c.tuning.batch_size, base.tuning.batch_size);
-        for bad in ["bogus=1", "min_quality", "rounds=many", "name.x=1", "=3"] {
+        for bad in [
+            "bogus=1",
+            "min_quality",
+            "rounds=many",
+            "name.x=1",
+            "=3",
+            "bag_training.epochs=3",
+        ] {
             assert!(
                 ExperimentConfig::load_with(&p, &[bad.to_string()]).is_err(),
                 "{bad}"
             );
         }
+    }
+
+    /// A training table that sets some fields keeps its architecture's defaults for the
+    /// rest, from an override or from the file (the bag model at MiniLM's rates learned little).
+    #[test]
+    fn partial_training_tables_keep_their_architectures_defaults() {
+        let p = crosslm_sdk::data::workspace_root().join("examples/experiments/mr-iid.toml");
+        let sets = [
+            "bag_training.epochs_per_round=15",
+            "minilm_training.lr_per_round=1e-5",
+        ]
+        .map(String::from);
+        let c = ExperimentConfig::load_with(&p, &sets).unwrap();
+        let bag = SlmTraining {
+            epochs_per_round: 15,
+            ..SlmTraining::default_for(Arch::Bag)
+        };
+        assert_eq!(c.bag_training, bag);
+        let minilm = SlmTraining {
+            lr_per_round: 1e-5,
+            ..SlmTraining::default_for(Arch::Minilm)
+        };
+        assert_eq!(c.minilm_training, minilm);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &f,
+            format!("{text}\n[bag_training]\nlr_per_round = 0.002\n"),
+        )
+        .unwrap();
+        let c = ExperimentConfig::load_with(&f, &[]).unwrap();
+        assert_eq!(c.bag_training.lr_per_round, 0.002);
+        assert_eq!(c.bag_training.epochs_initial, 30);
+        // What a run writes reads back as it was.
+        let back: ExperimentConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.bag_training, c.bag_training);
     }
 }

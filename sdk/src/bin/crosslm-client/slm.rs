@@ -63,6 +63,10 @@ pub struct TrainArgs {
     /// Checkpoint directory to write.
     #[arg(long)]
     out: PathBuf,
+    /// Continue training this checkpoint instead of a new model (its architecture, tokenizer,
+    /// length limit and label order then apply; `--arch`, `--model`, `--max-len` are ignored).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Pretrained MiniLM directory (the bag model takes its tokenizer from here too).
     #[arg(long, default_value_os_t = data::assets_dir().join("minilm"))]
     model: PathBuf,
@@ -329,8 +333,20 @@ pub fn run(cmd: SlmCmd) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let (train_set, test_set) = args.data.load(None, Part::Train)?;
-    let defaults = TrainConfig::for_arch(args.arch);
+    // A checkpoint to continue fixes the label order: the data's labels are mapped onto it.
+    let init = match &args.init {
+        Some(dir) => {
+            let slm = slm::load_checkpoint(dir, args.backend)?;
+            eprintln!("continuing the {} checkpoint {}", slm.arch(), dir.display());
+            Some(slm)
+        }
+        None => None,
+    };
+    let (train_set, test_set) = args
+        .data
+        .load(init.as_ref().map(|s| s.labels()), Part::Train)?;
+    let arch = init.as_ref().map_or(args.arch, |s| s.arch());
+    let defaults = TrainConfig::for_arch(arch);
     let cfg = TrainConfig {
         epochs: args.epochs.unwrap_or(defaults.epochs),
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
@@ -342,22 +358,25 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..defaults
     };
-    let n_labels = train_set.num_labels();
     eprintln!(
         "training {} on {} examples, labels {:?} (counts {:?}), backend {:?}",
-        args.arch,
+        arch,
         train_set.len(),
         train_set.label_names,
         train_set.label_counts(),
         args.backend
     );
-    let mut slm = slm::new_slm(
-        args.arch,
-        &args.model,
-        train_set.label_names.clone(),
-        args.max_len,
-        args.backend,
-    )?;
+    let n_labels = train_set.num_labels();
+    let mut slm = match init {
+        Some(slm) => slm,
+        None => slm::new_slm(
+            args.arch,
+            &args.model,
+            train_set.label_names.clone(),
+            args.max_len,
+            args.backend,
+        )?,
+    };
     let examples: Vec<TrainExample> = train_set
         .examples
         .iter()
