@@ -112,8 +112,8 @@ pub struct ClientSettings {
     pub model_dir: String,
     /// Epochs of `train` (`None`: the architecture's default).
     pub train_epochs: Option<u32>,
-    /// Epochs of the training after each round.
-    pub round_epochs: u32,
+    /// Epochs of the training after each round (`None`: the architecture's default).
+    pub round_epochs: Option<u32>,
     /// Fraction of private data held out to measure local accuracy.
     pub test_fraction: f64,
     /// Synthetic samples below this quality (the intended label's share against its
@@ -135,7 +135,7 @@ pub fn default_settings(data_dir: String) -> ClientSettings {
         backend: SlmBackend::Cpu,
         model_dir: d.model_dir.display().to_string(),
         train_epochs: None,
-        round_epochs: d.round_epochs as u32,
+        round_epochs: d.round_epochs.map(|e| e as u32),
         test_fraction: d.test_fraction,
         min_quality: d.min_quality,
         connect_timeout_ms: d.connect_timeout.as_millis() as u64,
@@ -375,7 +375,7 @@ impl CrossLmClient {
             },
             model_dir: PathBuf::from(settings.model_dir),
             train_epochs: settings.train_epochs.map(|e| e as usize),
-            round_epochs: settings.round_epochs as usize,
+            round_epochs: settings.round_epochs.map(|e| e as usize),
             test_fraction: settings.test_fraction,
             min_quality: settings.min_quality,
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),

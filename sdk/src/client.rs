@@ -47,8 +47,9 @@ pub struct ClientConfig {
     pub max_len: usize,
     /// Epochs of [`Client::train`] (default: the architecture's).
     pub train_epochs: Option<usize>,
-    /// Epochs of the training after each round.
-    pub round_epochs: usize,
+    /// Epochs of the training after each round (default: the architecture's,
+    /// [`TrainConfig::for_round`]).
+    pub round_epochs: Option<usize>,
     /// Fraction of loaded private data held out to measure local accuracy (0: none).
     pub test_fraction: f64,
     /// Synthetic samples below this quality are not trained on (the intended label's share
@@ -78,7 +79,7 @@ impl Default for ClientConfig {
             checkpoint_dir: None,
             max_len: 128,
             train_epochs: None,
-            round_epochs: 2,
+            round_epochs: None,
             test_fraction: 0.2,
             min_quality: 0.5,
             soft_targets: false,
@@ -413,7 +414,7 @@ impl Client {
                 config.min_quality
             )));
         }
-        if config.round_epochs == 0 || config.train_epochs == Some(0) || config.max_len == 0 {
+        if config.round_epochs == Some(0) || config.train_epochs == Some(0) || config.max_len == 0 {
             return Err(Error::InvalidInput(
                 "epochs and max_len must be positive".into(),
             ));
@@ -848,8 +849,10 @@ impl Client {
         let mut scorer = SlmScorer::new(slm);
         let learning = private.is_some();
         if let Some(private) = private {
-            let mut train = TrainConfig::for_arch(arch);
-            train.epochs = self.config.round_epochs;
+            let mut train = TrainConfig::for_round(arch);
+            if let Some(e) = self.config.round_epochs {
+                train.epochs = e;
+            }
             // Few private examples: no validation split, train on all of it.
             train.validation_fraction = 0.0;
             train.seed = self.config.seed;

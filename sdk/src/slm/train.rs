@@ -106,6 +106,23 @@ impl TrainConfig {
         }
     }
 
+    /// Defaults for the update after each round (private data plus the round's synthetic
+    /// samples, from the current weights): MiniLM 2 epochs at its rate; the bag model 15 at
+    /// 2e-3. Why: at 5 epochs of 1e-3 a bag model first trained on label-skewed private data
+    /// did not fit the update's own data (last epoch's mean loss 0.62 against 0.03) and went on
+    /// answering its majority label.
+    pub fn for_round(arch: super::Arch) -> Self {
+        let base = Self::for_arch(arch);
+        match arch {
+            super::Arch::Minilm => Self { epochs: 2, ..base },
+            super::Arch::Bag => Self {
+                epochs: 15,
+                learning_rate: 2e-3,
+                ..base
+            },
+        }
+    }
+
     /// Learning rate at `step` of `total`: linear warmup, then linear decay to 0.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
         let warmup = ((self.warmup_fraction * total as f64).round() as usize).max(1);

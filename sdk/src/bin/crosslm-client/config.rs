@@ -126,7 +126,7 @@ impl CommonArgs {
             model_dir: file.model_dir.clone().unwrap_or(d.model_dir),
             checkpoint_dir: file.checkpoint.clone(),
             train_epochs: file.train_epochs,
-            round_epochs: file.round_epochs.unwrap_or(d.round_epochs),
+            round_epochs: file.round_epochs.or(d.round_epochs),
             test_fraction: file.test_fraction.unwrap_or(d.test_fraction),
             min_quality: file.min_quality.unwrap_or(d.min_quality),
             soft_targets: file.soft_targets.unwrap_or(d.soft_targets),

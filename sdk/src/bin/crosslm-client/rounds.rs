@@ -53,7 +53,7 @@ pub struct JoinArgs {
     /// Fraction of --data held out as the local test split when there is no --test.
     #[arg(long)]
     pub test_fraction: Option<f64>,
-    /// Training epochs per round.
+    /// Training epochs after each round (default: the architecture's: MiniLM 2, bag 15).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Epochs of the first local training (no checkpoint yet).
@@ -203,7 +203,7 @@ pub fn join_cmd(a: JoinArgs) -> anyhow::Result<()> {
         cfg.test_fraction = v;
     }
     if let Some(v) = a.epochs {
-        cfg.round_epochs = v;
+        cfg.round_epochs = Some(v);
     }
     if let Some(v) = a.train_epochs {
         cfg.train_epochs = Some(v);
