@@ -309,9 +309,10 @@ fn slm_train_continues_a_checkpoint() {
     let (ok, err) = train(&["--arch", "bag", "--epochs", "5"], &first, &data);
     assert!(ok, "first training: {err}");
 
-    // The labels in the other order of first appearance: they are mapped by name onto the
-    // checkpoint's. A learning rate too small to move anything leaves its predictions as they
-    // were; a new model (what the flag, if ignored, would train) predicts differently.
+    // A file whose first row has the other label still loads onto the checkpoint (this does
+    // not check the mapping itself: at this learning rate nothing moves). A learning rate too
+    // small to move anything leaves the checkpoint's predictions as they were; a new model
+    // (what the flag, if ignored, would train) predicts differently.
     let swapped = dir.path().join("swapped.jsonl");
     let lines: Vec<String> = std::fs::read_to_string(&data)
         .unwrap()
