@@ -1,20 +1,24 @@
-//! LLM throughput on CPU (burn Flex) beside llama.cpp on the same GGUF file.
+//! LLM throughput on CPU beside llama.cpp on the same GGUF file.
 //!
 //! Prompt processing (prefill) and generation (one token per sequence per step, greedy, EOS
-//! ignored so every run does the same work) tokens/s for batch 1 and 16, and peak memory.
-//! llama.cpp runs through `scripts/bench/llm_llamacpp.py` (llama-cpp-python) when
-//! `python3 -c "import llama_cpp"` works.
+//! ignored so every run does the same work) tokens/s for batch 1 and 16, and peak memory;
+//! then what CrossLM's rounds run: MR classification (sentences/s of `Llm::classify`) and
+//! perplexity on NYT text (tokens/s of `Llm::perplexity`). llama.cpp runs through
+//! `scripts/bench/llm_llamacpp.py` (llama-cpp-python) in the Python of
+//! `CROSSLM_BENCH_PYTHON` (default: the venv of `scripts/bench/setup.sh`, else `python3`).
 //!
-//! `cargo bench -p crosslm-coordinator --bench llm` (env: `CROSSLM_BENCH_PROMPT` tokens per
-//! prompt, default 128; `CROSSLM_BENCH_GEN` generated tokens, default 32).
+//! `cargo bench --workspace --bench llm` (env: `CROSSLM_BENCH_PROMPT` tokens per prompt,
+//! default 128; `CROSSLM_BENCH_GEN` generated tokens, default 32; `CROSSLM_LLM_ENGINE=burn`
+//! measures the burn decoder instead of the quantized one).
 
 use std::process::Command;
 use std::time::Instant;
 
 use burn::tensor::Device;
 use crosslm_coordinator::llm::generate::argmax;
-use crosslm_coordinator::llm::model::{KvCache, StepInputs, to_host_f32, token_tensor};
 use crosslm_coordinator::llm::{Llm, smollm2_gguf_path};
+use crosslm_coordinator::task::TaskSpec;
+use crosslm_sdk::data::{BadRows, assets_dir, load_mr, workspace_root};
 
 /// Throughput of one configuration, tokens per second.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,56 +60,85 @@ fn prompts(llm: &Llm, batch: usize, len: usize) -> Vec<Vec<u32>> {
 
 /// Prefill then `gen` greedy steps; returns tokens/s for both phases.
 fn run(llm: &Llm, batch: usize, prompt_len: usize, n_gen: usize) -> Figures {
-    let (c, d, m) = (&llm.config, &llm.device, &llm.model);
     let rows = prompts(llm, batch, prompt_len);
     let pads = vec![0; batch];
-    let mut cache = KvCache::new();
+    let mut session = llm.session(None, prompt_len + n_gen);
     let t0 = Instant::now();
-    let hidden = m.forward(
-        token_tensor(&rows, d),
-        &StepInputs::new(c, &pads, 0, prompt_len, d),
-        Some(&mut cache),
-        None,
-    );
-    let dm = c.d_model;
-    let mut last = hidden
-        .slice([0..batch, prompt_len - 1..prompt_len])
-        .reshape([batch, dm]);
-    // Reading the logits back forces the computation.
-    let mut logits = to_host_f32(m.lm_head(last));
+    let mut logits = session.step(&rows, &pads);
     let prefill = (batch * prompt_len) as f64 / t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    for step in 0..n_gen {
+    for _ in 0..n_gen {
         let next: Vec<Vec<u32>> = logits
-            .chunks(c.vocab_size)
+            .chunks(llm.config.vocab_size)
             .map(|row| vec![argmax(row)])
             .collect();
-        let hidden = m.forward(
-            token_tensor(&next, d),
-            &StepInputs::new(c, &pads, prompt_len + step, 1, d),
-            Some(&mut cache),
-            None,
-        );
-        last = hidden.reshape([batch, dm]);
-        logits = to_host_f32(m.lm_head(last));
+        logits = session.step(&next, &pads);
     }
     let generate = (batch * n_gen) as f64 / t1.elapsed().as_secs_f64();
     Figures { prefill, generate }
 }
 
+/// MR classification (sentences/s) and NYT perplexity (scored tokens/s), as a round runs them.
+fn round_work(llm: &Llm) -> Result<(f64, f64), String> {
+    let task = TaskSpec::from_toml_file(workspace_root().join("examples/tasks/mr.toml"))
+        .map_err(|e| e.to_string())?;
+    let load = |name: &str, n: usize| -> Result<Vec<String>, String> {
+        let loaded = load_mr(&assets_dir().join("data/mr").join(name), BadRows::Skip)
+            .map_err(|e| e.to_string())?;
+        Ok(loaded
+            .dataset
+            .examples
+            .iter()
+            .take(n)
+            .map(|e| e.text.clone())
+            .collect())
+    };
+    let sentences = load("movieReviewSnippets_GroundTruth.txt", 64)?;
+    let t = Instant::now();
+    llm.classify(&task, &sentences).map_err(|e| e.to_string())?;
+    let classify = sentences.len() as f64 / t.elapsed().as_secs_f64();
+    let general = load("nytEditorialSnippets_GroundTruth.txt", 32)?;
+    let tokens: usize = general
+        .iter()
+        .map(|t| {
+            llm.tokenizer
+                .encode(t)
+                .map_or(0, |v| v.len().saturating_sub(1))
+        })
+        .sum();
+    let t = Instant::now();
+    llm.perplexity(&general).map_err(|e| e.to_string())?;
+    let perplexity = tokens as f64 / t.elapsed().as_secs_f64();
+    Ok((classify, perplexity))
+}
+
+/// The Python with the references installed: `CROSSLM_BENCH_PYTHON`, else the venv that
+/// `scripts/bench/setup.sh` makes, else `python3`.
+fn reference_python() -> String {
+    if let Ok(p) = std::env::var("CROSSLM_BENCH_PYTHON") {
+        return p;
+    }
+    let venv = std::env::var("HOME").map(|h| format!("{h}/.cache/crosslm/venv/bin/python"));
+    match venv {
+        Ok(v) if std::path::Path::new(&v).is_file() => v,
+        _ => "python3".into(),
+    }
+}
+
 /// llama.cpp figures from the Python script: `{"b1": {...}, "b16": {...}, "peak_rss_mib": x}`.
 fn llamacpp(prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> {
-    let ok = Command::new("python3")
+    let python = reference_python();
+    let ok = Command::new(&python)
         .args(["-c", "import llama_cpp"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        println!("llama.cpp reference missing: `python3 -c \"import llama_cpp\"` fails");
-        println!("(pip install llama-cpp-python to compare)");
+        println!("llama.cpp reference missing: `{python} -c \"import llama_cpp\"` fails");
+        println!("(scripts/bench/setup.sh installs it, then set CROSSLM_BENCH_PYTHON)");
         return None;
     }
-    let script = crosslm_sdk::data::workspace_root().join("scripts/bench/llm_llamacpp.py");
-    let out = Command::new("python3")
+    let script = workspace_root().join("scripts/bench/llm_llamacpp.py");
+    let out = Command::new(&python)
         .arg(script)
         .arg(smollm2_gguf_path())
         .args([
@@ -161,15 +194,24 @@ fn main() {
     let b1 = run(&llm, 1, prompt_len, n_gen);
     let b16 = run(&llm, 16, prompt_len, n_gen);
     let rss = peak_rss_mib();
+    let work = round_work(&llm);
     let reference = llamacpp(prompt_len, n_gen);
+    let engine = if llm.cpu_model().is_some() {
+        "quantized CPU decoder"
+    } else {
+        "burn decoder"
+    };
 
     println!();
     println!(
-        "SmolLM2-135M Q4_1, prompt {prompt_len} tokens, {n_gen} generated tokens per sequence"
+        "SmolLM2-135M Q4_1, prompt {prompt_len} tokens, {n_gen} generated tokens per sequence; \
+         crosslm: {engine}, {} threads, {}",
+        rayon::current_num_threads(),
+        simd_note()
     );
     println!(
         "{:<22} {:>12} {:>12} {:>8}",
-        "tokens/s", "burn-flex", "llama.cpp", "ratio"
+        "tokens/s", "crosslm", "llama.cpp", "ratio"
     );
     let rows = [
         (
@@ -200,5 +242,35 @@ fn main() {
             None => println!("{name:<22} {ours:>12.1} {:>12} {:>8}", "-", "-"),
         }
     }
-    println!("(ratio = burn / llama.cpp; > 1 means burn is faster, or uses more memory)");
+    println!("(ratio = crosslm / llama.cpp; > 1 means crosslm is faster, or uses more memory)");
+    match work {
+        Ok((classify, perplexity)) => {
+            println!("MR classification, sentences/s   {classify:>8.1}");
+            println!("NYT perplexity, scored tokens/s  {perplexity:>8.1}");
+        }
+        Err(e) => println!("round work not measured: {e}"),
+    }
+}
+
+/// Which SIMD the CPU offers (the kernels pick AVX2 at run time when present).
+fn simd_note() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |f: bool, name: &str| if f { name } else { "" };
+        let list = [
+            has(std::arch::is_x86_feature_detected!("avx2"), "avx2"),
+            has(std::arch::is_x86_feature_detected!("fma"), "fma"),
+            has(std::arch::is_x86_feature_detected!("avx512f"), "avx512f"),
+            has(
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+                "avx512vnni",
+            ),
+        ];
+        let list: Vec<&str> = list.into_iter().filter(|s| !s.is_empty()).collect();
+        format!("CPU has {}", list.join(" "))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "no x86 SIMD (portable kernels)".to_string()
+    }
 }

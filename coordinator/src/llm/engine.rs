@@ -4,15 +4,15 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::OnceLock;
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 
-use super::generate::{Decoder, Sampling, generate};
+use super::cpu_model::CpuLlama;
+use super::generate::{Sampling, generate};
 use super::gguf::Gguf;
-use super::model::{
-    KvCache, Llama, LlamaConfig, LoraAdapters, StepInputs, to_host_f32, token_tensor,
-};
+use super::model::{Llama, LlamaConfig, LoraAdapters};
+use super::session::Session;
 use super::tokenizer::Tokenizer;
 use crate::task::TaskSpec;
 use crate::{Error, Result};
@@ -33,11 +33,17 @@ pub struct LabeledText {
 }
 
 /// The coordinator LLM: model, tokenizer, device and (optionally) LoRA adapters in use.
+///
+/// On the CPU, inference runs on the quantized decoder ([`CpuLlama`], weights kept in their
+/// GGUF blocks) and the f32 burn model that training needs is built from it on first use; on
+/// a GPU the burn model does everything.
 pub struct Llm {
     /// Architecture.
     pub config: LlamaConfig,
-    /// Frozen base model.
-    pub model: Llama,
+    /// The quantized CPU decoder, when the model runs on the CPU.
+    cpu: Option<CpuLlama>,
+    /// The burn model (frozen base): built at load on a GPU, on first use on the CPU.
+    burn: OnceLock<Llama>,
     /// Tokenizer and chat template.
     pub tokenizer: Tokenizer,
     /// Device the model lives on.
@@ -51,11 +57,13 @@ pub struct Llm {
 }
 
 impl Llm {
-    /// Loads model and tokenizer from a GGUF file onto `device`.
+    /// Loads model and tokenizer from a GGUF file onto `device`. On the CPU (Flex) the
+    /// quantized decoder serves inference unless `CROSSLM_LLM_ENGINE=burn` asks for the burn
+    /// one (to compare the two).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Llm> {
         let gguf = Gguf::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let (config, model) = Llama::from_gguf(&gguf, device)?;
+        let config = LlamaConfig::from_gguf(&gguf)?;
         if tokenizer.vocab_size() != config.vocab_size {
             return Err(Error::Model(format!(
                 "tokenizer has {} tokens, model {}",
@@ -63,9 +71,16 @@ impl Llm {
                 config.vocab_size
             )));
         }
+        let burn_asked = std::env::var("CROSSLM_LLM_ENGINE").is_ok_and(|v| v == "burn");
+        let (cpu, burn) = if *device == Device::flex() && !burn_asked {
+            (Some(CpuLlama::from_gguf(&gguf, &config)?), OnceLock::new())
+        } else {
+            (None, OnceLock::from(Llama::from_gguf(&gguf, device)?.1))
+        };
         Ok(Llm {
             config,
-            model,
+            cpu,
+            burn,
             tokenizer,
             device: device.clone(),
             lora: None,
@@ -73,13 +88,45 @@ impl Llm {
         })
     }
 
-    /// The model, config, adapters and device bundled for a forward pass.
-    pub fn decoder(&self) -> Decoder<'_> {
-        Decoder {
-            model: &self.model,
-            config: &self.config,
-            lora: self.lora.as_ref(),
-            device: &self.device,
+    /// An LLM on the CPU from a decoder made in code (tests).
+    pub fn from_cpu_model(cpu: CpuLlama, tokenizer: Tokenizer) -> Llm {
+        Llm {
+            config: cpu.config().clone(),
+            cpu: Some(cpu),
+            burn: OnceLock::new(),
+            tokenizer,
+            device: Device::flex(),
+            lora: None,
+            task_lora: None,
+        }
+    }
+
+    /// The frozen base as a burn model (what training differentiates through), built from the
+    /// quantized weights on first use when the model runs on the CPU.
+    pub fn model(&self) -> Result<&Llama> {
+        if let Some(m) = self.burn.get() {
+            return Ok(m);
+        }
+        let cpu = self
+            .cpu
+            .as_ref()
+            .ok_or_else(|| Error::Model("the LLM holds no weights".into()))?;
+        let model = Llama::from_weights(&self.config, |n| cpu.weight(n), &self.device)?;
+        Ok(self.burn.get_or_init(|| model))
+    }
+
+    /// The quantized CPU decoder, when inference runs on it.
+    pub fn cpu_model(&self) -> Option<&CpuLlama> {
+        self.cpu.as_ref()
+    }
+
+    /// A fresh batch of sequences on the inference decoder with adapters `lora`, with room for
+    /// `capacity` positions.
+    pub fn session<'a>(&'a self, lora: Option<&'a LoraAdapters>, capacity: usize) -> Session<'a> {
+        match (&self.cpu, self.burn.get()) {
+            (Some(cpu), _) => Session::cpu(cpu, lora, capacity),
+            (None, Some(model)) => Session::burn(model, &self.config, lora, &self.device),
+            (None, None) => unreachable!("an Llm is built with one of its decoders"),
         }
     }
 
@@ -91,8 +138,10 @@ impl Llm {
             .collect();
         let mut out = Vec::with_capacity(prompts.len());
         for (p, s) in prompts.chunks(MAX_BATCH).zip(seeds.chunks(MAX_BATCH)) {
+            let longest = p.iter().map(Vec::len).max().unwrap_or(0);
+            let mut session = self.session(self.lora.as_ref(), longest + sampling.max_new_tokens);
             out.extend(generate(
-                self.decoder(),
+                &mut session,
                 p,
                 sampling,
                 Some(s),
@@ -199,31 +248,22 @@ impl Llm {
     /// `scores[i][l]` = log p(`conts[l]` | `prompts[i]`): the prompts run once, then their
     /// cache is repeated for every continuation.
     fn score_continuations(&self, prompts: &[Vec<u32>], conts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-        let (c, d) = (&self.config, &self.device);
-        let lora = self.classifier_lora();
         let (rows, pads) = left_pad(prompts, self.tokenizer.eos_id);
-        let mut cache = KvCache::new();
-        let len = rows[0].len();
-        let hidden = self.model.forward(
-            token_tensor(&rows, d),
-            &StepInputs::new(c, &pads, 0, len, d),
-            Some(&mut cache),
-            lora,
-        );
-        let [b, _, dm] = hidden.dims();
-        let last = hidden.slice([0..b, len - 1..len]).reshape([b, 1, dm]);
-        let first = host_log_probs(&self.model, last); // [b][1][vocab]
-        let mut scores: Vec<Vec<f32>> = first
-            .iter()
-            .map(|p| conts.iter().map(|v| p[0][v[0] as usize]).collect())
-            .collect();
+        let (b, len) = (rows.len(), rows[0].len());
         let longest = conts.iter().map(Vec::len).max().unwrap_or(1);
+        let mut session = self.session(self.classifier_lora(), len + longest);
+        let vocab = self.config.vocab_size;
+        let first = session.step(&rows, &pads); // [b, vocab]
+        let mut scores: Vec<Vec<f32>> = first
+            .chunks_exact(vocab)
+            .map(|row| conts.iter().map(|v| log_prob(row, v[0])).collect())
+            .collect();
         if longest > 1 {
             // Row i * L + l continues prompt i with continuation l (right-padded: later
             // positions cannot influence earlier ones).
             let n_l = conts.len();
             let rep: Vec<usize> = (0..b).flat_map(|i| std::iter::repeat_n(i, n_l)).collect();
-            cache.select_rows(&rep);
+            session.keep_rows(&rep);
             let pads: Vec<usize> = rep.iter().map(|&i| pads[i]).collect();
             let inputs: Vec<Vec<u32>> = (0..b)
                 .flat_map(|_| conts.iter())
@@ -233,17 +273,12 @@ impl Llm {
                     r
                 })
                 .collect();
-            let hidden = self.model.forward(
-                token_tensor(&inputs, d),
-                &StepInputs::new(c, &pads, len, longest - 1, d),
-                Some(&mut cache),
-                lora,
-            );
-            let lp = host_log_probs(&self.model, hidden);
-            for (row, p) in lp.iter().enumerate() {
+            let hidden = session.hidden(&inputs, &pads);
+            let logits = session.logits(&hidden, inputs.len() * (longest - 1));
+            for (row, p) in logits.chunks_exact(vocab * (longest - 1)).enumerate() {
                 let (i, l) = (row / n_l, row % n_l);
                 for (j, &t) in conts[l].iter().enumerate().skip(1) {
-                    scores[i][l] += p[j - 1][t as usize];
+                    scores[i][l] += log_prob(&p[(j - 1) * vocab..j * vocab], t);
                 }
             }
         }
@@ -280,12 +315,10 @@ impl Llm {
         // Similar lengths together keep padding low.
         ids.sort_by_key(Vec::len);
         let (mut nll, mut count) = (0.0f64, 0usize);
-        let dec = Decoder {
-            lora,
-            ..self.decoder()
-        };
         for batch in ids.chunks(4) {
-            let (sum, n) = sequence_nll(dec, batch, self.tokenizer.eos_id);
+            let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
+            let mut session = self.session(lora, longest);
+            let (sum, n) = sequence_nll(&mut session, batch, self.tokenizer.eos_id);
             nll += sum;
             count += n;
         }
@@ -332,48 +365,44 @@ pub(crate) fn left_pad(rows: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<usize
     (rows, pads)
 }
 
-/// Log-softmax of the LM head over hidden states `[b, t, d]`, read back as `[b][t][vocab]`.
-fn host_log_probs(model: &Llama, hidden: Tensor<3>) -> Vec<Vec<Vec<f32>>> {
-    let [b, t, _] = hidden.dims();
-    let lp = log_softmax(model.lm_head(hidden), 2);
-    let vocab = lp.dims()[2];
-    let flat = to_host_f32(lp);
-    flat.chunks(t * vocab)
-        .take(b)
-        .map(|s| s.chunks(vocab).map(<[f32]>::to_vec).collect())
-        .collect()
+/// `log softmax(logits)[token]` of one row of logits.
+fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    logits[token as usize] - max - sum.ln() as f32
 }
 
+/// Hidden rows the LM head runs on at a time in [`sequence_nll`] (bounds the logits buffer).
+const HEAD_ROWS: usize = 64;
+
 /// Sum of next-token NLL over all real positions of left-padded sequences, and their count.
-fn sequence_nll(dec: Decoder<'_>, seqs: &[Vec<u32>], pad: u32) -> (f64, usize) {
+fn sequence_nll(session: &mut Session<'_>, seqs: &[Vec<u32>], pad: u32) -> (f64, usize) {
     let (rows, pads) = left_pad(seqs, pad);
     let len = rows[0].len();
     let inputs: Vec<Vec<u32>> = rows.iter().map(|r| r[..len - 1].to_vec()).collect();
-    let hidden = dec.model.forward(
-        token_tensor(&inputs, dec.device),
-        &StepInputs::new(dec.config, &pads, 0, len - 1, dec.device),
-        None,
-        dec.lora,
-    );
-    let lp = log_softmax(dec.model.lm_head(hidden), 2);
-    let targets: Vec<i64> = rows
+    let hidden = session.hidden(&inputs, &pads);
+    let d = session.config().d_model;
+    let vocab = session.config().vocab_size;
+    // Position j predicts token j + 1; the first real token (index pad) is not predicted,
+    // and pad positions predict nothing: the head runs on the scored positions only.
+    let scored: Vec<(usize, usize)> = pads
         .iter()
-        .flat_map(|r| r[1..].iter().map(|&t| t.into()))
+        .enumerate()
+        .flat_map(|(i, &pad)| (pad..len - 1).map(move |j| (i, j)))
         .collect();
-    let b = rows.len();
-    let targets =
-        Tensor::<3, Int>::from_data(TensorData::new(targets, [b, len - 1, 1]), dec.device);
-    let picked = to_host_f32(lp.gather(2, targets));
     let mut sum = 0.0f64;
-    let mut n = 0;
-    for (i, &pad) in pads.iter().enumerate() {
-        // Position j predicts token j + 1; the first real token (index pad) is not predicted.
-        for j in pad..len - 1 {
-            sum -= f64::from(picked[i * (len - 1) + j]);
-            n += 1;
+    for part in scored.chunks(HEAD_ROWS) {
+        let h: Vec<f32> = part
+            .iter()
+            .flat_map(|&(i, j)| &hidden[(i * (len - 1) + j) * d..][..d])
+            .copied()
+            .collect();
+        let logits = session.logits(&h, part.len());
+        for (&(i, j), row) in part.iter().zip(logits.chunks_exact(vocab)) {
+            sum -= f64::from(log_prob(row, rows[i][j + 1]));
         }
     }
-    (sum, n)
+    (sum, scored.len())
 }
 
 /// Softmax of log-scores.
@@ -449,29 +478,35 @@ mod tests {
         (788, 25.554_227),
     ];
 
-    /// Gate: the first-step logits' top 5 match the oracle in ids and within 1e-2 in value
-    /// (both dequantize the same Q4_1 weights to f32; differences are f32 summation order).
+    /// Gate: the first-step logits' top 5 match the oracle in ids and within 1e-2 in value, on
+    /// the burn decoder and on the quantized CPU one (all three compute with the same Q4_1
+    /// weights in f32; differences are f32 summation order).
     #[test]
     fn real_first_step_top5_logits_match_reference() -> Result<()> {
+        use crate::llm::model::{StepInputs, to_host_f32, token_tensor};
         let llm = smollm2();
         let ids = llm.tokenizer.encode(&llm.tokenizer.chat_prompt(REF_USER))?;
         let (rows, pads) = left_pad(&[ids], 0);
         let len = rows[0].len();
         let d = &llm.device;
-        let hidden = llm.model.forward(
+        let model = llm.model()?;
+        let hidden = model.forward(
             token_tensor(&rows, d),
             &StepInputs::new(&llm.config, &pads, 0, len, d),
             None,
             None,
         );
         let last = hidden.slice([0..1, len - 1..len]);
-        let logits = to_host_f32(llm.model.lm_head(last));
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
-            assert_eq!(order[k] as u32, id, "rank {k}");
-            let got = logits[id as usize];
-            assert!((got - value).abs() < 1e-2, "token {id}: {got} vs {value}");
+        let burn = to_host_f32(model.lm_head(last));
+        let cpu = llm.session(None, len).step(&rows, &pads);
+        for (logits, tol) in [(burn, 1e-2), (cpu, 1e-2)] {
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
+                assert_eq!(order[k] as u32, id, "rank {k} (tolerance {tol})");
+                let got = logits[id as usize];
+                assert!((got - value).abs() < tol, "token {id}: {got} vs {value}");
+            }
         }
         Ok(())
     }

@@ -5,13 +5,10 @@
 //! own seeded RNG, so a sequence's output does not depend on what else is in the batch.
 //! Finished sequences leave the batch (their cache rows are dropped) so late steps stay cheap.
 
-use burn::tensor::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{
-    KvCache, Llama, LlamaConfig, LoraAdapters, StepInputs, to_host_f32, token_tensor,
-};
+use super::session::Session;
 
 /// How to pick the next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,36 +104,17 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// Everything a forward pass needs: the frozen model, its config, optional LoRA adapters and
-/// the device the model lives on.
-#[derive(Clone, Copy)]
-pub struct Decoder<'a> {
-    /// The base model.
-    pub model: &'a Llama,
-    /// Its config.
-    pub config: &'a LlamaConfig,
-    /// Adapters to apply on top, if any.
-    pub lora: Option<&'a LoraAdapters>,
-    /// Device of the model's tensors.
-    pub device: &'a Device,
-}
-
-/// Generates continuations of many prompts at once. Sequence `i` samples with its own RNG
-/// seeded by `seeds[i]` (or `sampling.seed + i` when `seeds` is `None`) and stops at `eos`
-/// (not included in the output) or after `max_new_tokens`. Returns the new ids per prompt.
+/// Generates continuations of many prompts at once in a fresh `session`. Sequence `i`
+/// samples with its own RNG seeded by `seeds[i]` (or `sampling.seed + i` when `seeds` is
+/// `None`) and stops at `eos` (not included in the output) or after `max_new_tokens`. Returns
+/// the new ids per prompt.
 pub fn generate(
-    dec: Decoder<'_>,
+    session: &mut Session<'_>,
     prompts: &[Vec<u32>],
     sampling: &Sampling,
     seeds: Option<&[u64]>,
     eos: u32,
 ) -> Vec<Vec<u32>> {
-    let Decoder {
-        model,
-        config,
-        lora,
-        device,
-    } = dec;
     let n = prompts.len();
     let mut outputs = vec![Vec::new(); n];
     if n == 0 || sampling.max_new_tokens == 0 {
@@ -162,14 +140,9 @@ pub fn generate(
             row
         })
         .collect();
-    let mut cache = KvCache::new();
-    let inputs = StepInputs::new(config, &pads, 0, longest, device);
-    let hidden = model.forward(token_tensor(&rows, device), &inputs, Some(&mut cache), lora);
-    let [b, t, d] = hidden.dims();
-    let mut last = hidden.slice([0..b, t - 1..t]).reshape([b, d]);
+    let vocab = session.config().vocab_size;
+    let mut logits = session.step(&rows, &pads);
     loop {
-        let logits = to_host_f32(model.lm_head(last));
-        let vocab = config.vocab_size;
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (j, &i) in active.iter().enumerate() {
@@ -188,14 +161,11 @@ pub fn generate(
             break;
         }
         if keep.len() < active.len() {
-            cache.select_rows(&keep);
+            session.keep_rows(&keep);
             active = keep.iter().map(|&j| active[j]).collect();
             pads = keep.iter().map(|&j| pads[j]).collect();
         }
-        let past = cache.len();
-        let inputs = StepInputs::new(config, &pads, past, 1, device);
-        let hidden = model.forward(token_tensor(&next, device), &inputs, Some(&mut cache), lora);
-        last = hidden.reshape([active.len(), d]);
+        logits = session.step(&next, &pads);
     }
     outputs
 }
@@ -256,12 +226,16 @@ mod tests {
 
     /// On a tiny random model, a batch of prompts of different lengths gives each prompt the
     /// same continuation as generating it alone with the same seed, and a stop token ends each
-    /// continuation exactly where it first comes.
+    /// continuation exactly where it first comes; the burn and the CPU decoders agree.
     #[test]
-    fn batched_equals_unbatched_on_tiny_model() {
-        let device = Device::flex();
+    fn batched_equals_unbatched_on_tiny_model() -> crate::Result<()> {
+        use super::super::cpu_model::CpuLlama;
+        use super::super::model::{Llama, LlamaConfig, lookup, random_weights};
+        let device = burn::tensor::Device::flex();
         let c = LlamaConfig::tiny(64);
+        let weights = random_weights(&c, 5);
         let model = Llama::random(&c, 5, &device);
+        let cpu = CpuLlama::from_weights(&c, |n| lookup(&weights, n))?;
         let prompts = vec![vec![5u32, 9, 11], vec![7u32], vec![1u32, 2, 3, 4, 5, 6, 7]];
         let s = Sampling {
             temperature: 0.9,
@@ -270,16 +244,25 @@ mod tests {
             ..Sampling::default()
         };
         let seeds = [10u64, 11, 12];
-        let dec = Decoder {
-            model: &model,
-            config: &c,
-            lora: None,
-            device: &device,
+        let burn = |p: &[Vec<u32>], seeds: &[u64], eos| {
+            generate(
+                &mut Session::burn(&model, &c, None, &device),
+                p,
+                &s,
+                Some(seeds),
+                eos,
+            )
         };
-        let batched = generate(dec, &prompts, &s, Some(&seeds), 63);
+        let on_cpu = |p: &[Vec<u32>], seeds: &[u64], eos| {
+            generate(&mut Session::cpu(&cpu, None, 4), p, &s, Some(seeds), eos)
+        };
+        let batched = burn(&prompts, &seeds, 63);
+        assert_eq!(on_cpu(&prompts, &seeds, 63), batched);
         for (i, p) in prompts.iter().enumerate() {
-            let alone = generate(dec, std::slice::from_ref(p), &s, Some(&seeds[i..=i]), 63);
+            let alone = burn(std::slice::from_ref(p), &seeds[i..=i], 63);
             assert_eq!(alone[0], batched[i], "prompt {i}");
+            let alone = on_cpu(std::slice::from_ref(p), &seeds[i..=i], 63);
+            assert_eq!(alone[0], batched[i], "prompt {i} on the CPU decoder");
         }
         // The model and seeds are fixed, so this holds or fails on every run.
         assert!(
@@ -287,11 +270,12 @@ mod tests {
             "expected full-length continuations: {batched:?}"
         );
         let stop = batched[0][3];
-        let cut = generate(dec, &prompts, &s, Some(&seeds), stop);
+        let cut = on_cpu(&prompts, &seeds, stop);
         for (i, (full, cut)) in batched.iter().zip(&cut).enumerate() {
             let expected: Vec<u32> = full.iter().copied().take_while(|&t| t != stop).collect();
             assert_eq!(*cut, expected, "prompt {i}");
         }
         assert!(cut[0].len() <= 3);
+        Ok(())
     }
 }

@@ -1,16 +1,23 @@
 //! The coordinator LLM (SmolLM2 / Llama) in burn.
 //!
 //! - [`engine`]: [`Llm`], what CrossLM needs: generate, classify, perplexity.
-//! - [`generate`]: batched generation with a KV cache, sampling.
+//! - [`session`]: a batch of sequences in flight on either decoder, with its KV cache.
+//! - [`generate`]: batched generation over a session, sampling.
 //! - [`gguf`]: GGUF v3 reader and dequantization.
-//! - [`model`]: the Llama decoder (config, blocks, KV cache, LoRA adapters).
+//! - [`quant`]: weights kept in GGUF blocks and the SIMD, multi-threaded products over them.
+//! - [`cpu_model`]: the Llama decoder for CPU inference over quantized weights.
+//! - [`model`]: the Llama decoder in burn (config, blocks, KV cache, LoRA adapters), which
+//!   training differentiates and GPUs run.
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, ChatML template.
 //! - [`train`]: LoRA fine-tuning (weighted completion NLL), adapter files.
 
+pub mod cpu_model;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod quant;
+pub mod session;
 pub mod tokenizer;
 pub mod train;
 
@@ -58,20 +65,14 @@ pub(crate) mod test_assets {
 
     /// A tiny random model with the real tokenizer: fast, and enough to see learning.
     pub fn tiny_llm() -> crate::Result<super::Llm> {
+        use super::cpu_model::CpuLlama;
         use super::gguf::Gguf;
-        use super::model::{Llama, LlamaConfig};
+        use super::model::{LlamaConfig, lookup, random_weights};
         use super::tokenizer::Tokenizer;
         let tokenizer = Tokenizer::from_gguf(&Gguf::open(smollm2_path())?)?;
-        let device = burn::tensor::Device::flex();
         let config = LlamaConfig::tiny(tokenizer.vocab_size());
-        let model = Llama::random(&config, 3, &device);
-        Ok(super::Llm {
-            config,
-            model,
-            tokenizer,
-            device,
-            lora: None,
-            task_lora: None,
-        })
+        let weights = random_weights(&config, 3);
+        let cpu = CpuLlama::from_weights(&config, |n| lookup(&weights, n))?;
+        Ok(super::Llm::from_cpu_model(cpu, tokenizer))
     }
 }

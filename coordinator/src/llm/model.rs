@@ -10,9 +10,12 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use std::collections::BTreeMap;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::cpu_model::Weight;
 use super::gguf::Gguf;
 use crate::{Error, Result};
 
@@ -47,6 +50,13 @@ impl LlamaConfig {
             return Err(Error::Model(format!(
                 "architecture {arch} is not supported (expected llama)"
             )));
+        }
+        if g.tensor_info("output.weight").is_ok() {
+            return Err(Error::Model(
+                "separate output.weight is not supported: this loader ties the LM head to \
+                 token_embd"
+                    .into(),
+            ));
         }
         let u = |k: &str| g.meta_u64(&format!("llama.{k}")).map(|v| v as usize);
         let vocab_size = match g.meta_u64("llama.vocab_size") {
@@ -259,14 +269,61 @@ impl KvCache {
 /// `rng`. Random weights come from here, not from the backend's RNG: that one is shared by
 /// everything running in the process (tests side by side), so seeding it reproduces nothing.
 fn seeded_normal(rng: &mut StdRng, shape: [usize; 2], std: f64, device: &Device) -> Tensor<2> {
-    let values: Vec<f32> = (0..shape[0] * shape[1])
+    let values = seeded_values(rng, shape[0] * shape[1], std);
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// `n` normal draws with standard deviation `std` (Box-Muller) from `rng`.
+fn seeded_values(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
         .map(|_| {
             let u1 = 1.0 - rng.random::<f64>(); // (0, 1]: ln stays finite
             let u2 = rng.random::<f64>();
             (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
         })
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
+        .collect()
+}
+
+/// Random weights for `c`, named and shaped as in a GGUF file, the same for the same `seed`:
+/// normal with standard deviation `1/sqrt(d_in)` (embeddings 1), norms 1.
+pub fn random_weights(c: &LlamaConfig, seed: u64) -> BTreeMap<String, Weight> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = BTreeMap::new();
+    let mut normal = |name: String, rows: usize, cols: usize, std: f64| {
+        let values = seeded_values(&mut rng, rows * cols, std);
+        out.insert(name, (vec![rows, cols], values));
+    };
+    let (d, kv) = (c.d_model, c.n_kv_heads * c.head_dim());
+    normal("token_embd.weight".into(), c.vocab_size, d, 1.0);
+    for i in 0..c.n_layers {
+        let p = |s: &str| format!("blk.{i}.{s}.weight");
+        for (name, rows, cols) in [
+            ("attn_q", d, d),
+            ("attn_k", kv, d),
+            ("attn_v", kv, d),
+            ("attn_output", d, d),
+            ("ffn_gate", c.d_ff, d),
+            ("ffn_up", c.d_ff, d),
+            ("ffn_down", d, c.d_ff),
+        ] {
+            normal(p(name), rows, cols, 1.0 / (cols as f64).sqrt());
+        }
+    }
+    let ones = || (vec![d], vec![1.0; d]);
+    for i in 0..c.n_layers {
+        out.insert(format!("blk.{i}.attn_norm.weight"), ones());
+        out.insert(format!("blk.{i}.ffn_norm.weight"), ones());
+    }
+    out.insert("output_norm.weight".into(), ones());
+    out
+}
+
+/// A named weight of [`random_weights`], or a clear error.
+pub fn lookup(weights: &BTreeMap<String, Weight>, name: &str) -> Result<Weight> {
+    weights
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::Model(format!("no weight named {name}")))
 }
 
 /// One low-rank adapter `x -> scale * (x @ a) @ b` added to a frozen projection.
@@ -490,34 +547,39 @@ fn transpose(data: &TensorData, rows: usize, cols: usize) -> Result<TensorData> 
     Ok(TensorData::new(out, [cols, rows]))
 }
 
-/// A dequantized GGUF weight, checked against the expected row-major shape.
-fn load(g: &Gguf, name: &str, shape: &[usize]) -> Result<TensorData> {
-    let (got, values) = g.dequantize(name)?;
-    if got != shape {
-        return Err(Error::Model(format!(
-            "tensor {name} has shape {got:?}, expected {shape:?}"
-        )));
-    }
-    Ok(TensorData::new(values, got))
-}
-
 impl Llama {
     /// Loads the model from a GGUF file, dequantizing every weight to f32.
     pub fn from_gguf(g: &Gguf, device: &Device) -> Result<(LlamaConfig, Llama)> {
         let c = LlamaConfig::from_gguf(g)?;
+        let model = Llama::from_weights(&c, |name| g.dequantize(name), device)?;
+        Ok((c, model))
+    }
+
+    /// The model from f32 weights named and shaped as in a GGUF file (matrices `[out, in]`).
+    pub fn from_weights(
+        c: &LlamaConfig,
+        weight: impl Fn(&str) -> Result<Weight>,
+        device: &Device,
+    ) -> Result<Llama> {
         let kv = c.n_kv_heads * c.head_dim();
-        let t1 = |name: &str, n: usize| -> Result<Tensor<1>> {
-            Ok(Tensor::from_data(load(g, name, &[n])?, device))
+        let load = |name: &str, shape: &[usize]| -> Result<TensorData> {
+            let (got, values) = weight(name)?;
+            if got != shape {
+                return Err(Error::Model(format!(
+                    "tensor {name} has shape {got:?}, expected {shape:?}"
+                )));
+            }
+            Ok(TensorData::new(values, got))
         };
         // Linear weights: GGUF `[out, in]` row-major, stored transposed as contiguous
         // `[in, out]` (a strided transposed view makes gemm's one-row case very slow).
         let lin = |name: &str, d_in: usize, d_out: usize| -> Result<Tensor<2>> {
-            let data = load(g, name, &[d_out, d_in])?;
+            let data = load(name, &[d_out, d_in])?;
             Ok(Tensor::from_data(transpose(&data, d_out, d_in)?, device))
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: t1(name, c.d_model)?,
+                weight: Tensor::from_data(load(name, &[c.d_model])?, device),
                 eps: c.rms_eps,
             })
         };
@@ -542,69 +604,22 @@ impl Llama {
                 },
             });
         }
-        if g.tensor_info("output.weight").is_ok() {
-            return Err(Error::Model(
-                "separate output.weight is not supported: this loader ties the LM head to \
-                 token_embd"
-                    .into(),
-            ));
-        }
-        let embed = load(g, "token_embd.weight", &[c.vocab_size, c.d_model])?;
-        let model = Llama {
+        let embed = load("token_embd.weight", &[c.vocab_size, c.d_model])?;
+        Ok(Llama {
             head: Tensor::from_data(transpose(&embed, c.vocab_size, c.d_model)?, device),
             embed: Tensor::from_data(embed, device),
             blocks,
             norm: norm("output_norm.weight")?,
-        };
-        Ok((c, model))
+        })
     }
 
     /// A randomly initialised model (for tests of the machinery, not of the weights), the
-    /// same for the same `seed` (see [`seeded_normal`]).
+    /// same for the same `seed` (see [`random_weights`]).
     pub fn random(c: &LlamaConfig, seed: u64, device: &Device) -> Llama {
-        let rng = std::cell::RefCell::new(StdRng::seed_from_u64(seed));
-        let w = |d_in: usize, d_out: usize| {
-            seeded_normal(
-                &mut rng.borrow_mut(),
-                [d_in, d_out],
-                1.0 / (d_in as f64).sqrt(),
-                device,
-            )
-        };
-        let norm = || RmsNorm {
-            weight: Tensor::ones([c.d_model], device),
-            eps: c.rms_eps,
-        };
-        let kv = c.n_kv_heads * c.head_dim();
-        let embed = seeded_normal(
-            &mut rng.borrow_mut(),
-            [c.vocab_size, c.d_model],
-            1.0,
-            device,
-        );
-        Llama {
-            head: Tensor::from_data(embed.clone().transpose().into_data(), device),
-            embed,
-            blocks: (0..c.n_layers)
-                .map(|_| Block {
-                    attn_norm: norm(),
-                    attn: Attention {
-                        wq: w(c.d_model, c.d_model),
-                        wk: w(c.d_model, kv),
-                        wv: w(c.d_model, kv),
-                        wo: w(c.d_model, c.d_model),
-                        n_heads: c.n_heads,
-                        n_kv_heads: c.n_kv_heads,
-                    },
-                    ffn_norm: norm(),
-                    mlp: Mlp {
-                        gate: w(c.d_model, c.d_ff),
-                        up: w(c.d_model, c.d_ff),
-                        down: w(c.d_ff, c.d_model),
-                    },
-                })
-                .collect(),
-            norm: norm(),
+        let weights = random_weights(c, seed);
+        match Llama::from_weights(c, |n| lookup(&weights, n), device) {
+            Ok(model) => model,
+            Err(e) => unreachable!("random weights have the config's shapes: {e}"),
         }
     }
 

@@ -193,7 +193,8 @@ fn completion_token_logprobs(
     let (b, len) = (rows.len(), rows[0].len());
     let device = &llm.device;
     let inputs: Vec<Vec<u32>> = rows.iter().map(|r| r[..len - 1].to_vec()).collect();
-    let hidden = llm.model.forward(
+    let model = llm.model()?;
+    let hidden = model.forward(
         token_tensor(&inputs, device),
         &StepInputs::new(&llm.config, &pads, 0, len - 1, device),
         None,
@@ -204,7 +205,7 @@ fn completion_token_logprobs(
     let k = seqs.iter().map(|(_, n)| *n).max().unwrap_or(1).min(len - 1);
     let [_, t, dm] = hidden.dims();
     let hidden = hidden.slice([0..b, t - k..t, 0..dm]);
-    let lp = log_softmax(llm.model.lm_head(hidden), 2);
+    let lp = log_softmax(model.lm_head(hidden), 2);
     let targets: Vec<i64> = rows
         .iter()
         .flat_map(|r| r[len - k..].iter().map(|&t| t.into()))

@@ -1,0 +1,502 @@
+//! The Llama decoder for inference on the CPU: weights stay in their GGUF blocks
+//! ([`QMatrix`]), the KV cache is preallocated and written in place, and every step runs on
+//! host vectors with rayon (no tensor-library dispatch per op). Same maths as
+//! [`super::model::Llama`] (which training and GPUs use): RMSNorm, RoPE on adjacent pairs,
+//! grouped-query attention over left-padded sequences, SwiGLU, tied LM head, LoRA on q and v.
+
+use rayon::prelude::*;
+
+use super::gguf::Gguf;
+use super::model::{LlamaConfig, LoraAdapters, LoraPair, to_host_f32};
+use super::quant::{QMatrix, matmul_many};
+use crate::{Error, Result};
+
+/// One decoder block's weights.
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+/// The decoder over quantized weights.
+pub struct CpuLlama {
+    config: LlamaConfig,
+    /// `[vocab, d_model]`: token embeddings, and the tied LM head.
+    embed: QMatrix,
+    blocks: Vec<Block>,
+    norm: Vec<f32>,
+    /// RoPE frequencies `theta^(-2i/d)`, in f64 like the reference.
+    inv_freq: Vec<f64>,
+}
+
+/// A named weight in GGUF's row-major shape, as f32 (what a model is built from).
+pub type Weight = (Vec<usize>, Vec<f32>);
+
+impl CpuLlama {
+    /// Reads the weights of a `llama` GGUF file, keeping quantized tensors quantized.
+    pub fn from_gguf(g: &Gguf, config: &LlamaConfig) -> Result<CpuLlama> {
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix> {
+            let info = g.tensor_info(name)?;
+            if info.shape() != [rows, cols] {
+                return Err(Error::Model(format!(
+                    "tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+                    info.shape()
+                )));
+            }
+            QMatrix::from_gguf(name, info.ggml_type, g.tensor_bytes(info)?, rows, cols)
+        };
+        let vector = |name: &str| -> Result<Vec<f32>> {
+            let (shape, v) = g.dequantize(name)?;
+            if shape != [config.d_model] {
+                return Err(Error::Model(format!(
+                    "tensor {name} has shape {shape:?}, expected [{}]",
+                    config.d_model
+                )));
+            }
+            Ok(v)
+        };
+        CpuLlama::build(config, matrix, vector)
+    }
+
+    /// The model from f32 weights named as in a GGUF file (`[out, in]` matrices), kept f32:
+    /// for models made in code.
+    pub fn from_weights(
+        config: &LlamaConfig,
+        weight: impl Fn(&str) -> Result<Weight>,
+    ) -> Result<CpuLlama> {
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix> {
+            let (shape, v) = weight(name)?;
+            if shape != [rows, cols] {
+                return Err(Error::Model(format!("tensor {name} has shape {shape:?}")));
+            }
+            Ok(QMatrix::from_f32(v, rows, cols))
+        };
+        let vector = |name: &str| weight(name).map(|(_, v)| v);
+        CpuLlama::build(config, matrix, vector)
+    }
+
+    fn build(
+        c: &LlamaConfig,
+        matrix: impl Fn(&str, usize, usize) -> Result<QMatrix>,
+        vector: impl Fn(&str) -> Result<Vec<f32>>,
+    ) -> Result<CpuLlama> {
+        let kv = c.n_kv_heads * c.head_dim();
+        let d = c.d_model;
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: vector(&p("attn_norm"))?,
+                wq: matrix(&p("attn_q"), d, d)?,
+                wk: matrix(&p("attn_k"), kv, d)?,
+                wv: matrix(&p("attn_v"), kv, d)?,
+                wo: matrix(&p("attn_output"), d, d)?,
+                ffn_norm: vector(&p("ffn_norm"))?,
+                gate: matrix(&p("ffn_gate"), c.d_ff, d)?,
+                up: matrix(&p("ffn_up"), c.d_ff, d)?,
+                down: matrix(&p("ffn_down"), d, c.d_ff)?,
+            });
+        }
+        let half = c.head_dim() / 2;
+        Ok(CpuLlama {
+            config: c.clone(),
+            embed: matrix("token_embd.weight", c.vocab_size, d)?,
+            blocks,
+            norm: vector("output_norm.weight")?,
+            inv_freq: (0..half)
+                .map(|i| c.rope_theta.powf(-((2 * i) as f64) / c.head_dim() as f64))
+                .collect(),
+        })
+    }
+
+    /// A weight by its GGUF name, dequantized to f32 (to build the f32 model for training).
+    pub fn weight(&self, name: &str) -> Result<Weight> {
+        let all = |m: &QMatrix| (vec![m.rows, m.cols], m.rows_f32(0..m.rows));
+        let unknown = || Error::Model(format!("no weight named {name}"));
+        match name {
+            "token_embd.weight" => return Ok(all(&self.embed)),
+            "output_norm.weight" => return Ok((vec![self.norm.len()], self.norm.clone())),
+            _ => {}
+        }
+        let rest = name.strip_prefix("blk.").ok_or_else(unknown)?;
+        let (i, field) = rest.split_once('.').ok_or_else(unknown)?;
+        let b = i
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.blocks.get(i))
+            .ok_or_else(unknown)?;
+        let norm = |v: &Vec<f32>| (vec![v.len()], v.clone());
+        Ok(match field {
+            "attn_norm.weight" => norm(&b.attn_norm),
+            "ffn_norm.weight" => norm(&b.ffn_norm),
+            "attn_q.weight" => all(&b.wq),
+            "attn_k.weight" => all(&b.wk),
+            "attn_v.weight" => all(&b.wv),
+            "attn_output.weight" => all(&b.wo),
+            "ffn_gate.weight" => all(&b.gate),
+            "ffn_up.weight" => all(&b.up),
+            "ffn_down.weight" => all(&b.down),
+            _ => return Err(unknown()),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The quantized matrices, for checks of which kernels a file gets.
+    pub fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
+        std::iter::once(&self.embed).chain(
+            self.blocks
+                .iter()
+                .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]),
+        )
+    }
+
+    /// Final hidden states `[batch, seq, d_model]` (after the output norm) of `tokens`
+    /// (`[batch, seq]` row-major, sequence `b` left-padded by `pads[b]` from its start),
+    /// appended to `cache` after the positions it holds.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache,
+        lora: Option<&HostLora>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let batch = pads.len();
+        let n = tokens.len();
+        let seq = n / batch.max(1);
+        assert_eq!(seq * batch, n, "tokens must be [batch, seq]");
+        let past = cache.prepare(c, batch, seq);
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| self.embed.row(t as usize))
+            .collect();
+        let rope = RopeTable::new(&self.inv_freq, pads, past, seq);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let xn = rms_norm(&x, &b.attn_norm, c.rms_eps);
+            let mut qkv = matmul_many(&[&b.wq, &b.wk, &b.wv], &xn, n).into_iter();
+            let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next())
+            else {
+                unreachable!("three matrices in, three products out")
+            };
+            if let Some(l) = lora.and_then(|l| l.block(i)) {
+                l[0].add(&xn, n, &mut q);
+                l[1].add(&xn, n, &mut v);
+            }
+            rope.apply(&mut q, c.head_dim());
+            rope.apply(&mut k, c.head_dim());
+            cache.write(i, past, seq, &k, &v);
+            let attn = self.attention(&q, cache, i, pads, past, seq);
+            add(&mut x, &b.wo.matmul(&attn, n));
+            let xn = rms_norm(&x, &b.ffn_norm, c.rms_eps);
+            let mut gu = matmul_many(&[&b.gate, &b.up], &xn, n).into_iter();
+            let (Some(mut g), Some(u)) = (gu.next(), gu.next()) else {
+                unreachable!("two matrices in, two products out")
+            };
+            for (g, u) in g.iter_mut().zip(&u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            add(&mut x, &b.down.matmul(&g, n));
+        }
+        cache.len = past + seq;
+        rms_norm(&x, &self.norm, c.rms_eps)
+    }
+
+    /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the tied head, from its blocks.
+    pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
+        self.embed.matmul(hidden, n)
+    }
+
+    /// Attention of the new queries over the cached keys/values of `layer`:
+    /// `q` is `[batch, seq, heads * head_dim]`, the result has the same shape.
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        layer: usize,
+        pads: &[usize],
+        past: usize,
+        seq: usize,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (h, hd) = (c.n_heads, c.head_dim());
+        let rep = h / c.n_kv_heads;
+        let d = c.d_model;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = &cache.layers[layer];
+        // One task per (sequence, head): `[seq, head_dim]` each.
+        let heads: Vec<Vec<f32>> = (0..pads.len() * h)
+            .into_par_iter()
+            .map(|job| {
+                let (b, head) = (job / h, job % h);
+                let g = head / rep;
+                let mut out = vec![0.0f32; seq * hd];
+                let mut scores = Vec::with_capacity(past + seq);
+                for t in 0..seq {
+                    let abs = past + t;
+                    let first = pads[b];
+                    if first > abs {
+                        continue; // a pad query: it sees nothing and is never read
+                    }
+                    let qv = &q[(b * seq + t) * d + head * hd..][..hd];
+                    scores.clear();
+                    for j in first..=abs {
+                        let kv = cache.at(keys, b, j, g);
+                        scores.push(dot(qv, kv) * scale);
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let o = &mut out[t * hd..(t + 1) * hd];
+                    for (j, &p) in (first..=abs).zip(&scores) {
+                        let vv = cache.at(values, b, j, g);
+                        let p = p / total;
+                        for (o, v) in o.iter_mut().zip(vv) {
+                            *o += p * v;
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0.0f32; pads.len() * seq * d];
+        for (job, o) in heads.iter().enumerate() {
+            let (b, head) = (job / h, job % h);
+            for t in 0..seq {
+                out[(b * seq + t) * d + head * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);
+            }
+        }
+        out
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer `[batch, capacity, kv_heads *
+/// head_dim]`, allocated ahead and written in place; it grows (doubling) only when a step
+/// needs more positions than it holds.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    batch: usize,
+    len: usize,
+    capacity: usize,
+    width: usize,
+    head_dim: usize,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvCache {
+    /// An empty cache with room for `capacity` positions (it grows past that if needed).
+    pub fn with_capacity(capacity: usize) -> KvCache {
+        KvCache {
+            capacity,
+            ..KvCache::default()
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes room for `seq` more positions of `batch` sequences; returns the cached length.
+    fn prepare(&mut self, c: &LlamaConfig, batch: usize, seq: usize) -> usize {
+        if self.layers.is_empty() {
+            self.batch = batch;
+            self.width = c.n_kv_heads * c.head_dim();
+            self.head_dim = c.head_dim();
+            self.capacity = self.capacity.max(seq);
+            let size = batch * self.capacity * self.width;
+            self.layers = (0..c.n_layers)
+                .map(|_| (vec![0.0; size], vec![0.0; size]))
+                .collect();
+        }
+        assert_eq!(batch, self.batch, "a step must feed every cached sequence");
+        let need = self.len + seq;
+        if need > self.capacity {
+            let capacity = need.max(2 * self.capacity);
+            let rows: Vec<usize> = (0..self.batch).collect();
+            self.regather(&rows, capacity);
+        }
+        self.len
+    }
+
+    /// Keeps the sequences at `rows` (in that order; a row may repeat).
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        self.regather(rows, self.capacity);
+    }
+
+    fn regather(&mut self, rows: &[usize], capacity: usize) {
+        let (old_cap, w, len) = (self.capacity, self.width, self.len);
+        for (k, v) in &mut self.layers {
+            for buf in [k, v] {
+                let mut next = vec![0.0; rows.len() * capacity * w];
+                for (new, &old) in rows.iter().enumerate() {
+                    next[new * capacity * w..][..len * w]
+                        .copy_from_slice(&buf[old * old_cap * w..][..len * w]);
+                }
+                *buf = next;
+            }
+        }
+        self.batch = rows.len();
+        self.capacity = capacity;
+    }
+
+    /// Stores the `[batch, seq, width]` keys and values of `layer` after `past` positions.
+    fn write(&mut self, layer: usize, past: usize, seq: usize, k: &[f32], v: &[f32]) {
+        let (cap, w) = (self.capacity, self.width);
+        let (kc, vc) = &mut self.layers[layer];
+        for b in 0..self.batch {
+            let at = (b * cap + past) * w;
+            kc[at..at + seq * w].copy_from_slice(&k[b * seq * w..(b + 1) * seq * w]);
+            vc[at..at + seq * w].copy_from_slice(&v[b * seq * w..(b + 1) * seq * w]);
+        }
+    }
+
+    /// Head `g`'s vector at position `j` of sequence `b` in buffer `buf`.
+    fn at<'a>(&self, buf: &'a [f32], b: usize, j: usize, g: usize) -> &'a [f32] {
+        &buf[(b * self.capacity + j) * self.width + g * self.head_dim..][..self.head_dim]
+    }
+}
+
+/// RoPE cos/sin for each row of a step.
+struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Row `b * seq + t` is at position `past + t - pads[b]` (pads sit at position 0).
+    fn new(inv_freq: &[f64], pads: &[usize], past: usize, seq: usize) -> RopeTable {
+        let half = inv_freq.len();
+        let n = pads.len() * seq;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for &pad in pads {
+            for t in 0..seq {
+                let pos = (past + t).saturating_sub(pad) as f64;
+                for &f in inv_freq {
+                    let a = pos * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        RopeTable { half, cos, sin }
+    }
+
+    /// Rotates adjacent pairs of every head of every row of `x` (`[rows, heads * head_dim]`).
+    fn apply(&self, x: &mut [f32], head_dim: usize) {
+        let rows = self.cos.len() / self.half.max(1);
+        let width = x.len() / rows.max(1);
+        for (r, row) in x.chunks_exact_mut(width).enumerate() {
+            let cos = &self.cos[r * self.half..(r + 1) * self.half];
+            let sin = &self.sin[r * self.half..(r + 1) * self.half];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos[i] - x1 * sin[i];
+                    pair[1] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// LoRA adapters as host vectors, for the CPU decoder.
+pub struct HostLora {
+    first: usize,
+    blocks: Vec<[HostPair; 2]>,
+}
+
+/// One adapter `x -> scale * (x @ a) @ b`.
+struct HostPair {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rank: usize,
+    scale: f32,
+}
+
+impl HostLora {
+    /// A host copy of burn adapters (read once per batch of work, not per step).
+    pub fn new(l: &LoraAdapters) -> HostLora {
+        let pair = |p: &LoraPair| {
+            let rank = p.a.val().dims()[1];
+            HostPair {
+                a: to_host_f32(p.a.val()),
+                b: to_host_f32(p.b.val()),
+                rank,
+                scale: p.scale as f32,
+            }
+        };
+        HostLora {
+            first: l.first,
+            blocks: l.blocks.iter().map(|b| [pair(&b.q), pair(&b.v)]).collect(),
+        }
+    }
+
+    /// The q and v adapters of block `i`, if it has them.
+    fn block(&self, i: usize) -> Option<&[HostPair; 2]> {
+        i.checked_sub(self.first).and_then(|j| self.blocks.get(j))
+    }
+}
+
+impl HostPair {
+    /// `out += scale * (x @ a) @ b` for `n` rows.
+    fn add(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let d_in = x.len() / n;
+        let d_out = out.len() / n;
+        let mut h = vec![0.0f32; self.rank];
+        for (xr, or) in x.chunks_exact(d_in).zip(out.chunks_exact_mut(d_out)) {
+            h.iter_mut().for_each(|v| *v = 0.0);
+            for (xv, arow) in xr.iter().zip(self.a.chunks_exact(self.rank)) {
+                for (hv, av) in h.iter_mut().zip(arow) {
+                    *hv += xv * av;
+                }
+            }
+            for (hv, brow) in h.iter().zip(self.b.chunks_exact(d_out)) {
+                let s = hv * self.scale;
+                for (o, bv) in or.iter_mut().zip(brow) {
+                    *o += s * bv;
+                }
+            }
+        }
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight` over each row.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
+    let d = weight.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps as f32).sqrt();
+        out.extend(row.iter().zip(weight).map(|(v, w)| v * inv * w));
+    }
+    out
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
