@@ -256,17 +256,18 @@ fn main() {
 fn simd_note() -> String {
     #[cfg(target_arch = "x86_64")]
     {
-        let has = |f: bool, name: &str| if f { name } else { "" };
-        let list = [
-            has(std::arch::is_x86_feature_detected!("avx2"), "avx2"),
-            has(std::arch::is_x86_feature_detected!("fma"), "fma"),
-            has(std::arch::is_x86_feature_detected!("avx512f"), "avx512f"),
-            has(
+        let list: Vec<&str> = [
+            (std::arch::is_x86_feature_detected!("avx2"), "avx2"),
+            (std::arch::is_x86_feature_detected!("fma"), "fma"),
+            (std::arch::is_x86_feature_detected!("avx512f"), "avx512f"),
+            (
                 std::arch::is_x86_feature_detected!("avx512vnni"),
                 "avx512vnni",
             ),
-        ];
-        let list: Vec<&str> = list.into_iter().filter(|s| !s.is_empty()).collect();
+        ]
+        .into_iter()
+        .filter_map(|(has, name)| has.then_some(name))
+        .collect();
         format!("CPU has {}", list.join(" "))
     }
     #[cfg(not(target_arch = "x86_64"))]

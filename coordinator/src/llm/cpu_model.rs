@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::gguf::Gguf;
 use super::model::{LlamaConfig, LoraAdapters, LoraPair, to_host_f32};
-use super::quant::{QMatrix, matmul_many};
+use super::quant::{QMatrix, dot_f32, matmul_many};
 use crate::{Error, Result};
 
 /// One decoder block's weights.
@@ -251,7 +251,7 @@ impl CpuLlama {
                     scores.clear();
                     for j in first..=abs {
                         let kv = cache.at(keys, b, j, g);
-                        scores.push(dot(qv, kv) * scale);
+                        scores.push(dot_f32(qv, kv) * scale);
                     }
                     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut total = 0.0;
@@ -495,8 +495,4 @@ fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

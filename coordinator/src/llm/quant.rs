@@ -1,12 +1,11 @@
 //! Weights kept in their GGUF blocks, and the matrix products that read them.
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
-//! and an offset, Q8_0 as 8-bit codes with a scale. A product decodes each block in registers
-//! and multiplies it with f32 activations: `sum((q d + m) x) = d sum(q x) + m sum(x)`, with
-//! `sum(x)` per block computed once per activation row. Activations stay f32 (quantizing them
-//! to 8 bits, as llama.cpp does, moved logits by up to 0.4 and flipped the reference's greedy
-//! ids). Output rows are split over rayon's threads; the inner dot uses AVX2 + FMA when the
-//! CPU has them (detected at run time) and portable code otherwise. F32/F16 weights stay f32.
+//! and an offset, Q8_0 as 8-bit codes with a scale. A product decodes each block into f32
+//! weights `q d + m` in registers and multiplies them with f32 activations (rounding the
+//! activations to 8 bits, as llama.cpp does, moved logits by up to 0.4 and flipped the
+//! reference's greedy ids). Output rows are split over rayon's threads; the inner dot uses AVX2 + FMA when the
+//! CPU has them, AVX-512 when it has that (both detected at run time), portable code otherwise. F32/F16 weights stay f32.
 
 use half::f16;
 use rayon::prelude::*;
@@ -19,6 +18,9 @@ use crate::{Error, Result};
 const ROWS_PER_TASK: usize = 32;
 /// Activation rows that share one pass over a weight block (decoded nibbles reused).
 const TILE: usize = 4;
+/// From this many activation rows on, a task decodes its weight rows to f32 once and runs an
+/// f32 register-tiled product (decoding per block per tile costs more than that).
+const PANEL_ROWS: usize = 32;
 
 /// How a matrix's values are held.
 #[derive(Debug, Clone)]
@@ -151,32 +153,50 @@ impl QMatrix {
 
     /// Row `r` as f32 (an embedding lookup).
     pub fn row(&self, r: usize) -> Vec<f32> {
+        let mut out = vec![0.0; self.cols];
+        self.decode_into(r, &mut out);
+        out
+    }
+
+    /// Writes row `r` as f32 into `out` (`cols` values).
+    fn decode_into(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
         match &self.codes {
             Codes::Q4 { d, m, qs } => {
-                let mut out = vec![0.0; self.cols];
-                for b in 0..nb {
+                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
                     let i = r * nb + b;
                     let q = &qs[i * QK / 2..(i + 1) * QK / 2];
-                    for (j, &c) in q.iter().enumerate() {
-                        out[b * QK + j] = f32::from(c & 0x0f) * d[i] + m[i];
-                        out[b * QK + j + QK / 2] = f32::from(c >> 4) * d[i] + m[i];
+                    let (lo, hi) = o.split_at_mut(QK / 2);
+                    for ((l, h), &c) in lo.iter_mut().zip(hi).zip(q) {
+                        *l = f32::from(c & 0x0f) * d[i] + m[i];
+                        *h = f32::from(c >> 4) * d[i] + m[i];
                     }
                 }
-                out
             }
-            Codes::Q8 { d, qs } => qs[r * self.cols..(r + 1) * self.cols]
-                .iter()
-                .enumerate()
-                .map(|(j, &q)| f32::from(q) * d[r * nb + j / QK])
-                .collect(),
-            Codes::F32(v) => v[r * self.cols..(r + 1) * self.cols].to_vec(),
+            Codes::Q8 { d, qs } => {
+                let row = &qs[r * self.cols..(r + 1) * self.cols];
+                for (b, (o, q)) in out
+                    .chunks_exact_mut(QK)
+                    .zip(row.chunks_exact(QK))
+                    .enumerate()
+                {
+                    let scale = d[r * nb + b];
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = f32::from(q) * scale;
+                    }
+                }
+            }
+            Codes::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
         }
     }
 
-    /// Rows `range` as f32, row-major (to build the f32 model for training).
+    /// Rows `range` as f32, row-major (a task's panel; the f32 model for training).
     pub fn rows_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
-        range.flat_map(|r| self.row(r)).collect()
+        let mut out = vec![0.0; range.len() * self.cols];
+        for (r, o) in range.zip(out.chunks_exact_mut(self.cols.max(1))) {
+            self.decode_into(r, o);
+        }
+        out
     }
 
     /// `x @ W^T`: `x` is `[n, cols]` row-major, the result `[n, rows]`.
@@ -190,10 +210,7 @@ impl QMatrix {
 /// One row of activations as the kernels read it.
 #[derive(Clone, Copy)]
 struct XRow<'a> {
-    /// The values.
     f: &'a [f32],
-    /// Their sum over each 32-element block (for the offset term of Q4 blocks).
-    sums: &'a [f32],
 }
 
 /// `x @ W^T` for several matrices of the same input (q, k and v, say) in one parallel pass:
@@ -207,11 +224,8 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         "matmul shapes: x has {} values for {n} rows of {cols}",
         x.len()
     );
-    let sums = block_sums(x, cols);
-    let nb = cols.div_ceil(QK);
     let xrow = |r: usize| XRow {
         f: &x[r * cols..(r + 1) * cols],
-        sums: &sums[r * nb..(r + 1) * nb],
     };
     let xs: Vec<XRow<'_>> = (0..n).map(xrow).collect();
     // Products are computed transposed, `[rows, n]`, so that each task owns whole rows.
@@ -243,17 +257,18 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// `sum(x)` over each 32-element block of each row of `x` (`[n, cols]`).
-fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
-    x.chunks_exact(cols.max(1))
-        .flat_map(|row| row.chunks(QK).map(|b| b.iter().sum::<f32>()))
-        .collect()
-}
-
 /// Weight rows `first..` (as many as `out` holds) against every activation row.
 fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f32]) {
     let n = xs.len();
     let nb = w.cols / QK;
+    let rows = out.len() / n.max(1);
+    if let Codes::F32(v) = &w.codes {
+        return simd.f32_product(&v[first * w.cols..(first + rows) * w.cols], w.cols, xs, out);
+    }
+    if n >= PANEL_ROWS {
+        let panel = w.rows_f32(first..first + rows);
+        return simd.f32_product(&panel, w.cols, xs, out);
+    }
     for (k, orow) in out.chunks_mut(n).enumerate() {
         let r = first + k;
         match &w.codes {
@@ -272,12 +287,7 @@ fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f
                 };
                 tiled(orow, xs, |x| simd.dot_q8(wr, x));
             }
-            Codes::F32(v) => {
-                let wr = &v[r * w.cols..(r + 1) * w.cols];
-                for (o, x) in orow.iter_mut().zip(xs) {
-                    *o = dot_f32(wr, x.f);
-                }
-            }
+            Codes::F32(_) => unreachable!("f32 matrices returned above"),
         }
     }
 }
@@ -291,7 +301,7 @@ fn tiled<'a>(out: &mut [f32], xs: &[XRow<'a>], dot: impl Fn(&[XRow<'a>]) -> [f32
 }
 
 /// f32 dot product with eight running sums (vectorizes without fast-math).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
@@ -327,17 +337,62 @@ enum Simd {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2(pulp::x86::V3),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(pulp::x86::V4),
 }
 
 impl Simd {
     fn detect() -> Simd {
+        // CROSSLM_SIMD=avx2 or =scalar narrows the choice (to compare kernels).
         #[cfg(target_arch = "x86_64")]
-        if std::env::var_os("CROSSLM_NO_SIMD").is_none()
-            && let Some(v3) = pulp::x86::V3::try_new()
         {
-            return Simd::Avx2(v3);
+            let asked = std::env::var("CROSSLM_SIMD").unwrap_or_default();
+            if asked.is_empty()
+                && let Some(v4) = pulp::x86::V4::try_new()
+            {
+                return Simd::Avx512(v4);
+            }
+            if asked != "scalar"
+                && let Some(v3) = pulp::x86::V3::try_new()
+            {
+                return Simd::Avx2(v3);
+            }
         }
         Simd::Scalar
+    }
+
+    /// `out[r * n + i]` = row `r` of `panel` (`[rows, cols]`) dot `xs[i]`: tiles of four
+    /// activation rows (kept in L1 while every weight row of the panel passes) by two weight
+    /// rows; leftovers one dot at a time.
+    fn f32_product(self, panel: &[f32], cols: usize, xs: &[XRow<'_>], out: &mut [f32]) {
+        let n = xs.len();
+        let rows = panel.len() / cols.max(1);
+        let row = |r: usize| &panel[r * cols..(r + 1) * cols];
+        let pairs = rows / 2 * 2;
+        let tiles = n / TILE * TILE;
+        for i in (0..tiles).step_by(TILE) {
+            let x = [xs[i].f, xs[i + 1].f, xs[i + 2].f, xs[i + 3].f];
+            for r in (0..pairs).step_by(2) {
+                let w = [row(r), row(r + 1)];
+                let v = match self {
+                    Simd::Scalar => x.map(|x| [dot_f32(w[0], x), dot_f32(w[1], x)]),
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx2(v3) => v3.vectorize(avx2::TileF32 { simd: v3, w, x }),
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx512(v4) => v4.vectorize(avx512::TileF32 { simd: v4, w, x }),
+                };
+                for (t, v) in v.iter().enumerate() {
+                    out[r * n + i + t] = v[0];
+                    out[(r + 1) * n + i + t] = v[1];
+                }
+            }
+        }
+        for r in 0..rows {
+            let first = if r < pairs { tiles } else { 0 };
+            for (i, x) in xs.iter().enumerate().skip(first) {
+                out[r * n + i] = dot_f32(row(r), x.f);
+            }
+        }
     }
 
     fn dot_q4(self, w: Q4Row<'_>, xs: &[XRow<'_>]) -> [f32; TILE] {
@@ -345,6 +400,8 @@ impl Simd {
             Simd::Scalar => each(xs, |x| scalar_q4(w, x)),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2(v3) => v3.vectorize(avx2::DotQ4 { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(v4) => v4.vectorize(avx512::DotQ4 { simd: v4, w, xs }),
         }
     }
 
@@ -353,6 +410,8 @@ impl Simd {
             Simd::Scalar => each(xs, |x| scalar_q8(w, x)),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2(v3) => v3.vectorize(avx2::DotQ8 { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(v4) => v4.vectorize(avx512::DotQ8 { simd: v4, w, xs }),
         }
     }
 }
@@ -371,12 +430,10 @@ fn scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
     for b in 0..w.d.len() {
         let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
         let xb = &x.f[b * QK..(b + 1) * QK];
-        let mut s = 0.0f32;
         for j in 0..QK / 2 {
-            s += f32::from(q[j] & 0x0f) * xb[j];
-            s += f32::from(q[j] >> 4) * xb[j + QK / 2];
+            acc += (f32::from(q[j] & 0x0f) * w.d[b] + w.m[b]) * xb[j];
+            acc += (f32::from(q[j] >> 4) * w.d[b] + w.m[b]) * xb[j + QK / 2];
         }
-        acc += w.d[b] * s + w.m[b] * x.sums[b];
     }
     acc
 }
@@ -385,20 +442,22 @@ fn scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
 fn scalar_q8(w: Q8Row<'_>, x: &XRow<'_>) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
-        let s: f32 = w.qs[b * QK..(b + 1) * QK]
+        for (&q, &v) in w.qs[b * QK..(b + 1) * QK]
             .iter()
             .zip(&x.f[b * QK..(b + 1) * QK])
-            .map(|(&q, &v)| f32::from(q) * v)
-            .sum();
-        acc += w.d[b] * s;
+        {
+            acc += f32::from(q) * w.d[b] * v;
+        }
     }
     acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! AVX2 + FMA kernels: a block's 32 codes become four vectors of eight f32 once, then
-    //! each activation row of the tile takes four FMAs and one more for the block's scale.
+    //! AVX2 + FMA kernels: a block's 32 codes are decoded once into four vectors of eight f32
+    //! weights (`q d + m`), then FMA'd into each activation row of the tile. Every row keeps
+    //! several accumulators so that FMAs do not wait on each other (one accumulator left a
+    //! single row's product bound by FMA latency, at a tenth of the machine's rate).
 
     use core::arch::x86_64::{__m128i, __m256};
     use pulp::x86::V3;
@@ -424,31 +483,160 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn hsum(v: __m256) -> f32 {
-        let lanes: [f32; 8] = pulp::cast(v);
+    fn hsum(simd: V3, v: &[__m256]) -> f32 {
+        let total = v.iter().fold(simd.avx._mm256_setzero_ps(), |a, &b| {
+            simd.avx._mm256_add_ps(a, b)
+        });
+        let lanes: [f32; 8] = pulp::cast(total);
         lanes.iter().sum()
     }
 
-    /// `sum(q x)` over one block: `q` as four vectors of eight, `x` the block's 32 values.
-    #[inline(always)]
-    fn block_dot(simd: V3, q: &[__m256; 4], x: &[f32]) -> __m256 {
-        let s = simd.avx._mm256_mul_ps(q[0], load8(&x[0..8]));
-        let s = simd.fma._mm256_fmadd_ps(q[1], load8(&x[8..16]), s);
-        let s = simd.fma._mm256_fmadd_ps(q[2], load8(&x[16..24]), s);
-        simd.fma._mm256_fmadd_ps(q[3], load8(&x[24..32]), s)
+    /// A weight row whose blocks decode to f32.
+    trait Decode: Copy {
+        fn blocks(self) -> usize;
+        fn decode(self, simd: V3, b: usize) -> [__m256; 4];
     }
 
-    /// Eight codes from the low eight bytes of `v`, as f32.
+    /// Codes `0..16` in the low eight bytes of `v` as `q d + m`.
     #[inline(always)]
-    fn widen_u8(simd: V3, v: __m128i) -> __m256 {
-        simd.avx
-            ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepu8_epi32(v))
+    fn widen_u8(simd: V3, v: __m128i, d: __m256, m: __m256) -> __m256 {
+        let q = simd
+            .avx
+            ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepu8_epi32(v));
+        simd.fma._mm256_fmadd_ps(q, d, m)
     }
 
+    /// Signed codes in the low eight bytes of `v` as `q d`.
     #[inline(always)]
-    fn widen_i8(simd: V3, v: __m128i) -> __m256 {
-        simd.avx
-            ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepi8_epi32(v))
+    fn widen_i8(simd: V3, v: __m128i, d: __m256) -> __m256 {
+        let q = simd
+            .avx
+            ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepi8_epi32(v));
+        simd.avx._mm256_mul_ps(q, d)
+    }
+
+    impl Decode for Q4Row<'_> {
+        #[inline(always)]
+        fn blocks(self) -> usize {
+            self.d.len()
+        }
+
+        #[inline(always)]
+        fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
+            let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+            let mask = simd.sse2._mm_set1_epi8(0x0f);
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            let lo = simd.sse2._mm_and_si128(raw, mask);
+            let hi = simd
+                .sse2
+                ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+            let d = simd.avx._mm256_set1_ps(self.d[b]);
+            let m = simd.avx._mm256_set1_ps(self.m[b]);
+            [
+                widen_u8(simd, lo, d, m),
+                widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
+                widen_u8(simd, hi, d, m),
+                widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
+            ]
+        }
+    }
+
+    impl Decode for Q8Row<'_> {
+        #[inline(always)]
+        fn blocks(self) -> usize {
+            self.d.len()
+        }
+
+        #[inline(always)]
+        fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
+            let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+            let (a, c) = (load16(&codes[..16]), load16(&codes[16..]));
+            let d = simd.avx._mm256_set1_ps(self.d[b]);
+            [
+                widen_i8(simd, a, d),
+                widen_i8(simd, simd.sse2._mm_srli_si128::<8>(a), d),
+                widen_i8(simd, c, d),
+                widen_i8(simd, simd.sse2._mm_srli_si128::<8>(c), d),
+            ]
+        }
+    }
+
+    /// Dots of one weight row with up to [`TILE`] activation rows.
+    #[inline(always)]
+    fn dots(simd: V3, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
+        let mut out = [0.0; TILE];
+        if let [x] = xs {
+            // One row: four accumulators.
+            let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+            for b in 0..w.blocks() {
+                let w = w.decode(simd, b);
+                let xb = &x.f[b * QK..(b + 1) * QK];
+                for k in 0..4 {
+                    acc[k] = simd
+                        .fma
+                        ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[k]);
+                }
+            }
+            out[0] = hsum(simd, &acc);
+            return out;
+        }
+        // A tile: two accumulators a row, eight chains in flight for four rows.
+        let mut acc = [[simd.avx._mm256_setzero_ps(); 2]; TILE];
+        for b in 0..w.blocks() {
+            let w = w.decode(simd, b);
+            for (t, x) in xs.iter().enumerate() {
+                let xb = &x.f[b * QK..(b + 1) * QK];
+                for k in 0..4 {
+                    acc[t][k % 2] =
+                        simd.fma
+                            ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[t][k % 2]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
+            *o = hsum(simd, a);
+        }
+        out
+    }
+
+    /// Four activation rows by two f32 weight rows: eight accumulators, each FMA chain
+    /// independent of the others.
+    pub(super) struct TileF32<'a> {
+        pub simd: V3,
+        pub w: [&'a [f32]; 2],
+        pub x: [&'a [f32]; TILE],
+    }
+
+    impl pulp::NullaryFnOnce for TileF32<'_> {
+        type Output = [[f32; 2]; TILE];
+
+        #[inline(always)]
+        fn call(self) -> [[f32; 2]; TILE] {
+            let TileF32 { simd, w, x } = self;
+            let mut acc = [[simd.avx._mm256_setzero_ps(); 2]; TILE];
+            let full = w[0].len() / 8 * 8;
+            for k in (0..full).step_by(8) {
+                let w0 = load8(&w[0][k..k + 8]);
+                let w1 = load8(&w[1][k..k + 8]);
+                for t in 0..TILE {
+                    let xv = load8(&x[t][k..k + 8]);
+                    acc[t][0] = simd.fma._mm256_fmadd_ps(w0, xv, acc[t][0]);
+                    acc[t][1] = simd.fma._mm256_fmadd_ps(w1, xv, acc[t][1]);
+                }
+            }
+            let mut out = [[0.0; 2]; TILE];
+            for t in 0..TILE {
+                for c in 0..2 {
+                    let tail: f32 = w[c][full..]
+                        .iter()
+                        .zip(&x[t][full..])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    out[t][c] = hsum(simd, &acc[t][c..=c]) + tail;
+                }
+            }
+            out
+        }
     }
 
     pub(super) struct DotQ4<'a, 'b> {
@@ -463,34 +651,7 @@ mod avx2 {
         #[inline(always)]
         fn call(self) -> [f32; TILE] {
             let DotQ4 { simd, w, xs } = self;
-            let mask = simd.sse2._mm_set1_epi8(0x0f);
-            let mut acc = [simd.avx._mm256_setzero_ps(); TILE];
-            let mut offset = [0.0f32; TILE];
-            for b in 0..w.d.len() {
-                let raw = load16(&w.qs[b * QK / 2..(b + 1) * QK / 2]);
-                // Low nibbles are elements 0..16, high nibbles 16..32.
-                let lo = simd.sse2._mm_and_si128(raw, mask);
-                let hi = simd
-                    .sse2
-                    ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
-                let q = [
-                    widen_u8(simd, lo),
-                    widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo)),
-                    widen_u8(simd, hi),
-                    widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi)),
-                ];
-                let d = simd.avx._mm256_set1_ps(w.d[b]);
-                for (t, x) in xs.iter().enumerate() {
-                    let s = block_dot(simd, &q, &x.f[b * QK..(b + 1) * QK]);
-                    acc[t] = simd.fma._mm256_fmadd_ps(s, d, acc[t]);
-                    offset[t] += w.m[b] * x.sums[b];
-                }
-            }
-            let mut out = [0.0; TILE];
-            for t in 0..xs.len() {
-                out[t] = hsum(acc[t]) + offset[t];
-            }
-            out
+            dots(simd, w, xs)
         }
     }
 
@@ -506,34 +667,211 @@ mod avx2 {
         #[inline(always)]
         fn call(self) -> [f32; TILE] {
             let DotQ8 { simd, w, xs } = self;
-            let mut acc = [simd.avx._mm256_setzero_ps(); TILE];
-            for b in 0..w.d.len() {
-                let codes: &[u8] = bytemuck_i8(&w.qs[b * QK..(b + 1) * QK]);
-                let (a, c) = (load16(&codes[..16]), load16(&codes[16..]));
-                let q = [
-                    widen_i8(simd, a),
-                    widen_i8(simd, simd.sse2._mm_srli_si128::<8>(a)),
-                    widen_i8(simd, c),
-                    widen_i8(simd, simd.sse2._mm_srli_si128::<8>(c)),
-                ];
-                let d = simd.avx._mm256_set1_ps(w.d[b]);
-                for (t, x) in xs.iter().enumerate() {
-                    let s = block_dot(simd, &q, &x.f[b * QK..(b + 1) * QK]);
-                    acc[t] = simd.fma._mm256_fmadd_ps(s, d, acc[t]);
-                }
-            }
-            let mut out = [0.0; TILE];
-            for t in 0..xs.len() {
-                out[t] = hsum(acc[t]);
-            }
-            out
+            dots(simd, w, xs)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The same kernels as [`super::avx2`] on 16-lane registers, for CPUs with AVX-512: half
+    //! the instructions per block.
+
+    use core::arch::x86_64::{__m128i, __m512};
+    use pulp::x86::V4;
+
+    use super::{Q4Row, Q8Row, QK, TILE, XRow};
+
+    #[inline(always)]
+    fn load16(b: &[u8]) -> __m128i {
+        let a: [u8; 16] = match b.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("16 bytes"),
+        };
+        pulp::cast(a)
+    }
+
+    #[inline(always)]
+    fn load(x: &[f32]) -> __m512 {
+        let a: [f32; 16] = match x.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("16 values"),
+        };
+        pulp::cast(a)
+    }
+
+    #[inline(always)]
+    fn hsum(simd: V4, v: &[__m512]) -> f32 {
+        let total = v.iter().fold(simd.avx512f._mm512_setzero_ps(), |a, &b| {
+            simd.avx512f._mm512_add_ps(a, b)
+        });
+        let lanes: [f32; 16] = pulp::cast(total);
+        lanes.iter().sum()
+    }
+
+    /// A weight row whose blocks decode to f32.
+    trait Decode: Copy {
+        fn blocks(self) -> usize;
+        fn decode(self, simd: V4, b: usize) -> [__m512; 2];
+    }
+
+    /// Sixteen codes `0..16` as `q d + m`.
+    #[inline(always)]
+    fn widen_u8(simd: V4, v: __m128i, d: __m512, m: __m512) -> __m512 {
+        let q = simd
+            .avx512f
+            ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepu8_epi32(v));
+        simd.avx512f._mm512_fmadd_ps(q, d, m)
+    }
+
+    /// Sixteen signed codes as `q d`.
+    #[inline(always)]
+    fn widen_i8(simd: V4, v: __m128i, d: __m512) -> __m512 {
+        let q = simd
+            .avx512f
+            ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepi8_epi32(v));
+        simd.avx512f._mm512_mul_ps(q, d)
+    }
+
+    impl Decode for Q4Row<'_> {
+        #[inline(always)]
+        fn blocks(self) -> usize {
+            self.d.len()
+        }
+
+        #[inline(always)]
+        fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
+            let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+            let mask = simd.sse2._mm_set1_epi8(0x0f);
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            let lo = simd.sse2._mm_and_si128(raw, mask);
+            let hi = simd
+                .sse2
+                ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+            let d = simd.avx512f._mm512_set1_ps(self.d[b]);
+            let m = simd.avx512f._mm512_set1_ps(self.m[b]);
+            [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
         }
     }
 
-    /// `i8` codes seen as bytes (same bits).
+    impl Decode for Q8Row<'_> {
+        #[inline(always)]
+        fn blocks(self) -> usize {
+            self.d.len()
+        }
+
+        #[inline(always)]
+        fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
+            let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+            let d = simd.avx512f._mm512_set1_ps(self.d[b]);
+            [
+                widen_i8(simd, load16(&codes[..16]), d),
+                widen_i8(simd, load16(&codes[16..]), d),
+            ]
+        }
+    }
+
+    /// Dots of one weight row with up to [`TILE`] activation rows.
     #[inline(always)]
-    fn bytemuck_i8(v: &[i8]) -> &[u8] {
-        pulp::bytemuck::cast_slice(v)
+    fn dots(simd: V4, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
+        let f = &simd.avx512f;
+        let mut out = [0.0; TILE];
+        if let [x] = xs {
+            // One row: four accumulators (two a block, alternating blocks).
+            let mut acc = [f._mm512_setzero_ps(); 4];
+            for b in 0..w.blocks() {
+                let wv = w.decode(simd, b);
+                let xb = &x.f[b * QK..(b + 1) * QK];
+                let a = 2 * (b % 2);
+                acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
+                acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
+            }
+            out[0] = hsum(simd, &acc);
+            return out;
+        }
+        let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+        for b in 0..w.blocks() {
+            let wv = w.decode(simd, b);
+            for (t, x) in xs.iter().enumerate() {
+                let xb = &x.f[b * QK..(b + 1) * QK];
+                acc[t][0] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[t][0]);
+                acc[t][1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[t][1]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
+            *o = hsum(simd, a);
+        }
+        out
+    }
+
+    pub(super) struct DotQ4<'a, 'b> {
+        pub simd: V4,
+        pub w: Q4Row<'a>,
+        pub xs: &'b [XRow<'b>],
+    }
+
+    impl pulp::NullaryFnOnce for DotQ4<'_, '_> {
+        type Output = [f32; TILE];
+
+        #[inline(always)]
+        fn call(self) -> [f32; TILE] {
+            dots(self.simd, self.w, self.xs)
+        }
+    }
+
+    pub(super) struct DotQ8<'a, 'b> {
+        pub simd: V4,
+        pub w: Q8Row<'a>,
+        pub xs: &'b [XRow<'b>],
+    }
+
+    impl pulp::NullaryFnOnce for DotQ8<'_, '_> {
+        type Output = [f32; TILE];
+
+        #[inline(always)]
+        fn call(self) -> [f32; TILE] {
+            dots(self.simd, self.w, self.xs)
+        }
+    }
+
+    /// Four activation rows by two f32 weight rows, sixteen lanes at a time.
+    pub(super) struct TileF32<'a> {
+        pub simd: V4,
+        pub w: [&'a [f32]; 2],
+        pub x: [&'a [f32]; TILE],
+    }
+
+    impl pulp::NullaryFnOnce for TileF32<'_> {
+        type Output = [[f32; 2]; TILE];
+
+        #[inline(always)]
+        fn call(self) -> [[f32; 2]; TILE] {
+            let TileF32 { simd, w, x } = self;
+            let f = &simd.avx512f;
+            let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+            let full = w[0].len() / 16 * 16;
+            for k in (0..full).step_by(16) {
+                let w0 = load(&w[0][k..k + 16]);
+                let w1 = load(&w[1][k..k + 16]);
+                for t in 0..TILE {
+                    let xv = load(&x[t][k..k + 16]);
+                    acc[t][0] = f._mm512_fmadd_ps(w0, xv, acc[t][0]);
+                    acc[t][1] = f._mm512_fmadd_ps(w1, xv, acc[t][1]);
+                }
+            }
+            let mut out = [[0.0; 2]; TILE];
+            for t in 0..TILE {
+                for c in 0..2 {
+                    let tail: f32 = w[c][full..]
+                        .iter()
+                        .zip(&x[t][full..])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    out[t][c] = hsum(simd, &acc[t][c..=c]) + tail;
+                }
+            }
+            out
+        }
     }
 }
 
@@ -552,6 +890,17 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// Every kernel set this CPU can run.
+    fn simd_kinds() -> Vec<Simd> {
+        let mut out = vec![Simd::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            out.extend(pulp::x86::V3::try_new().map(Simd::Avx2));
+            out.extend(pulp::x86::V4::try_new().map(Simd::Avx512));
+        }
+        out
     }
 
     /// GGUF bytes of `values` quantized as `ty` (the writer's side, for tests).
@@ -610,7 +959,7 @@ mod tests {
             for r in [0, 33, rows - 1] {
                 assert_eq!(w.row(r), dense[r * cols..(r + 1) * cols], "{ty:?} row {r}");
             }
-            for n in [1, 3, 9] {
+            for n in [1, 3, 9, 40] {
                 let x = values(n * cols, 11 + n as u32);
                 let got = w.matmul(&x, n);
                 for i in 0..n {
@@ -626,23 +975,22 @@ mod tests {
                         );
                     }
                 }
-                let sums = block_sums(&x, cols);
-                let nb = cols / QK;
                 let xr: Vec<XRow<'_>> = (0..n)
                     .map(|i| XRow {
                         f: &x[i * cols..(i + 1) * cols],
-                        sums: &sums[i * nb..(i + 1) * nb],
                     })
                     .collect();
                 let mut scalar = vec![0.0; rows * n];
-                let mut fast = vec![0.0; rows * n];
                 run_task(Simd::Scalar, &w, 0, &xr, &mut scalar);
-                run_task(Simd::detect(), &w, 0, &xr, &mut fast);
-                for (a, b) in scalar.iter().zip(&fast) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                        "{ty:?}: {a} vs {b}"
-                    );
+                for simd in simd_kinds() {
+                    let mut fast = vec![0.0; rows * n];
+                    run_task(simd, &w, 0, &xr, &mut fast);
+                    for (a, b) in scalar.iter().zip(&fast) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                            "{ty:?}: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
