@@ -233,9 +233,14 @@ impl CpuLlama {
         let d = c.d_model;
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, values) = &cache.layers[layer];
-        // One task per (sequence, head): `[seq, head_dim]` each.
-        let heads: Vec<Vec<f32>> = (0..pads.len() * h)
+        // One task per (sequence, head): `[seq, head_dim]` each; on one thread when the whole
+        // step is small (a single sequence's decode step), where waking the other costs more.
+        let jobs = pads.len() * h;
+        let work = jobs * seq * (past + seq) * hd;
+        let min_len = if work < 1 << 18 { jobs.max(1) } else { 1 };
+        let heads: Vec<Vec<f32>> = (0..jobs)
             .into_par_iter()
+            .with_min_len(min_len)
             .map(|job| {
                 let (b, head) = (job / h, job % h);
                 let g = head / rep;
