@@ -583,6 +583,20 @@ mod tests {
         Ok(())
     }
 
+    /// The real file's weights all take a quantized path: Q8_0 embeddings (and tied head),
+    /// Q4_1 everywhere else; none falls back to f32.
+    #[test]
+    fn real_weights_stay_quantized() {
+        use crate::llm::quant::{Path, QMatrix};
+        let Some(cpu) = smollm2().cpu_model() else {
+            panic!("the model was loaded on the CPU and must use the quantized decoder")
+        };
+        let paths: Vec<Path> = cpu.matrices().map(QMatrix::path).collect();
+        assert_eq!(paths.len(), 1 + 7 * 30);
+        assert_eq!(paths[0], Path::Q8);
+        assert!(paths[1..].iter().all(|p| *p == Path::Q4), "{paths:?}");
+    }
+
     #[test]
     fn cleans_and_dedups_generated_text() {
         assert_eq!(clean_generated("  \"Great film.\"  "), "Great film.");

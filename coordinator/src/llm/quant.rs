@@ -342,7 +342,13 @@ enum Simd {
 }
 
 impl Simd {
+    /// The kernels for this CPU, chosen once per process.
     fn detect() -> Simd {
+        static CHOSEN: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(Simd::choose)
+    }
+
+    fn choose() -> Simd {
         // CROSSLM_SIMD=avx2 or =scalar narrows the choice (to compare kernels).
         #[cfg(target_arch = "x86_64")]
         {
