@@ -405,9 +405,9 @@ impl Simd {
         match self {
             Simd::Scalar => each(xs, |x| scalar_q4(w, x)),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(v3) => v3.vectorize(avx2::DotQ4 { simd: v3, w, xs }),
+            Simd::Avx2(v3) => v3.vectorize(avx2::Dot { simd: v3, w, xs }),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(avx512::DotQ4 { simd: v4, w, xs }),
+            Simd::Avx512(v4) => v4.vectorize(avx512::Dot { simd: v4, w, xs }),
         }
     }
 
@@ -415,9 +415,9 @@ impl Simd {
         match self {
             Simd::Scalar => each(xs, |x| scalar_q8(w, x)),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(v3) => v3.vectorize(avx2::DotQ8 { simd: v3, w, xs }),
+            Simd::Avx2(v3) => v3.vectorize(avx2::Dot { simd: v3, w, xs }),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(avx512::DotQ8 { simd: v4, w, xs }),
+            Simd::Avx512(v4) => v4.vectorize(avx512::Dot { simd: v4, w, xs }),
         }
     }
 }
@@ -498,7 +498,7 @@ mod avx2 {
     }
 
     /// A weight row whose blocks decode to f32.
-    trait Decode: Copy {
+    pub(super) trait Decode: Copy {
         fn blocks(self) -> usize;
         fn decode(self, simd: V3, b: usize) -> [__m256; 4];
     }
@@ -645,35 +645,19 @@ mod avx2 {
         }
     }
 
-    pub(super) struct DotQ4<'a, 'b> {
+    /// One weight row (Q4 or Q8) against up to [`TILE`] activation rows.
+    pub(super) struct Dot<'b, W> {
         pub simd: V3,
-        pub w: Q4Row<'a>,
+        pub w: W,
         pub xs: &'b [XRow<'b>],
     }
 
-    impl pulp::NullaryFnOnce for DotQ4<'_, '_> {
+    impl<W: Decode> pulp::NullaryFnOnce for Dot<'_, W> {
         type Output = [f32; TILE];
 
         #[inline(always)]
         fn call(self) -> [f32; TILE] {
-            let DotQ4 { simd, w, xs } = self;
-            dots(simd, w, xs)
-        }
-    }
-
-    pub(super) struct DotQ8<'a, 'b> {
-        pub simd: V3,
-        pub w: Q8Row<'a>,
-        pub xs: &'b [XRow<'b>],
-    }
-
-    impl pulp::NullaryFnOnce for DotQ8<'_, '_> {
-        type Output = [f32; TILE];
-
-        #[inline(always)]
-        fn call(self) -> [f32; TILE] {
-            let DotQ8 { simd, w, xs } = self;
-            dots(simd, w, xs)
+            dots(self.simd, self.w, self.xs)
         }
     }
 }
@@ -716,7 +700,7 @@ mod avx512 {
     }
 
     /// A weight row whose blocks decode to f32.
-    trait Decode: Copy {
+    pub(super) trait Decode: Copy {
         fn blocks(self) -> usize;
         fn decode(self, simd: V4, b: usize) -> [__m512; 2];
     }
@@ -810,28 +794,14 @@ mod avx512 {
         out
     }
 
-    pub(super) struct DotQ4<'a, 'b> {
+    /// One weight row (Q4 or Q8) against up to [`TILE`] activation rows.
+    pub(super) struct Dot<'b, W> {
         pub simd: V4,
-        pub w: Q4Row<'a>,
+        pub w: W,
         pub xs: &'b [XRow<'b>],
     }
 
-    impl pulp::NullaryFnOnce for DotQ4<'_, '_> {
-        type Output = [f32; TILE];
-
-        #[inline(always)]
-        fn call(self) -> [f32; TILE] {
-            dots(self.simd, self.w, self.xs)
-        }
-    }
-
-    pub(super) struct DotQ8<'a, 'b> {
-        pub simd: V4,
-        pub w: Q8Row<'a>,
-        pub xs: &'b [XRow<'b>],
-    }
-
-    impl pulp::NullaryFnOnce for DotQ8<'_, '_> {
+    impl<W: Decode> pulp::NullaryFnOnce for Dot<'_, W> {
         type Output = [f32; TILE];
 
         #[inline(always)]
