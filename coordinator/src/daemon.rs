@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crosslm_sdk::method::LearnSchedule;
 use crosslm_sdk::protocol::{
     self, ClientId, ClientInfo, ErrorCode, ErrorMsg, SampleScore, ServerMsg, SyntheticSample,
     TaskInfo, frame,
@@ -54,6 +55,9 @@ pub struct DaemonConfig {
     pub idle_timeout_ms: u64,
     /// After the last round, how long to wait for clients to report and leave.
     pub linger_ms: u64,
+    /// How clients learn from each round's result, sent with the round (`[daemon.learning]`);
+    /// none: each client's own defaults.
+    pub learning: Option<LearnSchedule>,
 }
 
 impl Default for DaemonConfig {
@@ -67,6 +71,7 @@ impl Default for DaemonConfig {
             round: RoundConfig::default(),
             idle_timeout_ms: 30_000,
             linger_ms: 120_000,
+            learning: None,
         }
     }
 }
@@ -298,7 +303,7 @@ impl Core {
                 replies = replies.len(),
                 "resuming unfinished round"
             );
-            let frames = encode_batch(&rec)?;
+            let frames = encode_batch(&rec, core.cfg.learning.as_ref())?;
             let machine = RoundMachine::restore(
                 rec.id,
                 rec.task,
@@ -481,7 +486,7 @@ impl Core {
             phase: Phase::Collecting,
         };
         self.store.put_round(&rec)?;
-        let frames = encode_batch(&rec)?;
+        let frames = encode_batch(&rec, self.cfg.learning.as_ref())?;
         let mut machine = RoundMachine::new(id, rec.task, rec.samples, rec.cfg, now);
         machine.start(self.conns.iter().map(|(c, k)| (c.clone(), k.weight)), now);
         tracing::info!(
@@ -712,7 +717,7 @@ impl Core {
     }
 }
 
-fn encode_batch(rec: &RoundRecord) -> Result<Arc<Vec<Vec<u8>>>> {
+fn encode_batch(rec: &RoundRecord, learning: Option<&LearnSchedule>) -> Result<Arc<Vec<Vec<u8>>>> {
     let enc =
         |m: &ServerMsg| frame::encode(m).map_err(|e| Error::Transport(format!("encode: {e}")));
     let mut frames = vec![enc(&ServerMsg::RoundOpen {
@@ -720,6 +725,7 @@ fn encode_batch(rec: &RoundRecord) -> Result<Arc<Vec<Vec<u8>>>> {
         task: rec.task.clone(),
         total_samples: rec.samples.len() as u64,
         deadline_ms: rec.deadline_at,
+        learn: learning.map(|l| l.for_round(rec.id)),
     })?];
     for (samples, last) in protocol::chunks(&rec.samples, protocol::SAMPLES_PER_CHUNK) {
         frames.push(enc(&ServerMsg::Samples {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crosslm_sdk::data::{self, BadRows, TableSpec};
-use crosslm_sdk::participant::label_balance;
+use crosslm_sdk::method::label_balance;
 use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample};
 use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};

@@ -7,7 +7,6 @@
 //! (the SLM, replaced atomically after each training), and `state.json` (enrolled coordinator,
 //! last round taken part in, last local accuracy).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,11 +17,12 @@ use tokio::sync::watch;
 
 use crate::data::{self, BadRows, Dataset, Example, TableSpec};
 use crate::participant::{Learning, SlmScorer};
-use crate::protocol::{ClientInfo, ClientMsg, SyntheticSample, TaskInfo};
+use crate::protocol::{ClientInfo, LearnSettings, TaskInfo};
+use crate::rounds::{RoundHooks, cancelled, run_rounds};
 use crate::slm::{
     self, Arch, Backend, CheckpointMeta, Slm, TrainConfig, TrainExample, TrainProgress,
 };
-use crate::transport::{EnrollToken, Event, Identity, Scorer, Session};
+use crate::transport::{EnrollToken, Identity, Session};
 use crate::{Error, Result};
 
 /// How a [`Client`] is set up.
@@ -47,13 +47,14 @@ pub struct ClientConfig {
     pub max_len: usize,
     /// Epochs of [`Client::train`] (default: the architecture's).
     pub train_epochs: Option<usize>,
-    /// Epochs of the training after each round (default: the architecture's,
-    /// [`TrainConfig::for_round`]).
+    /// Epochs of the training after each round when the coordinator sends none (default: the
+    /// architecture's, [`TrainConfig::for_round`]).
     pub round_epochs: Option<usize>,
     /// Fraction of loaded private data held out to measure local accuracy (0: none).
     pub test_fraction: f64,
     /// Synthetic samples below this quality are not trained on (the intended label's share
-    /// against its strongest rival: the aggregated quality with two labels).
+    /// against its strongest rival: the aggregated quality with two labels). A coordinator
+    /// that sends [`LearnSettings`] with its rounds overrides this and `soft_targets`.
     pub min_quality: f32,
     /// Train toward the clients' aggregated soft labels instead of the samples' intended
     /// labels (the default, `false`: scores then only select and weight the samples; the
@@ -240,8 +241,6 @@ pub struct JoinSummary {
 }
 
 const STATE_FILE: &str = "state.json";
-/// Samples scored between progress reports and cancellation checks.
-const SCORE_CHUNK: usize = 32;
 /// Below this many private examples there is no validation split: every example trains.
 const MIN_FOR_VALIDATION: usize = 200;
 
@@ -593,31 +592,38 @@ impl Client {
             l.dedup();
             l
         });
-        let mut skipped = 0u64;
-        let mut examples = Vec::with_capacity(rows.len());
-        for (text, label) in rows {
-            match labels.iter().position(|l| l == label) {
-                Some(i) if !text.trim().is_empty() => examples.push(Example {
-                    text: text.clone(),
-                    label: i,
-                }),
-                _ => skipped += 1,
-            }
-        }
-        let dataset = Dataset {
-            label_names: labels,
-            examples,
-        };
+        let (dataset, skipped) = rows_dataset(rows, labels);
         self.set_private(dataset, skipped, "the rows")
     }
 
     /// Loads a separate local test file (replacing the held-out split).
     pub fn load_test_file(&self, path: &Path) -> Result<DataSummary> {
         let (dataset, skipped) = self.load_file(path)?;
+        self.set_test(dataset, skipped, &path.display().to_string())
+    }
+
+    /// Loads a local test split from `(text, label)` rows (replacing the held-out split),
+    /// labels as the model or the private data name them.
+    pub fn load_test_rows(&self, rows: &[(String, String)]) -> Result<DataSummary> {
+        let labels = self
+            .model_labels()
+            .or_else(|| {
+                lock(&self.data)
+                    .private
+                    .as_ref()
+                    .map(|p| p.label_names.clone())
+            })
+            .ok_or_else(|| {
+                Error::NotReady("load private data (or a model) before test rows".into())
+            })?;
+        let (dataset, skipped) = rows_dataset(rows, labels);
+        self.set_test(dataset, skipped, "the test rows")
+    }
+
+    fn set_test(&self, dataset: Dataset, skipped: u64, what: &str) -> Result<DataSummary> {
         if dataset.is_empty() {
             return Err(Error::Data(format!(
-                "{}: no usable test examples ({skipped} rows skipped)",
-                path.display()
+                "{what}: no usable test examples ({skipped} rows skipped)"
             )));
         }
         let mut data = lock(&self.data);
@@ -625,10 +631,8 @@ impl Client {
             && p.label_names != dataset.label_names
         {
             return Err(Error::Data(format!(
-                "{}: labels {:?} differ from the private data's {:?}",
-                path.display(),
-                dataset.label_names,
-                p.label_names
+                "{what}: labels {:?} differ from the private data's {:?}",
+                dataset.label_names, p.label_names
             )));
         }
         let summary = DataSummary {
@@ -860,12 +864,11 @@ impl Client {
                 private: hard_examples(&private),
                 test: test.map(|t| t.examples.into_iter().map(|e| (e.text, e.label)).unzip()),
                 train,
-                min_quality: self.config.min_quality,
-                min_quality_from: 1,
-                use_scores: true,
-                soft_targets: self.config.soft_targets,
-                balance_labels: true,
-                relative_weights: true,
+                defaults: LearnSettings {
+                    min_quality: self.config.min_quality,
+                    soft_targets: self.config.soft_targets,
+                    ..LearnSettings::default()
+                },
                 checkpoint: Some(sibling(&self.checkpoint_dir(), "new")),
             });
         }
@@ -923,7 +926,7 @@ impl Client {
         })
     }
 
-    /// The round loop of [`Client::join`]; returns the number of results received.
+    /// [`Client::join`]'s rounds: the SDK's one round loop with this client's hooks.
     async fn take_part(
         &self,
         session: &mut Session,
@@ -931,130 +934,13 @@ impl Client {
         rounds: Option<u64>,
         learning: bool,
     ) -> Result<u64> {
-        let mut cancel = self.cancel.subscribe();
-        let mut done = 0u64;
-        let mut batches: HashMap<u64, (TaskInfo, Vec<SyntheticSample>)> = HashMap::new();
-        while rounds.is_none_or(|r| done < r) {
-            let event = tokio::select! {
-                biased;
-                _ = cancelled(&mut cancel) => break,
-                e = session.next_event() => e?,
-            };
-            match event {
-                Event::Round {
-                    round,
-                    task,
-                    samples,
-                    ..
-                } => {
-                    self.reporter.emit(Progress {
-                        activity: Activity::Scoring,
-                        round: Some(round),
-                        done: 0,
-                        total: samples.len() as u64,
-                        loss: None,
-                        accuracy: None,
-                        message: format!("scoring {} samples of task {}", samples.len(), task.name),
-                    });
-                    let mut sc = take(scorer)?;
-                    let reporter = self.reporter.clone();
-                    let cancel = self.cancel.subscribe();
-                    let (sc, task, samples, probs) = blocking(move || {
-                        let r = score_chunks(&mut sc, &task, &samples, &cancel, &reporter);
-                        (sc, task, samples, r)
-                    })
-                    .await?;
-                    *scorer = Some(sc);
-                    let probs = match probs {
-                        Ok(p) => p,
-                        Err(Error::Cancelled) => {
-                            tracing::info!(round, "cancelled: abandoned the reply to this round");
-                            break;
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    session
-                        .send_scores(round, &crate::transport::sample_scores(&samples, probs)?)
-                        .await?;
-                    batches.insert(round, (task, samples));
-                    self.reporter.report(
-                        Activity::Waiting,
-                        0,
-                        0,
-                        format!("scores for round {round} sent; waiting for the result"),
-                    );
-                }
-                Event::Accepted { round } => tracing::info!(round, "scores accepted"),
-                Event::Result { round, scores } => {
-                    done += 1;
-                    let Some((task, samples)) = batches.remove(&round) else {
-                        tracing::info!(round, "round finished (we did not score it)");
-                        continue;
-                    };
-                    self.reporter.report(
-                        Activity::Learning,
-                        0,
-                        0,
-                        format!("round {round} finished; training on its result"),
-                    );
-                    // Not cancellable: the checkpoint is written at its end, and a cancel
-                    // meanwhile takes effect right after.
-                    let mut sc = take(scorer)?;
-                    let (sc, acc) = blocking(move || {
-                        let r = sc.learn(&task, &samples, &scores);
-                        (sc, r)
-                    })
-                    .await?;
-                    *scorer = Some(sc);
-                    let acc = acc?;
-                    if learning {
-                        commit_checkpoint(&self.checkpoint_dir())?;
-                    }
-                    // A report is informational: a coordinator that already left loses nothing.
-                    let report = ClientMsg::Report {
-                        round,
-                        local_accuracy: acc,
-                    };
-                    if let Err(e) = session.send(&report).await {
-                        tracing::warn!(round, error = %e, "could not report local accuracy");
-                    }
-                    self.update_state(|s| {
-                        s.rounds_completed += 1;
-                        s.last_round = Some(round);
-                        if acc.is_some() {
-                            s.local_accuracy = acc;
-                        }
-                    })?;
-                    tracing::info!(round, ?acc, "round finished");
-                    self.reporter.emit(Progress {
-                        activity: Activity::RoundFinished,
-                        round: Some(round),
-                        done: 1,
-                        total: 1,
-                        loss: None,
-                        accuracy: acc,
-                        message: match acc {
-                            Some(a) => format!("round {round} finished, local accuracy {a:.4}"),
-                            None => format!("round {round} finished"),
-                        },
-                    });
-                    self.reporter
-                        .report(Activity::Waiting, 0, 0, "waiting for the next round");
-                }
-                Event::Failed { round, reason } => {
-                    batches.remove(&round);
-                    tracing::warn!(round, %reason, "round failed");
-                    self.reporter.report(
-                        Activity::Waiting,
-                        0,
-                        0,
-                        format!("round {round} failed: {reason}"),
-                    );
-                }
-                Event::Refused(e) => return Err(Error::Refused(e)),
-            }
-        }
-        Ok(done)
+        let mut hooks = JoinHooks {
+            client: self,
+            learning,
+        };
+        let cancel = self.cancel.subscribe();
+        let done = run_rounds(session, scorer, rounds, &mut hooks, Some(cancel)).await?;
+        Ok(done.results)
     }
 
     /// A snapshot of the client.
@@ -1097,6 +983,26 @@ impl Client {
     }
 }
 
+/// The rows whose label is in `labels` and whose text is not blank; and how many were not.
+fn rows_dataset(rows: &[(String, String)], labels: Vec<String>) -> (Dataset, u64) {
+    let mut skipped = 0u64;
+    let mut examples = Vec::with_capacity(rows.len());
+    for (text, label) in rows {
+        match labels.iter().position(|l| l == label) {
+            Some(i) if !text.trim().is_empty() => examples.push(Example {
+                text: text.clone(),
+                label: i,
+            }),
+            _ => skipped += 1,
+        }
+    }
+    let dataset = Dataset {
+        label_names: labels,
+        examples,
+    };
+    (dataset, skipped)
+}
+
 fn restore_model(slot: &Mutex<Option<Box<dyn Slm>>>, model: Option<Box<dyn Slm>>) {
     if model.is_some() {
         *lock(slot) = model;
@@ -1124,48 +1030,85 @@ fn test_accuracy(slm: &dyn Slm, test: Option<&Dataset>) -> Result<Option<f32>> {
     Ok(Some(slm::accuracy(slm, &texts, &labels)? as f32))
 }
 
-fn take(scorer: &mut Option<SlmScorer>) -> Result<SlmScorer> {
-    scorer
-        .take()
-        .ok_or_else(|| Error::Model("the model was lost in an earlier failure".into()))
+/// How [`Client::join`] shows rounds: progress to the listener, state and checkpoint to disk.
+struct JoinHooks<'a> {
+    client: &'a Client,
+    /// The model trains after each round (private data loaded): commit its checkpoint.
+    learning: bool,
 }
 
-/// Scores in chunks: progress after each, and a cancel abandons the reply between chunks.
-fn score_chunks(
-    scorer: &mut SlmScorer,
-    task: &TaskInfo,
-    samples: &[SyntheticSample],
-    cancel: &watch::Receiver<bool>,
-    reporter: &Reporter,
-) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(samples.len());
-    for chunk in samples.chunks(SCORE_CHUNK) {
-        if *cancel.borrow() {
-            return Err(Error::Cancelled);
-        }
-        let probs = scorer.score(task, chunk)?;
-        if probs.len() != chunk.len() {
-            return Err(Error::Model(format!(
-                "scorer returned {} rows for {} samples",
-                probs.len(),
-                chunk.len()
-            )));
-        }
-        out.extend(probs);
-        reporter.report(
-            Activity::Scoring,
-            out.len() as u64,
-            samples.len() as u64,
-            "scoring",
+impl RoundHooks for JoinHooks<'_> {
+    fn scoring(&mut self, round: u64, task: &TaskInfo, done: usize, total: usize) {
+        let message = if done == 0 {
+            format!("scoring {total} samples of task {}", task.name)
+        } else {
+            "scoring".to_string()
+        };
+        self.client.reporter.emit(Progress {
+            activity: Activity::Scoring,
+            round: Some(round),
+            done: done as u64,
+            total: total as u64,
+            loss: None,
+            accuracy: None,
+            message,
+        });
+    }
+
+    fn scored(&mut self, round: u64) {
+        self.client.reporter.report(
+            Activity::Waiting,
+            0,
+            0,
+            format!("scores for round {round} sent; waiting for the result"),
         );
     }
-    Ok(out)
-}
 
-/// Resolves when `rx` says cancelled; never when the sender is gone.
-async fn cancelled(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
+    fn learning(&mut self, round: u64) {
+        self.client.reporter.report(
+            Activity::Learning,
+            0,
+            0,
+            format!("round {round} finished; training on its result"),
+        );
+    }
+
+    fn learned(&mut self, round: u64, acc: Option<f32>) -> Result<()> {
+        if self.learning {
+            commit_checkpoint(&self.client.checkpoint_dir())?;
+        }
+        self.client.update_state(|s| {
+            s.rounds_completed += 1;
+            s.last_round = Some(round);
+            if acc.is_some() {
+                s.local_accuracy = acc;
+            }
+        })?;
+        self.client.reporter.emit(Progress {
+            activity: Activity::RoundFinished,
+            round: Some(round),
+            done: 1,
+            total: 1,
+            loss: None,
+            accuracy: acc,
+            message: match acc {
+                Some(a) => format!("round {round} finished, local accuracy {a:.4}"),
+                None => format!("round {round} finished"),
+            },
+        });
+        self.client
+            .reporter
+            .report(Activity::Waiting, 0, 0, "waiting for the next round");
+        Ok(())
+    }
+
+    fn failed(&mut self, round: u64, reason: &str) {
+        self.client.reporter.report(
+            Activity::Waiting,
+            0,
+            0,
+            format!("round {round} failed: {reason}"),
+        );
     }
 }
 

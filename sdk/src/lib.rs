@@ -5,9 +5,11 @@
 pub mod client;
 pub mod data;
 pub mod error;
+pub mod method;
 #[cfg(feature = "slm")]
 pub mod participant;
 pub mod protocol;
+pub mod rounds;
 #[cfg(feature = "slm")]
 pub mod slm;
 pub mod transport;

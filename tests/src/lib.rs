@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crosslm_sdk::Result;
 use crosslm_sdk::protocol::{ClientInfo, SyntheticSample, TaskInfo};
-use crosslm_sdk::transport::{EnrollToken, Identity, Scorer, enroll};
+use crosslm_sdk::rounds::Scorer;
+use crosslm_sdk::transport::{EnrollToken, Identity, enroll};
 
 pub use crosslm_sdk::data::workspace_root;
 

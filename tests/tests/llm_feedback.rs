@@ -11,8 +11,9 @@ use crosslm_coordinator::generator::{FileGenerator, GeneratedSample, Generator};
 use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::tuning::LlmReport;
-use crosslm_sdk::protocol::{AggregatedScore, SyntheticSample, TaskInfo};
-use crosslm_sdk::transport::{Scorer, Session, participate};
+use crosslm_sdk::protocol::{AggregatedScore, LearnSettings, SyntheticSample, TaskInfo};
+use crosslm_sdk::rounds::{Scorer, participate};
+use crosslm_sdk::transport::Session;
 use crosslm_tests::*;
 
 /// What the generator saw, in order.
@@ -82,6 +83,7 @@ impl Scorer for Reporting {
         _: &TaskInfo,
         _: &[SyntheticSample],
         _: &[AggregatedScore],
+        _: Option<&LearnSettings>,
     ) -> crosslm_sdk::Result<Option<f32>> {
         Ok(Some(0.75))
     }
@@ -106,6 +108,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
         },
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 5_000,
+        learning: None,
     };
     let data_dir = cfg.data_dir.clone();
     let tokens = mint_tokens(&data_dir, 2).unwrap();

@@ -45,7 +45,7 @@ async fn score_round(s: &mut Session, p: f32) -> Vec<u64> {
         panic!("expected a round")
     };
     let mut scorer = FixedScorer { p };
-    let probs = crosslm_sdk::transport::Scorer::score(&mut scorer, &task, &samples).unwrap();
+    let probs = crosslm_sdk::rounds::Scorer::score(&mut scorer, &task, &samples).unwrap();
     let scores: Vec<_> = samples
         .iter()
         .zip(probs)

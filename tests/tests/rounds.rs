@@ -7,7 +7,12 @@ use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::{Phase, RoundConfig};
 use crosslm_coordinator::store::Store;
-use crosslm_sdk::transport::{Session, participate};
+use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::protocol::{
+    AggregatedScore, ArchTraining, LearnSettings, SyntheticSample, TaskInfo,
+};
+use crosslm_sdk::rounds::{Scorer, participate};
+use crosslm_sdk::transport::Session;
 use crosslm_tests::*;
 use tokio::io::AsyncBufReadExt;
 
@@ -25,6 +30,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
         },
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
+        learning: None,
     }
 }
 
@@ -134,4 +140,81 @@ async fn round_completes_on_quorum_when_a_client_process_is_killed() {
     let s = &store.summaries().unwrap()[0];
     assert_eq!(s.phase, Phase::Done);
     assert_eq!(s.replies.len(), 2);
+}
+
+/// Records the settings each round's result came with.
+struct Recording {
+    inner: FixedScorer,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<LearnSettings>>>>,
+}
+
+impl Scorer for Recording {
+    fn score(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+    ) -> crosslm_sdk::Result<Vec<Vec<f32>>> {
+        self.inner.score(task, samples)
+    }
+
+    fn learn(
+        &mut self,
+        _: &TaskInfo,
+        _: &[SyntheticSample],
+        _: &[AggregatedScore],
+        settings: Option<&LearnSettings>,
+    ) -> crosslm_sdk::Result<Option<f32>> {
+        self.seen.lock().unwrap().push(settings.cloned());
+        Ok(None)
+    }
+}
+
+/// The coordinator's `[daemon.learning]` reaches the client with every round, the quality
+/// threshold on its schedule: an experiment's variant is a coordinator setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learning_settings_travel_with_each_round() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, task) = write_task(dir.path());
+    let samples = write_samples(dir.path(), 100);
+    let schedule = LearnSchedule {
+        settings: LearnSettings {
+            min_quality: 0.7,
+            soft_targets: true,
+            training: vec![ArchTraining {
+                arch: "test-double".into(),
+                epochs: Some(3),
+                learning_rate: Some(1e-3),
+                batch_size: None,
+            }],
+            ..LearnSettings::default()
+        },
+        min_quality_from_round: 2,
+    };
+    let mut cfg = config(dir.path(), 1, 1);
+    cfg.rounds = Some(2);
+    cfg.samples_per_label = 4;
+    cfg.learning = Some(schedule.clone());
+    let tokens = mint_tokens(&cfg.data_dir, 1).unwrap();
+    let generator = FileGenerator::load(&samples, &task).unwrap();
+    let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();
+    let addr = daemon.addr;
+    let id = enroll_with(addr, &tokens[0], "c0").await;
+    let mut s = Session::connect(addr, &id, info("c0", 10)).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let scorer = Recording {
+        inner: FixedScorer { p: 0.8 },
+        seen: seen.clone(),
+    };
+    let (_, n) = participate(&mut s, scorer, Some(2)).await.unwrap();
+    s.close().await;
+    assert_eq!(n, 2);
+    assert_eq!(daemon.wait().await.unwrap(), 2);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![Some(schedule.for_round(1)), Some(schedule.for_round(2))]
+    );
+    assert_eq!(seen[0].as_ref().map(|s| s.min_quality), Some(0.0));
+    assert_eq!(seen[1].as_ref().map(|s| s.min_quality), Some(0.7));
 }

@@ -10,8 +10,9 @@ use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::RoundConfig;
 use crosslm_sdk::Error;
 use crosslm_sdk::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg, frame};
+use crosslm_sdk::rounds::participate;
 use crosslm_sdk::transport::tls::{self, SERVER_NAME};
-use crosslm_sdk::transport::{EnrollToken, Identity, Session, enroll, participate};
+use crosslm_sdk::transport::{EnrollToken, Identity, Session, enroll};
 use crosslm_tests::*;
 
 async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToken>) {
@@ -30,6 +31,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
         },
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
+        learning: None,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
     let g = FileGenerator::load(&samples, &task).unwrap();

@@ -15,13 +15,17 @@ use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::task::TaskSpec;
 use crosslm_coordinator::tuning::{Evaluator, LlmReport, TuningConfig, load_general};
+use crosslm_sdk::client::{
+    Activity, Client as SdkClient, ClientConfig, Progress as DeviceProgress,
+};
 use crosslm_sdk::data::{self, BadRows, TableSpec};
-use crosslm_sdk::participant::{Learning, SlmScorer};
-use crosslm_sdk::protocol::{AggregatedScore, ClientInfo, SyntheticSample, TaskInfo};
+use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::protocol::{
+    AggregatedScore, ArchTraining, LearnSettings, SyntheticSample, TaskInfo,
+};
 use crosslm_sdk::slm::{
     Arch, Backend, Slm, TrainConfig, TrainExample, accuracy, load_checkpoint, new_slm,
 };
-use crosslm_sdk::transport::{Scorer, Session, enroll, participate};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::{EvalSplit, ExperimentConfig, Partition, SlmTraining, Variant};
@@ -546,51 +550,72 @@ impl Ctx {
             },
             idle_timeout_ms: 120_000,
             linger_ms: 60 * 60 * 1000,
+            learning: Some(self.learn_schedule(v)),
         };
         let tokens = mint_tokens(&coord_dir, n)?;
         let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), generator).await?;
         let addr = daemon.addr;
         let pb = bar(
             &self.mp,
-            cfg.rounds * n as u64 * 2,
+            cfg.rounds * n as u64,
             format!("{}: LLM measuring/generating", v.label()),
         );
+        let label_names = self.labels();
+        let named = |rows: &[(String, usize)]| -> Vec<(String, String)> {
+            rows.iter()
+                .map(|(t, l)| (t.clone(), label_names[*l].clone()))
+                .collect()
+        };
+        let test_rows = named(&self.test);
+        let clients_dir = coord_dir
+            .parent()
+            .map_or_else(|| coord_dir.join("clients"), |p| p.join("clients"));
         let mut tasks = Vec::new();
         for (i, (c, token)) in self.clients.iter().zip(tokens).enumerate() {
-            let slm = load_checkpoint(&self.initial_ckpt(i), Backend::Flex)?;
-            let seed = cfg.seed.wrapping_add(i as u64);
-            let learning = Learning {
-                private: self.examples(&c.private),
-                test: Some(self.test.iter().cloned().unzip()),
-                train: self.train_cfg(c.arch, false, seed),
-                min_quality: cfg.min_quality,
-                min_quality_from: cfg.min_quality_from_round,
-                // Synthetic and the oracle train on every sample with its given label.
-                use_scores: !matches!(v, Variant::Synthetic | Variant::RealData)
-                    && cfg.client_use_scores,
-                soft_targets: cfg.client_soft_targets,
-                balance_labels: cfg.client_balance_labels,
-                relative_weights: cfg.client_relative_weights,
-                checkpoint: None,
-            };
-            let scorer = Progress {
-                inner: SlmScorer::new(slm).with_learning(learning),
-                bar: pb.clone(),
+            // Each device is the SDK's `Client`, as the binary and the bindings run it: its
+            // own data dir, a copy of its local-only model, its private rows.
+            let data_dir = clients_dir.join(&c.name);
+            if data_dir.exists() {
+                std::fs::remove_dir_all(&data_dir)?;
+            }
+            copy_dir(&self.initial_ckpt(i), &data_dir.join("checkpoint"))?;
+            let device = Arc::new(SdkClient::open(ClientConfig {
+                coordinator: Some(addr.to_string()),
+                data_dir,
                 name: c.name.clone(),
-                label: v.label(),
-            };
-            let info = ClientInfo {
-                name: c.name.clone(),
-                slm_arch: c.arch.to_string(),
-                n_private: c.private.len() as u64,
-            };
+                arch: c.arch,
+                backend: Backend::Flex,
+                model_dir: self.assets.join(&cfg.minilm),
+                checkpoint_dir: None,
+                max_len: cfg.max_len,
+                test_fraction: 0.0,
+                n_private: Some(c.private.len() as u64),
+                seed: cfg.seed.wrapping_add(i as u64),
+                ..ClientConfig::default()
+            })?);
+            device.load_data_rows(&named(&c.private))?;
+            device.load_test_rows(&test_rows)?;
+            let (bar, name, label) = (pb.clone(), c.name.clone(), v.label());
+            device.set_listener(Some(Arc::new(move |p: &DeviceProgress| match p.activity {
+                Activity::Scoring if p.done == 0 => {
+                    bar.set_message(format!("{label}: {name} scoring {} samples", p.total))
+                }
+                Activity::Learning if p.done == 0 => {
+                    bar.set_message(format!("{label}: {name} training on the round"))
+                }
+                Activity::RoundFinished => {
+                    bar.inc(1);
+                    if let Some(acc) = p.accuracy {
+                        bar.println(format!("  {label} {name}: accuracy {acc:.3}"));
+                    }
+                }
+                _ => {}
+            })));
             let rounds = cfg.rounds;
             tasks.push(tokio::spawn(async move {
-                let id = enroll(addr, &token, info.clone()).await?;
-                let mut s = Session::connect(addr, &id, info).await?;
-                let (_, done) = participate(&mut s, scorer, Some(rounds)).await?;
-                s.close().await;
-                Ok::<u64, crosslm_sdk::Error>(done)
+                device.enroll(&token.to_string()).await?;
+                let summary = device.join(Some(rounds)).await?;
+                Ok::<u64, crosslm_sdk::Error>(summary.rounds)
             }));
         }
         for t in tasks {
@@ -603,6 +628,37 @@ impl Ctx {
         pb.finish_with_message(format!("{} done", v.label()));
         drop(daemon);
         self.collect(&coord_dir)
+    }
+
+    /// How the clients learn from each round: the experiment's client settings, sent by the
+    /// coordinator with every round. Synthetic and the oracle train on every sample with its
+    /// given label.
+    fn learn_schedule(&self, v: Variant) -> LearnSchedule {
+        let cfg = &self.cfg;
+        let training = [Arch::Minilm, Arch::Bag]
+            .into_iter()
+            .map(|arch| {
+                let t = cfg.training(arch);
+                ArchTraining {
+                    arch: arch.to_string(),
+                    epochs: Some(t.epochs_per_round as u32),
+                    learning_rate: Some(t.lr_per_round),
+                    batch_size: Some(t.batch_size as u32),
+                }
+            })
+            .collect();
+        LearnSchedule {
+            settings: LearnSettings {
+                use_scores: !matches!(v, Variant::Synthetic | Variant::RealData)
+                    && cfg.client_use_scores,
+                min_quality: cfg.min_quality,
+                soft_targets: cfg.client_soft_targets,
+                balance_labels: cfg.client_balance_labels,
+                relative_weights: cfg.client_relative_weights,
+                training,
+            },
+            min_quality_from_round: cfg.min_quality_from_round,
+        }
     }
 
     /// Per-round metrics from the coordinator's store: the clients' reports (sent over the
@@ -637,7 +693,7 @@ impl Ctx {
                 }
             }
             // What the CrossLM clients trained on: every sample before the threshold's round.
-            let threshold = crosslm_sdk::participant::scheduled_threshold(
+            let threshold = crosslm_sdk::method::scheduled_threshold(
                 self.cfg.min_quality,
                 self.cfg.min_quality_from_round,
                 s.id,
@@ -672,52 +728,16 @@ fn plain_round(round: u64, slm: Vec<Option<f32>>) -> RoundMetrics {
     }
 }
 
-/// A client's scorer with a progress bar.
-struct Progress {
-    inner: SlmScorer,
-    bar: ProgressBar,
-    name: String,
-    label: &'static str,
-}
-
-impl Scorer for Progress {
-    fn score(
-        &mut self,
-        task: &TaskInfo,
-        samples: &[SyntheticSample],
-    ) -> crosslm_sdk::Result<Vec<Vec<f32>>> {
-        self.bar.set_message(format!(
-            "{}: {} scoring {} samples",
-            self.label,
-            self.name,
-            samples.len()
-        ));
-        let r = self.inner.score(task, samples);
-        self.bar.inc(1);
-        r
-    }
-
-    fn learn(
-        &mut self,
-        task: &TaskInfo,
-        samples: &[SyntheticSample],
-        scores: &[AggregatedScore],
-    ) -> crosslm_sdk::Result<Option<f32>> {
-        self.bar.set_message(format!(
-            "{}: {} training on the round",
-            self.label, self.name
-        ));
-        // In-process clients train one at a time: `crosslm_sdk`'s training holds a lock.
-        let r = self.inner.learn(task, samples, scores);
-        self.bar.inc(1);
-        if let Ok(Some(acc)) = &r {
-            self.bar.println(format!(
-                "  {} {}: accuracy {:.3}",
-                self.label, self.name, acc
-            ));
+/// Copies a flat directory (a checkpoint) to `to`, replacing it.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
         }
-        r
     }
+    Ok(())
 }
 
 /// Shares the frozen LLM's outputs between variants and runs: rounds up to `frozen_through`

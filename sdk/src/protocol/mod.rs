@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub use frame::{FrameError, MAX_FRAME_LEN};
 
 /// The protocol version this build speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Samples per [`ServerMsg::Samples`] chunk: large batches are streamed, never one frame.
 pub const SAMPLES_PER_CHUNK: usize = 256;
@@ -101,6 +101,62 @@ impl AggregatedScore {
             self.quality / total
         } else {
             0.0
+        }
+    }
+}
+
+/// How a client learns from a finished round: which of the round's scored samples it trains
+/// on, with what targets and weights, and for how long. The coordinator sends it with the
+/// round (as Flower's server sends a fit configuration), so an experiment's variant is a
+/// coordinator setting; the rules that apply it are in [`crate::method`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnSettings {
+    /// Learn from the clients' scores (CrossLM). `false`: every sample is trained on with its
+    /// intended label and weight 1 (synthetic data without feedback).
+    pub use_scores: bool,
+    /// Samples whose intended label's share against its strongest rival
+    /// ([`AggregatedScore::rival_share`]) is below this are not trained on (0 keeps all).
+    pub min_quality: f32,
+    /// Train toward the aggregated soft label instead of the intended label.
+    pub soft_targets: bool,
+    /// Balance the kept samples' labels ([`crate::method::label_balance`]).
+    pub balance_labels: bool,
+    /// Scale the kept samples' weights to average 1.
+    pub relative_weights: bool,
+    /// The update's schedule per SLM architecture (a client takes the entry of its own, and
+    /// its defaults where there is none or a field is left out).
+    pub training: Vec<ArchTraining>,
+}
+
+/// The per-round update's schedule for one SLM architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchTraining {
+    /// The architecture, as clients announce it in [`ClientInfo::slm_arch`].
+    pub arch: String,
+    /// Epochs of the update.
+    #[serde(default)]
+    pub epochs: Option<u32>,
+    /// Peak learning rate of the update.
+    #[serde(default)]
+    pub learning_rate: Option<f64>,
+    /// Examples per optimizer step.
+    #[serde(default)]
+    pub batch_size: Option<u32>,
+}
+
+impl Default for LearnSettings {
+    /// The SDK's defaults: CrossLM with a 0.5 threshold, intended-label targets, balanced
+    /// labels, relative weights, each architecture's own training schedule.
+    fn default() -> Self {
+        Self {
+            use_scores: true,
+            min_quality: 0.5,
+            soft_targets: false,
+            balance_labels: true,
+            relative_weights: true,
+            training: Vec::new(),
         }
     }
 }
@@ -211,6 +267,8 @@ pub enum ServerMsg {
         total_samples: u64,
         /// Deadline for scores, in milliseconds since the Unix epoch.
         deadline_ms: u64,
+        /// How clients learn from this round's result; `None`: each client's own defaults.
+        learn: Option<LearnSettings>,
     },
     /// A chunk of a round's synthetic samples.
     Samples {

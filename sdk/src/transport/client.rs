@@ -3,28 +3,11 @@
 use std::net::SocketAddr;
 
 use crate::protocol::{
-    self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, PROTOCOL_VERSION, SampleScore,
-    ServerMsg, SyntheticSample, TaskInfo, frame,
+    self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, LearnSettings, PROTOCOL_VERSION,
+    SampleScore, ServerMsg, SyntheticSample, TaskInfo, frame,
 };
 use crate::transport::tls::{self, EnrollToken, Identity, SERVER_NAME};
 use crate::{Error, Result};
-
-/// The client-side seam of a round: an SLM (or anything) that judges synthetic samples.
-pub trait Scorer: Send + 'static {
-    /// For each sample, the probability of every label of `task` (each row sums to 1).
-    fn score(&mut self, task: &TaskInfo, samples: &[SyntheticSample]) -> Result<Vec<Vec<f32>>>;
-
-    /// Called with a finished round's aggregated scores (training data for the SLM).
-    /// Returns the local test accuracy to report, if the client measured one.
-    fn learn(
-        &mut self,
-        _task: &TaskInfo,
-        _samples: &[SyntheticSample],
-        _scores: &[AggregatedScore],
-    ) -> Result<Option<f32>> {
-        Ok(None)
-    }
-}
 
 /// Something that happened on a session.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +22,8 @@ pub enum Event {
         samples: Vec<SyntheticSample>,
         /// Deadline, ms since the Unix epoch.
         deadline_ms: u64,
+        /// How to learn from the round's result (`None`: the client's defaults).
+        learn: Option<LearnSettings>,
     },
     /// Our scores for a round were accepted.
     Accepted {
@@ -206,6 +191,7 @@ impl Session {
                 task,
                 total_samples,
                 deadline_ms,
+                learn,
             } => {
                 // Bound the pre-allocation: the count is the peer's word, not ours.
                 let mut samples = Vec::with_capacity(total_samples.min(1 << 16) as usize);
@@ -239,6 +225,7 @@ impl Session {
                     task,
                     samples,
                     deadline_ms,
+                    learn,
                 })
             }
             ServerMsg::RoundResult {
@@ -329,78 +316,4 @@ pub fn sample_scores(
         .zip(probs)
         .map(|(s, probs)| SampleScore { id: s.id, probs })
         .collect())
-}
-
-/// Runs a scorer in a blocking thread and gives it back (models are not `Sync`).
-async fn blocking<S: Scorer, T: Send + 'static>(
-    mut scorer: S,
-    f: impl FnOnce(&mut S) -> Result<T> + Send + 'static,
-) -> Result<(S, T)> {
-    tokio::task::spawn_blocking(move || {
-        let r = f(&mut scorer);
-        r.map(|t| (scorer, t))
-    })
-    .await
-    .map_err(|e| Error::Transport(format!("scoring task failed: {e}")))?
-}
-
-/// Takes part in rounds until `rounds` results were received (or forever with `None`),
-/// scoring every batch with `scorer` and handing results to [`Scorer::learn`].
-/// Returns the scorer and the number of rounds completed.
-pub async fn participate<S: Scorer>(
-    session: &mut Session,
-    mut scorer: S,
-    rounds: Option<u64>,
-) -> Result<(S, u64)> {
-    let mut done = 0u64;
-    let mut batches: std::collections::HashMap<u64, (TaskInfo, Vec<SyntheticSample>)> =
-        std::collections::HashMap::new();
-    while rounds.is_none_or(|r| done < r) {
-        match session.next_event().await? {
-            Event::Round {
-                round,
-                task,
-                samples,
-                ..
-            } => {
-                tracing::info!(round, samples = samples.len(), "scoring batch");
-                // The batch moves into the scoring thread and back: no copy of it.
-                let (back, (probs, task, samples)) = blocking(scorer, move |sc| {
-                    sc.score(&task, &samples).map(|p| (p, task, samples))
-                })
-                .await?;
-                scorer = back;
-                session
-                    .send_scores(round, &sample_scores(&samples, probs)?)
-                    .await?;
-                batches.insert(round, (task, samples));
-            }
-            Event::Accepted { round } => tracing::info!(round, "scores accepted"),
-            Event::Result { round, scores } => {
-                done += 1;
-                if let Some((task, samples)) = batches.remove(&round) {
-                    let (back, acc) =
-                        blocking(scorer, move |sc| sc.learn(&task, &samples, &scores)).await?;
-                    scorer = back;
-                    // A report is informational: a coordinator that already left loses nothing.
-                    let report = ClientMsg::Report {
-                        round,
-                        local_accuracy: acc,
-                    };
-                    if let Err(e) = session.send(&report).await {
-                        tracing::warn!(round, error = %e, "could not report local accuracy");
-                    }
-                    tracing::info!(round, ?acc, "round finished");
-                } else {
-                    tracing::info!(round, "round finished (we did not score it)");
-                }
-            }
-            Event::Failed { round, reason } => {
-                batches.remove(&round);
-                tracing::warn!(round, %reason, "round failed");
-            }
-            Event::Refused(e) => return Err(Error::Refused(e)),
-        }
-    }
-    Ok((scorer, done))
 }

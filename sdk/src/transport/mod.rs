@@ -1,8 +1,8 @@
-//! The client side of the QUIC link: enrollment, mutual-TLS sessions, and taking part in
-//! rounds with a [`Scorer`].
+//! The client side of the QUIC link: enrollment, mutual-TLS sessions and their events. The
+//! round loop that drives a session is [`crate::rounds`].
 
 pub mod client;
 pub mod tls;
 
-pub use client::{Event, Scorer, Session, enroll, participate, sample_scores};
+pub use client::{Event, Session, enroll, sample_scores};
 pub use tls::{EnrollToken, Identity};

@@ -6,7 +6,8 @@
 
 use std::io::Write;
 
-use crosslm_sdk::transport::{Event, Identity, Session, participate};
+use crosslm_sdk::rounds::participate;
+use crosslm_sdk::transport::{Event, Identity, Session};
 use crosslm_tests::{FixedScorer, info};
 
 #[tokio::main(flavor = "current_thread")]

@@ -305,5 +305,8 @@ mod tests {
         let cfg: ConfigFile = toml::from_str(&text).expect("example config parses");
         assert!(cfg.tuning.enabled && !cfg.tuning.preference.enabled);
         assert_eq!(cfg.tuning.preference.max_pairs_per_label, 16);
+        let learning = cfg.daemon.learning.expect("[daemon.learning]");
+        assert_eq!(learning.settings.training.len(), 2);
+        assert_eq!(learning.settings.training[0].epochs, Some(15));
     }
 }
