@@ -25,6 +25,20 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Path of an example program (`sdk/examples`, `coordinator/examples`) built in the same
+/// profile (`cargo build --workspace --examples`, which `scripts/test.sh` runs).
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --release --workspace --examples` first",
+        p.display()
+    );
+    p
+}
+
 /// A two-label task file (polarity), returned with its [`TaskInfo`].
 pub fn write_task(dir: &Path) -> (PathBuf, TaskInfo) {
     let p = dir.join("task.toml");
