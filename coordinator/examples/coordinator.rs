@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let spec = TaskSpec::from_toml_file(workspace_root().join("examples/tasks/mr.toml"))?;
-    let llm = Llm::load(&smollm2_gguf_path(), &Device::flex())?;
+    let llm = Llm::load(smollm2_gguf_path(), &Device::flex())?;
     let generator = LlmGenerator::new(llm, spec.clone(), 1)
         .with_tuning(TuningConfig::default(), args.data_dir.join("llm"))?;
     let cfg = DaemonConfig {

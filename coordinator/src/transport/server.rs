@@ -9,16 +9,79 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crosslm_sdk::protocol::{
-    ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION, ServerMsg, frame,
+    ClientId, ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION,
+    SampleScore, ServerMsg, frame,
 };
 use crosslm_sdk::transport::EnrollToken;
 use crosslm_sdk::transport::tls::fingerprint;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use crate::daemon::{CoreEvent, Outbound};
+use crate::core::{Outbound, now_ms};
 use crate::store::{ClientRecord, Store};
 use crate::transport::{Pki, Tokens};
+
+/// What session tasks tell the daemon's driver (which keeps the queue and hands the rest to
+/// the [`crate::core::Core`]).
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// An authenticated client opened a session.
+    Connected {
+        /// Who.
+        client: ClientId,
+        /// Which connection (a client may reconnect before its old one is noticed gone).
+        conn_id: usize,
+        /// Its metadata.
+        info: ClientInfo,
+        /// Its outbound queue.
+        tx: mpsc::Sender<Outbound>,
+    },
+    /// A session ended.
+    Disconnected {
+        /// Who.
+        client: ClientId,
+        /// Which connection.
+        conn_id: usize,
+    },
+    /// A chunk of scores.
+    Scores {
+        /// Who.
+        client: ClientId,
+        /// For which round.
+        round: u64,
+        /// The chunk.
+        scores: Vec<SampleScore>,
+        /// Last chunk?
+        last: bool,
+    },
+    /// A client's local accuracy after a round.
+    Report {
+        /// Who.
+        client: ClientId,
+        /// Which round.
+        round: u64,
+        /// Accuracy, if measured.
+        local_accuracy: Option<f32>,
+    },
+    /// A client gives up on a round.
+    Abandon {
+        /// Who.
+        client: ClientId,
+        /// Which connection.
+        conn_id: usize,
+        /// Which round.
+        round: u64,
+    },
+    /// Send a message to a client (an error about its last frame).
+    Say {
+        /// Who.
+        client: ClientId,
+        /// Which connection.
+        conn_id: usize,
+        /// What.
+        msg: ServerMsg,
+    },
+}
 
 /// Shared by every session task.
 pub struct ServerCtx {
@@ -276,7 +339,7 @@ fn enroll(ctx: &ServerCtx, token: &str, csr: &[u8], info: &ClientInfo) -> crate:
         id: client_id.clone(),
         cert_fingerprint: fingerprint(&cert_der),
         info: info.clone(),
-        enrolled_at: crate::daemon::now_ms(),
+        enrolled_at: now_ms(),
     })?;
     Ok(ServerMsg::Enrolled {
         client_id,

@@ -6,16 +6,21 @@
 //! errors. None of them can carry model weights or private training examples.
 
 pub mod frame;
+mod reassembly;
 
 use serde::{Deserialize, Serialize};
 
 pub use frame::{FrameError, MAX_FRAME_LEN};
+pub use reassembly::{Reassembly, TooMany};
 
 /// The protocol version this build speaks. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Samples per [`ServerMsg::Samples`] chunk: large batches are streamed, never one frame.
 pub const SAMPLES_PER_CHUNK: usize = 256;
+
+/// The most samples a round may hold (a bound on what a peer can make the other side buffer).
+pub const MAX_ROUND_SAMPLES: usize = 1 << 20;
 
 /// Identifier the coordinator assigns to an enrolled client.
 pub type ClientId = String;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use crate::protocol::{
     self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, LearnSettings, PROTOCOL_VERSION,
-    SampleScore, ServerMsg, SyntheticSample, TaskInfo, frame,
+    Reassembly, SampleScore, ServerMsg, SyntheticSample, TaskInfo, TooMany, frame,
 };
 use crate::transport::tls::{self, EnrollToken, Identity, SERVER_NAME};
 use crate::{Error, Result};
@@ -193,18 +193,22 @@ impl Session {
                 deadline_ms,
                 learn,
             } => {
-                // Bound the pre-allocation: the count is the peer's word, not ours.
-                let mut samples = Vec::with_capacity(total_samples.min(1 << 16) as usize);
-                loop {
+                if total_samples > protocol::MAX_ROUND_SAMPLES as u64 {
+                    return Err(Error::Protocol(format!(
+                        "round {round} announces {total_samples} samples, more than {}",
+                        protocol::MAX_ROUND_SAMPLES
+                    )));
+                }
+                let mut batch = Reassembly::new(round, total_samples as usize);
+                let samples = loop {
                     match recv_msg(&mut self.recv).await? {
                         ServerMsg::Samples {
                             round: r,
                             samples: chunk,
                             last,
                         } if r == round => {
-                            samples.extend(chunk);
-                            if last {
-                                break;
+                            if let Some(all) = batch.push(chunk, last).map_err(too_many)? {
+                                break all;
                             }
                         }
                         other => {
@@ -213,7 +217,7 @@ impl Session {
                             )));
                         }
                     }
-                }
+                };
                 if samples.len() as u64 != total_samples {
                     return Err(Error::Protocol(format!(
                         "round {round} announced {total_samples} samples, got {}",
@@ -233,26 +237,26 @@ impl Session {
                 scores,
                 last,
             } => {
-                let mut all = scores;
-                let mut last = last;
-                while !last {
-                    match recv_msg(&mut self.recv).await? {
+                let mut result = Reassembly::new(round, protocol::MAX_ROUND_SAMPLES);
+                let mut next = (scores, last);
+                let scores = loop {
+                    if let Some(all) = result.push(next.0, next.1).map_err(too_many)? {
+                        break all;
+                    }
+                    next = match recv_msg(&mut self.recv).await? {
                         ServerMsg::RoundResult {
                             round: r,
                             scores,
-                            last: l,
-                        } if r == round => {
-                            all.extend(scores);
-                            last = l;
-                        }
+                            last,
+                        } if r == round => (scores, last),
                         other => {
                             return Err(Error::Protocol(format!(
                                 "expected results of round {round}, got {other:?}"
                             )));
                         }
-                    }
-                }
-                Ok(Event::Result { round, scores: all })
+                    };
+                };
+                Ok(Event::Result { round, scores })
             }
             ServerMsg::ScoresAccepted { round } => Ok(Event::Accepted { round }),
             ServerMsg::RoundFailed { round, reason } => Ok(Event::Failed { round, reason }),
@@ -316,4 +320,8 @@ pub fn sample_scores(
         .zip(probs)
         .map(|(s, probs)| SampleScore { id: s.id, probs })
         .collect())
+}
+
+fn too_many(e: TooMany) -> Error {
+    Error::Protocol(e.to_string())
 }
