@@ -12,65 +12,143 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crosslm_sdk::client::{self, Client, ClientConfig};
+use crosslm_sdk::protocol::ErrorCode;
 use crosslm_sdk::slm::{Arch, Backend};
 
 uniffi::setup_scaffolding!();
 
-/// Every error of the bindings. Flat: the foreign side sees the kind and the message.
+/// Every error of the bindings: the kind, a message, and for a refusal the coordinator's code.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
-#[uniffi(flat_error)]
 pub enum CrossLmError {
     /// A setting or argument is invalid.
-    #[error("{0}")]
-    InvalidInput(String),
+    #[error("{message}")]
+    InvalidInput {
+        /// What went wrong.
+        message: String,
+    },
     /// A file could not be read or written.
-    #[error("{0}")]
-    Io(String),
+    #[error("{message}")]
+    Io {
+        /// What went wrong.
+        message: String,
+    },
     /// A data file or rows are malformed or unusable.
-    #[error("{0}")]
-    Data(String),
+    #[error("{message}")]
+    Data {
+        /// What went wrong.
+        message: String,
+    },
     /// The model is missing, corrupt or does not fit.
-    #[error("{0}")]
-    Model(String),
+    #[error("{message}")]
+    Model {
+        /// What went wrong.
+        message: String,
+    },
     /// Enrollment failed (malformed token, identity unusable).
-    #[error("{0}")]
-    Enrollment(String),
-    /// The coordinator refused a request (e.g. an unknown or used token).
-    #[error("{0}")]
-    Refused(String),
+    #[error("{message}")]
+    Enrollment {
+        /// What went wrong.
+        message: String,
+    },
+    /// The coordinator refused a request (e.g. an unknown or used token): its code and reason.
+    #[error("{message}")]
+    Refused {
+        /// The coordinator's code.
+        code: RefusalCode,
+        /// Its reason.
+        message: String,
+    },
     /// The coordinator could not be reached or the connection broke.
-    #[error("{0}")]
-    Network(String),
-    /// The coordinator broke the protocol.
-    #[error("{0}")]
-    Protocol(String),
+    #[error("{message}")]
+    Network {
+        /// What went wrong.
+        message: String,
+    },
+    /// The coordinator broke the protocol (a malformed frame, an unexpected message).
+    #[error("{message}")]
+    Protocol {
+        /// What went wrong.
+        message: String,
+    },
     /// A step is missing first (enroll, load data, train).
-    #[error("{0}")]
-    NotReady(String),
+    #[error("{message}")]
+    NotReady {
+        /// What went wrong.
+        message: String,
+    },
     /// Another long operation is running.
-    #[error("{0}")]
-    Busy(String),
+    #[error("{message}")]
+    Busy {
+        /// What went wrong.
+        message: String,
+    },
     /// The operation was cancelled.
-    #[error("{0}")]
-    Cancelled(String),
+    #[error("{message}")]
+    Cancelled {
+        /// What went wrong.
+        message: String,
+    },
+    /// A bug or crash inside the SDK, not the caller's input.
+    #[error("{message}")]
+    Internal {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why the coordinator refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum RefusalCode {
+    /// Client and coordinator speak different protocol versions.
+    VersionMismatch,
+    /// A message the coordinator could not read.
+    Malformed,
+    /// A message over the size limit.
+    TooLarge,
+    /// No valid client certificate.
+    Unauthenticated,
+    /// An unknown or used enrollment token.
+    BadToken,
+    /// Scores that break the round's rules.
+    BadScores,
+    /// The coordinator failed.
+    Internal,
+}
+
+impl From<ErrorCode> for RefusalCode {
+    fn from(c: ErrorCode) -> Self {
+        match c {
+            ErrorCode::VersionMismatch => Self::VersionMismatch,
+            ErrorCode::Malformed => Self::Malformed,
+            ErrorCode::TooLarge => Self::TooLarge,
+            ErrorCode::Unauthenticated => Self::Unauthenticated,
+            ErrorCode::BadToken => Self::BadToken,
+            ErrorCode::BadScores => Self::BadScores,
+            ErrorCode::Internal => Self::Internal,
+        }
+    }
 }
 
 impl From<crosslm_sdk::Error> for CrossLmError {
     fn from(e: crosslm_sdk::Error) -> Self {
         use crosslm_sdk::Error as E;
-        let msg = e.to_string();
+        let message = e.to_string();
         match e {
-            E::File { .. } | E::Io(_) => Self::Io(msg),
-            E::Model(_) | E::Tokenizer(_) => Self::Model(msg),
-            E::Enroll(_) => Self::Enrollment(msg),
-            E::Transport(_) => Self::Network(msg),
-            E::Protocol(_) => Self::Protocol(msg),
-            E::Refused(_) => Self::Refused(msg),
-            E::Data(_) => Self::Data(msg),
-            E::InvalidInput(_) => Self::InvalidInput(msg),
-            E::NotReady(_) => Self::NotReady(msg),
-            E::Busy(_) => Self::Busy(msg),
-            E::Cancelled => Self::Cancelled(msg),
+            E::File { .. } | E::Io(_) => Self::Io { message },
+            E::Model(_) | E::Tokenizer(_) => Self::Model { message },
+            E::Enroll(_) => Self::Enrollment { message },
+            E::Session(_) => Self::Network { message },
+            E::Protocol(_) => Self::Protocol { message },
+            E::Refused(r) => Self::Refused {
+                code: r.code.into(),
+                message,
+            },
+            E::Data(_) => Self::Data { message },
+            E::InvalidInput(_) => Self::InvalidInput { message },
+            E::NotReady(_) => Self::NotReady { message },
+            E::Busy(_) => Self::Busy { message },
+            E::Cancelled => Self::Cancelled { message },
+            E::Internal(_) => Self::Internal { message },
         }
     }
 }
@@ -334,7 +412,9 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
             .map_err(|e| e.to_string())
     })
     .as_ref()
-    .map_err(|e| CrossLmError::Io(format!("cannot start the runtime: {e}")))
+    .map_err(|e| CrossLmError::Io {
+        message: format!("cannot start the runtime: {e}"),
+    })
 }
 
 /// Runs an SDK future on the library's runtime.
@@ -344,7 +424,9 @@ async fn on_runtime<T: Send + 'static>(
     runtime()?
         .spawn(f)
         .await
-        .map_err(|e| CrossLmError::Io(format!("task failed: {e}")))?
+        .map_err(|e| CrossLmError::Internal {
+            message: format!("task failed: {e}"),
+        })?
         .map_err(Into::into)
 }
 

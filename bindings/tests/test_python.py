@@ -283,6 +283,7 @@ class BindingsTest(unittest.TestCase):
         with self.assertRaises(x.CrossLmError.Refused) as e:
             asyncio.run(client2.enroll(wrong))
         self.assertIn("token", str(e.exception))
+        self.assertEqual(e.exception.code, x.RefusalCode.BAD_TOKEN)
         self.assertIsNone(client2.status().client_id)
 
         bad = settings(self.dir, None)

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::data::{self, BadRows, Dataset, Example, TableSpec};
+use crate::error::SessionError;
 use crate::participant::{Learning, SlmScorer};
 use crate::protocol::{ClientInfo, LearnSettings, TaskInfo};
 use crate::rounds::{RoundHooks, cancelled, run_rounds};
@@ -533,10 +534,10 @@ impl Client {
         let timeout = self.config.connect_timeout;
         tokio::select! {
             r = tokio::time::timeout(timeout, fut) => r.map_err(|_| {
-                Error::Transport(format!(
-                    "coordinator {addr} unreachable: no answer within {:.1}s",
-                    timeout.as_secs_f64()
-                ))
+                Error::from(SessionError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("unreachable: no answer within {:.1}s", timeout.as_secs_f64()),
+                })
             })?,
             _ = cancelled(&mut rx) => Err(Error::Cancelled),
         }
@@ -1116,7 +1117,7 @@ impl RoundHooks for JoinHooks<'_> {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::Model(format!("worker thread failed: {e}")))
+        .map_err(|e| Error::Internal(format!("worker thread failed: {e}")))
 }
 
 #[cfg(test)]

@@ -25,10 +25,10 @@ pub enum Error {
     /// Enrollment failed or the stored identity is unusable.
     #[error("enrollment: {0}")]
     Enroll(String),
-    /// The QUIC/TLS link failed.
-    #[error("transport: {0}")]
-    Transport(String),
-    /// The peer broke the protocol.
+    /// A session with the coordinator could not start or broke.
+    #[error("session: {0}")]
+    Session(#[from] SessionError),
+    /// The peer broke the protocol (a malformed or oversized frame, an unexpected message).
     #[error("protocol: {0}")]
     Protocol(String),
     /// The coordinator refused a request.
@@ -49,6 +49,31 @@ pub enum Error {
     /// The operation was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A bug or a crash inside the SDK (a worker thread panicked), not the caller's input.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// How a session with the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The coordinator could not be reached or the handshake failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The coordinator's address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator closed the session.
+    #[error("the coordinator closed the session")]
+    Closed,
+    /// Sending or receiving failed mid-session (reset, timeout, local socket).
+    #[error("{0}")]
+    Link(String),
+    /// The TLS configuration could not be built (a bad certificate or key).
+    #[error("TLS setup: {0}")]
+    Tls(String),
 }
 
 /// Result with the SDK's error.

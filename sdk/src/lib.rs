@@ -14,4 +14,4 @@ pub mod rounds;
 pub mod slm;
 pub mod transport;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, SessionError};

@@ -175,7 +175,7 @@ pub async fn participate<S: Scorer>(
 ) -> Result<(S, u64)> {
     let mut slot = Some(scorer);
     let done = run_rounds(session, &mut slot, limit, &mut NoHooks, None).await?;
-    let scorer = slot.ok_or_else(|| Error::Model("the scorer was lost".into()))?;
+    let scorer = slot.ok_or_else(|| Error::Internal("the scorer was lost".into()))?;
     Ok((scorer, done.results))
 }
 
@@ -186,13 +186,13 @@ async fn on_worker<S: Scorer, T: Send + 'static>(
 ) -> Result<T> {
     let mut sc = scorer
         .take()
-        .ok_or_else(|| Error::Model("the scorer was lost in an earlier failure".into()))?;
+        .ok_or_else(|| Error::Internal("the scorer was lost in an earlier failure".into()))?;
     let (sc, out) = tokio::task::spawn_blocking(move || {
         let out = f(&mut sc);
         (sc, out)
     })
     .await
-    .map_err(|e| Error::Model(format!("worker thread failed: {e}")))?;
+    .map_err(|e| Error::Internal(format!("worker thread failed: {e}")))?;
     *scorer = Some(sc);
     Ok(out)
 }

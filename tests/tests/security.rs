@@ -118,7 +118,7 @@ async fn clients_without_a_valid_certificate_are_refused() {
     };
     let r = Session::connect(addr, &forged, info("mallory", 1)).await;
     assert!(
-        matches!(r, Err(Error::Transport(_)) | Err(Error::Protocol(_))),
+        matches!(r, Err(Error::Session(_)) | Err(Error::Protocol(_))),
         "forged cert accepted: {:?}",
         r.err()
     );

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use crate::error::SessionError;
 use crate::protocol::{
     self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, LearnSettings, PROTOCOL_VERSION,
     Reassembly, SampleScore, ServerMsg, SyntheticSample, TaskInfo, TooMany, frame,
@@ -55,7 +56,7 @@ fn endpoint_for(server: SocketAddr) -> Result<quinn::Endpoint> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     quinn::Endpoint::client(bind)
-        .map_err(|e| Error::Transport(format!("cannot bind UDP socket: {e}")))
+        .map_err(|e| SessionError::Link(format!("cannot bind a UDP socket: {e}")).into())
 }
 
 async fn open(
@@ -70,27 +71,36 @@ async fn open(
     let endpoint = endpoint_for(server)?;
     let conn = endpoint
         .connect_with(cfg, server, SERVER_NAME)
-        .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?
+        .map_err(|e| connect_error(server, e))?
         .await
-        .map_err(|e| Error::Transport(format!("connect to {server}: {e}")))?;
+        .map_err(|e| connect_error(server, e))?;
     let (send, recv) = conn
         .open_bi()
         .await
-        .map_err(|e| Error::Transport(format!("open stream: {e}")))?;
+        .map_err(|e| SessionError::Link(format!("open stream: {e}")))?;
     Ok((endpoint, conn, send, recv))
 }
 
 async fn send_msg(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<()> {
     frame::write(send, msg)
         .await
-        .map_err(|e| Error::Transport(format!("send: {e}")))
+        .map_err(|e| SessionError::Link(format!("send: {e}")).into())
 }
 
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<ServerMsg> {
     frame::read(recv).await.map_err(|e| match e {
-        protocol::FrameError::Closed => Error::Transport("coordinator closed the session".into()),
-        e => Error::Transport(format!("receive: {e}")),
+        protocol::FrameError::Closed => SessionError::Closed.into(),
+        protocol::FrameError::Io(e) => SessionError::Link(format!("receive: {e}")).into(),
+        e => Error::Protocol(format!("from the coordinator: {e}")),
     })
+}
+
+fn connect_error(server: SocketAddr, e: impl std::fmt::Display) -> Error {
+    SessionError::Connect {
+        addr: server.to_string(),
+        reason: e.to_string(),
+    }
+    .into()
 }
 
 async fn hello(

@@ -10,6 +10,7 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 
+use crate::error::SessionError;
 use crate::{Error, Result};
 
 /// The name every coordinator certificate carries and every client asks for. The PKI is
@@ -129,13 +130,13 @@ fn tls13_client_builder()
 -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
     rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Transport(format!("TLS setup: {e}")))
+        .map_err(|e| Error::Session(SessionError::Tls(e.to_string())))
 }
 
 fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| Error::Transport(format!("QUIC TLS setup: {e}")))?;
+        .map_err(|e| Error::Session(SessionError::Tls(format!("QUIC: {e}"))))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(DEFAULT_IDLE_TIMEOUT)));
     Ok(cfg)
@@ -194,7 +195,7 @@ pub fn anonymous_config(ca_der: &[u8]) -> Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from(ca_der.to_vec()))
-        .map_err(|e| Error::Transport(format!("bad CA certificate: {e}")))?;
+        .map_err(|e| Error::Session(SessionError::Tls(format!("bad CA certificate: {e}"))))?;
     let tls = tls13_client_builder()?
         .with_root_certificates(roots)
         .with_no_client_auth();
