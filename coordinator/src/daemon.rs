@@ -200,29 +200,18 @@ async fn drive(
         };
         tokio::select! {
             ev = rx.recv() => {
-                let Some(ev) = ev else { return Ok(core.finished()) };
-                let input = match ev {
-                    CoreEvent::Connected { client, conn_id, info, tx } => {
-                        queues.insert(client.clone(), (conn_id, tx));
-                        Input::Connected { client, conn_id, info }
+                let Some(CoreEvent { input, queue }) = ev else { return Ok(core.finished()) };
+                match (&input, queue) {
+                    (Input::Connected { client, conn_id, .. }, Some(tx)) => {
+                        queues.insert(client.clone(), (*conn_id, tx));
                     }
-                    CoreEvent::Disconnected { client, conn_id } => {
-                        if queues.get(&client).is_some_and(|(c, _)| *c == conn_id) {
-                            queues.remove(&client);
-                        }
-                        Input::Disconnected { client, conn_id }
+                    (Input::Disconnected { client, conn_id }, _)
+                        if queues.get(client).is_some_and(|(c, _)| c == conn_id) =>
+                    {
+                        queues.remove(client);
                     }
-                    CoreEvent::Scores { client, round, scores, last } => {
-                        Input::Scores { client, round, scores, last }
-                    }
-                    CoreEvent::Report { client, round, local_accuracy } => {
-                        Input::Report { client, round, local_accuracy }
-                    }
-                    CoreEvent::Abandon { client, conn_id, round } => {
-                        Input::Abandon { client, conn_id, round }
-                    }
-                    CoreEvent::Say { client, conn_id, msg } => Input::Say { client, conn_id, msg },
-                };
+                    _ => {}
+                }
                 core.handle(input, now_ms())?;
             }
             res = async { job.as_mut().expect("guarded").await }, if job.is_some() => {

@@ -9,78 +9,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crosslm_sdk::protocol::{
-    ClientId, ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION,
-    SampleScore, ServerMsg, frame,
+    ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION, ServerMsg, frame,
 };
 use crosslm_sdk::transport::EnrollToken;
 use crosslm_sdk::transport::tls::fingerprint;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use crate::core::{Outbound, now_ms};
+use crate::core::{Input, Outbound, now_ms};
 use crate::store::{ClientRecord, Store};
 use crate::transport::{Pki, Tokens};
 
-/// What session tasks tell the daemon's driver (which keeps the queue and hands the rest to
-/// the [`crate::core::Core`]).
+/// What a session task tells the daemon's driver: an input for the [`crate::core::Core`] and,
+/// with a new connection, that connection's outbound queue (which the driver keeps).
 #[derive(Debug)]
-pub enum CoreEvent {
-    /// An authenticated client opened a session.
-    Connected {
-        /// Who.
-        client: ClientId,
-        /// Which connection (a client may reconnect before its old one is noticed gone).
-        conn_id: usize,
-        /// Its metadata.
-        info: ClientInfo,
-        /// Its outbound queue.
-        tx: mpsc::Sender<Outbound>,
-    },
-    /// A session ended.
-    Disconnected {
-        /// Who.
-        client: ClientId,
-        /// Which connection.
-        conn_id: usize,
-    },
-    /// A chunk of scores.
-    Scores {
-        /// Who.
-        client: ClientId,
-        /// For which round.
-        round: u64,
-        /// The chunk.
-        scores: Vec<SampleScore>,
-        /// Last chunk?
-        last: bool,
-    },
-    /// A client's local accuracy after a round.
-    Report {
-        /// Who.
-        client: ClientId,
-        /// Which round.
-        round: u64,
-        /// Accuracy, if measured.
-        local_accuracy: Option<f32>,
-    },
-    /// A client gives up on a round.
-    Abandon {
-        /// Who.
-        client: ClientId,
-        /// Which connection.
-        conn_id: usize,
-        /// Which round.
-        round: u64,
-    },
-    /// Send a message to a client (an error about its last frame).
-    Say {
-        /// Who.
-        client: ClientId,
-        /// Which connection.
-        conn_id: usize,
-        /// What.
-        msg: ServerMsg,
-    },
+pub struct CoreEvent {
+    /// The core's input.
+    pub input: Input,
+    /// The queue of a [`Input::Connected`] connection.
+    pub queue: Option<mpsc::Sender<Outbound>>,
+}
+
+impl From<Input> for CoreEvent {
+    fn from(input: Input) -> Self {
+        Self { input, queue: None }
+    }
 }
 
 /// Shared by every session task.
@@ -368,11 +321,13 @@ async fn client_session(
     let conn_id = conn.stable_id();
     if ctx
         .core
-        .send(CoreEvent::Connected {
-            client: client.clone(),
-            conn_id,
-            info,
-            tx,
+        .send(CoreEvent {
+            input: Input::Connected {
+                client: client.clone(),
+                conn_id,
+                info,
+            },
+            queue: Some(tx),
         })
         .await
         .is_err()
@@ -411,12 +366,12 @@ async fn client_session(
                 tracing::warn!(%client, error = %e, "bad frame; closing session");
                 // Malformed and oversized frames get an answer; a broken stream gets none.
                 if let Some(msg) = frame_error_reply(&e) {
-                    let say = CoreEvent::Say {
+                    let say = Input::Say {
                         client: client.clone(),
                         conn_id,
                         msg,
                     };
-                    let _ = ctx.core.send(say).await;
+                    let _ = ctx.core.send(say.into()).await;
                 }
                 break e.to_string();
             }
@@ -426,7 +381,7 @@ async fn client_session(
                 round,
                 scores,
                 last,
-            } => CoreEvent::Scores {
+            } => Input::Scores {
                 client: client.clone(),
                 round,
                 scores,
@@ -435,12 +390,12 @@ async fn client_session(
             ClientMsg::Report {
                 round,
                 local_accuracy,
-            } => CoreEvent::Report {
+            } => Input::Report {
                 client: client.clone(),
                 round,
                 local_accuracy,
             },
-            ClientMsg::Abandon { round } => CoreEvent::Abandon {
+            ClientMsg::Abandon { round } => Input::Abandon {
                 client: client.clone(),
                 conn_id,
                 round,
@@ -450,24 +405,27 @@ async fn client_session(
                     ErrorCode::Malformed,
                     "Hello/Enroll are only valid at the start of a session",
                 );
-                CoreEvent::Say {
+                Input::Say {
                     client: client.clone(),
                     conn_id,
                     msg: m,
                 }
             }
         };
-        if ctx.core.send(ev).await.is_err() {
+        if ctx.core.send(ev.into()).await.is_err() {
             break "coordinator shutting down".to_string();
         }
     };
     tracing::info!(%client, %reason, "session ended");
     let _ = ctx
         .core
-        .send(CoreEvent::Disconnected {
-            client: client.clone(),
-            conn_id,
-        })
+        .send(
+            Input::Disconnected {
+                client: client.clone(),
+                conn_id,
+            }
+            .into(),
+        )
         .await;
     // The core drops our sender on Disconnected: the writer drains what is queued (an
     // error reply, say) and ends; then close.
