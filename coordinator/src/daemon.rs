@@ -8,63 +8,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crosslm_sdk::method::LearnSchedule;
 use crosslm_sdk::protocol::{ClientId, SyntheticSample, TaskInfo};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+pub use crate::core::DaemonConfig;
 use crate::core::{Command, Core, Input, LlmStep, Outbound, Persist, Resume, now_ms};
 use crate::generator::Generator;
-use crate::round::RoundConfig;
 use crate::store::Store;
 use crate::transport::server::{CoreEvent, ServerCtx, serve};
 use crate::transport::{Pki, Tokens};
 use crate::{Error, Result};
-
-/// Daemon settings (the `[daemon]` part of the config file).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DaemonConfig {
-    /// UDP address to listen on.
-    pub listen: SocketAddr,
-    /// Where the CA, tokens and database live.
-    pub data_dir: PathBuf,
-    /// Stop after this many finished rounds (counting those of earlier runs); none = forever.
-    pub rounds: Option<u64>,
-    /// Synthetic samples per label per round.
-    pub samples_per_label: usize,
-    /// Connected clients needed before a round opens.
-    pub min_clients: usize,
-    /// Round settings.
-    pub round: RoundConfig,
-    /// Milliseconds of silence after which a client counts as gone.
-    pub idle_timeout_ms: u64,
-    /// After the last round, how long to wait for clients to report and leave.
-    pub linger_ms: u64,
-    /// How clients learn from each round's result, sent with the round (`[daemon.learning]`);
-    /// none: each client's own defaults.
-    pub learning: Option<LearnSchedule>,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
-            data_dir: PathBuf::from("crosslm-data"),
-            rounds: None,
-            samples_per_label: 32,
-            min_clients: 1,
-            round: RoundConfig::default(),
-            idle_timeout_ms: 30_000,
-            linger_ms: 120_000,
-            learning: None,
-        }
-    }
-}
 
 /// A running daemon's handle.
 pub struct Daemon {

@@ -35,8 +35,7 @@ pub struct CpuLlama {
     inv_freq: Vec<f64>,
 }
 
-/// A named weight in GGUF's row-major shape, as f32 (what a model is built from).
-pub type Weight = (Vec<usize>, Vec<f32>);
+pub use super::model::Weight;
 
 impl CpuLlama {
     /// Reads the weights of a `llama` GGUF file, keeping quantized tensors quantized.

@@ -1,6 +1,8 @@
 //! What CrossLM asks of the LLM: label-conditioned synthetic data ([`Llm::generate`]),
 //! zero-shot classification ([`Llm::classify`]) and perplexity on general text
 //! ([`Llm::perplexity`]).
+//!
+//! Over 600 lines with its tests beside the code.
 
 use std::collections::HashSet;
 use std::path::Path;

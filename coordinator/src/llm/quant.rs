@@ -6,6 +6,9 @@
 //! activations to 8 bits, as llama.cpp does, moved logits by up to 0.4 and flipped the
 //! reference's greedy ids). Output rows are split over rayon's threads; the inner dot uses AVX2 + FMA when the
 //! CPU has them, AVX-512 when it has that (both detected at run time), portable code otherwise. F32/F16 weights stay f32.
+//!
+//! Over 600 lines: the same products for three instruction sets (portable, AVX2, AVX-512) side by
+//! side, and the tests that hold each to the dense f32 result.
 
 use half::f16;
 use rayon::prelude::*;
