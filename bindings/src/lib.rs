@@ -44,6 +44,12 @@ pub enum CrossLmError {
         /// What went wrong.
         message: String,
     },
+    /// The model's checkpoint could not be written or replaced.
+    #[error("{message}")]
+    Checkpoint {
+        /// What went wrong.
+        message: String,
+    },
     /// Enrollment failed (malformed token, identity unusable).
     #[error("{message}")]
     Enrollment {
@@ -136,6 +142,7 @@ impl From<crosslm_sdk::Error> for CrossLmError {
         match e {
             E::File { .. } | E::Io(_) => Self::Io { message },
             E::Model(_) | E::Tokenizer(_) => Self::Model { message },
+            E::Checkpoint { .. } => Self::Checkpoint { message },
             E::Enroll(_) => Self::Enrollment { message },
             E::Session(_) => Self::Network { message },
             E::Protocol(_) => Self::Protocol { message },

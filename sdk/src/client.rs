@@ -24,6 +24,7 @@ use crate::error::SessionError;
 use crate::participant::{Learning, SlmScorer};
 use crate::protocol::{ClientInfo, LearnSettings, TaskInfo};
 use crate::rounds::{RoundHooks, cancelled, run_rounds};
+use crate::slm::checkpoint::swap;
 use crate::slm::{
     self, Arch, Backend, CheckpointMeta, Slm, TrainConfig, TrainExample, TrainProgress,
 };
@@ -268,54 +269,6 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// `dir` with `.suffix` appended to its last component.
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let dir: PathBuf = dir.components().collect();
-    let mut s = dir.into_os_string();
-    s.push(".");
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-fn is_checkpoint(dir: &Path) -> bool {
-    dir.join("meta.json").is_file()
-}
-
-/// Replaces the checkpoint `dir` by `dir.new`: rename the old one aside, the new one in, then
-/// delete the old one, so that at any moment one whole checkpoint exists (see [`recover`]).
-fn commit_checkpoint(dir: &Path) -> Result<()> {
-    let new = sibling(dir, "new");
-    if !is_checkpoint(&new) {
-        return Ok(());
-    }
-    let old = sibling(dir, "old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(file_err(dir))?;
-    }
-    std::fs::rename(&new, dir).map_err(file_err(dir))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-/// Undoes an interrupted [`commit_checkpoint`].
-fn recover(dir: &Path) -> Result<()> {
-    let old = sibling(dir, "old");
-    if !is_checkpoint(dir) && is_checkpoint(&old) {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&old, dir).map_err(file_err(dir))?;
-        tracing::warn!(checkpoint = %dir.display(), "restored the previous checkpoint after an interrupted save");
-    }
-    Ok(())
-}
-
-fn save_checkpoint(slm: &dyn Slm, dir: &Path) -> Result<()> {
-    let new = sibling(dir, "new");
-    let _ = std::fs::remove_dir_all(&new);
-    slm.save(&new)?;
-    commit_checkpoint(dir)
-}
-
 /// The live part of the status, and the listener; shared with worker threads.
 struct Reporter {
     listener: Mutex<Option<Arc<dyn ProgressListener>>>,
@@ -451,7 +404,7 @@ impl Client {
             op: Mutex::new(None),
             cancel: watch::channel(false).0,
         };
-        recover(&client.checkpoint_dir())?;
+        swap::recover(&client.checkpoint_dir())?;
         Ok(client)
     }
 
@@ -697,7 +650,7 @@ impl Client {
     ) -> Result<Option<Box<dyn Slm>>> {
         match model {
             Some(m) => Ok(Some(m)),
-            None if is_checkpoint(dir) => Ok(Some(slm::load_checkpoint(dir, backend)?)),
+            None if swap::is_checkpoint(dir) => Ok(Some(slm::load_checkpoint(dir, backend)?)),
             None => Ok(None),
         }
     }
@@ -777,7 +730,7 @@ impl Client {
                         return Err(e);
                     }
                 };
-                let saved = save_checkpoint(slm.as_ref(), &dir);
+                let saved = swap::save(slm.as_ref(), &dir);
                 let acc = test_accuracy(slm.as_ref(), test.as_ref());
                 model = Some(slm);
                 saved?;
@@ -874,7 +827,7 @@ impl Client {
                     soft_targets: self.config.soft_targets,
                     ..LearnSettings::default()
                 },
-                checkpoint: Some(sibling(&self.checkpoint_dir(), "new")),
+                checkpoint: Some(swap::sibling(&self.checkpoint_dir(), "new")),
             });
         }
         let reporter = self.reporter.clone();
@@ -1080,7 +1033,7 @@ impl RoundHooks for JoinHooks<'_> {
 
     fn learned(&mut self, round: u64, acc: Option<f32>) -> Result<()> {
         if self.learning {
-            commit_checkpoint(&self.client.checkpoint_dir())?;
+            swap::commit(&self.client.checkpoint_dir())?;
         }
         self.client.update_state(|s| {
             s.rounds_completed += 1;
@@ -1127,26 +1080,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checkpoint_swap_keeps_one_whole_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let ck = dir.path().join("ckpt");
-        let write = |d: &Path, tag: &str| {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(d.join("meta.json"), tag).unwrap();
-        };
-        write(&ck, "v1");
-        write(&sibling(&ck, "new"), "v2");
-        commit_checkpoint(&ck).unwrap();
-        assert_eq!(std::fs::read_to_string(ck.join("meta.json")).unwrap(), "v2");
-        assert!(!sibling(&ck, "new").exists() && !sibling(&ck, "old").exists());
-        // Interrupted between the two renames: the old one comes back.
-        std::fs::rename(&ck, sibling(&ck, "old")).unwrap();
-        recover(&ck).unwrap();
-        assert_eq!(std::fs::read_to_string(ck.join("meta.json")).unwrap(), "v2");
-        assert_eq!(sibling(Path::new("a/b/"), "new"), PathBuf::from("a/b.new"));
-    }
 
     #[test]
     fn bad_settings_and_missing_steps_are_clear_errors() {

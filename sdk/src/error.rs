@@ -49,6 +49,14 @@ pub enum Error {
     /// The operation was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A checkpoint directory could not be written or replaced.
+    #[error("checkpoint {}: {reason}", dir.display())]
+    Checkpoint {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
     /// A bug or a crash inside the SDK (a worker thread panicked), not the caller's input.
     #[error("internal: {0}")]
     Internal(String),

@@ -136,3 +136,114 @@ pub fn load_checkpoint(dir: &Path, backend: Backend) -> Result<Box<dyn Slm>> {
         )?),
     })
 }
+
+/// Replacing a checkpoint so that one whole checkpoint exists at every moment: a new one is
+/// written beside it (`dir.new`), then swapped in by renames, and an interrupted swap is undone
+/// on the next start.
+pub mod swap {
+    use std::path::{Path, PathBuf};
+
+    use crate::slm::Slm;
+    use crate::{Error, Result};
+
+    fn swap_err(dir: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            reason: format!("replacing it failed: {e}"),
+        }
+    }
+
+    /// `dir` with `.suffix` appended to its last component.
+    pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+        let dir: PathBuf = dir.components().collect();
+        let mut s = dir.into_os_string();
+        s.push(".");
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+
+    /// Whether `dir` holds a whole checkpoint (its metadata is written last).
+    pub fn is_checkpoint(dir: &Path) -> bool {
+        dir.join(super::META).is_file()
+    }
+
+    /// Replaces the checkpoint `dir` by `dir.new`: rename the old one aside, the new one in, then
+    /// delete the old one, so that at any moment one whole checkpoint exists (see [`recover`]).
+    pub fn commit(dir: &Path) -> Result<()> {
+        let new = sibling(dir, "new");
+        if !is_checkpoint(&new) {
+            return Ok(());
+        }
+        let old = sibling(dir, "old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(swap_err(dir))?;
+        }
+        std::fs::rename(&new, dir).map_err(swap_err(dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Undoes an interrupted [`commit`].
+    pub fn recover(dir: &Path) -> Result<()> {
+        let old = sibling(dir, "old");
+        if !is_checkpoint(dir) && is_checkpoint(&old) {
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::rename(&old, dir).map_err(swap_err(dir))?;
+            tracing::warn!(checkpoint = %dir.display(), "restored the previous checkpoint after an interrupted save");
+        }
+        Ok(())
+    }
+
+    /// Writes `slm` as `dir.new`, then swaps it in with [`commit`].
+    pub fn save(slm: &dyn Slm, dir: &Path) -> Result<()> {
+        let new = sibling(dir, "new");
+        let _ = std::fs::remove_dir_all(&new);
+        slm.save(&new).map_err(|e| Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            reason: format!("writing the new one failed: {e}"),
+        })?;
+        commit(dir)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn checkpoint_swap_keeps_one_whole_checkpoint() {
+            let dir = tempfile::tempdir().unwrap();
+            let ck = dir.path().join("ckpt");
+            let write = |d: &Path, tag: &str| {
+                std::fs::create_dir_all(d).unwrap();
+                std::fs::write(d.join("meta.json"), tag).unwrap();
+            };
+            write(&ck, "v1");
+            write(&sibling(&ck, "new"), "v2");
+            commit(&ck).unwrap();
+            assert_eq!(std::fs::read_to_string(ck.join("meta.json")).unwrap(), "v2");
+            assert!(!sibling(&ck, "new").exists() && !sibling(&ck, "old").exists());
+            // Interrupted between the two renames: the old one comes back.
+            std::fs::rename(&ck, sibling(&ck, "old")).unwrap();
+            recover(&ck).unwrap();
+            assert_eq!(std::fs::read_to_string(ck.join("meta.json")).unwrap(), "v2");
+            assert_eq!(sibling(Path::new("a/b/"), "new"), PathBuf::from("a/b.new"));
+        }
+
+        #[test]
+        fn a_failed_swap_is_a_checkpoint_error_and_keeps_the_old_one() {
+            let dir = tempfile::tempdir().unwrap();
+            let ck = dir.path().join("ckpt");
+            for d in [ck.clone(), sibling(&ck, "new")] {
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("meta.json"), "x").unwrap();
+            }
+            // A plain file where the old one would be set aside: the first rename fails.
+            std::fs::write(sibling(&ck, "old"), "in the way").unwrap();
+            let err = commit(&ck).unwrap_err();
+            assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+            assert!(err.to_string().contains("ckpt"), "{err}");
+            assert!(is_checkpoint(&ck));
+        }
+    }
+}

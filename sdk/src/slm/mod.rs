@@ -7,7 +7,7 @@
 //! Over 600 lines with its tests beside the code.
 
 mod bag;
-mod checkpoint;
+pub mod checkpoint;
 mod minilm;
 mod tokenizer;
 mod train;
