@@ -11,6 +11,17 @@ use super::model::{LlamaConfig, LoraAdapters, LoraPair, to_host_f32};
 use super::quant::{QMatrix, dot_f32, matmul_many};
 use crate::{Error, Result};
 
+/// Runs `f` on one of rayon's workers, so that the products it starts split there. From
+/// any other thread, each product would hand its work to the pool and sleep until it is done:
+/// a thread wake-up per product, which cost as much as the product itself when decoding.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// One decoder block's weights.
 struct Block {
     attn_norm: Vec<f32>,
@@ -169,6 +180,16 @@ impl CpuLlama {
         cache: &mut KvCache,
         lora: Option<&HostLora>,
     ) -> Vec<f32> {
+        on_pool(|| self.forward_on_pool(tokens, pads, cache, lora))
+    }
+
+    fn forward_on_pool(
+        &self,
+        tokens: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache,
+        lora: Option<&HostLora>,
+    ) -> Vec<f32> {
         let c = &self.config;
         let batch = pads.len();
         let n = tokens.len();
@@ -212,7 +233,7 @@ impl CpuLlama {
 
     /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the tied head, from its blocks.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
-        self.embed.matmul(hidden, n)
+        on_pool(|| self.embed.matmul(hidden, n))
     }
 
     /// Attention of the new queries over the cached keys/values of `layer`:

@@ -1,0 +1,151 @@
+//! Activations rounded for the integer kernels, and the portable integer dots that the SIMD
+//! kernels are held to.
+//!
+//! Each 32-element block of an activation row is written as two 8-bit parts on one scale,
+//! `x ~ s (128 h + l)` with `h` in `-127..=127` and `l` in `-64..=64`: about 15 bits, so a
+//! product moves the logits by thousandths, where one 8-bit part (llama.cpp's) moved them by
+//! tenths. Weight codes times each part are 8-bit integer products (`maddubs` on x86), summed
+//! exactly in i32; the block's scales and Q4's offset (`m` times the block's exact f32 sum)
+//! are applied in f32.
+
+use super::{Q4Row, Q8Row, QK};
+
+/// Steps of the low part per step of the high part.
+pub(super) const LO_STEPS: i32 = 128;
+
+/// One activation row in integer form. Blocks are padded to an even count (zeros), so that the
+/// kernels can read blocks in pairs.
+#[derive(Debug, Clone)]
+pub(super) struct QAct {
+    /// High parts, `QK` per block.
+    pub hi: Vec<i8>,
+    /// Low parts, `QK` per block.
+    pub lo: Vec<i8>,
+    /// `s` per block: the value of one low step.
+    pub scale: Vec<f32>,
+    /// Exact f32 sum of each block's values (for Q4's offset).
+    pub sum: Vec<f32>,
+    /// Per pair of blocks, their two scales each repeated over eight lanes (the layout of the
+    /// AVX-512 kernels' block sums).
+    pub pair_scale: Vec<[f32; 16]>,
+}
+
+/// Rounds to the nearest integer (ties to even) for `|v| < 2^22`, without a libm call: adding
+/// 1.5 * 2^23 leaves no fraction bits.
+#[inline(always)]
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
+impl QAct {
+    /// Rounds `x` (a multiple of `QK` values).
+    pub fn new(x: &[f32]) -> QAct {
+        let nb = x.len() / QK;
+        let padded = nb.div_ceil(2) * 2;
+        let mut a = QAct {
+            hi: vec![0; padded * QK],
+            lo: vec![0; padded * QK],
+            scale: vec![0.0; padded],
+            sum: vec![0.0; padded],
+            pair_scale: Vec::new(),
+        };
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            a.sum[b] = xb.iter().sum();
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if amax == 0.0 || !amax.is_finite() {
+                // All zeros, or a non-finite value: the sum carries it (NaN stays NaN).
+                if !amax.is_finite() {
+                    a.sum[b] = f32::NAN;
+                }
+                continue;
+            }
+            let d = amax / 127.0;
+            let (inv, lo_inv) = (1.0 / d, LO_STEPS as f32 / d);
+            for (j, &v) in xb.iter().enumerate() {
+                let h = round_small(v * inv);
+                a.hi[b * QK + j] = h as i8;
+                a.lo[b * QK + j] = round_small((v - h * d) * lo_inv) as i8;
+            }
+            a.scale[b] = d / LO_STEPS as f32;
+        }
+        a.pair_scale = a
+            .scale
+            .chunks_exact(2)
+            .map(|s| std::array::from_fn(|lane| s[lane / 8]))
+            .collect();
+        a
+    }
+
+    /// The high and low parts of block `b`.
+    fn block(&self, b: usize) -> (&[i8], &[i8]) {
+        (
+            &self.hi[b * QK..(b + 1) * QK],
+            &self.lo[b * QK..(b + 1) * QK],
+        )
+    }
+}
+
+/// `sum_j w_j (128 h_j + l_j)` over one block, exactly.
+fn int_dot(w: impl Iterator<Item = i32>, h: &[i8], l: &[i8]) -> i32 {
+    w.zip(h.iter().zip(l))
+        .map(|(w, (&h, &l))| w * (LO_STEPS * i32::from(h) + i32::from(l)))
+        .sum()
+}
+
+/// Portable Q4 row dot: codes `q` (value `q d + m`) against a rounded activation row.
+pub(super) fn scalar_q4(w: Q4Row<'_>, x: &QAct) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
+        let codes = q
+            .iter()
+            .map(|c| i32::from(c & 0x0f))
+            .chain(q.iter().map(|c| i32::from(c >> 4)));
+        let (h, l) = x.block(b);
+        acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]) + w.m[b] * x.sum[b];
+    }
+    acc
+}
+
+/// Portable Q8 row dot.
+pub(super) fn scalar_q8(w: Q8Row<'_>, x: &QAct) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        let codes = w.qs[b * QK..(b + 1) * QK].iter().map(|&q| i32::from(q));
+        let (h, l) = x.block(b);
+        acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]);
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_within_half_a_low_step() {
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+            .collect();
+        let a = QAct::new(&x);
+        assert_eq!(a.hi.len(), 4 * QK, "three blocks padded to four");
+        for (i, &v) in x.iter().enumerate() {
+            let b = i / QK;
+            let back = a.scale[b] * (LO_STEPS as f32 * f32::from(a.hi[i]) + f32::from(a.lo[i]));
+            assert!(
+                (back - v).abs() <= a.scale[b] * 0.5001,
+                "{i}: {back} vs {v}"
+            );
+            assert!(a.lo[i].unsigned_abs() <= 64);
+        }
+        assert_eq!(round_small(2.5), 2.0);
+        assert_eq!(round_small(-3.5), -4.0);
+        assert_eq!(round_small(126.6), 127.0);
+        let zeros = QAct::new(&[0.0; QK]);
+        assert!(zeros.hi.iter().chain(&zeros.lo).all(|&q| q == 0));
+        let mut bad = vec![1.0; QK];
+        bad[3] = f32::INFINITY;
+        assert!(QAct::new(&bad).sum[0].is_nan());
+    }
+}

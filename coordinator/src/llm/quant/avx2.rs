@@ -1,0 +1,330 @@
+//! AVX2 + FMA kernels: the integer dots read one block (32 codes) per register; the decoded
+//! dots turn a block into 32 f32 weights in registers, shared by a tile of activation rows;
+//! the f32 tile serves f32 weights and decoded panels. The f32 kernels keep several
+//! accumulators a row so that FMAs do not wait on each other (one accumulator left a single
+//! row's product bound by FMA latency, at a tenth of the machine's rate).
+
+use core::arch::x86_64::{__m128i, __m256, __m256i};
+use pulp::x86::V3;
+
+use super::act::{LO_STEPS, QAct};
+use super::{Q4Row, Q8Row, QK, TILE, XRow};
+
+#[inline(always)]
+fn load8(x: &[f32]) -> __m256 {
+    let a: [f32; 8] = match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("8 values"),
+    };
+    pulp::cast(a)
+}
+
+#[inline(always)]
+fn load32(x: &[i8]) -> __m256i {
+    let a: [i8; 32] = match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("32 bytes"),
+    };
+    pulp::cast(a)
+}
+
+/// Sum of the lanes of several accumulators (in a fixed order).
+#[inline(always)]
+fn hsum(simd: V3, v: &[__m256]) -> f32 {
+    let total = v.iter().fold(simd.avx._mm256_setzero_ps(), |a, &b| {
+        simd.avx._mm256_add_ps(a, b)
+    });
+    let lanes: [f32; 8] = pulp::cast(total);
+    lanes.iter().sum()
+}
+
+/// 16 bytes of Q4 codes as 32 codes in element order (low nibbles, then high nibbles).
+#[inline(always)]
+fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
+    let a: [u8; 16] = match raw.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 bytes"),
+    };
+    let r: __m128i = pulp::cast(a);
+    let y = simd.avx2._mm256_broadcastsi128_si256(r);
+    let y = simd
+        .avx2
+        ._mm256_srlv_epi64(y, simd.avx._mm256_setr_epi64x(0, 0, 4, 4));
+    simd.avx2
+        ._mm256_and_si256(y, simd.avx._mm256_set1_epi8(0x0f))
+}
+
+/// `128 (w . h) + (w . l)` per group of four bytes, as f32 (`w` unsigned; no saturation).
+#[inline(always)]
+fn block_sums(simd: V3, w: __m256i, h: __m256i, l: __m256i) -> __m256 {
+    let a = &simd.avx2;
+    let ih = a._mm256_madd_epi16(
+        a._mm256_maddubs_epi16(w, h),
+        simd.avx._mm256_set1_epi16(LO_STEPS as i16),
+    );
+    let il = a._mm256_madd_epi16(a._mm256_maddubs_epi16(w, l), simd.avx._mm256_set1_epi16(1));
+    simd.avx._mm256_cvtepi32_ps(a._mm256_add_epi32(ih, il))
+}
+
+/// The weight side of the integer dots.
+pub(super) trait IntRow: Copy {
+    fn blocks(self) -> usize;
+    fn scale(self, b: usize) -> f32;
+    fn offset(self, b: usize) -> f32;
+    /// Codes of block `b` (unsigned) and the signs to give the activations, if signed.
+    fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>);
+}
+
+impl IntRow for Q4Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d[b]
+    }
+    #[inline(always)]
+    fn offset(self, b: usize) -> f32 {
+        self.m[b]
+    }
+    #[inline(always)]
+    fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
+        (nibbles(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]), None)
+    }
+}
+
+impl IntRow for Q8Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d[b]
+    }
+    #[inline(always)]
+    fn offset(self, _: usize) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
+        let w = load32(&self.qs[b * QK..(b + 1) * QK]);
+        (simd.avx2._mm256_abs_epi8(w), Some(w))
+    }
+}
+
+/// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
+/// accumulators stay in registers).
+#[inline(always)]
+fn int_dots<const T: usize>(simd: V3, w: impl IntRow, xs: [&QAct; T]) -> [f32; T] {
+    let mut acc = [simd.avx._mm256_setzero_ps(); T];
+    let mut offset = [0.0f32; T];
+    for b in 0..w.blocks() {
+        let (codes, sign) = w.codes(simd, b);
+        let (dw, m) = (w.scale(b), w.offset(b));
+        for t in 0..T {
+            let x = xs[t];
+            let mut h = load32(&x.hi[b * QK..(b + 1) * QK]);
+            let mut l = load32(&x.lo[b * QK..(b + 1) * QK]);
+            if let Some(sign) = sign {
+                h = simd.avx2._mm256_sign_epi8(h, sign);
+                l = simd.avx2._mm256_sign_epi8(l, sign);
+            }
+            let s = simd.avx._mm256_set1_ps(dw * x.scale[b]);
+            acc[t] = simd
+                .fma
+                ._mm256_fmadd_ps(block_sums(simd, codes, h, l), s, acc[t]);
+            offset[t] += m * x.sum[b];
+        }
+    }
+    std::array::from_fn(|t| hsum(simd, &acc[t..=t]) + offset[t])
+}
+
+/// One quantized weight row against `T` rounded activation rows.
+pub(super) struct IntDot<'b, W, const T: usize> {
+    pub simd: V3,
+    pub w: W,
+    pub xs: [&'b QAct; T],
+}
+
+impl<W: IntRow, const T: usize> pulp::NullaryFnOnce for IntDot<'_, W, T> {
+    type Output = [f32; T];
+
+    #[inline(always)]
+    fn call(self) -> [f32; T] {
+        int_dots(self.simd, self.w, self.xs)
+    }
+}
+
+#[inline(always)]
+fn load16(b: &[u8]) -> __m128i {
+    let a: [u8; 16] = match b.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 bytes"),
+    };
+    pulp::cast(a)
+}
+
+/// A weight row whose blocks decode to f32.
+pub(super) trait Decode: Copy {
+    fn blocks(self) -> usize;
+    fn decode(self, simd: V3, b: usize) -> [__m256; 4];
+}
+
+/// Codes `0..16` in the low eight bytes of `v` as `q d + m`.
+#[inline(always)]
+fn widen_u8(simd: V3, v: __m128i, d: __m256, m: __m256) -> __m256 {
+    let q = simd
+        .avx
+        ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepu8_epi32(v));
+    simd.fma._mm256_fmadd_ps(q, d, m)
+}
+
+/// Signed codes in the low eight bytes of `v` as `q d`.
+#[inline(always)]
+fn widen_i8(simd: V3, v: __m128i, d: __m256) -> __m256 {
+    let q = simd
+        .avx
+        ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepi8_epi32(v));
+    simd.avx._mm256_mul_ps(q, d)
+}
+
+impl Decode for Q4Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
+        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        let mask = simd.sse2._mm_set1_epi8(0x0f);
+        // Low nibbles are elements 0..16, high nibbles 16..32.
+        let lo = simd.sse2._mm_and_si128(raw, mask);
+        let hi = simd
+            .sse2
+            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+        let d = simd.avx._mm256_set1_ps(self.d[b]);
+        let m = simd.avx._mm256_set1_ps(self.m[b]);
+        [
+            widen_u8(simd, lo, d, m),
+            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
+            widen_u8(simd, hi, d, m),
+            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
+        ]
+    }
+}
+
+impl Decode for Q8Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
+        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+        let (a, c) = (load16(&codes[..16]), load16(&codes[16..]));
+        let d = simd.avx._mm256_set1_ps(self.d[b]);
+        [
+            widen_i8(simd, a, d),
+            widen_i8(simd, simd.sse2._mm_srli_si128::<8>(a), d),
+            widen_i8(simd, c, d),
+            widen_i8(simd, simd.sse2._mm_srli_si128::<8>(c), d),
+        ]
+    }
+}
+
+/// Dots of one weight row with up to [`TILE`] activation rows.
+#[inline(always)]
+fn decoded_dots(simd: V3, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
+    let mut out = [0.0; TILE];
+    if let [x] = xs {
+        // One row: four accumulators.
+        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+        for b in 0..w.blocks() {
+            let w = w.decode(simd, b);
+            let xb = &x.f[b * QK..(b + 1) * QK];
+            for k in 0..4 {
+                acc[k] = simd
+                    .fma
+                    ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[k]);
+            }
+        }
+        out[0] = hsum(simd, &acc);
+        return out;
+    }
+    // A tile: two accumulators a row, eight chains in flight for four rows.
+    let mut acc = [[simd.avx._mm256_setzero_ps(); 2]; TILE];
+    for b in 0..w.blocks() {
+        let w = w.decode(simd, b);
+        for (t, x) in xs.iter().enumerate() {
+            let xb = &x.f[b * QK..(b + 1) * QK];
+            for k in 0..4 {
+                acc[t][k % 2] =
+                    simd.fma
+                        ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[t][k % 2]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
+        *o = hsum(simd, a);
+    }
+    out
+}
+
+/// One weight row (Q4 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
+pub(super) struct DecodedDot<'b, W> {
+    pub simd: V3,
+    pub w: W,
+    pub xs: &'b [XRow<'b>],
+}
+
+impl<W: Decode> pulp::NullaryFnOnce for DecodedDot<'_, W> {
+    type Output = [f32; TILE];
+
+    #[inline(always)]
+    fn call(self) -> [f32; TILE] {
+        decoded_dots(self.simd, self.w, self.xs)
+    }
+}
+/// Four activation rows by two f32 weight rows: eight accumulators, each FMA chain
+/// independent of the others.
+pub(super) struct TileF32<'a> {
+    pub simd: V3,
+    pub w: [&'a [f32]; 2],
+    pub x: [&'a [f32]; TILE],
+}
+
+impl pulp::NullaryFnOnce for TileF32<'_> {
+    type Output = [[f32; 2]; TILE];
+
+    #[inline(always)]
+    fn call(self) -> [[f32; 2]; TILE] {
+        let TileF32 { simd, w, x } = self;
+        let mut acc = [[simd.avx._mm256_setzero_ps(); 2]; TILE];
+        let full = w[0].len() / 8 * 8;
+        for k in (0..full).step_by(8) {
+            let w0 = load8(&w[0][k..k + 8]);
+            let w1 = load8(&w[1][k..k + 8]);
+            for t in 0..TILE {
+                let xv = load8(&x[t][k..k + 8]);
+                acc[t][0] = simd.fma._mm256_fmadd_ps(w0, xv, acc[t][0]);
+                acc[t][1] = simd.fma._mm256_fmadd_ps(w1, xv, acc[t][1]);
+            }
+        }
+        let mut out = [[0.0; 2]; TILE];
+        for t in 0..TILE {
+            for c in 0..2 {
+                let tail: f32 = w[c][full..]
+                    .iter()
+                    .zip(&x[t][full..])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                out[t][c] = hsum(simd, &acc[t][c..=c]) + tail;
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,358 @@
+//! AVX-512 (F + BW) kernels: the integer dots read two blocks (64 codes) per register; the
+//! decoded dots turn a block into 32 f32 weights in registers, shared by a tile of activation
+//! rows; the f32 tile serves f32 weights and decoded panels.
+
+use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
+use pulp::x86::V4;
+
+use super::act::{LO_STEPS, QAct};
+use super::{Q4Row, Q8Row, QK, TILE, XRow};
+
+#[inline(always)]
+fn load(x: &[f32]) -> __m512 {
+    let a: [f32; 16] = match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 values"),
+    };
+    pulp::cast(a)
+}
+
+#[inline(always)]
+fn load64(x: &[i8]) -> __m512i {
+    let a: [i8; 64] = match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("64 bytes"),
+    };
+    pulp::cast(a)
+}
+
+/// Sum of the lanes (in a fixed order, so runs repeat bit for bit).
+#[inline(always)]
+fn hsum(v: __m512) -> f32 {
+    let lanes: [f32; 16] = pulp::cast(v);
+    lanes.iter().sum()
+}
+
+/// `[a; 8] ++ [b; 8]` from two values: broadcast the pair, then spread it.
+#[inline(always)]
+fn pair_lanes(simd: V4, a: f32, b: f32) -> __m512 {
+    let f = &simd.avx512f;
+    let both: u64 = pulp::cast([a, b]);
+    let v = f._mm512_castsi512_ps(f._mm512_set1_epi64(both as i64));
+    f._mm512_permutexvar_ps(
+        f._mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        v,
+    )
+}
+
+/// 32 bytes of Q4 codes (two blocks) as 64 codes in element order: 128-bit lanes hold block
+/// `b`'s low nibbles (elements 0-15), its high nibbles (16-31), then the same for `b + 1`.
+#[inline(always)]
+fn nibbles(simd: V4, raw: [u8; 32]) -> __m512i {
+    let f = &simd.avx512f;
+    let r: __m256i = pulp::cast(raw);
+    let z = f._mm512_permutexvar_epi64(
+        f._mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+        f._mm512_castsi256_si512(r),
+    );
+    let z = f._mm512_srlv_epi64(z, f._mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    f._mm512_and_si512(z, f._mm512_set1_epi8(0x0f))
+}
+
+/// `128 (w . h) + (w . l)` per group of four bytes, as f32: lanes 0-7 sum block `b`, 8-15
+/// block `b + 1`. `w` unsigned, `h` and `l` signed; no i16 sum can saturate (`|w| <= 128`,
+/// `|h| <= 127`, `|l| <= 64`).
+#[inline(always)]
+fn pair_sums(simd: V4, w: __m512i, h: __m512i, l: __m512i) -> __m512 {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let ih = bw._mm512_madd_epi16(
+        bw._mm512_maddubs_epi16(w, h),
+        f._mm512_set1_epi16(LO_STEPS as i16),
+    );
+    let il = bw._mm512_madd_epi16(bw._mm512_maddubs_epi16(w, l), f._mm512_set1_epi16(1));
+    f._mm512_cvtepi32_ps(f._mm512_add_epi32(ih, il))
+}
+
+/// The weight side of the integer dots, two blocks at a time.
+pub(super) trait IntRow: Copy {
+    fn blocks(self) -> usize;
+    /// Scales of blocks `b` and `b + 1` (0 past the end), as [`pair_lanes`].
+    fn scales(self, simd: V4, b: usize) -> __m512;
+    /// Codes of blocks `b`, `b + 1` (zeros past the end), and whether they are signed.
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool);
+    /// `sum_b m_b x_b` over the row's blocks (Q4's offsets), or 0.
+    fn offset(self, sums: &[f32]) -> f32;
+}
+
+impl IntRow for Q4Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scales(self, simd: V4, b: usize) -> __m512 {
+        pair_lanes(simd, self.d[b], self.d.get(b + 1).copied().unwrap_or(0.0))
+    }
+    #[inline(always)]
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
+        let raw: [u8; 32] = match self.qs.get(b * QK / 2..(b + 2) * QK / 2) {
+            Some(two) => match two.try_into() {
+                Ok(a) => a,
+                Err(_) => unreachable!("32 bytes"),
+            },
+            None => {
+                let mut a = [0u8; 32];
+                a[..16].copy_from_slice(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+                a
+            }
+        };
+        (nibbles(simd, raw), false)
+    }
+    #[inline(always)]
+    fn offset(self, sums: &[f32]) -> f32 {
+        super::dot_f32(self.m, &sums[..self.m.len()])
+    }
+}
+
+impl IntRow for Q8Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scales(self, simd: V4, b: usize) -> __m512 {
+        pair_lanes(simd, self.d[b], self.d.get(b + 1).copied().unwrap_or(0.0))
+    }
+    #[inline(always)]
+    fn codes(self, _: V4, b: usize) -> (__m512i, bool) {
+        let codes = match self.qs.get(b * QK..(b + 2) * QK) {
+            Some(two) => load64(two),
+            None => {
+                let mut a = [0i8; 64];
+                a[..32].copy_from_slice(&self.qs[b * QK..(b + 1) * QK]);
+                pulp::cast(a)
+            }
+        };
+        (codes, true)
+    }
+    #[inline(always)]
+    fn offset(self, _: &[f32]) -> f32 {
+        0.0
+    }
+}
+
+/// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
+/// accumulators stay in registers). One accumulator a row is enough: a pair's work takes
+/// longer than an FMA's latency.
+#[inline(always)]
+fn int_dots<const T: usize>(simd: V4, w: impl IntRow, xs: [&QAct; T]) -> [f32; T] {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let mut acc = [f._mm512_setzero_ps(); T];
+    for b in (0..w.blocks()).step_by(2) {
+        let (codes, signed) = w.codes(simd, b);
+        let dw = w.scales(simd, b);
+        // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
+        let (wu, neg) = if signed {
+            (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))
+        } else {
+            (codes, 0)
+        };
+        for t in 0..T {
+            let x = xs[t];
+            let mut h = load64(&x.hi[b * QK..(b + 2) * QK]);
+            let mut l = load64(&x.lo[b * QK..(b + 2) * QK]);
+            if signed {
+                let zero = f._mm512_setzero_si512();
+                h = bw._mm512_mask_sub_epi8(h, neg, zero, h);
+                l = bw._mm512_mask_sub_epi8(l, neg, zero, l);
+            }
+            let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
+            acc[t] = f._mm512_fmadd_ps(pair_sums(simd, wu, h, l), s, acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum(acc[t]) + w.offset(&xs[t].sum))
+}
+
+/// One quantized weight row against `T` rounded activation rows.
+pub(super) struct IntDot<'b, W, const T: usize> {
+    pub simd: V4,
+    pub w: W,
+    pub xs: [&'b QAct; T],
+}
+
+impl<W: IntRow, const T: usize> pulp::NullaryFnOnce for IntDot<'_, W, T> {
+    type Output = [f32; T];
+
+    #[inline(always)]
+    fn call(self) -> [f32; T] {
+        int_dots(self.simd, self.w, self.xs)
+    }
+}
+
+/// Sum of the lanes of several accumulators.
+#[inline(always)]
+fn hsum_many(simd: V4, v: &[__m512]) -> f32 {
+    hsum(v.iter().fold(simd.avx512f._mm512_setzero_ps(), |a, &b| {
+        simd.avx512f._mm512_add_ps(a, b)
+    }))
+}
+
+#[inline(always)]
+fn load16(b: &[u8]) -> __m128i {
+    let a: [u8; 16] = match b.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 bytes"),
+    };
+    pulp::cast(a)
+}
+
+/// A weight row whose blocks decode to f32.
+pub(super) trait Decode: Copy {
+    fn blocks(self) -> usize;
+    fn decode(self, simd: V4, b: usize) -> [__m512; 2];
+}
+
+/// Sixteen codes `0..16` as `q d + m`.
+#[inline(always)]
+fn widen_u8(simd: V4, v: __m128i, d: __m512, m: __m512) -> __m512 {
+    let q = simd
+        .avx512f
+        ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepu8_epi32(v));
+    simd.avx512f._mm512_fmadd_ps(q, d, m)
+}
+
+/// Sixteen signed codes as `q d`.
+#[inline(always)]
+fn widen_i8(simd: V4, v: __m128i, d: __m512) -> __m512 {
+    let q = simd
+        .avx512f
+        ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepi8_epi32(v));
+    simd.avx512f._mm512_mul_ps(q, d)
+}
+
+impl Decode for Q4Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
+        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        let mask = simd.sse2._mm_set1_epi8(0x0f);
+        // Low nibbles are elements 0..16, high nibbles 16..32.
+        let lo = simd.sse2._mm_and_si128(raw, mask);
+        let hi = simd
+            .sse2
+            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+        let d = simd.avx512f._mm512_set1_ps(self.d[b]);
+        let m = simd.avx512f._mm512_set1_ps(self.m[b]);
+        [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
+    }
+}
+
+impl Decode for Q8Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
+        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+        let d = simd.avx512f._mm512_set1_ps(self.d[b]);
+        [
+            widen_i8(simd, load16(&codes[..16]), d),
+            widen_i8(simd, load16(&codes[16..]), d),
+        ]
+    }
+}
+
+/// Dots of one weight row with up to [`TILE`] activation rows.
+#[inline(always)]
+fn decoded_dots(simd: V4, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
+    let f = &simd.avx512f;
+    let mut out = [0.0; TILE];
+    if let [x] = xs {
+        // One row: four accumulators (two a block, alternating blocks).
+        let mut acc = [f._mm512_setzero_ps(); 4];
+        for b in 0..w.blocks() {
+            let wv = w.decode(simd, b);
+            let xb = &x.f[b * QK..(b + 1) * QK];
+            let a = 2 * (b % 2);
+            acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
+            acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
+        }
+        out[0] = hsum_many(simd, &acc);
+        return out;
+    }
+    let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+    for b in 0..w.blocks() {
+        let wv = w.decode(simd, b);
+        for (t, x) in xs.iter().enumerate() {
+            let xb = &x.f[b * QK..(b + 1) * QK];
+            acc[t][0] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[t][0]);
+            acc[t][1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[t][1]);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
+        *o = hsum_many(simd, a);
+    }
+    out
+}
+
+/// One weight row (Q4 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
+pub(super) struct DecodedDot<'b, W> {
+    pub simd: V4,
+    pub w: W,
+    pub xs: &'b [XRow<'b>],
+}
+
+impl<W: Decode> pulp::NullaryFnOnce for DecodedDot<'_, W> {
+    type Output = [f32; TILE];
+
+    #[inline(always)]
+    fn call(self) -> [f32; TILE] {
+        decoded_dots(self.simd, self.w, self.xs)
+    }
+}
+
+/// Four activation rows by two f32 weight rows, sixteen lanes at a time.
+pub(super) struct TileF32<'a> {
+    pub simd: V4,
+    pub w: [&'a [f32]; 2],
+    pub x: [&'a [f32]; TILE],
+}
+
+impl pulp::NullaryFnOnce for TileF32<'_> {
+    type Output = [[f32; 2]; TILE];
+
+    #[inline(always)]
+    fn call(self) -> [[f32; 2]; TILE] {
+        let TileF32 { simd, w, x } = self;
+        let f = &simd.avx512f;
+        let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+        let full = w[0].len() / 16 * 16;
+        for k in (0..full).step_by(16) {
+            let w0 = load(&w[0][k..k + 16]);
+            let w1 = load(&w[1][k..k + 16]);
+            for t in 0..TILE {
+                let xv = load(&x[t][k..k + 16]);
+                acc[t][0] = f._mm512_fmadd_ps(w0, xv, acc[t][0]);
+                acc[t][1] = f._mm512_fmadd_ps(w1, xv, acc[t][1]);
+            }
+        }
+        let mut out = [[0.0; 2]; TILE];
+        for t in 0..TILE {
+            for c in 0..2 {
+                let tail: f32 = w[c][full..]
+                    .iter()
+                    .zip(&x[t][full..])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                out[t][c] = hsum(acc[t][c]) + tail;
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,530 @@
+//! Weights kept in their GGUF blocks, and the matrix products that read them.
+//!
+//! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
+//! and an offset, Q8_0 as 8-bit codes with a scale. Three product paths, by the number of
+//! activation rows:
+//! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
+//!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
+//! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
+//!   and shared by a tile of [`TILE`] activation rows;
+//! - more (prompts): a task decodes its weight rows to f32 once and runs an f32
+//!   register-tiled product.
+//!
+//! Output rows are split over rayon's threads. The kernels use AVX-512 (F + BW) or AVX2 + FMA
+//! when the CPU has them (detected at run time), portable code otherwise. F32/F16 weights stay
+//! f32.
+
+mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(test)]
+mod tests;
+
+use half::f16;
+use rayon::prelude::*;
+
+use self::act::QAct;
+use super::gguf::{GgmlType, QK};
+use crate::{Error, Result};
+
+/// Weight rows a rayon task computes: enough work per task to hide the scheduling cost, small
+/// enough that a task's weights stay in L1/L2 while it sweeps the activation rows.
+const ROWS_PER_TASK: usize = 32;
+/// Activation rows that share one pass over a weight block (its codes loaded once).
+const TILE: usize = 4;
+/// Up to this many activation rows, products round the activations and run integer dots
+/// (a weight block read once for few rows: decoding it to f32 would dominate). From there on,
+/// a block decoded to f32 is shared by a tile of rows, and f32 FMAs (two a cycle) beat 8-bit
+/// integer products (one a cycle, without VNNI).
+const INT_ROWS: usize = 2;
+/// From this many activation rows on, a task decodes its weight rows to f32 once and runs an
+/// f32 register-tiled product (decoding per block per tile costs more than that).
+const PANEL_ROWS: usize = 32;
+
+/// How a matrix's values are held.
+#[derive(Debug, Clone)]
+enum Codes {
+    /// 4-bit codes `q` in `0..16`, value `q * d + m`; 16 bytes a block, element `j` in the low
+    /// nibble of byte `j` and element `j + 16` in its high nibble (GGUF's order).
+    Q4 {
+        d: Vec<f32>,
+        m: Vec<f32>,
+        qs: Vec<u8>,
+    },
+    /// 8-bit codes, value `q * d`; 32 bytes a block.
+    Q8 { d: Vec<f32>, qs: Vec<i8> },
+    /// Plain f32, `[out, in]` row-major.
+    F32(Vec<f32>),
+}
+
+/// A weight matrix `[rows = out, cols = in]` as stored in a GGUF file: `y = W x`.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    codes: Codes,
+}
+
+/// Which product path a matrix takes (for logs and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// 4-bit codes times 8-bit activations (Q4_0, Q4_1).
+    Q4,
+    /// 8-bit codes times 8-bit activations (Q8_0).
+    Q8,
+    /// f32 weights (F32, F16 files).
+    F32,
+}
+
+impl QMatrix {
+    /// The `[rows, cols]` tensor of type `ty` from its raw GGUF bytes. Q4_0 becomes Q4_1 form
+    /// (`m = -8 d`), exactly. F16/F32 weights take the f32 path, said in a log line; a type
+    /// with no reader is an error.
+    pub fn from_gguf(
+        name: &str,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<QMatrix> {
+        let n = rows * cols;
+        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let quantized = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
+        if quantized && !cols.is_multiple_of(QK) {
+            return Err(Error::Gguf(format!(
+                "tensor {name}: rows of {cols} elements do not split into {QK}-element blocks"
+            )));
+        }
+        let expect = ty
+            .block_layout()
+            .map(|(block, block_bytes)| n / block * block_bytes);
+        if expect != Some(bytes.len()) {
+            return Err(Error::Gguf(match expect {
+                None => format!("tensor {name}: unsupported tensor type {ty:?}"),
+                Some(e) => format!(
+                    "tensor {name}: {} bytes for {rows}x{cols} {ty:?}, expected {e}",
+                    bytes.len()
+                ),
+            }));
+        }
+        let blocks = n / QK;
+        let codes = match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let (head, step) = if ty == GgmlType::Q4_1 {
+                    (4, 20)
+                } else {
+                    (2, 18)
+                };
+                let mut d = Vec::with_capacity(blocks);
+                let mut m = Vec::with_capacity(blocks);
+                let mut qs = Vec::with_capacity(blocks * QK / 2);
+                for b in bytes.chunks_exact(step) {
+                    let scale = f16_at(b, 0);
+                    d.push(scale);
+                    m.push(if head == 4 {
+                        f16_at(b, 2)
+                    } else {
+                        -8.0 * scale
+                    });
+                    qs.extend_from_slice(&b[head..]);
+                }
+                Codes::Q4 { d, m, qs }
+            }
+            GgmlType::Q8_0 => {
+                let mut d = Vec::with_capacity(blocks);
+                let mut qs = Vec::with_capacity(n);
+                for b in bytes.chunks_exact(2 + QK) {
+                    d.push(f16_at(b, 0));
+                    qs.extend(b[2..].iter().map(|&q| q as i8));
+                }
+                Codes::Q8 { d, qs }
+            }
+            _ => {
+                tracing::info!(
+                    "tensor {name} is {ty:?}: no quantized kernel for it, products run in f32"
+                );
+                Codes::F32(super::gguf::dequantize(ty, bytes, n)?)
+            }
+        };
+        Ok(QMatrix { rows, cols, codes })
+    }
+
+    /// An f32 matrix `[rows, cols]` (row-major), kept f32.
+    pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> QMatrix {
+        assert_eq!(values.len(), rows * cols, "shape of an f32 matrix");
+        QMatrix {
+            rows,
+            cols,
+            codes: Codes::F32(values),
+        }
+    }
+
+    /// The path products with this matrix take.
+    pub fn path(&self) -> Path {
+        match self.codes {
+            Codes::Q4 { .. } => Path::Q4,
+            Codes::Q8 { .. } => Path::Q8,
+            Codes::F32(_) => Path::F32,
+        }
+    }
+
+    /// Row `r` as f32 (an embedding lookup).
+    pub fn row(&self, r: usize) -> Vec<f32> {
+        let mut out = vec![0.0; self.cols];
+        self.decode_into(r, &mut out);
+        out
+    }
+
+    /// Writes row `r` as f32 into `out` (`cols` values).
+    fn decode_into(&self, r: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        match &self.codes {
+            Codes::Q4 { d, m, qs } => {
+                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+                    let i = r * nb + b;
+                    let q = &qs[i * QK / 2..(i + 1) * QK / 2];
+                    let (lo, hi) = o.split_at_mut(QK / 2);
+                    for ((l, h), &c) in lo.iter_mut().zip(hi).zip(q) {
+                        *l = f32::from(c & 0x0f) * d[i] + m[i];
+                        *h = f32::from(c >> 4) * d[i] + m[i];
+                    }
+                }
+            }
+            Codes::Q8 { d, qs } => {
+                let row = &qs[r * self.cols..(r + 1) * self.cols];
+                for (b, (o, q)) in out
+                    .chunks_exact_mut(QK)
+                    .zip(row.chunks_exact(QK))
+                    .enumerate()
+                {
+                    let scale = d[r * nb + b];
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = f32::from(q) * scale;
+                    }
+                }
+            }
+            Codes::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
+        }
+    }
+
+    /// Rows `range` as f32, row-major (a task's panel; the f32 model for training).
+    pub fn rows_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = vec![0.0; range.len() * self.cols];
+        for (r, o) in range.zip(out.chunks_exact_mut(self.cols.max(1))) {
+            self.decode_into(r, o);
+        }
+        out
+    }
+
+    /// `x @ W^T`: `x` is `[n, cols]` row-major, the result `[n, rows]`.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        matmul_many(&[self], x, n)
+            .pop()
+            .unwrap_or_else(|| unreachable!("one matrix in, one product out"))
+    }
+}
+
+/// One row of activations as the kernels read it: f32, and rounded for the integer dots when
+/// the product takes them.
+#[derive(Clone, Copy)]
+struct XRow<'a> {
+    f: &'a [f32],
+    q: Option<&'a QAct>,
+}
+
+/// `x @ W^T` for several matrices of the same input (q, k and v, say) in one parallel pass:
+/// `x` is `[n, cols]`; returns one `[n, rows]` product per matrix.
+pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let Some(cols) = ws.first().map(|w| w.cols) else {
+        return Vec::new();
+    };
+    assert!(
+        ws.iter().all(|w| w.cols == cols) && x.len() == n * cols,
+        "matmul shapes: x has {} values for {n} rows of {cols}",
+        x.len()
+    );
+    let rows = |r: usize| &x[r * cols..(r + 1) * cols];
+    let integer = n <= INT_ROWS && ws.iter().any(|w| w.path() != Path::F32);
+    let rounded: Vec<QAct> = if integer {
+        (0..n).map(|r| QAct::new(rows(r))).collect()
+    } else {
+        Vec::new()
+    };
+    let xs: Vec<XRow<'_>> = (0..n)
+        .map(|r| XRow {
+            f: rows(r),
+            q: rounded.get(r),
+        })
+        .collect();
+    // Products are computed transposed, `[rows, n]`, so that each task owns whole rows.
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
+    let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        for (i, chunk) in out.chunks_mut(ROWS_PER_TASK * n).enumerate() {
+            tasks.push((w, i * ROWS_PER_TASK, chunk));
+        }
+    }
+    let simd = Simd::detect();
+    tasks
+        .into_par_iter()
+        .for_each(|(w, first, out)| run_task(simd, w, first, &xs, out));
+    if n == 1 {
+        return outs;
+    }
+    outs.into_iter()
+        .zip(ws)
+        .map(|(t, w)| {
+            let mut y = vec![0.0; t.len()];
+            for (r, row) in t.chunks_exact(n).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    y[i * w.rows + r] = v;
+                }
+            }
+            y
+        })
+        .collect()
+}
+
+/// Weight rows `first..` (as many as `out` holds) against every activation row.
+fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f32]) {
+    let n = xs.len();
+    let nb = w.cols / QK;
+    let rows = out.len() / n.max(1);
+    if let Codes::F32(v) = &w.codes {
+        return simd.f32_product(&v[first * w.cols..(first + rows) * w.cols], w.cols, xs, out);
+    }
+    if n >= PANEL_ROWS {
+        let panel = w.rows_f32(first..first + rows);
+        return simd.f32_product(&panel, w.cols, xs, out);
+    }
+    let qs: Vec<&QAct> = xs.iter().filter_map(|x| x.q).collect();
+    let integer = qs.len() == n;
+    for (k, orow) in out.chunks_mut(n).enumerate() {
+        let r = first + k;
+        let w = match &w.codes {
+            Codes::Q4 { d, m, qs: codes } => QRow::Q4(Q4Row {
+                d: &d[r * nb..(r + 1) * nb],
+                m: &m[r * nb..(r + 1) * nb],
+                qs: &codes[r * nb * QK / 2..(r + 1) * nb * QK / 2],
+            }),
+            Codes::Q8 { d, qs: codes } => QRow::Q8(Q8Row {
+                d: &d[r * nb..(r + 1) * nb],
+                qs: &codes[r * w.cols..(r + 1) * w.cols],
+            }),
+            Codes::F32(_) => unreachable!("f32 matrices returned above"),
+        };
+        if integer {
+            tiled(simd, w, orow, &qs);
+        } else {
+            for (o, x) in orow.chunks_mut(TILE).zip(xs.chunks(TILE)) {
+                o.copy_from_slice(&simd.decoded_dots(w, x)[..o.len()]);
+            }
+        }
+    }
+}
+
+/// Fills `out[i]` with the dot of weight row `w` and activation row `xs[i]`, [`TILE`] rows a
+/// call.
+fn tiled(simd: Simd, w: QRow<'_>, out: &mut [f32], xs: &[&QAct]) {
+    for (o, x) in out.chunks_mut(TILE).zip(xs.chunks(TILE)) {
+        match *x {
+            [a, b, c, d] => o.copy_from_slice(&simd.int_dots(w, [a, b, c, d])),
+            [a, b, c] => o.copy_from_slice(&simd.int_dots(w, [a, b, c])),
+            [a, b] => o.copy_from_slice(&simd.int_dots(w, [a, b])),
+            [a] => o.copy_from_slice(&simd.int_dots(w, [a])),
+            _ => unreachable!("tiles of 1 to {TILE} rows"),
+        }
+    }
+}
+
+/// f32 dot product with eight running sums (vectorizes without fast-math).
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row of a quantized weight matrix.
+#[derive(Clone, Copy)]
+enum QRow<'a> {
+    Q4(Q4Row<'a>),
+    Q8(Q8Row<'a>),
+}
+
+#[derive(Clone, Copy)]
+struct Q4Row<'a> {
+    d: &'a [f32],
+    m: &'a [f32],
+    qs: &'a [u8],
+}
+
+#[derive(Clone, Copy)]
+struct Q8Row<'a> {
+    d: &'a [f32],
+    qs: &'a [i8],
+}
+
+/// The instruction set the kernels use, picked once per product.
+#[derive(Clone, Copy)]
+enum Simd {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(pulp::x86::V3),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(pulp::x86::V4),
+}
+
+impl Simd {
+    /// The kernels for this CPU, chosen once per process.
+    fn detect() -> Simd {
+        static CHOSEN: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(Simd::choose)
+    }
+
+    fn choose() -> Simd {
+        // CROSSLM_SIMD=avx2 or =scalar narrows the choice (to compare kernels).
+        #[cfg(target_arch = "x86_64")]
+        {
+            let asked = std::env::var("CROSSLM_SIMD").unwrap_or_default();
+            if asked.is_empty()
+                && let Some(v4) = pulp::x86::V4::try_new()
+            {
+                return Simd::Avx512(v4);
+            }
+            if asked != "scalar"
+                && let Some(v3) = pulp::x86::V3::try_new()
+            {
+                return Simd::Avx2(v3);
+            }
+        }
+        Simd::Scalar
+    }
+
+    /// `out[r * n + i]` = row `r` of `panel` (`[rows, cols]`) dot `xs[i]`: tiles of four
+    /// activation rows (kept in L1 while every weight row of the panel passes) by two weight
+    /// rows; leftovers one dot at a time.
+    fn f32_product(self, panel: &[f32], cols: usize, xs: &[XRow<'_>], out: &mut [f32]) {
+        let n = xs.len();
+        let rows = panel.len() / cols.max(1);
+        let row = |r: usize| &panel[r * cols..(r + 1) * cols];
+        let pairs = rows / 2 * 2;
+        let tiles = n / TILE * TILE;
+        for i in (0..tiles).step_by(TILE) {
+            let x = [xs[i].f, xs[i + 1].f, xs[i + 2].f, xs[i + 3].f];
+            for r in (0..pairs).step_by(2) {
+                let w = [row(r), row(r + 1)];
+                let v = match self {
+                    Simd::Scalar => x.map(|x| [dot_f32(w[0], x), dot_f32(w[1], x)]),
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx2(v3) => v3.vectorize(avx2::TileF32 { simd: v3, w, x }),
+                    #[cfg(target_arch = "x86_64")]
+                    Simd::Avx512(v4) => v4.vectorize(avx512::TileF32 { simd: v4, w, x }),
+                };
+                for (t, v) in v.iter().enumerate() {
+                    out[r * n + i + t] = v[0];
+                    out[(r + 1) * n + i + t] = v[1];
+                }
+            }
+        }
+        for r in 0..rows {
+            let first = if r < pairs { tiles } else { 0 };
+            for (i, x) in xs.iter().enumerate().skip(first) {
+                out[r * n + i] = dot_f32(row(r), x.f);
+            }
+        }
+    }
+
+    /// Dots of one weight row, decoded to f32 a block at a time, with up to [`TILE`] f32
+    /// activation rows.
+    fn decoded_dots(self, w: QRow<'_>, xs: &[XRow<'_>]) -> [f32; TILE] {
+        let each = |f: &dyn Fn(&XRow<'_>) -> f32| {
+            let mut out = [0.0; TILE];
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = f(x);
+            }
+            out
+        };
+        match (self, w) {
+            (Simd::Scalar, QRow::Q4(w)) => each(&|x| decoded_scalar_q4(w, x)),
+            (Simd::Scalar, QRow::Q8(w)) => each(&|x| decoded_scalar_q8(w, x)),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2(v3), QRow::Q4(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2(v3), QRow::Q8(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), QRow::Q4(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), QRow::Q8(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
+        }
+    }
+
+    fn int_dots<const T: usize>(self, w: QRow<'_>, xs: [&QAct; T]) -> [f32; T] {
+        match w {
+            QRow::Q4(w) => self.dot_q4(w, xs),
+            QRow::Q8(w) => self.dot_q8(w, xs),
+        }
+    }
+
+    fn dot_q4<const T: usize>(self, w: Q4Row<'_>, xs: [&QAct; T]) -> [f32; T] {
+        match self {
+            Simd::Scalar => xs.map(|x| act::scalar_q4(w, x)),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(v3) => v3.vectorize(avx2::IntDot { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(v4) => v4.vectorize(avx512::IntDot { simd: v4, w, xs }),
+        }
+    }
+
+    fn dot_q8<const T: usize>(self, w: Q8Row<'_>, xs: [&QAct; T]) -> [f32; T] {
+        match self {
+            Simd::Scalar => xs.map(|x| act::scalar_q8(w, x)),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(v3) => v3.vectorize(avx2::IntDot { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(v4) => v4.vectorize(avx512::IntDot { simd: v4, w, xs }),
+        }
+    }
+}
+
+/// Portable Q4 dot over f32 activations: the reference the decoded SIMD dots are tested against.
+fn decoded_scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
+        let xb = &x.f[b * QK..(b + 1) * QK];
+        for j in 0..QK / 2 {
+            acc += (f32::from(q[j] & 0x0f) * w.d[b] + w.m[b]) * xb[j];
+            acc += (f32::from(q[j] >> 4) * w.d[b] + w.m[b]) * xb[j + QK / 2];
+        }
+    }
+    acc
+}
+
+/// Portable Q8 dot over f32 activations.
+fn decoded_scalar_q8(w: Q8Row<'_>, x: &XRow<'_>) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        for (&q, &v) in w.qs[b * QK..(b + 1) * QK]
+            .iter()
+            .zip(&x.f[b * QK..(b + 1) * QK])
+        {
+            acc += f32::from(q) * w.d[b] * v;
+        }
+    }
+    acc
+}

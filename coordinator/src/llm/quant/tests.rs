@@ -1,0 +1,291 @@
+//! Each product path against the dense f32 product, and each instruction set against the
+//! portable code.
+
+use super::*;
+
+/// Deterministic pseudo-random values in `[-1, 1)`.
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Every kernel set this CPU can run.
+fn simd_kinds() -> Vec<Simd> {
+    let mut out = vec![Simd::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        out.extend(pulp::x86::V3::try_new().map(Simd::Avx2));
+        out.extend(pulp::x86::V4::try_new().map(Simd::Avx512));
+    }
+    out
+}
+
+/// GGUF bytes of `values` quantized as `ty` (the writer's side, for tests).
+fn encode(ty: GgmlType, v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for block in v.chunks_exact(QK) {
+        let (lo, hi) = block
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        match ty {
+            GgmlType::Q8_0 => {
+                let d = lo.abs().max(hi.abs()) / 127.0;
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(block.iter().map(|x| (x / d).round() as i8 as u8));
+            }
+            GgmlType::Q4_1 | GgmlType::Q4_0 => {
+                let (d, m) = if ty == GgmlType::Q4_1 {
+                    ((hi - lo) / 15.0, lo)
+                } else {
+                    let d = lo.abs().max(hi.abs()) / 8.0;
+                    (d, -8.0 * d)
+                };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    out.extend(f16::from_f32(m).to_le_bytes());
+                }
+                let q = |x: f32| ((x - m) / d).round().clamp(0.0, 15.0) as u8;
+                for j in 0..QK / 2 {
+                    out.push(q(block[j]) | (q(block[j + QK / 2]) << 4));
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    out
+}
+
+/// Every path's product equals the f32 product of the dequantized weights: exactly up to f32
+/// summation order where activations stay f32 (f32 weights, many rows), within the
+/// activations' rounding otherwise (half a low step per element, [`act`]); every instruction
+/// set agrees with the portable code.
+#[test]
+fn products_match_dequantized_f32() -> Result<()> {
+    let rows = 70;
+    for cols in [96, 608] {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::F32,
+        ] {
+            let v = values(rows * cols, 7);
+            let bytes = match ty {
+                GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                _ => encode(ty, &v),
+            };
+            let w = QMatrix::from_gguf("w", ty, &bytes, rows, cols)?;
+            let dense = super::super::gguf::dequantize(ty, &bytes, rows * cols)?;
+            for r in [0, 33, rows - 1] {
+                assert_eq!(w.row(r), dense[r * cols..(r + 1) * cols], "{ty:?} row {r}");
+            }
+            for n in [1, 3, 9, 40] {
+                let x = values(n * cols, 11 + n as u32);
+                let rounded = n <= INT_ROWS && ty != GgmlType::F32;
+                let got = w.matmul(&x, n);
+                for i in 0..n {
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    let step = QAct::new(xi).scale;
+                    for r in 0..rows {
+                        let wr = &dense[r * cols..(r + 1) * cols];
+                        let want: f32 = wr.iter().zip(xi).map(|(a, b)| a * b).sum();
+                        let rounding: f32 = if rounded {
+                            wr.iter()
+                                .enumerate()
+                                .map(|(c, a)| a.abs() * step[c / QK] * 0.5)
+                                .sum()
+                        } else {
+                            0.0
+                        };
+                        let err = (got[i * rows + r] - want).abs();
+                        assert!(
+                            err <= rounding + 1e-4 * want.abs().max(1.0),
+                            "{ty:?} {cols} n={n} ({i},{r}): {} vs {want}, bound {rounding}",
+                            got[i * rows + r]
+                        );
+                    }
+                }
+                let qa: Vec<QAct> = (0..n)
+                    .map(|i| QAct::new(&x[i * cols..(i + 1) * cols]))
+                    .collect();
+                // Both dot kernels (integer, decoded f32) on every instruction set.
+                for integer in [true, false] {
+                    let xr: Vec<XRow<'_>> = (0..n)
+                        .map(|i| XRow {
+                            f: &x[i * cols..(i + 1) * cols],
+                            q: integer.then(|| &qa[i]),
+                        })
+                        .collect();
+                    let mut scalar = vec![0.0; rows * n];
+                    run_task(Simd::Scalar, &w, 0, &xr, &mut scalar);
+                    for simd in simd_kinds() {
+                        let mut fast = vec![0.0; rows * n];
+                        run_task(simd, &w, 0, &xr, &mut fast);
+                        for (a, b) in scalar.iter().zip(&fast) {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                                "{ty:?} {cols} n={n} integer={integer}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn several_matrices_in_one_pass() -> Result<()> {
+    let cols = 64;
+    let a = QMatrix::from_gguf(
+        "a",
+        GgmlType::Q8_0,
+        &encode(GgmlType::Q8_0, &values(5 * cols, 1)),
+        5,
+        cols,
+    )?;
+    let b = QMatrix::from_gguf(
+        "b",
+        GgmlType::Q4_1,
+        &encode(GgmlType::Q4_1, &values(40 * cols, 2)),
+        40,
+        cols,
+    )?;
+    let x = values(3 * cols, 3);
+    let both = matmul_many(&[&a, &b], &x, 3);
+    assert_eq!(both, vec![a.matmul(&x, 3), b.matmul(&x, 3)]);
+    Ok(())
+}
+
+#[test]
+fn bad_tensors_are_clear_errors() {
+    let e = QMatrix::from_gguf("w", GgmlType::Q4_1, &[0; 19], 1, 32);
+    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("19 bytes")));
+    let e = QMatrix::from_gguf("w", GgmlType::Q8_0, &[0; 34], 2, 16);
+    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("blocks")));
+    let e = QMatrix::from_gguf("w", GgmlType::Other(14), &[0; 34], 1, 32);
+    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("unsupported")));
+}
+
+/// Times one decoding step's products at SmolLM2-135M's shapes (`cargo test --release
+/// --workspace --lib -- --ignored --nocapture decode_step_products`): a probe, not a gate.
+#[test]
+#[ignore]
+fn decode_step_products() -> Result<()> {
+    let shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+    let mats: Vec<QMatrix> = shapes
+        .iter()
+        .map(|&(r, c)| {
+            QMatrix::from_gguf(
+                "w",
+                GgmlType::Q4_1,
+                &encode(GgmlType::Q4_1, &values(r * c, 5)),
+                r,
+                c,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let head = QMatrix::from_gguf(
+        "head",
+        GgmlType::Q8_0,
+        &encode(GgmlType::Q8_0, &values(49152 * 576, 6)),
+        49152,
+        576,
+    )?;
+    // In cache: one 576 x 576 matrix again and again.
+    let x = values(576, 9);
+    let t = std::time::Instant::now();
+    for _ in 0..2000 {
+        std::hint::black_box(mats[1].matmul(&x, 1));
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "576x576 in cache, n=1: {:.1} us, {:.1} GMAC/s",
+        s / 2000.0 * 1e6,
+        2000.0 * 576.0 * 576.0 / s / 1e9
+    );
+    let s = rayon::scope(|_| {
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            std::hint::black_box(mats[1].matmul(&x, 1));
+        }
+        t.elapsed().as_secs_f64()
+    });
+    println!(
+        "576x576 in cache from a pool thread, n=1: {:.1} us",
+        s / 2000.0 * 1e6
+    );
+    // One thread, the whole matrix in one task: integer against decoded dots.
+    let simd = Simd::detect();
+    for (m, reps) in [(&mats[1], 2000), (&mats[2], 200)] {
+        for n in [1, 2, 3, 4] {
+            let x = values(n * m.cols, 9);
+            let qa: Vec<QAct> = x.chunks(m.cols).map(QAct::new).collect();
+            let mut out = vec![0.0; m.rows * n];
+            for integer in [true, false] {
+                let xr: Vec<XRow<'_>> = (0..n)
+                    .map(|i| XRow {
+                        f: &x[i * m.cols..(i + 1) * m.cols],
+                        q: integer.then(|| &qa[i]),
+                    })
+                    .collect();
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    run_task(simd, m, 0, &xr, &mut out);
+                }
+                println!(
+                    "{}x{} n={n} {}: {:.1} us",
+                    m.rows,
+                    m.cols,
+                    if integer { "integer" } else { "decoded" },
+                    t.elapsed().as_secs_f64() / reps as f64 * 1e6
+                );
+            }
+        }
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..2000 {
+        std::hint::black_box(QAct::new(&x));
+    }
+    println!(
+        "rounding 576 activations: {:.2} us",
+        t.elapsed().as_secs_f64() / 2000.0 * 1e6
+    );
+    for n in [1, 16] {
+        let xs: Vec<Vec<f32>> = [576, 1536].iter().map(|&c| values(n * c, 9)).collect();
+        let run = || {
+            for m in &mats {
+                std::hint::black_box(m.matmul(if m.cols == 576 { &xs[0] } else { &xs[1] }, n));
+            }
+        };
+        let (layers, h) = rayon::scope(|_| {
+            run();
+            let t = std::time::Instant::now();
+            for _ in 0..30 {
+                run();
+            }
+            let layers = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                std::hint::black_box(head.matmul(&xs[0], n));
+            }
+            (layers, t.elapsed().as_secs_f64() / 5.0)
+        });
+        let macs = n as f64 * (30.0 * 3.539e6 + 28.3e6);
+        println!(
+            "n={n}: 30 layers {:.2} ms, head {:.2} ms, {:.1} GMAC/s",
+            layers * 1e3,
+            h * 1e3,
+            macs / (layers + h) / 1e9
+        );
+    }
+    Ok(())
+}
