@@ -254,10 +254,11 @@ impl CpuLlama {
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, values) = &cache.layers[layer];
         // One task per (sequence, head): `[seq, head_dim]` each; on one thread when the whole
-        // step is small (a single sequence's decode step), where waking the other costs more.
+        // step is small (a single sequence's first few decode steps), where handing half to
+        // the other worker costs more than it saves.
         let jobs = pads.len() * h;
         let work = jobs * seq * (past + seq) * hd;
-        let min_len = if work < 1 << 18 { jobs.max(1) } else { 1 };
+        let min_len = if work < 1 << 15 { jobs.max(1) } else { 1 };
         let heads: Vec<Vec<f32>> = (0..jobs)
             .into_par_iter()
             .with_min_len(min_len)

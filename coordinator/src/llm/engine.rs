@@ -523,6 +523,25 @@ mod tests {
         Ok(())
     }
 
+    /// Probe for profiles of one sequence decoding (`cargo test --release --workspace --lib --
+    /// --ignored --nocapture one_sequence_decoding`): not a gate.
+    #[test]
+    #[ignore]
+    fn one_sequence_decoding() -> Result<()> {
+        let llm = smollm2();
+        let ids = llm.tokenizer.encode(&llm.tokenizer.chat_prompt(REF_USER))?;
+        let steps = 300;
+        let mut session = llm.session(None, ids.len() + steps);
+        let mut logits = session.step(&[ids], &[0]);
+        let t = std::time::Instant::now();
+        for _ in 0..steps {
+            let next = crate::llm::generate::argmax(&logits);
+            logits = session.step(&[vec![next]], &[0]);
+        }
+        println!("{steps} tokens in {:.2} s", t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
     /// Gate: sampling a batch of prompts of different lengths gives each prompt what it gets
     /// alone with the same seed.
     #[test]

@@ -28,6 +28,9 @@ pub(super) struct QAct {
     /// Per pair of blocks, their two scales each repeated over eight lanes (the layout of the
     /// AVX-512 kernels' block sums).
     pub pair_scale: Vec<[f32; 16]>,
+    /// Per pair of blocks, their sums over eight each repeated over eight lanes (exact: a
+    /// power of two), so that eight lanes of offsets times these sum to `m` times the sum.
+    pub pair_sum: Vec<[f32; 16]>,
 }
 
 /// Rounds to the nearest integer (ties to even) for `|v| < 2^22`, without a libm call: adding
@@ -49,6 +52,7 @@ impl QAct {
             scale: vec![0.0; padded],
             sum: vec![0.0; padded],
             pair_scale: Vec::new(),
+            pair_sum: Vec::new(),
         };
         for (b, xb) in x.chunks_exact(QK).enumerate() {
             a.sum[b] = xb.iter().sum();
@@ -73,6 +77,11 @@ impl QAct {
             .scale
             .chunks_exact(2)
             .map(|s| std::array::from_fn(|lane| s[lane / 8]))
+            .collect();
+        a.pair_sum = a
+            .sum
+            .chunks_exact(2)
+            .map(|s| std::array::from_fn(|lane| s[lane / 8] / 8.0))
             .collect();
         a
     }

@@ -8,7 +8,7 @@ use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q8Row, QK, TILE, XRow};
+use super::{Q4Row, Q8Row, QK, QMatrix, QRow, TILE, XRow};
 
 #[inline(always)]
 fn load8(x: &[f32]) -> __m256 {
@@ -141,19 +141,46 @@ fn int_dots<const T: usize>(simd: V3, w: impl IntRow, xs: [&QAct; T]) -> [f32; T
     std::array::from_fn(|t| hsum(simd, &acc[t..=t]) + offset[t])
 }
 
-/// One quantized weight row against `T` rounded activation rows.
-pub(super) struct IntDot<'b, W, const T: usize> {
+/// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
+/// rounded activation row, in one entry into the AVX2 context.
+pub(super) struct IntTask<'a, 'b> {
     pub simd: V3,
-    pub w: W,
-    pub xs: [&'b QAct; T],
+    pub w: &'a QMatrix,
+    pub first: usize,
+    pub xs: &'b [&'a QAct],
+    pub out: &'b mut [f32],
 }
 
-impl<W: IntRow, const T: usize> pulp::NullaryFnOnce for IntDot<'_, W, T> {
-    type Output = [f32; T];
+impl pulp::NullaryFnOnce for IntTask<'_, '_> {
+    type Output = ();
 
     #[inline(always)]
-    fn call(self) -> [f32; T] {
-        int_dots(self.simd, self.w, self.xs)
+    fn call(self) {
+        let IntTask {
+            simd,
+            w,
+            first,
+            xs,
+            out,
+        } = self;
+        for (k, o) in out.chunks_mut(xs.len()).enumerate() {
+            match w.q_row(first + k) {
+                QRow::Q4(r) => row_dots(simd, r, xs, o),
+                QRow::Q8(r) => row_dots(simd, r, xs, o),
+            }
+        }
+    }
+}
+
+/// One weight row against every activation row: two at once, else one by one.
+#[inline(always)]
+fn row_dots(simd: V3, w: impl IntRow, xs: &[&QAct], out: &mut [f32]) {
+    if let [a, b] = *xs {
+        out.copy_from_slice(&int_dots(simd, w, [a, b]));
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = int_dots(simd, w, [x])[0];
     }
 }
 

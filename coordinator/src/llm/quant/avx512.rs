@@ -6,7 +6,7 @@ use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q8Row, QK, TILE, XRow};
+use super::{Q4Row, Q8Row, QK, QMatrix, QRow, TILE, XRow};
 
 #[inline(always)]
 fn load(x: &[f32]) -> __m512 {
@@ -80,8 +80,8 @@ pub(super) trait IntRow: Copy {
     fn scales(self, simd: V4, b: usize) -> __m512;
     /// Codes of blocks `b`, `b + 1` (zeros past the end), and whether they are signed.
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool);
-    /// `sum_b m_b x_b` over the row's blocks (Q4's offsets), or 0.
-    fn offset(self, sums: &[f32]) -> f32;
+    /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them.
+    fn offsets(self, simd: V4, b: usize) -> Option<__m512>;
 }
 
 impl IntRow for Q4Row<'_> {
@@ -109,8 +109,12 @@ impl IntRow for Q4Row<'_> {
         (nibbles(simd, raw), false)
     }
     #[inline(always)]
-    fn offset(self, sums: &[f32]) -> f32 {
-        super::dot_f32(self.m, &sums[..self.m.len()])
+    fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
+        Some(pair_lanes(
+            simd,
+            self.m[b],
+            self.m.get(b + 1).copied().unwrap_or(0.0),
+        ))
     }
 }
 
@@ -136,8 +140,8 @@ impl IntRow for Q8Row<'_> {
         (codes, true)
     }
     #[inline(always)]
-    fn offset(self, _: &[f32]) -> f32 {
-        0.0
+    fn offsets(self, _: V4, _: usize) -> Option<__m512> {
+        None
     }
 }
 
@@ -148,9 +152,11 @@ impl IntRow for Q8Row<'_> {
 fn int_dots<const T: usize>(simd: V4, w: impl IntRow, xs: [&QAct; T]) -> [f32; T] {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let mut acc = [f._mm512_setzero_ps(); T];
+    let mut offset = [f._mm512_setzero_ps(); T];
     for b in (0..w.blocks()).step_by(2) {
         let (codes, signed) = w.codes(simd, b);
         let dw = w.scales(simd, b);
+        let m = w.offsets(simd, b);
         // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
         let (wu, neg) = if signed {
             (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))
@@ -168,24 +174,54 @@ fn int_dots<const T: usize>(simd: V4, w: impl IntRow, xs: [&QAct; T]) -> [f32; T
             }
             let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
             acc[t] = f._mm512_fmadd_ps(pair_sums(simd, wu, h, l), s, acc[t]);
+            if let Some(m) = m {
+                offset[t] = f._mm512_fmadd_ps(m, pulp::cast(x.pair_sum[b / 2]), offset[t]);
+            }
         }
     }
-    std::array::from_fn(|t| hsum(acc[t]) + w.offset(&xs[t].sum))
+    std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], offset[t])))
 }
 
-/// One quantized weight row against `T` rounded activation rows.
-pub(super) struct IntDot<'b, W, const T: usize> {
+/// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
+/// rounded activation row, in one entry into the AVX-512 context.
+pub(super) struct IntTask<'a, 'b> {
     pub simd: V4,
-    pub w: W,
-    pub xs: [&'b QAct; T],
+    pub w: &'a QMatrix,
+    pub first: usize,
+    pub xs: &'b [&'a QAct],
+    pub out: &'b mut [f32],
 }
 
-impl<W: IntRow, const T: usize> pulp::NullaryFnOnce for IntDot<'_, W, T> {
-    type Output = [f32; T];
+impl pulp::NullaryFnOnce for IntTask<'_, '_> {
+    type Output = ();
 
     #[inline(always)]
-    fn call(self) -> [f32; T] {
-        int_dots(self.simd, self.w, self.xs)
+    fn call(self) {
+        let IntTask {
+            simd,
+            w,
+            first,
+            xs,
+            out,
+        } = self;
+        for (k, o) in out.chunks_mut(xs.len()).enumerate() {
+            match w.q_row(first + k) {
+                QRow::Q4(r) => row_dots(simd, r, xs, o),
+                QRow::Q8(r) => row_dots(simd, r, xs, o),
+            }
+        }
+    }
+}
+
+/// One weight row against every activation row: two at once, else one by one.
+#[inline(always)]
+fn row_dots(simd: V4, w: impl IntRow, xs: &[&QAct], out: &mut [f32]) {
+    if let [a, b] = *xs {
+        out.copy_from_slice(&int_dots(simd, w, [a, b]));
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = int_dots(simd, w, [x])[0];
     }
 }
 

@@ -172,6 +172,24 @@ impl QMatrix {
         }
     }
 
+    /// Row `r` of a quantized matrix, as the dot kernels read it.
+    #[inline(always)]
+    fn q_row(&self, r: usize) -> QRow<'_> {
+        let nb = self.cols / QK;
+        match &self.codes {
+            Codes::Q4 { d, m, qs } => QRow::Q4(Q4Row {
+                d: &d[r * nb..(r + 1) * nb],
+                m: &m[r * nb..(r + 1) * nb],
+                qs: &qs[r * nb * QK / 2..(r + 1) * nb * QK / 2],
+            }),
+            Codes::Q8 { d, qs } => QRow::Q8(Q8Row {
+                d: &d[r * nb..(r + 1) * nb],
+                qs: &qs[r * self.cols..(r + 1) * self.cols],
+            }),
+            Codes::F32(_) => unreachable!("f32 matrices take the f32 product"),
+        }
+    }
+
     /// Row `r` as f32 (an embedding lookup).
     pub fn row(&self, r: usize) -> Vec<f32> {
         let mut out = vec![0.0; self.cols];
@@ -292,7 +310,6 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
 /// Weight rows `first..` (as many as `out` holds) against every activation row.
 fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f32]) {
     let n = xs.len();
-    let nb = w.cols / QK;
     let rows = out.len() / n.max(1);
     if let Codes::F32(v) = &w.codes {
         return simd.f32_product(&v[first * w.cols..(first + rows) * w.cols], w.cols, xs, out);
@@ -302,41 +319,13 @@ fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f
         return simd.f32_product(&panel, w.cols, xs, out);
     }
     let qs: Vec<&QAct> = xs.iter().filter_map(|x| x.q).collect();
-    let integer = qs.len() == n;
-    for (k, orow) in out.chunks_mut(n).enumerate() {
-        let r = first + k;
-        let w = match &w.codes {
-            Codes::Q4 { d, m, qs: codes } => QRow::Q4(Q4Row {
-                d: &d[r * nb..(r + 1) * nb],
-                m: &m[r * nb..(r + 1) * nb],
-                qs: &codes[r * nb * QK / 2..(r + 1) * nb * QK / 2],
-            }),
-            Codes::Q8 { d, qs: codes } => QRow::Q8(Q8Row {
-                d: &d[r * nb..(r + 1) * nb],
-                qs: &codes[r * w.cols..(r + 1) * w.cols],
-            }),
-            Codes::F32(_) => unreachable!("f32 matrices returned above"),
-        };
-        if integer {
-            tiled(simd, w, orow, &qs);
-        } else {
-            for (o, x) in orow.chunks_mut(TILE).zip(xs.chunks(TILE)) {
-                o.copy_from_slice(&simd.decoded_dots(w, x)[..o.len()]);
-            }
-        }
+    if qs.len() == n {
+        return simd.int_task(w, first, &qs, out);
     }
-}
-
-/// Fills `out[i]` with the dot of weight row `w` and activation row `xs[i]`, [`TILE`] rows a
-/// call.
-fn tiled(simd: Simd, w: QRow<'_>, out: &mut [f32], xs: &[&QAct]) {
-    for (o, x) in out.chunks_mut(TILE).zip(xs.chunks(TILE)) {
-        match *x {
-            [a, b, c, d] => o.copy_from_slice(&simd.int_dots(w, [a, b, c, d])),
-            [a, b, c] => o.copy_from_slice(&simd.int_dots(w, [a, b, c])),
-            [a, b] => o.copy_from_slice(&simd.int_dots(w, [a, b])),
-            [a] => o.copy_from_slice(&simd.int_dots(w, [a])),
-            _ => unreachable!("tiles of 1 to {TILE} rows"),
+    for (k, orow) in out.chunks_mut(n).enumerate() {
+        let w = w.q_row(first + k);
+        for (o, x) in orow.chunks_mut(TILE).zip(xs.chunks(TILE)) {
+            o.copy_from_slice(&simd.decoded_dots(w, x)[..o.len()]);
         }
     }
 }
@@ -473,30 +462,37 @@ impl Simd {
         }
     }
 
-    fn int_dots<const T: usize>(self, w: QRow<'_>, xs: [&QAct; T]) -> [f32; T] {
-        match w {
-            QRow::Q4(w) => self.dot_q4(w, xs),
-            QRow::Q8(w) => self.dot_q8(w, xs),
-        }
-    }
-
-    fn dot_q4<const T: usize>(self, w: Q4Row<'_>, xs: [&QAct; T]) -> [f32; T] {
+    /// Integer dots of weight rows `first..` (as many as `out` holds) with every rounded
+    /// activation row.
+    fn int_task(self, w: &QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
         match self {
-            Simd::Scalar => xs.map(|x| act::scalar_q4(w, x)),
+            Simd::Scalar => {
+                for (k, o) in out.chunks_mut(xs.len()).enumerate() {
+                    let dot: &dyn Fn(&QAct) -> f32 = match w.q_row(first + k) {
+                        QRow::Q4(r) => &move |x| act::scalar_q4(r, x),
+                        QRow::Q8(r) => &move |x| act::scalar_q8(r, x),
+                    };
+                    for (o, x) in o.iter_mut().zip(xs) {
+                        *o = dot(x);
+                    }
+                }
+            }
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(v3) => v3.vectorize(avx2::IntDot { simd: v3, w, xs }),
+            Simd::Avx2(v3) => v3.vectorize(avx2::IntTask {
+                simd: v3,
+                w,
+                first,
+                xs,
+                out,
+            }),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(avx512::IntDot { simd: v4, w, xs }),
-        }
-    }
-
-    fn dot_q8<const T: usize>(self, w: Q8Row<'_>, xs: [&QAct; T]) -> [f32; T] {
-        match self {
-            Simd::Scalar => xs.map(|x| act::scalar_q8(w, x)),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(v3) => v3.vectorize(avx2::IntDot { simd: v3, w, xs }),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(avx512::IntDot { simd: v4, w, xs }),
+            Simd::Avx512(v4) => v4.vectorize(avx512::IntTask {
+                simd: v4,
+                w,
+                first,
+                xs,
+                out,
+            }),
         }
     }
 }
