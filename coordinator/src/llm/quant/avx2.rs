@@ -8,7 +8,7 @@ use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q8Row, QK, QMatrix, QRow, TILE, XRow};
+use super::{Q4Row, Q8Row, QK, QRow, TILE, XRow};
 
 #[inline(always)]
 fn load8(x: &[f32]) -> __m256 {
@@ -141,33 +141,12 @@ fn int_dots<const T: usize>(simd: V3, w: impl IntRow, xs: [&QAct; T]) -> [f32; T
     std::array::from_fn(|t| hsum(simd, &acc[t..=t]) + offset[t])
 }
 
-/// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
-/// rounded activation row, in one entry into the AVX2 context.
-pub(super) struct IntTask<'a, 'b> {
-    pub simd: V3,
-    pub w: &'a QMatrix,
-    pub first: usize,
-    pub xs: &'b [&'a QAct],
-    pub out: &'b mut [f32],
-}
-
-impl pulp::NullaryFnOnce for IntTask<'_, '_> {
-    type Output = ();
-
+impl super::RowDots for V3 {
     #[inline(always)]
-    fn call(self) {
-        let IntTask {
-            simd,
-            w,
-            first,
-            xs,
-            out,
-        } = self;
-        for (k, o) in out.chunks_mut(xs.len()).enumerate() {
-            match w.q_row(first + k) {
-                QRow::Q4(r) => row_dots(simd, r, xs, o),
-                QRow::Q8(r) => row_dots(simd, r, xs, o),
-            }
+    fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]) {
+        match w {
+            QRow::Q4(r) => row_dots(self, r, xs, out),
+            QRow::Q8(r) => row_dots(self, r, xs, out),
         }
     }
 }

@@ -348,6 +348,34 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// An instruction set's integer dots of one weight row with every rounded activation row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+trait RowDots: Copy {
+    fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]);
+}
+
+/// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
+/// rounded activation row, in one entry into the instruction set's context (`vectorize`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct IntTask<'a, 'b, S> {
+    simd: S,
+    w: &'a QMatrix,
+    first: usize,
+    xs: &'b [&'a QAct],
+    out: &'b mut [f32],
+}
+
+impl<S: RowDots> pulp::NullaryFnOnce for IntTask<'_, '_, S> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        for (k, o) in self.out.chunks_mut(self.xs.len()).enumerate() {
+            self.simd.row_dots(self.w.q_row(self.first + k), self.xs, o);
+        }
+    }
+}
+
 /// One row of a quantized weight matrix.
 #[derive(Clone, Copy)]
 enum QRow<'a> {
@@ -478,7 +506,7 @@ impl Simd {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(v3) => v3.vectorize(avx2::IntTask {
+            Simd::Avx2(v3) => v3.vectorize(IntTask {
                 simd: v3,
                 w,
                 first,
@@ -486,7 +514,7 @@ impl Simd {
                 out,
             }),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(avx512::IntTask {
+            Simd::Avx512(v4) => v4.vectorize(IntTask {
                 simd: v4,
                 w,
                 first,
