@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 /// Runs `f` on one of rayon's workers, so that the products it starts split there. From
 /// any other thread, each product would hand its work to the pool and sleep until it is done:
-/// a thread wake-up per product, which cost as much as the product itself when decoding.
+/// a thread wake-up per product, a large share of a small product's time when decoding.
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         f()
