@@ -18,19 +18,10 @@ pub struct TuningConfig {
     pub min_quality: f32,
     /// Train the LLM to write the well-scored samples (label prompt -> sample).
     pub generation_side: bool,
-    /// The generation side leaves out this share of each label's kept samples, the
-    /// best-scored (0: none), so the LLM learns to write correct but not the easiest samples:
-    /// the clients' SLMs score real task data lower than the LLM's own (measured with the
-    /// experiment runner's `real_data` oracle), so the plain reward pulls the writing toward
-    /// what they already find easy. A share, not a score cap, because the scores' scale moves
-    /// with the partition and the round. The task side still learns from every kept sample.
-    pub generation_skip_best: f32,
     /// Train the LLM to classify the well-scored samples (prompt -> verbalizer).
     pub task_side: bool,
     /// The task side's targets: the samples' intended labels or the clients' soft labels.
     pub task_targets: TaskTargets,
-    /// One set of LoRA adapters for both sides, or one each.
-    pub adapters: AdapterLayout,
     /// Passes over a round's examples.
     pub epochs: usize,
     /// The generation side (and its rehearsal) trains in only the first this many of the
@@ -55,13 +46,41 @@ pub struct TuningConfig {
     /// Labels are kept balanced: no label gets more than twice the samples of the scarcest,
     /// and weights are scaled so that every label carries the same total weight.
     pub max_samples: usize,
-    /// Preference pairs on the generation side (DPO), beside its weighted samples (so only
-    /// with `generation_side`): the LLM learns from what the clients scored low as well.
-    pub preference: PreferenceConfig,
     /// LoRA settings (rank, alpha, learning rate, token limits).
     pub lora: LoraConfig,
     /// Seed of the adapters' initialization and the example order.
     pub seed: u64,
+    /// Options that measured no gain (docs/experiments.md, "Defaults that matter, and options
+    /// tried"): kept, off by default, to reproduce those runs (`[tuning.experimental]`).
+    pub experimental: ExperimentalTuning,
+}
+
+/// `[tuning.experimental]`: tuning options that were measured and gave nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentalTuning {
+    /// The generation side leaves out this share of each label's kept samples, the
+    /// best-scored (0: none), so the LLM learns to write correct but not the easiest samples:
+    /// the clients' SLMs score real task data lower than the LLM's own (measured with the
+    /// experiment runner's `real_data` oracle), so the plain reward pulls the writing toward
+    /// what they already find easy. A share, not a score cap, because the scores' scale moves
+    /// with the partition and the round. The task side still learns from every kept sample.
+    pub generation_skip_best: f32,
+    /// One set of LoRA adapters for both sides, or one each.
+    pub adapters: AdapterLayout,
+    /// Preference pairs on the generation side (DPO), beside its weighted samples (so only
+    /// with `generation_side`): the LLM learns from what the clients scored low as well.
+    pub preference: PreferenceConfig,
+}
+
+impl Default for ExperimentalTuning {
+    fn default() -> Self {
+        Self {
+            generation_skip_best: 0.0,
+            adapters: AdapterLayout::Shared,
+            preference: PreferenceConfig::default(),
+        }
+    }
 }
 
 impl Default for TuningConfig {
@@ -70,10 +89,8 @@ impl Default for TuningConfig {
             enabled: true,
             min_quality: 0.5,
             generation_side: true,
-            generation_skip_best: 0.0,
             task_side: true,
             task_targets: TaskTargets::Intended,
-            adapters: AdapterLayout::Shared,
             // Chosen on a validation split (`crosslm-experiment probe-llm`, MR): after one and
             // two passes the LLM's accuracy had not moved, after three it had.
             epochs: 3,
@@ -83,7 +100,6 @@ impl Default for TuningConfig {
             rehearsal_skip: 1000,
             batch_size: 8,
             max_samples: 64,
-            preference: PreferenceConfig::default(),
             lora: LoraConfig {
                 rank: 8,
                 alpha: 16.0,
@@ -93,11 +109,12 @@ impl Default for TuningConfig {
                 top_layers: 10,
             },
             seed: 7,
+            experimental: ExperimentalTuning::default(),
         }
     }
 }
 
-/// Preference pairs for the generation side (the `[tuning.preference]` part of the config):
+/// Preference pairs for the generation side (the `[tuning.experimental.preference]` part of the config):
 /// the issue's "preference pairs, high vs low score" option, trained with DPO (Rafailov et
 /// al., 2023) against the LLM as it was at the round's start. Pairs train in the first
 /// `epochs` of the round's passes, beside the weighted samples; they need `generation_side`.

@@ -58,7 +58,7 @@ impl Trainers {
     /// Fresh adapters laid out as `cfg` says (the model's output is unchanged until the
     /// first step).
     pub fn new(llm: &Llm, cfg: &TuningConfig) -> Self {
-        let task = (cfg.adapters == AdapterLayout::Split)
+        let task = (cfg.experimental.adapters == AdapterLayout::Split)
             .then(|| LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed.wrapping_add(1)));
         Self {
             generation: LoraTrainer::new(llm, cfg.lora.clone(), cfg.seed),
@@ -106,12 +106,12 @@ impl Trainers {
             Ok(LoraTrainer::from_adapters(adapters, lora, &llm.device))
         };
         let generation = load(&gen_path)?;
-        let task = match (cfg.adapters, task_path.is_file()) {
+        let task = match (cfg.experimental.adapters, task_path.is_file()) {
             (AdapterLayout::Split, true) => Some(load(&task_path)?),
             (AdapterLayout::Shared, false) => None,
             (layout, _) => {
                 return Err(Error::Model(format!(
-                    "{}: the saved LLM adapters do not match [tuning] adapters = {layout:?} \
+                    "{}: the saved LLM adapters do not match [tuning.experimental] adapters = {layout:?} \
                      (split adapters keep a task-adapters-<round>.lora beside them); \
                      use the config the state was made with, or a fresh data dir",
                     dir.display()
@@ -182,7 +182,7 @@ pub fn tune(
         return Ok(report);
     }
     let batch_size = cfg.batch_size.max(1);
-    let pref = &cfg.preference;
+    let pref = &cfg.experimental.preference;
     let pairs = if pref.enabled && cfg.generation_side && pref.epochs > 0 {
         preference_pairs(&chat, spec, pref, samples, scores)
     } else {

@@ -81,7 +81,9 @@ pub fn feedback_examples(
         }
         let skip: Vec<usize> = per_label
             .iter()
-            .map(|&n| (n as f32 * cfg.generation_skip_best.clamp(0.0, 1.0)).floor() as usize)
+            .map(|&n| {
+                (n as f32 * cfg.experimental.generation_skip_best.clamp(0.0, 1.0)).floor() as usize
+            })
             .collect();
         let mut seen = vec![0usize; spec.labels.len()];
         scored.retain(|(x, _)| {

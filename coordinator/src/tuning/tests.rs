@@ -108,7 +108,10 @@ fn feedback_gives_weighted_generation_and_task_examples() {
     // Half of each label's best left out of the generation side (the writing) only: of
     // two positives the 0.995 one, of one negative none.
     let capped = TuningConfig {
-        generation_skip_best: 0.5,
+        experimental: ExperimentalTuning {
+            generation_skip_best: 0.5,
+            ..ExperimentalTuning::default()
+        },
         ..quick()
     };
     let (mut s2, mut q2) = (samples.clone(), scores.clone());
@@ -247,10 +250,13 @@ fn tuning_with_preference_pairs_trains_on_them() {
     let cfg = TuningConfig {
         epochs: 3,
         generation_epochs: 1,
-        preference: PreferenceConfig {
-            enabled: true,
-            epochs: 2,
-            ..PreferenceConfig::default()
+        experimental: ExperimentalTuning {
+            preference: PreferenceConfig {
+                enabled: true,
+                epochs: 2,
+                ..PreferenceConfig::default()
+            },
+            ..ExperimentalTuning::default()
         },
         ..quick()
     };
@@ -315,7 +321,10 @@ fn split_adapters_keep_the_task_side_out_of_the_writing_adapters() {
     );
     let task_only = TuningConfig {
         generation_side: false,
-        adapters: AdapterLayout::Split,
+        experimental: ExperimentalTuning {
+            adapters: AdapterLayout::Split,
+            ..ExperimentalTuning::default()
+        },
         ..quick()
     };
     let mut llm = tiny_llm().unwrap();
@@ -337,7 +346,10 @@ fn split_adapters_keep_the_task_side_out_of_the_writing_adapters() {
     tune_round(
         &mut shared,
         &TuningConfig {
-            adapters: AdapterLayout::Shared,
+            experimental: ExperimentalTuning {
+                adapters: AdapterLayout::Shared,
+                ..ExperimentalTuning::default()
+            },
             ..task_only.clone()
         },
         &[],
@@ -347,7 +359,10 @@ fn split_adapters_keep_the_task_side_out_of_the_writing_adapters() {
 
     // Both sides: each side's examples batch apart, so twice the steps of shared adapters.
     let both = TuningConfig {
-        adapters: AdapterLayout::Split,
+        experimental: ExperimentalTuning {
+            adapters: AdapterLayout::Split,
+            ..ExperimentalTuning::default()
+        },
         ..quick()
     };
     let r = tune_round(&mut tiny_llm().unwrap(), &both, &[]);
@@ -360,7 +375,10 @@ fn split_adapters_are_saved_restored_and_must_match_the_config() {
     let state = dir.path().join("llm");
     let (samples, scores) = round();
     let split = TuningConfig {
-        adapters: AdapterLayout::Split,
+        experimental: ExperimentalTuning {
+            adapters: AdapterLayout::Split,
+            ..ExperimentalTuning::default()
+        },
         ..quick()
     };
     let texts = ["A warm, funny and moving picture.".to_string()];

@@ -410,6 +410,28 @@ mod tests {
             }
         }
         assert!(n >= 3);
+        // Options that measured no gain sit under [tuning.experimental], and still apply.
+        let root = crosslm_sdk::data::workspace_root();
+        let load = |f: &str| ExperimentConfig::load_with(&root.join(f), &[]).unwrap();
+        let split = load("examples/experiments/mr-iid-split.toml");
+        assert_eq!(
+            split.tuning.experimental.adapters,
+            crosslm_coordinator::tuning::AdapterLayout::Split
+        );
+        assert!(
+            load("examples/experiments/mr-iid-dpo.toml")
+                .tuning
+                .experimental
+                .preference
+                .enabled
+        );
+        assert_eq!(
+            load("examples/experiments/mr-iid-band.toml")
+                .tuning
+                .experimental
+                .generation_skip_best,
+            0.25
+        );
     }
 
     #[test]

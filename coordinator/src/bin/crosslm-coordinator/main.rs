@@ -303,8 +303,8 @@ mod tests {
         let path = crosslm_sdk::data::workspace_root().join("examples/coordinator.toml");
         let text = std::fs::read_to_string(&path).expect("examples/coordinator.toml");
         let cfg: ConfigFile = toml::from_str(&text).expect("example config parses");
-        assert!(cfg.tuning.enabled && !cfg.tuning.preference.enabled);
-        assert_eq!(cfg.tuning.preference.max_pairs_per_label, 16);
+        assert!(cfg.tuning.enabled && !cfg.tuning.experimental.preference.enabled);
+        assert_eq!(cfg.tuning.experimental.preference.max_pairs_per_label, 16);
         let learning = cfg.daemon.learning.expect("[daemon.learning]");
         assert_eq!(learning.settings.training.len(), 2);
         assert_eq!(learning.settings.training[0].epochs, Some(15));
