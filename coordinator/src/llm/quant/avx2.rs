@@ -67,22 +67,19 @@ fn block_sums(simd: V3, w: __m256i, h: __m256i, l: __m256i) -> __m256 {
 }
 
 /// The weight side of the integer dots.
-pub(super) trait IntRow: Copy {
-    fn blocks(self) -> usize;
-    fn scale(self, b: usize) -> f32;
+pub(super) trait IntRow<'a>: Copy {
+    /// The row's block scales.
+    fn d(self) -> &'a [f32];
+    /// Block `b`'s offset (Q4's `m`), 0 for types without.
     fn offset(self, b: usize) -> f32;
     /// Codes of block `b` (unsigned) and the signs to give the activations, if signed.
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>);
 }
 
-impl IntRow for Q4Row<'_> {
+impl<'a> IntRow<'a> for Q4Row<'a> {
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d[b]
+    fn d(self) -> &'a [f32] {
+        self.d
     }
     #[inline(always)]
     fn offset(self, b: usize) -> f32 {
@@ -94,14 +91,10 @@ impl IntRow for Q4Row<'_> {
     }
 }
 
-impl IntRow for Q8Row<'_> {
+impl<'a> IntRow<'a> for Q8Row<'a> {
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d[b]
+    fn d(self) -> &'a [f32] {
+        self.d
     }
     #[inline(always)]
     fn offset(self, _: usize) -> f32 {
@@ -117,12 +110,12 @@ impl IntRow for Q8Row<'_> {
 /// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
 /// accumulators stay in registers).
 #[inline(always)]
-fn int_dots<const T: usize>(simd: V3, w: impl IntRow, xs: [&QAct; T]) -> [f32; T] {
+fn int_dots<'a, const T: usize>(simd: V3, w: impl IntRow<'a>, xs: [&QAct; T]) -> [f32; T] {
     let mut acc = [simd.avx._mm256_setzero_ps(); T];
     let mut offset = [0.0f32; T];
-    for b in 0..w.blocks() {
+    for (b, &dw) in w.d().iter().enumerate() {
         let (codes, sign) = w.codes(simd, b);
-        let (dw, m) = (w.scale(b), w.offset(b));
+        let m = w.offset(b);
         for t in 0..T {
             let x = xs[t];
             let mut h = load32(&x.hi[b * QK..(b + 1) * QK]);
@@ -153,7 +146,7 @@ impl super::RowDots for V3 {
 
 /// One weight row against every activation row: two at once, else one by one.
 #[inline(always)]
-fn row_dots(simd: V3, w: impl IntRow, xs: &[&QAct], out: &mut [f32]) {
+fn row_dots<'a>(simd: V3, w: impl IntRow<'a>, xs: &[&QAct], out: &mut [f32]) {
     if let [a, b] = *xs {
         out.copy_from_slice(&int_dots(simd, w, [a, b]));
         return;

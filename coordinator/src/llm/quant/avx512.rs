@@ -73,25 +73,35 @@ fn pair_sums(simd: V4, w: __m512i, h: __m512i, l: __m512i) -> __m512 {
     f._mm512_cvtepi32_ps(f._mm512_add_epi32(ih, il))
 }
 
+/// Values `b` and `b + 1` of per-block `v` (0 past the end), as [`pair_lanes`].
+#[inline(always)]
+fn pair_of(simd: V4, v: &[f32], b: usize) -> __m512 {
+    pair_lanes(simd, v[b], v.get(b + 1).copied().unwrap_or(0.0))
+}
+
 /// The weight side of the integer dots, two blocks at a time.
-pub(super) trait IntRow: Copy {
-    fn blocks(self) -> usize;
+pub(super) trait IntRow<'a>: Copy {
+    /// The row's block scales.
+    fn d(self) -> &'a [f32];
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d().len()
+    }
     /// Scales of blocks `b` and `b + 1` (0 past the end), as [`pair_lanes`].
-    fn scales(self, simd: V4, b: usize) -> __m512;
+    #[inline(always)]
+    fn scales(self, simd: V4, b: usize) -> __m512 {
+        pair_of(simd, self.d(), b)
+    }
     /// Codes of blocks `b`, `b + 1` (zeros past the end), and whether they are signed.
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool);
     /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them.
     fn offsets(self, simd: V4, b: usize) -> Option<__m512>;
 }
 
-impl IntRow for Q4Row<'_> {
+impl<'a> IntRow<'a> for Q4Row<'a> {
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scales(self, simd: V4, b: usize) -> __m512 {
-        pair_lanes(simd, self.d[b], self.d.get(b + 1).copied().unwrap_or(0.0))
+    fn d(self) -> &'a [f32] {
+        self.d
     }
     #[inline(always)]
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
@@ -110,22 +120,14 @@ impl IntRow for Q4Row<'_> {
     }
     #[inline(always)]
     fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
-        Some(pair_lanes(
-            simd,
-            self.m[b],
-            self.m.get(b + 1).copied().unwrap_or(0.0),
-        ))
+        Some(pair_of(simd, self.m, b))
     }
 }
 
-impl IntRow for Q8Row<'_> {
+impl<'a> IntRow<'a> for Q8Row<'a> {
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scales(self, simd: V4, b: usize) -> __m512 {
-        pair_lanes(simd, self.d[b], self.d.get(b + 1).copied().unwrap_or(0.0))
+    fn d(self) -> &'a [f32] {
+        self.d
     }
     #[inline(always)]
     fn codes(self, _: V4, b: usize) -> (__m512i, bool) {
@@ -149,7 +151,7 @@ impl IntRow for Q8Row<'_> {
 /// accumulators stay in registers). One accumulator a row is enough: a pair's work takes
 /// longer than an FMA's latency.
 #[inline(always)]
-fn int_dots<const T: usize>(simd: V4, w: impl IntRow, xs: [&QAct; T]) -> [f32; T] {
+fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) -> [f32; T] {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let mut acc = [f._mm512_setzero_ps(); T];
     let mut offset = [f._mm512_setzero_ps(); T];
@@ -194,7 +196,7 @@ impl super::RowDots for V4 {
 
 /// One weight row against every activation row: two at once, else one by one.
 #[inline(always)]
-fn row_dots(simd: V4, w: impl IntRow, xs: &[&QAct], out: &mut [f32]) {
+fn row_dots<'a>(simd: V4, w: impl IntRow<'a>, xs: &[&QAct], out: &mut [f32]) {
     if let [a, b] = *xs {
         out.copy_from_slice(&int_dots(simd, w, [a, b]));
         return;

@@ -246,12 +246,10 @@ impl QMatrix {
     }
 }
 
-/// One row of activations as the kernels read it: f32, and rounded for the integer dots when
-/// the product takes them.
+/// One row of activations as the f32 kernels read it.
 #[derive(Clone, Copy)]
 struct XRow<'a> {
     f: &'a [f32],
-    q: Option<&'a QAct>,
 }
 
 /// `x @ W^T` for several matrices of the same input (q, k and v, say) in one parallel pass:
@@ -272,12 +270,8 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     } else {
         Vec::new()
     };
-    let xs: Vec<XRow<'_>> = (0..n)
-        .map(|r| XRow {
-            f: rows(r),
-            q: rounded.get(r),
-        })
-        .collect();
+    let xs: Vec<XRow<'_>> = (0..n).map(|r| XRow { f: rows(r) }).collect();
+    let qs: Vec<&QAct> = rounded.iter().collect();
     // Products are computed transposed, `[rows, n]`, so that each task owns whole rows.
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
     let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
@@ -289,7 +283,7 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     let simd = Simd::detect();
     tasks
         .into_par_iter()
-        .for_each(|(w, first, out)| run_task(simd, w, first, &xs, out));
+        .for_each(|(w, first, out)| run_task(simd, w, first, &xs, &qs, out));
     if n == 1 {
         return outs;
     }
@@ -307,8 +301,9 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Weight rows `first..` (as many as `out` holds) against every activation row.
-fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f32]) {
+/// Weight rows `first..` (as many as `out` holds) against every activation row; `qs` holds the
+/// rows rounded for the integer dots, or nothing.
+fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], qs: &[&QAct], out: &mut [f32]) {
     let n = xs.len();
     let rows = out.len() / n.max(1);
     if let Codes::F32(v) = &w.codes {
@@ -318,9 +313,8 @@ fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], out: &mut [f
         let panel = w.rows_f32(first..first + rows);
         return simd.f32_product(&panel, w.cols, xs, out);
     }
-    let qs: Vec<&QAct> = xs.iter().filter_map(|x| x.q).collect();
     if qs.len() == n {
-        return simd.int_task(w, first, &qs, out);
+        return simd.int_task(w, first, qs, out);
     }
     for (k, orow) in out.chunks_mut(n).enumerate() {
         let w = w.q_row(first + k);

@@ -92,7 +92,11 @@ fn products_match_dequantized_f32() -> Result<()> {
                 let got = w.matmul(&x, n);
                 for i in 0..n {
                     let xi = &x[i * cols..(i + 1) * cols];
-                    let step = QAct::new(xi).scale;
+                    // One low step per block, from the block's largest |x| (not from QAct).
+                    let step: Vec<f32> = xi
+                        .chunks(QK)
+                        .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / (127.0 * 128.0))
+                        .collect();
                     for r in 0..rows {
                         let wr = &dense[r * cols..(r + 1) * cols];
                         let want: f32 = wr.iter().zip(xi).map(|(a, b)| a * b).sum();
@@ -120,14 +124,18 @@ fn products_match_dequantized_f32() -> Result<()> {
                     let xr: Vec<XRow<'_>> = (0..n)
                         .map(|i| XRow {
                             f: &x[i * cols..(i + 1) * cols],
-                            q: integer.then(|| &qa[i]),
                         })
                         .collect();
+                    let qs: Vec<&QAct> = if integer {
+                        qa.iter().collect()
+                    } else {
+                        Vec::new()
+                    };
                     let mut scalar = vec![0.0; rows * n];
-                    run_task(Simd::Scalar, &w, 0, &xr, &mut scalar);
+                    run_task(Simd::Scalar, &w, 0, &xr, &qs, &mut scalar);
                     for simd in simd_kinds() {
                         let mut fast = vec![0.0; rows * n];
-                        run_task(simd, &w, 0, &xr, &mut fast);
+                        run_task(simd, &w, 0, &xr, &qs, &mut fast);
                         for (a, b) in scalar.iter().zip(&fast) {
                             assert!(
                                 (a - b).abs() <= 1e-4 * a.abs().max(1.0),
@@ -234,12 +242,16 @@ fn decode_step_products() -> Result<()> {
                 let xr: Vec<XRow<'_>> = (0..n)
                     .map(|i| XRow {
                         f: &x[i * m.cols..(i + 1) * m.cols],
-                        q: integer.then(|| &qa[i]),
                     })
                     .collect();
+                let qs: Vec<&QAct> = if integer {
+                    qa.iter().collect()
+                } else {
+                    Vec::new()
+                };
                 let t = std::time::Instant::now();
                 for _ in 0..reps {
-                    run_task(simd, m, 0, &xr, &mut out);
+                    run_task(simd, m, 0, &xr, &qs, &mut out);
                 }
                 println!(
                     "{}x{} n={n} {}: {:.1} us",
