@@ -43,6 +43,9 @@ pub enum Error {
     /// The SDK reported an error.
     #[error(transparent)]
     Sdk(#[from] crosslm_sdk::Error),
+    /// A serving engine failed or answered garbage.
+    #[error(transparent)]
+    Engine(#[from] crate::serving::EngineError),
     /// Invalid input data (files of samples, labels).
     #[error("data: {0}")]
     Data(String),

@@ -237,6 +237,35 @@ impl LlmGenerator {
     pub fn llm_mut(&mut self) -> &mut crate::llm::Llm {
         &mut self.llm
     }
+
+    /// The last round whose feedback the adapters hold, if tuning is on and one was tuned.
+    pub fn tuned_through(&self) -> Option<u64> {
+        self.tuning
+            .as_ref()
+            .map(|t| t.tuned_through)
+            .filter(|&r| r > 0)
+    }
+
+    /// Writes the adapters the model generates with in PEFT's layout into `dir` (see
+    /// [`crate::llm::peft`]); `base_model` is what the adapter config names as its base.
+    pub fn export_peft(&self, dir: &std::path::Path, base_model: &str) -> Result<()> {
+        let t = self
+            .tuning
+            .as_ref()
+            .ok_or_else(|| Error::Model("no tuning, no adapters to export".into()))?;
+        let adapters = t
+            .trainers
+            .generation
+            .adapters()
+            .ok_or_else(|| Error::Model("the LoRA trainer lost its adapters".into()))?;
+        crate::llm::peft::export(
+            &adapters,
+            t.trainers.generation.config(),
+            &self.llm.config,
+            base_model,
+            dir,
+        )
+    }
 }
 
 impl Generator for LlmGenerator {

@@ -4,7 +4,6 @@
 //!
 //! Over 600 lines with its tests beside the code.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -16,6 +15,7 @@ use super::gguf::Gguf;
 use super::model::{Llama, LlamaConfig, LoraAdapters};
 use super::session::Session;
 use super::tokenizer::Tokenizer;
+use crate::synthetic::{self, LabeledText};
 use crate::task::TaskSpec;
 use crate::{Error, Result};
 
@@ -24,15 +24,6 @@ use crate::{Error, Result};
 pub const MAX_BATCH: usize = 16;
 /// Texts are cut to this many tokens for classification and perplexity.
 pub const MAX_TEXT_TOKENS: usize = 384;
-
-/// One synthetic example and the label it was generated for.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LabeledText {
-    /// The generated text, stripped.
-    pub text: String,
-    /// Index into the task's labels.
-    pub label: usize,
-}
 
 /// The coordinator LLM: model, tokenizer, device and (optionally) LoRA adapters in use.
 ///
@@ -165,48 +156,27 @@ impl Llm {
             .collect()
     }
 
-    /// Label-conditioned synthetic data: up to `n_per_label` distinct texts per label, each
-    /// written by the model for one of the label's prompts (cycled), stripped, length-filtered
-    /// by the task's `min_chars..=max_chars` and deduplicated across the whole set. Gives up on
-    /// a label after `4 * n_per_label` attempts, so the result can be short.
+    /// Label-conditioned synthetic data written by this model (see
+    /// [`synthetic::label_conditioned`]), [`MAX_BATCH`] prompts at a time.
     pub fn generate(
         &self,
         task: &TaskSpec,
         n_per_label: usize,
         sampling: &Sampling,
     ) -> Result<Vec<LabeledText>> {
-        let g = &task.generation;
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mut seed = sampling.seed;
-        for (label, spec) in task.labels.iter().enumerate() {
-            let mut got = 0;
-            let mut attempts = 0;
-            while got < n_per_label && attempts < 4 * n_per_label {
-                let want = (n_per_label - got).min(MAX_BATCH);
-                let users: Vec<String> = (0..want)
-                    .map(|k| spec.prompts[(attempts + k) % spec.prompts.len()].clone())
-                    .collect();
-                attempts += want;
+        synthetic::label_conditioned(
+            task,
+            n_per_label,
+            MAX_BATCH,
+            sampling.seed,
+            |users, seed| {
                 let s = Sampling {
                     seed,
                     ..sampling.clone()
                 };
-                seed = seed.wrapping_add(want as u64);
-                for text in self.chat(&users, &s)? {
-                    let text = clean_generated(&text);
-                    let n = text.chars().count();
-                    if n < g.min_chars || n > g.max_chars || got >= n_per_label {
-                        continue;
-                    }
-                    if seen.insert(dedup_key(&text)) {
-                        out.push(LabeledText { text, label });
-                        got += 1;
-                    }
-                }
-            }
-        }
-        Ok(out)
+                self.chat(users, &s)
+            },
+        )
     }
 
     /// Zero-shot classification: for each text, the probability of each label's verbalizer as
@@ -424,31 +394,6 @@ fn truncate_tokens(tok: &Tokenizer, text: &str, max: usize) -> Result<String> {
     tok.decode(&ids[..max], true)
 }
 
-/// Strips whitespace, a lead-in line such as "Here is a review:", and wrapping quotes.
-fn clean_generated(text: &str) -> String {
-    let mut t = text.trim();
-    if let Some((first, rest)) = t.split_once('\n') {
-        let f = first.trim().to_lowercase();
-        if f.ends_with(':') && (f.starts_with("here") || f.starts_with("sure")) {
-            t = rest.trim();
-        }
-    }
-    for (open, close) in [('"', '"'), ('\u{201c}', '\u{201d}'), ('\'', '\'')] {
-        if t.len() >= 2 && t.starts_with(open) && t.ends_with(close) {
-            t = t[open.len_utf8()..t.len() - close.len_utf8()].trim();
-        }
-    }
-    t.to_string()
-}
-
-/// Texts equal up to case, punctuation and spacing count as duplicates.
-fn dedup_key(text: &str) -> String {
-    text.chars()
-        .filter(|c| c.is_alphanumeric())
-        .flat_map(char::to_lowercase)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,16 +561,6 @@ mod tests {
         assert_eq!(paths.len(), 1 + 7 * 30);
         assert_eq!(paths[0], Path::Q8);
         assert!(paths[1..].iter().all(|p| *p == Path::Q4), "{paths:?}");
-    }
-
-    #[test]
-    fn cleans_and_dedups_generated_text() {
-        assert_eq!(clean_generated("  \"Great film.\"  "), "Great film.");
-        assert_eq!(
-            clean_generated("Here is a review:\n\u{201c}Dull.\u{201d}"),
-            "Dull."
-        );
-        assert_eq!(dedup_key("Great film!"), dedup_key("great  FILM"));
     }
 
     #[test]

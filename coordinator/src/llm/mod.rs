@@ -10,18 +10,21 @@
 //!   training differentiates and GPUs run.
 //! - [`tokenizer`]: byte-level BPE from GGUF metadata, ChatML template.
 //! - [`train`]: LoRA fine-tuning (weighted completion NLL), adapter files.
+//! - [`peft`]: adapters exported in Hugging Face PEFT's layout, for serving engines.
 
 pub mod cpu_model;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod peft;
 pub mod quant;
 pub mod session;
 pub mod tokenizer;
 pub mod train;
 
-pub use engine::{LabeledText, Llm, accuracy};
+pub use crate::synthetic::LabeledText;
+pub use engine::{Llm, accuracy};
 pub use generate::Sampling;
 
 use std::path::PathBuf;

@@ -143,6 +143,11 @@ impl LoraTrainer {
         Ok(value)
     }
 
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
     /// Saves the adapters (see [`save_adapters`]).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let adapters = self

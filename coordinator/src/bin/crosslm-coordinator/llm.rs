@@ -6,6 +6,9 @@ use anyhow::Context;
 use burn::tensor::Device;
 use clap::Subcommand;
 use crosslm_coordinator::llm::gguf::Gguf;
+use crosslm_coordinator::llm::model::LlamaConfig;
+use crosslm_coordinator::llm::peft;
+use crosslm_coordinator::llm::session::Session;
 use crosslm_coordinator::llm::tokenizer::Tokenizer;
 use crosslm_coordinator::llm::train::load_adapters;
 use crosslm_coordinator::llm::{Llm, Sampling, accuracy};
@@ -97,6 +100,35 @@ pub enum LlmCmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Write a coordinator's LoRA adapters in the Hugging Face PEFT layout
+    /// (`adapter_config.json` + `adapter_model.safetensors`), which vLLM and `peft` load.
+    ExportPeft {
+        /// GGUF model file the adapters were trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapters saved by the coordinator (`<data_dir>/llm/adapters-<round>.lora`).
+        #[arg(long)]
+        adapters: PathBuf,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// What `base_model_name_or_path` says (default: the GGUF path).
+        #[arg(long)]
+        base_model: Option<String>,
+    },
+    /// Print the next-token logits after a prompt as JSON (`{"ids": [...], "logits": [...]}`),
+    /// from the f32 decoder that training differentiates (not the quantized fast path), with
+    /// or without adapters: what an exported adapter is checked against.
+    Logits {
+        /// GGUF model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapters saved by the coordinator.
+        #[arg(long)]
+        adapters: Option<PathBuf>,
+        /// The prompt (raw text; special tokens are recognized).
+        prompt: String,
+    },
 }
 
 /// Runs an `llm` subcommand.
@@ -171,6 +203,40 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                     "perplexity": ppl,
                 })
             );
+        }
+        LlmCmd::ExportPeft {
+            model,
+            adapters,
+            out,
+            base_model,
+        } => {
+            let config = LlamaConfig::from_gguf(&Gguf::open(&model)?)?;
+            let (lora, cfg) = load_adapters(&adapters, &config, &Device::flex())
+                .with_context(|| format!("loading {}", adapters.display()))?;
+            let base = base_model.unwrap_or_else(|| model.display().to_string());
+            peft::export(&lora, &cfg, &config, &base, &out)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "out": out.display().to_string(),
+                    "rank": cfg.rank,
+                    "alpha": cfg.alpha,
+                    "layers": (lora.first..lora.n_layers()).collect::<Vec<_>>(),
+                })
+            );
+        }
+        LlmCmd::Logits {
+            model,
+            adapters,
+            prompt,
+        } => {
+            let llm = load_llm(&model, adapters.as_deref())?;
+            let ids = llm.tokenizer.encode(&prompt)?;
+            anyhow::ensure!(!ids.is_empty(), "the prompt encodes to no tokens");
+            let mut session =
+                Session::burn(llm.model()?, &llm.config, llm.lora.as_ref(), &llm.device);
+            let logits = session.step(std::slice::from_ref(&ids), &[0]);
+            println!("{}", serde_json::json!({ "ids": ids, "logits": logits }));
         }
         LlmCmd::Classify {
             model,

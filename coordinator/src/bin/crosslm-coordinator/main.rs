@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::{FileGenerator, Generator, LlmGenerator};
+use crosslm_coordinator::serving::{EngineClient, EngineEndpoint, EngineGenerator, LoraSync};
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::tuning::{EvalConfig, Evaluator, TuningConfig};
 use serde::Deserialize;
@@ -94,6 +95,54 @@ enum GeneratorConfig {
         #[serde(default)]
         seed: u64,
     },
+    /// A serving engine's OpenAI-compatible API (vLLM, llama.cpp's server) writes the
+    /// samples; with `local_model`, the coordinator tunes LoRA adapters on its own copy of
+    /// the base and hands them to the engine (see docs/serving.md).
+    Engine(EngineConfig),
+}
+
+/// `[generator] kind = "engine"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineConfig {
+    /// Up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
+    base_url: String,
+    /// The engine's name of the base model (`GET /v1/models` lists them).
+    model: String,
+    /// Environment variable holding the API key, if the engine wants one.
+    #[serde(default)]
+    api_key_env: Option<String>,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+    /// Seconds before one request is given up.
+    #[serde(default = "default_timeout_secs")]
+    timeout_secs: u64,
+    /// Attempts after the first when the engine is down or busy (then the round's generation
+    /// fails and is retried later: the daemon keeps running).
+    #[serde(default = "default_retries")]
+    retries: u32,
+    /// The same base model as GGUF: the coordinator tunes and measures it from the rounds'
+    /// feedback ([tuning], [eval]). Without it the LLM does not learn.
+    #[serde(default)]
+    local_model: Option<PathBuf>,
+    /// How the round's adapter reaches the engine: "none" (generate with the base) or
+    /// "runtime" (vLLM's /v1/load_lora_adapter).
+    #[serde(default)]
+    lora: LoraSync,
+    /// Base sampling seed.
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_timeout_secs() -> u64 {
+    120
+}
+fn default_retries() -> u32 {
+    3
 }
 
 /// The config file.
@@ -240,34 +289,54 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         GeneratorConfig::File { path } => {
             Box::new(FileGenerator::load(&resolve(&base, &path), &task)?)
         }
-        GeneratorConfig::Llm { model, seed } => {
-            let path = resolve(&base, &model);
-            tracing::info!(model = %path.display(), "loading the LLM");
-            let llm = crosslm_coordinator::llm::Llm::load(&path, &burn::tensor::Device::flex())
-                .with_context(|| format!("loading {}", path.display()))?;
-            let mut eval = cfg.eval;
-            eval.test = eval.test.map(|p| resolve(&base, &p));
-            eval.general = eval.general.map(|p| resolve(&base, &p));
-            let evaluator = Evaluator::load(&eval, &spec).context("loading evaluation data")?;
-            let mut tuning = cfg.tuning;
-            tuning.rehearsal_text = tuning.rehearsal_text.map(|p| resolve(&base, &p));
-            if tuning.rehearsal > 0.0
-                && let (Some(a), Some(b)) = (&tuning.rehearsal_text, &eval.general)
-                && crosslm_coordinator::tuning::same_file(a, b)
-                && tuning.rehearsal_skip < eval.general_limit
-            {
-                anyhow::bail!(
-                    "[tuning] rehearsal_skip = {} would train on texts that [eval] measures \
-                     perplexity on (general_limit = {}): raise it to at least that",
-                    tuning.rehearsal_skip,
-                    eval.general_limit
-                );
+        GeneratorConfig::Llm { model, seed } => Box::new(local_llm(
+            &resolve(&base, &model),
+            spec,
+            seed,
+            cfg.tuning,
+            cfg.eval,
+            &base,
+            &daemon_cfg.data_dir,
+        )?),
+        GeneratorConfig::Engine(e) => {
+            let api_key = match &e.api_key_env {
+                Some(var) => Some(std::env::var(var).with_context(|| {
+                    format!("[generator] api_key_env names {var}, which is not set")
+                })?),
+                None => None,
+            };
+            let client = EngineClient::new(EngineEndpoint {
+                base_url: e.base_url.clone(),
+                api_key,
+                timeout: std::time::Duration::from_secs(e.timeout_secs.max(1)),
+                retries: e.retries,
+                backoff: std::time::Duration::from_millis(500),
+            });
+            match client.models() {
+                Ok(models) if !models.contains(&e.model) => tracing::warn!(
+                    model = %e.model, ?models, "the engine does not list this model"
+                ),
+                Ok(_) => tracing::info!(url = %e.base_url, model = %e.model, "engine ready"),
+                // Not fatal: rounds retry generation until the engine is up.
+                Err(err) => tracing::warn!(error = %err, "engine not answering yet"),
             }
-            Box::new(
-                LlmGenerator::new(llm, spec, seed)
-                    .with_evaluator(evaluator)
-                    .with_tuning(tuning, daemon_cfg.data_dir.join("llm"))?,
-            )
+            let g = EngineGenerator::new(client, e.model, spec.clone(), e.seed, e.concurrency);
+            match &e.local_model {
+                Some(m) => {
+                    let local = local_llm(
+                        &resolve(&base, m),
+                        spec,
+                        e.seed,
+                        cfg.tuning,
+                        cfg.eval,
+                        &base,
+                        &daemon_cfg.data_dir,
+                    )?;
+                    let peft = daemon_cfg.data_dir.join("llm").join("peft");
+                    Box::new(g.with_local(local, peft, e.lora)?)
+                }
+                None => Box::new(g),
+            }
         }
     };
     for t in mint_tokens(&daemon_cfg.data_dir, args.print_tokens)? {
@@ -290,6 +359,41 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The LLM from a GGUF file, with its evaluator and tuning as configured (state in
+/// `<data_dir>/llm`).
+fn local_llm(
+    path: &Path,
+    spec: crosslm_coordinator::task::TaskSpec,
+    seed: u64,
+    mut tuning: TuningConfig,
+    mut eval: EvalConfig,
+    base: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<LlmGenerator> {
+    tracing::info!(model = %path.display(), "loading the LLM");
+    let llm = crosslm_coordinator::llm::Llm::load(path, &burn::tensor::Device::flex())
+        .with_context(|| format!("loading {}", path.display()))?;
+    eval.test = eval.test.map(|p| resolve(base, &p));
+    eval.general = eval.general.map(|p| resolve(base, &p));
+    let evaluator = Evaluator::load(&eval, &spec).context("loading evaluation data")?;
+    tuning.rehearsal_text = tuning.rehearsal_text.map(|p| resolve(base, &p));
+    if tuning.rehearsal > 0.0
+        && let (Some(a), Some(b)) = (&tuning.rehearsal_text, &eval.general)
+        && crosslm_coordinator::tuning::same_file(a, b)
+        && tuning.rehearsal_skip < eval.general_limit
+    {
+        anyhow::bail!(
+            "[tuning] rehearsal_skip = {} would train on texts that [eval] measures \
+             perplexity on (general_limit = {}): raise it to at least that",
+            tuning.rehearsal_skip,
+            eval.general_limit
+        );
+    }
+    Ok(LlmGenerator::new(llm, spec, seed)
+        .with_evaluator(evaluator)
+        .with_tuning(tuning, data_dir.join("llm"))?)
 }
 
 #[cfg(test)]
