@@ -12,3 +12,8 @@ cargo test --release --workspace "$@"
 # a coordinator on loopback through the Python module (system python3, unittest).
 ./scripts/bindings.sh > /dev/null
 python3 bindings/tests/test_python.py
+# Kotlin on the JVM (JNA) against a real coordinator; its toolchain (Kotlin from the npm
+# registry, Debian's libjna-java) is installed once by scripts/kotlin-toolchain.sh.
+bindings/tests/kotlin/run.sh
+# Swift: no Swift compiler on Linux; the C header, module map and checksums against the library.
+bindings/tests/swift/check.sh

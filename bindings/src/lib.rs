@@ -437,6 +437,30 @@ async fn on_runtime<T: Send + 'static>(
         .map_err(Into::into)
 }
 
+/// Cancels the client's operation if the foreign caller drops the call before it ends (a
+/// Kotlin coroutine or Swift task cancelled): the operation runs as a task of the library's
+/// runtime, which would otherwise go on, holding the client busy, with nobody awaiting it.
+struct CancelOnDrop(Option<Arc<Client>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.cancel();
+        }
+    }
+}
+
+/// Runs one of the client's long operations on the library's runtime (see [`CancelOnDrop`]).
+async fn client_op<T: Send + 'static>(
+    client: &Arc<Client>,
+    f: impl std::future::Future<Output = crosslm_sdk::Result<T>> + Send + 'static,
+) -> Result<T> {
+    let mut guard = CancelOnDrop(Some(client.clone()));
+    let r = on_runtime(f).await;
+    guard.0 = None;
+    r
+}
+
 /// The crosslm client: enroll, load private data, train, take part in rounds.
 #[derive(uniffi::Object)]
 pub struct CrossLmClient {
@@ -488,7 +512,7 @@ impl CrossLmClient {
     /// Enrolls with the coordinator using a one-time token; returns the client id.
     pub async fn enroll(&self, token: String) -> Result<String> {
         let c = self.inner.clone();
-        on_runtime(async move { c.enroll(&token).await }).await
+        client_op(&self.inner, async move { c.enroll(&token).await }).await
     }
 
     /// Loads private labeled data from a file (CSV/TSV/JSONL with `text` and `label`, or a
@@ -517,7 +541,7 @@ impl CrossLmClient {
     /// Trains the SLM on the private data and saves the checkpoint.
     pub async fn train(&self) -> Result<TrainSummary> {
         let c = self.inner.clone();
-        let s = on_runtime(async move { c.train().await }).await?;
+        let s = client_op(&self.inner, async move { c.train().await }).await?;
         Ok(TrainSummary {
             epochs: s.epochs,
             steps: s.steps,
@@ -530,7 +554,7 @@ impl CrossLmClient {
     /// Takes part in rounds until `rounds` results arrived (`None`: until cancelled).
     pub async fn join(&self, rounds: Option<u64>) -> Result<JoinSummary> {
         let c = self.inner.clone();
-        let s = on_runtime(async move { c.join(rounds).await }).await?;
+        let s = client_op(&self.inner, async move { c.join(rounds).await }).await?;
         Ok(JoinSummary {
             rounds: s.rounds,
             last_round: s.last_round,
