@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crosslm_sdk::Result;
 use crosslm_sdk::protocol::{ClientInfo, SyntheticSample, TaskInfo};
@@ -277,4 +278,88 @@ pub fn write_private_data(dir: &Path, n: usize) -> PathBuf {
     }
     std::fs::write(&p, s).expect("write private data");
     p
+}
+
+/// The Python of a serving engine (llama-cpp-python's server): `CROSSLM_ENGINE_PYTHON`.
+pub fn engine_python() -> PathBuf {
+    std::env::var_os("CROSSLM_ENGINE_PYTHON")
+        .map(PathBuf::from)
+        .expect("set CROSSLM_ENGINE_PYTHON to a python with llama-cpp-python[server] (scripts/test-engine.sh does)")
+}
+
+/// The GGUF the engine serves (and the coordinator tunes).
+pub fn engine_gguf() -> PathBuf {
+    let p = crosslm_coordinator::llm::assets_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-assets.sh",
+        p.display()
+    );
+    p
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `python -m llama_cpp.server` with the SmolLM2 GGUF as `smollm2` on 127.0.0.1:`port`,
+/// killed on drop.
+pub struct EngineProcess(std::process::Child);
+
+impl EngineProcess {
+    /// Starts it; panics if it does not list its model within two minutes.
+    pub fn start(port: u16, log: &Path) -> EngineProcess {
+        let log = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(engine_python())
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(engine_gguf())
+            .args([
+                "--model_alias",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--n_ctx",
+                "1024",
+                "--n_threads",
+                "2",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start llama_cpp.server");
+        let engine = EngineProcess(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !models_answer(port) {
+            assert!(Instant::now() < deadline, "the engine did not come up");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        engine
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether the engine on `port` answers `GET /v1/models` with its model.
+pub fn models_answer(port: u16) -> bool {
+    crosslm_coordinator::serving::EngineClient::new(crosslm_coordinator::serving::EngineEndpoint {
+        base_url: format!("http://127.0.0.1:{port}/v1"),
+        api_key: None,
+        timeout: Duration::from_secs(2),
+        retries: 0,
+        backoff: Duration::from_millis(10),
+    })
+    .models()
+    .is_ok_and(|m| m.iter().any(|id| id == "smollm2"))
 }

@@ -7,90 +7,10 @@
 //! Ignored by default (it needs a Python with `llama-cpp-python[server]`, which CI does not
 //! install): `scripts/test-engine.sh` sets one up and runs it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crosslm_tests::*;
-
-/// The engine's Python: `CROSSLM_ENGINE_PYTHON`.
-fn engine_python() -> PathBuf {
-    std::env::var_os("CROSSLM_ENGINE_PYTHON")
-        .map(PathBuf::from)
-        .expect("set CROSSLM_ENGINE_PYTHON to a python with llama-cpp-python[server] (scripts/test-engine.sh does)")
-}
-
-fn gguf() -> PathBuf {
-    let p = crosslm_coordinator::llm::assets_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} missing: run scripts/fetch-assets.sh",
-        p.display()
-    );
-    p
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `python -m llama_cpp.server` on `port`, killed on drop; waits until it lists its model.
-struct Engine(Child);
-
-impl Engine {
-    fn start(port: u16, log: &Path) -> Engine {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(engine_python())
-            .args(["-m", "llama_cpp.server", "--model"])
-            .arg(gguf())
-            .args([
-                "--model_alias",
-                "smollm2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--n_ctx",
-                "1024",
-                "--n_threads",
-                "2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start llama_cpp.server");
-        let engine = Engine(child);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !models_answer(port) {
-            assert!(Instant::now() < deadline, "the engine did not come up");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        engine
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn models_answer(port: u16) -> bool {
-    crosslm_coordinator::serving::EngineClient::new(crosslm_coordinator::serving::EngineEndpoint {
-        base_url: format!("http://127.0.0.1:{port}/v1"),
-        api_key: None,
-        timeout: Duration::from_secs(2),
-        retries: 0,
-        backoff: Duration::from_millis(10),
-    })
-    .models()
-    .is_ok_and(|m| m.iter().any(|id| id == "smollm2"))
-}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -139,7 +59,7 @@ enabled = true
 min_quality = 0.0
 epochs = 1
 "#,
-            gguf().display()
+            engine_gguf().display()
         ),
     )
     .unwrap();
@@ -210,7 +130,7 @@ epochs = 1
         "{l}"
     );
     let started = Instant::now();
-    let _engine = Engine::start(port, &d.join("engine.log"));
+    let _engine = EngineProcess::start(port, &d.join("engine.log"));
     eprintln!("engine up after {:.1}s", started.elapsed().as_secs_f64());
 
     let out = client.wait_with_output().unwrap();

@@ -1,0 +1,78 @@
+//! One round's generation on a serving engine against the in-process LLM: the same task
+//! (examples/tasks/mr.toml), the same prompts, seeds and sampling settings, SmolLM2 on both
+//! (llama-cpp-python's server over HTTP on 127.0.0.1; burn's quantized CPU decoder in
+//! process). Prints samples/s for each and the ratio. Needs CROSSLM_ENGINE_PYTHON (see
+//! scripts/test-engine.sh).
+//!
+//! `cargo bench --workspace --bench engine [-- PER_LABEL]` (default 32 per label)
+
+use std::time::{Duration, Instant};
+
+use crosslm_coordinator::generator::{Generator, LlmGenerator};
+use crosslm_coordinator::serving::{EngineClient, EngineEndpoint, EngineGenerator};
+use crosslm_coordinator::task::TaskSpec;
+use crosslm_tests::{EngineProcess, engine_gguf, free_tcp_port};
+
+fn main() {
+    let per_label: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(32);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let spec = TaskSpec::from_toml_file(root.join("examples/tasks/mr.toml")).unwrap();
+    let task = spec.info();
+    let dir = tempfile::tempdir().unwrap();
+
+    let port = free_tcp_port();
+    let engine = EngineProcess::start(port, &dir.path().join("engine.log"));
+    let client = EngineClient::new(EngineEndpoint {
+        base_url: format!("http://127.0.0.1:{port}/v1"),
+        api_key: None,
+        timeout: Duration::from_secs(300),
+        retries: 0,
+        backoff: Duration::from_millis(100),
+    });
+    let mut rows = Vec::new();
+    for concurrency in [1, 2] {
+        let mut g = EngineGenerator::new(
+            client.clone(),
+            "smollm2".into(),
+            spec.clone(),
+            1,
+            concurrency,
+        );
+        let t = Instant::now();
+        let n = g.generate(&task, per_label, 1).unwrap().len();
+        rows.push((
+            format!("engine (llama-cpp-python server, {concurrency} in flight)"),
+            n,
+            t.elapsed().as_secs_f64(),
+        ));
+    }
+    drop(engine);
+
+    let llm =
+        crosslm_coordinator::llm::Llm::load(engine_gguf(), &burn::tensor::Device::flex()).unwrap();
+    let mut g = LlmGenerator::new(llm, spec, 1);
+    let t = Instant::now();
+    let n = g.generate(&task, per_label, 1).unwrap().len();
+    rows.push((
+        "in process (burn, quantized CPU decoder)".into(),
+        n,
+        t.elapsed().as_secs_f64(),
+    ));
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("One round's generation, {per_label} per label, SmolLM2-135M Q4_1, {cpus} CPUs\n");
+    println!("| path | samples | seconds | samples/s |");
+    println!("|---|---|---|---|");
+    for (name, n, s) in &rows {
+        println!("| {name} | {n} | {s:.1} | {:.2} |", *n as f64 / s);
+    }
+    let rate = |i: usize| rows[i].1 as f64 / rows[i].2;
+    let best_engine = rate(0).max(rate(1));
+    println!(
+        "\nin process / engine (best): {:.2}x",
+        rate(2) / best_engine
+    );
+}
