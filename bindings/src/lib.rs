@@ -206,6 +206,9 @@ pub struct ClientSettings {
     pub min_quality: f32,
     /// How long to wait for the coordinator to answer, ms.
     pub connect_timeout_ms: u64,
+    /// Most threads for training and scoring (`None`: every core); fewer leave cores to the
+    /// app and draw less power.
+    pub threads: Option<u32>,
 }
 
 /// Default settings for a data dir.
@@ -224,6 +227,7 @@ pub fn default_settings(data_dir: String) -> ClientSettings {
         test_fraction: d.test_fraction,
         min_quality: d.min_quality,
         connect_timeout_ms: d.connect_timeout.as_millis() as u64,
+        threads: None,
     }
 }
 
@@ -343,6 +347,8 @@ pub struct ClientStatus {
     pub last_round: Option<u64>,
     /// Local accuracy after the last training.
     pub local_accuracy: Option<f32>,
+    /// Paused: rounds that open are sat out until `resume()`.
+    pub paused: bool,
 }
 
 /// What loading private data gave.
@@ -492,6 +498,7 @@ impl CrossLmClient {
             test_fraction: settings.test_fraction,
             min_quality: settings.min_quality,
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            threads: settings.threads.map(|t| t as usize),
             ..d
         };
         Ok(Arc::new(Self {
@@ -568,6 +575,17 @@ impl CrossLmClient {
         self.inner.cancel();
     }
 
+    /// Sits out rounds from now on while staying joined (no scoring, no training) until
+    /// `resume()`: for an app going to the background or low on battery.
+    pub fn pause(&self) {
+        self.inner.pause();
+    }
+
+    /// Takes part in rounds again after `pause()`.
+    pub fn resume(&self) {
+        self.inner.resume();
+    }
+
     /// A snapshot of the client.
     pub fn status(&self) -> ClientStatus {
         let s = self.inner.status();
@@ -584,6 +602,7 @@ impl CrossLmClient {
             rounds_completed: s.rounds_completed,
             last_round: s.last_round,
             local_accuracy: s.local_accuracy,
+            paused: s.paused,
         }
     }
 }

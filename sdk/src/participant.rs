@@ -54,6 +54,7 @@ pub struct SlmScorer {
     slm: Box<dyn Slm>,
     learning: Option<Learning>,
     train_progress: Option<TrainProgressFn>,
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 impl SlmScorer {
@@ -63,6 +64,22 @@ impl SlmScorer {
             slm,
             learning: None,
             train_progress: None,
+            pool: None,
+        }
+    }
+
+    /// Scores and trains on `pool`'s threads (a capped pool: burn's CPU backend splits its
+    /// work over the pool it runs in) instead of rayon's global one.
+    pub fn with_pool(mut self, pool: Option<std::sync::Arc<rayon::ThreadPool>>) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    /// Runs `f` on the scorer's pool, if it has one.
+    fn in_pool<R: Send>(&mut self, f: impl FnOnce(&mut Self) -> R + Send) -> R {
+        match self.pool.clone() {
+            Some(pool) => pool.install(|| f(self)),
+            None => f(self),
         }
     }
 
@@ -111,6 +128,22 @@ impl Scorer for SlmScorer {
         scores: &[AggregatedScore],
         settings: Option<&LearnSettings>,
     ) -> Result<Option<f32>> {
+        self.in_pool(|s| s.learn_here(task, samples, scores, settings))
+    }
+
+    fn score(&mut self, task: &TaskInfo, samples: &[SyntheticSample]) -> Result<Vec<Vec<f32>>> {
+        self.in_pool(|s| s.score_here(task, samples))
+    }
+}
+
+impl SlmScorer {
+    fn learn_here(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+        scores: &[AggregatedScore],
+        settings: Option<&LearnSettings>,
+    ) -> Result<Option<f32>> {
         let map = self.label_map(task)?;
         let n_labels = self.slm.labels().len();
         let Some(learning) = self.learning.as_ref() else {
@@ -152,7 +185,11 @@ impl Scorer for SlmScorer {
         }
     }
 
-    fn score(&mut self, task: &TaskInfo, samples: &[SyntheticSample]) -> Result<Vec<Vec<f32>>> {
+    fn score_here(
+        &mut self,
+        task: &TaskInfo,
+        samples: &[SyntheticSample],
+    ) -> Result<Vec<Vec<f32>>> {
         let map = self.label_map(task)?;
         let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
         let probs = self.slm.predict_proba(&texts)?;

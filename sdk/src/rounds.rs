@@ -47,6 +47,11 @@ pub trait RoundHooks: Send {
     }
     /// `round` failed at the coordinator.
     fn failed(&mut self, _round: u64, _reason: &str) {}
+    /// Whether to sit `round` out (the client is paused): it is neither scored nor learned
+    /// from.
+    fn skip(&mut self, _round: u64) -> bool {
+        false
+    }
 }
 
 /// Hooks that do nothing.
@@ -102,6 +107,10 @@ pub async fn run_rounds<S: Scorer>(
                 learn,
                 ..
             } => {
+                if hooks.skip(round) {
+                    tracing::info!(round, "paused: sitting this round out");
+                    continue;
+                }
                 tracing::info!(round, samples = samples.len(), "scoring batch");
                 let mut probs = Vec::with_capacity(samples.len());
                 hooks.scoring(round, &task, 0, samples.len());

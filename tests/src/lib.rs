@@ -163,6 +163,19 @@ impl CoordinatorProcess {
         min_clients: usize,
         tokens: usize,
     ) -> Self {
+        Self::start_with_deadline(dir, rounds, per_label, min_clients, tokens, 120_000)
+    }
+
+    /// [`CoordinatorProcess::start`] with a round deadline of `deadline_ms`: a round that has
+    /// its quorum but not every client's reply closes then.
+    pub fn start_with_deadline(
+        dir: &Path,
+        rounds: u64,
+        per_label: usize,
+        min_clients: usize,
+        tokens: usize,
+        deadline_ms: u64,
+    ) -> Self {
         write_task(dir);
         write_samples(dir, per_label.max(1));
         let config = dir.join("coordinator.toml");
@@ -181,7 +194,7 @@ idle_timeout_ms = 5000
 linger_ms = 5000
 [daemon.round]
 quorum = 1
-deadline_ms = 120000
+deadline_ms = {deadline_ms}
 [generator]
 kind = "file"
 path = "samples.jsonl"

@@ -86,3 +86,86 @@ async fn cancel_while_scoring_abandons_the_reply_and_keeps_the_checkpoint() {
         "trained on the round's result"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_sits_rounds_out_and_a_thread_cap_holds() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // Two clients open the round; with one reply it closes at its 5 s deadline.
+    let coord = CoordinatorProcess::start_with_deadline(dir.path(), 1, 5, 2, 2, 5_000);
+    let data = write_private_data(dir.path(), 40);
+    let open = |name: &str, threads: Option<usize>| {
+        Arc::new(
+            Client::open(ClientConfig {
+                coordinator: Some(coord.addr.to_string()),
+                data_dir: dir.path().join(name),
+                name: name.into(),
+                arch: Arch::Bag,
+                model_dir: assets_dir().join("minilm"),
+                train_epochs: Some(5),
+                test_fraction: 0.25,
+                connect_timeout: Duration::from_secs(5),
+                threads,
+                ..ClientConfig::default()
+            })
+            .unwrap(),
+        )
+    };
+    let (active, paused) = (open("active", None), open("paused", Some(1)));
+    // Training progress is reported from inside the training: it sees the capped pool.
+    let pool_sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (sizes, msgs) = (pool_sizes.clone(), messages.clone());
+    paused.set_listener(Some(Arc::new(move |p: &Progress| {
+        // Per-step events come from inside the training ("epoch i/n"), the final one not.
+        if p.activity == Activity::Training && p.message.starts_with("epoch") {
+            sizes.lock().unwrap().push(rayon::current_num_threads());
+        }
+        msgs.lock().unwrap().push(p.message.clone());
+    })));
+    for (c, token) in [(&active, &coord.tokens[0]), (&paused, &coord.tokens[1])] {
+        c.enroll(token).await.unwrap();
+        c.load_data_file(&data).unwrap();
+        c.train().await.unwrap();
+    }
+    let sizes = pool_sizes.lock().unwrap().clone();
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|&n| n == 1),
+        "training ran on the 1-thread pool: {sizes:?}"
+    );
+    assert!(matches!(
+        Client::open(ClientConfig {
+            data_dir: dir.path().join("zero"),
+            threads: Some(0),
+            ..ClientConfig::default()
+        }),
+        Err(crosslm_sdk::Error::InvalidInput(_))
+    ));
+
+    let ckpt = paused.checkpoint_dir().join("model.bpk");
+    let before = std::fs::read(&ckpt).unwrap();
+    paused.pause();
+    assert!(paused.status().paused);
+    let (a, p) = tokio::join!(active.join(Some(1)), paused.join(Some(1)));
+    let (a, p) = (a.unwrap(), p.unwrap());
+    assert_eq!((a.rounds, a.last_round), (1, Some(1)));
+    // The paused client saw the round end without scoring or learning from it.
+    assert_eq!((p.rounds, p.last_round), (1, None), "{p:?}");
+    assert_eq!(paused.status().rounds_completed, 0);
+    assert_eq!(active.status().rounds_completed, 1);
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        before,
+        "no training while paused"
+    );
+    assert!(
+        messages
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m == "paused: sat out round 1"),
+        "a progress event says so"
+    );
+    paused.resume();
+    assert!(!paused.status().paused);
+}

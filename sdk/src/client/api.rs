@@ -50,6 +50,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Seed of the test split and training.
     pub seed: u64,
+    /// Most threads the SLM's training and scoring use (default: every core). On a phone,
+    /// fewer leave cores to the app and draw less power; the work itself never runs on the
+    /// caller's thread.
+    pub threads: Option<usize>,
 }
 
 impl Default for ClientConfig {
@@ -71,6 +75,7 @@ impl Default for ClientConfig {
             n_private: None,
             connect_timeout: Duration::from_secs(10),
             seed: 42,
+            threads: None,
         }
     }
 }
@@ -179,6 +184,8 @@ pub struct Status {
     pub last_round: Option<u64>,
     /// Local test accuracy after the last training.
     pub local_accuracy: Option<f32>,
+    /// [`Client::pause`]d: rounds that open are sat out until [`Client::resume`].
+    pub paused: bool,
 }
 
 /// What loading private data gave.

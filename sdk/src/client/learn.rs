@@ -51,79 +51,86 @@ impl Client {
         let dir = self.checkpoint_dir();
         let reporter = self.reporter.clone();
         let cancel = self.cancel.subscribe();
+        let pool = self.pool.clone();
         let (model, result) = blocking(move || {
-            let mut model = None;
-            let r = (|| -> Result<TrainSummary> {
-                let mut slm = match Self::take_model(loaded, &dir, cfg.backend)? {
-                    Some(m) => m,
-                    None => slm::new_slm(
-                        cfg.arch,
-                        &cfg.model_dir,
-                        private.label_names.clone(),
-                        cfg.max_len,
-                        cfg.backend,
-                    )?,
-                };
-                if slm.labels() != private.label_names.as_slice() {
-                    let labels = slm.labels().to_vec();
-                    model = Some(slm);
-                    return Err(Error::Data(format!(
-                        "the data's labels {:?} differ from the model's {labels:?}",
-                        private.label_names
-                    )));
-                }
-                let mut train = TrainConfig::for_arch(slm.arch());
-                if let Some(e) = cfg.train_epochs {
-                    train.epochs = e;
-                }
-                if private.len() < MIN_FOR_VALIDATION {
-                    train.validation_fraction = 0.0;
-                }
-                train.seed = cfg.seed;
-                let examples = hard_examples(&private);
-                if *cancel.borrow() {
-                    model = Some(slm);
-                    return Err(Error::Cancelled);
-                }
-                reporter.report(
-                    Activity::Training,
-                    0,
-                    0,
-                    format!("training {} on {} examples", slm.arch(), examples.len()),
-                );
-                let report = slm.train(&examples, &train, &mut |p| {
-                    reporter.emit(Progress {
-                        activity: Activity::Training,
-                        round: None,
-                        done: p.step as u64,
-                        total: p.total_steps as u64,
-                        loss: Some(p.loss),
-                        accuracy: None,
-                        message: format!("epoch {}/{}", p.epoch, p.epochs),
-                    })
-                });
-                let report = match report {
-                    Ok(r) => r,
-                    Err(e) => {
+            let work = || {
+                let mut model = None;
+                let r = (|| -> Result<TrainSummary> {
+                    let mut slm = match Self::take_model(loaded, &dir, cfg.backend)? {
+                        Some(m) => m,
+                        None => slm::new_slm(
+                            cfg.arch,
+                            &cfg.model_dir,
+                            private.label_names.clone(),
+                            cfg.max_len,
+                            cfg.backend,
+                        )?,
+                    };
+                    if slm.labels() != private.label_names.as_slice() {
+                        let labels = slm.labels().to_vec();
                         model = Some(slm);
-                        return Err(e);
+                        return Err(Error::Data(format!(
+                            "the data's labels {:?} differ from the model's {labels:?}",
+                            private.label_names
+                        )));
                     }
-                };
-                let saved = swap::save(slm.as_ref(), &dir);
-                let acc = test_accuracy(slm.as_ref(), test.as_ref());
-                model = Some(slm);
-                saved?;
-                Ok(TrainSummary {
-                    epochs: report.epochs_run as u64,
-                    steps: report.steps as u64,
-                    train_loss: report.train_loss,
-                    local_accuracy: acc?,
-                    seconds: report.train_seconds,
-                    checkpoint: dir.clone(),
-                })
-            })();
-            // The model stays in memory for join, also after a failed training.
-            (model, r)
+                    let mut train = TrainConfig::for_arch(slm.arch());
+                    if let Some(e) = cfg.train_epochs {
+                        train.epochs = e;
+                    }
+                    if private.len() < MIN_FOR_VALIDATION {
+                        train.validation_fraction = 0.0;
+                    }
+                    train.seed = cfg.seed;
+                    let examples = hard_examples(&private);
+                    if *cancel.borrow() {
+                        model = Some(slm);
+                        return Err(Error::Cancelled);
+                    }
+                    reporter.report(
+                        Activity::Training,
+                        0,
+                        0,
+                        format!("training {} on {} examples", slm.arch(), examples.len()),
+                    );
+                    let report = slm.train(&examples, &train, &mut |p| {
+                        reporter.emit(Progress {
+                            activity: Activity::Training,
+                            round: None,
+                            done: p.step as u64,
+                            total: p.total_steps as u64,
+                            loss: Some(p.loss),
+                            accuracy: None,
+                            message: format!("epoch {}/{}", p.epoch, p.epochs),
+                        })
+                    });
+                    let report = match report {
+                        Ok(r) => r,
+                        Err(e) => {
+                            model = Some(slm);
+                            return Err(e);
+                        }
+                    };
+                    let saved = swap::save(slm.as_ref(), &dir);
+                    let acc = test_accuracy(slm.as_ref(), test.as_ref());
+                    model = Some(slm);
+                    saved?;
+                    Ok(TrainSummary {
+                        epochs: report.epochs_run as u64,
+                        steps: report.steps as u64,
+                        train_loss: report.train_loss,
+                        local_accuracy: acc?,
+                        seconds: report.train_seconds,
+                        checkpoint: dir.clone(),
+                    })
+                })();
+                // The model stays in memory for join, also after a failed training.
+                (model, r)
+            };
+            match pool {
+                Some(p) => p.install(work),
+                None => work(),
+            }
         })
         .await?;
         restore_model(&self.model, model);
@@ -187,7 +194,7 @@ impl Client {
             .config
             .n_private
             .unwrap_or_else(|| private.as_ref().map_or(0, |p| p.len() as u64));
-        let mut scorer = SlmScorer::new(slm);
+        let mut scorer = SlmScorer::new(slm).with_pool(self.pool.clone());
         let learning = private.is_some();
         if let Some(private) = private {
             let mut train = TrainConfig::for_round(arch);
@@ -373,6 +380,19 @@ impl RoundHooks for JoinHooks<'_> {
             .reporter
             .report(Activity::Waiting, 0, 0, "waiting for the next round");
         Ok(())
+    }
+
+    fn skip(&mut self, round: u64) -> bool {
+        let paused = self.client.paused.load(std::sync::atomic::Ordering::SeqCst);
+        if paused {
+            self.client.reporter.report(
+                Activity::Waiting,
+                0,
+                0,
+                format!("paused: sat out round {round}"),
+            );
+        }
+        paused
     }
 
     fn failed(&mut self, round: u64, reason: &str) {

@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -137,6 +138,9 @@ pub struct Client {
     state: Mutex<SavedState>,
     op: Mutex<Option<&'static str>>,
     cancel: watch::Sender<bool>,
+    paused: AtomicBool,
+    /// The capped pool for models' work ([`ClientConfig::threads`]); `None`: rayon's global.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl Client {
@@ -162,6 +166,17 @@ impl Client {
                 "epochs and max_len must be positive".into(),
             ));
         }
+        let pool = match config.threads {
+            Some(0) => return Err(Error::InvalidInput("threads must be positive".into())),
+            Some(n) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("crosslm-slm-{i}"))
+                    .build()
+                    .map_err(|e| Error::Internal(format!("cannot start {n} threads: {e}")))?,
+            )),
+            None => None,
+        };
         std::fs::create_dir_all(&config.data_dir).map_err(file_err(&config.data_dir))?;
         let state_path = config.data_dir.join(STATE_FILE);
         let state = match std::fs::read(&state_path) {
@@ -189,6 +204,8 @@ impl Client {
             state: Mutex::new(state),
             op: Mutex::new(None),
             cancel: watch::channel(false).0,
+            paused: AtomicBool::new(false),
+            pool,
         };
         swap::recover(&client.checkpoint_dir())?;
         Ok(client)
@@ -220,6 +237,20 @@ impl Client {
         if op.is_some() {
             self.cancel.send_replace(true);
         }
+    }
+
+    /// Sits out the rounds that open from now on (a `join` stays connected, scores nothing and
+    /// does not train) until [`Client::resume`]: for an app that must save battery or go
+    /// quiet without leaving. A round being scored or learned from is finished first. The
+    /// coordinator sees a client that does not answer: the round closes on its quorum or
+    /// deadline without it.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes part in rounds again after [`Client::pause`].
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     fn begin(&self, name: &'static str) -> Result<OpGuard<'_>> {
@@ -463,6 +494,7 @@ impl Client {
             rounds_completed: state.rounds_completed,
             last_round: state.last_round,
             local_accuracy: state.local_accuracy,
+            paused: self.paused.load(Ordering::SeqCst),
         }
     }
 }

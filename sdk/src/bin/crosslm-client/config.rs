@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub connect_timeout_ms: Option<u64>,
     /// Seed of the test split and training.
     pub seed: Option<u64>,
+    /// Most threads for training and scoring (default: every core).
+    pub threads: Option<usize>,
 }
 
 impl FileConfig {
@@ -137,6 +139,7 @@ impl CommonArgs {
                 .map(Duration::from_millis)
                 .unwrap_or(d.connect_timeout),
             seed: file.seed.unwrap_or(d.seed),
+            threads: file.threads,
             ..d
         }
     }
