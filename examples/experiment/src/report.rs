@@ -346,6 +346,17 @@ fn fill_legacy(v: &mut serde_json::Value) {
         let epochs = t.get("epochs").cloned().unwrap_or(serde_json::json!(3));
         t.entry("generation_epochs").or_insert(epochs);
         t.entry("rehearsal").or_insert(serde_json::json!(0.0));
+        // Options that measured no gain moved under [tuning.experimental].
+        for key in ["generation_skip_best", "adapters", "preference"] {
+            if let Some(val) = t.remove(key) {
+                let exp = t
+                    .entry("experimental")
+                    .or_insert_with(|| serde_json::json!({}));
+                if let Some(exp) = exp.as_object_mut() {
+                    exp.entry(key).or_insert(val);
+                }
+            }
+        }
     }
 }
 
@@ -369,6 +380,31 @@ pub(crate) fn test_metrics() -> Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every committed run's metrics still read (`report` and `compare` re-render them), also
+    /// those written before a setting moved or appeared.
+    #[test]
+    fn committed_metrics_parse() {
+        let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../results");
+        let mut dirs = vec![results];
+        let mut read = 0;
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.file_name().is_some_and(|n| n == "metrics.json") {
+                    let dir = p.parent().unwrap();
+                    Metrics::read(dir).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+                    read += 1;
+                }
+            }
+        }
+        assert!(read > 50, "only {read} metrics files under results/");
+    }
 
     pub(super) fn metrics() -> Metrics {
         let config: ExperimentConfig = toml::from_str(
