@@ -1,5 +1,6 @@
 //! A small GGUF v3 reader: metadata of every value type, tensor infos, and dequantization of
-//! F32, F16, Q8_0, Q4_0 and Q4_1 tensors into `f32`.
+//! F32, F16, Q8_0, Q4_0 and Q4_1 tensors into `f32`, and of the k-quant files' Q5_0, Q5_1,
+//! Q4_K, Q5_K and Q6_K ([`super::kquant`]).
 //!
 //! The file is read into memory once (SmolLM2-135M is ~100 MB); `memmap2` would need `unsafe`,
 //! which the workspace denies. Every offset and length read from the file is checked, so a
@@ -12,6 +13,7 @@ use std::path::Path;
 
 use half::f16;
 
+use super::kquant;
 use crate::{Error, Result};
 
 /// The four magic bytes every GGUF file starts with.
@@ -111,18 +113,34 @@ pub enum GgmlType {
     Q4_1,
     /// Blocks of 32: f16 scale, 32 x i8, value = q * d.
     Q8_0,
+    /// Blocks of 32: f16 scale, 32 x 5-bit, value = (q - 16) * d.
+    Q5_0,
+    /// Blocks of 32: f16 scale and min, 32 x 5-bit, value = q * d + m.
+    Q5_1,
+    /// Super-blocks of 256: eight sub-blocks with 6-bit scales and mins, 4-bit values.
+    Q4K,
+    /// Super-blocks of 256: as Q4K with 5-bit values.
+    Q5K,
+    /// Super-blocks of 256: sixteen sub-blocks with i8 scales, 6-bit values.
+    Q6K,
     /// A type this reader recognizes but cannot dequantize (K-quants, bf16, ...), by number.
     Other(u32),
 }
 
 impl GgmlType {
-    fn from_u32(v: u32) -> GgmlType {
+    /// The type of ggml's type number `v`.
+    pub fn from_number(v: u32) -> GgmlType {
         match v {
             0 => GgmlType::F32,
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
+            14 => GgmlType::Q6K,
             other => GgmlType::Other(other),
         }
     }
@@ -134,6 +152,11 @@ impl GgmlType {
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
             GgmlType::Other(v) => v,
         }
     }
@@ -146,6 +169,11 @@ impl GgmlType {
             GgmlType::Q4_0 => Some((QK, 2 + QK / 2)),
             GgmlType::Q4_1 => Some((QK, 4 + QK / 2)),
             GgmlType::Q8_0 => Some((QK, 2 + QK)),
+            GgmlType::Q5_0 => Some((QK, kquant::Q5_0_BYTES)),
+            GgmlType::Q5_1 => Some((QK, kquant::Q5_1_BYTES)),
+            GgmlType::Q4K => Some((kquant::QK_K, kquant::Q4_K_BYTES)),
+            GgmlType::Q5K => Some((kquant::QK_K, kquant::Q5_K_BYTES)),
+            GgmlType::Q6K => Some((kquant::QK_K, kquant::Q6_K_BYTES)),
             GgmlType::Other(_) => None,
         }
     }
@@ -371,7 +399,7 @@ impl Gguf {
             for _ in 0..n_dims {
                 dims.push(c.u64(&name)?);
             }
-            let ggml_type = GgmlType::from_u32(c.u32(&name)?);
+            let ggml_type = GgmlType::from_number(c.u32(&name)?);
             let offset = c.u64(&name)?;
             tensors.push(TensorInfo {
                 name,
@@ -533,6 +561,21 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 let qs = &b[4..];
                 out.extend(qs.iter().map(|&q| f32::from(q & 0x0f) * d + m));
                 out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            for b in bytes.chunks_exact(block_bytes) {
+                kquant::q5(b, ty == GgmlType::Q5_1, &mut out);
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            for b in bytes.chunks_exact(block_bytes) {
+                kquant::q4_5_k(b, ty == GgmlType::Q5K, &mut out);
+            }
+        }
+        GgmlType::Q6K => {
+            for b in bytes.chunks_exact(block_bytes) {
+                kquant::q6_k(b, &mut out);
             }
         }
         GgmlType::Other(_) => unreachable!("block_layout returned Some"),
@@ -803,7 +846,8 @@ mod tests {
     #[test]
     fn unknown_type_and_missing_tensor_are_clear_errors() -> Result<()> {
         let bytes = GgufWriter::new()
-            .tensor("k_quant", &[256], GgmlType::Other(12), vec![0; 144])
+            // Q2_K (type 10): a k-quant this reader does not dequantize.
+            .tensor("k_quant", &[256], GgmlType::Other(10), vec![0; 84])
             .to_bytes();
         let g = Gguf::from_bytes(bytes)?;
         let msg = g.dequantize("k_quant").err().map(|e| e.to_string());

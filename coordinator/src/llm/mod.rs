@@ -3,7 +3,7 @@
 //! - [`engine`]: [`Llm`], what CrossLM needs: generate, classify, perplexity.
 //! - [`session`]: a batch of sequences in flight on either decoder, with its KV cache.
 //! - [`generate`]: batched generation over a session, sampling.
-//! - [`gguf`]: GGUF v3 reader and dequantization.
+//! - [`gguf`]: GGUF v3 reader and dequantization ([`kquant`]: the k-quant files' formats).
 //! - [`quant`]: weights kept in GGUF blocks and the SIMD, multi-threaded products over them.
 //! - [`cpu_model`]: the Llama decoder for CPU inference over quantized weights.
 //! - [`model`]: the Llama decoder in burn (config, blocks, KV cache, LoRA adapters), which
@@ -16,6 +16,7 @@ pub mod cpu_model;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+pub mod kquant;
 pub mod model;
 pub mod peft;
 pub mod quant;
