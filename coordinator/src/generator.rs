@@ -21,6 +21,21 @@ pub struct GeneratedSample {
     pub label: u32,
 }
 
+impl From<crate::synthetic::LabeledText> for GeneratedSample {
+    fn from(t: crate::synthetic::LabeledText) -> Self {
+        Self {
+            text: t.text,
+            label: t.label as u32,
+        }
+    }
+}
+
+/// The base sampling seed of round `round`: a restarted coordinator regenerates the same
+/// batch for an unfinished round, whichever writer (in-process LLM or engine) it uses.
+pub fn round_seed(seed: u64, round: u64) -> u64 {
+    seed.wrapping_add(round.wrapping_mul(1_000_003))
+}
+
 /// Produces label-conditioned synthetic samples for a task.
 pub trait Generator: Send + 'static {
     /// About `n_per_label` samples for each label of `task`, for round `round`.
@@ -281,7 +296,7 @@ impl Generator for LlmGenerator {
             top_k: g.top_k,
             top_p: g.top_p,
             max_new_tokens: g.max_new_tokens,
-            seed: self.seed.wrapping_add(round.wrapping_mul(1_000_003)),
+            seed: round_seed(self.seed, round),
         };
         let started = std::time::Instant::now();
         let out = self.llm.generate(&self.spec, n_per_label, &sampling)?;
@@ -291,13 +306,7 @@ impl Generator for LlmGenerator {
             secs = started.elapsed().as_secs_f32(),
             "LLM generated samples"
         );
-        Ok(out
-            .into_iter()
-            .map(|t| GeneratedSample {
-                text: t.text,
-                label: t.label as u32,
-            })
-            .collect())
+        Ok(out.into_iter().map(GeneratedSample::from).collect())
     }
 
     fn baseline(&mut self) -> Result<Option<LlmReport>> {

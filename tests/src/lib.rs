@@ -202,14 +202,25 @@ path = "samples.jsonl"
             ),
         )
         .expect("write coordinator config");
+        Self::serve(dir, &config, tokens, std::process::Stdio::inherit())
+    }
+
+    /// Starts `crosslm-coordinator serve` with the config file `config` (in `dir`, data dir
+    /// `coord`), its stderr to `stderr`; returns once it listens, with `tokens` tokens.
+    pub fn serve(
+        dir: &Path,
+        config: &Path,
+        tokens: usize,
+        stderr: impl Into<std::process::Stdio>,
+    ) -> Self {
         let addr_file = dir.join("addr");
         let mut child = std::process::Command::new(bin("crosslm-coordinator"))
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .args(["--print-tokens", &tokens.to_string(), "--addr-file"])
             .arg(&addr_file)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start crosslm-coordinator");
         // Tokens are printed before it listens; the address file appears once it does.

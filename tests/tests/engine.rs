@@ -64,29 +64,10 @@ epochs = 1
     )
     .unwrap();
     let coord_log = d.join("coordinator.log");
-    let addr_file = d.join("addr");
-    let mut coord = Command::new(bin("crosslm-coordinator"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--print-tokens", "1", "--addr-file"])
-        .arg(&addr_file)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&coord_log).unwrap())
-        .spawn()
-        .unwrap();
-    let out = coord.stdout.take().unwrap();
-    let token = std::io::BufRead::lines(std::io::BufReader::new(out))
-        .map_while(|l| l.ok())
-        .find_map(|l| l.strip_prefix("enrollment token: ").map(str::to_string))
-        .expect("a token");
+    let mut coord =
+        CoordinatorProcess::serve(d, &config, 1, std::fs::File::create(&coord_log).unwrap());
     let log = || std::fs::read_to_string(&coord_log).unwrap_or_default();
-    wait_for(
-        "the coordinator to listen",
-        Duration::from_secs(120),
-        || addr_file.is_file(),
-    );
-    let addr = std::fs::read_to_string(&addr_file).unwrap();
+    let (addr, token) = (coord.addr.to_string(), coord.tokens[0].clone());
 
     // A real client: enroll, then take part in both rounds (in the background).
     let data = write_private_data(d, 40);
@@ -95,7 +76,7 @@ epochs = 1
         &client_cfg,
         format!(
             "coordinator = \"{}\"\ndata_dir = \"client-data\"\nname = \"engine-test\"\narch = \"bag\"\ndata = \"{}\"\ntest_fraction = 0.25\ntrain_epochs = 10\nround_epochs = 2\nconnect_timeout_ms = 5000\n",
-            addr.trim(),
+            addr,
             data.display()
         ),
     )
@@ -144,7 +125,7 @@ epochs = 1
         stdout.contains("took part in 2 round(s); last round 2"),
         "{stdout}"
     );
-    let status = coord.wait().unwrap();
+    let status = coord.wait(Duration::from_secs(600));
     let l = log();
     assert!(status.success(), "coordinator: {l}");
     assert!(l.contains("engine generated samples"), "{l}");

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use openai::{ChatSampling, EngineClient, EngineEndpoint, EngineError};
 
-use crate::generator::{GeneratedSample, Generator, LlmGenerator};
+use crate::generator::{GeneratedSample, Generator, LlmGenerator, round_seed};
 use crate::task::TaskSpec;
 use crate::tuning::LlmReport;
 use crate::{Error, Result};
@@ -62,8 +62,7 @@ struct Local {
 
 impl EngineGenerator {
     /// Generates with `model` on the engine behind `client`, `concurrency` requests at once.
-    /// Round `r` samples with seeds from `seed + r * 1_000_003`, as the in-process
-    /// generator does.
+    /// Round `r` samples with seeds from [`round_seed`], as the in-process generator does.
     pub fn new(
         client: EngineClient,
         model: String,
@@ -105,11 +104,6 @@ impl EngineGenerator {
         }
         self.local = Some(l);
         Ok(self)
-    }
-
-    /// The name generation asks the engine for now.
-    pub fn serving_model(&self) -> &str {
-        &self.serving
     }
 
     /// Loads a pending adapter into the engine (vLLM) and switches generation to it.
@@ -174,7 +168,7 @@ impl Generator for EngineGenerator {
             max_tokens: g.max_new_tokens,
             seed: 0,
         };
-        let seed = self.seed.wrapping_add(round.wrapping_mul(1_000_003));
+        let seed = round_seed(self.seed, round);
         let started = std::time::Instant::now();
         let (client, model, workers) = (&self.client, self.serving.as_str(), self.concurrency);
         let out = crate::synthetic::label_conditioned(
@@ -200,13 +194,7 @@ impl Generator for EngineGenerator {
             secs = started.elapsed().as_secs_f32(),
             "engine generated samples"
         );
-        Ok(out
-            .into_iter()
-            .map(|t| GeneratedSample {
-                text: t.text,
-                label: t.label as u32,
-            })
-            .collect())
+        Ok(out.into_iter().map(GeneratedSample::from).collect())
     }
 
     fn baseline(&mut self) -> Result<Option<LlmReport>> {

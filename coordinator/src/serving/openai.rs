@@ -146,11 +146,6 @@ impl EngineClient {
         Self { endpoint, agent }
     }
 
-    /// The endpoint.
-    pub fn endpoint(&self) -> &EngineEndpoint {
-        &self.endpoint
-    }
-
     /// The models the engine serves (`GET /models`).
     pub fn models(&self) -> Result<Vec<String>, EngineError> {
         let url = self.url("models");
