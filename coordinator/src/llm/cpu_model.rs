@@ -1,8 +1,9 @@
-//! The Llama decoder for inference on the CPU: weights stay in their GGUF blocks
+//! The Llama-family decoder for inference on the CPU: weights stay in their GGUF blocks
 //! ([`QMatrix`]), the KV cache is preallocated and written in place, and every step runs on
 //! host vectors with rayon (no tensor-library dispatch per op). Same maths as
-//! [`super::model::Llama`] (which training and GPUs use): RMSNorm, RoPE on adjacent pairs,
-//! grouped-query attention over left-padded sequences, SwiGLU, tied LM head, LoRA on q and v.
+//! [`super::model::Llama`] (which training and GPUs use): RMSNorm, RoPE (adjacent pairs or
+//! halves, by [`super::model::Arch`]), q/k/v biases where the file has them, grouped-query
+//! attention over left-padded sequences, SwiGLU, tied or separate LM head, LoRA on q and v.
 
 use rayon::prelude::*;
 
@@ -29,6 +30,8 @@ struct Block {
     wk: QMatrix,
     wv: QMatrix,
     wo: QMatrix,
+    /// Biases of q, k and v (Qwen2).
+    bias: Option<[Vec<f32>; 3]>,
     ffn_norm: Vec<f32>,
     gate: QMatrix,
     up: QMatrix,
@@ -38,8 +41,10 @@ struct Block {
 /// The decoder over quantized weights.
 pub struct CpuLlama {
     config: LlamaConfig,
-    /// `[vocab, d_model]`: token embeddings, and the tied LM head.
+    /// `[vocab, d_model]`: token embeddings, and the LM head when tied.
     embed: QMatrix,
+    /// `[vocab, d_model]`: the LM head when the file has its own (`output.weight`).
+    head: Option<QMatrix>,
     blocks: Vec<Block>,
     norm: Vec<f32>,
     /// RoPE frequencies `theta^(-2i/d)`, in f64 like the reference.
@@ -49,7 +54,8 @@ pub struct CpuLlama {
 pub use super::model::Weight;
 
 impl CpuLlama {
-    /// Reads the weights of a `llama` GGUF file, keeping quantized tensors quantized.
+    /// Reads the weights of a `llama` or `qwen2` GGUF file, keeping quantized tensors
+    /// quantized.
     pub fn from_gguf(g: &Gguf, config: &LlamaConfig) -> Result<CpuLlama> {
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<QMatrix> {
             let info = g.tensor_info(name)?;
@@ -61,12 +67,11 @@ impl CpuLlama {
             }
             QMatrix::from_gguf(name, info.ggml_type, g.tensor_bytes(info)?, rows, cols)
         };
-        let vector = |name: &str| -> Result<Vec<f32>> {
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let (shape, v) = g.dequantize(name)?;
-            if shape != [config.d_model] {
+            if shape != [len] {
                 return Err(Error::Model(format!(
-                    "tensor {name} has shape {shape:?}, expected [{}]",
-                    config.d_model
+                    "tensor {name} has shape {shape:?}, expected [{len}]"
                 )));
             }
             Ok(v)
@@ -87,27 +92,44 @@ impl CpuLlama {
             }
             Ok(QMatrix::from_f32(v, rows, cols))
         };
-        let vector = |name: &str| weight(name).map(|(_, v)| v);
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+            let (shape, v) = weight(name)?;
+            if shape != [len] {
+                return Err(Error::Model(format!("tensor {name} has shape {shape:?}")));
+            }
+            Ok(v)
+        };
         CpuLlama::build(config, matrix, vector)
     }
 
     fn build(
         c: &LlamaConfig,
         matrix: impl Fn(&str, usize, usize) -> Result<QMatrix>,
-        vector: impl Fn(&str) -> Result<Vec<f32>>,
+        vector: impl Fn(&str, usize) -> Result<Vec<f32>>,
     ) -> Result<CpuLlama> {
         let kv = c.n_kv_heads * c.head_dim();
         let d = c.d_model;
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let b = |s: &str| format!("blk.{i}.{s}.bias");
+            let bias = if c.qkv_bias() {
+                Some([
+                    vector(&b("attn_q"), d)?,
+                    vector(&b("attn_k"), kv)?,
+                    vector(&b("attn_v"), kv)?,
+                ])
+            } else {
+                None
+            };
             blocks.push(Block {
-                attn_norm: vector(&p("attn_norm"))?,
+                attn_norm: vector(&p("attn_norm"), d)?,
                 wq: matrix(&p("attn_q"), d, d)?,
                 wk: matrix(&p("attn_k"), kv, d)?,
                 wv: matrix(&p("attn_v"), kv, d)?,
                 wo: matrix(&p("attn_output"), d, d)?,
-                ffn_norm: vector(&p("ffn_norm"))?,
+                bias,
+                ffn_norm: vector(&p("ffn_norm"), d)?,
                 gate: matrix(&p("ffn_gate"), c.d_ff, d)?,
                 up: matrix(&p("ffn_up"), c.d_ff, d)?,
                 down: matrix(&p("ffn_down"), d, c.d_ff)?,
@@ -117,8 +139,13 @@ impl CpuLlama {
         Ok(CpuLlama {
             config: c.clone(),
             embed: matrix("token_embd.weight", c.vocab_size, d)?,
+            head: if c.tied_head {
+                None
+            } else {
+                Some(matrix("output.weight", c.vocab_size, d)?)
+            },
             blocks,
-            norm: vector("output_norm.weight")?,
+            norm: vector("output_norm.weight", d)?,
             inv_freq: (0..half)
                 .map(|i| c.rope_theta.powf(-((2 * i) as f64) / c.head_dim() as f64))
                 .collect(),
@@ -129,9 +156,12 @@ impl CpuLlama {
     pub fn weight(&self, name: &str) -> Result<Weight> {
         let all = |m: &QMatrix| (vec![m.rows, m.cols], m.rows_f32(0..m.rows));
         let unknown = || Error::Model(format!("no weight named {name}"));
-        match name {
-            "token_embd.weight" => return Ok(all(&self.embed)),
-            "output_norm.weight" => return Ok((vec![self.norm.len()], self.norm.clone())),
+        match (name, &self.head) {
+            ("token_embd.weight", _) => return Ok(all(&self.embed)),
+            ("output.weight", Some(head)) => return Ok(all(head)),
+            ("output_norm.weight", _) => {
+                return Ok((vec![self.norm.len()], self.norm.clone()));
+            }
             _ => {}
         }
         let rest = name.strip_prefix("blk.").ok_or_else(unknown)?;
@@ -142,7 +172,11 @@ impl CpuLlama {
             .and_then(|i| self.blocks.get(i))
             .ok_or_else(unknown)?;
         let norm = |v: &Vec<f32>| (vec![v.len()], v.clone());
+        let bias = |k: usize| b.bias.as_ref().map(|bs| norm(&bs[k])).ok_or_else(unknown);
         Ok(match field {
+            "attn_q.bias" => bias(0)?,
+            "attn_k.bias" => bias(1)?,
+            "attn_v.bias" => bias(2)?,
             "attn_norm.weight" => norm(&b.attn_norm),
             "ffn_norm.weight" => norm(&b.ffn_norm),
             "attn_q.weight" => all(&b.wq),
@@ -163,7 +197,7 @@ impl CpuLlama {
 
     /// The quantized matrices, for checks of which kernels a file gets.
     pub fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
-        std::iter::once(&self.embed).chain(
+        std::iter::once(&self.embed).chain(self.head.iter()).chain(
             self.blocks
                 .iter()
                 .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]),
@@ -208,12 +242,19 @@ impl CpuLlama {
             else {
                 unreachable!("three matrices in, three products out")
             };
+            if let Some([bq, bk, bv]) = &b.bias {
+                for (out, bias) in [(&mut q, bq), (&mut k, bk), (&mut v, bv)] {
+                    for row in out.chunks_exact_mut(bias.len()) {
+                        add(row, bias);
+                    }
+                }
+            }
             if let Some(l) = lora.and_then(|l| l.block(i)) {
                 l[0].add(&xn, n, &mut q);
                 l[1].add(&xn, n, &mut v);
             }
-            rope.apply(&mut q, c.head_dim());
-            rope.apply(&mut k, c.head_dim());
+            rope.apply(&mut q, c.head_dim(), c.rope_halves());
+            rope.apply(&mut k, c.head_dim(), c.rope_halves());
             cache.write(i, past, seq, &k, &v);
             let attn = self.attention(&q, cache, i, pads, past, seq);
             add(&mut x, &b.wo.matmul(&attn, n));
@@ -231,9 +272,10 @@ impl CpuLlama {
         rms_norm(&x, &self.norm, c.rms_eps)
     }
 
-    /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the tied head, from its blocks.
+    /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the LM head, from its blocks.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
-        on_pool(|| self.embed.matmul(hidden, n))
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        on_pool(|| head.matmul(hidden, n))
     }
 
     /// Attention of the new queries over the cached keys/values of `layer`:
@@ -426,18 +468,28 @@ impl RopeTable {
         RopeTable { half, cos, sin }
     }
 
-    /// Rotates adjacent pairs of every head of every row of `x` (`[rows, heads * head_dim]`).
-    fn apply(&self, x: &mut [f32], head_dim: usize) {
+    /// Rotates the pairs of every head of every row of `x` (`[rows, heads * head_dim]`):
+    /// adjacent elements, or with `halves` element `i` and `i + head_dim / 2`.
+    fn apply(&self, x: &mut [f32], head_dim: usize, halves: bool) {
         let rows = self.cos.len() / self.half.max(1);
         let width = x.len() / rows.max(1);
         for (r, row) in x.chunks_exact_mut(width).enumerate() {
             let cos = &self.cos[r * self.half..(r + 1) * self.half];
             let sin = &self.sin[r * self.half..(r + 1) * self.half];
             for head in row.chunks_exact_mut(head_dim) {
-                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * cos[i] - x1 * sin[i];
-                    pair[1] = x0 * sin[i] + x1 * cos[i];
+                if halves {
+                    let (first, second) = head.split_at_mut(self.half);
+                    for (i, (a, b)) in first.iter_mut().zip(second).enumerate() {
+                        let (x0, x1) = (*a, *b);
+                        *a = x0 * cos[i] - x1 * sin[i];
+                        *b = x0 * sin[i] + x1 * cos[i];
+                    }
+                } else {
+                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        let (x0, x1) = (pair[0], pair[1]);
+                        pair[0] = x0 * cos[i] - x1 * sin[i];
+                        pair[1] = x0 * sin[i] + x1 * cos[i];
+                    }
                 }
             }
         }

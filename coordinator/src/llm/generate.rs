@@ -224,15 +224,20 @@ mod tests {
         assert_ne!(draw(7), draw(8));
     }
 
-    /// On a tiny random model, a batch of prompts of different lengths gives each prompt the
+    /// On tiny random models (Llama and Qwen2), a batch of prompts of different lengths gives each prompt the
     /// same continuation as generating it alone with the same seed, and a stop token ends each
     /// continuation exactly where it first comes; the burn and the CPU decoders agree.
     #[test]
     fn batched_equals_unbatched_on_tiny_model() -> crate::Result<()> {
+        use super::super::model::LlamaConfig;
+        batched_equals_unbatched_on(LlamaConfig::tiny(64))?;
+        batched_equals_unbatched_on(LlamaConfig::tiny_qwen2(64))
+    }
+
+    fn batched_equals_unbatched_on(c: super::super::model::LlamaConfig) -> crate::Result<()> {
         use super::super::cpu_model::CpuLlama;
-        use super::super::model::{Llama, LlamaConfig, lookup, random_weights};
+        use super::super::model::{Llama, lookup, random_weights};
         let device = burn::tensor::Device::flex();
-        let c = LlamaConfig::tiny(64);
         let weights = random_weights(&c, 5);
         let model = Llama::random(&c, 5, &device);
         let cpu = CpuLlama::from_weights(&c, |n| lookup(&weights, n))?;

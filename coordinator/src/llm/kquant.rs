@@ -54,7 +54,7 @@ pub fn q5(block: &[u8], with_min: bool, out: &mut Vec<f32>) {
 /// The 6-bit scale and min of sub-block `j` (0..8) from Q4_K/Q5_K's 12 packed bytes: the
 /// first four sub-blocks keep theirs in the low 6 bits of bytes 0..4 and 4..8; the last four
 /// combine a nibble of bytes 8..12 with the top two bits of those first bytes.
-fn scale_min(j: usize, s: &[u8]) -> (f32, f32) {
+pub fn scale_min(j: usize, s: &[u8]) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

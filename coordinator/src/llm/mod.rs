@@ -1,4 +1,4 @@
-//! The coordinator LLM (SmolLM2 / Llama) in burn.
+//! The coordinator LLM (SmolLM2's Llama, Qwen2.5's Qwen2) in burn and on CPU kernels.
 //!
 //! - [`engine`]: [`Llm`], what CrossLM needs: generate, classify, perplexity.
 //! - [`session`]: a batch of sequences in flight on either decoder, with its KV cache.
@@ -20,6 +20,8 @@ pub mod kquant;
 pub mod model;
 pub mod peft;
 pub mod quant;
+#[cfg(test)]
+mod qwen2_tests;
 pub mod session;
 pub mod tokenizer;
 pub mod train;
@@ -51,6 +53,11 @@ pub fn smollm2_gguf_path() -> PathBuf {
     assets_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF file inside [`assets_dir`].
+pub fn qwen2_gguf_path() -> PathBuf {
+    assets_dir().join("qwen2/Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf")
+}
+
 #[cfg(test)]
 pub(crate) mod test_assets {
     use std::path::PathBuf;
@@ -59,6 +66,17 @@ pub(crate) mod test_assets {
     /// the real model fail instead of silently passing.
     pub fn smollm2_path() -> PathBuf {
         let path = super::smollm2_gguf_path();
+        assert!(
+            path.is_file(),
+            "missing test asset {}: run scripts/fetch-assets.sh or set CROSSLM_ASSETS",
+            path.display()
+        );
+        path
+    }
+
+    /// The real Qwen2.5 file, or a clear panic like [`smollm2_path`].
+    pub fn qwen2_path() -> PathBuf {
+        let path = super::qwen2_gguf_path();
         assert!(
             path.is_file(),
             "missing test asset {}: run scripts/fetch-assets.sh or set CROSSLM_ASSETS",

@@ -1,5 +1,5 @@
-//! The Llama decoder (SmolLM2) in burn: config, RMSNorm, RoPE, grouped-query attention with a
-//! KV cache, SwiGLU MLP, block, model and the tied LM head.
+//! The Llama-family decoder in burn (SmolLM2's Llama, Qwen2.5's Qwen2): config, RMSNorm,
+//! RoPE, grouped-query attention with a KV cache, SwiGLU MLP, block, model and the LM head.
 //!
 //! Base weights are plain (non-parameter) tensors: they are frozen by construction, and the
 //! only trainable tensors are the optional LoRA adapters passed to [`Llama::forward`].
@@ -23,9 +23,33 @@ use crate::{Error, Result};
 /// A named weight in GGUF's row-major shape, as f32 (what a model is built from).
 pub type Weight = (Vec<usize>, Vec<f32>);
 
-/// Architecture hyper-parameters, read from GGUF `llama.*` metadata.
+/// The decoder families this loader reads, by the GGUF's `general.architecture`. Both are
+/// pre-norm RMSNorm + RoPE + grouped-query attention + SwiGLU; Qwen2 adds biases to the
+/// query, key and value projections and rotates the two halves of each head (the GGUF
+/// converter leaves its q/k rows as trained), where Llama files rotate adjacent pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama` (SmolLM2).
+    Llama,
+    /// `qwen2` (Qwen2 / Qwen2.5).
+    Qwen2,
+}
+
+impl Arch {
+    /// The GGUF name, also the prefix of its metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Architecture hyper-parameters, read from GGUF `<arch>.*` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// The decoder family.
+    pub arch: Arch,
     /// Number of decoder blocks.
     pub n_layers: usize,
     /// Hidden size.
@@ -44,30 +68,30 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// RMSNorm epsilon.
     pub rms_eps: f64,
+    /// Whether the LM head is the token embedding (no `output.weight` in the file).
+    pub tied_head: bool,
 }
 
 impl LlamaConfig {
-    /// Reads the config of a `llama` GGUF file.
+    /// Reads the config of a `llama` or `qwen2` GGUF file.
     pub fn from_gguf(g: &Gguf) -> Result<LlamaConfig> {
-        let arch = g.meta_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(Error::Model(format!(
-                "architecture {arch} is not supported (expected llama)"
-            )));
-        }
-        if g.tensor_info("output.weight").is_ok() {
-            return Err(Error::Model(
-                "separate output.weight is not supported: this loader ties the LM head to \
-                 token_embd"
-                    .into(),
-            ));
-        }
-        let u = |k: &str| g.meta_u64(&format!("llama.{k}")).map(|v| v as usize);
-        let vocab_size = match g.meta_u64("llama.vocab_size") {
+        let arch = match g.meta_str("general.architecture")? {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(Error::Model(format!(
+                    "architecture {other} is not supported (expected llama or qwen2)"
+                )));
+            }
+        };
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        let u = |k: &str| g.meta_u64(&key(k)).map(|v| v as usize);
+        let vocab_size = match g.meta_u64(&key("vocab_size")) {
             Ok(v) => v as usize,
             Err(_) => g.meta_str_array("tokenizer.ggml.tokens")?.len(),
         };
         let config = LlamaConfig {
+            arch,
             n_layers: u("block_count")?,
             d_model: u("embedding_length")?,
             d_ff: u("feed_forward_length")?,
@@ -75,16 +99,29 @@ impl LlamaConfig {
             n_kv_heads: u("attention.head_count_kv")?,
             vocab_size,
             max_seq_len: u("context_length")?,
-            rope_theta: g.meta_f64("llama.rope.freq_base").unwrap_or(10_000.0),
-            rms_eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: g.meta_f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rms_eps: g.meta_f64(&key("attention.layer_norm_rms_epsilon"))?,
+            tied_head: g.tensor_info("output.weight").is_err(),
         };
         config.validate()?;
         Ok(config)
     }
 
+    /// Whether the query, key and value projections have biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.arch == Arch::Qwen2
+    }
+
+    /// Whether RoPE rotates the two halves of a head (`x[i]`, `x[i + d/2]`) rather than
+    /// adjacent pairs.
+    pub fn rope_halves(&self) -> bool {
+        self.arch == Arch::Qwen2
+    }
+
     /// A tiny config for fast tests.
     pub fn tiny(vocab_size: usize) -> LlamaConfig {
         LlamaConfig {
+            arch: Arch::Llama,
             n_layers: 2,
             d_model: 32,
             d_ff: 64,
@@ -94,6 +131,17 @@ impl LlamaConfig {
             max_seq_len: 256,
             rope_theta: 10_000.0,
             rms_eps: 1e-5,
+            tied_head: true,
+        }
+    }
+
+    /// The tiny config as Qwen2: biases, rotated halves, an untied LM head.
+    pub fn tiny_qwen2(vocab_size: usize) -> LlamaConfig {
+        LlamaConfig {
+            arch: Arch::Qwen2,
+            rope_theta: 1_000_000.0,
+            tied_head: false,
+            ..LlamaConfig::tiny(vocab_size)
         }
     }
 
@@ -108,7 +156,9 @@ impl LlamaConfig {
         if ok {
             Ok(())
         } else {
-            Err(Error::Model(format!("inconsistent llama config {self:?}")))
+            Err(Error::Model(format!(
+                "inconsistent decoder config {self:?}"
+            )))
         }
     }
 
@@ -139,25 +189,32 @@ impl RmsNorm {
 }
 
 /// RoPE cos/sin for each (sequence, position) of a step, shaped to broadcast over heads and
-/// adjacent pairs: `[batch, 1, seq, head_dim / 2, 1]`.
+/// the two members of each rotated pair: `[batch, 1, seq, head_dim / 2, 1]` for adjacent
+/// pairs, `[batch, 1, seq, 1, head_dim / 2]` for halves.
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor<5>,
     sin: Tensor<5>,
+    halves: bool,
 }
 
 impl Rope {
-    /// Rotates ADJACENT pairs `(x[2i], x[2i+1])` of each head by `pos * theta^(-2i/d)`: the GGUF
-    /// converter permuted the q/k weight rows so that llama.cpp's "normal" RoPE applies.
+    /// Rotates pair `i` of each head by `pos * theta^(-2i/d)`. Llama files pair ADJACENT
+    /// elements `(x[2i], x[2i+1])` (their converter permuted the q/k weight rows for
+    /// llama.cpp's "normal" RoPE); Qwen2 pairs the halves `(x[i], x[i + d/2])` ("neox").
     /// `x`: `[batch, heads, seq, head_dim]`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, h, t, d] = x.dims();
-        let x = x.reshape([b, h, t, d / 2, 2]);
-        let x0 = x.clone().slice_dim(4, 0..1);
-        let x1 = x.slice_dim(4, 1..2);
+        let (x, axis) = if self.halves {
+            (x.reshape([b, h, t, 2, d / 2]), 3)
+        } else {
+            (x.reshape([b, h, t, d / 2, 2]), 4)
+        };
+        let x0 = x.clone().slice_dim(axis, 0..1);
+        let x1 = x.slice_dim(axis, 1..2);
         let out0 = x0.clone() * self.cos.clone() - x1.clone() * self.sin.clone();
         let out1 = x0 * self.sin.clone() + x1 * self.cos.clone();
-        Tensor::cat(vec![out0, out1], 4).reshape([b, h, t, d])
+        Tensor::cat(vec![out0, out1], axis).reshape([b, h, t, d])
     }
 }
 
@@ -208,11 +265,16 @@ impl StepInputs {
                 mask.extend((0..total).map(|j| j < pad || j > abs));
             }
         }
-        let shape = [batch, 1, seq, half, 1];
+        let shape = if config.rope_halves() {
+            [batch, 1, seq, 1, half]
+        } else {
+            [batch, 1, seq, half, 1]
+        };
         StepInputs {
             rope: Rope {
                 cos: Tensor::from_data(TensorData::new(cos, shape), device),
                 sin: Tensor::from_data(TensorData::new(sin, shape), device),
+                halves: config.rope_halves(),
             },
             mask: Tensor::from_data(TensorData::new(mask, [batch, 1, seq, total]), device),
         }
@@ -289,7 +351,7 @@ fn seeded_values(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
 }
 
 /// Random weights for `c`, named and shaped as in a GGUF file, the same for the same `seed`:
-/// normal with standard deviation `1/sqrt(d_in)` (embeddings 1), norms 1.
+/// normal with standard deviation `1/sqrt(d_in)` (embeddings 1, biases 0.1), norms 1.
 pub fn random_weights(c: &LlamaConfig, seed: u64) -> BTreeMap<String, Weight> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = BTreeMap::new();
@@ -311,6 +373,22 @@ pub fn random_weights(c: &LlamaConfig, seed: u64) -> BTreeMap<String, Weight> {
             ("ffn_down", d, c.d_ff),
         ] {
             normal(p(name), rows, cols, 1.0 / (cols as f64).sqrt());
+        }
+    }
+    if !c.tied_head {
+        normal(
+            "output.weight".into(),
+            c.vocab_size,
+            d,
+            1.0 / (d as f64).sqrt(),
+        );
+    }
+    if c.qkv_bias() {
+        for i in 0..c.n_layers {
+            for (name, rows) in [("attn_q", d), ("attn_k", kv), ("attn_v", kv)] {
+                let values = seeded_values(&mut rng, rows, 0.1);
+                out.insert(format!("blk.{i}.{name}.bias"), (vec![rows], values));
+            }
         }
     }
     let ones = || (vec![d], vec![1.0; d]);
@@ -423,13 +501,17 @@ impl LoraAdapters {
     }
 }
 
-/// Grouped-query self-attention. Weights are `[d_in, d_out]` (views of GGUF's `[out, in]`).
+/// Grouped-query self-attention. Weights are `[d_in, d_out]` (views of GGUF's `[out, in]`);
+/// Qwen2 has biases on q, k and v.
 #[derive(Module, Debug)]
 pub struct Attention {
     wq: Tensor<2>,
     wk: Tensor<2>,
     wv: Tensor<2>,
     wo: Tensor<2>,
+    bq: Option<Tensor<1>>,
+    bk: Option<Tensor<1>>,
+    bv: Option<Tensor<1>>,
     n_heads: usize,
     n_kv_heads: usize,
 }
@@ -447,9 +529,9 @@ impl Attention {
         let (h, kvh) = (self.n_heads, self.n_kv_heads);
         let hd = d / h;
         let rep = h / kvh;
-        let mut q = linear(x.clone(), self.wq.clone(), None);
-        let k = linear(x.clone(), self.wk.clone(), None);
-        let mut v = linear(x.clone(), self.wv.clone(), None);
+        let mut q = linear(x.clone(), self.wq.clone(), self.bq.clone());
+        let k = linear(x.clone(), self.wk.clone(), self.bk.clone());
+        let mut v = linear(x.clone(), self.wv.clone(), self.bv.clone());
         if let Some(l) = lora {
             q = q + l.q.forward(x.clone());
             v = v + l.v.forward(x);
@@ -526,12 +608,13 @@ impl Block {
     }
 }
 
-/// The Llama decoder with a tied LM head.
+/// The decoder (Llama or Qwen2, see [`Arch`]).
 #[derive(Module, Debug)]
 pub struct Llama {
     /// `[vocab, d_model]`: token embeddings.
     embed: Tensor<2>,
-    /// `[d_model, vocab]`: the tied LM head, a contiguous transposed copy of `embed`.
+    /// `[d_model, vocab]`: the LM head, transposed and contiguous: `output.weight`'s, or the
+    /// embedding's when tied.
     head: Tensor<2>,
     blocks: Vec<Block>,
     norm: RmsNorm,
@@ -587,9 +670,16 @@ impl Llama {
                 eps: c.rms_eps,
             })
         };
+        let bias = |name: String, d_out: usize| -> Result<Option<Tensor<1>>> {
+            if !c.qkv_bias() {
+                return Ok(None);
+            }
+            Ok(Some(Tensor::from_data(load(&name, &[d_out])?, device)))
+        };
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let b = |s: &str| format!("blk.{i}.{s}.bias");
             blocks.push(Block {
                 attn_norm: norm(&p("attn_norm"))?,
                 attn: Attention {
@@ -597,6 +687,9 @@ impl Llama {
                     wk: lin(&p("attn_k"), c.d_model, kv)?,
                     wv: lin(&p("attn_v"), c.d_model, kv)?,
                     wo: lin(&p("attn_output"), c.d_model, c.d_model)?,
+                    bq: bias(b("attn_q"), c.d_model)?,
+                    bk: bias(b("attn_k"), kv)?,
+                    bv: bias(b("attn_v"), kv)?,
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
                 },
@@ -609,8 +702,14 @@ impl Llama {
             });
         }
         let embed = load("token_embd.weight", &[c.vocab_size, c.d_model])?;
+        let head = if c.tied_head {
+            transpose(&embed, c.vocab_size, c.d_model)?
+        } else {
+            let output = load("output.weight", &[c.vocab_size, c.d_model])?;
+            transpose(&output, c.vocab_size, c.d_model)?
+        };
         Ok(Llama {
-            head: Tensor::from_data(transpose(&embed, c.vocab_size, c.d_model)?, device),
+            head: Tensor::from_data(head, device),
             embed: Tensor::from_data(embed, device),
             blocks,
             norm: norm("output_norm.weight")?,
@@ -644,7 +743,7 @@ impl Llama {
         self.norm.forward(x)
     }
 
-    /// Logits over the vocabulary from hidden states: the tied LM head `h @ embed^T`.
+    /// Logits over the vocabulary from hidden states: `h @ head`.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         linear(hidden, self.head.clone(), None)
     }
@@ -713,28 +812,29 @@ mod tests {
     #[test]
     fn left_padding_matches_unpadded() {
         let device = Device::flex();
-        let c = LlamaConfig::tiny(50);
-        let model = Llama::random(&c, 1, &device);
-        let short = vec![3u32, 7, 9];
-        let long = vec![1u32, 2, 4, 8, 16, 32];
-        let alone = model.forward(
-            token_tensor(std::slice::from_ref(&short), &device),
-            &StepInputs::new(&c, &[0], 0, 3, &device),
-            None,
-            None,
-        );
-        let padded = vec![0u32, 0, 0, 3, 7, 9];
-        let both = model.forward(
-            token_tensor(&[padded, long], &device),
-            &StepInputs::new(&c, &[3, 0], 0, 6, &device),
-            None,
-            None,
-        );
-        let a = to_vec(alone);
-        let b = to_vec(both.slice([0..1, 3..6]));
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        for c in [LlamaConfig::tiny(50), LlamaConfig::tiny_qwen2(50)] {
+            let model = Llama::random(&c, 1, &device);
+            let short = vec![3u32, 7, 9];
+            let long = vec![1u32, 2, 4, 8, 16, 32];
+            let alone = model.forward(
+                token_tensor(std::slice::from_ref(&short), &device),
+                &StepInputs::new(&c, &[0], 0, 3, &device),
+                None,
+                None,
+            );
+            let padded = vec![0u32, 0, 0, 3, 7, 9];
+            let both = model.forward(
+                token_tensor(&[padded, long], &device),
+                &StepInputs::new(&c, &[3, 0], 0, 6, &device),
+                None,
+                None,
+            );
+            let a = to_vec(alone);
+            let b = to_vec(both.slice([0..1, 3..6]));
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            }
         }
     }
 
@@ -742,33 +842,34 @@ mod tests {
     #[test]
     fn kv_cache_matches_full_forward() {
         let device = Device::flex();
-        let c = LlamaConfig::tiny(50);
-        let model = Llama::random(&c, 1, &device);
-        let ids = vec![5u32, 6, 7, 8, 9];
-        let full = to_vec(model.forward(
-            token_tensor(std::slice::from_ref(&ids), &device),
-            &StepInputs::new(&c, &[0], 0, 5, &device),
-            None,
-            None,
-        ));
-        let mut cache = KvCache::new();
-        let mut out = to_vec(model.forward(
-            token_tensor(&[ids[..3].to_vec()], &device),
-            &StepInputs::new(&c, &[0], 0, 3, &device),
-            Some(&mut cache),
-            None,
-        ));
-        for (i, &t) in ids.iter().enumerate().skip(3) {
-            out.extend(to_vec(model.forward(
-                token_tensor(&[vec![t]], &device),
-                &StepInputs::new(&c, &[0], i, 1, &device),
+        for c in [LlamaConfig::tiny(50), LlamaConfig::tiny_qwen2(50)] {
+            let model = Llama::random(&c, 1, &device);
+            let ids = vec![5u32, 6, 7, 8, 9];
+            let full = to_vec(model.forward(
+                token_tensor(std::slice::from_ref(&ids), &device),
+                &StepInputs::new(&c, &[0], 0, 5, &device),
+                None,
+                None,
+            ));
+            let mut cache = KvCache::new();
+            let mut out = to_vec(model.forward(
+                token_tensor(&[ids[..3].to_vec()], &device),
+                &StepInputs::new(&c, &[0], 0, 3, &device),
                 Some(&mut cache),
                 None,
-            )));
-        }
-        assert_eq!(cache.len(), 5);
-        for (x, y) in full.iter().zip(&out) {
-            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            ));
+            for (i, &t) in ids.iter().enumerate().skip(3) {
+                out.extend(to_vec(model.forward(
+                    token_tensor(&[vec![t]], &device),
+                    &StepInputs::new(&c, &[0], i, 1, &device),
+                    Some(&mut cache),
+                    None,
+                )));
+            }
+            assert_eq!(cache.len(), 5);
+            for (x, y) in full.iter().zip(&out) {
+                assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+            }
         }
     }
 

@@ -7,14 +7,15 @@
 //! the rows of `q_proj` (per head, HF's two halves became interleaved pairs, so that llama.cpp's
 //! adjacent-pair RoPE applies), and the adapter's output rows follow the GGUF order. PEFT adds
 //! the update to HF's unpermuted `q_proj`, so `lora_B`'s rows of the query are put back in HF's
-//! order. The value projection is not permuted.
+//! order. The value projection is not permuted, and Qwen2 files permute neither (their RoPE
+//! rotates halves, as HF's does).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::model::{LlamaConfig, LoraAdapters, LoraPair};
+use super::model::{Arch, LlamaConfig, LoraAdapters, LoraPair};
 use super::train::LoraConfig;
 use crate::{Error, Result};
 
@@ -53,7 +54,8 @@ pub fn export(
     let mut tensors: Vec<(String, PeftPair)> = Vec::new();
     for (k, block) in adapters.blocks.iter().enumerate() {
         let layer = adapters.first + k;
-        let q = peft_pair(&block.q, Some((model.n_heads, head_dim)))?;
+        let permuted = (model.arch == Arch::Llama).then_some((model.n_heads, head_dim));
+        let q = peft_pair(&block.q, permuted)?;
         let v = peft_pair(&block.v, None)?;
         tensors.push((module_name(layer, "q_proj"), q));
         tensors.push((module_name(layer, "v_proj"), v));
@@ -236,8 +238,7 @@ mod tests {
             n_kv_heads: 1,
             vocab_size: 32,
             max_seq_len: 64,
-            rope_theta: 10_000.0,
-            rms_eps: 1e-5,
+            ..LlamaConfig::tiny(32)
         }
     }
 

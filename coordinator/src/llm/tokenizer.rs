@@ -1,11 +1,13 @@
-//! The SmolLM2 tokenizer, built from GGUF metadata with the HF `tokenizers` crate, and the
+//! The LLM's tokenizer, built from GGUF metadata with the HF `tokenizers` crate, and the
 //! ChatML chat template.
 //!
 //! GGUF stores a GPT-2 style byte-level BPE as `tokenizer.ggml.tokens` + `.merges`;
-//! `tokenizer.ggml.pre = smollm` means every digit is split on its own before the GPT-2
-//! regex. The first 17 tokens (`<|endoftext|>`, `<|im_start|>`, ...) are special: they are
-//! matched in the text as whole tokens, never merged from bytes.
+//! `tokenizer.ggml.pre` names how text is split before BPE: `smollm` splits every digit on
+//! its own before the GPT-2 regex, `qwen2` uses Qwen2's own regex (single digits, letters
+//! with one leading non-letter, punctuation runs). Tokens of type control or user-defined
+//! (`<|im_start|>`, ...) are special: matched in the text as whole tokens, never merged.
 
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
@@ -13,13 +15,17 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
-use super::gguf::Gguf;
+use super::gguf::{Gguf, MetaValue};
 use crate::{Error, Result};
 
-/// Number of leading vocabulary entries that are special tokens in SmolLM2.
-const N_SPECIAL: usize = 17;
+/// `tokenizer.ggml.token_type` values of special tokens: control and user-defined.
+const SPECIAL_TYPES: [u64; 2] = [3, 4];
+
+/// Qwen2's pre-tokenizer regex (its `tokenizer.json`, and llama.cpp's `qwen2` pre-type).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A chat message for [`Tokenizer::apply_chat_template`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +79,19 @@ impl Tokenizer {
                     .ok_or_else(|| Error::Tokenizer(format!("malformed merge {m:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let special: Vec<&str> = tokens.iter().take(N_SPECIAL).copied().collect();
+        let special: Vec<&str> = match gguf.meta("tokenizer.ggml.token_type") {
+            Some(MetaValue::Array(types)) if types.len() == tokens.len() => tokens
+                .iter()
+                .zip(types)
+                .filter(|(_, t)| t.as_u64().is_some_and(|t| SPECIAL_TYPES.contains(&t)))
+                .map(|(tok, _)| *tok)
+                .collect(),
+            _ => {
+                return Err(Error::Tokenizer(
+                    "tokenizer.ggml.token_type is missing or not one type per token".into(),
+                ));
+            }
+        };
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
@@ -91,6 +109,19 @@ impl Tokenizer {
                 PreTokenizerWrapper::Digits(Digits::new(true)),
                 byte_level,
             ])),
+            // Qwen2: its regex, then bytes mapped to characters (no second regex).
+            "qwen2" => {
+                let split = Split::new(
+                    SplitPattern::Regex(QWEN2_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| Error::Tokenizer(format!("qwen2 pre-tokenizer: {e}")))?;
+                PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                    PreTokenizerWrapper::Split(split),
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+                ]))
+            }
             "gpt2" | "default" => byte_level,
             other => {
                 return Err(Error::Tokenizer(format!(
@@ -200,14 +231,21 @@ impl Tokenizer {
     }
 }
 
-/// Finds the default system prompt inside a ChatML Jinja template
-/// (`'<|im_start|>system\n...<|im_end|>`), if it has one.
+/// Finds the default system prompt inside a ChatML Jinja template: the first
+/// `<|im_start|>system` + newline + `...<|im_end|>` whose text is a literal (no Jinja code such as
+/// `' + messages[0]['content'] + '` in it), if there is one.
 fn default_system_prompt(template: &str) -> Option<String> {
-    const START: &str = "<|im_start|>system\n";
-    let i = template.find(START)? + START.len();
-    let rest = &template[i..];
-    let end = rest.find("<|im_end|>")?;
-    Some(rest[..end].to_string())
+    const START: &str = "<|im_start|>system";
+    template.match_indices(START).find_map(|(i, _)| {
+        // The newline is a real one, or `\n` inside a Jinja string literal.
+        let rest = &template[i + START.len()..];
+        let rest = rest
+            .strip_prefix('\n')
+            .or_else(|| rest.strip_prefix("\\n"))?;
+        let text = &rest[..rest.find("<|im_end|>")?];
+        let code = ["{", "}", "' +", "+ '"].iter().any(|c| text.contains(c));
+        (!code).then(|| text.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -224,6 +262,14 @@ mod tests {
         let t = "{{ '<|im_start|>system\nBe nice<|im_end|>\n' }}";
         assert_eq!(default_system_prompt(t).as_deref(), Some("Be nice"));
         assert_eq!(default_system_prompt("{{ x }}"), None);
+        // Qwen2.5's template: code first, the literal default in its else branch.
+        let qwen = r"{{- '<|im_start|>system\n' }}{%- if x %}{{- '<|im_start|>system\n' +
+                    messages[0]['content'] + '<|im_end|>\n' }}{%- else %}{{-
+                    '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}";
+        assert_eq!(
+            default_system_prompt(qwen).as_deref(),
+            Some("You are Qwen.")
+        );
     }
 
     /// Encode/decode against the reference examples of `smollm2_reference.json`.

@@ -1,8 +1,8 @@
 //! Weights kept in their GGUF blocks, and the matrix products that read them.
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
-//! and an offset, Q8_0 as 8-bit codes with a scale. Three product paths, by the number of
-//! activation rows:
+//! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0, Q4_K and Q6_K are recast into one
+//! of these two forms ([`repack`]). Three product paths, by the number of activation rows:
 //! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
 //!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
 //! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
@@ -19,10 +19,10 @@ mod act;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod repack;
 #[cfg(test)]
 mod tests;
 
-use half::f16;
 use rayon::prelude::*;
 
 use self::act::QAct;
@@ -81,9 +81,9 @@ pub enum Path {
 }
 
 impl QMatrix {
-    /// The `[rows, cols]` tensor of type `ty` from its raw GGUF bytes. Q4_0 becomes Q4_1 form
-    /// (`m = -8 d`), exactly. F16/F32 weights take the f32 path, said in a log line; a type
-    /// with no reader is an error.
+    /// The `[rows, cols]` tensor of type `ty` from its raw GGUF bytes, in the kernels' 4- or
+    /// 8-bit form where the type has one ([`repack`]: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K).
+    /// Other types take the f32 path, said in a log line; a type with no reader is an error.
     pub fn from_gguf(
         name: &str,
         ty: GgmlType,
@@ -92,58 +92,26 @@ impl QMatrix {
         cols: usize,
     ) -> Result<QMatrix> {
         let n = rows * cols;
-        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-        let quantized = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0);
-        if quantized && !cols.is_multiple_of(QK) {
+        let Some((block, block_bytes)) = ty.block_layout() else {
             return Err(Error::Gguf(format!(
-                "tensor {name}: rows of {cols} elements do not split into {QK}-element blocks"
+                "tensor {name}: unsupported tensor type {ty:?}"
+            )));
+        };
+        if !cols.is_multiple_of(block) {
+            return Err(Error::Gguf(format!(
+                "tensor {name}: rows of {cols} elements do not split into {block}-element blocks"
             )));
         }
-        let expect = ty
-            .block_layout()
-            .map(|(block, block_bytes)| n / block * block_bytes);
-        if expect != Some(bytes.len()) {
-            return Err(Error::Gguf(match expect {
-                None => format!("tensor {name}: unsupported tensor type {ty:?}"),
-                Some(e) => format!(
-                    "tensor {name}: {} bytes for {rows}x{cols} {ty:?}, expected {e}",
-                    bytes.len()
-                ),
-            }));
+        let expect = n / block * block_bytes;
+        if bytes.len() != expect {
+            return Err(Error::Gguf(format!(
+                "tensor {name}: {} bytes for {rows}x{cols} {ty:?}, expected {expect}",
+                bytes.len()
+            )));
         }
-        let blocks = n / QK;
-        let codes = match ty {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                let (head, step) = if ty == GgmlType::Q4_1 {
-                    (4, 20)
-                } else {
-                    (2, 18)
-                };
-                let mut d = Vec::with_capacity(blocks);
-                let mut m = Vec::with_capacity(blocks);
-                let mut qs = Vec::with_capacity(blocks * QK / 2);
-                for b in bytes.chunks_exact(step) {
-                    let scale = f16_at(b, 0);
-                    d.push(scale);
-                    m.push(if head == 4 {
-                        f16_at(b, 2)
-                    } else {
-                        -8.0 * scale
-                    });
-                    qs.extend_from_slice(&b[head..]);
-                }
-                Codes::Q4 { d, m, qs }
-            }
-            GgmlType::Q8_0 => {
-                let mut d = Vec::with_capacity(blocks);
-                let mut qs = Vec::with_capacity(n);
-                for b in bytes.chunks_exact(2 + QK) {
-                    d.push(f16_at(b, 0));
-                    qs.extend(b[2..].iter().map(|&q| q as i8));
-                }
-                Codes::Q8 { d, qs }
-            }
-            _ => {
+        let codes = match repack::repack(ty, bytes) {
+            Some(codes) => codes,
+            None => {
                 tracing::info!(
                     "tensor {name} is {ty:?}: no quantized kernel for it, products run in f32"
                 );
