@@ -7,16 +7,18 @@
 //! `scripts/bench/llm_llamacpp.py` (llama-cpp-python) in the Python of
 //! `CROSSLM_BENCH_PYTHON` (default: the venv of `scripts/bench/setup.sh`, else `python3`).
 //!
-//! `cargo bench --workspace --bench llm` (env: `CROSSLM_BENCH_PROMPT` tokens per prompt,
-//! default 128; `CROSSLM_BENCH_GEN` generated tokens, default 32; `CROSSLM_LLM_ENGINE=burn`
-//! measures the burn decoder instead of the quantized one).
+//! `cargo bench --workspace --bench llm` (env: `CROSSLM_BENCH_MODEL` = `smollm2` (default),
+//! `qwen2` or a GGUF path; `CROSSLM_BENCH_PROMPT` tokens per prompt, default 128;
+//! `CROSSLM_BENCH_GEN` generated tokens, default 32; `CROSSLM_LLM_ENGINE=burn` measures the
+//! burn decoder instead of the quantized one).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use burn::tensor::Device;
 use crosslm_coordinator::llm::generate::argmax;
-use crosslm_coordinator::llm::{Llm, smollm2_gguf_path};
+use crosslm_coordinator::llm::{Llm, qwen2_gguf_path, smollm2_gguf_path};
 use crosslm_coordinator::task::TaskSpec;
 use crosslm_sdk::data::{BadRows, assets_dir, load_mr, workspace_root};
 
@@ -126,7 +128,7 @@ fn reference_python() -> String {
 }
 
 /// llama.cpp figures from the Python script: `{"b1": {...}, "b16": {...}, "peak_rss_mib": x}`.
-fn llamacpp(prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> {
+fn llamacpp(path: &Path, prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> {
     let python = reference_python();
     let ok = Command::new(&python)
         .args(["-c", "import llama_cpp"])
@@ -140,7 +142,7 @@ fn llamacpp(prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> 
     let script = workspace_root().join("scripts/bench/llm_llamacpp.py");
     let out = Command::new(&python)
         .arg(script)
-        .arg(smollm2_gguf_path())
+        .arg(path)
         .args([
             "--prompt",
             &prompt_len.to_string(),
@@ -168,8 +170,17 @@ fn llamacpp(prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> 
     ))
 }
 
+/// The GGUF file to measure: `CROSSLM_BENCH_MODEL` = `smollm2` (default), `qwen2`, or a path.
+fn model_path() -> PathBuf {
+    match std::env::var("CROSSLM_BENCH_MODEL").as_deref() {
+        Ok("qwen2") => qwen2_gguf_path(),
+        Ok("smollm2") | Err(_) => smollm2_gguf_path(),
+        Ok(other) => PathBuf::from(other),
+    }
+}
+
 fn main() {
-    let path = smollm2_gguf_path();
+    let path = model_path();
     if !path.is_file() {
         eprintln!("missing {}: run scripts/fetch-assets.sh", path.display());
         std::process::exit(1);
@@ -195,7 +206,7 @@ fn main() {
     let b16 = run(&llm, 16, prompt_len, n_gen);
     let rss = peak_rss_mib();
     let work = round_work(&llm);
-    let reference = llamacpp(prompt_len, n_gen);
+    let reference = llamacpp(&path, prompt_len, n_gen);
     let engine = if llm.cpu_model().is_some() {
         "quantized CPU decoder"
     } else {
@@ -204,8 +215,10 @@ fn main() {
 
     println!();
     println!(
-        "SmolLM2-135M Q4_1, prompt {prompt_len} tokens, {n_gen} generated tokens per sequence; \
+        "{}, prompt {prompt_len} tokens, {n_gen} generated tokens per sequence; \
          crosslm: {engine}, {} threads, {}",
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         rayon::current_num_threads(),
         simd_note()
     );

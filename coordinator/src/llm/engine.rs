@@ -192,17 +192,23 @@ impl Llm {
         if verbalizers.iter().any(Vec::is_empty) {
             return Err(Error::Task("a verbalizer encodes to no tokens".into()));
         }
+        let prompts = texts
+            .iter()
+            .map(|t| {
+                let text = truncate_tokens(tok, t, MAX_TEXT_TOKENS)?;
+                tok.encode(&tok.chat_prompt(&task.classify_prompt(&text)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = shared_prefix(&prompts);
         let mut out = Vec::with_capacity(texts.len());
-        let chunk = (MAX_BATCH / task.labels.len()).max(1);
-        for batch in texts.chunks(chunk) {
-            let prompts = batch
-                .iter()
-                .map(|t| {
-                    let text = truncate_tokens(tok, t, MAX_TEXT_TOKENS)?;
-                    tok.encode(&tok.chat_prompt(&task.classify_prompt(&text)))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let scores = self.score_continuations(&prompts, &verbalizers);
+        let rows_per_prompt = if verbalizers.iter().all(|v| v.len() == 1) {
+            1
+        } else {
+            task.labels.len()
+        };
+        let chunk = (MAX_BATCH / rows_per_prompt).max(1);
+        for batch in prompts.chunks(chunk) {
+            let scores = self.score_continuations(batch, shared, &verbalizers);
             out.extend(scores.into_iter().map(|s| normalize_log_probs(&s)));
         }
         Ok(out)
@@ -217,42 +223,91 @@ impl Llm {
         Ok(probs.iter().map(|p| calibrate(p, &prior)).collect())
     }
 
-    /// `scores[i][l]` = log p(`conts[l]` | `prompts[i]`): the prompts run once, then their
-    /// cache is repeated for every continuation.
-    fn score_continuations(&self, prompts: &[Vec<u32>], conts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-        let (rows, pads) = left_pad(prompts, self.tokenizer.eos_id);
-        let (b, len) = (rows.len(), rows[0].len());
-        let longest = conts.iter().map(Vec::len).max().unwrap_or(1);
-        let mut session = self.session(self.classifier_lora(), len + longest);
-        let vocab = self.config.vocab_size;
-        let first = session.step(&rows, &pads); // [b, vocab]
-        let mut scores: Vec<Vec<f32>> = first
-            .chunks_exact(vocab)
-            .map(|row| conts.iter().map(|v| log_prob(row, v[0])).collect())
+    /// `scores[i][l]` = log p(`conts[l]` | `prompts[i]`), where the prompts' first `shared`
+    /// tokens are the same: that prefix runs once and its cache is repeated for every row;
+    /// each row is then a prompt's rest followed by a continuation but its last token,
+    /// RIGHT-padded (later positions cannot influence earlier ones), one row per prompt when
+    /// every continuation is one token, else one per (prompt, continuation).
+    fn score_continuations(
+        &self,
+        prompts: &[Vec<u32>],
+        shared: usize,
+        conts: &[Vec<u32>],
+    ) -> Vec<Vec<f32>> {
+        let Some(first) = prompts.first() else {
+            return Vec::new();
+        };
+        let eos = self.tokenizer.eos_id;
+        let per_prompt = if conts.iter().all(|c| c.len() == 1) {
+            1
+        } else {
+            conts.len()
+        };
+        // Row r: prompt r / per_prompt, continuation r % per_prompt (when per_prompt > 1).
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| (0..per_prompt).map(move |l| (p, l)))
+            .map(|(p, l)| {
+                let mut row = p[shared..].to_vec();
+                if per_prompt > 1 {
+                    row.extend(&conts[l][..conts[l].len() - 1]);
+                }
+                row
+            })
             .collect();
-        if longest > 1 {
-            // Row i * L + l continues prompt i with continuation l (right-padded: later
-            // positions cannot influence earlier ones).
-            let n_l = conts.len();
-            let rep: Vec<usize> = (0..b).flat_map(|i| std::iter::repeat_n(i, n_l)).collect();
-            session.keep_rows(&rep);
-            let pads: Vec<usize> = rep.iter().map(|&i| pads[i]).collect();
-            let inputs: Vec<Vec<u32>> = (0..b)
-                .flat_map(|_| conts.iter())
-                .map(|v| {
-                    let mut r = v[..v.len() - 1].to_vec();
-                    r.resize(longest - 1, self.tokenizer.eos_id);
-                    r
-                })
-                .collect();
-            let hidden = session.hidden(&inputs, &pads);
-            let logits = session.logits(&hidden, inputs.len() * (longest - 1));
-            for (row, p) in logits.chunks_exact(vocab * (longest - 1)).enumerate() {
-                let (i, l) = (row / n_l, row % n_l);
-                for (j, &t) in conts[l].iter().enumerate().skip(1) {
-                    scores[i][l] += log_prob(&p[(j - 1) * vocab..j * vocab], t);
+        let width = rows.iter().map(Vec::len).max().unwrap_or(1);
+        let mut session = self.session(self.classifier_lora(), shared + width);
+        if shared > 0 {
+            session.hidden(&[first[..shared].to_vec()], &[0]);
+            session.keep_rows(&vec![0; rows.len()]);
+        }
+        let padded: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.resize(width, eos);
+                r
+            })
+            .collect();
+        let hidden = session.hidden(&padded, &vec![0; padded.len()]);
+        // (row, position in the row, prompt, continuation, token index in it) for every
+        // scored token: continuation l's token j is predicted at the prompt's last position + j.
+        let d = self.config.d_model;
+        let mut wanted = Vec::new();
+        for (r, p) in prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, per_prompt))
+            .enumerate()
+        {
+            let last = p.len() - shared - 1;
+            let (i, ls) = if per_prompt > 1 {
+                (r / per_prompt, r % per_prompt..r % per_prompt + 1)
+            } else {
+                (r, 0..conts.len())
+            };
+            for l in ls {
+                for j in 0..conts[l].len() {
+                    wanted.push((r, last + j, i, l, j));
                 }
             }
+        }
+        // One head row per distinct (row, position): single-token continuations share one.
+        let mut positions: Vec<(usize, usize)> = wanted.iter().map(|w| (w.0, w.1)).collect();
+        positions.dedup();
+        let h: Vec<f32> = positions
+            .iter()
+            .flat_map(|&(r, t)| &hidden[(r * width + t) * d..][..d])
+            .copied()
+            .collect();
+        let vocab = self.config.vocab_size;
+        let logits = session.logits(&h, positions.len());
+        let mut scores = vec![vec![0.0f32; conts.len()]; prompts.len()];
+        for (r, t, i, l, j) in wanted {
+            let k = positions
+                .iter()
+                .position(|&x| x == (r, t))
+                .unwrap_or_else(|| unreachable!("every wanted position was kept"));
+            scores[i][l] += log_prob(&logits[k * vocab..(k + 1) * vocab], conts[l][j]);
         }
         scores
     }
@@ -320,6 +375,24 @@ pub fn accuracy(probs: &[Vec<f32>], labels: &[usize]) -> f64 {
         .filter(|(p, l)| super::generate::argmax(p) as usize == **l)
         .count();
     hits as f64 / probs.len() as f64
+}
+
+/// Length of the prefix all `prompts` share, leaving each at least its last token.
+fn shared_prefix(prompts: &[Vec<u32>]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else {
+        return 0;
+    };
+    let mut n = first.len().saturating_sub(1);
+    for p in rest {
+        n = n.min(p.len().saturating_sub(1));
+        n = first
+            .iter()
+            .zip(p)
+            .take(n)
+            .take_while(|(a, b)| a == b)
+            .count();
+    }
+    n
 }
 
 /// Left-pads rows to the same length with `pad`; returns rows and pad counts.
@@ -561,6 +634,74 @@ mod tests {
         assert_eq!(paths.len(), 1 + 7 * 30);
         assert_eq!(paths[0], Path::Q8);
         assert!(paths[1..].iter().all(|p| *p == Path::Q4), "{paths:?}");
+    }
+
+    /// Classification with a shared prefix and right-padded rows gives each text what a
+    /// plain forward pass over its whole prompt and each continuation gives, for one- and
+    /// multi-token verbalizers, in a batch and alone.
+    #[test]
+    fn shared_prefix_scoring_matches_plain_passes() -> Result<()> {
+        let llm = crate::llm::test_assets::tiny_llm()?;
+        let tok = &llm.tokenizer;
+        let mut task = TaskSpec::from_toml_file(
+            crosslm_sdk::data::workspace_root().join("examples/tasks/mr.toml"),
+        )?;
+        let texts: Vec<String> = [
+            "Dull.",
+            "A warm, funny and moving picture with a cast at its best.",
+            "Not bad at all",
+        ]
+        .map(String::from)
+        .to_vec();
+        for verbalizers in [["Negative", "Positive"], ["thumbs down", "a warm yes"]] {
+            for (label, v) in task.labels.iter_mut().zip(verbalizers) {
+                label.verbalizer = v.to_string();
+            }
+            let conts: Vec<Vec<u32>> = verbalizers
+                .iter()
+                .map(|v| tok.encode(v))
+                .collect::<Result<_>>()?;
+            let batched = llm.classify(&task, &texts)?;
+            for (text, got) in texts.iter().zip(&batched) {
+                let prompt = tok.encode(&tok.chat_prompt(&task.classify_prompt(text)))?;
+                let plain: Vec<f32> = conts
+                    .iter()
+                    .map(|c| {
+                        let mut seq = prompt.clone();
+                        seq.extend(&c[..c.len() - 1]);
+                        let mut session = llm.session(None, seq.len());
+                        let hidden = session.hidden(std::slice::from_ref(&seq), &[0]);
+                        let d = llm.config.d_model;
+                        let at = &hidden[(prompt.len() - 1) * d..];
+                        let logits = session.logits(&at[..c.len() * d], c.len());
+                        let vocab = llm.config.vocab_size;
+                        c.iter()
+                            .enumerate()
+                            .map(|(j, &t)| log_prob(&logits[j * vocab..(j + 1) * vocab], t))
+                            .sum()
+                    })
+                    .collect();
+                let want = normalize_log_probs(&plain);
+                let alone = llm.classify(&task, std::slice::from_ref(text))?.remove(0);
+                for ((w, g), a) in want.iter().zip(got).zip(&alone) {
+                    assert!(
+                        (w - g).abs() < 1e-4 && (w - a).abs() < 1e-4,
+                        "{verbalizers:?}"
+                    );
+                }
+            }
+            assert!(conts.iter().any(|c| c.len() > 1) == (verbalizers[0] == "thumbs down"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn shared_prefix_leaves_every_prompt_a_token() {
+        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 4, 5]]), 2);
+        assert_eq!(shared_prefix(&[vec![1, 2, 3], vec![1, 2, 3, 5]]), 2);
+        assert_eq!(shared_prefix(&[vec![1, 2, 3]]), 2);
+        assert_eq!(shared_prefix(&[vec![7], vec![1, 2]]), 0);
+        assert_eq!(shared_prefix(&[]), 0);
     }
 
     #[test]
