@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 . scripts/env.sh
 ./scripts/fetch-assets.sh
 # The network tests drive the real binaries (e.g. SIGKILL the coordinator), and the binding
-# tests the crosslm-ffi library: build them first.
-cargo build --release --workspace --bins --examples
+# tests the crosslm-ffi library (`--lib` puts a fresh one in target/release): build them first.
+cargo build --release --workspace --lib --bins --examples
 cargo test --release --workspace "$@"
 # The mobile bindings for real: generate Kotlin/Swift/Python from the built library, then drive
 # a coordinator on loopback through the Python module (system python3, unittest).

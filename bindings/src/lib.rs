@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crosslm_sdk::client::{self, Client, ClientConfig};
+use crosslm_sdk::privacy::PrivacyFloor;
 use crosslm_sdk::protocol::ErrorCode;
 use crosslm_sdk::slm::{Arch, Backend};
 
@@ -209,6 +210,13 @@ pub struct ClientSettings {
     /// Most threads for training and scoring (`None`: every core); fewer leave cores to the
     /// app and draw less power.
     pub threads: Option<u32>,
+    /// The least Gaussian noise this device adds to the scores it sends, whatever the
+    /// coordinator asks (0: what the coordinator asks); see the SDK's `privacy` module.
+    pub min_noise_multiplier: f64,
+    /// The most epsilon the device's scores may spend; rounds past it are refused.
+    pub epsilon_budget: Option<f64>,
+    /// The delta the device accounts its epsilon at.
+    pub privacy_delta: f64,
 }
 
 /// Default settings for a data dir.
@@ -228,6 +236,9 @@ pub fn default_settings(data_dir: String) -> ClientSettings {
         min_quality: d.min_quality,
         connect_timeout_ms: d.connect_timeout.as_millis() as u64,
         threads: None,
+        min_noise_multiplier: d.privacy.min_noise_multiplier,
+        epsilon_budget: d.privacy.epsilon_budget,
+        privacy_delta: d.privacy.delta,
     }
 }
 
@@ -349,6 +360,10 @@ pub struct ClientStatus {
     pub local_accuracy: Option<f32>,
     /// Paused: rounds that open are sat out until `resume()`.
     pub paused: bool,
+    /// Epsilon the device's scores have spent so far (at its delta).
+    pub epsilon_spent: f64,
+    /// The device's epsilon budget, if it has one.
+    pub epsilon_budget: Option<f64>,
 }
 
 /// What loading private data gave.
@@ -499,6 +514,12 @@ impl CrossLmClient {
             min_quality: settings.min_quality,
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
             threads: settings.threads.map(|t| t as usize),
+            privacy: PrivacyFloor {
+                min_noise_multiplier: settings.min_noise_multiplier,
+                epsilon_budget: settings.epsilon_budget,
+                delta: settings.privacy_delta,
+                noise_seed: None,
+            },
             ..d
         };
         Ok(Arc::new(Self {
@@ -603,6 +624,8 @@ impl CrossLmClient {
             last_round: s.last_round,
             local_accuracy: s.local_accuracy,
             paused: s.paused,
+            epsilon_spent: s.epsilon_spent,
+            epsilon_budget: s.epsilon_budget,
         }
     }
 }

@@ -156,6 +156,9 @@ def settings(d, coordinator):
     s.train_epochs = 20
     s.test_fraction = 0.25
     s.connect_timeout_ms = 5000
+    # The device's own privacy floor: noise on its scores, with a budget it stays within.
+    s.min_noise_multiplier = 2.0
+    s.epsilon_budget = 50.0
     return s
 
 
@@ -211,6 +214,9 @@ class BindingsTest(unittest.TestCase):
         s = client.status()
         self.assertEqual((s.last_round, s.rounds_completed), (1, 1))
         self.assertEqual(s.activity, x.Activity.IDLE)
+        # One round at noise multiplier 2: epsilon 2.166 at delta 1e-5 (Opacus gives 2.1657).
+        self.assertAlmostEqual(s.epsilon_spent, 2.1657, delta=1e-3)
+        self.assertEqual(s.epsilon_budget, 50.0)
         with open(os.path.join(self.dir, "client", "state.json")) as f:
             state = json.load(f)
         self.assertEqual(state["last_round"], 1)

@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             ..RoundConfig::default()
         },
         learning: Some(LearnSchedule::default()),
+        privacy: None,
         ..DaemonConfig::default()
     };
     for token in mint_tokens(&cfg.data_dir, args.clients)? {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod method;
 #[cfg(feature = "slm")]
 pub mod participant;
+pub mod privacy;
 pub mod protocol;
 pub mod rounds;
 #[cfg(feature = "slm")]

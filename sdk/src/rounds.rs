@@ -6,8 +6,11 @@
 
 use std::collections::HashMap;
 
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use tokio::sync::watch;
 
+use crate::privacy::{self, ScorePrivacy};
 use crate::protocol::{AggregatedScore, ClientMsg, LearnSettings, SyntheticSample, TaskInfo};
 use crate::transport::{Event, Session, sample_scores};
 use crate::{Error, Result};
@@ -51,6 +54,22 @@ pub trait RoundHooks: Send {
     /// from.
     fn skip(&mut self, _round: u64) -> bool {
         false
+    }
+    /// The noise multiplier `round`'s scores go out with when the coordinator asks for
+    /// `requested` (`None`: no noise), or why the client will not score the round (its
+    /// privacy budget, say: the round is then abandoned). Called before scoring; the default
+    /// applies what the coordinator asks.
+    fn privacy(
+        &mut self,
+        _round: u64,
+        requested: Option<ScorePrivacy>,
+    ) -> std::result::Result<Option<f64>, String> {
+        Ok(requested.map(|p| p.noise_multiplier).filter(|&z| z > 0.0))
+    }
+    /// Where `round`'s noise is drawn from: the OS's randomness unless a caller fixes a seed
+    /// (experiments).
+    fn noise_rng(&mut self, _round: u64) -> StdRng {
+        StdRng::from_os_rng()
     }
 }
 
@@ -105,12 +124,24 @@ pub async fn run_rounds<S: Scorer>(
                 task,
                 samples,
                 learn,
+                privacy: requested,
                 ..
             } => {
                 if hooks.skip(round) {
                     tracing::info!(round, "paused: sitting this round out");
                     continue;
                 }
+                let noise = match hooks.privacy(round, requested) {
+                    Ok(noise) => noise,
+                    Err(reason) => {
+                        tracing::warn!(round, %reason, "not scoring this round");
+                        hooks.failed(round, &reason);
+                        if let Err(e) = session.send(&ClientMsg::Abandon { round }).await {
+                            tracing::warn!(round, error = %e, "could not abandon the round");
+                        }
+                        continue;
+                    }
+                };
                 tracing::info!(round, samples = samples.len(), "scoring batch");
                 let mut probs = Vec::with_capacity(samples.len());
                 hooks.scoring(round, &task, 0, samples.len());
@@ -132,6 +163,12 @@ pub async fn run_rounds<S: Scorer>(
                     }
                     probs.extend(rows);
                     hooks.scoring(round, &task, probs.len(), samples.len());
+                }
+                if let Some(z) = noise {
+                    let mut rng = hooks.noise_rng(round);
+                    privacy::privatize(&mut probs, z, &mut rng);
+                    let sigma = privacy::noise_std(probs.len(), z);
+                    tracing::info!(round, noise_multiplier = z, sigma, "scores privatized");
                 }
                 session
                     .send_scores(round, &sample_scores(&samples, probs)?)

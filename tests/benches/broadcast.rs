@@ -84,6 +84,7 @@ async fn broadcast(
         idle_timeout_ms: 30_000,
         linger_ms: 10_000,
         learning: None,
+        privacy: None,
     };
     let generator = FileGenerator::load(samples_path, &task).unwrap();
     let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();

@@ -109,6 +109,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 5_000,
         learning: None,
+        privacy: None,
     };
     let data_dir = cfg.data_dir.clone();
     let tokens = mint_tokens(&data_dir, 2).unwrap();

@@ -8,10 +8,11 @@ use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::{Phase, RoundConfig};
 use crosslm_coordinator::store::Store;
 use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::privacy::{PrivacyFloor, PrivacyLedger, PrivacyTarget, ScorePrivacy};
 use crosslm_sdk::protocol::{
     AggregatedScore, ArchTraining, LearnSettings, SyntheticSample, TaskInfo,
 };
-use crosslm_sdk::rounds::{Scorer, participate};
+use crosslm_sdk::rounds::{RoundHooks, Scorer, participate, run_rounds};
 use crosslm_sdk::transport::Session;
 use crosslm_tests::*;
 use tokio::io::AsyncBufReadExt;
@@ -31,6 +32,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
         learning: None,
+        privacy: None,
     }
 }
 
@@ -217,4 +219,131 @@ async fn learning_settings_travel_with_each_round() {
     );
     assert_eq!(seen[0].as_ref().map(|s| s.min_quality), Some(0.0));
     assert_eq!(seen[1].as_ref().map(|s| s.min_quality), Some(0.7));
+}
+
+/// Hooks with a client's own privacy terms: its ledger and floor, and the refusals it gave.
+struct BudgetHooks {
+    floor: PrivacyFloor,
+    ledger: PrivacyLedger,
+    refused: Vec<(u64, String)>,
+}
+
+impl RoundHooks for BudgetHooks {
+    fn privacy(
+        &mut self,
+        round: u64,
+        requested: Option<ScorePrivacy>,
+    ) -> Result<Option<f64>, String> {
+        self.ledger.admit(round, &self.floor, requested)
+    }
+
+    fn failed(&mut self, round: u64, reason: &str) {
+        self.refused.push((round, reason.to_string()));
+    }
+}
+
+/// Client-level DP over real QUIC: the coordinator asks every round for the noise of
+/// epsilon 4 over one round. A client that follows (the SDK's default hooks) sends
+/// privatized scores: its fixed 0.9 no longer arrives as 0.9. A client whose budget is 4
+/// scores round 1 and abandons round 2 with a reason naming its budget, and round 2 completes
+/// on the other client's reply alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_privacy_budget_abandons_the_round() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, task) = write_task(dir.path());
+    let samples = write_samples(dir.path(), 40);
+    let mut cfg = config(dir.path(), 2, 1);
+    cfg.rounds = Some(2);
+    cfg.samples_per_label = 16;
+    let target = PrivacyTarget {
+        epsilon: 4.0,
+        delta: 1e-5,
+        rounds: 1,
+    };
+    cfg.privacy = Some(target);
+    let data_dir = cfg.data_dir.clone();
+    let tokens = mint_tokens(&data_dir, 2).unwrap();
+    let generator = FileGenerator::load(&samples, &task).unwrap();
+    let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();
+    let addr = daemon.addr;
+
+    let follower = {
+        let token = tokens[0].clone();
+        tokio::spawn(async move {
+            let id = enroll_with(addr, &token, "follower").await;
+            let mut s = Session::connect(addr, &id, info("follower", 10))
+                .await
+                .unwrap();
+            let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(2))
+                .await
+                .unwrap();
+            n
+        })
+    };
+    let careful = {
+        let token = tokens[1].clone();
+        tokio::spawn(async move {
+            let id = enroll_with(addr, &token, "careful").await;
+            let mut s = Session::connect(addr, &id, info("careful", 10))
+                .await
+                .unwrap();
+            let mut hooks = BudgetHooks {
+                floor: PrivacyFloor {
+                    epsilon_budget: Some(4.0),
+                    ..PrivacyFloor::default()
+                },
+                ledger: PrivacyLedger::default(),
+                refused: Vec::new(),
+            };
+            let mut scorer = Some(FixedScorer { p: 0.9 });
+            run_rounds(&mut s, &mut scorer, Some(2), &mut hooks, None)
+                .await
+                .unwrap();
+            hooks
+        })
+    };
+    let timeout = Duration::from_secs(60);
+    assert_eq!(
+        tokio::time::timeout(timeout, follower)
+            .await
+            .unwrap()
+            .unwrap(),
+        2
+    );
+    let hooks = tokio::time::timeout(timeout, careful)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hooks.ledger.rounds.len(), 1, "only round 1 spent");
+    assert!(hooks.ledger.spent(1e-5) <= 4.0);
+    assert_eq!(hooks.refused.len(), 1);
+    assert_eq!(hooks.refused[0].0, 2);
+    assert!(hooks.refused[0].1.contains("budget"), "{:?}", hooks.refused);
+    assert_eq!(daemon.wait().await.unwrap(), 2);
+    drop(daemon);
+
+    let store = Store::open(&data_dir).unwrap();
+    let one = store.result(1).unwrap().expect("round 1 result");
+    let two = store.result(2).unwrap().expect("round 2 result");
+    assert_eq!(one.contributors.len(), 2);
+    assert_eq!(
+        two.contributors.len(),
+        1,
+        "the careful client sat round 2 out"
+    );
+    // sigma = z sqrt(2 * 32) with z about 1.2: the fixed 0.9 is gone in the noise.
+    let moved = two
+        .scores
+        .iter()
+        .filter(|s| (s.quality - 0.9).abs() > 0.05)
+        .count();
+    assert!(
+        moved > two.scores.len() / 2,
+        "{moved} of {} moved",
+        two.scores.len()
+    );
+    for s in &two.scores {
+        assert!((s.soft.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{s:?}");
+    }
 }

@@ -32,6 +32,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
         idle_timeout_ms: 10_000, // a loaded 2-core CI machine can stall a runtime for seconds
         linger_ms: 10_000,
         learning: None,
+        privacy: None,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
     let g = FileGenerator::load(&samples, &task).unwrap();

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::privacy::PrivacyTarget;
 use serde::{Deserialize, Serialize};
 
 use crate::round::RoundConfig;
@@ -31,6 +32,9 @@ pub struct DaemonConfig {
     /// How clients learn from each round's result, sent with the round (`[daemon.learning]`);
     /// none: each client's own defaults.
     pub learning: Option<LearnSchedule>,
+    /// Differential privacy asked of every client's scores (`[daemon.privacy]`): the target
+    /// sets the noise multiplier sent with each round; none: no noise asked.
+    pub privacy: Option<PrivacyTarget>,
 }
 
 impl Default for DaemonConfig {
@@ -45,6 +49,7 @@ impl Default for DaemonConfig {
             idle_timeout_ms: 30_000,
             linger_ms: 120_000,
             learning: None,
+            privacy: None,
         }
     }
 }

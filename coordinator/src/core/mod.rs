@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::privacy::{ScorePrivacy, accountant};
 use crosslm_sdk::protocol::{
     self, ClientId, ClientInfo, ErrorCode, ErrorMsg, Reassembly, SampleScore, ServerMsg,
     SyntheticSample, TaskInfo, frame,
@@ -269,6 +270,8 @@ enum Busy {
 /// The coordinator core (see the module docs).
 pub struct Core {
     cfg: DaemonConfig,
+    /// What `cfg.privacy` asks of the clients' scores.
+    privacy: Option<ScorePrivacy>,
     task: TaskInfo,
     conns: HashMap<ClientId, Conn>,
     active: Option<Active>,
@@ -288,7 +291,24 @@ impl Core {
     /// newest round's feedback if its report is missing; the generator skips learning a
     /// round twice) and an unfinished round resumes.
     pub fn new(cfg: DaemonConfig, task: TaskInfo, resume: Resume) -> Result<Self> {
+        let privacy = match &cfg.privacy {
+            Some(target) => {
+                let z = target.noise_multiplier().map_err(Error::Data)?;
+                tracing::info!(
+                    epsilon = target.epsilon,
+                    delta = target.delta,
+                    rounds = target.rounds,
+                    noise_multiplier = z,
+                    "clients' scores: Gaussian noise asked with every round"
+                );
+                Some(ScorePrivacy {
+                    noise_multiplier: z,
+                })
+            }
+            None => None,
+        };
         let mut core = Self {
+            privacy,
             cfg,
             task,
             conns: HashMap::new(),
@@ -317,7 +337,7 @@ impl Core {
                 replies = replies.len(),
                 "resuming unfinished round"
             );
-            let frames = encode_batch(&rec, core.cfg.learning.as_ref())?;
+            let frames = encode_batch(&rec, core.cfg.learning.as_ref(), core.privacy)?;
             core.next_round = core.next_round.max(rec.id + 1);
             let machine = RoundMachine::restore(
                 rec.id,
@@ -563,7 +583,19 @@ impl Core {
             deadline_at: now + self.cfg.round.deadline_ms,
             phase: Phase::Collecting,
         };
-        let frames = encode_batch(&rec, self.cfg.learning.as_ref())?;
+        let frames = encode_batch(&rec, self.cfg.learning.as_ref(), self.privacy)?;
+        if let (Some(p), Some(target)) = (self.privacy, &self.cfg.privacy) {
+            let spent = accountant::epsilon(&vec![p.noise_multiplier; id as usize], target.delta);
+            let per_round = accountant::epsilon(&[p.noise_multiplier], target.delta);
+            tracing::info!(
+                round = id,
+                noise_multiplier = p.noise_multiplier,
+                epsilon_round = per_round,
+                epsilon_total = spent,
+                delta = target.delta,
+                "privacy of the scores through this round (a client that scored every round)"
+            );
+        }
         self.next_round = id + 1;
         let mut machine = RoundMachine::new(
             id,
@@ -708,7 +740,11 @@ impl Core {
 
 /// A round's batch as frames: the opening (with the round's learning settings) and the
 /// samples in chunks.
-fn encode_batch(rec: &RoundRecord, learning: Option<&LearnSchedule>) -> Result<Arc<Vec<Vec<u8>>>> {
+fn encode_batch(
+    rec: &RoundRecord,
+    learning: Option<&LearnSchedule>,
+    privacy: Option<ScorePrivacy>,
+) -> Result<Arc<Vec<Vec<u8>>>> {
     let enc =
         |m: &ServerMsg| frame::encode(m).map_err(|e| Error::Transport(format!("encode: {e}")));
     let mut frames = vec![enc(&ServerMsg::RoundOpen {
@@ -717,6 +753,7 @@ fn encode_batch(rec: &RoundRecord, learning: Option<&LearnSchedule>) -> Result<A
         total_samples: rec.samples.len() as u64,
         deadline_ms: rec.deadline_at,
         learn: learning.map(|l| l.for_round(rec.id)),
+        privacy,
     })?];
     for (samples, last) in protocol::chunks(&rec.samples, protocol::SAMPLES_PER_CHUNK) {
         frames.push(enc(&ServerMsg::Samples {

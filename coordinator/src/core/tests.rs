@@ -520,6 +520,36 @@ fn the_learning_settings_go_out_with_each_batch() {
     assert_eq!(learn.min_quality, 0.0, "the threshold starts in round 2");
 }
 
+/// A privacy target becomes the noise multiplier every round asks of the clients; a target
+/// no noise reaches is an error at start.
+#[test]
+fn the_privacy_target_goes_out_as_a_noise_multiplier() {
+    let mut cfg = config(1, 1, 1);
+    let target = crosslm_sdk::privacy::PrivacyTarget {
+        epsilon: 4.0,
+        delta: 1e-5,
+        rounds: 3,
+    };
+    cfg.privacy = Some(target);
+    let mut sim = Sim::new(cfg.clone());
+    sim.connect("a", 1);
+    let Some((_, Outbound::Frames(frames))) = sim.sent.iter().find(|(c, _)| c == "a") else {
+        panic!("batch sent")
+    };
+    let Some(ServerMsg::RoundOpen {
+        privacy: Some(p), ..
+    }) = decode(&frames[0])
+    else {
+        panic!("round opening with a privacy request")
+    };
+    assert_eq!(Ok(p.noise_multiplier), target.noise_multiplier());
+    cfg.privacy = Some(crosslm_sdk::privacy::PrivacyTarget {
+        epsilon: -1.0,
+        ..target
+    });
+    assert!(Core::new(cfg, task(), Resume::default()).is_err());
+}
+
 #[test]
 fn stop_exits_at_once() {
     let mut sim = Sim::new(config(1, 1, 5));

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use crosslm_coordinator::tuning::TuningConfig;
+use crosslm_sdk::privacy::PrivacyTarget;
 use crosslm_sdk::slm::Arch;
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +237,11 @@ pub struct ExperimentConfig {
     /// (`[round] prior_correction` of the coordinator).
     #[serde(default = "yes")]
     pub prior_correction: bool,
+    /// Differential privacy on the clients' scores, asked by the coordinator of every client
+    /// (`privacy = { epsilon = 8.0, delta = 1e-5, rounds = 3 }`); none: scores in clear. The
+    /// noise is seeded from the run's seed: reproducible runs, not a deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyTarget>,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
@@ -470,6 +476,9 @@ variants = ["crosslm"]
             "name=sweep",
             "tuning.epochs=7",
             "rounds = 1",
+            "privacy.epsilon=8.0",
+            "privacy.delta=1e-5",
+            "privacy.rounds=3",
         ]
         .map(String::from);
         let c = ExperimentConfig::load_with(&p, &sets).unwrap();
@@ -479,6 +488,9 @@ variants = ["crosslm"]
         assert_eq!(c.tuning.epochs, 7);
         assert_eq!(c.rounds, 1);
         assert_eq!(c.tuning.batch_size, base.tuning.batch_size);
+        assert_eq!(base.privacy, None);
+        let dp = c.privacy.expect("privacy set");
+        assert_eq!((dp.epsilon, dp.delta, dp.rounds), (8.0, 1e-5, 3));
         for bad in [
             "bogus=1",
             "min_quality",

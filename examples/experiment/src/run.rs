@@ -20,6 +20,7 @@ use crosslm_sdk::client::{
 };
 use crosslm_sdk::data::{self, BadRows, TableSpec};
 use crosslm_sdk::method::LearnSchedule;
+use crosslm_sdk::privacy::PrivacyFloor;
 use crosslm_sdk::protocol::{
     AggregatedScore, ArchTraining, LearnSettings, SyntheticSample, TaskInfo,
 };
@@ -551,6 +552,7 @@ impl Ctx {
             idle_timeout_ms: 120_000,
             linger_ms: 60 * 60 * 1000,
             learning: Some(self.learn_schedule(v)),
+            privacy: cfg.privacy,
         };
         let tokens = mint_tokens(&coord_dir, n)?;
         let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), generator).await?;
@@ -591,6 +593,12 @@ impl Ctx {
                 test_fraction: 0.0,
                 n_private: Some(c.private.len() as u64),
                 seed: cfg.seed.wrapping_add(i as u64),
+                privacy: PrivacyFloor {
+                    noise_seed: cfg
+                        .privacy
+                        .map(|_| cfg.seed.wrapping_mul(1000).wrapping_add(i as u64)),
+                    ..PrivacyFloor::default()
+                },
                 ..ClientConfig::default()
             })?);
             device.load_data_rows(&named(&c.private))?;

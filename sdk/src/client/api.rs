@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::data;
+use crate::privacy::{PrivacyFloor, PrivacyLedger};
 use crate::slm::{Arch, Backend};
 
 /// How a [`Client`] is set up.
@@ -54,6 +55,9 @@ pub struct ClientConfig {
     /// fewer leave cores to the app and draw less power; the work itself never runs on the
     /// caller's thread.
     pub threads: Option<usize>,
+    /// The client's own privacy terms for its scores: a noise floor the coordinator cannot
+    /// lower and an epsilon budget ([`crate::privacy`]).
+    pub privacy: PrivacyFloor,
 }
 
 impl Default for ClientConfig {
@@ -76,6 +80,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             seed: 42,
             threads: None,
+            privacy: PrivacyFloor::default(),
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct SavedState {
     pub last_round: Option<u64>,
     /// Local test accuracy after the last training.
     pub local_accuracy: Option<f32>,
+    /// The rounds scored with noise (or under a budget): the privacy loss so far.
+    pub privacy: PrivacyLedger,
     /// When this was written, ms since the Unix epoch.
     pub updated_unix_ms: u64,
 }
@@ -186,6 +193,13 @@ pub struct Status {
     pub local_accuracy: Option<f32>,
     /// [`Client::pause`]d: rounds that open are sat out until [`Client::resume`].
     pub paused: bool,
+    /// Epsilon the client's scores have spent so far (at [`Status::privacy_delta`]); infinite
+    /// once a round went out without noise under a budget, 0 before any.
+    pub epsilon_spent: f64,
+    /// The client's epsilon budget, if it has one.
+    pub epsilon_budget: Option<f64>,
+    /// The delta the client accounts at.
+    pub privacy_delta: f64,
 }
 
 /// What loading private data gave.

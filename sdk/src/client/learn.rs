@@ -6,9 +6,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
 use super::{Activity, Client, JoinSummary, Progress, TrainSummary, lock};
 use crate::data::Dataset;
 use crate::participant::{Learning, SlmScorer};
+use crate::privacy::ScorePrivacy;
 use crate::protocol::{ClientInfo, LearnSettings, TaskInfo};
 use crate::rounds::{RoundHooks, run_rounds};
 use crate::slm::checkpoint::swap;
@@ -393,6 +397,28 @@ impl RoundHooks for JoinHooks<'_> {
             );
         }
         paused
+    }
+
+    fn privacy(
+        &mut self,
+        round: u64,
+        requested: Option<ScorePrivacy>,
+    ) -> std::result::Result<Option<f64>, String> {
+        let floor = self.client.config.privacy;
+        let mut ledger = lock(&self.client.state).privacy.clone();
+        let noise = ledger.admit(round, &floor, requested)?;
+        // On disk before any score leaves: a crash after sending must not forget the spend.
+        self.client
+            .update_state(|s| s.privacy = ledger)
+            .map_err(|e| format!("could not record the privacy spend: {e}"))?;
+        Ok(noise)
+    }
+
+    fn noise_rng(&mut self, round: u64) -> StdRng {
+        match self.client.config.privacy.noise_seed {
+            Some(seed) => StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            None => StdRng::from_os_rng(),
+        }
     }
 
     fn failed(&mut self, round: u64, reason: &str) {

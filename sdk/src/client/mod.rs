@@ -155,6 +155,16 @@ impl Client {
                 config.test_fraction
             )));
         }
+        let p = &config.privacy;
+        let sound = (0.0..f64::INFINITY).contains(&p.min_noise_multiplier)
+            && p.delta > 0.0
+            && p.delta < 1.0
+            && p.epsilon_budget.is_none_or(|b| b >= 0.0);
+        if !sound {
+            return Err(Error::InvalidInput(format!(
+                "privacy terms need a noise multiplier >= 0, 0 < delta < 1 and a budget >= 0: {p:?}"
+            )));
+        }
         if !(0.0..=1.0).contains(&config.min_quality) {
             return Err(Error::InvalidInput(format!(
                 "minimum quality {} is not in [0, 1]",
@@ -494,6 +504,9 @@ impl Client {
             rounds_completed: state.rounds_completed,
             last_round: state.last_round,
             local_accuracy: state.local_accuracy,
+            epsilon_spent: state.privacy.spent(self.config.privacy.delta),
+            epsilon_budget: self.config.privacy.epsilon_budget,
+            privacy_delta: self.config.privacy.delta,
             paused: self.paused.load(Ordering::SeqCst),
         }
     }

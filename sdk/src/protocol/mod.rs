@@ -10,11 +10,13 @@ mod reassembly;
 
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::ScorePrivacy;
+
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use reassembly::{Reassembly, TooMany};
 
 /// The protocol version this build speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Samples per [`ServerMsg::Samples`] chunk: large batches are streamed, never one frame.
 pub const SAMPLES_PER_CHUNK: usize = 256;
@@ -274,6 +276,9 @@ pub enum ServerMsg {
         deadline_ms: u64,
         /// How clients learn from this round's result; `None`: each client's own defaults.
         learn: Option<LearnSettings>,
+        /// The noise the coordinator asks clients to add to their scores; `None`: none asked
+        /// (a client may still add its own, [`crate::privacy`]).
+        privacy: Option<ScorePrivacy>,
     },
     /// A chunk of a round's synthetic samples.
     Samples {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::error::SessionError;
+use crate::privacy::ScorePrivacy;
 use crate::protocol::{
     self, AggregatedScore, ClientInfo, ClientMsg, ErrorMsg, LearnSettings, PROTOCOL_VERSION,
     Reassembly, SampleScore, ServerMsg, SyntheticSample, TaskInfo, TooMany, frame,
@@ -25,6 +26,8 @@ pub enum Event {
         deadline_ms: u64,
         /// How to learn from the round's result (`None`: the client's defaults).
         learn: Option<LearnSettings>,
+        /// The noise the coordinator asks for on the scores.
+        privacy: Option<ScorePrivacy>,
     },
     /// Our scores for a round were accepted.
     Accepted {
@@ -202,6 +205,7 @@ impl Session {
                 total_samples,
                 deadline_ms,
                 learn,
+                privacy,
             } => {
                 if total_samples > protocol::MAX_ROUND_SAMPLES as u64 {
                     return Err(Error::Protocol(format!(
@@ -240,6 +244,7 @@ impl Session {
                     samples,
                     deadline_ms,
                     learn,
+                    privacy,
                 })
             }
             ServerMsg::RoundResult {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crosslm_sdk::client::ClientConfig;
+use crosslm_sdk::privacy::PrivacyFloor;
 use crosslm_sdk::slm::{Arch, Backend};
 use serde::Deserialize;
 
@@ -50,6 +51,8 @@ pub struct FileConfig {
     pub seed: Option<u64>,
     /// Most threads for training and scoring (default: every core).
     pub threads: Option<usize>,
+    /// This client's privacy terms for its scores (`[privacy]`).
+    pub privacy: Option<PrivacyFloor>,
 }
 
 impl FileConfig {
@@ -140,6 +143,7 @@ impl CommonArgs {
                 .unwrap_or(d.connect_timeout),
             seed: file.seed.unwrap_or(d.seed),
             threads: file.threads,
+            privacy: file.privacy.unwrap_or(d.privacy),
             ..d
         }
     }
@@ -167,6 +171,8 @@ mod tests {
         let c = common.client_config(&f);
         assert_eq!(c.coordinator.as_deref(), Some("10.0.0.1:9"), "flag wins");
         assert_eq!(c.name, "laptop", "file wins over the default");
+        assert_eq!(c.privacy.min_noise_multiplier, 0.5);
+        assert_eq!(c.privacy.epsilon_budget, Some(8.0));
         std::fs::write(dir.path().join("bad.toml"), "nonsense = 1\n").unwrap();
         let e = FileConfig::load(&dir.path().join("bad.toml")).unwrap_err();
         assert!(format!("{e:#}").contains("nonsense"), "{e:#}");
