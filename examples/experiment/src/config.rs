@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use crosslm_coordinator::round::Aggregation;
 use crosslm_coordinator::tuning::TuningConfig;
 use crosslm_sdk::privacy::PrivacyTarget;
+
+use crate::attack::AttackConfig;
 use crosslm_sdk::slm::Arch;
 use serde::{Deserialize, Serialize};
 
@@ -242,6 +245,14 @@ pub struct ExperimentConfig {
     /// noise is seeded from the run's seed: reproducible runs, not a deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyTarget>,
+    /// Clients that score adversarially in place of the first honest ones
+    /// (`attack = { kind = "invert", clients = 1 }`); none: every client is honest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackConfig>,
+    /// How the coordinator combines the clients' scores (`"median"`,
+    /// `{ trimmed_mean = { trim = 0.25 } }`; default the weighted mean): the defence.
+    #[serde(default)]
+    pub aggregation: Aggregation,
     /// SLM tokens per text.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
@@ -319,8 +330,22 @@ impl ExperimentConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.clients.iter().map(|g| g.count).sum::<usize>() == 0 {
+        let n: usize = self.clients.iter().map(|g| g.count).sum();
+        if n == 0 {
             bail!("no clients");
+        }
+        if let Some(a) = self.attack
+            && a.clients >= n
+        {
+            bail!(
+                "attack.clients = {} leaves no honest client of {n}",
+                a.clients
+            );
+        }
+        if let Aggregation::TrimmedMean { trim } = self.aggregation
+            && !(0.0..0.5).contains(&trim)
+        {
+            bail!("trimmed_mean trim must be in [0, 0.5), got {trim}");
         }
         if self.per_client == 0 || self.test_size == 0 || self.rounds == 0 {
             bail!("per_client, test_size and rounds must be positive");
@@ -479,6 +504,9 @@ variants = ["crosslm"]
             "privacy.epsilon=8.0",
             "privacy.delta=1e-5",
             "privacy.rounds=3",
+            "attack.kind=\"invert\"",
+            "attack.clients=2",
+            "aggregation=\"median\"",
         ]
         .map(String::from);
         let c = ExperimentConfig::load_with(&p, &sets).unwrap();
@@ -491,6 +519,14 @@ variants = ["crosslm"]
         assert_eq!(base.privacy, None);
         let dp = c.privacy.expect("privacy set");
         assert_eq!((dp.epsilon, dp.delta, dp.rounds), (8.0, 1e-5, 3));
+        assert_eq!(
+            c.attack,
+            Some(AttackConfig {
+                kind: crate::attack::AttackKind::Invert,
+                clients: 2
+            })
+        );
+        assert_eq!(c.aggregation, Aggregation::Median);
         for bad in [
             "bogus=1",
             "min_quality",
@@ -498,6 +534,8 @@ variants = ["crosslm"]
             "name.x=1",
             "=3",
             "bag_training.epochs=3",
+            "attack={ kind = \"invert\", clients = 8 }",
+            "aggregation={ trimmed_mean = { trim = 0.5 } }",
         ] {
             assert!(
                 ExperimentConfig::load_with(&p, &[bad.to_string()]).is_err(),

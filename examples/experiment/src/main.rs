@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
 
+mod attack;
 mod compare;
 mod config;
 mod plot;

@@ -156,6 +156,22 @@ impl Metrics {
                   Synthetic's do (`client_use_scores = false`): their scores only steer the \
                   LLM.\n\n";
         }
+        if let Some(a) = c.attack {
+            s += &format!(
+                "Attack: the first {} clients score adversarially (`{:?}`); the SLM columns \
+                 are the other, honest clients'.\n\n",
+                a.clients, a.kind
+            );
+        }
+        if c.aggregation != crosslm_coordinator::round::Aggregation::WeightedMean {
+            s += &format!("Scores combined by `{:?}`.\n\n", c.aggregation);
+        }
+        if let Some(p) = c.privacy {
+            s += &format!(
+                "Client-level DP on the scores: epsilon {} at delta {:e} over {} rounds.\n\n",
+                p.epsilon, p.delta, p.rounds
+            );
+        }
         s += "| Variant | SLM mean | SLM min | SLM max |";
         for a in &archs {
             s += &format!(" {a} mean |");

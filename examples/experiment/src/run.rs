@@ -29,6 +29,7 @@ use crosslm_sdk::slm::{
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::attack::run_attacker;
 use crate::config::{EvalSplit, ExperimentConfig, Partition, SlmTraining, Variant};
 use crate::report::{ClientMeta, Metrics, RoundMetrics, VariantResult};
 
@@ -547,6 +548,7 @@ impl Ctx {
                 quorum: n,
                 deadline_ms: 60 * 60 * 1000,
                 prior_correction: cfg.prior_correction,
+                aggregation: cfg.aggregation,
                 ..RoundConfig::default()
             },
             idle_timeout_ms: 120_000,
@@ -574,6 +576,15 @@ impl Ctx {
             .map_or_else(|| coord_dir.join("clients"), |p| p.join("clients"));
         let mut tasks = Vec::new();
         for (i, (c, token)) in self.clients.iter().zip(tokens).enumerate() {
+            if let Some(attack) = cfg.attack.filter(|a| i < a.clients) {
+                let (name, n_private, rounds) =
+                    (c.name.clone(), c.private.len() as u64, cfg.rounds);
+                tasks.push(tokio::spawn(async move {
+                    let kind = attack.kind;
+                    run_attacker(addr, &token, &name, n_private, kind, rounds).await
+                }));
+                continue;
+            }
             // Each device is the SDK's `Client`, as the binary and the bindings run it: its
             // own data dir, a copy of its local-only model, its private rows.
             let data_dir = clients_dir.join(&c.name);
