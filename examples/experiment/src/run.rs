@@ -549,7 +549,6 @@ impl Ctx {
                 deadline_ms: 60 * 60 * 1000,
                 prior_correction: cfg.prior_correction,
                 aggregation: cfg.aggregation,
-                ..RoundConfig::default()
             },
             idle_timeout_ms: 120_000,
             linger_ms: 60 * 60 * 1000,
