@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         },
         learning: Some(LearnSchedule::default()),
         privacy: None,
+        admin: None,
         ..DaemonConfig::default()
     };
     for token in mint_tokens(&cfg.data_dir, args.clients)? {

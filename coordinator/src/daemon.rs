@@ -9,24 +9,29 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crosslm_sdk::protocol::{ClientId, SyntheticSample, TaskInfo};
 use tokio::sync::mpsc;
 
+use crate::admin::{self, DaemonFigures, Published, Snapshot};
 pub use crate::core::DaemonConfig;
 use crate::core::{Command, Core, Input, LlmStep, Outbound, Persist, Resume, now_ms};
 use crate::generator::Generator;
 use crate::store::Store;
 use crate::transport::server::{CoreEvent, ServerCtx, serve};
-use crate::transport::{Pki, Tokens};
+use crate::transport::{Pki, Revoked, Tokens};
 use crate::{Error, Result};
 
 /// A running daemon's handle.
 pub struct Daemon {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// Where its admin endpoint listens, if it has one.
+    pub admin: Option<SocketAddr>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+    data_dir: std::path::PathBuf,
     endpoint: quinn::Endpoint,
     core: tokio::task::JoinHandle<Result<u64>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -51,11 +56,28 @@ impl Daemon {
         let addr = endpoint
             .local_addr()
             .map_err(|e| Error::Transport(e.to_string()))?;
+        let data_dir = cfg.data_dir.clone();
+        let admin_addr = cfg.admin;
         let core = Core::new(cfg, task.clone(), Resume::from_store(&store)?)?;
+        let published: Published = Arc::new(Mutex::new(None));
+        let (admin, admin_task) = match admin_addr {
+            Some(a) => {
+                let (bound, t) =
+                    admin::start(a, &data_dir, published.clone(), Arc::downgrade(&store)).await?;
+                (Some(bound), Some(t))
+            }
+            None => (None, None),
+        };
+        let figures = DaemonFigures {
+            started_unix_ms: now_ms(),
+            listen: addr.to_string(),
+            ..DaemonFigures::default()
+        };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let ctx = Arc::new(ServerCtx {
             pki,
             tokens,
+            revoked: Revoked::open(&data_dir),
             store: store.clone(),
             core: core_tx,
         });
@@ -67,10 +89,14 @@ impl Daemon {
             task,
             core_rx,
             stop_rx,
+            (published, figures),
         ));
         tracing::info!(%addr, "coordinator listening");
         Ok(Self {
             addr,
+            admin,
+            admin_task,
+            data_dir,
             endpoint,
             core,
             server: Some(server),
@@ -89,6 +115,10 @@ impl Daemon {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        if let Some(t) = self.admin_task.take() {
+            t.abort();
+            admin::forget_addr(&self.data_dir);
+        }
         r
     }
 
@@ -104,7 +134,18 @@ impl Daemon {
 /// runs, so generation and tuning never overlap; its answer is the core's next input.
 type Job = tokio::task::JoinHandle<(Box<dyn Generator>, Input)>;
 
-/// Runs the core until it says exit (or the sessions are gone).
+impl Drop for Daemon {
+    /// A daemon dropped without [`Daemon::wait`] still stops serving its admin endpoint.
+    fn drop(&mut self) {
+        if let Some(t) = self.admin_task.take() {
+            t.abort();
+            admin::forget_addr(&self.data_dir);
+        }
+    }
+}
+
+/// Runs the core until it says exit (or the sessions are gone), publishing what it does
+/// for the admin endpoint after every step.
 async fn drive(
     mut core: Core,
     mut generator: Option<Box<dyn Generator>>,
@@ -112,9 +153,13 @@ async fn drive(
     task: TaskInfo,
     mut rx: mpsc::Receiver<CoreEvent>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
+    (published, mut figures): (Published, DaemonFigures),
 ) -> Result<u64> {
     let mut queues: HashMap<ClientId, (usize, mpsc::Sender<Outbound>)> = HashMap::new();
     let mut job: Option<Job> = None;
+    // When the running job started and whether it generates; when the open round went out.
+    let mut job_started: Option<(Instant, bool)> = None;
+    let mut round_started: Option<Instant> = None;
     core.handle_timeout(now_ms())?;
     loop {
         while let Some(cmd) = core.poll() {
@@ -130,21 +175,42 @@ async fn drive(
                         core.handle(Input::Disconnected { client, conn_id }, now_ms())?;
                     }
                 }
-                Command::Persist(p) => persist(&store, p)?,
+                Command::Persist(p) => {
+                    match &p {
+                        Persist::Round(_) => round_started = Some(Instant::now()),
+                        Persist::Finish { outcome, .. } => {
+                            if let Some(t) = round_started.take()
+                                && outcome.is_some()
+                            {
+                                figures.last_round_seconds = Some(t.elapsed().as_secs_f64());
+                            }
+                        }
+                        _ => {}
+                    }
+                    persist(&store, p)?
+                }
                 Command::Generate { round, per_label } => {
                     let g = generator
                         .take()
                         .ok_or_else(|| Error::Model("generator busy".into()))?;
                     job = Some(generate(g, task.clone(), round, per_label));
+                    job_started = Some((Instant::now(), true));
                 }
                 Command::Llm(step) => {
                     let g = generator
                         .take()
                         .ok_or_else(|| Error::Model("generator busy".into()))?;
                     job = Some(llm_step(g, step, &store)?);
+                    job_started = Some((Instant::now(), false));
                 }
                 Command::Exit => return Ok(core.finished()),
             }
+        }
+        if let Ok(mut p) = published.lock() {
+            *p = Some(Snapshot {
+                core: core.view(),
+                daemon: figures.clone(),
+            });
         }
         let timeout = core.poll_timeout();
         let sleep = async {
@@ -173,6 +239,16 @@ async fn drive(
             }
             res = async { job.as_mut().expect("guarded").await }, if job.is_some() => {
                 job = None;
+                if let Some((t, generating)) = job_started.take() {
+                    let secs = t.elapsed().as_secs_f64();
+                    if generating {
+                        figures.generation_seconds += secs;
+                        figures.generations += 1;
+                    } else {
+                        figures.llm_seconds += secs;
+                        figures.llm_steps += 1;
+                    }
+                }
                 let (g, input) = res.map_err(|e| Error::Model(format!("generator task: {e}")))?;
                 generator = Some(g);
                 core.handle(input, now_ms())?;

@@ -1,6 +1,7 @@
 //! crosslm coordinator: the LLM, synthetic data generation, feedback fine-tuning, round
 //! orchestration and the QUIC server.
 
+pub mod admin;
 pub mod core;
 pub mod daemon;
 pub mod error;

@@ -84,5 +84,16 @@ pub enum SessionError {
     Tls(String),
 }
 
+impl Error {
+    /// The link to the coordinator failed (unreachable, reset, timed out): worth trying again
+    /// later. A refusal, a clean close or a protocol error is not.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::Session(SessionError::Connect { .. } | SessionError::Link(_))
+        )
+    }
+}
+
 /// Result with the SDK's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -41,6 +41,8 @@ pub trait RoundHooks: Send {
     fn scoring(&mut self, _round: u64, _task: &TaskInfo, _done: usize, _total: usize) {}
     /// The scores of `round` were sent.
     fn scored(&mut self, _round: u64) {}
+    /// A round's result arrived (whether or not we scored it).
+    fn result(&mut self, _round: u64) {}
     /// Learning from `round`'s result begins.
     fn learning(&mut self, _round: u64) {}
     /// Learned from `round`'s result (before the report is sent): persist here. An error ends
@@ -179,6 +181,7 @@ pub async fn run_rounds<S: Scorer>(
             Event::Accepted { round } => tracing::info!(round, "scores accepted"),
             Event::Result { round, scores } => {
                 done.results += 1;
+                hooks.result(round);
                 let Some((task, samples, learn)) = batches.remove(&round) else {
                     tracing::info!(round, "round finished (we did not score it)");
                     continue;

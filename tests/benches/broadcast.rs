@@ -85,6 +85,7 @@ async fn broadcast(
         linger_ms: 10_000,
         learning: None,
         privacy: None,
+        admin: None,
     };
     let generator = FileGenerator::load(samples_path, &task).unwrap();
     let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crosslm_sdk::client::{Activity, Client, ClientConfig, Progress};
 use crosslm_sdk::data::assets_dir;
 use crosslm_sdk::slm::{Arch, load_checkpoint};
+use crosslm_sdk::transport::Reconnect;
 use crosslm_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,4 +169,83 @@ async fn a_paused_client_sits_rounds_out_and_a_thread_cap_holds() {
     );
     paused.resume();
     assert!(!paused.status().paused);
+}
+
+/// The coordinator process is SIGKILLed while the client scores round 1, then restarted on
+/// the same port: the client notices the lost link, reconnects with backoff, scores the
+/// resumed round and finishes both rounds in one `join`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_a_coordinator_crash_and_finishes_its_rounds() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // 2 rounds of 400 samples: scoring takes several chunks.
+    let coord = CoordinatorProcess::start(dir.path(), 2, 200, 1, 1);
+    let (addr, token) = (coord.addr, coord.tokens[0].clone());
+    let running = Arc::new(Mutex::new(Some(coord)));
+    let client = Arc::new(
+        Client::open(ClientConfig {
+            coordinator: Some(addr.to_string()),
+            data_dir: dir.path().join("client"),
+            name: "crash-test".into(),
+            arch: Arch::Bag,
+            model_dir: assets_dir().join("minilm"),
+            train_epochs: Some(5),
+            test_fraction: 0.25,
+            connect_timeout: Duration::from_secs(5),
+            reconnect: Reconnect {
+                attempts: 20,
+                first_delay: Duration::from_millis(200),
+                max_delay: Duration::from_secs(2),
+            },
+            ..ClientConfig::default()
+        })
+        .unwrap(),
+    );
+    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (log, victim) = (messages.clone(), running.clone());
+    client.set_listener(Some(Arc::new(move |p: &Progress| {
+        log.lock().unwrap().push(p.message.clone());
+        if p.activity == Activity::Scoring && p.done > 0 {
+            // Drop kills (SIGKILL) and reaps: no goodbye on the wire.
+            drop(victim.lock().unwrap().take());
+        }
+    })));
+    client.enroll(&token).await.unwrap();
+    client
+        .load_data_file(&write_private_data(dir.path(), 40))
+        .unwrap();
+    client.train().await.unwrap();
+
+    let joining = tokio::spawn({
+        let client = client.clone();
+        async move { client.join(Some(2)).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while running.lock().unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "round 1 never scored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back on the same port from the same data dir and config.
+    let mut restarted = std::process::Command::new(bin("crosslm-coordinator"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("coordinator.toml"))
+        .args(["--listen", &addr.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(180), joining).await;
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+    let s = summary.expect("join finished").unwrap().unwrap();
+    assert_eq!(
+        (s.rounds, s.last_round, s.cancelled),
+        (2, Some(2), false),
+        "{s:?}"
+    );
+    let messages = messages.lock().unwrap();
+    assert!(
+        messages.iter().any(|m| m.starts_with("link lost")),
+        "the reconnection was reported: {messages:?}"
+    );
 }

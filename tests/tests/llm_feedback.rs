@@ -110,6 +110,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
         linger_ms: 5_000,
         learning: None,
         privacy: None,
+        admin: None,
     };
     let data_dir = cfg.data_dir.clone();
     let tokens = mint_tokens(&data_dir, 2).unwrap();

@@ -33,6 +33,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
         linger_ms: 10_000,
         learning: None,
         privacy: None,
+        admin: None,
     }
 }
 

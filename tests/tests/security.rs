@@ -8,6 +8,7 @@ use std::time::Duration;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::RoundConfig;
+use crosslm_coordinator::transport::Revoked;
 use crosslm_sdk::Error;
 use crosslm_sdk::protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg, frame};
 use crosslm_sdk::rounds::participate;
@@ -33,6 +34,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
         linger_ms: 10_000,
         learning: None,
         privacy: None,
+        admin: None,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
     let g = FileGenerator::load(&samples, &task).unwrap();
@@ -221,4 +223,103 @@ async fn bad_frames_get_errors_and_the_coordinator_keeps_serving() {
     assert_eq!(n, 1);
     s.close().await;
     assert_eq!(d.wait().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_with_the_reason_while_others_are_served() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, tokens) = daemon(dir.path(), 2).await;
+    let addr = d.addr;
+    let lost = enroll_with(addr, &tokens[0], "lost").await;
+    let kept = enroll_with(addr, &tokens[1], "kept").await;
+    Session::connect(addr, &lost, info("lost", 1))
+        .await
+        .expect("served before revocation")
+        .close()
+        .await;
+
+    // What `crosslm-coordinator revoke` does, while the daemon runs.
+    Revoked::open(&dir.path().join("coord"))
+        .revoke(&lost.client_id, "device reported stolen", 1)
+        .unwrap();
+    let e = Session::connect(addr, &lost, info("lost", 1))
+        .await
+        .err()
+        .expect("a revoked certificate is refused");
+    assert!(
+        matches!(&e, Error::Refused(m) if m.code == ErrorCode::Unauthenticated),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("certificate revoked by the operator: device reported stolen"),
+        "{e}"
+    );
+
+    let mut s = Session::connect(addr, &kept, info("kept", 5))
+        .await
+        .unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    s.close().await;
+    d.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_greedy_peers_are_cut_off_while_a_round_completes() {
+    const FLOOD: usize = 100;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, tokens) = daemon(dir.path(), 1).await;
+    let addr = d.addr;
+    let honest = enroll_with(addr, &tokens[0], "honest").await;
+
+    // A flood of slow-loris peers: a handshake and a stream each, then silence.
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        flood.push(raw(addr, tls::anonymous_config(&honest.ca_der).unwrap()).await);
+    }
+    // A peer may open one stream (its session or enrollment), not a second.
+    let (_ep2, conn, mut send, mut recv) =
+        raw(addr, tls::anonymous_config(&honest.ca_der).unwrap()).await;
+    frame::write(&mut send, &ClientMsg::hello(info("greedy", 1)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        frame::read::<ServerMsg, _>(&mut recv).await.unwrap(),
+        ServerMsg::Welcome { .. }
+    ));
+    let second = tokio::time::timeout(Duration::from_secs(2), async {
+        let (mut s, _) = conn.open_bi().await?;
+        s.write_all(b"x").await?;
+        anyhow::Ok(())
+    })
+    .await;
+    assert!(second.is_err(), "a second stream was granted");
+
+    // The honest client's round is not held up by either.
+    let mut s = Session::connect(addr, &honest, info("honest", 5))
+        .await
+        .unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    // Every silent peer is closed by the hello timeout (10 s), with a reason.
+    for (_ep, silent, _s, _r) in &flood {
+        let closed = tokio::time::timeout(Duration::from_secs(30), silent.closed())
+            .await
+            .expect("silent peer closed");
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if &c.reason[..] == b"timeout"),
+            "{closed:?}"
+        );
+    }
+    s.close().await;
+    drop((send, recv, conn));
+    d.wait().await.unwrap();
 }

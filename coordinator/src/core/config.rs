@@ -35,6 +35,9 @@ pub struct DaemonConfig {
     /// Differential privacy asked of every client's scores (`[daemon.privacy]`): the target
     /// sets the noise multiplier sent with each round; none: no noise asked.
     pub privacy: Option<PrivacyTarget>,
+    /// Where the admin endpoint listens (health, status, metrics over HTTP; keep it on
+    /// localhost); none: no endpoint.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -50,6 +53,7 @@ impl Default for DaemonConfig {
             linger_ms: 120_000,
             learning: None,
             privacy: None,
+            admin: None,
         }
     }
 }

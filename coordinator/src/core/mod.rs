@@ -267,9 +267,44 @@ enum Busy {
     Llm(LlmStep),
 }
 
+/// What the core has counted since it started (this run), for the admin endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Rounds that completed with a result.
+    pub rounds_done: u64,
+    /// Rounds that ended without quorum.
+    pub rounds_failed: u64,
+    /// Replies recorded.
+    pub replies_accepted: u64,
+    /// Replies refused because their scores are invalid (NaN, out of range, ids...).
+    pub replies_invalid: u64,
+    /// Replies whose chunks could not be put together (too many, wrong round...).
+    pub replies_malformed: u64,
+    /// Replies dropped without error: duplicates, late ones, rounds the client is not in.
+    pub replies_ignored: u64,
+}
+
+/// What the core is doing, for the admin endpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CoreView {
+    /// The open round and its phase.
+    pub round: Option<(u64, Phase)>,
+    /// `idle`, `generating round N`, `llm baseline` or `llm feedback of round N`.
+    pub llm: String,
+    /// Connected clients.
+    pub clients_connected: usize,
+    /// Rounds ended, this run and earlier ones.
+    pub rounds_ended: u64,
+    /// The next round's id.
+    pub next_round: u64,
+    /// This run's counters.
+    pub counters: Counters,
+}
+
 /// The coordinator core (see the module docs).
 pub struct Core {
     cfg: DaemonConfig,
+    counters: Counters,
     /// What `cfg.privacy` asks of the clients' scores.
     privacy: Option<ScorePrivacy>,
     task: TaskInfo,
@@ -308,6 +343,7 @@ impl Core {
             None => None,
         };
         let mut core = Self {
+            counters: Counters::default(),
             privacy,
             cfg,
             task,
@@ -360,6 +396,26 @@ impl Core {
     /// Connected clients.
     pub fn clients(&self) -> usize {
         self.conns.len()
+    }
+
+    /// What the core is doing and has counted.
+    pub fn view(&self) -> CoreView {
+        CoreView {
+            round: self
+                .active
+                .as_ref()
+                .map(|a| (a.machine.id(), a.machine.phase().clone())),
+            llm: match &self.busy {
+                Busy::Idle => "idle".into(),
+                Busy::Generating(r) => format!("generating round {r}"),
+                Busy::Llm(LlmStep::Baseline) => "llm baseline".into(),
+                Busy::Llm(LlmStep::Feedback(r)) => format!("llm feedback of round {r}"),
+            },
+            clients_connected: self.conns.len(),
+            rounds_ended: self.finished,
+            next_round: self.next_round,
+            counters: self.counters.clone(),
+        }
     }
 
     /// The open round's id.
@@ -626,6 +682,9 @@ impl Core {
     ) {
         let Some(a) = self.active.as_mut().filter(|a| a.machine.id() == round) else {
             tracing::info!(%client, round, "scores for a round that is not open; ignored");
+            if last {
+                self.counters.replies_ignored += 1;
+            }
             return;
         };
         let limit = a.machine.samples().len();
@@ -644,6 +703,7 @@ impl Core {
             }
             Err(e) => {
                 self.partial.remove(&client);
+                self.counters.replies_malformed += 1;
                 tracing::warn!(%client, round, "{e}");
                 self.send(
                     &client,
@@ -657,6 +717,7 @@ impl Core {
         };
         match a.machine.on_scores(&client, scores, now) {
             ReplyVerdict::Accepted => {
+                self.counters.replies_accepted += 1;
                 if let Some(reply) = a.machine.reply(&client) {
                     // Persisted before the client hears "accepted": an ack is a promise.
                     self.out.push_back(Command::Persist(Persist::Reply {
@@ -667,14 +728,17 @@ impl Core {
                 }
                 self.send(&client, Outbound::Msg(ServerMsg::ScoresAccepted { round }));
             }
-            ReplyVerdict::Ignored(_) => {}
-            ReplyVerdict::Rejected(why) => self.send(
-                &client,
-                Outbound::Msg(ServerMsg::Error(ErrorMsg {
-                    code: ErrorCode::BadScores,
-                    message: why,
-                })),
-            ),
+            ReplyVerdict::Ignored(_) => self.counters.replies_ignored += 1,
+            ReplyVerdict::Rejected(why) => {
+                self.counters.replies_invalid += 1;
+                self.send(
+                    &client,
+                    Outbound::Msg(ServerMsg::Error(ErrorMsg {
+                        code: ErrorCode::BadScores,
+                        message: why,
+                    })),
+                )
+            }
         }
     }
 
@@ -706,6 +770,7 @@ impl Core {
                         outcome: Some(outcome),
                     }));
                     self.finished += 1;
+                    self.counters.rounds_done += 1;
                     self.active = None;
                     self.llm_steps.push_back(LlmStep::Feedback(round));
                     self.broadcast(Outbound::Frames(frames));
@@ -721,6 +786,7 @@ impl Core {
                         outcome: None,
                     }));
                     self.finished += 1;
+                    self.counters.rounds_failed += 1;
                     self.active = None;
                     self.broadcast(Outbound::Msg(ServerMsg::RoundFailed { round, reason }));
                 }

@@ -3,7 +3,9 @@
 
 pub mod enroll;
 pub mod pki;
+pub mod revoke;
 pub mod server;
 
 pub use enroll::Tokens;
 pub use pki::Pki;
+pub use revoke::{Revocation, Revoked};

@@ -181,7 +181,12 @@ impl Pki {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
             .map_err(|e| Error::Pki(format!("QUIC TLS: {e}")))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        cfg.transport_config(Arc::new(tls::transport_config(idle_timeout)));
+        let mut transport = tls::transport_config(idle_timeout);
+        // A session is one bidirectional stream the client opens; a peer gets no room for
+        // more (a stream it opens and never writes on is closed by the hello timeout).
+        transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+        transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        cfg.transport_config(Arc::new(transport));
         Ok(cfg)
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::core::{Input, Outbound, now_ms};
 use crate::store::{ClientRecord, Store};
-use crate::transport::{Pki, Tokens};
+use crate::transport::{Pki, Revoked, Tokens};
 
 /// What a session task tells the daemon's driver: an input for the [`crate::core::Core`] and,
 /// with a new connection, that connection's outbound queue (which the driver keeps).
@@ -42,6 +42,8 @@ pub struct ServerCtx {
     pub pki: Pki,
     /// Enrollment tokens.
     pub tokens: Tokens,
+    /// Revoked clients.
+    pub revoked: Revoked,
     /// The database.
     pub store: Arc<Store>,
     /// Events for the round core.
@@ -50,12 +52,27 @@ pub struct ServerCtx {
 
 /// How long a peer may take to open its stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections held at once (handshaking, enrolling or in session); past it new ones are
+/// refused before any TLS work, so a flood cannot exhaust memory or file handles.
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// Accepts connections until the endpoint closes, then waits for the sessions to end (so
 /// the store is released when this returns).
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
     let mut sessions = tokio::task::JoinSet::new();
+    let mut refused = 0u64;
     while let Some(incoming) = endpoint.accept().await {
+        // Reap finished sessions so the set does not grow with every connection ever made.
+        while sessions.try_join_next().is_some() {}
+        if sessions.len() >= MAX_CONNECTIONS {
+            refused += 1;
+            // One line per thousand: a flood must not flood the log too.
+            if refused % 1000 == 1 {
+                tracing::warn!(remote = %incoming.remote_address(), refused, "connection limit reached; refusing");
+            }
+            incoming.refuse();
+            continue;
+        }
         let ctx = ctx.clone();
         sessions.spawn(async move {
             let remote = incoming.remote_address();
@@ -66,8 +83,6 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
                 }
             }
         });
-        // Reap finished sessions so the set does not grow with every connection ever made.
-        while sessions.try_join_next().is_some() {}
     }
     drop(ctx);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -189,7 +204,28 @@ async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
         .and_then(|certs| certs.first().map(|c| fingerprint(c.as_ref())));
     let client = match &cert_fp {
         Some(fp) => match ctx.store.client_by_cert(fp) {
-            Ok(Some(rec)) => Some(rec),
+            Ok(Some(rec)) => match ctx.revoked.get(&rec.id) {
+                Ok(None) => Some(rec),
+                Ok(Some(r)) => {
+                    tracing::warn!(%remote, client = %rec.id, reason = %r.reason, "revoked client refused");
+                    let m = err(
+                        ErrorCode::Unauthenticated,
+                        format!("certificate revoked by the operator: {}", r.reason),
+                    );
+                    close_with(&conn, &mut send, Some(m)).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(%remote, error = %e, "revocation check failed; refused");
+                    close_with(
+                        &conn,
+                        &mut send,
+                        Some(err(ErrorCode::Internal, "internal error")),
+                    )
+                    .await;
+                    return;
+                }
+            },
             Ok(None) => {
                 tracing::warn!(%remote, "certificate of our CA but unknown to the store; refused");
                 let m = err(

@@ -554,6 +554,7 @@ impl Ctx {
             linger_ms: 60 * 60 * 1000,
             learning: Some(self.learn_schedule(v)),
             privacy: cfg.privacy,
+            admin: None,
         };
         let tokens = mint_tokens(&coord_dir, n)?;
         let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), generator).await?;

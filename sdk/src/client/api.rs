@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data;
 use crate::privacy::{PrivacyFloor, PrivacyLedger};
 use crate::slm::{Arch, Backend};
+use crate::transport::Reconnect;
 
 /// How a [`Client`] is set up.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +59,8 @@ pub struct ClientConfig {
     /// The client's own privacy terms for its scores: a noise floor the coordinator cannot
     /// lower and an epsilon budget ([`crate::privacy`]).
     pub privacy: PrivacyFloor,
+    /// How [`Client::join`] reconnects after losing its link to the coordinator.
+    pub reconnect: Reconnect,
 }
 
 impl Default for ClientConfig {
@@ -81,6 +84,7 @@ impl Default for ClientConfig {
             seed: 42,
             threads: None,
             privacy: PrivacyFloor::default(),
+            reconnect: Reconnect::default(),
         }
     }
 }

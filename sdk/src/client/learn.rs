@@ -14,9 +14,10 @@ use crate::data::Dataset;
 use crate::participant::{Learning, SlmScorer};
 use crate::privacy::ScorePrivacy;
 use crate::protocol::{ClientInfo, LearnSettings, TaskInfo};
-use crate::rounds::{RoundHooks, run_rounds};
+use crate::rounds::{RoundHooks, cancelled, run_rounds};
 use crate::slm::checkpoint::swap;
 use crate::slm::{self, Backend, Slm, TrainConfig, TrainExample, TrainProgress};
+use crate::transport::backoff::Backoff;
 use crate::transport::{Identity, Session};
 use crate::{Error, Result};
 
@@ -235,31 +236,63 @@ impl Client {
             slm_arch: arch.to_string(),
             n_private,
         };
-        self.reporter
-            .report(Activity::Connecting, 0, 0, format!("connecting to {addr}"));
-        let r = match self
-            .connecting(addr, Session::connect(addr, &identity, info))
-            .await
-        {
-            Ok(mut session) => {
-                tracing::info!(client = session.client_id(), "joined; waiting for rounds");
-                self.reporter.report(
-                    Activity::Waiting,
-                    0,
-                    0,
-                    format!("joined {addr} as {}", session.client_id()),
-                );
-                let r = self
-                    .take_part(&mut session, &mut scorer, rounds, learning)
-                    .await;
-                self.reporter
-                    .report(Activity::Stopping, 0, 0, "leaving the coordinator");
-                // Bounded: a vanished coordinator must not hold up leaving.
-                let _ = tokio::time::timeout(Duration::from_secs(5), session.close()).await;
-                r
+        // Rounds until done or cancelled; a lost link (a coordinator crash, a network change)
+        // is tried again with backoff and jitter, a refusal or a clean close is final.
+        let mut results = 0u64;
+        let mut backoff = Backoff::new(self.config.reconnect);
+        let r = loop {
+            self.reporter
+                .report(Activity::Connecting, 0, 0, format!("connecting to {addr}"));
+            let attempt = match self
+                .connecting(addr, Session::connect(addr, &identity, info.clone()))
+                .await
+            {
+                Ok(mut session) => {
+                    backoff.reset();
+                    tracing::info!(client = session.client_id(), "joined; waiting for rounds");
+                    self.reporter.report(
+                        Activity::Waiting,
+                        0,
+                        0,
+                        format!("joined {addr} as {}", session.client_id()),
+                    );
+                    let left = rounds.map(|r| r.saturating_sub(results));
+                    let r = self
+                        .take_part(&mut session, &mut scorer, left, learning, &mut results)
+                        .await;
+                    self.reporter
+                        .report(Activity::Stopping, 0, 0, "leaving the coordinator");
+                    // Bounded: a vanished coordinator must not hold up leaving.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), session.close()).await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(()) => break Ok(results),
+                Err(Error::Cancelled) => break Ok(results),
+                Err(e) if e.is_link_failure() && scorer.is_some() => {
+                    let Some(wait) = backoff.next_delay(&mut rand::rng()) else {
+                        break Err(e);
+                    };
+                    tracing::warn!(error = %e, tried = backoff.tried(), wait_ms = wait.as_millis() as u64, "link lost; reconnecting");
+                    self.reporter.report(
+                        Activity::Connecting,
+                        0,
+                        0,
+                        format!(
+                            "link lost ({e}); trying again in {:.1}s",
+                            wait.as_secs_f64()
+                        ),
+                    );
+                    let mut rx = self.cancel.subscribe();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancelled(&mut rx) => break Ok(results),
+                    }
+                }
+                Err(e) => break Err(e),
             }
-            Err(Error::Cancelled) => Ok(0),
-            Err(e) => Err(e),
         };
         if let Some(s) = scorer {
             *lock(&self.model) = Some(s.into_inner());
@@ -275,20 +308,24 @@ impl Client {
     }
 
     /// [`Client::join`]'s rounds: the SDK's one round loop with this client's hooks.
+    /// Counts the results it receives into `results` as they come, so that a session lost
+    /// midway keeps its count.
     async fn take_part(
         &self,
         session: &mut Session,
         scorer: &mut Option<SlmScorer>,
         rounds: Option<u64>,
         learning: bool,
-    ) -> Result<u64> {
+        results: &mut u64,
+    ) -> Result<()> {
         let mut hooks = JoinHooks {
             client: self,
             learning,
+            results,
         };
         let cancel = self.cancel.subscribe();
-        let done = run_rounds(session, scorer, rounds, &mut hooks, Some(cancel)).await?;
-        Ok(done.results)
+        run_rounds(session, scorer, rounds, &mut hooks, Some(cancel)).await?;
+        Ok(())
     }
 }
 
@@ -319,9 +356,15 @@ struct JoinHooks<'a> {
     client: &'a Client,
     /// The model trains after each round (private data loaded): commit its checkpoint.
     learning: bool,
+    /// Round results received so far in this join.
+    results: &'a mut u64,
 }
 
 impl RoundHooks for JoinHooks<'_> {
+    fn result(&mut self, _round: u64) {
+        *self.results += 1;
+    }
+
     fn scoring(&mut self, round: u64, task: &TaskInfo, done: usize, total: usize) {
         let message = if done == 0 {
             format!("scoring {total} samples of task {}", task.name)

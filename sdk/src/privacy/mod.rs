@@ -157,7 +157,18 @@ pub fn project_to_simplex(v: &mut [f32]) {
     if v.is_empty() {
         return;
     }
-    let mut sorted: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+    // Adding a constant to every entry does not move the projection: measure from the
+    // largest entry, so that the threshold keeps its precision whatever the magnitudes (from
+    // entries near 1e38, `u - 1` rounds back to `u` and every entry was cut to 0). A row with
+    // a NaN or infinite entry is not shifted: it comes out as it always did.
+    let top = if v.iter().all(|x| x.is_finite()) {
+        v.iter()
+            .map(|&x| f64::from(x))
+            .fold(f64::NEG_INFINITY, f64::max)
+    } else {
+        0.0
+    };
+    let mut sorted: Vec<f64> = v.iter().map(|&x| f64::from(x) - top).collect();
     sorted.sort_by(|a, b| b.total_cmp(a));
     let mut sum = 0.0;
     let mut theta = 0.0;
@@ -169,7 +180,7 @@ pub fn project_to_simplex(v: &mut [f32]) {
         }
     }
     for x in v.iter_mut() {
-        *x = (f64::from(*x) - theta).max(0.0) as f32;
+        *x = (f64::from(*x) - top - theta).max(0.0) as f32;
     }
     // Rounding: make the sum exactly what f32 can hold nearest 1.
     let total: f32 = v.iter().sum();
@@ -228,6 +239,41 @@ mod tests {
         let mut v = vec![0.8f32, 0.6, -3.0];
         project_to_simplex(&mut v);
         assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.4).abs() < 1e-6 && v[2] == 0.0);
+    }
+
+    /// Regression (fuzz target `score_reply`, 2026-12-03): a score reply whose second row is
+    /// `[-1.74e38, -1.89e38]` was projected to `[0, 0]`, which the coordinator rejects
+    /// (sum 0, not 1). Every finite row must project onto the simplex.
+    #[test]
+    fn huge_entries_still_project_onto_the_simplex() {
+        use crate::protocol::ClientMsg;
+        use crate::protocol::frame::decode_frame;
+        const CRASH: &[u8] = &[
+            0x00, 0x00, 0x00, 0x18, 0x02, 0x0a, 0x02, 0x01, 0x02, 0x66, 0x66, 0x66, 0x3f, 0xcd,
+            0xcc, 0xcc, 0x3d, 0x02, 0x02, 0xff, 0xff, 0x02, 0xff, 0x02, 0x0e, 0x0e, 0xff, 0x01,
+        ];
+        let Some((ClientMsg::Scores { scores, .. }, _)) = decode_frame(CRASH).unwrap() else {
+            panic!("the crash input is a Scores frame");
+        };
+        let mut rows: Vec<Vec<f32>> = scores.into_iter().map(|s| s.probs).collect();
+        assert_eq!(rows[1], vec![-1.7412885e38, -1.888231e38]);
+        rows.extend([
+            vec![f32::MAX, f32::MAX],
+            vec![f32::MIN, 0.5, f32::MAX],
+            vec![-1e30, -1e30, -1e30 - 1e23],
+        ]);
+        for row in rows {
+            let mut v = row.clone();
+            project_to_simplex(&mut v);
+            let sum: f32 = v.iter().sum();
+            assert!(
+                v.iter().all(|p| (0.0..=1.0).contains(p)) && (sum - 1.0).abs() < 1e-6,
+                "{row:?} -> {v:?}"
+            );
+        }
+        let mut v = vec![-1.7412885e38f32, -1.888231e38];
+        project_to_simplex(&mut v);
+        assert_eq!(v, vec![1.0, 0.0]);
     }
 
     /// A client with a budget takes the larger multiplier, records each round, and refuses

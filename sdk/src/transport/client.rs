@@ -93,9 +93,22 @@ async fn send_msg(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<()> {
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<ServerMsg> {
     frame::read(recv).await.map_err(|e| match e {
         protocol::FrameError::Closed => SessionError::Closed.into(),
+        // The coordinator closed the connection on purpose (its run is over): an end, not a
+        // lost link to try again.
+        protocol::FrameError::Io(e) if closed_on_purpose(&e) => SessionError::Closed.into(),
         protocol::FrameError::Io(e) => SessionError::Link(format!("receive: {e}")).into(),
         e => Error::Protocol(format!("from the coordinator: {e}")),
     })
+}
+
+fn closed_on_purpose(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed
+        ))
+    )
 }
 
 fn connect_error(server: SocketAddr, e: impl std::fmt::Display) -> Error {

@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use crosslm_coordinator::admin;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::{FileGenerator, Generator, LlmGenerator};
 use crosslm_coordinator::serving::{EngineClient, EngineEndpoint, EngineGenerator, LoraSync};
 use crosslm_coordinator::store::Store;
+use crosslm_coordinator::transport::Revoked;
 use crosslm_coordinator::tuning::{EvalConfig, Evaluator, TuningConfig};
 use serde::Deserialize;
 
@@ -34,11 +36,32 @@ enum Cmd {
         #[arg(short, long, default_value_t = 1)]
         count: usize,
     },
-    /// Print the state of rounds and clients as JSON (daemon stopped: the database is locked while it runs).
+    /// Print the state of rounds and clients as JSON. A running daemon with an admin endpoint
+    /// (`[daemon] admin`) answers live, through the address it wrote into the data dir; a
+    /// stopped one is read from its database (a running daemon holds the database's lock).
     Status {
         /// The coordinator's data dir.
         #[arg(long, default_value = "crosslm-data")]
         data_dir: PathBuf,
+    },
+    /// Revoke a client's certificate (works while the daemon runs): its next connection is
+    /// refused with the reason. `--restore` lifts it; `--list` shows every revocation.
+    Revoke {
+        /// The coordinator's data dir.
+        #[arg(long, default_value = "crosslm-data")]
+        data_dir: PathBuf,
+        /// The client id (`crosslm-coordinator status` lists them).
+        #[arg(required_unless_present = "list")]
+        client_id: Option<String>,
+        /// Shown to the client and in the logs.
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+        /// Lift the revocation instead.
+        #[arg(long, conflicts_with = "list")]
+        restore: bool,
+        /// List the revocations.
+        #[arg(long)]
+        list: bool,
     },
     /// Print the rounds' synthetic samples with their aggregated scores, as JSON lines (daemon
     /// stopped): what the clients were sent and what they made of it. `label` is the
@@ -189,6 +212,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { data_dir } => {
+            if let Some(addr) = admin::recorded_addr(&data_dir) {
+                match live_status(addr) {
+                    Ok(body) => {
+                        let mut v: serde_json::Value = serde_json::from_str(&body)
+                            .context("the admin endpoint's status is not JSON")?;
+                        v["revoked"] = serde_json::to_value(Revoked::open(&data_dir).list()?)?;
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        return Ok(());
+                    }
+                    // A file left by a daemon that was killed: the database is free.
+                    Err(e) => {
+                        tracing::info!(%addr, error = %e, "no live daemon; reading the database")
+                    }
+                }
+            }
             let store = open_store(&data_dir)?;
             let rounds = store.summaries()?;
             let mut reports = Vec::new();
@@ -202,13 +240,64 @@ fn main() -> anyhow::Result<()> {
                 "rounds": rounds,
                 "client_reports": reports,
                 "llm": store.llm_reports()?,
+                "revoked": Revoked::open(&data_dir).list()?,
             });
             println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Cmd::Revoke {
+            data_dir,
+            client_id,
+            reason,
+            restore,
+            list,
+        } => {
+            let revoked = Revoked::open(&data_dir);
+            match client_id {
+                _ if list => {
+                    println!("{}", serde_json::to_string_pretty(&revoked.list()?)?);
+                }
+                Some(id) if restore => {
+                    if revoked.restore(&id)? {
+                        eprintln!("{id}: revocation lifted");
+                    } else {
+                        eprintln!("{id} was not revoked");
+                    }
+                }
+                Some(id) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let r = revoked.revoke(&id, &reason, now)?;
+                    eprintln!(
+                        "{id}: revoked ({}); its next connection is refused",
+                        r.reason
+                    );
+                }
+                None => anyhow::bail!("name a client id, or --list"),
+            }
             Ok(())
         }
         Cmd::Samples { data_dir, round } => print_samples(&data_dir, round),
         Cmd::Llm(cmd) => llm::run(cmd),
     }
+}
+
+/// `GET /status` from a running daemon's admin endpoint (plain HTTP on localhost).
+fn live_status(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .context("the admin endpoint sent no HTTP reply")?;
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(status.contains(" 200 "), "admin endpoint: {status}");
+    Ok(body.to_string())
 }
 
 /// Opens a stopped daemon's database; the running daemon holds its lock. A read-only command
@@ -412,5 +501,6 @@ mod tests {
         let learning = cfg.daemon.learning.expect("[daemon.learning]");
         assert_eq!(learning.settings.training.len(), 2);
         assert_eq!(learning.settings.training[0].epochs, Some(15));
+        assert_eq!(cfg.daemon.admin, Some("127.0.0.1:4480".parse().unwrap()));
     }
 }
