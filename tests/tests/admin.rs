@@ -9,6 +9,7 @@ use crosslm_coordinator::admin::{ADDR_FILE, recorded_addr};
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::FileGenerator;
 use crosslm_coordinator::round::RoundConfig;
+use crosslm_sdk::protocol::ClientMsg;
 use crosslm_sdk::rounds::participate;
 use crosslm_sdk::transport::Session;
 use crosslm_tests::*;
@@ -97,7 +98,7 @@ async fn admin_endpoint_reports_a_round_live() {
             s
         }));
     }
-    let mut open = Vec::new();
+    let mut open: Vec<Session> = Vec::new();
     for s in sessions {
         open.push(
             tokio::time::timeout(Duration::from_secs(60), s)
@@ -122,12 +123,33 @@ async fn admin_endpoint_reports_a_round_live() {
     assert!(metric(&text, "crosslm_last_round_seconds") > 0.0);
     assert!(metric(&text, "crosslm_generation_seconds_total") >= 0.0);
 
+    // Scores for a round the client was never in: counted as ignored, never aggregated.
+    open[0]
+        .send(&ClientMsg::Scores {
+            round: 99,
+            scores: vec![],
+            last: true,
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = get(admin, "/metrics").await.1;
+        if metric(&text, "crosslm_replies_total{verdict=\"ignored\"}") == 1.0 {
+            assert_eq!(metric(&text, "crosslm_replies_total{verdict=\"accepted\"}"), 2.0);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let (code, body) = get(admin, "/status").await;
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["core"]["counters"]["rounds_done"], 1);
     assert_eq!(v["core"]["next_round"], 2);
     assert_eq!(v["daemon"]["listen"], addr.to_string());
+    assert_eq!(v["clients_enrolled"], 2);
 
     // The CLI answers live while the daemon holds the database's lock.
     let data = data_dir.clone();

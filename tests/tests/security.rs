@@ -213,6 +213,16 @@ async fn bad_frames_get_errors_and_the_coordinator_keeps_serving() {
         .unwrap();
     expect_error(&mut recv, ErrorCode::TooLarge).await;
 
+    // A frame of exactly the size limit is read whole (no TooLarge), then judged: garbage.
+    let (_e6, _c6, mut send, mut recv) = raw(addr, cfg()).await;
+    frame::write(&mut send, &ClientMsg::hello(info("bad", 1)))
+        .await
+        .unwrap();
+    let limit = crosslm_sdk::protocol::MAX_FRAME_LEN;
+    send.write_all(&(limit as u32).to_be_bytes()).await.unwrap();
+    send.write_all(&vec![0xff; limit]).await.unwrap();
+    expect_error(&mut recv, ErrorCode::Malformed).await;
+
     // Through all that, a well-behaved client completes a round.
     let mut s = Session::connect(addr, &good, info("good", 5))
         .await

@@ -8,6 +8,7 @@ use anyhow::Context;
 use crosslm_sdk::client::ClientConfig;
 use crosslm_sdk::privacy::PrivacyFloor;
 use crosslm_sdk::slm::{Arch, Backend};
+use crosslm_sdk::transport::Reconnect;
 use serde::Deserialize;
 
 /// The config file (see `client.example.toml`). Relative paths are relative to the file.
@@ -47,6 +48,8 @@ pub struct FileConfig {
     pub n_private: Option<u64>,
     /// Connection timeout, ms.
     pub connect_timeout_ms: Option<u64>,
+    /// Tries to reconnect after a lost link before `join` gives up (0: none).
+    pub reconnect_attempts: Option<u32>,
     /// Seed of the test split and training.
     pub seed: Option<u64>,
     /// Most threads for training and scoring (default: every core).
@@ -143,6 +146,10 @@ impl CommonArgs {
                 .unwrap_or(d.connect_timeout),
             seed: file.seed.unwrap_or(d.seed),
             threads: file.threads,
+            reconnect: Reconnect {
+                attempts: file.reconnect_attempts.unwrap_or(d.reconnect.attempts),
+                ..d.reconnect
+            },
             privacy: file.privacy.unwrap_or(d.privacy),
             ..d
         }
@@ -173,6 +180,7 @@ mod tests {
         assert_eq!(c.name, "laptop", "file wins over the default");
         assert_eq!(c.privacy.min_noise_multiplier, 0.5);
         assert_eq!(c.privacy.epsilon_budget, Some(8.0));
+        assert_eq!(c.reconnect.attempts, 8);
         std::fs::write(dir.path().join("bad.toml"), "nonsense = 1\n").unwrap();
         let e = FileConfig::load(&dir.path().join("bad.toml")).unwrap_err();
         assert!(format!("{e:#}").contains("nonsense"), "{e:#}");
