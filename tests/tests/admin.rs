@@ -136,7 +136,10 @@ async fn admin_endpoint_reports_a_round_live() {
     loop {
         let text = get(admin, "/metrics").await.1;
         if metric(&text, "crosslm_replies_total{verdict=\"ignored\"}") == 1.0 {
-            assert_eq!(metric(&text, "crosslm_replies_total{verdict=\"accepted\"}"), 2.0);
+            assert_eq!(
+                metric(&text, "crosslm_replies_total{verdict=\"accepted\"}"),
+                2.0
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "not counted:\n{text}");
