@@ -189,7 +189,14 @@ fn respond(head: &[u8], published: &Published, store: &Store) -> (u16, &'static 
             });
             (200, "application/json", format!("{body:#}\n"))
         }
-        "/metrics" => (200, "text/plain; version=0.0.4", metrics(&snapshot)),
+        "/metrics" => {
+            let enrolled = store.clients().map(|c| c.len()).ok();
+            (
+                200,
+                "text/plain; version=0.0.4",
+                metrics(&snapshot, enrolled),
+            )
+        }
         _ => (
             404,
             "text/plain",
@@ -198,8 +205,9 @@ fn respond(head: &[u8], published: &Published, store: &Store) -> (u16, &'static 
     }
 }
 
-/// The snapshot in Prometheus' text exposition format.
-pub fn metrics(s: &Snapshot) -> String {
+/// The snapshot (and the number of enrolled clients, from the store) in Prometheus' text
+/// exposition format.
+pub fn metrics(s: &Snapshot, enrolled: Option<usize>) -> String {
     let c = &s.core.counters;
     let d = &s.daemon;
     let mut out = String::new();
@@ -235,6 +243,14 @@ pub fn metrics(s: &Snapshot) -> String {
         "Clients with an open session.",
         &[("", s.core.clients_connected as f64)],
     );
+    if let Some(n) = enrolled {
+        put(
+            "clients_enrolled",
+            "gauge",
+            "Clients holding a certificate from this coordinator.",
+            &[("", n as f64)],
+        );
+    }
     let collecting = matches!(s.core.round, Some((_, Phase::Collecting)));
     put(
         "round_collecting",
@@ -300,13 +316,14 @@ mod tests {
 
     #[test]
     fn metrics_are_prometheus_text() {
-        let m = metrics(&snapshot());
+        let m = metrics(&snapshot(), Some(9));
         for line in [
             "# TYPE crosslm_rounds_total counter",
             "crosslm_rounds_total{outcome=\"done\"} 2",
             "crosslm_replies_total{verdict=\"accepted\"} 14",
             "crosslm_replies_total{verdict=\"invalid\"} 1",
             "crosslm_clients_connected 7",
+            "crosslm_clients_enrolled 9",
             "crosslm_round_collecting 1",
             "crosslm_last_round_seconds 12.5",
         ] {

@@ -120,6 +120,7 @@ async fn admin_endpoint_reports_a_round_live() {
         0.0
     );
     assert_eq!(metric(&text, "crosslm_clients_connected"), 2.0);
+    assert_eq!(metric(&text, "crosslm_clients_enrolled"), 2.0);
     assert!(metric(&text, "crosslm_last_round_seconds") > 0.0);
     assert!(metric(&text, "crosslm_generation_seconds_total") >= 0.0);
 
