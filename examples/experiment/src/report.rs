@@ -52,6 +52,17 @@ pub struct ClientMeta {
     pub label_counts: Vec<usize>,
 }
 
+/// Round 0's accuracies as the report counts them: an attacker's (the first
+/// `attack.clients`) is left out, as it is from every later round.
+pub fn honest_only(initial: &[f32], cfg: &ExperimentConfig) -> Vec<Option<f32>> {
+    let attackers = cfg.attack.map_or(0, |a| a.clients);
+    initial
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (i >= attackers).then_some(*a))
+        .collect()
+}
+
 /// Everything an experiment measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
@@ -81,9 +92,20 @@ pub fn stats(values: &[Option<f32>]) -> Option<(f32, f32, f32)> {
 
 impl Metrics {
     /// The mean accuracy of one architecture's clients in a round.
+    /// A round's SLM accuracies without the attackers' (a metrics file written before round 0
+    /// left them out still holds their local-only accuracy there).
+    fn honest_slm(&self, r: &RoundMetrics) -> Vec<Option<f32>> {
+        let attackers = self.config.attack.map_or(0, |a| a.clients);
+        r.slm
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if i < attackers { None } else { *a })
+            .collect()
+    }
+
     fn arch_mean(&self, r: &RoundMetrics, arch: Arch) -> Option<f32> {
-        let v: Vec<Option<f32>> = r
-            .slm
+        let v: Vec<Option<f32>> = self
+            .honest_slm(r)
             .iter()
             .zip(&self.clients)
             .filter(|(_, c)| c.arch == arch)
@@ -100,7 +122,7 @@ impl Metrics {
     /// The final-round mean SLM accuracy (a fraction) of variant `v`.
     pub fn final_slm_mean(&self, v: Variant) -> Option<f32> {
         let last = self.variant(v)?.rounds.last()?;
-        stats(&last.slm).map(|s| s.0)
+        stats(&self.honest_slm(last)).map(|s| s.0)
     }
 
     /// The markdown report.
@@ -184,14 +206,14 @@ impl Metrics {
         let zero = self.llm_zero_shot.as_ref();
         let round0 = RoundMetrics {
             round: 0,
-            slm: self.initial.iter().map(|a| Some(*a)).collect(),
+            slm: honest_only(&self.initial, &self.config),
             llm: None,
             samples: None,
             mean_quality: None,
             kept: None,
         };
         let mut row = |name: &str, r: &RoundMetrics, llm: Option<&LlmReport>| {
-            let st = stats(&r.slm);
+            let st = stats(&self.honest_slm(r));
             s += &format!(
                 "| {name} | {} | {} | {} |",
                 pct(st.map(|x| x.0)),
@@ -236,7 +258,7 @@ impl Metrics {
                 v.variant.label()
             );
             for r in &v.rounds {
-                let st = stats(&r.slm);
+                let st = stats(&self.honest_slm(r));
                 let llm = r.llm.as_ref();
                 s += &format!(
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -577,5 +599,20 @@ variants = ["standalone", "crosslm"]
         assert_eq!(stats(&[None, None]), None);
         let (mean, min, max) = stats(&[Some(0.5), None, Some(0.7)]).unwrap();
         assert!((mean - 0.6).abs() < 1e-6 && min == 0.5 && max == 0.7);
+    }
+
+    /// An attacker's local-only accuracy is not an honest client's: round 0 leaves it out.
+    #[test]
+    fn round_zero_leaves_the_attackers_out() {
+        let mut m = metrics();
+        assert_eq!(
+            honest_only(&[0.5, 0.7], &m.config),
+            vec![Some(0.5), Some(0.7)]
+        );
+        m.config.attack = Some(crate::attack::AttackConfig {
+            kind: crate::attack::AttackKind::Invert,
+            clients: 1,
+        });
+        assert_eq!(honest_only(&[0.5, 0.7], &m.config), vec![None, Some(0.7)]);
     }
 }

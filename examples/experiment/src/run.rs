@@ -326,7 +326,7 @@ impl Ctx {
         let started = Instant::now();
         let round0 = RoundMetrics {
             round: 0,
-            slm: initial.iter().map(|a| Some(*a)).collect(),
+            slm: crate::report::honest_only(initial, &self.cfg),
             llm: None,
             samples: None,
             mean_quality: None,
