@@ -115,11 +115,16 @@ impl Daemon {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
+        self.stop_admin();
+        r
+    }
+
+    /// Stops serving the admin endpoint and removes its address file.
+    fn stop_admin(&mut self) {
         if let Some(t) = self.admin_task.take() {
             t.abort();
             admin::forget_addr(&self.data_dir);
         }
-        r
     }
 
     /// Asks the daemon to stop after the current event.
@@ -137,10 +142,7 @@ type Job = tokio::task::JoinHandle<(Box<dyn Generator>, Input)>;
 impl Drop for Daemon {
     /// A daemon dropped without [`Daemon::wait`] still stops serving its admin endpoint.
     fn drop(&mut self) {
-        if let Some(t) = self.admin_task.take() {
-            t.abort();
-            admin::forget_addr(&self.data_dir);
-        }
+        self.stop_admin();
     }
 }
 

@@ -324,7 +324,8 @@ async fn run(dir: &Path, n: usize, a: &Args) -> String {
     // The crash: SIGKILL once enough of round 1 is acknowledged, then the same daemon again.
     let mut restarted: Option<std::process::Child> = None;
     let mut crash: Option<(Instant, usize)> = None;
-    if let Some(f) = a.crash {
+    // The first daemon, while it lives.
+    let first = if let Some(f) = a.crash {
         let want = ((n as f64) * f).ceil() as usize;
         while shared.accepted_round_1.load(Ordering::Relaxed) < want {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -348,25 +349,10 @@ async fn run(dir: &Path, n: usize, a: &Args) -> String {
         pid = child.id();
         restarted = Some(child);
         admin = wait_admin(&data_dir).await;
-        let mut figs = Vec::new();
-        for c in clients.drain(..) {
-            figs.push(c.await.expect("client"));
-        }
-        return finish(
-            dir,
-            n,
-            a,
-            figs,
-            admin,
-            pid,
-            restarted,
-            enroll_secs,
-            connect_secs,
-            0,
-            crash,
-        )
-        .await;
-    }
+        None
+    } else {
+        Some(coord)
+    };
     let mut figs = Vec::new();
     for c in clients {
         figs.push(c.await.expect("client"));
@@ -385,7 +371,7 @@ async fn run(dir: &Path, n: usize, a: &Args) -> String {
         crash,
     )
     .await;
-    drop(coord);
+    drop(first);
     row
 }
 

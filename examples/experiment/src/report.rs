@@ -55,11 +55,16 @@ pub struct ClientMeta {
 /// Round 0's accuracies as the report counts them: an attacker's (the first
 /// `attack.clients`) is left out, as it is from every later round.
 pub fn honest_only(initial: &[f32], cfg: &ExperimentConfig) -> Vec<Option<f32>> {
+    let all: Vec<Option<f32>> = initial.iter().copied().map(Some).collect();
+    without_attackers(&all, cfg)
+}
+
+/// Accuracies with the attackers' (the first `attack.clients`) left out.
+fn without_attackers(slm: &[Option<f32>], cfg: &ExperimentConfig) -> Vec<Option<f32>> {
     let attackers = cfg.attack.map_or(0, |a| a.clients);
-    initial
-        .iter()
+    slm.iter()
         .enumerate()
-        .map(|(i, a)| (i >= attackers).then_some(*a))
+        .map(|(i, a)| if i < attackers { None } else { *a })
         .collect()
 }
 
@@ -95,12 +100,7 @@ impl Metrics {
     /// A round's SLM accuracies without the attackers' (a metrics file written before round 0
     /// left them out still holds their local-only accuracy there).
     fn honest_slm(&self, r: &RoundMetrics) -> Vec<Option<f32>> {
-        let attackers = self.config.attack.map_or(0, |a| a.clients);
-        r.slm
-            .iter()
-            .enumerate()
-            .map(|(i, a)| if i < attackers { None } else { *a })
-            .collect()
+        without_attackers(&r.slm, &self.config)
     }
 
     fn arch_mean(&self, r: &RoundMetrics, arch: Arch) -> Option<f32> {
