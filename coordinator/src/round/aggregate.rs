@@ -19,8 +19,17 @@ pub enum Aggregation {
         /// Fraction trimmed from each end, in [0, 0.5).
         trim: f32,
     },
-    /// Per label, the median over clients; the most robust option.
+    /// Per label, the median over clients. Robust to extreme votes, but with `k` attackers
+    /// voting one way it becomes a low (or high) quantile of the honest votes.
     Median,
+    /// The weighted mean over the clients whose scores track the others' ([`agreement`]
+    /// above `min_agreement`, per round); the rest are left out of the round. Clients that
+    /// score every sample alike (constant, uniform, always one way) have agreement 0 and
+    /// those that invert the others' judgement a negative one. `0.0` is the natural setting.
+    ScreenedMean {
+        /// Least agreement (a correlation, in [-1, 1)) a client needs to be counted.
+        min_agreement: f32,
+    },
 }
 
 /// One sample's aggregated score from its clients' votes `(weight, probs)`: the soft label
@@ -86,6 +95,87 @@ pub fn correct_prior(rows: &[&[f32]], samples: &[SyntheticSample]) -> Vec<Vec<f3
         .collect()
 }
 
+/// Each client's agreement with the others over one round: the Pearson correlation, across
+/// the round's samples, between the client's probability of each sample's intended label (what
+/// the quality threshold reads) and the median of the other clients' probabilities of it.
+/// `rows[c][i]` is client `c`'s vector for `samples[i]`. A client whose probabilities do not
+/// vary (or whose others' median does not) gets 0: it carries no ranking of the samples.
+/// Fewer than three clients: there is no majority to tell from a minority, and every client
+/// gets 1.
+pub fn agreement(rows: &[Vec<Vec<f32>>], samples: &[SyntheticSample]) -> Vec<f32> {
+    let n = rows.len();
+    if n < 3 {
+        return vec![1.0; n];
+    }
+    let intended = |c: usize, i: usize, s: &SyntheticSample| -> f64 {
+        rows[c]
+            .get(i)
+            .and_then(|r| r.get(s.label as usize))
+            .copied()
+            .unwrap_or(0.0) as f64
+    };
+    let mut others = Vec::with_capacity(n - 1);
+    (0..n)
+        .map(|c| {
+            let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+            for (i, s) in samples.iter().enumerate() {
+                others.clear();
+                others.extend((0..n).filter(|&o| o != c).map(|o| intended(o, i, s)));
+                others.sort_by(f64::total_cmp);
+                let m = others.len() / 2;
+                theirs.push(if others.len() % 2 == 1 {
+                    others[m]
+                } else {
+                    (others[m - 1] + others[m]) / 2.0
+                });
+                mine.push(intended(c, i, s));
+            }
+            pearson(&mine, &theirs) as f32
+        })
+        .collect()
+}
+
+/// Which clients a method counts in a round (all but for [`Aggregation::ScreenedMean`]), with
+/// each client's [`agreement`] when it was computed. Screening never leaves a round without
+/// votes: if every client falls under the bar, all are counted.
+pub fn screen(
+    method: Aggregation,
+    rows: &[Vec<Vec<f32>>],
+    samples: &[SyntheticSample],
+) -> (Vec<bool>, Option<Vec<f32>>) {
+    let Aggregation::ScreenedMean { min_agreement } = method else {
+        return (vec![true; rows.len()], None);
+    };
+    let agree = agreement(rows, samples);
+    let kept: Vec<bool> = agree.iter().map(|&a| a > min_agreement).collect();
+    if kept.iter().any(|&k| k) {
+        (kept, Some(agree))
+    } else {
+        (vec![true; rows.len()], Some(agree))
+    }
+}
+
+/// Pearson correlation; 0 when either side is (nearly) constant.
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return 0.0;
+    }
+    let mean = |x: &[f64]| x[..n].iter().sum::<f64>() / n as f64;
+    let (ma, mb) = (mean(a), mean(b));
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a[..n].iter().zip(&b[..n]) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma) * (x - ma);
+        sbb += (y - mb) * (y - mb);
+    }
+    // Probabilities live in [0, 1]: a spread under 1e-6 is rounding, not a ranking.
+    if saa / (n as f64) < 1e-12 || sbb / (n as f64) < 1e-12 {
+        return 0.0;
+    }
+    (sab / (saa * sbb).sqrt()).clamp(-1.0, 1.0)
+}
+
 /// Combines the probability vectors of several clients for one sample.
 ///
 /// `votes` holds `(weight, probs)` per client, all of the same length. The result is
@@ -95,7 +185,8 @@ pub fn combine(method: Aggregation, votes: &[(f64, &[f32])]) -> Vec<f32> {
         return Vec::new();
     };
     let mut out: Vec<f64> = match method {
-        Aggregation::WeightedMean => {
+        // The screening happened over the whole batch ([`screen`]); what is left is averaged.
+        Aggregation::WeightedMean | Aggregation::ScreenedMean { .. } => {
             let total: f64 = votes.iter().map(|v| v.0.max(0.0)).sum();
             // All-zero weights (clients reporting no data) fall back to a plain mean.
             let (total, uniform) = if total > 0.0 {
@@ -222,6 +313,64 @@ mod tests {
             assert!(close(a, b), "{out:?}");
         }
         assert!(correct_prior(&[], &samples).is_empty());
+    }
+
+    /// Six honest clients who rank the samples alike (with their own noise) and one each
+    /// of the attacks: the constant, the always-one-way and the inverting client fall under
+    /// 0 agreement, the honest ones stay well above it, and screening drops exactly the three.
+    #[test]
+    fn screening_drops_clients_that_do_not_track_the_others() {
+        let labels: Vec<u32> = (0..40).map(|i| i % 2).collect();
+        let samples = batch(&labels);
+        // How good sample i is, as the honest clients see it (a hidden truth they share).
+        let truth = |i: usize| ((i * 37) % 40) as f32 / 40.0;
+        let honest = |c: usize| -> Vec<Vec<f32>> {
+            (0..40)
+                .map(|i| {
+                    let noise = (((i * 13 + c * 7) % 11) as f32 - 5.0) / 50.0;
+                    let q = (0.1 + 0.8 * truth(i) + noise).clamp(0.0, 1.0);
+                    let mut r = vec![0.0; 2];
+                    r[labels[i] as usize] = q;
+                    r[1 - labels[i] as usize] = 1.0 - q;
+                    r
+                })
+                .collect()
+        };
+        let mut rows: Vec<Vec<Vec<f32>>> = (0..6).map(honest).collect();
+        rows.push(vec![vec![0.5, 0.5]; 40]); // constant
+        rows.push(
+            (0..40)
+                .map(|i| {
+                    if labels[i] == 0 {
+                        vec![1.0, 0.0]
+                    } else {
+                        vec![0.0, 1.0]
+                    }
+                })
+                .collect(),
+        ); // inflate: every sample all on its intended label
+        rows.push(honest(0).into_iter().map(|r| vec![r[1], r[0]]).collect()); // inverts an honest judgement
+        let agree = agreement(&rows, &samples);
+        assert!(agree[..6].iter().all(|&a| a > 0.8), "{agree:?}");
+        assert_eq!(&agree[6..8], &[0.0, 0.0], "{agree:?}");
+        assert!(agree[8] < -0.8, "{agree:?}");
+        let method = Aggregation::ScreenedMean { min_agreement: 0.0 };
+        let (kept, seen) = screen(method, &rows, &samples);
+        assert_eq!(
+            kept,
+            [true, true, true, true, true, true, false, false, false]
+        );
+        assert_eq!(seen, Some(agree));
+        // Other methods count everyone and compute nothing.
+        assert_eq!(
+            screen(Aggregation::Median, &rows, &samples),
+            (vec![true; 9], None)
+        );
+        // Nobody over the bar: all counted rather than none.
+        let (kept, _) = screen(method, &rows[6..], &samples);
+        assert_eq!(kept, [true, true, true]);
+        // Two clients: no majority, both counted.
+        assert_eq!(agreement(&rows[7..], &samples), [1.0, 1.0]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use crosslm_sdk::protocol::{AggregatedScore, ClientId, SampleScore, SyntheticSample, TaskInfo};
 use serde::{Deserialize, Serialize};
 
-pub use aggregate::{Aggregation, combine, correct_prior, score_sample};
+pub use aggregate::{Aggregation, agreement, combine, correct_prior, score_sample, screen};
 
 /// Tolerance on the sum of a client's probabilities for one sample.
 pub const SUM_TOLERANCE: f32 = 1e-3;
@@ -353,7 +353,7 @@ impl RoundMachine {
     }
 
     fn aggregate(&self) -> RoundOutcome {
-        let per_client: Vec<(f64, Vec<Vec<f32>>)> = self
+        let (weights, rows): (Vec<f64>, Vec<Vec<Vec<f32>>>) = self
             .replies
             .values()
             .map(|r| {
@@ -365,6 +365,28 @@ impl RoundMachine {
                 };
                 (r.weight, rows)
             })
+            .unzip();
+        let (counted, agree) = screen(self.cfg.aggregation, &rows, &self.samples);
+        if let Some(agree) = &agree {
+            for ((client, a), &k) in self.replies.keys().zip(agree).zip(&counted) {
+                if k {
+                    tracing::debug!(round = self.id, client, agreement = a, "scores counted");
+                } else {
+                    tracing::warn!(
+                        round = self.id,
+                        client,
+                        agreement = a,
+                        "scores left out: they do not track the other clients'"
+                    );
+                }
+            }
+        }
+        let per_client: Vec<(f64, Vec<Vec<f32>>)> = weights
+            .into_iter()
+            .zip(rows)
+            .zip(&counted)
+            .filter(|(_, k)| **k)
+            .map(|(wr, _)| wr)
             .collect();
         let scores = self
             .samples

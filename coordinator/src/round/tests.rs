@@ -269,3 +269,56 @@ fn join_after_deadline_or_completion_sends_nothing() {
     m.join("late".into(), 1.0, 2_000);
     assert!(drain(&mut m).is_empty());
 }
+
+/// A client whose scores do not track the others' is left out of the screened mean: three
+/// clients rank the four samples alike, a fourth puts everything on the intended label.
+#[test]
+fn the_screened_mean_leaves_out_a_client_that_does_not_track_the_others() {
+    let ranked = |q: [f32; 4]| -> Vec<SampleScore> {
+        samples()
+            .iter()
+            .zip(q)
+            .map(|(s, q)| {
+                let mut probs = vec![1.0 - q, 1.0 - q];
+                probs[s.label as usize] = q;
+                SampleScore { id: s.id, probs }
+            })
+            .collect()
+    };
+    let run = |aggregation| {
+        let mut m = RoundMachine::new(
+            1,
+            task(),
+            samples(),
+            RoundConfig {
+                aggregation,
+                ..cfg(4)
+            },
+            0,
+        );
+        m.start(clients(4), 0);
+        drain(&mut m);
+        for (c, q) in [
+            ("c0", [0.9, 0.2, 0.7, 0.4]),
+            ("c1", [0.8, 0.3, 0.6, 0.3]),
+            ("c2", [0.7, 0.1, 0.8, 0.2]),
+            ("c3", [1.0, 1.0, 1.0, 1.0]),
+        ] {
+            assert_eq!(m.on_scores(c, ranked(q), 10), ReplyVerdict::Accepted);
+        }
+        let done = drain(&mut m);
+        let [Action::Completed(out)] = done.as_slice() else {
+            panic!("{done:?}")
+        };
+        // Everyone who replied is a contributor, counted or not.
+        assert_eq!(out.contributors.len(), 4);
+        out.scores.iter().map(|s| s.quality).collect::<Vec<_>>()
+    };
+    let screened = run(Aggregation::ScreenedMean { min_agreement: 0.0 });
+    for (q, want) in screened.iter().zip([0.8, 0.2, 0.7, 0.3]) {
+        assert!((q - want).abs() < 1e-5, "{screened:?}");
+    }
+    // The plain mean lets the fourth client lift every sample: the second to 0.4.
+    let mean = run(Aggregation::WeightedMean);
+    assert!((mean[1] - 0.4).abs() < 1e-5, "{mean:?}");
+}

@@ -347,6 +347,11 @@ impl ExperimentConfig {
         {
             bail!("trimmed_mean trim must be in [0, 0.5), got {trim}");
         }
+        if let Aggregation::ScreenedMean { min_agreement } = self.aggregation
+            && !(-1.0..1.0).contains(&min_agreement)
+        {
+            bail!("screened_mean min_agreement must be in [-1, 1), got {min_agreement}");
+        }
         if self.per_client == 0 || self.test_size == 0 || self.rounds == 0 {
             bail!("per_client, test_size and rounds must be positive");
         }
@@ -527,6 +532,11 @@ variants = ["crosslm"]
             })
         );
         assert_eq!(c.aggregation, Aggregation::Median);
+        let screened = ["aggregation={ screened_mean = { min_agreement = 0.0 } }".to_string()];
+        assert_eq!(
+            ExperimentConfig::load_with(&p, &screened).unwrap().aggregation,
+            Aggregation::ScreenedMean { min_agreement: 0.0 }
+        );
         for bad in [
             "bogus=1",
             "min_quality",
@@ -536,6 +546,7 @@ variants = ["crosslm"]
             "bag_training.epochs=3",
             "attack={ kind = \"invert\", clients = 8 }",
             "aggregation={ trimmed_mean = { trim = 0.5 } }",
+            "aggregation={ screened_mean = { min_agreement = 1.0 } }",
         ] {
             assert!(
                 ExperimentConfig::load_with(&p, &[bad.to_string()]).is_err(),

@@ -73,6 +73,11 @@ enum Cmd {
         /// Only this round.
         #[arg(long)]
         round: Option<u64>,
+        /// Also print each client's own score vector for the sample (`votes`, by client id,
+        /// as received: after the client's privacy noise, before any aggregation), to study
+        /// how the aggregation treated them.
+        #[arg(long)]
+        votes: bool,
     },
     /// Work with the LLM directly: tokenize, generate, classify.
     #[command(subcommand)]
@@ -278,7 +283,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Samples { data_dir, round } => print_samples(&data_dir, round),
+        Cmd::Samples {
+            data_dir,
+            round,
+            votes,
+        } => print_samples(&data_dir, round, votes),
         Cmd::Llm(cmd) => llm::run(cmd),
     }
 }
@@ -318,8 +327,8 @@ fn open_store(data_dir: &Path) -> anyhow::Result<Store> {
 }
 
 /// `samples`: one JSON line per synthetic sample; `quality` and `soft` are null for a round
-/// that has no aggregated scores (yet).
-fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
+/// that has no aggregated scores (yet). With `votes`, each client's scores ride along.
+fn print_samples(data_dir: &Path, only: Option<u64>, votes: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let store = open_store(data_dir)?;
     let ids: Vec<u64> = match only {
@@ -335,9 +344,22 @@ fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
             .result(id)?
             .map(|o| o.scores.into_iter().map(|s| (s.id, s)).collect())
             .unwrap_or_default();
+        // sample id -> client id -> that client's probabilities
+        let mut by_sample: std::collections::HashMap<u64, serde_json::Map<String, _>> =
+            Default::default();
+        if votes {
+            for (client, reply) in store.replies(id)? {
+                for s in reply.scores {
+                    by_sample
+                        .entry(s.id)
+                        .or_default()
+                        .insert(client.clone(), serde_json::json!(s.probs));
+                }
+            }
+        }
         for sample in &round.samples {
             let score = scores.get(&sample.id);
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "round": id,
                 "id": sample.id,
                 "label": round.task.labels.get(sample.label as usize),
@@ -345,6 +367,10 @@ fn print_samples(data_dir: &Path, only: Option<u64>) -> anyhow::Result<()> {
                 "quality": score.map(|s| s.quality),
                 "soft": score.map(|s| &s.soft),
             });
+            if votes {
+                line["votes"] =
+                    serde_json::Value::Object(by_sample.remove(&sample.id).unwrap_or_default());
+            }
             match writeln!(out, "{line}") {
                 // A reader that stops early (`| head`) is not an error.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
