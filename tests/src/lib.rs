@@ -368,6 +368,55 @@ impl EngineProcess {
     }
 }
 
+impl EngineProcess {
+    /// vLLM's OpenAI-compatible server (`CROSSLM_VLLM_PYTHON`, a python with vLLM) serving
+    /// the Hugging Face checkpoint `CROSSLM_VLLM_MODEL` as `smollm2` on 127.0.0.1:`port`, in
+    /// f32, with runtime LoRA loading on (rank up to `max_lora_rank`); panics if it does not
+    /// list its model within ten minutes (on two CPU cores it starts in a few).
+    pub fn vllm(port: u16, max_lora_rank: usize, log: &Path) -> EngineProcess {
+        let var = |name: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("set {name} (scripts/test-vllm.sh does)"))
+        };
+        let log = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(var("CROSSLM_VLLM_PYTHON"))
+            .args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
+            .arg(var("CROSSLM_VLLM_MODEL"))
+            .args([
+                "--served-model-name",
+                "smollm2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "1024",
+                "--enforce-eager",
+                "--enable-lora",
+                "--max-loras",
+                "2",
+                "--max-lora-rank",
+                &max_lora_rank.to_string(),
+            ])
+            .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+            .env("VLLM_CPU_KVCACHE_SPACE", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start vllm");
+        let engine = EngineProcess(child);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !models_answer(port) {
+            assert!(Instant::now() < deadline, "vLLM did not come up");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        engine
+    }
+}
+
 impl Drop for EngineProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
