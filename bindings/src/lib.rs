@@ -15,6 +15,7 @@ use crosslm_sdk::client::{self, Client, ClientConfig};
 use crosslm_sdk::privacy::PrivacyFloor;
 use crosslm_sdk::protocol::ErrorCode;
 use crosslm_sdk::slm::{Arch, Backend};
+use crosslm_sdk::transport::Reconnect;
 
 uniffi::setup_scaffolding!();
 
@@ -217,6 +218,10 @@ pub struct ClientSettings {
     pub epsilon_budget: Option<f64>,
     /// The delta the device accounts its epsilon at.
     pub privacy_delta: f64,
+    /// How many times `join` tries again after losing the coordinator (a crash, a network
+    /// change), waiting 0.25-0.5 s before the first try, twice that before each next one, at
+    /// most 30 s, with jitter; 0: give up at once. A refusal is never tried again.
+    pub reconnect_attempts: u32,
 }
 
 /// Default settings for a data dir.
@@ -239,6 +244,7 @@ pub fn default_settings(data_dir: String) -> ClientSettings {
         min_noise_multiplier: d.privacy.min_noise_multiplier,
         epsilon_budget: d.privacy.epsilon_budget,
         privacy_delta: d.privacy.delta,
+        reconnect_attempts: d.reconnect.attempts,
     }
 }
 
@@ -519,6 +525,10 @@ impl CrossLmClient {
                 epsilon_budget: settings.epsilon_budget,
                 delta: settings.privacy_delta,
                 noise_seed: None,
+            },
+            reconnect: Reconnect {
+                attempts: settings.reconnect_attempts,
+                ..d.reconnect
             },
             ..d
         };

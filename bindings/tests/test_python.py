@@ -222,6 +222,24 @@ class BindingsTest(unittest.TestCase):
         self.assertEqual(state["last_round"], 1)
         self.assertEqual(state["client_id"], client_id)
 
+        # The coordinator gone: join tries again as often as the settings say, then gives up
+        # with a network error (the same data dir: identity and checkpoint are kept).
+        coord.stop()
+        del client
+        s = settings(self.dir, coord.addr)
+        s.connect_timeout_ms = 1000
+        s.reconnect_attempts = 2
+        again = x.CrossLmClient(s)
+        rec = Recorder()
+        again.set_listener(rec)
+        again.load_data_file(os.path.join(self.dir, "private.jsonl"))
+        started = time.time()
+        with self.assertRaises(x.CrossLmError.Network):
+            asyncio.run(again.join(1))
+        retries = [e.message for e in rec.of(x.Activity.CONNECTING) if "trying again" in e.message]
+        self.assertEqual(len(retries), 2, retries)
+        self.assertLess(time.time() - started, 15)
+
     def test_cancel_leaves_a_join_that_waits_for_rounds(self):
         # Two clients needed: no round opens for one.
         coord = self.coordinator(rounds=1, per_label=5, min_clients=2, tokens=1)
