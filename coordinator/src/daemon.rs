@@ -58,6 +58,7 @@ impl Daemon {
             .map_err(|e| Error::Transport(e.to_string()))?;
         let data_dir = cfg.data_dir.clone();
         let admin_addr = cfg.admin;
+        let max_unauthenticated = cfg.max_unauthenticated;
         let core = Core::new(cfg, task.clone(), Resume::from_store(&store)?)?;
         let published: Published = Arc::new(Mutex::new(None));
         let (admin, admin_task) = match admin_addr {
@@ -80,6 +81,8 @@ impl Daemon {
             revoked: Revoked::open(&data_dir),
             store: store.clone(),
             core: core_tx,
+            unauthenticated: Arc::new(tokio::sync::Semaphore::new(max_unauthenticated)),
+            busy: Default::default(),
         });
         let server = tokio::spawn(serve(endpoint.clone(), ctx));
         let core = tokio::spawn(drive(

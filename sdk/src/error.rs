@@ -79,6 +79,10 @@ pub enum SessionError {
     /// Sending or receiving failed mid-session (reset, timeout, local socket).
     #[error("{0}")]
     Link(String),
+    /// The coordinator had no room for this connection now ([`crate::protocol::CLOSE_BUSY`]);
+    /// worth trying again later.
+    #[error("the coordinator is busy: {0}; try again later")]
+    Busy(String),
     /// The TLS configuration could not be built (a bad certificate or key).
     #[error("TLS setup: {0}")]
     Tls(String),
@@ -90,7 +94,9 @@ impl Error {
     pub fn is_link_failure(&self) -> bool {
         matches!(
             self,
-            Error::Session(SessionError::Connect { .. } | SessionError::Link(_))
+            Error::Session(
+                SessionError::Connect { .. } | SessionError::Link(_) | SessionError::Busy(_)
+            )
         )
     }
 }

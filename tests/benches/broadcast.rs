@@ -86,6 +86,7 @@ async fn broadcast(
         learning: None,
         privacy: None,
         admin: None,
+        ..Default::default()
     };
     let generator = FileGenerator::load(samples_path, &task).unwrap();
     let mut daemon = Daemon::start(cfg, task, Box::new(generator)).await.unwrap();

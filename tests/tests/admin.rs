@@ -62,6 +62,7 @@ async fn admin_endpoint_reports_a_round_live() {
         learning: None,
         privacy: None,
         admin: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
     };
     let data_dir = cfg.data_dir.clone();
     let tokens = mint_tokens(&data_dir, 2).unwrap();

@@ -111,6 +111,7 @@ async fn llm_learns_between_rounds_and_reports_persist() {
         learning: None,
         privacy: None,
         admin: None,
+        ..Default::default()
     };
     let data_dir = cfg.data_dir.clone();
     let tokens = mint_tokens(&data_dir, 2).unwrap();

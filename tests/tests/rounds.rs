@@ -34,6 +34,7 @@ fn config(dir: &std::path::Path, min_clients: usize, quorum: usize) -> DaemonCon
         learning: None,
         privacy: None,
         admin: None,
+        ..Default::default()
     }
 }
 

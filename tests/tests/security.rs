@@ -17,6 +17,14 @@ use crosslm_sdk::transport::{EnrollToken, Identity, Session, enroll};
 use crosslm_tests::*;
 
 async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToken>) {
+    daemon_with(dir, tokens, DaemonConfig::default().max_unauthenticated).await
+}
+
+async fn daemon_with(
+    dir: &std::path::Path,
+    tokens: usize,
+    max_unauthenticated: usize,
+) -> (Daemon, Vec<EnrollToken>) {
     let (_, task) = write_task(dir);
     let samples = write_samples(dir, 10);
     let cfg = DaemonConfig {
@@ -35,6 +43,7 @@ async fn daemon(dir: &std::path::Path, tokens: usize) -> (Daemon, Vec<EnrollToke
         learning: None,
         privacy: None,
         admin: None,
+        max_unauthenticated,
     };
     let tokens = mint_tokens(&cfg.data_dir, tokens).unwrap();
     let g = FileGenerator::load(&samples, &task).unwrap();
@@ -331,5 +340,67 @@ async fn silent_and_greedy_peers_are_cut_off_while_a_round_completes() {
     }
     s.close().await;
     drop((send, recv, conn));
+    d.wait().await.unwrap();
+}
+
+/// Peers without a certificate have few places (here 3): a fourth is closed as busy right
+/// after its handshake, an enrollment meanwhile fails with an error worth retrying, an
+/// enrolled client still completes its round, and once the silent peers time out an
+/// enrollment goes through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_peers_cannot_crowd_out_enrolled_clients() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, tokens) = daemon_with(dir.path(), 2, 3).await;
+    let addr = d.addr;
+    let honest = enroll_with(addr, &tokens[0], "honest").await;
+
+    let anonymous = || tls::anonymous_config(&honest.ca_der).unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(raw(addr, anonymous()).await);
+    }
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let fourth = ep
+        .connect_with(anonymous(), addr, SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), fourth.closed())
+        .await
+        .expect("closed at once");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(crosslm_sdk::protocol::CLOSE_BUSY)
+                && &c.reason[..] == b"too many connections without a certificate"),
+        "{closed:?}"
+    );
+    let e = enroll(addr, &tokens[1], info("late", 10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Session(crosslm_sdk::SessionError::Busy(_))) && e.is_link_failure(),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("busy"), "{e}");
+
+    // Enrolled clients do not need one of those places.
+    let mut s = Session::connect(addr, &honest, info("honest", 5))
+        .await
+        .unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    s.close().await;
+
+    // The silent peers are closed by the hello timeout (10 s), freeing their places.
+    for (_ep, c, _s, _r) in &silent {
+        tokio::time::timeout(Duration::from_secs(30), c.closed())
+            .await
+            .expect("silent peer closed");
+    }
+    let late = enroll(addr, &tokens[1], info("late", 10)).await.unwrap();
+    assert!(!late.client_id.is_empty());
     d.wait().await.unwrap();
 }

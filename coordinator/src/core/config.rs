@@ -38,6 +38,11 @@ pub struct DaemonConfig {
     /// Where the admin endpoint listens (health, status, metrics over HTTP; keep it on
     /// localhost); none: no endpoint.
     pub admin: Option<SocketAddr>,
+    /// Connections without a client certificate (enrolling devices, or peers that have not
+    /// proven anything) held at once; past it a new one is closed right after its handshake
+    /// with the reason `busy` (the SDK reports it as worth trying again). Enrolled clients
+    /// do not count against it, so a flood of anonymous peers cannot crowd them out.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for DaemonConfig {
@@ -54,6 +59,7 @@ impl Default for DaemonConfig {
             learning: None,
             privacy: None,
             admin: None,
+            max_unauthenticated: 1_024,
         }
     }
 }

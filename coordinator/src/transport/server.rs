@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crosslm_sdk::protocol::{
-    ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION, ServerMsg, frame,
+    CLOSE_BUSY, ClientInfo, ClientMsg, ErrorCode, ErrorMsg, FrameError, PROTOCOL_VERSION,
+    ServerMsg, frame,
 };
 use crosslm_sdk::transport::EnrollToken;
 use crosslm_sdk::transport::tls::fingerprint;
@@ -48,6 +49,10 @@ pub struct ServerCtx {
     pub store: Arc<Store>,
     /// Events for the round core.
     pub core: mpsc::Sender<CoreEvent>,
+    /// Room for connections without a client certificate (`DaemonConfig::max_unauthenticated`).
+    pub unauthenticated: Arc<tokio::sync::Semaphore>,
+    /// Connections closed as busy so far (the log names one in a thousand).
+    pub busy: std::sync::atomic::AtomicU64,
 }
 
 /// How long a peer may take to open its stream and say hello.
@@ -77,7 +82,26 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
         sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => session(conn, ctx).await,
+                Ok(conn) => {
+                    // Held for the connection's life: a peer without a certificate takes
+                    // one of the few places for such peers, or is told to come back later.
+                    let _place = if client_fingerprint(&conn).is_some() {
+                        None
+                    } else {
+                        match ctx.unauthenticated.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                let n = ctx.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if n.is_multiple_of(1000) {
+                                    tracing::warn!(%remote, busy = n + 1, "too many connections without a certificate; closing as busy");
+                                }
+                                conn.close(CLOSE_BUSY.into(), BUSY_REASON);
+                                return;
+                            }
+                        }
+                    };
+                    session(conn, ctx).await
+                }
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "connection refused during TLS handshake")
                 }
@@ -89,6 +113,17 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerCtx>) {
         while sessions.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// What a peer closed as busy is told.
+const BUSY_REASON: &[u8] = b"too many connections without a certificate";
+
+/// The fingerprint of the peer's client certificate (verified against our CA by the
+/// handshake), if it presented one.
+fn client_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| fingerprint(c.as_ref())))
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ServerMsg {
@@ -198,10 +233,7 @@ async fn session(conn: quinn::Connection, ctx: Arc<ServerCtx>) {
         }
     };
 
-    let cert_fp = conn
-        .peer_identity()
-        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|certs| certs.first().map(|c| fingerprint(c.as_ref())));
+    let cert_fp = client_fingerprint(&conn);
     let client = match &cert_fp {
         Some(fp) => match ctx.store.client_by_cert(fp) {
             Ok(Some(rec)) => match ctx.revoked.get(&rec.id) {

@@ -534,7 +534,9 @@ variants = ["crosslm"]
         assert_eq!(c.aggregation, Aggregation::Median);
         let screened = ["aggregation={ screened_mean = { min_agreement = 0.0 } }".to_string()];
         assert_eq!(
-            ExperimentConfig::load_with(&p, &screened).unwrap().aggregation,
+            ExperimentConfig::load_with(&p, &screened)
+                .unwrap()
+                .aggregation,
             Aggregation::ScreenedMean { min_agreement: 0.0 }
         );
         for bad in [

@@ -555,6 +555,7 @@ impl Ctx {
             learning: Some(self.learn_schedule(v)),
             privacy: cfg.privacy,
             admin: None,
+            ..Default::default()
         };
         let tokens = mint_tokens(&coord_dir, n)?;
         let mut daemon = Daemon::start(daemon_cfg, self.spec.info(), generator).await?;

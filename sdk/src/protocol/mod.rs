@@ -18,6 +18,10 @@ pub use reassembly::{Reassembly, TooMany};
 /// The protocol version this build speaks. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 3;
 
+/// The QUIC close code of a coordinator that has no room for the connection now (too many
+/// peers without a certificate): the peer may try again later. The reason says why.
+pub const CLOSE_BUSY: u32 = 3;
+
 /// Samples per [`ServerMsg::Samples`] chunk: large batches are streamed, never one frame.
 pub const SAMPLES_PER_CHUNK: usize = 256;
 

@@ -84,19 +84,55 @@ async fn open(
     Ok((endpoint, conn, send, recv))
 }
 
+/// The coordinator's reason, if it closed the connection as busy ([`protocol::CLOSE_BUSY`]).
+fn busy_reason(e: &quinn::ConnectionError) -> Option<SessionError> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(protocol::CLOSE_BUSY) =>
+        {
+            Some(SessionError::Busy(
+                String::from_utf8_lossy(&c.reason).into_owned(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Why an I/O error of a stream happened, when the connection under it was closed as busy.
+fn busy_io(e: &std::io::Error) -> Option<SessionError> {
+    let inner = e.get_ref()?;
+    let lost = match (
+        inner.downcast_ref::<quinn::ReadError>(),
+        inner.downcast_ref::<quinn::WriteError>(),
+    ) {
+        (Some(quinn::ReadError::ConnectionLost(c)), _) => c,
+        (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
+        _ => return None,
+    };
+    busy_reason(lost)
+}
+
 async fn send_msg(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<()> {
-    frame::write(send, msg)
-        .await
-        .map_err(|e| SessionError::Link(format!("send: {e}")).into())
+    frame::write(send, msg).await.map_err(|e| {
+        match &e {
+            protocol::FrameError::Io(io) => busy_io(io),
+            _ => None,
+        }
+        .unwrap_or_else(|| SessionError::Link(format!("send: {e}")))
+        .into()
+    })
 }
 
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<ServerMsg> {
     frame::read(recv).await.map_err(|e| match e {
         protocol::FrameError::Closed => SessionError::Closed.into(),
-        // The coordinator closed the connection on purpose (its run is over): an end, not a
-        // lost link to try again.
-        protocol::FrameError::Io(e) if closed_on_purpose(&e) => SessionError::Closed.into(),
-        protocol::FrameError::Io(e) => SessionError::Link(format!("receive: {e}")).into(),
+        protocol::FrameError::Io(e) => match busy_io(&e) {
+            Some(busy) => busy.into(),
+            // The coordinator closed the connection on purpose (its run is over): an end,
+            // not a lost link to try again.
+            None if closed_on_purpose(&e) => SessionError::Closed.into(),
+            None => SessionError::Link(format!("receive: {e}")).into(),
+        },
         e => Error::Protocol(format!("from the coordinator: {e}")),
     })
 }
