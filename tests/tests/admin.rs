@@ -109,9 +109,21 @@ async fn admin_endpoint_reports_a_round_live() {
         );
     }
 
-    let (code, text) = get(admin, "/metrics").await;
-    assert_eq!(code, 200);
-    assert_eq!(metric(&text, "crosslm_rounds_total{outcome=\"done\"}"), 1.0);
+    // The driver publishes its snapshot after it has sent the results out, so a client can
+    // hold its result a moment before the endpoint shows the round: wait for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (code, text) = get(admin, "/metrics").await;
+        assert_eq!(code, 200);
+        if metric(&text, "crosslm_rounds_total{outcome=\"done\"}") == 1.0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "round never shown as done: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         metric(&text, "crosslm_replies_total{verdict=\"accepted\"}"),
         2.0
