@@ -11,9 +11,9 @@
 use std::time::{Duration, Instant};
 
 use crosslm_coordinator::generator::{Generator, LlmGenerator};
-use crosslm_coordinator::serving::{EngineClient, EngineEndpoint, EngineGenerator};
+use crosslm_coordinator::serving::EngineGenerator;
 use crosslm_coordinator::task::TaskSpec;
-use crosslm_tests::{EngineProcess, engine_gguf, free_tcp_port};
+use crosslm_tests::{EngineProcess, engine_client, engine_gguf, free_tcp_port};
 
 fn main() {
     let per_label: usize = std::env::args()
@@ -45,13 +45,7 @@ fn main() {
         } else {
             EngineProcess::start(port, &log)
         };
-        let client = EngineClient::new(EngineEndpoint {
-            base_url: format!("http://127.0.0.1:{port}/v1"),
-            api_key: None,
-            timeout: Duration::from_secs(300),
-            retries: 0,
-            backoff: Duration::from_millis(100),
-        });
+        let client = engine_client(port, Duration::from_secs(300));
         for concurrency in concurrencies {
             let mut g = EngineGenerator::new(
                 client.clone(),

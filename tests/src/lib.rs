@@ -358,17 +358,9 @@ impl EngineProcess {
             .stderr(log)
             .spawn()
             .expect("start llama_cpp.server");
-        let engine = EngineProcess(child);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !models_answer(port) {
-            assert!(Instant::now() < deadline, "the engine did not come up");
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        engine
+        EngineProcess(child).when_up(port, Duration::from_secs(120))
     }
-}
 
-impl EngineProcess {
     /// vLLM's OpenAI-compatible server (`CROSSLM_VLLM_PYTHON`, a python with vLLM) serving
     /// the Hugging Face checkpoint `CROSSLM_VLLM_MODEL` as `smollm2` on 127.0.0.1:`port`, in
     /// f32, with runtime LoRA loading on (rank up to `max_lora_rank`); panics if it does not
@@ -407,13 +399,17 @@ impl EngineProcess {
             .stderr(log)
             .spawn()
             .expect("start vllm");
-        let engine = EngineProcess(child);
-        let deadline = Instant::now() + Duration::from_secs(600);
+        EngineProcess(child).when_up(port, Duration::from_secs(600))
+    }
+
+    /// Waits until the engine on `port` lists its model; panics after `timeout`.
+    fn when_up(self, port: u16, timeout: Duration) -> EngineProcess {
+        let deadline = Instant::now() + timeout;
         while !models_answer(port) {
-            assert!(Instant::now() < deadline, "vLLM did not come up");
-            std::thread::sleep(Duration::from_millis(500));
+            assert!(Instant::now() < deadline, "the engine did not come up");
+            std::thread::sleep(Duration::from_millis(300));
         }
-        engine
+        self
     }
 }
 
@@ -424,15 +420,20 @@ impl Drop for EngineProcess {
     }
 }
 
-/// Whether the engine on `port` answers `GET /v1/models` with its model.
-pub fn models_answer(port: u16) -> bool {
+/// A client of the engine on 127.0.0.1:`port` (no retries: tests want to see failures).
+pub fn engine_client(port: u16, timeout: Duration) -> crosslm_coordinator::serving::EngineClient {
     crosslm_coordinator::serving::EngineClient::new(crosslm_coordinator::serving::EngineEndpoint {
         base_url: format!("http://127.0.0.1:{port}/v1"),
         api_key: None,
-        timeout: Duration::from_secs(2),
+        timeout,
         retries: 0,
         backoff: Duration::from_millis(10),
     })
-    .models()
-    .is_ok_and(|m| m.iter().any(|id| id == "smollm2"))
+}
+
+/// Whether the engine on `port` answers `GET /v1/models` with its model.
+pub fn models_answer(port: u16) -> bool {
+    engine_client(port, Duration::from_secs(2))
+        .models()
+        .is_ok_and(|m| m.iter().any(|id| id == "smollm2"))
 }

@@ -7,10 +7,67 @@
 //! Ignored by default (it needs a Python with `llama-cpp-python[server]`, which CI does not
 //! install): `scripts/test-engine.sh` sets one up and runs it.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crosslm_tests::*;
+
+/// The coordinator's config: the engine on `port` writes the samples (`lora` = "none" or
+/// "runtime"), its local GGUF copy tunes from the feedback for `epochs`, one client suffices.
+fn coordinator_config(d: &Path, port: u16, rounds: u32, lora: &str, epochs: u32) -> PathBuf {
+    let config = d.join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+task = "task.toml"
+[daemon]
+listen = "127.0.0.1:0"
+data_dir = "coord"
+rounds = {rounds}
+samples_per_label = 6
+min_clients = 1
+idle_timeout_ms = 5000
+linger_ms = 3000
+[daemon.round]
+quorum = 1
+deadline_ms = 600000
+[generator]
+kind = "engine"
+base_url = "http://127.0.0.1:{port}/v1"
+model = "smollm2"
+concurrency = 2
+timeout_secs = 300
+retries = 1
+local_model = "{}"
+lora = "{lora}"
+seed = 1
+[tuning]
+enabled = true
+min_quality = 0.0
+epochs = {epochs}
+"#,
+            engine_gguf().display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A `crosslm-client` config: bag model on `data`, a quarter held out.
+fn client_config(d: &Path, addr: &str, name: &str, data: &Path) -> PathBuf {
+    let p = d.join("client.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "coordinator = \"{addr}\"\ndata_dir = \"client-data\"\nname = \"{name}\"\narch = \"bag\"\ndata = \"{}\"\ntest_fraction = 0.25\ntrain_epochs = 10\nround_epochs = 2\nconnect_timeout_ms = 5000\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    p
+}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -27,42 +84,7 @@ fn rounds_run_on_a_serving_engine_that_comes_up_late() {
     let d = dir.path();
     write_task(d);
     let port = free_tcp_port();
-    let config = d.join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-task = "task.toml"
-[daemon]
-listen = "127.0.0.1:0"
-data_dir = "coord"
-rounds = 2
-samples_per_label = 6
-min_clients = 1
-idle_timeout_ms = 5000
-linger_ms = 3000
-[daemon.round]
-quorum = 1
-deadline_ms = 300000
-[generator]
-kind = "engine"
-base_url = "http://127.0.0.1:{port}/v1"
-model = "smollm2"
-concurrency = 2
-timeout_secs = 60
-retries = 1
-local_model = "{}"
-lora = "none"
-seed = 1
-[tuning]
-enabled = true
-min_quality = 0.0
-epochs = 1
-"#,
-            engine_gguf().display()
-        ),
-    )
-    .unwrap();
+    let config = coordinator_config(d, port, 2, "none", 1);
     let coord_log = d.join("coordinator.log");
     let mut coord =
         CoordinatorProcess::serve(d, &config, 1, std::fs::File::create(&coord_log).unwrap());
@@ -71,16 +93,7 @@ epochs = 1
 
     // A real client: enroll, then take part in both rounds (in the background).
     let data = write_private_data(d, 40);
-    let client_cfg = d.join("client.toml");
-    std::fs::write(
-        &client_cfg,
-        format!(
-            "coordinator = \"{}\"\ndata_dir = \"client-data\"\nname = \"engine-test\"\narch = \"bag\"\ndata = \"{}\"\ntest_fraction = 0.25\ntrain_epochs = 10\nround_epochs = 2\nconnect_timeout_ms = 5000\n",
-            addr,
-            data.display()
-        ),
-    )
-    .unwrap();
+    let client_cfg = client_config(d, &addr, "engine-test", &data);
     let run_client = |args: &[&str]| {
         let mut c = Command::new(bin("crosslm-client"));
         c.args(args)
@@ -175,57 +188,13 @@ fn each_rounds_adapter_is_loaded_into_vllm_and_matches_burns_adapted_model() {
     let started = Instant::now();
     let _engine = EngineProcess::vllm(port, 8, &d.join("engine.log"));
     eprintln!("vLLM up after {:.1}s", started.elapsed().as_secs_f64());
-    let config = d.join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-task = "task.toml"
-[daemon]
-listen = "127.0.0.1:0"
-data_dir = "coord"
-rounds = 3
-samples_per_label = 6
-min_clients = 1
-idle_timeout_ms = 5000
-linger_ms = 3000
-[daemon.round]
-quorum = 1
-deadline_ms = 600000
-[generator]
-kind = "engine"
-base_url = "http://127.0.0.1:{port}/v1"
-model = "smollm2"
-concurrency = 2
-timeout_secs = 300
-retries = 1
-local_model = "{}"
-lora = "runtime"
-seed = 1
-[tuning]
-enabled = true
-min_quality = 0.0
-epochs = 2
-"#,
-            engine_gguf().display()
-        ),
-    )
-    .unwrap();
+    let config = coordinator_config(d, port, 3, "runtime", 2);
     let coord_log = d.join("coordinator.log");
     let mut coord =
         CoordinatorProcess::serve(d, &config, 1, std::fs::File::create(&coord_log).unwrap());
     let log = || std::fs::read_to_string(&coord_log).unwrap_or_default();
     let data = write_private_data(d, 40);
-    let client_cfg = d.join("client.toml");
-    std::fs::write(
-        &client_cfg,
-        format!(
-            "coordinator = \"{}\"\ndata_dir = \"client-data\"\nname = \"vllm-test\"\narch = \"bag\"\ndata = \"{}\"\ntest_fraction = 0.25\ntrain_epochs = 10\nround_epochs = 2\nconnect_timeout_ms = 5000\n",
-            coord.addr,
-            data.display()
-        ),
-    )
-    .unwrap();
+    let client_cfg = client_config(d, &coord.addr.to_string(), "vllm-test", &data);
     let client = |args: &[&str]| {
         Command::new(bin("crosslm-client"))
             .args(args)
@@ -247,7 +216,7 @@ epochs = 2
         String::from_utf8_lossy(&out.stderr)
     );
     let status = coord.wait(Duration::from_secs(1200));
-    let l = strip_ansi(&log());
+    let l = log();
     assert!(status.success(), "coordinator: {l}");
     for (round, model) in [(1, "smollm2"), (2, "crosslm-r1"), (3, "crosslm-r2")] {
         let line = l
@@ -259,7 +228,9 @@ epochs = 2
         assert!(line.contains(&format!("model=\"{model}\" ")), "{line}");
     }
     assert!(!l.contains("could not unload"), "{l}");
-    let models = engine_client(port).models().unwrap();
+    let models = engine_client(port, Duration::from_secs(60))
+        .models()
+        .unwrap();
     assert!(models.iter().any(|m| m == "crosslm-r2"), "{models:?}");
     assert!(!models.iter().any(|m| m == "crosslm-r1"), "{models:?}");
 
@@ -269,7 +240,7 @@ epochs = 2
     let adapters = d.join("coord/llm/adapters-3.lora");
     assert!(adapters.is_file(), "{} missing", adapters.display());
     let peft = d.join("coord/llm/peft/round-3");
-    engine_client(port)
+    engine_client(port, Duration::from_secs(60))
         .load_lora("crosslm-r3", peft.to_str().unwrap())
         .unwrap();
     let (mut base_gap, mut adapted_gap, mut moved) = (0f64, 0f64, 0f64);
@@ -306,33 +277,9 @@ epochs = 2
     );
 }
 
-/// The log without its terminal colours.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|&c| c == 'm');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn engine_client(port: u16) -> crosslm_coordinator::serving::EngineClient {
-    crosslm_coordinator::serving::EngineClient::new(crosslm_coordinator::serving::EngineEndpoint {
-        base_url: format!("http://127.0.0.1:{port}/v1"),
-        api_key: None,
-        timeout: Duration::from_secs(60),
-        retries: 0,
-        backoff: Duration::from_millis(10),
-    })
-}
-
 /// burn's next-token log-probabilities after `prompt` (the f32 decoder, with or without a
 /// `.lora` file), and the prompt's token ids.
-fn burn_logprobs(prompt: &str, adapters: Option<&std::path::Path>) -> (Vec<u32>, Vec<f64>) {
+fn burn_logprobs(prompt: &str, adapters: Option<&Path>) -> (Vec<u32>, Vec<f64>) {
     let mut c = Command::new(bin("crosslm-coordinator"));
     c.args(["llm", "logits", "--model"]).arg(engine_gguf());
     if let Some(a) = adapters {

@@ -50,6 +50,17 @@ async fn daemon_with(
     (Daemon::start(cfg, task, Box::new(g)).await.unwrap(), tokens)
 }
 
+/// An enrolled client connects and takes part in one round (scoring every sample 0.9);
+/// returns its session, still open.
+async fn one_round(addr: SocketAddr, id: &Identity, name: &str) -> Session {
+    let mut s = Session::connect(addr, id, info(name, 5)).await.unwrap();
+    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    s
+}
+
 async fn raw(
     addr: SocketAddr,
     cfg: quinn::ClientConfig,
@@ -159,11 +170,7 @@ async fn clients_without_a_valid_certificate_are_refused() {
     );
 
     // The enrolled client still gets served.
-    let mut s = Session::connect(addr, &id, info("good", 5)).await.unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    let s = one_round(addr, &id, "good").await;
     s.close().await;
     d.wait().await.unwrap();
 }
@@ -233,13 +240,7 @@ async fn bad_frames_get_errors_and_the_coordinator_keeps_serving() {
     expect_error(&mut recv, ErrorCode::Malformed).await;
 
     // Through all that, a well-behaved client completes a round.
-    let mut s = Session::connect(addr, &good, info("good", 5))
-        .await
-        .unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    let s = one_round(addr, &good, "good").await;
     s.close().await;
     assert_eq!(d.wait().await.unwrap(), 1);
 }
@@ -276,13 +277,7 @@ async fn a_revoked_client_is_refused_with_the_reason_while_others_are_served() {
         "{e}"
     );
 
-    let mut s = Session::connect(addr, &kept, info("kept", 5))
-        .await
-        .unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    let s = one_round(addr, &kept, "kept").await;
     s.close().await;
     d.wait().await.unwrap();
 }
@@ -320,13 +315,7 @@ async fn silent_and_greedy_peers_are_cut_off_while_a_round_completes() {
     assert!(second.is_err(), "a second stream was granted");
 
     // The honest client's round is not held up by either.
-    let mut s = Session::connect(addr, &honest, info("honest", 5))
-        .await
-        .unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    let s = one_round(addr, &honest, "honest").await;
 
     // Every silent peer is closed by the hello timeout (10 s), with a reason.
     for (_ep, silent, _s, _r) in &flood {
@@ -385,13 +374,7 @@ async fn anonymous_peers_cannot_crowd_out_enrolled_clients() {
     assert!(e.to_string().contains("busy"), "{e}");
 
     // Enrolled clients do not need one of those places.
-    let mut s = Session::connect(addr, &honest, info("honest", 5))
-        .await
-        .unwrap();
-    let (_, n) = participate(&mut s, FixedScorer { p: 0.9 }, Some(1))
-        .await
-        .unwrap();
-    assert_eq!(n, 1);
+    let s = one_round(addr, &honest, "honest").await;
     s.close().await;
 
     // The silent peers are closed by the hello timeout (10 s), freeing their places.

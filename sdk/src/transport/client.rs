@@ -77,10 +77,9 @@ async fn open(
         .map_err(|e| connect_error(server, e))?
         .await
         .map_err(|e| connect_error(server, e))?;
-    let (send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| SessionError::Link(format!("open stream: {e}")))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| {
+        busy_reason(&e).unwrap_or_else(|| SessionError::Link(format!("open stream: {e}")))
+    })?;
     Ok((endpoint, conn, send, recv))
 }
 
