@@ -92,8 +92,8 @@ fn real_qwen2_tokenization_matches_llama_cpp() -> Result<()> {
     Ok(())
 }
 
-/// Every matrix of the file keeps a quantized kernel: Q5_0 (embeddings and most blocks) and
-/// Q6_K as 8-bit codes, Q4_K as 4-bit, the Q8_0 LM head as it is; none falls back to f32.
+/// Every matrix of the file keeps a quantized kernel: Q5_0 (embeddings and most blocks) as
+/// 5-bit codes, Q6_K as 8-bit, Q4_K as 4-bit, the Q8_0 LM head as it is; none falls back to f32.
 #[test]
 fn real_qwen2_weights_stay_quantized() {
     let Some(cpu) = qwen2().cpu_model() else {
@@ -102,7 +102,11 @@ fn real_qwen2_weights_stay_quantized() {
     let paths: Vec<Path> = cpu.matrices().map(QMatrix::path).collect();
     assert_eq!(paths.len(), 2 + 7 * 24);
     assert!(!paths.contains(&Path::F32), "{paths:?}");
-    assert!(paths.contains(&Path::Q4) && paths.contains(&Path::Q8));
+    assert!(
+        [Path::Q4, Path::Q5, Path::Q8]
+            .iter()
+            .all(|p| paths.contains(p))
+    );
 }
 
 /// The first step's top 5 match llama.cpp's in order, and in value within 0.25: llama.cpp

@@ -8,7 +8,7 @@
 //! exactly in i32; the block's scales and Q4's offset (`m` times the block's exact f32 sum)
 //! are applied in f32.
 
-use super::{Q4Row, Q8Row, QK};
+use super::{Q4Row, Q5Row, Q8Row, QK, q5_block};
 
 /// Steps of the low part per step of the high part.
 pub(super) const LO_STEPS: i32 = 128;
@@ -113,6 +113,19 @@ pub(super) fn scalar_q4(w: Q4Row<'_>, x: &QAct) -> f32 {
             .chain(q.iter().map(|c| i32::from(c >> 4)));
         let (h, l) = x.block(b);
         acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]) + w.m[b] * x.sum[b];
+    }
+    acc
+}
+
+/// Portable Q5 row dot: codes `q` (value `(q - 16) d`), the offset `-16 d` applied to the
+/// block's sum as Q4's is.
+pub(super) fn scalar_q5(w: Q5Row<'_>, x: &QAct) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        let codes = q5_block(&w.qs[b * QK / 2..(b + 1) * QK / 2], w.qh[b]);
+        let (h, l) = x.block(b);
+        acc += int_dot(codes.iter().map(|&c| i32::from(c)), h, l) as f32 * (w.d[b] * x.scale[b])
+            - 16.0 * w.d[b] * x.sum[b];
     }
     acc
 }

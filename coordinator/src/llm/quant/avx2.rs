@@ -8,7 +8,7 @@ use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q8Row, QK, QRow, TILE, XRow};
+use super::{Q4Row, Q5Row, Q8Row, QK, QRow, TILE, XRow};
 
 #[inline(always)]
 fn load8(x: &[f32]) -> __m256 {
@@ -54,6 +54,30 @@ fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
         ._mm256_and_si256(y, simd.avx._mm256_set1_epi8(0x0f))
 }
 
+/// A Q5 block's 32 codes `0..32` in element order: the nibbles, plus 16 where the fifth bit
+/// (bit `j` of `qh` for element `j`) is set.
+#[inline(always)]
+fn q5_codes(simd: V3, raw: &[u8], qh: u32) -> __m256i {
+    let (a, x) = (&simd.avx2, &simd.avx);
+    // Byte k takes byte k / 8 of qh; OR-ing in every bit but k % 8 leaves all ones iff bit k
+    // was set.
+    let spread = a._mm256_shuffle_epi8(
+        x._mm256_set1_epi32(qh as i32),
+        x._mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let others = x._mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    let set = a._mm256_cmpeq_epi8(a._mm256_or_si256(spread, others), x._mm256_set1_epi64x(-1));
+    a._mm256_or_si256(
+        nibbles(simd, raw),
+        a._mm256_and_si256(set, x._mm256_set1_epi8(16)),
+    )
+}
+
 /// `128 (w . h) + (w . l)` per group of four bytes, as f32 (`w` unsigned; no saturation).
 #[inline(always)]
 fn block_sums(simd: V3, w: __m256i, h: __m256i, l: __m256i) -> __m256 {
@@ -88,6 +112,24 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
         (nibbles(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]), None)
+    }
+}
+
+impl<'a> IntRow<'a> for Q5Row<'a> {
+    #[inline(always)]
+    fn d(self) -> &'a [f32] {
+        self.d
+    }
+    #[inline(always)]
+    fn offset(self, b: usize) -> f32 {
+        -16.0 * self.d[b]
+    }
+    #[inline(always)]
+    fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
+        (
+            q5_codes(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]),
+            None,
+        )
     }
 }
 
@@ -139,6 +181,7 @@ impl super::RowDots for V3 {
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]) {
         match w {
             QRow::Q4(r) => row_dots(self, r, xs, out),
+            QRow::Q5(r) => row_dots(self, r, xs, out),
             QRow::Q8(r) => row_dots(self, r, xs, out),
         }
     }
@@ -171,7 +214,7 @@ pub(super) trait Decode: Copy {
     fn decode(self, simd: V3, b: usize) -> [__m256; 4];
 }
 
-/// Codes `0..16` in the low eight bytes of `v` as `q d + m`.
+/// Unsigned codes in the low eight bytes of `v` as `q d + m`.
 #[inline(always)]
 fn widen_u8(simd: V3, v: __m128i, d: __m256, m: __m256) -> __m256 {
     let q = simd
@@ -206,6 +249,28 @@ impl Decode for Q4Row<'_> {
             ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
         let d = simd.avx._mm256_set1_ps(self.d[b]);
         let m = simd.avx._mm256_set1_ps(self.m[b]);
+        [
+            widen_u8(simd, lo, d, m),
+            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
+            widen_u8(simd, hi, d, m),
+            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
+        ]
+    }
+}
+
+impl Decode for Q5Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
+        let codes = q5_codes(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
+        let lo = simd.avx._mm256_castsi256_si128(codes);
+        let hi = simd.avx2._mm256_extracti128_si256::<1>(codes);
+        let d = simd.avx._mm256_set1_ps(self.d[b]);
+        let m = simd.avx._mm256_set1_ps(-16.0 * self.d[b]);
         [
             widen_u8(simd, lo, d, m),
             widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
@@ -273,7 +338,7 @@ fn decoded_dots(simd: V3, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
     out
 }
 
-/// One weight row (Q4 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
+/// One weight row (Q4, Q5 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
 pub(super) struct DecodedDot<'b, W> {
     pub simd: V3,
     pub w: W,

@@ -6,7 +6,7 @@ use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q8Row, QK, QRow, TILE, XRow};
+use super::{Q4Row, Q5Row, Q8Row, QK, QRow, TILE, XRow};
 
 #[inline(always)]
 fn load(x: &[f32]) -> __m512 {
@@ -98,6 +98,22 @@ pub(super) trait IntRow<'a>: Copy {
     fn offsets(self, simd: V4, b: usize) -> Option<__m512>;
 }
 
+/// The nibble bytes of blocks `b` and `b + 1` (zeros past the end).
+#[inline(always)]
+fn two_blocks(qs: &[u8], b: usize) -> [u8; 32] {
+    match qs.get(b * QK / 2..(b + 2) * QK / 2) {
+        Some(two) => match two.try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("32 bytes"),
+        },
+        None => {
+            let mut a = [0u8; 32];
+            a[..16].copy_from_slice(&qs[b * QK / 2..(b + 1) * QK / 2]);
+            a
+        }
+    }
+}
+
 impl<'a> IntRow<'a> for Q4Row<'a> {
     #[inline(always)]
     fn d(self) -> &'a [f32] {
@@ -105,22 +121,36 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
-        let raw: [u8; 32] = match self.qs.get(b * QK / 2..(b + 2) * QK / 2) {
-            Some(two) => match two.try_into() {
-                Ok(a) => a,
-                Err(_) => unreachable!("32 bytes"),
-            },
-            None => {
-                let mut a = [0u8; 32];
-                a[..16].copy_from_slice(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
-                a
-            }
-        };
-        (nibbles(simd, raw), false)
+        (nibbles(simd, two_blocks(self.qs, b)), false)
     }
     #[inline(always)]
     fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
         Some(pair_of(simd, self.m, b))
+    }
+}
+
+impl<'a> IntRow<'a> for Q5Row<'a> {
+    #[inline(always)]
+    fn d(self) -> &'a [f32] {
+        self.d
+    }
+    #[inline(always)]
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
+        let low = nibbles(simd, two_blocks(self.qs, b));
+        // The fifth bits of both blocks, one a byte in element order: add 16 where set.
+        let high =
+            u64::from(self.qh[b]) | (u64::from(self.qh.get(b + 1).copied().unwrap_or(0)) << 32);
+        let codes =
+            simd.avx512bw
+                ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16));
+        (codes, false)
+    }
+    #[inline(always)]
+    fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
+        Some(
+            simd.avx512f
+                ._mm512_mul_ps(pair_of(simd, self.d, b), simd.avx512f._mm512_set1_ps(-16.0)),
+        )
     }
 }
 
@@ -189,6 +219,7 @@ impl super::RowDots for V4 {
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]) {
         match w {
             QRow::Q4(r) => row_dots(self, r, xs, out),
+            QRow::Q5(r) => row_dots(self, r, xs, out),
             QRow::Q8(r) => row_dots(self, r, xs, out),
         }
     }
@@ -229,7 +260,7 @@ pub(super) trait Decode: Copy {
     fn decode(self, simd: V4, b: usize) -> [__m512; 2];
 }
 
-/// Sixteen codes `0..16` as `q d + m`.
+/// Sixteen unsigned codes as `q d + m`.
 #[inline(always)]
 fn widen_u8(simd: V4, v: __m128i, d: __m512, m: __m512) -> __m512 {
     let q = simd
@@ -265,6 +296,34 @@ impl Decode for Q4Row<'_> {
         let d = simd.avx512f._mm512_set1_ps(self.d[b]);
         let m = simd.avx512f._mm512_set1_ps(self.m[b]);
         [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
+    }
+}
+
+impl Decode for Q5Row<'_> {
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+
+    #[inline(always)]
+    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
+        let f = &simd.avx512f;
+        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        let mask = simd.sse2._mm_set1_epi8(0x0f);
+        let lo = simd.sse2._mm_and_si128(raw, mask);
+        let hi = simd
+            .sse2
+            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+        let d = f._mm512_set1_ps(self.d[b]);
+        let m = f._mm512_set1_ps(-16.0 * self.d[b]);
+        let sixteen = f._mm512_set1_epi32(16);
+        let widen = |v: __m128i, bits: u16| {
+            let q = f._mm512_cvtepu8_epi32(v);
+            let q = f._mm512_mask_add_epi32(q, bits, q, sixteen);
+            f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(q), d, m)
+        };
+        let qh = self.qh[b];
+        [widen(lo, qh as u16), widen(hi, (qh >> 16) as u16)]
     }
 }
 
@@ -318,7 +377,7 @@ fn decoded_dots(simd: V4, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
     out
 }
 
-/// One weight row (Q4 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
+/// One weight row (Q4, Q5 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
 pub(super) struct DecodedDot<'b, W> {
     pub simd: V4,
     pub w: W,

@@ -1,8 +1,8 @@
 //! Weights kept in their GGUF blocks, and the matrix products that read them.
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
-//! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0, Q4_K and Q6_K are recast into one
-//! of these two forms ([`repack`]). Three product paths, by the number of activation rows:
+//! and an offset, Q5_0 as those 4-bit codes plus a plane of fifth bits, Q8_0 as 8-bit codes
+//! with a scale; Q4_K and Q6_K are recast into the 4- or 8-bit form ([`repack`]). Three product paths, by the number of activation rows:
 //! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
 //!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
 //! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
@@ -53,6 +53,14 @@ enum Codes {
         m: Vec<f32>,
         qs: Vec<u8>,
     },
+    /// 5-bit codes `q` in `0..32`, value `(q - 16) * d` (Q5_0): the low four bits as in
+    /// [`Codes::Q4`], bit `j` of a block's `qh` the fifth bit of element `j`; 20 bytes a block
+    /// where 8-bit codes took 32 (decoding reads less memory).
+    Q5 {
+        d: Vec<f32>,
+        qs: Vec<u8>,
+        qh: Vec<u32>,
+    },
     /// 8-bit codes, value `q * d`; 32 bytes a block.
     Q8 { d: Vec<f32>, qs: Vec<i8> },
     /// Plain f32, `[out, in]` row-major.
@@ -72,9 +80,11 @@ pub struct QMatrix {
 /// Which product path a matrix takes (for logs and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// 4-bit codes times 8-bit activations (Q4_0, Q4_1).
+    /// 4-bit codes times 8-bit activations (Q4_0, Q4_1, Q4_K).
     Q4,
-    /// 8-bit codes times 8-bit activations (Q8_0).
+    /// 5-bit codes times 8-bit activations (Q5_0).
+    Q5,
+    /// 8-bit codes times 8-bit activations (Q8_0, Q6_K).
     Q8,
     /// f32 weights (F32, F16 files).
     F32,
@@ -82,7 +92,7 @@ pub enum Path {
 
 impl QMatrix {
     /// The `[rows, cols]` tensor of type `ty` from its raw GGUF bytes, in the kernels' 4- or
-    /// 8-bit form where the type has one ([`repack`]: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K).
+    /// 5- or 8-bit form where the type has one ([`repack`]: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K).
     /// Other types take the f32 path, said in a log line; a type with no reader is an error.
     pub fn from_gguf(
         name: &str,
@@ -135,6 +145,7 @@ impl QMatrix {
     pub fn path(&self) -> Path {
         match self.codes {
             Codes::Q4 { .. } => Path::Q4,
+            Codes::Q5 { .. } => Path::Q5,
             Codes::Q8 { .. } => Path::Q8,
             Codes::F32(_) => Path::F32,
         }
@@ -149,6 +160,11 @@ impl QMatrix {
                 d: &d[r * nb..(r + 1) * nb],
                 m: &m[r * nb..(r + 1) * nb],
                 qs: &qs[r * nb * QK / 2..(r + 1) * nb * QK / 2],
+            }),
+            Codes::Q5 { d, qs, qh } => QRow::Q5(Q5Row {
+                d: &d[r * nb..(r + 1) * nb],
+                qs: &qs[r * nb * QK / 2..(r + 1) * nb * QK / 2],
+                qh: &qh[r * nb..(r + 1) * nb],
             }),
             Codes::Q8 { d, qs } => QRow::Q8(Q8Row {
                 d: &d[r * nb..(r + 1) * nb],
@@ -177,6 +193,15 @@ impl QMatrix {
                     for ((l, h), &c) in lo.iter_mut().zip(hi).zip(q) {
                         *l = f32::from(c & 0x0f) * d[i] + m[i];
                         *h = f32::from(c >> 4) * d[i] + m[i];
+                    }
+                }
+            }
+            Codes::Q5 { d, qs, qh } => {
+                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+                    let i = r * nb + b;
+                    let codes = q5_block(&qs[i * QK / 2..(i + 1) * QK / 2], qh[i]);
+                    for (o, &c) in o.iter_mut().zip(&codes) {
+                        *o = (f32::from(c) - 16.0) * d[i];
                     }
                 }
             }
@@ -342,6 +367,7 @@ impl<S: RowDots> pulp::NullaryFnOnce for IntTask<'_, '_, S> {
 #[derive(Clone, Copy)]
 enum QRow<'a> {
     Q4(Q4Row<'a>),
+    Q5(Q5Row<'a>),
     Q8(Q8Row<'a>),
 }
 
@@ -350,6 +376,24 @@ struct Q4Row<'a> {
     d: &'a [f32],
     m: &'a [f32],
     qs: &'a [u8],
+}
+
+#[derive(Clone, Copy)]
+struct Q5Row<'a> {
+    d: &'a [f32],
+    qs: &'a [u8],
+    qh: &'a [u32],
+}
+
+/// The 32 codes `0..32` of a Q5 block (its 16 nibble bytes and fifth bits), in element order.
+#[inline(always)]
+fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
+    let mut out = [0u8; QK];
+    for (j, &b) in qs.iter().enumerate().take(QK / 2) {
+        out[j] = (b & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+        out[j + QK / 2] = (b >> 4) | ((((qh >> (j + QK / 2)) & 1) as u8) << 4);
+    }
+    out
 }
 
 #[derive(Clone, Copy)]
@@ -440,13 +484,18 @@ impl Simd {
         };
         match (self, w) {
             (Simd::Scalar, QRow::Q4(w)) => each(&|x| decoded_scalar_q4(w, x)),
+            (Simd::Scalar, QRow::Q5(w)) => each(&|x| decoded_scalar_q5(w, x)),
             (Simd::Scalar, QRow::Q8(w)) => each(&|x| decoded_scalar_q8(w, x)),
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx2(v3), QRow::Q4(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
             #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2(v3), QRow::Q5(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            #[cfg(target_arch = "x86_64")]
             (Simd::Avx2(v3), QRow::Q8(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512(v4), QRow::Q4(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), QRow::Q5(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512(v4), QRow::Q8(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
         }
@@ -460,6 +509,7 @@ impl Simd {
                 for (k, o) in out.chunks_mut(xs.len()).enumerate() {
                     let dot: &dyn Fn(&QAct) -> f32 = match w.q_row(first + k) {
                         QRow::Q4(r) => &move |x| act::scalar_q4(r, x),
+                        QRow::Q5(r) => &move |x| act::scalar_q5(r, x),
                         QRow::Q8(r) => &move |x| act::scalar_q8(r, x),
                     };
                     for (o, x) in o.iter_mut().zip(xs) {
@@ -496,6 +546,18 @@ fn decoded_scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
         for j in 0..QK / 2 {
             acc += (f32::from(q[j] & 0x0f) * w.d[b] + w.m[b]) * xb[j];
             acc += (f32::from(q[j] >> 4) * w.d[b] + w.m[b]) * xb[j + QK / 2];
+        }
+    }
+    acc
+}
+
+/// Portable Q5 dot over f32 activations.
+fn decoded_scalar_q5(w: Q5Row<'_>, x: &XRow<'_>) -> f32 {
+    let mut acc = 0.0f32;
+    for b in 0..w.d.len() {
+        let codes = q5_block(&w.qs[b * QK / 2..(b + 1) * QK / 2], w.qh[b]);
+        for (&q, &v) in codes.iter().zip(&x.f[b * QK..(b + 1) * QK]) {
+            acc += (f32::from(q) - 16.0) * w.d[b] * v;
         }
     }
     acc

@@ -1,9 +1,9 @@
-//! GGUF block formats recast into the two forms the kernels read: 4-bit codes with a scale
-//! and an offset per 32 elements ([`Codes::Q4`]), and 8-bit codes with a scale per 32
-//! ([`Codes::Q8`]).
+//! GGUF block formats recast into the forms the kernels read: 4-bit codes with a scale and an
+//! offset per 32 elements ([`Codes::Q4`]), 5-bit codes with a scale ([`Codes::Q5`]), and 8-bit
+//! codes with a scale per 32 ([`Codes::Q8`]).
 //!
 //! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks.
-//! - Q5_0 -> Q8: the 5-bit code minus 16 is the 8-bit code; exact.
+//! - Q5_0 -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
 //!   ggml's own dequantization computes; the nibbles are reordered; exact.
 //! - Q6_K -> Q8: two 16-element sub-blocks with their own scales share one 32-element Q8
@@ -49,11 +49,18 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8]) -> Option<Codes> {
             q8.finish()
         }
         GgmlType::Q5_0 => {
-            let mut q8 = Q8Builder::with_blocks(bytes.len() / Q5_0_BYTES);
+            let n = bytes.len() / Q5_0_BYTES;
+            let (mut d, mut qs, mut qh) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n * QK / 2),
+                Vec::with_capacity(n),
+            );
             for b in bytes.chunks_exact(Q5_0_BYTES) {
-                q8.push(f16_at(b, 0), q5_codes(b).into_iter());
+                d.push(f16_at(b, 0));
+                qh.push(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                qs.extend_from_slice(&b[6..22]);
             }
-            q8.finish()
+            Codes::Q5 { d, qs, qh }
         }
         GgmlType::Q4K => {
             let mut q4 = Q4Builder::with_blocks(bytes.len() / Q4_K_BYTES * 8);
@@ -104,20 +111,6 @@ fn code(v: f32, d: f32) -> i8 {
     } else {
         (v / d).round().clamp(-128.0, 127.0) as i8
     }
-}
-
-/// The 32 codes `q - 16` of a Q5_0 block, in element order.
-fn q5_codes(block: &[u8]) -> [i8; QK] {
-    let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
-    let qs = &block[6..22];
-    let mut out = [0i8; QK];
-    for (j, &b) in qs.iter().enumerate() {
-        let lo = u32::from(b & 0x0f) | (((qh >> j) & 1) << 4);
-        let hi = u32::from(b >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        out[j] = lo as i8 - 16;
-        out[j + 16] = hi as i8 - 16;
-    }
-    out
 }
 
 struct Q4Builder {

@@ -57,6 +57,20 @@ fn encode(ty: GgmlType, v: &[f32]) -> Vec<u8> {
                     out.push(q(block[j]) | (q(block[j + QK / 2]) << 4));
                 }
             }
+            GgmlType::Q5_0 => {
+                let d = lo.abs().max(hi.abs()) / 16.0;
+                let q = |x: f32| (x / d + 16.0).round().clamp(0.0, 31.0) as u32;
+                let mut qh = 0u32;
+                let mut qs = [0u8; QK / 2];
+                for j in 0..QK / 2 {
+                    let (a, b) = (q(block[j]), q(block[j + QK / 2]));
+                    qs[j] = (a & 0x0f) as u8 | (((b & 0x0f) as u8) << 4);
+                    qh |= (a >> 4) << j | (b >> 4) << (j + QK / 2);
+                }
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(qh.to_le_bytes());
+                out.extend(qs);
+            }
             _ => unreachable!(),
         }
     }
@@ -74,6 +88,7 @@ fn products_match_dequantized_f32() -> Result<()> {
         for ty in [
             GgmlType::Q4_1,
             GgmlType::Q4_0,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::F32,
         ] {
