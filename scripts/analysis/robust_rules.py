@@ -17,7 +17,10 @@ Two reports:
 - default: on an honest run, replace k clients' scores by an attack's (invert: all on the other
   label; inflate: all on the intended label; constant: uniform), averaged over every choice of
   the k clients, and print a markdown row per attack: kept samples per round and the share the
-  judge calls correct, per rule. The batches are the honest run's: the LLM's reaction to fewer
+  judge calls correct, per rule. The selective attacker is the one screening is not built for:
+  it sends its own model's honest scores (so it agrees with the others) except on the samples
+  its model rejects (q < 0.5), where it votes all on the intended label, pushing exactly the
+  doubtful samples into the kept set. The batches are the honest run's: the LLM's reaction to fewer
   or worse kept samples in later rounds is not simulated (an end-to-end run shows that).
 
 Usage: robust_rules.py [--explain] [--rule weighted_mean|median] SAMPLES.jsonl JUDGE.jsonl
@@ -153,14 +156,22 @@ def simulate(rounds):
     print("| attack | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     n_clients = len(rounds[0]["q"])
-    for kind, k in [(None, 0), ("invert", 1), ("invert", 2), ("inflate", 1), ("inflate", 2), ("constant", 2)]:
+    kinds = [(None, 0), ("invert", 1), ("invert", 2), ("inflate", 1), ("inflate", 2), ("constant", 2)]
+    for kind, k in kinds + [("selective", 1), ("selective", 2)]:
         acc = {r: [[] for _ in rounds] for r in names}
+        screened = [[] for _ in rounds]
         for combo in itertools.combinations(range(n_clients), k):
             for i, rd in enumerate(rounds):
                 q = [list(x) for x in rd["q"]]
                 for c in combo:
-                    q[c] = [{"invert": 0.0, "inflate": 1.0, "constant": 0.5}[kind]] * len(q[c])
+                    if kind == "selective":
+                        q[c] = [1.0 if x < 0.5 else x for x in q[c]]
+                    else:
+                        q[c] = [{"invert": 0.0, "inflate": 1.0, "constant": 0.5}[kind]] * len(q[c])
                 out = rules(q)
+                if kind == "selective":
+                    agree = agreement(q)
+                    screened[i].append(sum(agree[c] <= 0.0 for c in combo) / k)
                 for r in names:
                     acc[r][i].append(kept_stats(out[r], rd["correct"]))
         cells = []
@@ -169,6 +180,8 @@ def simulate(rounds):
             ok = " / ".join(f"{100 * statistics.fmean(a[1] for a in per):.0f}" for per in acc[r])
             cells.append(f"{kept} ({ok}%)")
         label = "none" if kind is None else f"{k} x {kind}"
+        if kind == "selective":
+            label += " (screened out: " + " / ".join(f"{100 * statistics.fmean(s):.0f}%" for s in screened) + ")"
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
