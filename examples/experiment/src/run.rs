@@ -172,19 +172,7 @@ impl Ctx {
             .map(|e| (e.text, map[e.label]))
             .collect();
         let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
-        // The cached frozen-LLM batches and zero-shot results depend on the whole task spec
-        // (sampler, prompts, classification template), not only on its name.
-        let key = format!(
-            "{}-{}-s{}-t{}-{:016x}",
-            spec.name,
-            cfg.data
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("data"),
-            cfg.seed,
-            cfg.test_size,
-            spec_digest(&spec)?
-        );
+        let key = cache_key(&cfg, &spec)?;
         let test = match cfg.evaluate_on {
             EvalSplit::Test => test
                 .examples
@@ -986,6 +974,27 @@ pub fn experiment(
     Ok(metrics)
 }
 
+/// Where a run's frozen-LLM batches and zero-shot results are cached: they depend on the LLM,
+/// the data, the seed, the test split and the whole task spec (sampler, prompts,
+/// classification template), not only on the task's name.
+fn cache_key(cfg: &ExperimentConfig, spec: &TaskSpec) -> anyhow::Result<String> {
+    let stem = |p: &Path, default: &'static str| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(default)
+            .to_owned()
+    };
+    Ok(format!(
+        "{}-{}-{}-s{}-t{}-{:016x}",
+        spec.name,
+        stem(&cfg.data, "data"),
+        stem(&cfg.llm, "llm"),
+        cfg.seed,
+        cfg.test_size,
+        spec_digest(spec)?
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1008,6 +1017,23 @@ mod tests {
             .prompts
             .push("Write a negative sentence.".into());
         assert_ne!(spec_digest(&mr).unwrap(), spec_digest(&prompts).unwrap());
+    }
+
+    /// A bigger LLM's batches are never served from a smaller one's cache (nor the reverse).
+    #[test]
+    fn cache_keys_follow_the_llm() {
+        let tasks = crosslm_sdk::data::workspace_root().join("examples/tasks");
+        let mr = TaskSpec::from_toml_file(tasks.join("mr.toml")).unwrap();
+        let mut other = cfg();
+        other.llm = "qwen2/Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf".into();
+        assert_eq!(
+            cache_key(&cfg(), &mr).unwrap(),
+            cache_key(&cfg(), &mr).unwrap()
+        );
+        assert_ne!(
+            cache_key(&cfg(), &mr).unwrap(),
+            cache_key(&other, &mr).unwrap()
+        );
     }
 
     #[test]
