@@ -4,6 +4,7 @@
 //!
 //! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks.
 //! - Q5_0 -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
+//!   `CROSSLM_Q5=q8` takes the earlier form instead, 8-bit codes `q - 16` (to compare speed).
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
 //!   ggml's own dequantization computes; the nibbles are reordered; exact.
 //! - Q6_K -> Q8: two 16-element sub-blocks with their own scales share one 32-element Q8
@@ -45,6 +46,16 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8]) -> Option<Codes> {
             let mut q8 = Q8Builder::with_blocks(bytes.len() / (2 + QK));
             for b in bytes.chunks_exact(2 + QK) {
                 q8.push(f16_at(b, 0), b[2..].iter().map(|&q| q as i8));
+            }
+            q8.finish()
+        }
+        GgmlType::Q5_0 if std::env::var("CROSSLM_Q5").is_ok_and(|v| v == "q8") => {
+            // The earlier 8-bit form (32 bytes a block), kept to compare against.
+            let mut q8 = Q8Builder::with_blocks(bytes.len() / Q5_0_BYTES);
+            for b in bytes.chunks_exact(Q5_0_BYTES) {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let codes = super::q5_block(&b[6..22], qh);
+                q8.push(f16_at(b, 0), codes.iter().map(|&c| c as i8 - 16));
             }
             q8.finish()
         }
