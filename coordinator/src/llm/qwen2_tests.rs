@@ -92,8 +92,8 @@ fn real_qwen2_tokenization_matches_llama_cpp() -> Result<()> {
     Ok(())
 }
 
-/// Every matrix of the file keeps a quantized kernel: Q5_0 (embeddings and most blocks) as
-/// 5-bit codes, Q6_K as 8-bit, Q4_K as 4-bit, the Q8_0 LM head as it is; none falls back to f32.
+/// Every matrix of the file keeps a quantized kernel: Q5_0 (embeddings and most blocks) and
+/// Q6_K as 8-bit codes, Q4_K as 4-bit, the Q8_0 LM head as it is; none falls back to f32.
 #[test]
 fn real_qwen2_weights_stay_quantized() {
     let Some(cpu) = qwen2().cpu_model() else {
@@ -102,11 +102,39 @@ fn real_qwen2_weights_stay_quantized() {
     let paths: Vec<Path> = cpu.matrices().map(QMatrix::path).collect();
     assert_eq!(paths.len(), 2 + 7 * 24);
     assert!(!paths.contains(&Path::F32), "{paths:?}");
-    assert!(
-        [Path::Q4, Path::Q5, Path::Q8]
-            .iter()
-            .all(|p| paths.contains(p))
-    );
+    assert!(paths.contains(&Path::Q4) && paths.contains(&Path::Q8));
+}
+
+/// The file's Q5_0 matrices held as 5-bit codes give the products of the 8-bit form (both
+/// exact recasts: the same up to f32 summation order) for one and for several activation rows.
+#[test]
+fn real_qwen2_q5_forms_agree() -> Result<()> {
+    use super::gguf::GgmlType;
+    use super::quant::Q5Form;
+    let g = Gguf::open(test_assets::qwen2_path())?;
+    for name in ["blk.0.attn_q.weight", "blk.0.ffn_up.weight"] {
+        let info = g.tensor_info(name)?;
+        assert_eq!(info.ggml_type, GgmlType::Q5_0, "{name}");
+        let (rows, cols) = (info.shape()[0], info.shape()[1]);
+        let bytes = g.tensor_bytes(info)?;
+        let bits = QMatrix::from_gguf_as(name, GgmlType::Q5_0, bytes, rows, cols, Q5Form::Bits)?;
+        let q8 = QMatrix::from_gguf_as(name, GgmlType::Q5_0, bytes, rows, cols, Q5Form::Bytes)?;
+        assert_eq!((bits.path(), q8.path()), (Path::Q5, Path::Q8));
+        assert_eq!(bits.rows_f32(0..4), q8.rows_f32(0..4), "{name}");
+        for n in [1, 2, 5, 40] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+                .collect();
+            let (a, b) = (bits.matmul(&x, n), q8.matmul(&x, n));
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst <= 1e-3 * scale, "{name} n={n}: {worst} of {scale}");
+        }
+    }
+    Ok(())
 }
 
 /// The first step's top 5 match llama.cpp's in order, and in value within 0.25: llama.cpp

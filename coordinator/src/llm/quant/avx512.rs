@@ -94,8 +94,9 @@ pub(super) trait IntRow<'a>: Copy {
     }
     /// Codes of blocks `b`, `b + 1` (zeros past the end), and whether they are signed.
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool);
-    /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them.
-    fn offsets(self, simd: V4, b: usize) -> Option<__m512>;
+    /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them;
+    /// `dw` is [`IntRow::scales`] of the same blocks.
+    fn offsets(self, simd: V4, b: usize, dw: __m512) -> Option<__m512>;
 }
 
 /// The nibble bytes of blocks `b` and `b + 1` (zeros past the end).
@@ -124,7 +125,7 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
         (nibbles(simd, two_blocks(self.qs, b)), false)
     }
     #[inline(always)]
-    fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
+    fn offsets(self, simd: V4, b: usize, _: __m512) -> Option<__m512> {
         Some(pair_of(simd, self.m, b))
     }
 }
@@ -146,10 +147,10 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
         (codes, false)
     }
     #[inline(always)]
-    fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
+    fn offsets(self, simd: V4, _: usize, dw: __m512) -> Option<__m512> {
         Some(
             simd.avx512f
-                ._mm512_mul_ps(pair_of(simd, self.d, b), simd.avx512f._mm512_set1_ps(-16.0)),
+                ._mm512_mul_ps(dw, simd.avx512f._mm512_set1_ps(-16.0)),
         )
     }
 }
@@ -172,7 +173,7 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
         (codes, true)
     }
     #[inline(always)]
-    fn offsets(self, _: V4, _: usize) -> Option<__m512> {
+    fn offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
         None
     }
 }
@@ -188,7 +189,7 @@ fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) ->
     for b in (0..w.blocks()).step_by(2) {
         let (codes, signed) = w.codes(simd, b);
         let dw = w.scales(simd, b);
-        let m = w.offsets(simd, b);
+        let m = w.offsets(simd, b, dw);
         // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
         let (wu, neg) = if signed {
             (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))

@@ -1,8 +1,8 @@
 //! Weights kept in their GGUF blocks, and the matrix products that read them.
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
-//! and an offset, Q5_0 as those 4-bit codes plus a plane of fifth bits, Q8_0 as 8-bit codes
-//! with a scale; Q4_K and Q6_K are recast into the 4- or 8-bit form ([`repack`]). Three product paths, by the number of activation rows:
+//! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0 as 8-bit codes or, to save memory,
+//! as 5-bit codes ([`Q5Form`]); Q4_K and Q6_K are recast into the 4- or 8-bit form ([`repack`]). Three product paths, by the number of activation rows:
 //! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
 //!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
 //! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
@@ -42,6 +42,27 @@ const INT_ROWS: usize = 2;
 /// From this many activation rows on, a task decodes its weight rows to f32 once and runs an
 /// f32 register-tiled product (decoding per block per tile costs more than that).
 const PANEL_ROWS: usize = 32;
+
+/// How Q5_0 weights are held. The 8-bit form decodes faster on the CPUs measured (fewer
+/// instructions a block; decoding two cores' worth is compute-bound there); the 5-bit form
+/// takes 24 bytes a block where it takes 36, for hosts short of memory or bandwidth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q5Form {
+    /// 8-bit codes `q - 16` ([`Path::Q8`]), the default.
+    Bytes,
+    /// The file's nibbles and fifth bits ([`Path::Q5`]): `CROSSLM_Q5=5bit`.
+    Bits,
+}
+
+impl Q5Form {
+    /// `CROSSLM_Q5=5bit` picks [`Q5Form::Bits`]; otherwise [`Q5Form::Bytes`].
+    pub fn from_env() -> Q5Form {
+        match std::env::var("CROSSLM_Q5").as_deref() {
+            Ok("5bit") => Q5Form::Bits,
+            _ => Q5Form::Bytes,
+        }
+    }
+}
 
 /// How a matrix's values are held.
 #[derive(Debug, Clone)]
@@ -92,14 +113,27 @@ pub enum Path {
 
 impl QMatrix {
     /// The `[rows, cols]` tensor of type `ty` from its raw GGUF bytes, in the kernels' 4- or
-    /// 5- or 8-bit form where the type has one ([`repack`]: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K).
-    /// Other types take the f32 path, said in a log line; a type with no reader is an error.
+    /// 5- or 8-bit form where the type has one ([`repack`]: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K;
+    /// Q5_0 as [`Q5Form::from_env`] says). Other types take the f32 path, said in a log line; a
+    /// type with no reader is an error.
     pub fn from_gguf(
         name: &str,
         ty: GgmlType,
         bytes: &[u8],
         rows: usize,
         cols: usize,
+    ) -> Result<QMatrix> {
+        QMatrix::from_gguf_as(name, ty, bytes, rows, cols, Q5Form::from_env())
+    }
+
+    /// [`QMatrix::from_gguf`] with Q5_0 held as `q5` says.
+    pub fn from_gguf_as(
+        name: &str,
+        ty: GgmlType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        q5: Q5Form,
     ) -> Result<QMatrix> {
         let n = rows * cols;
         let Some((block, block_bytes)) = ty.block_layout() else {
@@ -119,7 +153,7 @@ impl QMatrix {
                 bytes.len()
             )));
         }
-        let codes = match repack::repack(ty, bytes) {
+        let codes = match repack::repack(ty, bytes, q5) {
             Some(codes) => codes,
             None => {
                 tracing::info!(

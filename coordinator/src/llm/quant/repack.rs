@@ -3,8 +3,8 @@
 //! codes with a scale per 32 ([`Codes::Q8`]).
 //!
 //! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks.
-//! - Q5_0 -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
-//!   `CROSSLM_Q5=q8` takes the earlier form instead, 8-bit codes `q - 16` (to compare speed).
+//! - Q5_0 -> Q8: the 5-bit code minus 16 is the 8-bit code; exact. Or, as [`Q5Form::Bits`],
+//!   -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
 //!   ggml's own dequantization computes; the nibbles are reordered; exact.
 //! - Q6_K -> Q8: two 16-element sub-blocks with their own scales share one 32-element Q8
@@ -16,7 +16,7 @@
 
 use half::f16;
 
-use super::Codes;
+use super::{Codes, Q5Form};
 use crate::llm::gguf::{GgmlType, QK};
 use crate::llm::kquant::{self, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES};
 
@@ -25,7 +25,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// The kernels' form of `bytes` (whole blocks of type `ty`), or `None` for a type without one.
-pub(super) fn repack(ty: GgmlType, bytes: &[u8]) -> Option<Codes> {
+pub(super) fn repack(ty: GgmlType, bytes: &[u8], q5: Q5Form) -> Option<Codes> {
     Some(match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let with_min = ty == GgmlType::Q4_1;
@@ -49,8 +49,7 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8]) -> Option<Codes> {
             }
             q8.finish()
         }
-        GgmlType::Q5_0 if std::env::var("CROSSLM_Q5").is_ok_and(|v| v == "q8") => {
-            // The earlier 8-bit form (32 bytes a block), kept to compare against.
+        GgmlType::Q5_0 if q5 == Q5Form::Bytes => {
             let mut q8 = Q8Builder::with_blocks(bytes.len() / Q5_0_BYTES);
             for b in bytes.chunks_exact(Q5_0_BYTES) {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -191,7 +190,7 @@ impl Q8Builder {
 
 #[cfg(test)]
 mod tests {
-    use super::super::QMatrix;
+    use super::super::{Path, Q5Form, QMatrix};
     use crate::llm::gguf::{GgmlType, dequantize};
 
     /// Random blocks of `ty` with finite, modest scales (f16 bytes patched in).
@@ -222,17 +221,27 @@ mod tests {
         out
     }
 
-    /// Rows decoded from the kernels' form equal ggml's dequantization: exactly for Q5_0 and
-    /// Q4_K, within the documented bound for Q6_K.
+    /// Rows decoded from the kernels' form equal ggml's dequantization: exactly for Q5_0 (both
+    /// forms) and Q4_K, within the documented bound for Q6_K.
     #[test]
     fn repacked_rows_equal_the_dequantized_file() {
         let (rows, cols) = (3, 512);
-        for (ty, seed) in [(GgmlType::Q5_0, 1), (GgmlType::Q4K, 2), (GgmlType::Q6K, 3)] {
+        for (ty, seed, q5) in [
+            (GgmlType::Q5_0, 1, Q5Form::Bytes),
+            (GgmlType::Q5_0, 1, Q5Form::Bits),
+            (GgmlType::Q4K, 2, Q5Form::Bytes),
+            (GgmlType::Q6K, 3, Q5Form::Bytes),
+        ] {
             let (block, _) = ty.block_layout().unwrap();
             let bytes = random_blocks(ty, rows * cols / block, seed);
             let want = dequantize(ty, &bytes, rows * cols).unwrap();
-            let m = QMatrix::from_gguf("t", ty, &bytes, rows, cols).unwrap();
-            assert_ne!(m.path(), super::super::Path::F32, "{ty:?} kept quantized");
+            let m = QMatrix::from_gguf_as("t", ty, &bytes, rows, cols, q5).unwrap();
+            let path = match (ty, q5) {
+                (GgmlType::Q5_0, Q5Form::Bits) => Path::Q5,
+                (GgmlType::Q4K, _) => Path::Q4,
+                _ => Path::Q8,
+            };
+            assert_eq!(m.path(), path, "{ty:?} as {q5:?}");
             let got = m.rows_f32(0..rows);
             for (i, (w, g)) in want.chunks(32).zip(got.chunks(32)).enumerate() {
                 let amax = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));

@@ -85,19 +85,20 @@ fn encode(ty: GgmlType, v: &[f32]) -> Vec<u8> {
 fn products_match_dequantized_f32() -> Result<()> {
     let rows = 70;
     for cols in [96, 608] {
-        for ty in [
-            GgmlType::Q4_1,
-            GgmlType::Q4_0,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::F32,
+        for (ty, q5) in [
+            (GgmlType::Q4_1, Q5Form::Bytes),
+            (GgmlType::Q4_0, Q5Form::Bytes),
+            (GgmlType::Q5_0, Q5Form::Bytes),
+            (GgmlType::Q5_0, Q5Form::Bits),
+            (GgmlType::Q8_0, Q5Form::Bytes),
+            (GgmlType::F32, Q5Form::Bytes),
         ] {
             let v = values(rows * cols, 7);
             let bytes = match ty {
                 GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 _ => encode(ty, &v),
             };
-            let w = QMatrix::from_gguf("w", ty, &bytes, rows, cols)?;
+            let w = QMatrix::from_gguf_as("w", ty, &bytes, rows, cols, q5)?;
             let dense = super::super::gguf::dequantize(ty, &bytes, rows * cols)?;
             for r in [0, 33, rows - 1] {
                 assert_eq!(w.row(r), dense[r * cols..(r + 1) * cols], "{ty:?} row {r}");
