@@ -232,6 +232,18 @@ fn widen_i8(simd: V3, v: __m128i, d: __m256) -> __m256 {
     simd.avx._mm256_mul_ps(q, d)
 }
 
+/// A block's unsigned codes, elements 0..16 in `lo` and 16..32 in `hi`, as four registers of
+/// `q d + m`.
+#[inline(always)]
+fn widen_block(simd: V3, lo: __m128i, hi: __m128i, d: __m256, m: __m256) -> [__m256; 4] {
+    [
+        widen_u8(simd, lo, d, m),
+        widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
+        widen_u8(simd, hi, d, m),
+        widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
+    ]
+}
+
 impl Decode for Q4Row<'_> {
     #[inline(always)]
     fn blocks(self) -> usize {
@@ -249,12 +261,7 @@ impl Decode for Q4Row<'_> {
             ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
         let d = simd.avx._mm256_set1_ps(self.d[b]);
         let m = simd.avx._mm256_set1_ps(self.m[b]);
-        [
-            widen_u8(simd, lo, d, m),
-            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
-            widen_u8(simd, hi, d, m),
-            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
-        ]
+        widen_block(simd, lo, hi, d, m)
     }
 }
 
@@ -271,12 +278,7 @@ impl Decode for Q5Row<'_> {
         let hi = simd.avx2._mm256_extracti128_si256::<1>(codes);
         let d = simd.avx._mm256_set1_ps(self.d[b]);
         let m = simd.avx._mm256_set1_ps(-16.0 * self.d[b]);
-        [
-            widen_u8(simd, lo, d, m),
-            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
-            widen_u8(simd, hi, d, m),
-            widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
-        ]
+        widen_block(simd, lo, hi, d, m)
     }
 }
 

@@ -279,6 +279,18 @@ fn widen_i8(simd: V4, v: __m128i, d: __m512) -> __m512 {
     simd.avx512f._mm512_mul_ps(q, d)
 }
 
+/// A block's 16 nibble bytes as its elements 0..16 (low nibbles) and 16..32 (high nibbles).
+#[inline(always)]
+fn nibble_halves(simd: V4, qs: &[u8]) -> (__m128i, __m128i) {
+    let raw = load16(qs);
+    let mask = simd.sse2._mm_set1_epi8(0x0f);
+    let lo = simd.sse2._mm_and_si128(raw, mask);
+    let hi = simd
+        .sse2
+        ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+    (lo, hi)
+}
+
 impl Decode for Q4Row<'_> {
     #[inline(always)]
     fn blocks(self) -> usize {
@@ -287,13 +299,7 @@ impl Decode for Q4Row<'_> {
 
     #[inline(always)]
     fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        let mask = simd.sse2._mm_set1_epi8(0x0f);
-        // Low nibbles are elements 0..16, high nibbles 16..32.
-        let lo = simd.sse2._mm_and_si128(raw, mask);
-        let hi = simd
-            .sse2
-            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+        let (lo, hi) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
         let d = simd.avx512f._mm512_set1_ps(self.d[b]);
         let m = simd.avx512f._mm512_set1_ps(self.m[b]);
         [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
@@ -309,12 +315,7 @@ impl Decode for Q5Row<'_> {
     #[inline(always)]
     fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
         let f = &simd.avx512f;
-        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        let mask = simd.sse2._mm_set1_epi8(0x0f);
-        let lo = simd.sse2._mm_and_si128(raw, mask);
-        let hi = simd
-            .sse2
-            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
+        let (lo, hi) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
         let d = f._mm512_set1_ps(self.d[b]);
         let m = f._mm512_set1_ps(-16.0 * self.d[b]);
         let sixteen = f._mm512_set1_epi32(16);

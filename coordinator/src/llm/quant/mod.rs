@@ -55,12 +55,14 @@ pub enum Q5Form {
 }
 
 impl Q5Form {
-    /// `CROSSLM_Q5=5bit` picks [`Q5Form::Bits`]; otherwise [`Q5Form::Bytes`].
+    /// `CROSSLM_Q5=5bit` picks [`Q5Form::Bits`]; otherwise [`Q5Form::Bytes`]. Read once per
+    /// process (a model loads every matrix through it).
     pub fn from_env() -> Q5Form {
-        match std::env::var("CROSSLM_Q5").as_deref() {
+        static CHOSEN: std::sync::OnceLock<Q5Form> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("CROSSLM_Q5").as_deref() {
             Ok("5bit") => Q5Form::Bits,
             _ => Q5Form::Bytes,
-        }
+        })
     }
 }
 
