@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::gguf::Gguf;
 use super::model::{LlamaConfig, LoraAdapters, LoraPair, to_host_f32};
-use super::quant::{QMatrix, dot_f32, matmul_many};
+use super::quant::{Q5Form, QMatrix, dot_f32, matmul_many, row_spans};
 use crate::{Error, Result};
 
 /// Runs `f` on one of rayon's workers, so that the products it starts split there. From
@@ -22,6 +22,11 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         rayon::scope(|_| f())
     }
 }
+
+/// Activation rows a step of a long input runs at once, so that memory holds a step's
+/// activations rather than those of a whole batch of prompts (the feed-forward's are the
+/// largest: `rows * d_ff` values, twice).
+const PREFILL_ROWS: usize = 256;
 
 /// One decoder block's weights.
 struct Block {
@@ -65,7 +70,15 @@ impl CpuLlama {
                     info.shape()
                 )));
             }
-            QMatrix::from_gguf(name, info.ggml_type, g.tensor_bytes(info)?, rows, cols)
+            // An embedding that is not also the head is only read a row per token: its
+            // compact Q5_0 form costs no speed and saves a third of its memory.
+            let q5 = if name == "token_embd.weight" && !config.tied_head {
+                Q5Form::Bits
+            } else {
+                Q5Form::from_env()
+            };
+            let bytes = g.tensor_bytes(info)?;
+            QMatrix::from_gguf_as(name, info.ggml_type, &bytes, rows, cols, q5)
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let (shape, v) = g.dequantize(name)?;
@@ -109,6 +122,14 @@ impl CpuLlama {
     ) -> Result<CpuLlama> {
         let kv = c.n_kv_heads * c.head_dim();
         let d = c.d_model;
+        // The largest matrices first: a matrix's file bytes are held while it is repacked,
+        // and the embedding's and head's would otherwise come on top of every block's weights.
+        let embed = matrix("token_embd.weight", c.vocab_size, d)?;
+        let head = if c.tied_head {
+            None
+        } else {
+            Some(matrix("output.weight", c.vocab_size, d)?)
+        };
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -138,12 +159,8 @@ impl CpuLlama {
         let half = c.head_dim() / 2;
         Ok(CpuLlama {
             config: c.clone(),
-            embed: matrix("token_embd.weight", c.vocab_size, d)?,
-            head: if c.tied_head {
-                None
-            } else {
-                Some(matrix("output.weight", c.vocab_size, d)?)
-            },
+            embed,
+            head,
             blocks,
             norm: vector("output_norm.weight", d)?,
             inv_freq: (0..half)
@@ -207,6 +224,9 @@ impl CpuLlama {
     /// Final hidden states `[batch, seq, d_model]` (after the output norm) of `tokens`
     /// (`[batch, seq]` row-major, sequence `b` left-padded by `pads[b]` from its start),
     /// appended to `cache` after the positions it holds.
+    ///
+    /// Long inputs (prompts) run [`PREFILL_ROWS`] rows at a time ([`row_spans`]), with the
+    /// same result bit for bit: the activations of a step, not the prompt's, are held.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -214,7 +234,42 @@ impl CpuLlama {
         cache: &mut KvCache,
         lora: Option<&HostLora>,
     ) -> Vec<f32> {
-        on_pool(|| self.forward_on_pool(tokens, pads, cache, lora))
+        self.forward_in_spans(tokens, pads, cache, lora, PREFILL_ROWS)
+    }
+
+    fn forward_in_spans(
+        &self,
+        tokens: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache,
+        lora: Option<&HostLora>,
+        target_rows: usize,
+    ) -> Vec<f32> {
+        let batch = pads.len();
+        let seq = tokens.len() / batch.max(1);
+        let spans = row_spans(batch, seq, target_rows);
+        if spans.len() < 2 {
+            return on_pool(|| self.forward_on_pool(tokens, pads, cache, lora));
+        }
+        let d = self.config.d_model;
+        // Room for the whole input at once, not grown span by span.
+        cache.prepare(&self.config, batch, seq);
+        let mut hidden = vec![0.0f32; tokens.len() * d];
+        for span in spans {
+            let len = span.len();
+            let part: Vec<u32> = (0..batch)
+                .flat_map(|b| {
+                    tokens[b * seq + span.start..b * seq + span.end]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let h = on_pool(|| self.forward_on_pool(&part, pads, cache, lora));
+            for (b, rows) in h.chunks_exact(len * d).enumerate() {
+                hidden[(b * seq + span.start) * d..(b * seq + span.end) * d].copy_from_slice(rows);
+            }
+        }
+        hidden
     }
 
     fn forward_on_pool(
@@ -572,5 +627,50 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::llm::{Llm, test_assets};
+
+    /// The real SmolLM2 file's decoder.
+    fn smollm2() -> Result<Llm> {
+        Llm::load(test_assets::smollm2_path(), &Device::flex())
+    }
+
+    #[test]
+    fn a_prompt_in_spans_equals_one_pass_bit_for_bit() -> Result<()> {
+        let llm = smollm2()?;
+        let cpu = llm
+            .cpu_model()
+            .ok_or_else(|| Error::Model("no CPU decoder".into()))?;
+        // Three left-padded prompts of 50 positions: 150 rows, 2 leftover from tiles of 4.
+        let (batch, seq, target) = (3, 50, 40);
+        let spans = row_spans(batch, seq, target);
+        assert!(spans.len() > 2, "the test must split: {spans:?}");
+        let pads = [0, 5, 17];
+        let tokens: Vec<u32> = (0..batch * seq)
+            .map(|i| ((i * 7919 + 13) % 20_000) as u32)
+            .collect();
+        let (mut one, mut split) = (KvCache::default(), KvCache::default());
+        let a = cpu.forward_in_spans(&tokens, &pads, &mut one, None, usize::MAX);
+        let b = cpu.forward_in_spans(&tokens, &pads, &mut split, None, target);
+        assert_eq!(a.len(), b.len());
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "hidden states differ"
+        );
+        // The caches hold the same keys and values: the next step agrees too.
+        let next = [1u32, 2, 3];
+        let (x, y) = (
+            cpu.forward(&next, &pads, &mut one, None),
+            cpu.forward(&next, &pads, &mut split, None),
+        );
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        Ok(())
     }
 }

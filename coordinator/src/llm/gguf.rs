@@ -2,14 +2,20 @@
 //! F32, F16, Q8_0, Q4_0 and Q4_1 tensors into `f32`, and of the k-quant files' Q5_0, Q5_1,
 //! Q4_K, Q5_K and Q6_K ([`super::kquant`]).
 //!
-//! The file is read into memory once (SmolLM2-135M is ~100 MB); `memmap2` would need `unsafe`,
-//! which the workspace denies. Every offset and length read from the file is checked, so a
-//! truncated or corrupt file yields an [`Error::Gguf`] naming what is wrong instead of a panic.
+//! [`Gguf::open`] reads the header and leaves the tensor data on disk: a tensor's bytes are read
+//! when asked for, so a model loading its weights into another form never holds the whole file
+//! beside them (`memmap2` would need `unsafe`, which the workspace denies). Every offset and
+//! length read from the file is checked, so a truncated or corrupt file yields an
+//! [`Error::Gguf`] naming what is wrong instead of a panic.
 //!
 //! Over 600 lines with its tests beside the code (corrupt and truncated files among them).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use half::f16;
 
@@ -224,7 +230,7 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file held in memory.
+/// A parsed GGUF file: header in memory, tensor data in memory or on disk.
 #[derive(Debug)]
 pub struct Gguf {
     /// Format version (2 or 3).
@@ -233,37 +239,69 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor infos in file order.
     pub tensors: Vec<TensorInfo>,
-    bytes: Vec<u8>,
+    data: Data,
     data_start: usize,
 }
 
-/// A bounds-checked little-endian cursor over the file bytes.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// Where the tensor data is read from.
+#[derive(Debug)]
+enum Data {
+    /// The whole file, in memory.
+    Memory(Vec<u8>),
+    /// The file on disk, `len` bytes long when it was opened.
+    File {
+        path: PathBuf,
+        file: Mutex<File>,
+        len: usize,
+    },
 }
 
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
-        match end {
-            Some(end) => {
-                let s = &self.bytes[self.pos..end];
-                self.pos = end;
-                Ok(s)
-            }
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Memory(bytes) => bytes.len(),
+            Data::File { len, .. } => *len,
+        }
+    }
+}
+
+/// A bounds-checked little-endian cursor over the file's header, `total` bytes long.
+struct Cursor<R> {
+    reader: R,
+    pos: usize,
+    total: usize,
+}
+
+impl<R: Read> Cursor<R> {
+    fn take(&mut self, n: usize, what: &str) -> Result<Vec<u8>> {
+        let mut s = vec![0u8; self.check(n, what)?];
+        self.fill(&mut s, what)?;
+        Ok(s)
+    }
+
+    /// `n` if `n` more bytes lie inside the file, else a truncation error.
+    fn check(&self, n: usize, what: &str) -> Result<usize> {
+        match self.pos.checked_add(n).filter(|&e| e <= self.total) {
+            Some(_) => Ok(n),
             None => Err(Error::Gguf(format!(
                 "file truncated while reading {what} at byte {} (file is {} bytes)",
-                self.pos,
-                self.bytes.len()
+                self.pos, self.total
             ))),
         }
     }
 
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        self.reader
+            .read_exact(buf)
+            .map_err(|e| Error::Gguf(format!("reading {what} at byte {}: {e}", self.pos)))?;
+        self.pos += buf.len();
+        Ok(())
+    }
+
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        let s = self.take(N, what)?;
+        self.check(N, what)?;
         let mut a = [0u8; N];
-        a.copy_from_slice(s);
+        self.fill(&mut a, what)?;
         Ok(a)
     }
 
@@ -279,7 +317,7 @@ impl<'a> Cursor<'a> {
     /// cannot make us allocate gigabytes before failing.
     fn len(&mut self, what: &str, min_item_bytes: usize) -> Result<usize> {
         let n = self.u64(what)?;
-        let left = (self.bytes.len() - self.pos) as u64;
+        let left = (self.total - self.pos) as u64;
         if n.saturating_mul(min_item_bytes as u64) > left {
             return Err(Error::Gguf(format!(
                 "{what} = {n} at byte {} runs past the end of the file",
@@ -292,7 +330,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what, 1)?;
         let s = self.take(n, what)?;
-        String::from_utf8(s.to_vec()).map_err(|_| Error::Gguf(format!("{what} is not valid UTF-8")))
+        String::from_utf8(s).map_err(|_| Error::Gguf(format!("{what} is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, key: &str) -> Result<MetaValue> {
@@ -341,29 +379,24 @@ impl<'a> Cursor<'a> {
     }
 }
 
-impl Gguf {
-    /// Reads and parses a GGUF file.
-    pub fn open(path: impl AsRef<Path>) -> Result<Gguf> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::File {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Gguf::from_bytes(bytes).map_err(|e| match e {
-            Error::Gguf(msg) => Error::Gguf(format!("{}: {msg}", path.display())),
-            other => other,
-        })
-    }
+/// What a GGUF file says before its tensor data.
+struct Header {
+    version: u32,
+    metadata: BTreeMap<String, MetaValue>,
+    tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
 
-    /// Parses a GGUF file already in memory. Checks that every tensor's data lies inside the
-    /// file, so later tensor reads cannot fail on bounds.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Gguf> {
+impl Header {
+    /// Parses the header from the start of a file `total` bytes long.
+    fn read(reader: impl Read, total: usize) -> Result<Header> {
         let mut c = Cursor {
-            bytes: &bytes,
+            reader,
             pos: 0,
+            total,
         };
-        let magic = c.take(4, "magic")?;
-        if magic != MAGIC {
+        let magic = c.array::<4>("magic")?;
+        if &magic != MAGIC {
             return Err(Error::Gguf(format!(
                 "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
             )));
@@ -419,22 +452,64 @@ impl Gguf {
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let data_start = usize::try_from(data_start)
             .map_err(|_| Error::Gguf("data section offset overflows".into()))?;
-
-        let gguf = Gguf {
+        Ok(Header {
             version,
             metadata,
             tensors,
             data_start,
-            bytes,
+        })
+    }
+
+    /// The file, once every tensor of a known type is found to lie inside `data`. Unknown
+    /// types are only an error when someone reads that tensor.
+    fn with_data(self, data: Data) -> Result<Gguf> {
+        let gguf = Gguf {
+            version: self.version,
+            metadata: self.metadata,
+            tensors: self.tensors,
+            data_start: self.data_start,
+            data,
         };
         for t in &gguf.tensors {
-            // Unknown types are only an error when someone reads that tensor; but a known
-            // type must fit in the file.
             if t.ggml_type.block_layout().is_some() {
-                gguf.tensor_bytes(t)?;
+                gguf.tensor_range(t)?;
             }
         }
         Ok(gguf)
+    }
+}
+
+impl Gguf {
+    /// Parses a GGUF file's header; tensor data is read from the file when asked for
+    /// ([`Gguf::tensor_bytes`]). Checks that every tensor's data lies inside the file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Gguf> {
+        let path = path.as_ref();
+        let io = |source| Error::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let len = usize::try_from(len)
+            .map_err(|_| Error::Gguf(format!("{}: file too large", path.display())))?;
+        let mut reader = BufReader::new(file);
+        let header = Header::read(&mut reader, len);
+        let data = Data::File {
+            path: path.to_path_buf(),
+            file: Mutex::new(reader.into_inner()),
+            len,
+        };
+        header.and_then(|h| h.with_data(data)).map_err(|e| match e {
+            Error::Gguf(msg) => Error::Gguf(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses a GGUF file already in memory. Checks that every tensor's data lies inside the
+    /// file, so later tensor reads cannot fail on bounds.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Gguf> {
+        let header = Header::read(bytes.as_slice(), bytes.len())?;
+        header.with_data(Data::Memory(bytes))
     }
 
     /// A metadata value by key.
@@ -490,22 +565,43 @@ impl Gguf {
             .ok_or_else(|| Error::Gguf(format!("missing tensor {name}")))
     }
 
-    /// The raw (possibly quantized) bytes of a tensor.
-    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+    /// Where a tensor's data lies in the file, checked against the file's length.
+    fn tensor_range(&self, info: &TensorInfo) -> Result<std::ops::Range<usize>> {
         let len = info.byte_len()?;
         let start = usize::try_from(info.offset)
             .ok()
             .and_then(|o| o.checked_add(self.data_start));
         let range = start.and_then(|s| s.checked_add(len).map(|e| s..e));
         match range {
-            Some(r) if r.end <= self.bytes.len() => Ok(&self.bytes[r]),
+            Some(r) if r.end <= self.data.len() => Ok(r),
             _ => Err(Error::Gguf(format!(
                 "tensor {}: data (offset {}, {len} bytes) lies past the end of the file \
                  ({} bytes): truncated file?",
                 info.name,
                 info.offset,
-                self.bytes.len()
+                self.data.len()
             ))),
+        }
+    }
+
+    /// The raw (possibly quantized) bytes of a tensor: borrowed from memory, or read from the
+    /// file (an error if the file changed under us).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<Cow<'_, [u8]>> {
+        let r = self.tensor_range(info)?;
+        match &self.data {
+            Data::Memory(bytes) => Ok(Cow::Borrowed(&bytes[r])),
+            Data::File { path, file, .. } => {
+                let io = |source| Error::File {
+                    path: path.clone(),
+                    source,
+                };
+                let mut out = vec![0u8; r.len()];
+                // A poisoned lock only means another reader panicked; the file is still fine.
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                f.seek(SeekFrom::Start(r.start as u64)).map_err(io)?;
+                f.read_exact(&mut out).map_err(io)?;
+                Ok(Cow::Owned(out))
+            }
         }
     }
 
@@ -513,7 +609,7 @@ impl Gguf {
     pub fn dequantize(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let info = self.tensor_info(name)?;
         let bytes = self.tensor_bytes(info)?;
-        let values = dequantize(info.ggml_type, bytes, info.n_elements() as usize)
+        let values = dequantize(info.ggml_type, &bytes, info.n_elements() as usize)
             .map_err(|e| Error::Gguf(format!("tensor {name}: {e}")))?;
         Ok((info.shape(), values))
     }
@@ -861,6 +957,58 @@ mod tests {
         Ok(())
     }
 
+    /// `bytes` written to a file in a fresh temporary directory.
+    fn on_disk(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).expect("write the file");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_file_on_disk_reads_as_in_memory() -> Result<()> {
+        let (bytes, ..) = sample_file();
+        let (_dir, path) = on_disk(&bytes);
+        let (disk, mem) = (Gguf::open(&path)?, Gguf::from_bytes(bytes)?);
+        assert!(matches!(disk.data, Data::File { .. }));
+        assert_eq!(disk.metadata, mem.metadata);
+        assert_eq!(disk.tensors.len(), 5);
+        for t in &mem.tensors {
+            assert_eq!(disk.tensor_bytes(t)?, mem.tensor_bytes(t)?, "{}", t.name);
+            assert_eq!(disk.dequantize(&t.name)?, mem.dequantize(&t.name)?);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn truncated_file_on_disk_is_a_clear_error() {
+        let (bytes, ..) = sample_file();
+        let cuts = [
+            (&bytes[..10], "truncated while reading tensor count"),
+            (&bytes[..100], "runs past the end"),
+            (&bytes[..bytes.len() - 40], "past the end"),
+        ];
+        for (cut, expect) in cuts {
+            let (_dir, path) = on_disk(cut);
+            let msg = gguf_err(Gguf::open(&path));
+            assert!(msg.contains(expect), "{msg}");
+            assert!(msg.contains("model.gguf"), "names the file: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_file_cut_after_opening_is_an_error_not_a_panic() -> Result<()> {
+        let (bytes, ..) = sample_file();
+        let (_dir, path) = on_disk(&bytes);
+        let g = Gguf::open(&path)?;
+        std::fs::write(&path, &bytes[..bytes.len() - 40]).expect("cut the file");
+        match g.dequantize("q80") {
+            Err(Error::File { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("expected a file error, got {other:?}"),
+        }
+        Ok(())
+    }
+
     #[test]
     fn reads_the_real_smollm2_file() -> Result<()> {
         let path = crate::llm::test_assets::smollm2_path();
@@ -879,6 +1027,14 @@ mod tests {
         let (shape, _) = g.dequantize("token_embd.weight")?;
         assert_eq!(shape, vec![49152, 576]);
         assert!(g.tensor_info("output.weight").is_err());
+        // Read tensor by tensor from disk, the data equals the whole file's.
+        let whole = Gguf::from_bytes(std::fs::read(&path).map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?)?;
+        for t in &whole.tensors {
+            assert!(g.tensor_bytes(t)? == whole.tensor_bytes(t)?, "{}", t.name);
+        }
         Ok(())
     }
 }

@@ -117,8 +117,8 @@ fn real_qwen2_q5_forms_agree() -> Result<()> {
         assert_eq!(info.ggml_type, GgmlType::Q5_0, "{name}");
         let (rows, cols) = (info.shape()[0], info.shape()[1]);
         let bytes = g.tensor_bytes(info)?;
-        let bits = QMatrix::from_gguf_as(name, GgmlType::Q5_0, bytes, rows, cols, Q5Form::Bits)?;
-        let q8 = QMatrix::from_gguf_as(name, GgmlType::Q5_0, bytes, rows, cols, Q5Form::Bytes)?;
+        let bits = QMatrix::from_gguf_as(name, GgmlType::Q5_0, &bytes, rows, cols, Q5Form::Bits)?;
+        let q8 = QMatrix::from_gguf_as(name, GgmlType::Q5_0, &bytes, rows, cols, Q5Form::Bytes)?;
         assert_eq!((bits.path(), q8.path()), (Path::Q5, Path::Q8));
         assert_eq!(bits.rows_f32(0..4), q8.rows_f32(0..4), "{name}");
         for n in [1, 2, 5, 40] {

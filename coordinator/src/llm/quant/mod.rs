@@ -330,6 +330,41 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Splits `seq` positions of `batch` sequences (activation rows `[batch, seq]`) into spans of
+/// about `target_rows` rows each, such that products over the spans one after the other give
+/// bit for bit the rows of one product over all of them: every span takes the same path as the
+/// whole (at least [`PANEL_ROWS`] rows when the whole has them), every span but the last has a
+/// multiple of [`TILE`] rows, and the last keeps the whole's leftover rows. One span when the
+/// rows are no more than `target_rows`, or too few to split that way.
+pub fn row_spans(batch: usize, seq: usize, target_rows: usize) -> Vec<std::ops::Range<usize>> {
+    let batch = batch.max(1);
+    if batch * seq <= target_rows.max(PANEL_ROWS) {
+        return std::iter::once(0..seq).collect();
+    }
+    // Positions per span: a multiple of `step`, so that the span's rows are a multiple of TILE.
+    let step = TILE / gcd(batch, TILE);
+    let span = (target_rows / batch)
+        .max(PANEL_ROWS.div_ceil(batch))
+        .div_ceil(step)
+        * step;
+    let mut spans: Vec<std::ops::Range<usize>> = (0..seq)
+        .step_by(span)
+        .map(|start| start..(start + span).min(seq))
+        .collect();
+    // A last span too small for the whole's path joins the one before it.
+    if let [.., before, last] = spans.as_mut_slice()
+        && batch * last.len() < PANEL_ROWS
+    {
+        before.end = last.end;
+        spans.pop();
+    }
+    spans
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Weight rows `first..` (as many as `out` holds) against every activation row; `qs` holds the
 /// rows rounded for the integer dots, or nothing.
 fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], qs: &[&QAct], out: &mut [f32]) {

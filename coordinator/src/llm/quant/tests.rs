@@ -318,3 +318,36 @@ fn decode_step_products() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn row_spans_keep_each_rows_path() {
+    for batch in [1, 2, 3, 4, 5, 7, 16, 33] {
+        for seq in [1, 2, 9, 31, 64, 100, 128, 257] {
+            for target in [32, 40, 256, 512] {
+                let spans = super::row_spans(batch, seq, target);
+                let rows: Vec<usize> = spans.iter().map(|s| batch * s.len()).collect();
+                let what = format!("batch {batch}, seq {seq}, target {target}: {spans:?}");
+                assert_eq!(spans.first().map(|s| s.start), Some(0), "{what}");
+                assert_eq!(spans.last().map(|s| s.end), Some(seq), "{what}");
+                assert!(spans.windows(2).all(|w| w[0].end == w[1].start), "{what}");
+                if spans.len() > 1 {
+                    let (last, before) = rows.split_last().unwrap_or((&0, &[]));
+                    assert!(before.iter().all(|r| r % TILE == 0), "{what}");
+                    assert_eq!(last % TILE, (batch * seq) % TILE, "{what}");
+                    assert!(rows.iter().all(|&r| r >= PANEL_ROWS), "{what}");
+                }
+            }
+        }
+    }
+    // The bench's batch of 16 prompts of 128 tokens: 8 spans of 256 rows.
+    let spans = super::row_spans(16, 128, 256);
+    assert_eq!(spans.len(), 8);
+    assert!(spans.iter().all(|s| s.len() == 16));
+    // A single prompt of 128 tokens, or a decoding step, is not split.
+    let whole = |batch, seq| {
+        super::row_spans(batch, seq, 256)
+            .into_iter()
+            .eq(Some(0..seq))
+    };
+    assert!(whole(1, 128) && whole(16, 1));
+}
