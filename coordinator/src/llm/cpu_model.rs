@@ -632,20 +632,12 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use burn::tensor::Device;
-
     use super::*;
-    use crate::llm::{Llm, test_assets};
-
-    /// The real SmolLM2 file's decoder.
-    fn smollm2() -> Result<Llm> {
-        Llm::load(test_assets::smollm2_path(), &Device::flex())
-    }
+    use crate::llm::test_assets;
 
     #[test]
     fn a_prompt_in_spans_equals_one_pass_bit_for_bit() -> Result<()> {
-        let llm = smollm2()?;
-        let cpu = llm
+        let cpu = test_assets::smollm2_llm()
             .cpu_model()
             .ok_or_else(|| Error::Model("no CPU decoder".into()))?;
         // Three left-padded prompts of 50 positions: 150 rows, 2 leftover from tiles of 4.

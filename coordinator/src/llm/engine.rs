@@ -470,19 +470,7 @@ fn truncate_tokens(tok: &Tokenizer, text: &str, max: usize) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::OnceLock;
-
-    /// The real model, loaded once for all tests of this module.
-    fn smollm2() -> &'static Llm {
-        static LLM: OnceLock<Llm> = OnceLock::new();
-        LLM.get_or_init(|| {
-            let path = crate::llm::test_assets::smollm2_path();
-            match Llm::load(&path, &Device::flex()) {
-                Ok(llm) => llm,
-                Err(e) => panic!("loading {}: {e}", path.display()),
-            }
-        })
-    }
+    use crate::llm::test_assets::smollm2_llm as smollm2;
 
     /// From `smollm2_reference.json` (numpy f32 oracle).
     const REF_USER: &str = "Write a one-sentence negative review of a movie.";

@@ -74,6 +74,18 @@ pub(crate) mod test_assets {
         path
     }
 
+    /// The real SmolLM2 model on the CPU, loaded once for every test that shares it.
+    pub fn smollm2_llm() -> &'static super::Llm {
+        static LLM: std::sync::OnceLock<super::Llm> = std::sync::OnceLock::new();
+        LLM.get_or_init(|| {
+            let path = smollm2_path();
+            match super::Llm::load(&path, &burn::tensor::Device::flex()) {
+                Ok(llm) => llm,
+                Err(e) => panic!("loading {}: {e}", path.display()),
+            }
+        })
+    }
+
     /// The real Qwen2.5 file, or a clear panic like [`smollm2_path`].
     pub fn qwen2_path() -> PathBuf {
         let path = super::qwen2_gguf_path();

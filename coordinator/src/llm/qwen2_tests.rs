@@ -92,8 +92,9 @@ fn real_qwen2_tokenization_matches_llama_cpp() -> Result<()> {
     Ok(())
 }
 
-/// Every matrix of the file keeps a quantized kernel: Q5_0 (embeddings and most blocks) and
-/// Q6_K as 8-bit codes, Q4_K as 4-bit, the Q8_0 LM head as it is; none falls back to f32.
+/// Every matrix of the file keeps a quantized kernel: most Q5_0 blocks and Q6_K as 8-bit codes,
+/// Q4_K as 4-bit, the Q8_0 LM head as it is, the untied Q5_0 embedding (only looked up) as
+/// 5-bit codes; none falls back to f32.
 #[test]
 fn real_qwen2_weights_stay_quantized() {
     let Some(cpu) = qwen2().cpu_model() else {
@@ -103,6 +104,7 @@ fn real_qwen2_weights_stay_quantized() {
     assert_eq!(paths.len(), 2 + 7 * 24);
     assert!(!paths.contains(&Path::F32), "{paths:?}");
     assert!(paths.contains(&Path::Q4) && paths.contains(&Path::Q8));
+    assert_eq!(paths.first(), Some(&Path::Q5), "the embedding's form");
 }
 
 /// The file's Q5_0 matrices held as 5-bit codes give the products of the 8-bit form (both
