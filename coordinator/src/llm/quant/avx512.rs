@@ -346,52 +346,138 @@ impl Decode for Q8Row<'_> {
     }
 }
 
-/// Dots of one weight row with up to [`TILE`] activation rows.
+/// Dots of one weight row with one activation row: four accumulators (two a block,
+/// alternating blocks).
 #[inline(always)]
-fn decoded_dots(simd: V4, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
+fn decoded_one(simd: V4, w: impl Decode, x: &XRow<'_>) -> f32 {
     let f = &simd.avx512f;
-    let mut out = [0.0; TILE];
-    if let [x] = xs {
-        // One row: four accumulators (two a block, alternating blocks).
-        let mut acc = [f._mm512_setzero_ps(); 4];
-        for b in 0..w.blocks() {
-            let wv = w.decode(simd, b);
-            let xb = &x.f[b * QK..(b + 1) * QK];
-            let a = 2 * (b % 2);
-            acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
-            acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
-        }
-        out[0] = hsum_many(simd, &acc);
-        return out;
-    }
-    let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+    let mut acc = [f._mm512_setzero_ps(); 4];
     for b in 0..w.blocks() {
         let wv = w.decode(simd, b);
-        for (t, x) in xs.iter().enumerate() {
-            let xb = &x.f[b * QK..(b + 1) * QK];
+        let xb = &x.f[b * QK..(b + 1) * QK];
+        let a = 2 * (b % 2);
+        acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
+        acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
+    }
+    hsum_many(simd, &acc)
+}
+
+/// Dots of one weight row with `T` activation rows (`T` a constant, so that the accumulators
+/// stay in registers): each block decoded once for all `T`, two accumulators a row.
+#[inline(always)]
+fn decoded_tile<const T: usize>(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: &mut [f32]) {
+    let f = &simd.avx512f;
+    let x: [&[f32]; T] = std::array::from_fn(|t| xs[t].f);
+    let mut acc = [[f._mm512_setzero_ps(); 2]; T];
+    for b in 0..w.blocks() {
+        let wv = w.decode(simd, b);
+        for t in 0..T {
+            let xb = &x[t][b * QK..(b + 1) * QK];
             acc[t][0] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[t][0]);
             acc[t][1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[t][1]);
         }
     }
-    for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
-        *o = hsum_many(simd, a);
+    let zero = f._mm512_setzero_ps();
+    for t in 0..T {
+        out[t] = hsum(f._mm512_add_ps(f._mm512_add_ps(zero, acc[t][0]), acc[t][1]));
     }
-    out
 }
 
-/// One weight row (Q4, Q5 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
-pub(super) struct DecodedDot<'b, W> {
+/// Dots of one weight row with every activation row, in [`TILE`]-row chunks.
+#[inline(always)]
+fn decoded_row(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: &mut [f32]) {
+    for (x, o) in xs.chunks(TILE).zip(out.chunks_mut(TILE)) {
+        match x.len() {
+            1 => o[0] = decoded_one(simd, w, &x[0]),
+            2 => decoded_tile::<2>(simd, w, x, o),
+            3 => decoded_tile::<3>(simd, w, x, o),
+            _ => decoded_tile::<TILE>(simd, w, x, o),
+        }
+    }
+}
+
+/// Dots of two weight rows with `T` activation rows: each activation load serves both weight
+/// rows; per (weight row, activation row) the same two accumulators as [`decoded_tile`].
+#[inline(always)]
+fn decoded_pair_tile<const T: usize, W: Decode>(
+    simd: V4,
+    w: [W; 2],
+    xs: &[XRow<'_>],
+    out: [&mut [f32]; 2],
+) {
+    let f = &simd.avx512f;
+    let x: [&[f32]; T] = std::array::from_fn(|t| xs[t].f);
+    let mut acc = [[[f._mm512_setzero_ps(); 2]; T]; 2];
+    for b in 0..w[0].blocks() {
+        let wv = [w[0].decode(simd, b), w[1].decode(simd, b)];
+        for t in 0..T {
+            let xb = &x[t][b * QK..(b + 1) * QK];
+            let (lo, hi) = (load(&xb[..16]), load(&xb[16..]));
+            for k in 0..2 {
+                acc[k][t][0] = f._mm512_fmadd_ps(wv[k][0], lo, acc[k][t][0]);
+                acc[k][t][1] = f._mm512_fmadd_ps(wv[k][1], hi, acc[k][t][1]);
+            }
+        }
+    }
+    // By value: a reference into `acc` would keep it in memory, stored at every block.
+    let zero = f._mm512_setzero_ps();
+    for (o, a) in out.into_iter().zip(acc) {
+        for t in 0..T {
+            o[t] = hsum(f._mm512_add_ps(f._mm512_add_ps(zero, a[t][0]), a[t][1]));
+        }
+    }
+}
+
+/// Two weight rows against every activation row, in [`TILE`]-row chunks as [`decoded_row`]
+/// (a lone row takes [`decoded_one`] for each weight row), so each row's dot is bit for bit
+/// [`decoded_row`]'s.
+pub(super) struct DecodedPair<'b, W> {
+    pub simd: V4,
+    pub w: [W; 2],
+    pub xs: &'b [XRow<'b>],
+    pub out: [&'b mut [f32]; 2],
+}
+
+impl<W: Decode> pulp::NullaryFnOnce for DecodedPair<'_, W> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let DecodedPair { simd, w, xs, out } = self;
+        let [o0, o1] = out;
+        for ((x, a), b) in xs
+            .chunks(TILE)
+            .zip(o0.chunks_mut(TILE))
+            .zip(o1.chunks_mut(TILE))
+        {
+            match x.len() {
+                1 => {
+                    a[0] = decoded_one(simd, w[0], &x[0]);
+                    b[0] = decoded_one(simd, w[1], &x[0]);
+                }
+                2 => decoded_pair_tile::<2, W>(simd, w, x, [a, b]),
+                3 => decoded_pair_tile::<3, W>(simd, w, x, [a, b]),
+                _ => decoded_pair_tile::<TILE, W>(simd, w, x, [a, b]),
+            }
+        }
+    }
+}
+
+/// One weight row (Q4, Q5 or Q8), decoded to f32 a block at a time, against every activation
+/// row (`out[i]` for `xs[i]`).
+pub(super) struct DecodedRow<'b, W> {
     pub simd: V4,
     pub w: W,
     pub xs: &'b [XRow<'b>],
+    pub out: &'b mut [f32],
 }
 
-impl<W: Decode> pulp::NullaryFnOnce for DecodedDot<'_, W> {
-    type Output = [f32; TILE];
+impl<W: Decode> pulp::NullaryFnOnce for DecodedRow<'_, W> {
+    type Output = ();
 
     #[inline(always)]
-    fn call(self) -> [f32; TILE] {
-        decoded_dots(self.simd, self.w, self.xs)
+    fn call(self) {
+        decoded_row(self.simd, self.w, self.xs, self.out)
     }
 }
 

@@ -6,7 +6,8 @@
 //! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
 //!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
 //! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
-//!   and shared by a tile of [`TILE`] activation rows;
+//!   and shared by a tile of [`TILE`] activation rows (with AVX-512, two weight rows share
+//!   each activation load);
 //! - more (prompts): a task decodes its weight rows to f32 once and runs an f32
 //!   register-tiled product.
 //!
@@ -380,10 +381,13 @@ fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], qs: &[&QAct]
     if qs.len() == n {
         return simd.int_task(w, first, qs, out);
     }
-    for (k, orow) in out.chunks_mut(n).enumerate() {
-        let w = w.q_row(first + k);
-        for (o, x) in orow.chunks_mut(TILE).zip(xs.chunks(TILE)) {
-            o.copy_from_slice(&simd.decoded_dots(w, x)[..o.len()]);
+    for (k, pair) in out.chunks_mut(2 * n).enumerate() {
+        let r = first + 2 * k;
+        if pair.len() == 2 * n {
+            let (a, b) = pair.split_at_mut(n);
+            simd.decoded_pair([w.q_row(r), w.q_row(r + 1)], xs, [a, b]);
+        } else {
+            simd.decoded_row(w.q_row(r), xs, pair);
         }
     }
 }
@@ -543,32 +547,85 @@ impl Simd {
         }
     }
 
-    /// Dots of one weight row, decoded to f32 a block at a time, with up to [`TILE`] f32
-    /// activation rows.
-    fn decoded_dots(self, w: QRow<'_>, xs: &[XRow<'_>]) -> [f32; TILE] {
-        let each = |f: &dyn Fn(&XRow<'_>) -> f32| {
-            let mut out = [0.0; TILE];
+    /// [`Simd::decoded_row`] for two weight rows of one matrix: `out[k][i]` for row `k` and
+    /// `xs[i]`, bit for bit as one row at a time. With AVX-512 each activation load serves both.
+    fn decoded_pair(self, w: [QRow<'_>; 2], xs: &[XRow<'_>], out: [&mut [f32]; 2]) {
+        let [o0, o1] = out;
+        match (self, w) {
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), [QRow::Q4(a), QRow::Q4(b)]) => v4.vectorize(avx512::DecodedPair {
+                simd: v4,
+                w: [a, b],
+                xs,
+                out: [o0, o1],
+            }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), [QRow::Q5(a), QRow::Q5(b)]) => v4.vectorize(avx512::DecodedPair {
+                simd: v4,
+                w: [a, b],
+                xs,
+                out: [o0, o1],
+            }),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), [QRow::Q8(a), QRow::Q8(b)]) => v4.vectorize(avx512::DecodedPair {
+                simd: v4,
+                w: [a, b],
+                xs,
+                out: [o0, o1],
+            }),
+            _ => {
+                self.decoded_row(w[0], xs, o0);
+                self.decoded_row(w[1], xs, o1);
+            }
+        }
+    }
+
+    /// Dots of one weight row, decoded to f32 a block at a time, with every f32 activation
+    /// row: `out[i]` for `xs[i]`.
+    fn decoded_row(self, w: QRow<'_>, xs: &[XRow<'_>], out: &mut [f32]) {
+        let each = |out: &mut [f32], f: &dyn Fn(&XRow<'_>) -> f32| {
             for (o, x) in out.iter_mut().zip(xs) {
                 *o = f(x);
             }
-            out
+        };
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = |v3: pulp::x86::V3, out: &mut [f32]| {
+            for (o, xs) in out.chunks_mut(TILE).zip(xs.chunks(TILE)) {
+                let v = match w {
+                    QRow::Q4(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+                    QRow::Q5(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+                    QRow::Q8(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+                };
+                o.copy_from_slice(&v[..o.len()]);
+            }
         };
         match (self, w) {
-            (Simd::Scalar, QRow::Q4(w)) => each(&|x| decoded_scalar_q4(w, x)),
-            (Simd::Scalar, QRow::Q5(w)) => each(&|x| decoded_scalar_q5(w, x)),
-            (Simd::Scalar, QRow::Q8(w)) => each(&|x| decoded_scalar_q8(w, x)),
+            (Simd::Scalar, QRow::Q4(w)) => each(out, &|x| decoded_scalar_q4(w, x)),
+            (Simd::Scalar, QRow::Q5(w)) => each(out, &|x| decoded_scalar_q5(w, x)),
+            (Simd::Scalar, QRow::Q8(w)) => each(out, &|x| decoded_scalar_q8(w, x)),
             #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2(v3), QRow::Q4(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            (Simd::Avx2(v3), _) => avx2(v3, out),
             #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2(v3), QRow::Q5(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            (Simd::Avx512(v4), QRow::Q4(w)) => v4.vectorize(avx512::DecodedRow {
+                simd: v4,
+                w,
+                xs,
+                out,
+            }),
             #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2(v3), QRow::Q8(w)) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+            (Simd::Avx512(v4), QRow::Q5(w)) => v4.vectorize(avx512::DecodedRow {
+                simd: v4,
+                w,
+                xs,
+                out,
+            }),
             #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q4(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q5(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q8(w)) => v4.vectorize(avx512::DecodedDot { simd: v4, w, xs }),
+            (Simd::Avx512(v4), QRow::Q8(w)) => v4.vectorize(avx512::DecodedRow {
+                simd: v4,
+                w,
+                xs,
+                out,
+            }),
         }
     }
 

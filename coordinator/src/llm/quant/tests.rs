@@ -280,6 +280,34 @@ fn decode_step_products() -> Result<()> {
             }
         }
     }
+    // One thread, a batch of 16 decoding: decoded dots one weight row at a time against two,
+    // alternating so that both see the same machine.
+    for m in [&mats[2], &mats[3], &head] {
+        let n = 16;
+        let x = values(n * m.cols, 9);
+        let xr: Vec<XRow<'_>> = x.chunks(m.cols).map(|f| XRow { f }).collect();
+        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+        let rows = m.rows.min(3072);
+        let mut secs = [0.0; 2];
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for r in 0..rows {
+                simd.decoded_row(m.q_row(r), &xr, &mut a);
+            }
+            secs[0] += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for r in (0..rows).step_by(2) {
+                simd.decoded_pair([m.q_row(r), m.q_row(r + 1)], &xr, [&mut a, &mut b]);
+            }
+            secs[1] += t.elapsed().as_secs_f64();
+        }
+        println!(
+            "{rows}x{} n=16 decoded: single rows {:.2} ms, row pairs {:.2} ms",
+            m.cols,
+            secs[0] / 5.0 * 1e3,
+            secs[1] / 5.0 * 1e3
+        );
+    }
     let t = std::time::Instant::now();
     for _ in 0..2000 {
         std::hint::black_box(QAct::new(&x));
@@ -350,4 +378,43 @@ fn row_spans_keep_each_rows_path() {
             .eq(Some(0..seq))
     };
     assert!(whole(1, 128) && whole(16, 1));
+}
+
+/// Two weight rows at once give each row's dots bit for bit as one row at a time (batched
+/// decoding must not depend on how the rows are paired).
+#[test]
+fn decoded_row_pairs_equal_single_rows_bit_for_bit() -> Result<()> {
+    let (rows, cols) = (4, 608);
+    for simd in simd_kinds() {
+        for (ty, q5) in [
+            (GgmlType::Q4_1, Q5Form::Bytes),
+            (GgmlType::Q5_0, Q5Form::Bits),
+            (GgmlType::Q5_0, Q5Form::Bytes),
+            (GgmlType::Q8_0, Q5Form::Bytes),
+        ] {
+            let v = values(rows * cols, 5);
+            let w = QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, q5)?;
+            for n in 1..PANEL_ROWS {
+                let x = values(n * cols, 3 + n as u32);
+                let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
+                for r in (0..rows).step_by(2) {
+                    let mut single = vec![0.0; 2 * n];
+                    let (a, b) = single.split_at_mut(n);
+                    simd.decoded_row(w.q_row(r), &xs, a);
+                    simd.decoded_row(w.q_row(r + 1), &xs, b);
+                    let mut paired = vec![0.0; 2 * n];
+                    let (a, b) = paired.split_at_mut(n);
+                    simd.decoded_pair([w.q_row(r), w.q_row(r + 1)], &xs, [a, b]);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&single),
+                        bits(&paired),
+                        "{ty:?} n={n} rows {r}, {}",
+                        r + 1
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
