@@ -481,34 +481,35 @@ impl<W: Decode> pulp::NullaryFnOnce for DecodedRow<'_, W> {
     }
 }
 
-/// Four activation rows by two f32 weight rows, sixteen lanes at a time.
-pub(super) struct TileF32<'a> {
+/// Four activation rows by `C` f32 weight rows (two or four), sixteen lanes at a time: one
+/// accumulator a pair of rows, so a pair's sum does not depend on `C`.
+pub(super) struct TileF32<'a, const C: usize> {
     pub simd: V4,
-    pub w: [&'a [f32]; 2],
+    pub w: [&'a [f32]; C],
     pub x: [&'a [f32]; TILE],
 }
 
-impl pulp::NullaryFnOnce for TileF32<'_> {
-    type Output = [[f32; 2]; TILE];
+impl<const C: usize> pulp::NullaryFnOnce for TileF32<'_, C> {
+    type Output = [[f32; C]; TILE];
 
     #[inline(always)]
-    fn call(self) -> [[f32; 2]; TILE] {
+    fn call(self) -> [[f32; C]; TILE] {
         let TileF32 { simd, w, x } = self;
         let f = &simd.avx512f;
-        let mut acc = [[f._mm512_setzero_ps(); 2]; TILE];
+        let mut acc = [[f._mm512_setzero_ps(); C]; TILE];
         let full = w[0].len() / 16 * 16;
         for k in (0..full).step_by(16) {
-            let w0 = load(&w[0][k..k + 16]);
-            let w1 = load(&w[1][k..k + 16]);
+            let wv: [__m512; C] = std::array::from_fn(|c| load(&w[c][k..k + 16]));
             for t in 0..TILE {
                 let xv = load(&x[t][k..k + 16]);
-                acc[t][0] = f._mm512_fmadd_ps(w0, xv, acc[t][0]);
-                acc[t][1] = f._mm512_fmadd_ps(w1, xv, acc[t][1]);
+                for c in 0..C {
+                    acc[t][c] = f._mm512_fmadd_ps(wv[c], xv, acc[t][c]);
+                }
             }
         }
-        let mut out = [[0.0; 2]; TILE];
+        let mut out = [[0.0; C]; TILE];
         for t in 0..TILE {
-            for c in 0..2 {
+            for c in 0..C {
                 let tail: f32 = w[c][full..]
                     .iter()
                     .zip(&x[t][full..])

@@ -515,8 +515,20 @@ impl Simd {
 
     /// `out[r * n + i]` = row `r` of `panel` (`[rows, cols]`) dot `xs[i]`: tiles of four
     /// activation rows (kept in L1 while every weight row of the panel passes) by two weight
-    /// rows; leftovers one dot at a time.
+    /// rows (four with AVX-512, then a pair); leftovers one dot at a time.
     fn f32_product(self, panel: &[f32], cols: usize, xs: &[XRow<'_>], out: &mut [f32]) {
+        self.f32_product_in(panel, cols, xs, true, out)
+    }
+
+    /// [`Simd::f32_product`], with AVX-512's four-row tiles or not (tests compare them).
+    fn f32_product_in(
+        self,
+        panel: &[f32],
+        cols: usize,
+        xs: &[XRow<'_>],
+        quads: bool,
+        out: &mut [f32],
+    ) {
         let n = xs.len();
         let rows = panel.len() / cols.max(1);
         let row = |r: usize| &panel[r * cols..(r + 1) * cols];
@@ -524,7 +536,23 @@ impl Simd {
         let tiles = n / TILE * TILE;
         for i in (0..tiles).step_by(TILE) {
             let x = [xs[i].f, xs[i + 1].f, xs[i + 2].f, xs[i + 3].f];
-            for r in (0..pairs).step_by(2) {
+            let mut r = 0;
+            #[cfg(target_arch = "x86_64")]
+            if let Simd::Avx512(v4) = self
+                && quads
+            {
+                while r + 4 <= rows {
+                    let w = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                    let v = v4.vectorize(avx512::TileF32 { simd: v4, w, x });
+                    for (t, v) in v.iter().enumerate() {
+                        for (c, v) in v.iter().enumerate() {
+                            out[(r + c) * n + i + t] = *v;
+                        }
+                    }
+                    r += 4;
+                }
+            }
+            for r in (r..pairs).step_by(2) {
                 let w = [row(r), row(r + 1)];
                 let v = match self {
                     Simd::Scalar => x.map(|x| [dot_f32(w[0], x), dot_f32(w[1], x)]),

@@ -308,6 +308,30 @@ fn decode_step_products() -> Result<()> {
             secs[1] / 5.0 * 1e3
         );
     }
+    // One thread, a prompt's panel product: f32 tiles of four activation rows by two weight
+    // rows against four.
+    for (rows, cols) in [(32, 576), (32, 1536)] {
+        let n = 256;
+        let panel = values(rows * cols, 4);
+        let x = values(n * cols, 9);
+        let xr: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
+        let mut out = vec![0.0; rows * n];
+        let mut secs = [0.0; 2];
+        for _ in 0..5 {
+            for (k, quads) in [false, true].into_iter().enumerate() {
+                let t = std::time::Instant::now();
+                for _ in 0..10 {
+                    simd.f32_product_in(&panel, cols, &xr, quads, &mut out);
+                }
+                secs[k] += t.elapsed().as_secs_f64() / 10.0;
+            }
+        }
+        println!(
+            "panel {rows}x{cols} by {n} rows: weight pairs {:.2} ms, quads {:.2} ms",
+            secs[0] / 5.0 * 1e3,
+            secs[1] / 5.0 * 1e3
+        );
+    }
     let t = std::time::Instant::now();
     for _ in 0..2000 {
         std::hint::black_box(QAct::new(&x));
@@ -378,6 +402,26 @@ fn row_spans_keep_each_rows_path() {
             .eq(Some(0..seq))
     };
     assert!(whole(1, 128) && whole(16, 1));
+}
+
+/// Four f32 weight rows a tile give every dot bit for bit as two do (prompts must not depend
+/// on the tile).
+#[test]
+fn f32_quads_equal_pairs_bit_for_bit() {
+    for simd in simd_kinds() {
+        for (rows, cols) in [(1, 40), (5, 608), (7, 33), (12, 96)] {
+            let panel = values(rows * cols, 4);
+            for n in [1, 4, 9, 35] {
+                let x = values(n * cols, 8 + n as u32);
+                let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
+                let (mut pairs, mut quads) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                simd.f32_product_in(&panel, cols, &xs, false, &mut pairs);
+                simd.f32_product_in(&panel, cols, &xs, true, &mut quads);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&pairs), bits(&quads), "{rows}x{cols}, n={n}");
+            }
+        }
+    }
 }
 
 /// Two weight rows at once give each row's dots bit for bit as one row at a time (batched
