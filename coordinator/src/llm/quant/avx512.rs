@@ -352,14 +352,20 @@ impl Decode for Q8Row<'_> {
 fn decoded_one(simd: V4, w: impl Decode, x: &XRow<'_>) -> f32 {
     let f = &simd.avx512f;
     let mut acc = [f._mm512_setzero_ps(); 4];
-    for b in 0..w.blocks() {
-        let wv = w.decode(simd, b);
-        let xb = &x.f[b * QK..(b + 1) * QK];
-        let a = 2 * (b % 2);
-        acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
-        acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
+    // Two blocks a step, so that the accumulators are named, not indexed (they stay in
+    // registers).
+    for b in (0..w.blocks()).step_by(2) {
+        for (a, b) in [(0, b), (2, b + 1)] {
+            if b < w.blocks() {
+                let wv = w.decode(simd, b);
+                let xb = &x.f[b * QK..(b + 1) * QK];
+                acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
+                acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
+            }
+        }
     }
-    hsum_many(simd, &acc)
+    let [a0, a1, a2, a3] = acc;
+    hsum_many(simd, &[a0, a1, a2, a3])
 }
 
 /// Dots of one weight row with `T` activation rows (`T` a constant, so that the accumulators
