@@ -352,10 +352,10 @@ impl Decode for Q8Row<'_> {
 fn decoded_one(simd: V4, w: impl Decode, x: &XRow<'_>) -> f32 {
     let f = &simd.avx512f;
     let mut acc = [f._mm512_setzero_ps(); 4];
-    // Two blocks a step, so that the accumulators are named, not indexed (they stay in
-    // registers).
-    for b in (0..w.blocks()).step_by(2) {
-        for (a, b) in [(0, b), (2, b + 1)] {
+    // Two blocks a step, each block's pair of accumulators at a fixed place: an index that
+    // alternated with the block kept them in memory.
+    for first in (0..w.blocks()).step_by(2) {
+        for (a, b) in [(0, first), (2, first + 1)] {
             if b < w.blocks() {
                 let wv = w.decode(simd, b);
                 let xb = &x.f[b * QK..(b + 1) * QK];
@@ -364,8 +364,7 @@ fn decoded_one(simd: V4, w: impl Decode, x: &XRow<'_>) -> f32 {
             }
         }
     }
-    let [a0, a1, a2, a3] = acc;
-    hsum_many(simd, &[a0, a1, a2, a3])
+    hsum_many(simd, &acc)
 }
 
 /// Dots of one weight row with `T` activation rows (`T` a constant, so that the accumulators
@@ -397,7 +396,8 @@ fn decoded_row(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: &mut [f32]) {
             1 => o[0] = decoded_one(simd, w, &x[0]),
             2 => decoded_tile::<2>(simd, w, x, o),
             3 => decoded_tile::<3>(simd, w, x, o),
-            _ => decoded_tile::<TILE>(simd, w, x, o),
+            TILE => decoded_tile::<TILE>(simd, w, x, o),
+            _ => unreachable!("chunks of at most TILE rows"),
         }
     }
 }
@@ -463,7 +463,8 @@ impl<W: Decode> pulp::NullaryFnOnce for DecodedPair<'_, W> {
                 }
                 2 => decoded_pair_tile::<2, W>(simd, w, x, [a, b]),
                 3 => decoded_pair_tile::<3, W>(simd, w, x, [a, b]),
-                _ => decoded_pair_tile::<TILE, W>(simd, w, x, [a, b]),
+                TILE => decoded_pair_tile::<TILE, W>(simd, w, x, [a, b]),
+                _ => unreachable!("chunks of at most TILE rows"),
             }
         }
     }
@@ -488,7 +489,7 @@ impl<W: Decode> pulp::NullaryFnOnce for DecodedRow<'_, W> {
 }
 
 /// Four activation rows by `C` f32 weight rows (two or four), sixteen lanes at a time: one
-/// accumulator a pair of rows, so a pair's sum does not depend on `C`.
+/// accumulator per (activation row, weight row), so each dot's sum does not depend on `C`.
 pub(super) struct TileF32<'a, const C: usize> {
     pub simd: V4,
     pub w: [&'a [f32]; C],

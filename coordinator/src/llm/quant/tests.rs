@@ -424,6 +424,35 @@ fn f32_quads_equal_pairs_bit_for_bit() {
     }
 }
 
+/// A task's weight rows, paired (an odd row count leaves the last alone), give every dot bit
+/// for bit as one weight row at a time.
+#[test]
+fn a_task_pairs_its_rows_bit_for_bit() -> Result<()> {
+    let (rows, cols) = (ROWS_PER_TASK + 1, 96);
+    let w = QMatrix::from_gguf(
+        "w",
+        GgmlType::Q4_1,
+        &encode(GgmlType::Q4_1, &values(rows * cols, 2)),
+        rows,
+        cols,
+    )?;
+    for simd in simd_kinds() {
+        for n in INT_ROWS + 1..PANEL_ROWS {
+            let x = values(n * cols, 1 + n as u32);
+            let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
+            let mut task = vec![0.0; rows * n];
+            run_task(simd, &w, 0, &xs, &[], &mut task);
+            for (r, got) in task.chunks(n).enumerate() {
+                let mut want = vec![0.0; n];
+                simd.decoded_row(w.q_row(r), &xs, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&want), "n={n} row {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Two weight rows at once give each row's dots bit for bit as one row at a time (batched
 /// decoding must not depend on how the rows are paired).
 #[test]
