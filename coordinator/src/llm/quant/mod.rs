@@ -578,34 +578,26 @@ impl Simd {
     /// [`Simd::decoded_row`] for two weight rows of one matrix: `out[k][i]` for row `k` and
     /// `xs[i]`, bit for bit as one row at a time. With AVX-512 each activation load serves both.
     fn decoded_pair(self, w: [QRow<'_>; 2], xs: &[XRow<'_>], out: [&mut [f32]; 2]) {
-        let [o0, o1] = out;
-        match (self, w) {
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), [QRow::Q4(a), QRow::Q4(b)]) => v4.vectorize(avx512::DecodedPair {
-                simd: v4,
-                w: [a, b],
-                xs,
-                out: [o0, o1],
-            }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), [QRow::Q5(a), QRow::Q5(b)]) => v4.vectorize(avx512::DecodedPair {
-                simd: v4,
-                w: [a, b],
-                xs,
-                out: [o0, o1],
-            }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), [QRow::Q8(a), QRow::Q8(b)]) => v4.vectorize(avx512::DecodedPair {
-                simd: v4,
-                w: [a, b],
-                xs,
-                out: [o0, o1],
-            }),
-            _ => {
-                self.decoded_row(w[0], xs, o0);
-                self.decoded_row(w[1], xs, o1);
+        #[cfg(target_arch = "x86_64")]
+        if let Simd::Avx512(simd) = self {
+            fn run<W: avx512::Decode>(
+                simd: pulp::x86::V4,
+                w: [W; 2],
+                xs: &[XRow<'_>],
+                out: [&mut [f32]; 2],
+            ) {
+                simd.vectorize(avx512::DecodedPair { simd, w, xs, out })
             }
+            return match w {
+                [QRow::Q4(a), QRow::Q4(b)] => run(simd, [a, b], xs, out),
+                [QRow::Q5(a), QRow::Q5(b)] => run(simd, [a, b], xs, out),
+                [QRow::Q8(a), QRow::Q8(b)] => run(simd, [a, b], xs, out),
+                _ => unreachable!("two rows of one matrix have one type"),
+            };
         }
+        let [o0, o1] = out;
+        self.decoded_row(w[0], xs, o0);
+        self.decoded_row(w[1], xs, o1);
     }
 
     /// Dots of one weight row, decoded to f32 a block at a time, with every f32 activation
