@@ -246,6 +246,14 @@ fn hsum_many(simd: V4, v: &[__m512]) -> f32 {
     }))
 }
 
+/// [`hsum_many`] of two accumulators, taken by value: a reference into a tile's accumulator
+/// array kept the whole array in memory, stored at every block.
+#[inline(always)]
+fn hsum2(simd: V4, a: __m512, b: __m512) -> f32 {
+    let f = &simd.avx512f;
+    hsum(f._mm512_add_ps(f._mm512_add_ps(f._mm512_setzero_ps(), a), b))
+}
+
 #[inline(always)]
 fn load16(b: &[u8]) -> __m128i {
     let a: [u8; 16] = match b.try_into() {
@@ -382,9 +390,8 @@ fn decoded_tile<const T: usize>(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: 
             acc[t][1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[t][1]);
         }
     }
-    let zero = f._mm512_setzero_ps();
     for t in 0..T {
-        out[t] = hsum(f._mm512_add_ps(f._mm512_add_ps(zero, acc[t][0]), acc[t][1]));
+        out[t] = hsum2(simd, acc[t][0], acc[t][1]);
     }
 }
 
@@ -425,11 +432,9 @@ fn decoded_pair_tile<const T: usize, W: Decode>(
             }
         }
     }
-    // By value: a reference into `acc` would keep it in memory, stored at every block.
-    let zero = f._mm512_setzero_ps();
     for (o, a) in out.into_iter().zip(acc) {
         for t in 0..T {
-            o[t] = hsum(f._mm512_add_ps(f._mm512_add_ps(zero, a[t][0]), a[t][1]));
+            o[t] = hsum2(simd, a[t][0], a[t][1]);
         }
     }
 }

@@ -626,26 +626,21 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx2(v3), _) => avx2(v3, out),
             #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q4(w)) => v4.vectorize(avx512::DecodedRow {
-                simd: v4,
-                w,
-                xs,
-                out,
-            }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q5(w)) => v4.vectorize(avx512::DecodedRow {
-                simd: v4,
-                w,
-                xs,
-                out,
-            }),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(v4), QRow::Q8(w)) => v4.vectorize(avx512::DecodedRow {
-                simd: v4,
-                w,
-                xs,
-                out,
-            }),
+            (Simd::Avx512(simd), w) => {
+                fn run<W: avx512::Decode>(
+                    simd: pulp::x86::V4,
+                    w: W,
+                    xs: &[XRow<'_>],
+                    out: &mut [f32],
+                ) {
+                    simd.vectorize(avx512::DecodedRow { simd, w, xs, out })
+                }
+                match w {
+                    QRow::Q4(w) => run(simd, w, xs, out),
+                    QRow::Q5(w) => run(simd, w, xs, out),
+                    QRow::Q8(w) => run(simd, w, xs, out),
+                }
+            }
         }
     }
 
