@@ -10,10 +10,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use burn::tensor::Device;
 use clap::Parser;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::LlmGenerator;
+use crosslm_coordinator::llm::device::{self, DeviceChoice};
 use crosslm_coordinator::llm::{Llm, smollm2_gguf_path};
 use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::task::TaskSpec;
@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let spec = TaskSpec::from_toml_file(workspace_root().join("examples/tasks/mr.toml"))?;
-    let llm = Llm::load(smollm2_gguf_path(), &Device::flex())?;
+    // The GPU when this build has CUDA and the machine a GPU, else the CPU's quantized decoder.
+    let placement = device::resolve(DeviceChoice::Auto)?;
+    let llm = Llm::load(smollm2_gguf_path(), &placement.device())?;
     let generator = LlmGenerator::new(llm, spec.clone(), 1)
         .with_tuning(TuningConfig::default(), args.data_dir.join("llm"))?;
     let cfg = DaemonConfig {

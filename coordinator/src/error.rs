@@ -22,6 +22,9 @@ pub enum Error {
     /// The model's weights or configuration do not fit the architecture.
     #[error("model: {0}")]
     Model(String),
+    /// The LLM cannot run on the device asked for, or the name is not one.
+    #[error("LLM device: {0}")]
+    Device(String),
     /// Tokenizer construction or use failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -1,6 +1,7 @@
 //! The coordinator LLM (SmolLM2's Llama, Qwen2.5's Qwen2) in burn and on CPU kernels.
 //!
 //! - [`engine`]: [`Llm`], what CrossLM needs: generate, classify, perplexity.
+//! - [`device`]: where it runs (`auto`: CUDA when built with it and present, else the CPU).
 //! - [`session`]: a batch of sequences in flight on either decoder, with its KV cache.
 //! - [`generate`]: batched generation over a session, sampling.
 //! - [`gguf`]: GGUF v3 reader and dequantization ([`kquant`]: the k-quant files' formats).
@@ -13,6 +14,7 @@
 //! - [`peft`]: adapters exported in Hugging Face PEFT's layout, for serving engines.
 
 pub mod cpu_model;
+pub mod device;
 pub mod engine;
 pub mod generate;
 pub mod gguf;

@@ -775,19 +775,23 @@ mod tests {
         to_host_f32(t)
     }
 
-    /// The decoder is backend-generic: on wgpu (lavapipe in CI, a GPU elsewhere) it computes
-    /// what it computes on Flex. Tiny shapes: lavapipe is slow.
+    /// The decoder is backend-generic: on wgpu (lavapipe in CI, a GPU elsewhere) and, in a
+    /// `cuda` build on a machine with a GPU, on CUDA it computes what it computes on Flex.
+    /// Tiny shapes: lavapipe is slow.
     #[test]
-    fn wgpu_forward_matches_flex() {
-        if !crosslm_sdk::slm::wgpu_available() {
-            eprintln!("SKIPPED: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
-            return;
+    fn gpu_forward_matches_flex() {
+        let mut gpus = Vec::new();
+        if crosslm_sdk::slm::wgpu_available() {
+            gpus.push(crate::llm::device::Placement::Wgpu);
+        } else {
+            eprintln!("SKIPPED wgpu: no adapter (install mesa-vulkan-drivers for lavapipe)");
+        }
+        if crate::llm::device::probe().cuda {
+            gpus.push(crate::llm::device::Placement::Cuda);
         }
         let flex = Device::flex();
         let c = LlamaConfig::tiny(50);
         let model = Llama::random(&c, 1, &flex);
-        let wgpu = crate::llm::default_gpu_device();
-        let on_gpu = model.clone().to_device(&wgpu);
         let ids = vec![vec![5u32, 6, 7, 8, 9]];
         let run = |m: &Llama, d: &Device| {
             to_vec(m.forward(
@@ -797,14 +801,18 @@ mod tests {
                 None,
             ))
         };
-        let (a, b) = (run(&model, &flex), run(&on_gpu, &wgpu));
-        assert_eq!(a.len(), b.len());
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-3, "flex vs wgpu differ by {worst}");
+        let a = run(&model, &flex);
+        for gpu in gpus {
+            let device = gpu.device();
+            let b = run(&model.clone().to_device(&device), &device);
+            assert_eq!(a.len(), b.len());
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-3, "flex vs {gpu} differ by {worst}");
+        }
     }
 
     /// Left padding must not change a sequence's hidden states: the same prompt alone and

@@ -176,6 +176,10 @@ pub struct ExperimentConfig {
     /// The LLM (GGUF), relative to the assets dir.
     #[serde(default = "default_llm")]
     pub llm: PathBuf,
+    /// Where the LLM runs: `auto` (a CUDA GPU when the build and machine have one, else the
+    /// CPU's quantized decoder), `cpu` or `gpu`.
+    #[serde(default)]
+    pub llm_device: crosslm_coordinator::llm::device::DeviceChoice,
     /// MiniLM files (and the bag model's tokenizer), relative to the assets dir.
     #[serde(default = "default_minilm")]
     pub minilm: PathBuf,

@@ -7,7 +7,6 @@
 use std::fmt::Write as _;
 
 use anyhow::Context;
-use burn::tensor::Device;
 use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::round::aggregate::{Aggregation, correct_prior, score_sample};
 use crosslm_coordinator::tuning::{
@@ -77,7 +76,7 @@ pub fn probe_llm(ctx: &Ctx, p: &Probe) -> anyhow::Result<String> {
     let mean_q = scores.iter().map(|s| s.quality).sum::<f32>() / scores.len().max(1) as f32;
 
     let llm_path = ctx.assets.join(&cfg.llm);
-    let mut llm = Llm::load(&llm_path, &Device::flex())
+    let mut llm = Llm::load(&llm_path, &ctx.placement.device())
         .with_context(|| format!("loading {}", llm_path.display()))?;
     let eval = Evaluator::from_parts(ctx.validation.clone(), ctx.general.clone());
     let mut tcfg = TuningConfig {

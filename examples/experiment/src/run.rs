@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use burn::tensor::Device;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::{FileGenerator, GeneratedSample, Generator, LlmGenerator};
 use crosslm_coordinator::llm::Llm;
+use crosslm_coordinator::llm::device::{self, Placement};
 use crosslm_coordinator::round::RoundConfig;
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::task::TaskSpec;
@@ -56,6 +56,8 @@ pub struct Ctx {
     pub cache: PathBuf,
     /// Assets dir.
     pub assets: PathBuf,
+    /// Where the LLM runs (`llm_device`, resolved once).
+    pub placement: Placement,
     /// The clients.
     pub clients: Vec<Client>,
     /// Held-out examples the variants are measured on: the test split, or the validation
@@ -172,7 +174,8 @@ impl Ctx {
             .map(|e| (e.text, map[e.label]))
             .collect();
         let general = load_general(&assets.join(&cfg.general), cfg.general_size)?;
-        let key = cache_key(&cfg, &spec)?;
+        let placement = device::resolve(cfg.llm_device)?;
+        let key = cache_key(&cfg, &spec, placement)?;
         let test = match cfg.evaluate_on {
             EvalSplit::Test => test
                 .examples
@@ -189,6 +192,7 @@ impl Ctx {
             unseen,
             spec,
             assets,
+            placement,
             clients,
             general,
             mp,
@@ -459,7 +463,7 @@ impl Ctx {
     fn llm_generator(&self, v: Variant, coord_dir: &Path) -> anyhow::Result<Cached> {
         let cfg = &self.cfg;
         let llm_path = self.assets.join(&cfg.llm);
-        let llm = Llm::load(&llm_path, &Device::flex())
+        let llm = Llm::load(&llm_path, &self.placement.device())
             .with_context(|| format!("loading {}", llm_path.display()))?;
         let mut inner = LlmGenerator::new(llm, self.spec.clone(), cfg.seed);
         if v == Variant::Crosslm {
@@ -976,8 +980,13 @@ pub fn experiment(
 
 /// Where a run's frozen-LLM batches and zero-shot results are cached: they depend on the LLM,
 /// the data, the seed, the test split and the whole task spec (sampler, prompts,
-/// classification template), not only on the task's name.
-fn cache_key(cfg: &ExperimentConfig, spec: &TaskSpec) -> anyhow::Result<String> {
+/// classification template), not only on the task's name; and on the LLM's device where it
+/// is a GPU (burn's f32 decoder there, not the CPU's quantized one; CPU keys carry no suffix).
+fn cache_key(
+    cfg: &ExperimentConfig,
+    spec: &TaskSpec,
+    placement: Placement,
+) -> anyhow::Result<String> {
     let stem = |p: &Path, default: &'static str| {
         p.file_stem()
             .and_then(|s| s.to_str())
@@ -985,13 +994,18 @@ fn cache_key(cfg: &ExperimentConfig, spec: &TaskSpec) -> anyhow::Result<String> 
             .to_owned()
     };
     Ok(format!(
-        "{}-{}-{}-s{}-t{}-{:016x}",
+        "{}-{}-{}-s{}-t{}-{:016x}{}",
         spec.name,
         stem(&cfg.data, "data"),
         stem(&cfg.llm, "llm"),
         cfg.seed,
         cfg.test_size,
-        spec_digest(spec)?
+        spec_digest(spec)?,
+        match placement {
+            Placement::Cpu => "",
+            Placement::Cuda => "-cuda",
+            Placement::Wgpu => "-wgpu",
+        }
     ))
 }
 
@@ -1027,12 +1041,12 @@ mod tests {
         let mut other = cfg();
         other.llm = "qwen2/Qwen2.5-Coder-0.5B-Instruct-AWQ.Q4_K_M.gguf".into();
         assert_eq!(
-            cache_key(&cfg(), &mr).unwrap(),
-            cache_key(&cfg(), &mr).unwrap()
+            cache_key(&cfg(), &mr, Placement::Cpu).unwrap(),
+            cache_key(&cfg(), &mr, Placement::Cpu).unwrap()
         );
         assert_ne!(
-            cache_key(&cfg(), &mr).unwrap(),
-            cache_key(&other, &mr).unwrap()
+            cache_key(&cfg(), &mr, Placement::Cpu).unwrap(),
+            cache_key(&other, &mr, Placement::Cpu).unwrap()
         );
     }
 

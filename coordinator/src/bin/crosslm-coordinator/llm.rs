@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::tensor::Device;
 use clap::Subcommand;
+use crosslm_coordinator::llm::device::{self, DeviceChoice};
 use crosslm_coordinator::llm::gguf::Gguf;
 use crosslm_coordinator::llm::model::LlamaConfig;
 use crosslm_coordinator::llm::peft;
@@ -14,6 +15,17 @@ use crosslm_coordinator::llm::train::load_adapters;
 use crosslm_coordinator::llm::{Llm, Sampling, accuracy};
 use crosslm_coordinator::task::TaskSpec;
 use crosslm_coordinator::tuning::load_general;
+
+/// LLM tools, on the device `--device` picks.
+#[derive(clap::Args)]
+pub struct LlmArgs {
+    /// Where the LLM runs: auto (a CUDA GPU when this build has the `cuda` feature and the
+    /// machine a GPU, else the CPU's quantized decoder), cpu, or gpu.
+    #[arg(long, global = true, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    #[command(subcommand)]
+    cmd: LlmCmd,
+}
 
 /// LLM tools.
 #[derive(Subcommand)]
@@ -132,7 +144,8 @@ pub enum LlmCmd {
 }
 
 /// Runs an `llm` subcommand.
-pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
+pub fn run(args: LlmArgs) -> anyhow::Result<()> {
+    let (device, cmd) = (args.device, args.cmd);
     match cmd {
         LlmCmd::Tokenize { model, text } => {
             let tok = Tokenizer::from_gguf(&Gguf::open(&model)?)?;
@@ -149,7 +162,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
             seed,
             ids,
         } => {
-            let llm = Llm::load(&model, &Device::flex())?;
+            let llm = Llm::load(&model, &device::resolve(device)?.device())?;
             let text = if chat {
                 llm.tokenizer.chat_prompt(&prompt)
             } else {
@@ -193,7 +206,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 "{}: no texts after {skip}",
                 text.display()
             );
-            let llm = load_llm(&model, adapters.as_deref())?;
+            let llm = load_llm(&model, adapters.as_deref(), device)?;
             let ppl = llm.perplexity(&texts)?;
             println!(
                 "{}",
@@ -230,7 +243,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
             adapters,
             prompt,
         } => {
-            let llm = load_llm(&model, adapters.as_deref())?;
+            let llm = load_llm(&model, adapters.as_deref(), device)?;
             let ids = llm.tokenizer.encode(&prompt)?;
             anyhow::ensure!(!ids.is_empty(), "the prompt encodes to no tokens");
             let mut session =
@@ -251,7 +264,7 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
                 rows.truncate(n);
             }
             anyhow::ensure!(!rows.is_empty(), "{}: no examples", data.display());
-            let llm = load_llm(&model, adapters.as_deref())?;
+            let llm = load_llm(&model, adapters.as_deref(), device)?;
             let texts: Vec<String> = rows.iter().map(|(t, _)| t.clone()).collect();
             let labels: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
             let probs = llm.classify(&task, &texts)?;
@@ -272,9 +285,10 @@ pub fn run(cmd: LlmCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The model on the CPU, with `adapters` (a coordinator's `.lora` file) applied if given.
-fn load_llm(model: &Path, adapters: Option<&Path>) -> anyhow::Result<Llm> {
-    let mut llm = Llm::load(model, &Device::flex())?;
+/// The model on `device`'s placement, with `adapters` (a coordinator's `.lora` file) applied
+/// if given.
+fn load_llm(model: &Path, adapters: Option<&Path>, device: DeviceChoice) -> anyhow::Result<Llm> {
+    let mut llm = Llm::load(model, &device::resolve(device)?.device())?;
     if let Some(path) = adapters {
         let (lora, _) = load_adapters(path, &llm.config, &llm.device)
             .with_context(|| format!("loading {}", path.display()))?;

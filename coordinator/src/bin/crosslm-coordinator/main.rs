@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crosslm_coordinator::admin;
 use crosslm_coordinator::daemon::{Daemon, DaemonConfig, mint_tokens};
 use crosslm_coordinator::generator::{FileGenerator, Generator, LlmGenerator};
+use crosslm_coordinator::llm::device::DeviceChoice;
 use crosslm_coordinator::serving::{EngineClient, EngineEndpoint, EngineGenerator, LoraSync};
 use crosslm_coordinator::store::Store;
 use crosslm_coordinator::transport::Revoked;
@@ -80,8 +81,7 @@ enum Cmd {
         votes: bool,
     },
     /// Work with the LLM directly: tokenize, generate, classify.
-    #[command(subcommand)]
-    Llm(llm::LlmCmd),
+    Llm(llm::LlmArgs),
 }
 
 #[derive(clap::Args)]
@@ -122,6 +122,10 @@ enum GeneratorConfig {
         /// Base sampling seed.
         #[serde(default)]
         seed: u64,
+        /// Where the LLM runs: "auto" (a CUDA GPU when built with `cuda` and present, else
+        /// the CPU), "cpu" or "gpu".
+        #[serde(default)]
+        device: DeviceChoice,
     },
     /// A serving engine's OpenAI-compatible API (vLLM, llama.cpp's server) writes the
     /// samples; with `local_model`, the coordinator tunes LoRA adapters on its own copy of
@@ -161,6 +165,9 @@ struct EngineConfig {
     /// Base sampling seed.
     #[serde(default)]
     seed: u64,
+    /// Where `local_model` runs (as `[generator] device` for `kind = "llm"`).
+    #[serde(default)]
+    device: DeviceChoice,
 }
 
 fn default_concurrency() -> usize {
@@ -406,8 +413,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         GeneratorConfig::File { path } => {
             Box::new(FileGenerator::load(&resolve(&base, &path), &task)?)
         }
-        GeneratorConfig::Llm { model, seed } => Box::new(local_llm(
-            &resolve(&base, &model),
+        GeneratorConfig::Llm {
+            model,
+            seed,
+            device,
+        } => Box::new(local_llm(
+            LocalModel {
+                path: &resolve(&base, &model),
+                device,
+            },
             spec,
             seed,
             cfg.tuning,
@@ -441,7 +455,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             match &e.local_model {
                 Some(m) => {
                     let local = local_llm(
-                        &resolve(&base, m),
+                        LocalModel {
+                            path: &resolve(&base, m),
+                            device: e.device,
+                        },
                         spec,
                         e.seed,
                         cfg.tuning,
@@ -480,8 +497,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The LLM from a GGUF file, with its evaluator and tuning as configured (state in
 /// `<data_dir>/llm`).
+/// The coordinator's own LLM: its GGUF file and where it runs.
+struct LocalModel<'a> {
+    path: &'a Path,
+    device: DeviceChoice,
+}
+
 fn local_llm(
-    path: &Path,
+    model: LocalModel<'_>,
     spec: crosslm_coordinator::task::TaskSpec,
     seed: u64,
     mut tuning: TuningConfig,
@@ -489,8 +512,10 @@ fn local_llm(
     base: &Path,
     data_dir: &Path,
 ) -> anyhow::Result<LlmGenerator> {
+    let LocalModel { path, device } = model;
     tracing::info!(model = %path.display(), "loading the LLM");
-    let llm = crosslm_coordinator::llm::Llm::load(path, &burn::tensor::Device::flex())
+    let placement = crosslm_coordinator::llm::device::resolve(device)?;
+    let llm = crosslm_coordinator::llm::Llm::load(path, &placement.device())
         .with_context(|| format!("loading {}", path.display()))?;
     eval.test = eval.test.map(|p| resolve(base, &p));
     eval.general = eval.general.map(|p| resolve(base, &p));
