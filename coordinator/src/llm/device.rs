@@ -113,24 +113,25 @@ pub fn resolve_with(choice: DeviceChoice, offer: Offer) -> Result<Placement> {
     }
 }
 
-/// What this build and machine offer. Probing loads the GPU drivers, which can panic inside
-/// the backends where none is installed; that counts as "none".
-pub fn probe() -> Offer {
-    Offer {
-        cuda: cuda_present(),
-        wgpu: !cfg!(feature = "cuda") && crosslm_sdk::slm::wgpu_available(),
-    }
-}
-
-/// The placement of `choice` on this machine, with a log line saying which.
+/// The placement of `choice` on this machine, with a log line saying which. Only what the
+/// choice can land on is probed: wgpu's adapters (loading the Vulkan drivers) only for `gpu`
+/// in a build without CUDA.
 pub fn resolve(choice: DeviceChoice) -> Result<Placement> {
-    let placement = resolve_with(choice, probe())?;
+    let offer = Offer {
+        cuda: choice != DeviceChoice::Cpu && cuda_present(),
+        wgpu: choice == DeviceChoice::Gpu
+            && !cfg!(feature = "cuda")
+            && crosslm_sdk::slm::wgpu_available(),
+    };
+    let placement = resolve_with(choice, offer)?;
     tracing::info!(asked = %choice, on = %placement, "LLM device");
     Ok(placement)
 }
 
+/// Whether this build has the `cuda` feature and the machine a CUDA device. Probing loads the
+/// driver, which can panic inside the backend where none is installed; that counts as none.
 #[cfg(feature = "cuda")]
-fn cuda_present() -> bool {
+pub fn cuda_present() -> bool {
     use std::sync::OnceLock;
     static PRESENT: OnceLock<bool> = OnceLock::new();
     *PRESENT.get_or_init(|| {
@@ -143,8 +144,9 @@ fn cuda_present() -> bool {
     })
 }
 
+/// Whether this build has the `cuda` feature and the machine a CUDA device: never, without it.
 #[cfg(not(feature = "cuda"))]
-fn cuda_present() -> bool {
+pub fn cuda_present() -> bool {
     false
 }
 
@@ -209,9 +211,8 @@ mod tests {
     /// On this machine: probing never panics, and auto resolves (CPU where no CUDA device).
     #[test]
     fn probing_this_machine() {
-        let offer = probe();
         let placement = resolve(DeviceChoice::Auto).unwrap();
-        assert_eq!(placement == Placement::Cuda, offer.cuda);
+        assert_eq!(placement == Placement::Cuda, cuda_present());
         assert_eq!(resolve(DeviceChoice::Cpu).unwrap().device(), Device::flex());
     }
 }

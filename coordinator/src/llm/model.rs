@@ -786,7 +786,7 @@ mod tests {
         } else {
             eprintln!("SKIPPED wgpu: no adapter (install mesa-vulkan-drivers for lavapipe)");
         }
-        if crate::llm::device::probe().cuda {
+        if crate::llm::device::cuda_present() {
             gpus.push(crate::llm::device::Placement::Cuda);
         }
         let flex = Device::flex();

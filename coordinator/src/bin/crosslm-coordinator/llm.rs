@@ -162,7 +162,7 @@ pub fn run(args: LlmArgs) -> anyhow::Result<()> {
             seed,
             ids,
         } => {
-            let llm = Llm::load(&model, &device::resolve(device)?.device())?;
+            let llm = load_llm(&model, None, device)?;
             let text = if chat {
                 llm.tokenizer.chat_prompt(&prompt)
             } else {

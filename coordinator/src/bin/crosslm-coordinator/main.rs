@@ -495,14 +495,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The LLM from a GGUF file, with its evaluator and tuning as configured (state in
-/// `<data_dir>/llm`).
 /// The coordinator's own LLM: its GGUF file and where it runs.
 struct LocalModel<'a> {
     path: &'a Path,
     device: DeviceChoice,
 }
 
+/// The LLM from a GGUF file, with its evaluator and tuning as configured (state in
+/// `<data_dir>/llm`).
 fn local_llm(
     model: LocalModel<'_>,
     spec: crosslm_coordinator::task::TaskSpec,
