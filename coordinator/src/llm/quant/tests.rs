@@ -603,3 +603,87 @@ fn q8_integer_dots_are_the_defined_arithmetic_bit_for_bit() -> Result<()> {
     eprintln!("no AVX-512 on this CPU: the 16-bit Q8 kernel is not run");
     Ok(())
 }
+
+/// [`q8_dot_as_defined`] for a Q4 row: the same lanes, and the offsets `m` times the block
+/// sums over eight, fused-added into their own accumulators and added at the end.
+fn q4_dot_as_defined(w: Q4Row<'_>, x: &QAct) -> f32 {
+    let nb = w.d.len();
+    let (mut acc, mut offset) = ([0.0f32; 16], [0.0f32; 16]);
+    for b in (0..nb).step_by(2) {
+        for lane in 0..16 {
+            let blk = b + lane / 8;
+            let (sum, d, m) = if blk < nb {
+                let codes = w.block(blk);
+                let sum: i32 = (4 * (lane % 8)..4 * (lane % 8) + 4)
+                    .map(|e| {
+                        let at = blk * QK + e;
+                        i32::from(codes[e])
+                            * (act::LO_STEPS * i32::from(x.hi[at]) + i32::from(x.lo[at]))
+                    })
+                    .sum();
+                (sum, w.d[blk], w.m[blk])
+            } else {
+                (0, 0.0, 0.0)
+            };
+            acc[lane] = (sum as f32).mul_add(d * x.scale[blk], acc[lane]);
+            offset[lane] = m.mul_add(x.pair_sum[b / 2][lane], offset[lane]);
+        }
+    }
+    acc.iter().zip(&offset).map(|(a, o)| a + o).sum()
+}
+
+/// With AVX-512, Q4 rows' integer dots equal the defined arithmetic bit for bit (Q4_1 and
+/// Q4_K rows, an even and an odd number of blocks), and each block decodes to `q d + m` in
+/// element order.
+#[test]
+fn q4_integer_dots_are_the_defined_arithmetic_bit_for_bit() -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v4) = pulp::x86::V4::try_new() {
+        let simd = Simd::Avx512(v4);
+        for (ty, cols) in [
+            (GgmlType::Q4_1, 96usize),
+            (GgmlType::Q4_1, 896),
+            (GgmlType::Q4K, 768),
+        ] {
+            let rows = 5;
+            let bytes = match ty {
+                GgmlType::Q4K => repack::tests::random_blocks(ty, rows * cols / 256, 13),
+                _ => encode(ty, &values(rows * cols, 11)),
+            };
+            let w = QMatrix::from_gguf("w", ty, &bytes, rows, cols)?;
+            let x = values(2 * cols, 12);
+            let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
+            for n in 1..=INT_ROWS {
+                let qs: Vec<&QAct> = qa.iter().take(n).collect();
+                let mut out = vec![0.0; rows * n];
+                simd.int_task(&w, 0, &qs, &mut out);
+                for r in 0..rows {
+                    let QRow::Q4(row) = w.q_row(r) else {
+                        unreachable!("Q4 rows")
+                    };
+                    for (i, x) in qs.iter().enumerate() {
+                        let want = q4_dot_as_defined(row, x);
+                        assert_eq!(
+                            out[r * n + i].to_bits(),
+                            want.to_bits(),
+                            "{ty:?} cols={cols} n={n} row {r} x {i}"
+                        );
+                    }
+                    for b in 0..cols / QK {
+                        let got: [[f32; 16]; 2] =
+                            avx512::Decode::decode(row, v4, b).map(pulp::cast);
+                        let want: Vec<f32> = row
+                            .block(b)
+                            .iter()
+                            .map(|&q| f32::from(q).mul_add(row.d[b], row.m[b]))
+                            .collect();
+                        assert_eq!(got.concat(), want, "{ty:?} cols={cols} row {r} block {b}");
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    eprintln!("no AVX-512 on this CPU: the 16-bit Q4 kernel is not run");
+    Ok(())
+}
