@@ -117,7 +117,11 @@ fn int_dot(w: impl Iterator<Item = i32>, h: &[i8], l: &[i8]) -> i32 {
 pub(super) fn scalar_q4(w: Q4Row<'_>, x: &QAct) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
-        let codes = w.block(b).into_iter().map(i32::from);
+        let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
+        let codes = q
+            .iter()
+            .map(|c| i32::from(c & 0x0f))
+            .chain(q.iter().map(|c| i32::from(c >> 4)));
         let (h, l) = x.block(b);
         acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]) + w.m[b] * x.sum[b];
     }

@@ -38,7 +38,7 @@ fn hsum(simd: V3, v: &[__m256]) -> f32 {
     lanes.iter().sum()
 }
 
-/// 16 nibble bytes in GGUF's order (a Q5 block's low four bits) as 32 codes in element order.
+/// 16 bytes of Q4 codes as 32 codes in element order (low nibbles, then high nibbles).
 #[inline(always)]
 fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
     let a: [u8; 16] = match raw.try_into() {
@@ -111,25 +111,8 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
-        let [lo, hi] = q4_halves(simd, self, b);
-        (simd.avx._mm256_set_m128i(hi, lo), None)
+        (nibbles(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]), None)
     }
-}
-
-/// Block `b`'s codes 0..16 and 16..32 in element order, from its bytes (`P` low, `Q` high;
-/// [`super::pairs`]): the halves' 16-bit units in turn.
-#[inline(always)]
-fn q4_halves(simd: V3, w: Q4Row<'_>, b: usize) -> [__m128i; 2] {
-    let raw = load16(&w.qs[b * QK / 2..(b + 1) * QK / 2]);
-    let mask = simd.sse2._mm_set1_epi8(0x0f);
-    let p = simd.sse2._mm_and_si128(raw, mask);
-    let q = simd
-        .sse2
-        ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
-    [
-        simd.sse2._mm_unpacklo_epi16(p, q),
-        simd.sse2._mm_unpackhi_epi16(p, q),
-    ]
 }
 
 impl<'a> IntRow<'a> for Q5Row<'a> {
@@ -285,7 +268,13 @@ impl Decode for Q4Row<'_> {
 
     #[inline(always)]
     fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
-        let [lo, hi] = q4_halves(simd, self, b);
+        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        let mask = simd.sse2._mm_set1_epi8(0x0f);
+        // Low nibbles are elements 0..16, high nibbles 16..32.
+        let lo = simd.sse2._mm_and_si128(raw, mask);
+        let hi = simd
+            .sse2
+            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
         let d = simd.avx._mm256_set1_ps(self.d[b]);
         let m = simd.avx._mm256_set1_ps(self.m[b]);
         widen_block(simd, lo, hi, d, m)

@@ -45,9 +45,8 @@ fn pair_lanes(simd: V4, a: f32, b: f32) -> __m512 {
     )
 }
 
-/// 32 nibble bytes in GGUF's order (two Q5 blocks' low bits) as 64 codes in element order:
-/// 128-bit lanes hold block `b`'s low nibbles (elements 0-15), its high nibbles (16-31), then
-/// the same for `b + 1`.
+/// 32 bytes of Q4 codes (two blocks) as 64 codes in element order: 128-bit lanes hold block
+/// `b`'s low nibbles (elements 0-15), its high nibbles (16-31), then the same for `b + 1`.
 #[inline(always)]
 fn nibbles(simd: V4, raw: [u8; 32]) -> __m512i {
     let f = &simd.avx512f;
@@ -116,6 +115,21 @@ fn two_blocks(qs: &[u8], b: usize) -> [u8; 32] {
     }
 }
 
+impl<'a> IntRow<'a> for Q4Row<'a> {
+    #[inline(always)]
+    fn d(self) -> &'a [f32] {
+        self.d
+    }
+    #[inline(always)]
+    fn codes(self, simd: V4, b: usize) -> __m512i {
+        nibbles(simd, two_blocks(self.qs, b))
+    }
+    #[inline(always)]
+    fn offsets(self, simd: V4, b: usize, _: __m512) -> Option<__m512> {
+        Some(pair_of(simd, self.m, b))
+    }
+}
+
 impl<'a> IntRow<'a> for Q5Row<'a> {
     #[inline(always)]
     fn d(self) -> &'a [f32] {
@@ -177,63 +191,19 @@ fn load_wide(x: &[i16]) -> __m512i {
 
 /// The Q8 codes of blocks `b` and `b + 1` ([`super::pairs`] order) widened to 16 bits: the
 /// `P` halves of both blocks, then the `Q` halves (zeros for a block past the end).
-/// The weight side of the 16-bit integer dots ([`wide_dots`]), two blocks at a time.
-trait WideRow<'a>: Copy {
-    /// The row's block scales.
-    fn d(self) -> &'a [f32];
-    /// The codes of blocks `b` and `b + 1` as 16-bit lanes in the [`super::pairs`] order: the
-    /// `P` halves of both blocks, then the `Q` halves (zeros for a block past the end).
-    fn codes(self, simd: V4, b: usize) -> [__m512i; 2];
-    /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them.
-    fn offsets(self, simd: V4, b: usize) -> Option<__m512>;
-}
-
-impl<'a> WideRow<'a> for Q8Row<'a> {
-    #[inline(always)]
-    fn d(self) -> &'a [f32] {
-        self.d
-    }
-    #[inline(always)]
-    fn codes(self, simd: V4, b: usize) -> [__m512i; 2] {
-        let at = b * QK;
-        if b + 1 < self.d.len() {
-            [
-                widen_codes(simd, &self.qs[at..at + 32]),
-                widen_codes(simd, &self.qs[at + 32..at + 64]),
-            ]
-        } else {
-            [
-                widen_codes(simd, &self.qs[at..at + 16]),
-                widen_codes(simd, &self.qs[at + 16..at + 32]),
-            ]
-        }
-    }
-    #[inline(always)]
-    fn offsets(self, _: V4, _: usize) -> Option<__m512> {
-        None
-    }
-}
-
-impl<'a> WideRow<'a> for Q4Row<'a> {
-    #[inline(always)]
-    fn d(self) -> &'a [f32] {
-        self.d
-    }
-    #[inline(always)]
-    fn codes(self, simd: V4, b: usize) -> [__m512i; 2] {
-        // Byte i of a block holds P_i low and Q_i high: one widening serves both halves.
-        let bytes = simd
-            .avx512bw
-            ._mm512_cvtepu8_epi16(pulp::cast(two_blocks(self.qs, b)));
+#[inline(always)]
+fn wide_codes(simd: V4, w: Q8Row<'_>, b: usize) -> [__m512i; 2] {
+    let at = b * QK;
+    if b + 1 < w.d.len() {
         [
-            simd.avx512f
-                ._mm512_and_si512(bytes, simd.avx512f._mm512_set1_epi16(0x0f)),
-            simd.avx512bw._mm512_srli_epi16::<4>(bytes),
+            widen_codes(simd, &w.qs[at..at + 32]),
+            widen_codes(simd, &w.qs[at + 32..at + 64]),
         ]
-    }
-    #[inline(always)]
-    fn offsets(self, simd: V4, b: usize) -> Option<__m512> {
-        Some(pair_of(simd, self.m, b))
+    } else {
+        [
+            widen_codes(simd, &w.qs[at..at + 16]),
+            widen_codes(simd, &w.qs[at + 16..at + 32]),
+        ]
     }
 }
 
@@ -251,20 +221,17 @@ fn widen_codes(simd: V4, codes: &[i8]) -> __m512i {
     simd.avx512bw._mm512_cvtepi8_epi16(pulp::cast(a))
 }
 
-/// [`int_dots`] for Q8 and Q4 rows: 16-bit products of the codes with `128 h + l`
-/// ([`QAct::wide`]), `madd` summing each element pair and the two registers adding the pairs
-/// into the same lanes as [`pair_sums`] (elements `4j..4j + 4` of a block): the same lanes,
-/// scales, offsets and sums bit for bit, with two multiplies a pair of blocks where
-/// [`pair_sums`] takes four.
+/// [`int_dots`] for a Q8 row: 16-bit products of the codes with `128 h + l` ([`QAct::wide`]),
+/// `madd` summing each element pair and the two registers adding the pairs into the same
+/// lanes as [`pair_sums`] (elements `4j..4j + 4` of a block): the same lanes, scales and sums
+/// bit for bit, with two multiplies a pair of blocks where [`pair_sums`] takes four.
 #[inline(always)]
-fn wide_dots<'a, const T: usize>(simd: V4, w: impl WideRow<'a>, xs: [&QAct; T]) -> [f32; T] {
+fn wide_dots<const T: usize>(simd: V4, w: Q8Row<'_>, xs: [&QAct; T]) -> [f32; T] {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let mut acc = [f._mm512_setzero_ps(); T];
-    let mut offset = [f._mm512_setzero_ps(); T];
-    for b in (0..w.d().len()).step_by(2) {
-        let [p, q] = w.codes(simd, b);
-        let dw = pair_of(simd, w.d(), b);
-        let m = w.offsets(simd, b);
+    for b in (0..w.d.len()).step_by(2) {
+        let [p, q] = wide_codes(simd, w, b);
+        let dw = pair_of(simd, w.d, b);
         for t in 0..T {
             let x = xs[t];
             let sums = f._mm512_add_epi32(
@@ -273,34 +240,28 @@ fn wide_dots<'a, const T: usize>(simd: V4, w: impl WideRow<'a>, xs: [&QAct; T]) 
             );
             let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
             acc[t] = f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(sums), s, acc[t]);
-            if let Some(m) = m {
-                offset[t] = f._mm512_fmadd_ps(m, pulp::cast(x.pair_sum[b / 2]), offset[t]);
-            }
         }
     }
-    std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], offset[t])))
+    // The zero offset added as in `int_dots` (so that a -0 lane sums as there).
+    std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], f._mm512_setzero_ps())))
 }
 
 impl super::RowDots for V4 {
     #[inline(always)]
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]) {
         match w {
-            QRow::Q4(r) => wide_row_dots(self, r, xs, out),
+            QRow::Q4(r) => row_dots(self, r, xs, out),
             QRow::Q5(r) => row_dots(self, r, xs, out),
-            QRow::Q8(r) => wide_row_dots(self, r, xs, out),
+            QRow::Q8(r) => {
+                if let [a, b] = *xs {
+                    out.copy_from_slice(&wide_dots(self, r, [a, b]));
+                    return;
+                }
+                for (o, &x) in out.iter_mut().zip(xs) {
+                    *o = wide_dots(self, r, [x])[0];
+                }
+            }
         }
-    }
-}
-
-/// [`row_dots`] through [`wide_dots`].
-#[inline(always)]
-fn wide_row_dots<'a>(simd: V4, w: impl WideRow<'a>, xs: &[&QAct], out: &mut [f32]) {
-    if let [a, b] = *xs {
-        out.copy_from_slice(&wide_dots(simd, w, [a, b]));
-        return;
-    }
-    for (o, &x) in out.iter_mut().zip(xs) {
-        *o = wide_dots(simd, w, [x])[0];
     }
 }
 
@@ -385,14 +346,10 @@ impl Decode for Q4Row<'_> {
 
     #[inline(always)]
     fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let (p, q) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        let (lo, hi) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
         let d = simd.avx512f._mm512_set1_ps(self.d[b]);
         let m = simd.avx512f._mm512_set1_ps(self.m[b]);
-        // Elements 0..16 and 16..32: the halves' 16-bit units in turn.
-        [
-            widen_u8(simd, simd.sse2._mm_unpacklo_epi16(p, q), d, m),
-            widen_u8(simd, simd.sse2._mm_unpackhi_epi16(p, q), d, m),
-        ]
+        [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
     }
 }
 

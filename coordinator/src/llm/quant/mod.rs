@@ -72,8 +72,8 @@ impl Q5Form {
 /// How a matrix's values are held.
 #[derive(Debug, Clone)]
 enum Codes {
-    /// 4-bit codes `q` in `0..16`, value `q * d + m`; 16 bytes a block, byte `i` holding the
-    /// block's half `P` ([`pairs`]) at `i` in its low nibble and `Q` at `i` in its high nibble.
+    /// 4-bit codes `q` in `0..16`, value `q * d + m`; 16 bytes a block, element `j` in the low
+    /// nibble of byte `j` and element `j + 16` in its high nibble (GGUF's order).
     Q4 {
         d: Vec<f32>,
         m: Vec<f32>,
@@ -225,13 +225,14 @@ impl QMatrix {
     fn decode_into(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
         match &self.codes {
-            Codes::Q4 { .. } => {
-                let QRow::Q4(row) = self.q_row(r) else {
-                    unreachable!("a Q4 matrix's rows are Q4")
-                };
+            Codes::Q4 { d, m, qs } => {
                 for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-                    for (o, &q) in o.iter_mut().zip(&row.block(b)) {
-                        *o = f32::from(q) * row.d[b] + row.m[b];
+                    let i = r * nb + b;
+                    let q = &qs[i * QK / 2..(i + 1) * QK / 2];
+                    let (lo, hi) = o.split_at_mut(QK / 2);
+                    for ((l, h), &c) in lo.iter_mut().zip(hi).zip(q) {
+                        *l = f32::from(c & 0x0f) * d[i] + m[i];
+                        *h = f32::from(c >> 4) * d[i] + m[i];
                     }
                 }
             }
@@ -449,24 +450,7 @@ enum QRow<'a> {
 struct Q4Row<'a> {
     d: &'a [f32],
     m: &'a [f32],
-    /// 16 bytes a block ([`Codes::Q4`]).
     qs: &'a [u8],
-}
-
-impl Q4Row<'_> {
-    /// Block `b`'s 32 codes in element order.
-    #[inline(always)]
-    fn block(self, b: usize) -> [u8; QK] {
-        let (mut p, mut q) = ([0u8; QK / 2], [0u8; QK / 2]);
-        for ((p, q), &c) in p
-            .iter_mut()
-            .zip(&mut q)
-            .zip(&self.qs[b * QK / 2..(b + 1) * QK / 2])
-        {
-            (*p, *q) = (c & 0x0f, c >> 4);
-        }
-        pairs::interleave(&p, &q)
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -716,11 +700,11 @@ impl Simd {
 fn decoded_scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
-        let q = w.block(b);
+        let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
         let xb = &x.f[b * QK..(b + 1) * QK];
         for j in 0..QK / 2 {
-            acc += (f32::from(q[j]) * w.d[b] + w.m[b]) * xb[j];
-            acc += (f32::from(q[j + QK / 2]) * w.d[b] + w.m[b]) * xb[j + QK / 2];
+            acc += (f32::from(q[j] & 0x0f) * w.d[b] + w.m[b]) * xb[j];
+            acc += (f32::from(q[j] >> 4) * w.d[b] + w.m[b]) * xb[j + QK / 2];
         }
     }
     acc

@@ -1,5 +1,4 @@
-//! The order in which Q8 codes and integer activations are stored (and Q4 nibbles, a block at a
-//! time: byte `i` holds `P_i` in its low nibble and `Q_i` in its high): blocks in pairs, each block
+//! The order in which Q8 codes and integer activations are stored: blocks in pairs, each block
 //! split into its elements `4j, 4j + 1` (the first half, `P`) and `4j + 2, 4j + 3` (the second,
 //! `Q`), `j = 0..8`. A pair of blocks `b, b + 1` is stored `P_b P_b+1 Q_b Q_b+1` (16 values
 //! each); a row's last block, when it has no partner, `P_b Q_b`.
@@ -50,31 +49,13 @@ pub(super) fn halves<T>(row: &[T], blocks: usize, b: usize) -> (&[T], &[T]) {
     )
 }
 
-/// A block's 32 values (element order) as its halves `P`, `Q`.
-pub(super) fn split<T: Copy + Default>(block: &[T]) -> ([T; HALF], [T; HALF]) {
-    let (mut p, mut q) = ([T::default(); HALF], [T::default(); HALF]);
-    for (e, &v) in block.iter().enumerate().take(QK) {
-        match place(e) {
-            (0, at) => p[at] = v,
-            (_, at) => q[at] = v,
-        }
-    }
-    (p, q)
-}
-
 /// A block's 32 values in element order from its halves: 16-bit units taken in turn.
 #[inline(always)]
-pub(super) fn interleave<T: Copy + Default>(p: &[T], q: &[T]) -> [T; QK] {
-    let mut out = [T::default(); QK];
-    for ((o, p), q) in out
-        .chunks_exact_mut(4)
-        .zip(p.chunks_exact(2))
-        .zip(q.chunks_exact(2))
-    {
-        o[..2].copy_from_slice(p);
-        o[2..].copy_from_slice(q);
-    }
-    out
+pub(super) fn interleave<T: Copy>(p: &[T], q: &[T]) -> [T; QK] {
+    std::array::from_fn(|e| {
+        let (half, at) = place(e);
+        if half == 0 { p[at] } else { q[at] }
+    })
 }
 
 #[cfg(test)]
@@ -101,14 +82,6 @@ mod tests {
                 // P holds elements 4j, 4j + 1.
                 assert_eq!(p[2], natural[b * QK + 4]);
                 assert_eq!(q[1], natural[b * QK + 3]);
-            }
-            for b in 0..blocks {
-                let (p, q) = split(&natural[b * QK..(b + 1) * QK]);
-                assert_eq!(
-                    (&p[..], &q[..]),
-                    halves(&row, blocks, b),
-                    "split of block {b}"
-                );
             }
             for first in (0..blocks.saturating_sub(1)).step_by(2) {
                 let (p0, _) = halves(&row, blocks, first);

@@ -2,11 +2,11 @@
 //! offset per 32 elements ([`Codes::Q4`]), 5-bit codes with a scale ([`Codes::Q5`]), and 8-bit
 //! codes with a scale per 32 ([`Codes::Q8`]).
 //!
-//! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks (codes in the [`super::pairs`] order).
+//! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks (Q8 codes in the pair order).
 //! - Q5_0 -> Q8: the 5-bit code minus 16 is the 8-bit code; exact. Or, as [`Q5Form::Bits`],
 //!   -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
-//!   ggml's own dequantization computes; exact.
+//!   ggml's own dequantization computes; the nibbles are reordered; exact.
 //! - Q6_K -> Q8: two 16-element sub-blocks with their own scales share one 32-element Q8
 //!   block, so the values are rounded again to 8 bits with the block's absolute maximum
 //!   (error at most `max|v| / 254` per value, an eighth of a 6-bit step of the larger
@@ -139,22 +139,19 @@ impl Q4Builder {
         }
     }
 
-    /// A block in GGUF's nibble order (element `j` low, `j + 16` high).
+    /// A block already in GGUF's nibble order (element `j` low, `j + 16` high).
     fn push_packed(&mut self, d: f32, m: f32, qs: &[u8]) {
-        let mut codes = [0u8; QK];
-        for (j, &c) in qs.iter().enumerate().take(QK / 2) {
-            codes[j] = c & 0x0f;
-            codes[j + QK / 2] = c >> 4;
-        }
-        self.push_codes(d, m, &codes);
+        self.d.push(d);
+        self.m.push(m);
+        self.qs.extend_from_slice(&qs[..QK / 2]);
     }
 
     /// A block of 32 codes in `0..16`, in element order.
     fn push_codes(&mut self, d: f32, m: f32, codes: &[u8; QK]) {
         self.d.push(d);
         self.m.push(m);
-        let (p, q) = super::pairs::split(codes);
-        self.qs.extend(p.iter().zip(&q).map(|(p, q)| p | (q << 4)));
+        let (lo, hi) = codes.split_at(QK / 2);
+        self.qs.extend(lo.iter().zip(hi).map(|(l, h)| l | (h << 4)));
     }
 
     fn finish(self) -> Codes {
@@ -196,12 +193,12 @@ impl Q8Builder {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::super::{Path, Q5Form, QMatrix};
     use crate::llm::gguf::{GgmlType, dequantize};
 
     /// Random blocks of `ty` with finite, modest scales (f16 bytes patched in).
-    pub(in crate::llm::quant) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
+    fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (_, size) = ty.block_layout().unwrap();
