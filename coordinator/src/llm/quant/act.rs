@@ -6,8 +6,7 @@
 //! product moves the logits by thousandths, where one 8-bit part (llama.cpp's) moved them by
 //! tenths. Weight codes times each part are 8-bit integer products (`maddubs` on x86), summed
 //! exactly in i32; the block's scales and Q4's offset (`m` times the block's exact f32 sum)
-//! are applied in f32. With AVX-512, Q8 codes multiply the joined parts `128 h + l` as 16-bit
-//! integers instead (the same i32 sums, half the multiplies; [`super::pairs`]).
+//! are applied in f32.
 
 use super::{Q4Row, Q5Row, Q8Row, QK, q5_block};
 
@@ -22,9 +21,6 @@ pub(super) struct QAct {
     pub hi: Vec<i8>,
     /// Low parts, `QK` per block.
     pub lo: Vec<i8>,
-    /// `128 h + l` as 16 bits (at most 16,320 in size), blocks in the [`super::pairs`] order:
-    /// what the AVX-512 kernels multiply Q8 codes with.
-    pub wide: Vec<i16>,
     /// `s` per block: the value of one low step.
     pub scale: Vec<f32>,
     /// Exact f32 sum of each block's values (for Q4's offset).
@@ -53,7 +49,6 @@ impl QAct {
         let mut a = QAct {
             hi: vec![0; padded * QK],
             lo: vec![0; padded * QK],
-            wide: Vec::new(),
             scale: vec![0.0; padded],
             sum: vec![0.0; padded],
             pair_scale: Vec::new(),
@@ -78,12 +73,6 @@ impl QAct {
             }
             a.scale[b] = d / LO_STEPS as f32;
         }
-        let natural: Vec<i16> =
-            a.hi.iter()
-                .zip(&a.lo)
-                .map(|(&h, &l)| LO_STEPS as i16 * i16::from(h) + i16::from(l))
-                .collect();
-        a.wide = super::pairs::to_pairs(&natural);
         a.pair_scale = a
             .scale
             .chunks_exact(2)
@@ -145,7 +134,7 @@ pub(super) fn scalar_q5(w: Q5Row<'_>, x: &QAct) -> f32 {
 pub(super) fn scalar_q8(w: Q8Row<'_>, x: &QAct) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
-        let codes = w.block(b).into_iter().map(i32::from);
+        let codes = w.qs[b * QK..(b + 1) * QK].iter().map(|&q| i32::from(q));
         let (h, l) = x.block(b);
         acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]);
     }
@@ -175,14 +164,6 @@ mod tests {
         assert_eq!(round_small(2.5), 2.0);
         assert_eq!(round_small(-3.5), -4.0);
         assert_eq!(round_small(126.6), 127.0);
-        for (b, block) in a.hi.chunks_exact(QK).enumerate() {
-            let (p, q) = super::super::pairs::halves(&a.wide, 4, b);
-            let wide = super::super::pairs::interleave(p, q);
-            for (j, &h) in block.iter().enumerate() {
-                let l = a.lo[b * QK + j];
-                assert_eq!(i32::from(wide[j]), LO_STEPS * i32::from(h) + i32::from(l));
-            }
-        }
         let zeros = QAct::new(&[0.0; QK]);
         assert!(zeros.hi.iter().chain(&zeros.lo).all(|&q| q == 0));
         let mut bad = vec![1.0; QK];

@@ -144,25 +144,9 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
-        let [lo, hi] = q8_halves(simd, self, b);
-        let w = simd.avx._mm256_set_m128i(hi, lo);
+        let w = load32(&self.qs[b * QK..(b + 1) * QK]);
         (simd.avx2._mm256_abs_epi8(w), Some(w))
     }
-}
-
-/// Block `b`'s codes 0..16 and 16..32 in element order, from its halves in the
-/// [`super::pairs`] order (their 16-bit units in turn).
-#[inline(always)]
-fn q8_halves(simd: V3, w: Q8Row<'_>, b: usize) -> [__m128i; 2] {
-    let (p, q) = w.halves(b);
-    let (p, q) = (
-        load16(pulp::bytemuck::cast_slice(p)),
-        load16(pulp::bytemuck::cast_slice(q)),
-    );
-    [
-        simd.sse2._mm_unpacklo_epi16(p, q),
-        simd.sse2._mm_unpackhi_epi16(p, q),
-    ]
 }
 
 /// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
@@ -306,7 +290,8 @@ impl Decode for Q8Row<'_> {
 
     #[inline(always)]
     fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
-        let [a, c] = q8_halves(simd, self, b);
+        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+        let (a, c) = (load16(&codes[..16]), load16(&codes[16..]));
         let d = simd.avx._mm256_set1_ps(self.d[b]);
         [
             widen_i8(simd, a, d),

@@ -92,8 +92,8 @@ pub(super) trait IntRow<'a>: Copy {
     fn scales(self, simd: V4, b: usize) -> __m512 {
         pair_of(simd, self.d(), b)
     }
-    /// Codes of blocks `b`, `b + 1` (zeros past the end), unsigned.
-    fn codes(self, simd: V4, b: usize) -> __m512i;
+    /// Codes of blocks `b`, `b + 1` (zeros past the end), and whether they are signed.
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool);
     /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them;
     /// `dw` is [`IntRow::scales`] of the same blocks.
     fn offsets(self, simd: V4, b: usize, dw: __m512) -> Option<__m512>;
@@ -121,8 +121,8 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
         self.d
     }
     #[inline(always)]
-    fn codes(self, simd: V4, b: usize) -> __m512i {
-        nibbles(simd, two_blocks(self.qs, b))
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
+        (nibbles(simd, two_blocks(self.qs, b)), false)
     }
     #[inline(always)]
     fn offsets(self, simd: V4, b: usize, _: __m512) -> Option<__m512> {
@@ -136,13 +136,15 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
         self.d
     }
     #[inline(always)]
-    fn codes(self, simd: V4, b: usize) -> __m512i {
+    fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
         let low = nibbles(simd, two_blocks(self.qs, b));
         // The fifth bits of both blocks, one a byte in element order: add 16 where set.
         let high =
             u64::from(self.qh[b]) | (u64::from(self.qh.get(b + 1).copied().unwrap_or(0)) << 32);
-        simd.avx512bw
-            ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16))
+        let codes =
+            simd.avx512bw
+                ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16));
+        (codes, false)
     }
     #[inline(always)]
     fn offsets(self, simd: V4, _: usize, dw: __m512) -> Option<__m512> {
@@ -153,24 +155,58 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
     }
 }
 
+impl<'a> IntRow<'a> for Q8Row<'a> {
+    #[inline(always)]
+    fn d(self) -> &'a [f32] {
+        self.d
+    }
+    #[inline(always)]
+    fn codes(self, _: V4, b: usize) -> (__m512i, bool) {
+        let codes = match self.qs.get(b * QK..(b + 2) * QK) {
+            Some(two) => load64(two),
+            None => {
+                let mut a = [0i8; 64];
+                a[..32].copy_from_slice(&self.qs[b * QK..(b + 1) * QK]);
+                pulp::cast(a)
+            }
+        };
+        (codes, true)
+    }
+    #[inline(always)]
+    fn offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
+        None
+    }
+}
+
 /// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
 /// accumulators stay in registers). One accumulator a row is enough: a pair's work takes
 /// longer than an FMA's latency.
 #[inline(always)]
 fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) -> [f32; T] {
-    let f = &simd.avx512f;
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let mut acc = [f._mm512_setzero_ps(); T];
     let mut offset = [f._mm512_setzero_ps(); T];
     for b in (0..w.blocks()).step_by(2) {
-        let codes = w.codes(simd, b);
+        let (codes, signed) = w.codes(simd, b);
         let dw = w.scales(simd, b);
         let m = w.offsets(simd, b, dw);
+        // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
+        let (wu, neg) = if signed {
+            (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))
+        } else {
+            (codes, 0)
+        };
         for t in 0..T {
             let x = xs[t];
-            let h = load64(&x.hi[b * QK..(b + 2) * QK]);
-            let l = load64(&x.lo[b * QK..(b + 2) * QK]);
+            let mut h = load64(&x.hi[b * QK..(b + 2) * QK]);
+            let mut l = load64(&x.lo[b * QK..(b + 2) * QK]);
+            if signed {
+                let zero = f._mm512_setzero_si512();
+                h = bw._mm512_mask_sub_epi8(h, neg, zero, h);
+                l = bw._mm512_mask_sub_epi8(l, neg, zero, l);
+            }
             let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
-            acc[t] = f._mm512_fmadd_ps(pair_sums(simd, codes, h, l), s, acc[t]);
+            acc[t] = f._mm512_fmadd_ps(pair_sums(simd, wu, h, l), s, acc[t]);
             if let Some(m) = m {
                 offset[t] = f._mm512_fmadd_ps(m, pulp::cast(x.pair_sum[b / 2]), offset[t]);
             }
@@ -179,88 +215,13 @@ fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) ->
     std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], offset[t])))
 }
 
-/// 32 16-bit values as a register.
-#[inline(always)]
-fn load_wide(x: &[i16]) -> __m512i {
-    let a: [i16; 32] = match x.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("32 values"),
-    };
-    pulp::cast(a)
-}
-
-/// The Q8 codes of blocks `b` and `b + 1` ([`super::pairs`] order) widened to 16 bits: the
-/// `P` halves of both blocks, then the `Q` halves (zeros for a block past the end).
-#[inline(always)]
-fn wide_codes(simd: V4, w: Q8Row<'_>, b: usize) -> [__m512i; 2] {
-    let at = b * QK;
-    if b + 1 < w.d.len() {
-        [
-            widen_codes(simd, &w.qs[at..at + 32]),
-            widen_codes(simd, &w.qs[at + 32..at + 64]),
-        ]
-    } else {
-        [
-            widen_codes(simd, &w.qs[at..at + 16]),
-            widen_codes(simd, &w.qs[at + 16..at + 32]),
-        ]
-    }
-}
-
-/// Up to 32 signed codes (zeros after them) as 16-bit lanes.
-#[inline(always)]
-fn widen_codes(simd: V4, codes: &[i8]) -> __m512i {
-    let a: [i8; 32] = match codes.try_into() {
-        Ok(a) => a,
-        Err(_) => {
-            let mut a = [0i8; 32];
-            a[..codes.len()].copy_from_slice(codes);
-            a
-        }
-    };
-    simd.avx512bw._mm512_cvtepi8_epi16(pulp::cast(a))
-}
-
-/// [`int_dots`] for a Q8 row: 16-bit products of the codes with `128 h + l` ([`QAct::wide`]),
-/// `madd` summing each element pair and the two registers adding the pairs into the same
-/// lanes as [`pair_sums`] (elements `4j..4j + 4` of a block): the same lanes, scales and sums
-/// bit for bit, with two multiplies a pair of blocks where [`pair_sums`] takes four.
-#[inline(always)]
-fn wide_dots<const T: usize>(simd: V4, w: Q8Row<'_>, xs: [&QAct; T]) -> [f32; T] {
-    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
-    let mut acc = [f._mm512_setzero_ps(); T];
-    for b in (0..w.d.len()).step_by(2) {
-        let [p, q] = wide_codes(simd, w, b);
-        let dw = pair_of(simd, w.d, b);
-        for t in 0..T {
-            let x = xs[t];
-            let sums = f._mm512_add_epi32(
-                bw._mm512_madd_epi16(p, load_wide(&x.wide[b * QK..b * QK + 32])),
-                bw._mm512_madd_epi16(q, load_wide(&x.wide[b * QK + 32..(b + 2) * QK])),
-            );
-            let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
-            acc[t] = f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(sums), s, acc[t]);
-        }
-    }
-    // The zero offset added as in `int_dots` (so that a -0 lane sums as there).
-    std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], f._mm512_setzero_ps())))
-}
-
 impl super::RowDots for V4 {
     #[inline(always)]
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]) {
         match w {
             QRow::Q4(r) => row_dots(self, r, xs, out),
             QRow::Q5(r) => row_dots(self, r, xs, out),
-            QRow::Q8(r) => {
-                if let [a, b] = *xs {
-                    out.copy_from_slice(&wide_dots(self, r, [a, b]));
-                    return;
-                }
-                for (o, &x) in out.iter_mut().zip(xs) {
-                    *o = wide_dots(self, r, [x])[0];
-                }
-            }
+            QRow::Q8(r) => row_dots(self, r, xs, out),
         }
     }
 }
@@ -384,16 +345,11 @@ impl Decode for Q8Row<'_> {
 
     #[inline(always)]
     fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let (p, q) = self.halves(b);
-        let (p, q) = (
-            load16(pulp::bytemuck::cast_slice(p)),
-            load16(pulp::bytemuck::cast_slice(q)),
-        );
+        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
         let d = simd.avx512f._mm512_set1_ps(self.d[b]);
-        // Elements 0..16 and 16..32: the halves' 16-bit units in turn.
         [
-            widen_i8(simd, simd.sse2._mm_unpacklo_epi16(p, q), d),
-            widen_i8(simd, simd.sse2._mm_unpackhi_epi16(p, q), d),
+            widen_i8(simd, load16(&codes[..16]), d),
+            widen_i8(simd, load16(&codes[16..]), d),
         ]
     }
 }

@@ -4,8 +4,7 @@
 //! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0 as 8-bit codes or, to save memory,
 //! as 5-bit codes ([`Q5Form`]); Q4_K and Q6_K are recast into the 4- or 8-bit form ([`repack`]). Three product paths, by the number of activation rows:
 //! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
-//!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products (Q8
-//!   codes with AVX-512: 16-bit products with the parts joined, in the [`pairs`] order);
+//!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
 //! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
 //!   and shared by a tile of [`TILE`] activation rows (with AVX-512, two weight rows share
 //!   each activation load);
@@ -21,7 +20,6 @@ mod act;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-mod pairs;
 mod repack;
 #[cfg(test)]
 mod tests;
@@ -87,8 +85,7 @@ enum Codes {
         qs: Vec<u8>,
         qh: Vec<u32>,
     },
-    /// 8-bit codes, value `q * d`; 32 bytes a block, each row's blocks in pairs in the
-    /// [`pairs`] order (so that the integer dots widen them to 16 bits without reordering).
+    /// 8-bit codes, value `q * d`; 32 bytes a block.
     Q8 { d: Vec<f32>, qs: Vec<i8> },
     /// Plain f32, `[out, in]` row-major.
     F32(Vec<f32>),
@@ -159,7 +156,7 @@ impl QMatrix {
                 bytes.len()
             )));
         }
-        let codes = match repack::repack(ty, bytes, cols, q5) {
+        let codes = match repack::repack(ty, bytes, q5) {
             Some(codes) => codes,
             None => {
                 tracing::info!(
@@ -245,13 +242,16 @@ impl QMatrix {
                     }
                 }
             }
-            Codes::Q8 { .. } => {
-                let QRow::Q8(row) = self.q_row(r) else {
-                    unreachable!("a Q8 matrix's rows are Q8")
-                };
-                for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-                    for (o, &q) in o.iter_mut().zip(&row.block(b)) {
-                        *o = f32::from(q) * row.d[b];
+            Codes::Q8 { d, qs } => {
+                let row = &qs[r * self.cols..(r + 1) * self.cols];
+                for (b, (o, q)) in out
+                    .chunks_exact_mut(QK)
+                    .zip(row.chunks_exact(QK))
+                    .enumerate()
+                {
+                    let scale = d[r * nb + b];
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = f32::from(q) * scale;
                     }
                 }
             }
@@ -474,23 +474,7 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
 #[derive(Clone, Copy)]
 struct Q8Row<'a> {
     d: &'a [f32],
-    /// The row's codes in the [`pairs`] order.
     qs: &'a [i8],
-}
-
-impl<'a> Q8Row<'a> {
-    /// Block `b`'s two halves ([`pairs`]): its elements `4j, 4j + 1` and its `4j + 2, 4j + 3`.
-    #[inline(always)]
-    fn halves(self, b: usize) -> (&'a [i8], &'a [i8]) {
-        pairs::halves(self.qs, self.d.len(), b)
-    }
-
-    /// Block `b`'s 32 codes in element order.
-    #[inline(always)]
-    fn block(self, b: usize) -> [i8; QK] {
-        let (p, q) = self.halves(b);
-        pairs::interleave(p, q)
-    }
 }
 
 /// The instruction set the kernels use, picked once per product.
@@ -726,7 +710,10 @@ fn decoded_scalar_q5(w: Q5Row<'_>, x: &XRow<'_>) -> f32 {
 fn decoded_scalar_q8(w: Q8Row<'_>, x: &XRow<'_>) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
-        for (&q, &v) in w.block(b).iter().zip(&x.f[b * QK..(b + 1) * QK]) {
+        for (&q, &v) in w.qs[b * QK..(b + 1) * QK]
+            .iter()
+            .zip(&x.f[b * QK..(b + 1) * QK])
+        {
             acc += f32::from(q) * w.d[b] * v;
         }
     }

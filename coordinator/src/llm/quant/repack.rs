@@ -2,7 +2,7 @@
 //! offset per 32 elements ([`Codes::Q4`]), 5-bit codes with a scale ([`Codes::Q5`]), and 8-bit
 //! codes with a scale per 32 ([`Codes::Q8`]).
 //!
-//! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks (Q8 codes in the pair order).
+//! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks.
 //! - Q5_0 -> Q8: the 5-bit code minus 16 is the 8-bit code; exact. Or, as [`Q5Form::Bits`],
 //!   -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
@@ -25,8 +25,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// The kernels' form of `bytes` (whole blocks of type `ty`), or `None` for a type without one.
-/// Rows are `cols` wide; Q8 rows are stored in the [`super::pairs`] order.
-pub(super) fn repack(ty: GgmlType, bytes: &[u8], cols: usize, q5: Q5Form) -> Option<Codes> {
+pub(super) fn repack(ty: GgmlType, bytes: &[u8], q5: Q5Form) -> Option<Codes> {
     Some(match ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let with_min = ty == GgmlType::Q4_1;
@@ -48,7 +47,7 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8], cols: usize, q5: Q5Form) -> Opt
             for b in bytes.chunks_exact(2 + QK) {
                 q8.push(f16_at(b, 0), b[2..].iter().map(|&q| q as i8));
             }
-            q8.finish(cols)
+            q8.finish()
         }
         GgmlType::Q5_0 if q5 == Q5Form::Bytes => {
             let mut q8 = Q8Builder::with_blocks(bytes.len() / Q5_0_BYTES);
@@ -57,7 +56,7 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8], cols: usize, q5: Q5Form) -> Opt
                 let codes = super::q5_block(&b[6..22], qh);
                 q8.push(f16_at(b, 0), codes.iter().map(|&c| c as i8 - 16));
             }
-            q8.finish(cols)
+            q8.finish()
         }
         GgmlType::Q5_0 => {
             let n = bytes.len() / Q5_0_BYTES;
@@ -109,7 +108,7 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8], cols: usize, q5: Q5Form) -> Opt
                     }
                 }
             }
-            q8.finish(cols)
+            q8.finish()
         }
         _ => return None,
     })
@@ -181,14 +180,11 @@ impl Q8Builder {
         self.qs.extend(codes);
     }
 
-    /// The codes, each row of `cols` in the pair order.
-    fn finish(self, cols: usize) -> Codes {
-        let qs = self
-            .qs
-            .chunks_exact(cols.max(1))
-            .flat_map(super::pairs::to_pairs)
-            .collect();
-        Codes::Q8 { d: self.d, qs }
+    fn finish(self) -> Codes {
+        Codes::Q8 {
+            d: self.d,
+            qs: self.qs,
+        }
     }
 }
 

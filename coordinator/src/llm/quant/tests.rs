@@ -280,33 +280,6 @@ fn decode_step_products() -> Result<()> {
             }
         }
     }
-    // One thread, Qwen2.5-0.5B's Q8 shapes (its Q5_0 and Q6_K weights are held as Q8): one
-    // sequence decoding, the integer dots, fastest of five.
-    for (rows, cols) in [(4864, 896), (896, 4864), (256, 896)] {
-        let m = QMatrix::from_gguf(
-            "w",
-            GgmlType::Q8_0,
-            &encode(GgmlType::Q8_0, &values(rows * cols, 7)),
-            rows,
-            cols,
-        )?;
-        for n in [1, 2] {
-            let x = values(n * cols, 9);
-            let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
-            let qs: Vec<&QAct> = qa.iter().collect();
-            let mut out = vec![0.0; rows * n];
-            let best = (0..5)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    for _ in 0..200 {
-                        simd.int_task(&m, 0, &qs, &mut out);
-                    }
-                    t.elapsed().as_secs_f64() / 200.0
-                })
-                .fold(f64::MAX, f64::min);
-            println!("Q8 {rows}x{cols} n={n} integer: {:.1} us", best * 1e6);
-        }
-    }
     // One thread, a batch of 16 decoding: decoded dots one weight row at a time against two,
     // alternating so that both see the same machine.
     for m in [&mats[2], &mats[3], &head] {
@@ -516,90 +489,5 @@ fn decoded_row_pairs_equal_single_rows_bit_for_bit() -> Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-/// The integer dot of a Q8 row as the AVX-512 kernels define it: per pair of blocks, sixteen
-/// 32-bit lanes (lane `j < 8` sums elements `4j..4j + 4` of block `b` of `w (128 h + l)`, lane
-/// `8 + j` the same of block `b + 1`), each converted to f32, multiplied by `d s` of its block
-/// and fused-added into its own f32 accumulator; then `+ 0` and the lanes summed in order. The
-/// 8-bit kernel (`maddubs`) computed this before the 16-bit one; both must give it bit for bit.
-fn q8_dot_as_defined(w: Q8Row<'_>, x: &QAct) -> f32 {
-    let nb = w.d.len();
-    let mut acc = [0.0f32; 16];
-    for b in (0..nb).step_by(2) {
-        for (lane, acc) in acc.iter_mut().enumerate() {
-            let blk = b + lane / 8;
-            let (sum, d) = if blk < nb {
-                let codes = w.block(blk);
-                let sum: i32 = (4 * (lane % 8)..4 * (lane % 8) + 4)
-                    .map(|e| {
-                        let at = blk * QK + e;
-                        i32::from(codes[e])
-                            * (act::LO_STEPS * i32::from(x.hi[at]) + i32::from(x.lo[at]))
-                    })
-                    .sum();
-                (sum, w.d[blk])
-            } else {
-                (0, 0.0)
-            };
-            *acc = (sum as f32).mul_add(d * x.scale[blk], *acc);
-        }
-    }
-    acc.iter().map(|a| a + 0.0).sum()
-}
-
-/// With AVX-512, Q8 rows' integer dots (one and two activation rows) equal the defined
-/// arithmetic bit for bit, for rows of an even and an odd number of blocks and for codes over
-/// the whole 8-bit range; and each block decodes to its codes times its scale, in element order.
-#[test]
-fn q8_integer_dots_are_the_defined_arithmetic_bit_for_bit() -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(v4) = pulp::x86::V4::try_new() {
-        let simd = Simd::Avx512(v4);
-        for cols in [96usize, 896] {
-            let rows = 5;
-            // Q8_0 codes span -127..=127 (each block's largest value rounds to 127).
-            let w = QMatrix::from_gguf(
-                "w",
-                GgmlType::Q8_0,
-                &encode(GgmlType::Q8_0, &values(rows * cols, 11)),
-                rows,
-                cols,
-            )?;
-            let x = values(2 * cols, 12);
-            let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
-            for n in 1..=INT_ROWS {
-                let qs: Vec<&QAct> = qa.iter().take(n).collect();
-                let mut out = vec![0.0; rows * n];
-                simd.int_task(&w, 0, &qs, &mut out);
-                for r in 0..rows {
-                    let QRow::Q8(row) = w.q_row(r) else {
-                        unreachable!("Q8 rows")
-                    };
-                    for (i, x) in qs.iter().enumerate() {
-                        let want = q8_dot_as_defined(row, x);
-                        assert_eq!(
-                            out[r * n + i].to_bits(),
-                            want.to_bits(),
-                            "cols={cols} n={n} row {r} x {i}"
-                        );
-                    }
-                    for b in 0..cols / QK {
-                        let got: [[f32; 16]; 2] =
-                            avx512::Decode::decode(row, v4, b).map(pulp::cast);
-                        let want: Vec<f32> = row
-                            .block(b)
-                            .iter()
-                            .map(|&q| f32::from(q) * row.d[b])
-                            .collect();
-                        assert_eq!(got.concat(), want, "cols={cols} row {r} block {b}");
-                    }
-                }
-            }
-        }
-        return Ok(());
-    }
-    eprintln!("no AVX-512 on this CPU: the 16-bit Q8 kernel is not run");
     Ok(())
 }
