@@ -1,4 +1,5 @@
-//! LLM throughput on CPU beside llama.cpp on the same GGUF file.
+//! LLM throughput beside a reference on the same GGUF file: llama.cpp on the CPU, PyTorch on
+//! a GPU.
 //!
 //! Prompt processing (prefill) and generation (one token per sequence per step, greedy, EOS
 //! ignored so every run does the same work) tokens/s for batch 1 and 16, and peak memory;
@@ -10,13 +11,16 @@
 //! `cargo bench --workspace --bench llm` (env: `CROSSLM_BENCH_MODEL` = `smollm2` (default),
 //! `qwen2` or a GGUF path; `CROSSLM_BENCH_PROMPT` tokens per prompt, default 128;
 //! `CROSSLM_BENCH_GEN` generated tokens, default 32; `CROSSLM_LLM_ENGINE=burn` measures the
-//! burn decoder instead of the quantized one).
+//! burn decoder instead of the quantized one; `CROSSLM_BENCH_DEVICE` = `cpu` (default), `gpu`
+//! or `auto`, as `--device` takes them: on a GPU (a `cuda` build) the reference is
+//! `scripts/bench/llm_torch.py`, transformers on the same GPU and the same prompt ids, in
+//! f32 as burn runs, and in bf16 beside it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use burn::tensor::Device;
+use crosslm_coordinator::llm::device::{self, DeviceChoice, Placement};
 use crosslm_coordinator::llm::generate::argmax;
 use crosslm_coordinator::llm::{Llm, qwen2_gguf_path, smollm2_gguf_path};
 use crosslm_coordinator::task::TaskSpec;
@@ -60,24 +64,28 @@ fn prompts(llm: &Llm, batch: usize, len: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Prefill then `gen` greedy steps; returns tokens/s for both phases.
-fn run(llm: &Llm, batch: usize, prompt_len: usize, n_gen: usize) -> Figures {
+/// Prefill then `gen` greedy steps; returns tokens/s for both phases and the first
+/// sequence's greedy tokens.
+fn run(llm: &Llm, batch: usize, prompt_len: usize, n_gen: usize) -> (Figures, Vec<u32>) {
     let rows = prompts(llm, batch, prompt_len);
     let pads = vec![0; batch];
     let mut session = llm.session(None, prompt_len + n_gen);
     let t0 = Instant::now();
     let mut logits = session.step(&rows, &pads);
     let prefill = (batch * prompt_len) as f64 / t0.elapsed().as_secs_f64();
+    let mut first = Vec::with_capacity(n_gen + 1);
     let t1 = Instant::now();
     for _ in 0..n_gen {
         let next: Vec<Vec<u32>> = logits
             .chunks(llm.config.vocab_size)
             .map(|row| vec![argmax(row)])
             .collect();
+        first.push(next[0][0]);
         logits = session.step(&next, &pads);
     }
     let generate = (batch * n_gen) as f64 / t1.elapsed().as_secs_f64();
-    Figures { prefill, generate }
+    first.extend(logits.chunks(llm.config.vocab_size).take(1).map(argmax));
+    (Figures { prefill, generate }, first)
 }
 
 /// MR classification (sentences/s) and NYT perplexity (scored tokens/s), as a round runs them.
@@ -127,47 +135,123 @@ fn reference_python() -> String {
     }
 }
 
-/// llama.cpp figures from the Python script: `{"b1": {...}, "b16": {...}, "peak_rss_mib": x}`.
-fn llamacpp(path: &Path, prompt_len: usize, n_gen: usize) -> Option<(Figures, Figures, f64)> {
+/// A reference's figures beside ours.
+struct Reference {
+    /// The column's name, e.g. "llama.cpp" or "PyTorch f32".
+    name: String,
+    b1: Figures,
+    b16: Figures,
+    /// The reference's peak process memory (llama.cpp's RSS), when comparable with ours.
+    peak_rss_mib: Option<f64>,
+    /// One line on what the reference ran with.
+    note: String,
+    /// The first sequence's greedy tokens at batch 1, where the reference reports them.
+    tokens: Vec<u32>,
+}
+
+/// Runs a reference script and parses its `{"b1": {...}, "b16": {...}, ...}` JSON.
+fn run_reference(
+    what: &str,
+    module: &str,
+    script: &str,
+    args: &[String],
+) -> Option<serde_json::Value> {
     let python = reference_python();
     let ok = Command::new(&python)
-        .args(["-c", "import llama_cpp"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        println!("llama.cpp reference missing: `{python} -c \"import llama_cpp\"` fails");
+        println!("{what} reference missing: `{python} -c \"import {module}\"` fails");
         println!("(scripts/bench/setup.sh installs it, then set CROSSLM_BENCH_PYTHON)");
         return None;
     }
-    let script = workspace_root().join("scripts/bench/llm_llamacpp.py");
     let out = Command::new(&python)
-        .arg(script)
-        .arg(path)
-        .args([
-            "--prompt",
-            &prompt_len.to_string(),
-            "--gen",
-            &n_gen.to_string(),
-        ])
+        .arg(workspace_root().join("scripts/bench").join(script))
+        .args(args)
         .output()
         .ok()?;
     if !out.status.success() {
         println!(
-            "llama.cpp reference failed: {}",
+            "{what} reference failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let fig = |k: &str| Figures {
-        prefill: v[k]["prefill"].as_f64().unwrap_or(f64::NAN),
-        generate: v[k]["generate"].as_f64().unwrap_or(f64::NAN),
-    };
-    Some((
-        fig("b1"),
-        fig("b16"),
-        v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-    ))
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn figures(v: &serde_json::Value, key: &str) -> Figures {
+    Figures {
+        prefill: v[key]["prefill"].as_f64().unwrap_or(f64::NAN),
+        generate: v[key]["generate"].as_f64().unwrap_or(f64::NAN),
+    }
+}
+
+/// llama.cpp on the CPU (`scripts/bench/llm_llamacpp.py`), its own tokenization of the text.
+fn llamacpp(path: &Path, prompt_len: usize, n_gen: usize) -> Option<Reference> {
+    let args = [
+        path.display().to_string(),
+        "--prompt".into(),
+        prompt_len.to_string(),
+        "--gen".into(),
+        n_gen.to_string(),
+    ];
+    let v = run_reference("llama.cpp", "llama_cpp", "llm_llamacpp.py", &args)?;
+    Some(Reference {
+        name: "llama.cpp".into(),
+        b1: figures(&v, "b1"),
+        b16: figures(&v, "b16"),
+        peak_rss_mib: v["peak_rss_mib"].as_f64(),
+        note: format!("llama.cpp: {} threads", v["threads"]),
+        tokens: Vec::new(),
+    })
+}
+
+/// PyTorch (transformers) on the same GPU and the same prompt ids, in `dtype`.
+fn torch(
+    path: &Path,
+    prompts: &[Vec<Vec<u32>>; 2],
+    n_gen: usize,
+    dtype: &str,
+) -> Option<Reference> {
+    let ids = std::env::temp_dir().join(format!("crosslm-bench-ids-{}.json", std::process::id()));
+    let body = serde_json::json!({ "b1": prompts[0], "b16": prompts[1] });
+    std::fs::write(&ids, body.to_string()).ok()?;
+    let args = [
+        path.display().to_string(),
+        "--ids".into(),
+        ids.display().to_string(),
+        "--gen".into(),
+        n_gen.to_string(),
+        "--dtype".into(),
+        dtype.into(),
+    ];
+    let v = run_reference("PyTorch", "transformers, gguf", "llm_torch.py", &args);
+    let _ = std::fs::remove_file(&ids);
+    let v = v?;
+    let short = if dtype == "float32" { "f32" } else { "bf16" };
+    Some(Reference {
+        name: format!("PyTorch {short}"),
+        b1: figures(&v, "b1"),
+        b16: figures(&v, "b16"),
+        peak_rss_mib: None,
+        note: format!(
+            "PyTorch {short}: torch {} on {}, peak GPU memory {:.0} MiB",
+            v["torch"].as_str().unwrap_or("?"),
+            v["device"].as_str().unwrap_or("?"),
+            v["peak_gpu_mib"].as_f64().unwrap_or(f64::NAN)
+        ),
+        tokens: v["b1"]["tokens"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_u64())
+                    .map(|t| t as u32)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
 }
 
 /// The GGUF file to measure: `CROSSLM_BENCH_MODEL` = `smollm2` (default), `qwen2`, or a path.
@@ -179,16 +263,33 @@ fn model_path() -> PathBuf {
     }
 }
 
+/// Where the LLM runs: `CROSSLM_BENCH_DEVICE` (cpu by default: the bench's figures are the
+/// CPU's unless a GPU is asked for).
+fn placement() -> Result<Placement, String> {
+    let choice = match std::env::var("CROSSLM_BENCH_DEVICE") {
+        Ok(v) => v.parse::<DeviceChoice>().map_err(|e| e.to_string())?,
+        Err(_) => DeviceChoice::Cpu,
+    };
+    device::resolve(choice).map_err(|e| e.to_string())
+}
+
 fn main() {
     let path = model_path();
     if !path.is_file() {
         eprintln!("missing {}: run scripts/fetch-assets.sh", path.display());
         std::process::exit(1);
     }
+    let placement = match placement() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("CROSSLM_BENCH_DEVICE: {e}");
+            std::process::exit(1);
+        }
+    };
     let prompt_len = env_usize("CROSSLM_BENCH_PROMPT", 128);
     let n_gen = env_usize("CROSSLM_BENCH_GEN", 32);
     let t = Instant::now();
-    let llm = match Llm::load(&path, &Device::flex()) {
+    let llm = match Llm::load(&path, &placement.device()) {
         Ok(llm) => llm,
         Err(e) => {
             eprintln!("loading {}: {e}", path.display());
@@ -196,21 +297,37 @@ fn main() {
         }
     };
     println!(
-        "loaded {} in {:.1}s",
+        "loaded {} on {placement} in {:.1}s",
         path.display(),
         t.elapsed().as_secs_f64()
     );
-    // Warm-up (allocator, thread pool).
-    run(&llm, 1, 8, 2);
-    let b1 = run(&llm, 1, prompt_len, n_gen);
-    let b16 = run(&llm, 16, prompt_len, n_gen);
+    let on_cpu = placement == Placement::Cpu;
+    if on_cpu {
+        // Warm-up (allocator, thread pool).
+        run(&llm, 1, 8, 2);
+    } else {
+        // A GPU backend compiles (and autotunes) kernels per shape on first use: warm up on the
+        // measured shapes, as the reference does.
+        run(&llm, 1, prompt_len, n_gen);
+        run(&llm, 16, prompt_len, n_gen);
+    }
+    let (b1, greedy) = run(&llm, 1, prompt_len, n_gen);
+    let (b16, _) = run(&llm, 16, prompt_len, n_gen);
     let rss = peak_rss_mib();
     let work = round_work(&llm);
-    let reference = llamacpp(&path, prompt_len, n_gen);
-    let engine = if llm.cpu_model().is_some() {
-        "quantized CPU decoder"
+    let references: Vec<Reference> = if on_cpu {
+        llamacpp(&path, prompt_len, n_gen).into_iter().collect()
     } else {
-        "burn decoder"
+        let ids = [prompts(&llm, 1, prompt_len), prompts(&llm, 16, prompt_len)];
+        ["float32", "bfloat16"]
+            .into_iter()
+            .filter_map(|dtype| torch(&path, &ids, n_gen, dtype))
+            .collect()
+    };
+    let engine = if llm.cpu_model().is_some() {
+        "quantized CPU decoder".to_string()
+    } else {
+        format!("burn decoder (f32) on {placement}")
     };
 
     println!();
@@ -222,40 +339,65 @@ fn main() {
         rayon::current_num_threads(),
         simd_note()
     );
-    println!(
-        "{:<22} {:>12} {:>12} {:>8}",
-        "tokens/s", "crosslm", "llama.cpp", "ratio"
-    );
-    let rows = [
-        (
-            "prefill, batch 1",
-            b1.prefill,
-            reference.map(|r| r.0.prefill),
-        ),
-        (
-            "generate, batch 1",
-            b1.generate,
-            reference.map(|r| r.0.generate),
-        ),
-        (
-            "prefill, batch 16",
-            b16.prefill,
-            reference.map(|r| r.1.prefill),
-        ),
-        (
-            "generate, batch 16",
-            b16.generate,
-            reference.map(|r| r.1.generate),
-        ),
-        ("peak RSS MiB", rss, reference.map(|r| r.2)),
-    ];
-    for (name, ours, theirs) in rows {
-        match theirs {
-            Some(t) => println!("{name:<22} {ours:>12.1} {t:>12.1} {:>8.2}", ours / t),
-            None => println!("{name:<22} {ours:>12.1} {:>12} {:>8}", "-", "-"),
+    if references.is_empty() {
+        println!("no reference ran: figures below have no ratio");
+    }
+    let columns: Vec<Option<&Reference>> = if references.is_empty() {
+        vec![None]
+    } else {
+        references.iter().map(Some).collect()
+    };
+    for reference in columns {
+        let name = reference.map_or("-", |r| r.name.as_str());
+        println!(
+            "{:<22} {:>12} {:>12} {:>8}",
+            "tokens/s", "crosslm", name, "ratio"
+        );
+        let rows = [
+            (
+                "prefill, batch 1",
+                b1.prefill,
+                reference.map(|r| r.b1.prefill),
+            ),
+            (
+                "generate, batch 1",
+                b1.generate,
+                reference.map(|r| r.b1.generate),
+            ),
+            (
+                "prefill, batch 16",
+                b16.prefill,
+                reference.map(|r| r.b16.prefill),
+            ),
+            (
+                "generate, batch 16",
+                b16.generate,
+                reference.map(|r| r.b16.generate),
+            ),
+            ("peak RSS MiB", rss, reference.and_then(|r| r.peak_rss_mib)),
+        ];
+        for (row, ours, theirs) in rows {
+            match theirs {
+                Some(t) => println!("{row:<22} {ours:>12.1} {t:>12.1} {:>8.2}", ours / t),
+                None => println!("{row:<22} {ours:>12.1} {:>12} {:>8}", "-", "-"),
+            }
+        }
+        if let Some(r) = reference {
+            println!("({})", r.note);
+            if !r.tokens.is_empty() {
+                let same = greedy
+                    .iter()
+                    .zip(&r.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                println!(
+                    "(greedy tokens at batch 1: the first {same} of {} agree)",
+                    greedy.len().min(r.tokens.len())
+                );
+            }
         }
     }
-    println!("(ratio = crosslm / llama.cpp; > 1 means crosslm is faster, or uses more memory)");
+    println!("(ratio = crosslm / reference; > 1 means crosslm is faster, or uses more memory)");
     match work {
         Ok((classify, perplexity)) => {
             println!("MR classification, sentences/s   {classify:>8.1}");

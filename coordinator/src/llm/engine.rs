@@ -699,4 +699,105 @@ mod tests {
         let probs = vec![vec![0.9, 0.1], vec![0.2, 0.8], vec![0.6, 0.4]];
         assert!((accuracy(&probs, &[0, 1, 1]) - 2.0 / 3.0).abs() < 1e-12);
     }
+
+    /// The real model on an NVIDIA GPU, held to the gates above with wider tolerances: burn's
+    /// CUDA matmuls take f32 operands on TF32 tensor cores (10-bit mantissas), where the CPU
+    /// decoders multiply in full f32 (seen on an H200: a top-5 logit 0.021 off, class
+    /// probabilities 3e-3). Only in a `cuda` build, and ignored by default (CI has no GPU); on a
+    /// machine with one:
+    /// `cargo test --release --workspace --features crosslm-coordinator/cuda --lib -- --ignored ::cuda::`.
+    #[cfg(feature = "cuda")]
+    mod cuda {
+        use super::*;
+        use crate::llm::test_assets::smollm2_path;
+
+        /// SmolLM2 on CUDA device 0 (burn's f32 decoder), loaded once.
+        fn on_cuda() -> &'static Llm {
+            static LLM: OnceLock<Llm> = OnceLock::new();
+            LLM.get_or_init(|| {
+                assert!(crate::llm::device::cuda_present(), "no CUDA device here");
+                let device = crate::llm::device::Placement::Cuda.device();
+                match Llm::load(smollm2_path(), &device) {
+                    Ok(llm) => llm,
+                    Err(e) => panic!("loading on CUDA: {e}"),
+                }
+            })
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU and a cuda build"]
+        fn real_top5_and_greedy_continuation_match_reference() -> Result<()> {
+            let llm = on_cuda();
+            assert!(
+                llm.cpu_model().is_none(),
+                "must run burn's decoder on the GPU"
+            );
+            let ids = llm.tokenizer.encode(&llm.tokenizer.chat_prompt(REF_USER))?;
+            let logits = llm
+                .session(None, ids.len())
+                .step(std::slice::from_ref(&ids), &[0]);
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
+                assert_eq!(order[k] as u32, id, "rank {k}");
+                let got = logits[id as usize];
+                assert!((got - value).abs() < 5e-2, "token {id}: {got} vs {value}");
+            }
+            let out = llm.generate_ids(&[ids], &Sampling::greedy(40));
+            assert_eq!(out[0], REF_GREEDY);
+            Ok(())
+        }
+
+        #[test]
+        #[ignore = "needs an NVIDIA GPU and a cuda build"]
+        fn real_batched_generation_equals_unbatched() -> Result<()> {
+            let llm = on_cuda();
+            let users = ["Write a short positive movie review.", "Name a fruit."];
+            let prompts = users
+                .iter()
+                .map(|u| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u)))
+                .collect::<Result<Vec<_>>>()?;
+            let s = Sampling {
+                temperature: 0.7,
+                max_new_tokens: 12,
+                seed: 5,
+                ..Sampling::default()
+            };
+            let batched = llm.generate_ids(&prompts, &s);
+            for (i, p) in prompts.iter().enumerate() {
+                let alone = Sampling {
+                    seed: s.seed + i as u64,
+                    ..s.clone()
+                };
+                let single = llm.generate_ids(std::slice::from_ref(p), &alone);
+                assert_eq!(single[0], batched[i], "prompt {i}");
+            }
+            Ok(())
+        }
+
+        /// Classification and perplexity, the evaluations a round runs, agree with the CPU's
+        /// quantized decoder (both from the same Q4_1 weights; TF32 products on the GPU).
+        #[test]
+        #[ignore = "needs an NVIDIA GPU and a cuda build"]
+        fn real_classify_and_perplexity_match_cpu() -> Result<()> {
+            let gpu = on_cuda();
+            let cpu = smollm2();
+            let task = TaskSpec::from_toml_file(
+                crosslm_sdk::data::workspace_root().join("examples/tasks/mr.toml"),
+            )?;
+            let texts = vec![
+                "A dull, lifeless mess with wooden acting and no story at all.".to_string(),
+                "A joyous, moving film with wonderful performances.".to_string(),
+                "It is a movie.".to_string(),
+            ];
+            let (a, b) = (cpu.classify(&task, &texts)?, gpu.classify(&task, &texts)?);
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert!((x - y).abs() < 1e-2, "{a:?} vs {b:?}");
+            }
+            let general = vec![texts[1].clone(), texts[0].clone()];
+            let (p, q) = (cpu.perplexity(&general)?, gpu.perplexity(&general)?);
+            assert!((p - q).abs() < 1e-2 * p, "{p} vs {q}");
+            Ok(())
+        }
+    }
 }

@@ -811,7 +811,13 @@ mod tests {
                 .zip(&b)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max);
-            assert!(worst < 1e-3, "flex vs {gpu} differ by {worst}");
+            // CUDA's matmuls run f32 operands on TF32 tensor cores (10-bit mantissas): 1.5e-3
+            // seen on an H200, where wgpu stays within 1e-3.
+            let tolerance = match gpu {
+                crate::llm::device::Placement::Cuda => 1e-2,
+                _ => 1e-3,
+            };
+            assert!(worst < tolerance, "flex vs {gpu} differ by {worst}");
         }
     }
 
