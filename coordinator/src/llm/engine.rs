@@ -486,6 +486,21 @@ mod tests {
         (788, 25.554_227),
     ];
 
+    /// Prompts of different lengths, sampled in one batch and alone.
+    const BATCH_USERS: [&str; 3] = [
+        "Write a short positive movie review.",
+        "Name a fruit.",
+        "Write one sentence about the sea, in the style of a newspaper headline.",
+    ];
+    fn batch_sampling() -> Sampling {
+        Sampling {
+            temperature: 0.7,
+            max_new_tokens: 12,
+            seed: 5,
+            ..Sampling::default()
+        }
+    }
+
     /// Gate: the first-step logits' top 5 match the oracle in ids and within 1e-2 in value, on
     /// the burn decoder and on the quantized CPU one (all three compute with the same Q4_1
     /// weights in f32; differences are f32 summation order).
@@ -552,32 +567,11 @@ mod tests {
     /// alone with the same seed.
     #[test]
     fn real_batched_generation_equals_unbatched() -> Result<()> {
-        let llm = smollm2();
-        let users = [
-            "Write a short positive movie review.",
-            "Name a fruit.",
-            "Write one sentence about the sea, in the style of a newspaper headline.",
-        ];
-        let prompts = users
-            .iter()
-            .map(|u| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u)))
-            .collect::<Result<Vec<_>>>()?;
-        let s = Sampling {
-            temperature: 0.7,
-            max_new_tokens: 12,
-            seed: 5,
-            ..Sampling::default()
-        };
-        let batched = llm.generate_ids(&prompts, &s);
-        for (i, p) in prompts.iter().enumerate() {
-            let alone = Sampling {
-                seed: s.seed + i as u64,
-                ..s.clone()
-            };
-            let single = llm.generate_ids(std::slice::from_ref(p), &alone);
-            assert_eq!(single[0], batched[i], "prompt {i}");
-        }
-        Ok(())
+        crate::llm::test_assets::assert_batched_equals_unbatched(
+            smollm2(),
+            &BATCH_USERS,
+            &batch_sampling(),
+        )
     }
 
     #[test]
@@ -751,28 +745,11 @@ mod tests {
         #[test]
         #[ignore = "needs an NVIDIA GPU and a cuda build"]
         fn real_batched_generation_equals_unbatched() -> Result<()> {
-            let llm = on_cuda();
-            let users = ["Write a short positive movie review.", "Name a fruit."];
-            let prompts = users
-                .iter()
-                .map(|u| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u)))
-                .collect::<Result<Vec<_>>>()?;
-            let s = Sampling {
-                temperature: 0.7,
-                max_new_tokens: 12,
-                seed: 5,
-                ..Sampling::default()
-            };
-            let batched = llm.generate_ids(&prompts, &s);
-            for (i, p) in prompts.iter().enumerate() {
-                let alone = Sampling {
-                    seed: s.seed + i as u64,
-                    ..s.clone()
-                };
-                let single = llm.generate_ids(std::slice::from_ref(p), &alone);
-                assert_eq!(single[0], batched[i], "prompt {i}");
-            }
-            Ok(())
+            crate::llm::test_assets::assert_batched_equals_unbatched(
+                on_cuda(),
+                &BATCH_USERS,
+                &batch_sampling(),
+            )
         }
 
         /// Classification and perplexity, the evaluations a round runs, agree with the CPU's

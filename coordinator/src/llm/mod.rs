@@ -99,6 +99,55 @@ pub(crate) mod test_assets {
         path
     }
 
+    /// Sampling a batch of chat prompts of different lengths gives each prompt what it gets
+    /// alone with the same seed (the batch's row `i` samples with `seed + i`).
+    pub fn assert_batched_equals_unbatched(
+        llm: &super::Llm,
+        users: &[&str],
+        sampling: &super::Sampling,
+    ) -> crate::Result<()> {
+        let prompts = users
+            .iter()
+            .map(|u| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u)))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let batched = llm.generate_ids(&prompts, sampling);
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = super::Sampling {
+                seed: sampling.seed + i as u64,
+                ..sampling.clone()
+            };
+            let single = llm.generate_ids(std::slice::from_ref(p), &alone);
+            assert_eq!(single[0], batched[i], "prompt {i}");
+        }
+        Ok(())
+    }
+
+    /// Four LoRA steps on one chat example ("Name a colour." -> "Vermilion."): the losses of
+    /// the steps and the loss after them, which must be well below the first.
+    pub fn assert_lora_steps_raise_likelihood(
+        llm: &super::Llm,
+        cfg: super::train::LoraConfig,
+    ) -> crate::Result<()> {
+        use super::train::{LoraTrainer, TrainExample, weighted_nll};
+        let ex = vec![TrainExample {
+            prompt: llm.tokenizer.chat_prompt("Name a colour."),
+            completion: "Vermilion.".into(),
+            weight: 1.0,
+        }];
+        let mut trainer = LoraTrainer::new(llm, cfg.clone(), 1);
+        let losses: Vec<f32> = (0..4)
+            .map(|_| trainer.step(llm, &ex))
+            .collect::<crate::Result<_>>()?;
+        let adapters = trainer
+            .adapters()
+            .ok_or_else(|| crate::Error::Model("no adapters".into()))?;
+        let after = weighted_nll(llm, Some(&adapters), &ex, &cfg)?
+            .try_into_scalar::<f32>()
+            .map_err(|e| crate::Error::Model(format!("{e:?}")))?;
+        assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
+        Ok(())
+    }
+
     /// A tiny random model with the real tokenizer: fast, and enough to see learning.
     pub fn tiny_llm() -> crate::Result<super::Llm> {
         use super::cpu_model::CpuLlama;

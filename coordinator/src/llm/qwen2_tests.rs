@@ -13,9 +13,9 @@ use super::gguf::Gguf;
 use super::model::{Arch, LlamaConfig};
 use super::quant::{Path, QMatrix};
 use super::test_assets;
-use super::train::{LoraConfig, LoraTrainer, TrainExample, weighted_nll};
+use super::train::LoraConfig;
 use super::{Llm, engine::left_pad};
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Deserialize)]
 struct Reference {
@@ -212,30 +212,17 @@ fn real_qwen2_greedy_matches_llama_cpp() -> Result<()> {
 /// Sampling a batch of prompts of different lengths gives each what it gets alone.
 #[test]
 fn real_qwen2_batched_generation_equals_unbatched() -> Result<()> {
-    let llm = qwen2();
-    let prompts = ["Write a short positive movie review.", "Name a fruit."]
-        .iter()
-        .map(|u| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u)))
-        .collect::<Result<Vec<_>>>()?;
     let s = Sampling {
         temperature: 0.9,
         max_new_tokens: 10,
         seed: 3,
         ..Sampling::default()
     };
-    let batched = llm.generate_ids(&prompts, &s);
-    for (i, p) in prompts.iter().enumerate() {
-        let alone = Sampling {
-            seed: s.seed + i as u64,
-            ..s.clone()
-        };
-        assert_eq!(
-            llm.generate_ids(std::slice::from_ref(p), &alone)[0],
-            batched[i],
-            "prompt {i}"
-        );
-    }
-    Ok(())
+    test_assets::assert_batched_equals_unbatched(
+        qwen2(),
+        &["Write a short positive movie review.", "Name a fruit."],
+        &s,
+    )
 }
 
 /// The MR classification prompt ranks an obvious pan more negative than an obvious rave
@@ -258,27 +245,10 @@ fn real_qwen2_classifies() -> Result<()> {
 /// LoRA steps on the top blocks (q/v biases and all) raise a completion's likelihood.
 #[test]
 fn real_qwen2_lora_steps_lower_the_loss() -> Result<()> {
-    let llm = qwen2();
-    let ex = vec![TrainExample {
-        prompt: llm.tokenizer.chat_prompt("Name a colour."),
-        completion: "Vermilion.".into(),
-        weight: 1.0,
-    }];
     let cfg = LoraConfig {
         learning_rate: 5e-3,
         top_layers: 4,
         ..LoraConfig::default()
     };
-    let mut trainer = LoraTrainer::new(llm, cfg.clone(), 1);
-    let losses: Vec<f32> = (0..4)
-        .map(|_| trainer.step(llm, &ex))
-        .collect::<Result<_>>()?;
-    let adapters = trainer
-        .adapters()
-        .ok_or_else(|| Error::Model("no adapters".into()))?;
-    let after = weighted_nll(llm, Some(&adapters), &ex, &cfg)?
-        .try_into_scalar::<f32>()
-        .map_err(|e| Error::Model(format!("{e:?}")))?;
-    assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
-    Ok(())
+    test_assets::assert_lora_steps_raise_likelihood(qwen2(), cfg)
 }

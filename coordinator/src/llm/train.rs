@@ -522,27 +522,11 @@ mod tests {
     #[test]
     fn real_lora_steps_raise_completion_likelihood() -> Result<()> {
         let llm = Llm::load(test_assets::smollm2_path(), &Device::flex())?;
-        let ex = vec![TrainExample {
-            prompt: llm.tokenizer.chat_prompt("Name a colour."),
-            completion: "Vermilion.".into(),
-            weight: 1.0,
-        }];
         let cfg = LoraConfig {
             learning_rate: 5e-3,
             ..LoraConfig::default()
         };
-        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 1);
-        let losses: Vec<f32> = (0..4)
-            .map(|_| trainer.step(&llm, &ex))
-            .collect::<Result<_>>()?;
-        let adapters = trainer
-            .adapters()
-            .ok_or_else(|| Error::Model("no adapters".into()))?;
-        let after = weighted_nll(&llm, Some(&adapters), &ex, &cfg)?
-            .try_into_scalar::<f32>()
-            .map_err(|e| Error::Model(format!("{e:?}")))?;
-        assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
-        Ok(())
+        test_assets::assert_lora_steps_raise_likelihood(&llm, cfg)
     }
 
     /// DPO steps make the chosen completions likelier relative to the rejected ones than
@@ -664,27 +648,11 @@ mod tests {
             assert!(crate::llm::device::cuda_present(), "no CUDA device here");
             let device = crate::llm::device::Placement::Cuda.device();
             let llm = Llm::load(test_assets::smollm2_path(), &device)?;
-            let ex = vec![TrainExample {
-                prompt: llm.tokenizer.chat_prompt("Name a colour."),
-                completion: "Vermilion.".into(),
-                weight: 1.0,
-            }];
             let cfg = LoraConfig {
                 learning_rate: 5e-3,
                 ..LoraConfig::default()
             };
-            let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 1);
-            let losses: Vec<f32> = (0..4)
-                .map(|_| trainer.step(&llm, &ex))
-                .collect::<Result<_>>()?;
-            let adapters = trainer
-                .adapters()
-                .ok_or_else(|| Error::Model("no adapters".into()))?;
-            let after = weighted_nll(&llm, Some(&adapters), &ex, &cfg)?
-                .try_into_scalar::<f32>()
-                .map_err(|e| Error::Model(format!("{e:?}")))?;
-            assert!(after < losses[0] - 0.5, "losses {losses:?} then {after}");
-            Ok(())
+            test_assets::assert_lora_steps_raise_likelihood(&llm, cfg)
         }
     }
 }
