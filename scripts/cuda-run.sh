@@ -19,6 +19,19 @@ export LD_LIBRARY_PATH="${extra}${LD_LIBRARY_PATH:-}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "bundle of commit $(cat "$here/COMMIT" 2>/dev/null), model $(cat "$here/MODEL" 2>/dev/null)"
 
+# What one small kernel launch costs here (a decoding step launches hundreds).
+python3 - <<'PY' 2>/dev/null || echo "(no torch: launch cost not measured)"
+import time, torch
+x = torch.zeros(1, device="cuda")
+torch.cuda.synchronize()
+for n in (200, 2000):
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    torch.cuda.synchronize()
+    print(f"torch: {n} tiny kernels, {(time.perf_counter() - t) / n * 1e6:.1f} us a launch")
+PY
+
 status=0
 for tests in "$here"/bin/tests-*; do
   v="${tests##*/tests-}"
