@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::gguf::Gguf;
 use super::model::{LlamaConfig, LoraAdapters, LoraPair, to_host_f32};
-use super::quant::{Q5Form, QMatrix, dot_f32, matmul_many, row_spans};
+use super::quant::{self, Q5Form, QMatrix, dot_f32, matmul_many, row_spans};
 use crate::{Error, Result};
 
 /// Runs `f` on one of rayon's workers, so that the products it starts split there. From
@@ -360,38 +360,45 @@ impl CpuLlama {
             .into_par_iter()
             .with_min_len(min_len)
             .map(|job| {
-                let (b, head) = (job / h, job % h);
-                let g = head / rep;
-                let mut out = vec![0.0f32; seq * hd];
-                let mut scores = Vec::with_capacity(past + seq);
-                for t in 0..seq {
-                    let abs = past + t;
-                    let first = pads[b];
-                    if first > abs {
-                        continue; // a pad query: it sees nothing and is never read
-                    }
-                    let qv = &q[(b * seq + t) * d + head * hd..][..hd];
-                    scores.clear();
-                    for j in first..=abs {
-                        let kv = cache.at(keys, b, j, g);
-                        scores.push(dot_f32(qv, kv) * scale);
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut total = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let o = &mut out[t * hd..(t + 1) * hd];
-                    for (j, &p) in (first..=abs).zip(&scores) {
-                        let vv = cache.at(values, b, j, g);
-                        let p = p / total;
-                        for (o, v) in o.iter_mut().zip(vv) {
-                            *o += p * v;
+                // The loops below are plain Rust; compiled for the CPU's vectors they run the
+                // same arithmetic with wider registers (`with_simd`).
+                quant::with_simd(
+                    #[inline(always)]
+                    || {
+                        let (b, head) = (job / h, job % h);
+                        let g = head / rep;
+                        let mut out = vec![0.0f32; seq * hd];
+                        let mut scores = Vec::with_capacity(past + seq);
+                        for t in 0..seq {
+                            let abs = past + t;
+                            let first = pads[b];
+                            if first > abs {
+                                continue; // a pad query: it sees nothing and is never read
+                            }
+                            let qv = &q[(b * seq + t) * d + head * hd..][..hd];
+                            scores.clear();
+                            for j in first..=abs {
+                                let kv = cache.at(keys, b, j, g);
+                                scores.push(dot_f32(qv, kv) * scale);
+                            }
+                            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let mut total = 0.0;
+                            for s in scores.iter_mut() {
+                                *s = (*s - max).exp();
+                                total += *s;
+                            }
+                            let o = &mut out[t * hd..(t + 1) * hd];
+                            for (j, &p) in (first..=abs).zip(&scores) {
+                                let vv = cache.at(values, b, j, g);
+                                let p = p / total;
+                                for (o, v) in o.iter_mut().zip(vv) {
+                                    *o += p * v;
+                                }
+                            }
                         }
-                    }
-                }
-                out
+                        out
+                    },
+                )
             })
             .collect();
         let mut out = vec![0.0f32; pads.len() * seq * d];

@@ -393,6 +393,7 @@ fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], qs: &[&QAct]
 }
 
 /// f32 dot product with eight running sums (vectorizes without fast-math).
+#[inline(always)]
 pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -469,6 +470,21 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
         out[j + QK / 2] = (b >> 4) | ((((qh >> (j + QK / 2)) & 1) as u8) << 4);
     }
     out
+}
+
+/// Runs `f` compiled for this CPU's widest vectors (AVX-512 or AVX2), so that the compiler
+/// vectorizes its plain loops with them. Only the vector width changes: Rust never fuses a
+/// multiply and an add, so every element gets the same operations in the same order, and the
+/// results are the portable code's bit for bit.
+#[inline(always)]
+pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    match Simd::detect() {
+        Simd::Scalar => f(),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2(v3) => v3.vectorize(f),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512(v4) => v4.vectorize(f),
+    }
 }
 
 #[derive(Clone, Copy)]
