@@ -522,16 +522,20 @@ mod tests {
         let last = hidden.slice([0..1, len - 1..len]);
         let burn = to_host_f32(model.lm_head(last));
         let cpu = llm.session(None, len).step(&rows, &pads);
-        for (logits, tol) in [(burn, 1e-2), (cpu, 1e-2)] {
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
-                assert_eq!(order[k] as u32, id, "rank {k} (tolerance {tol})");
-                let got = logits[id as usize];
-                assert!((got - value).abs() < tol, "token {id}: {got} vs {value}");
-            }
-        }
+        assert_top5_matches_reference(&burn, 1e-2);
+        assert_top5_matches_reference(&cpu, 1e-2);
         Ok(())
+    }
+
+    /// The oracle's top 5 ids in order, each logit within `tol` of the oracle's.
+    fn assert_top5_matches_reference(logits: &[f32], tol: f32) {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
+            assert_eq!(order[k] as u32, id, "rank {k} (tolerance {tol})");
+            let got = logits[id as usize];
+            assert!((got - value).abs() < tol, "token {id}: {got} vs {value}");
+        }
     }
 
     /// Gate: greedy continuation of the reference prompt equals the oracle's ids exactly.
@@ -730,13 +734,7 @@ mod tests {
             let logits = llm
                 .session(None, ids.len())
                 .step(std::slice::from_ref(&ids), &[0]);
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-            for (k, &(id, value)) in REF_TOP5.iter().enumerate() {
-                assert_eq!(order[k] as u32, id, "rank {k}");
-                let got = logits[id as usize];
-                assert!((got - value).abs() < 5e-2, "token {id}: {got} vs {value}");
-            }
+            assert_top5_matches_reference(&logits, 5e-2);
             let out = llm.generate_ids(&[ids], &Sampling::greedy(40));
             assert_eq!(out[0], REF_GREEDY);
             Ok(())
