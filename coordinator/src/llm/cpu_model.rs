@@ -344,55 +344,93 @@ impl CpuLlama {
         past: usize,
         seq: usize,
     ) -> Vec<f32> {
+        // One task per (sequence, head), or per (sequence, group of heads sharing a key/value
+        // head) when there are enough of those to keep both threads busy: each key and value
+        // is then read once for the group's queries.
+        let c = &self.config;
+        let per_task = if pads.len() * c.n_kv_heads >= 8 {
+            c.n_heads / c.n_kv_heads
+        } else {
+            1
+        };
+        self.attention_in(q, cache, layer, pads, past, seq, per_task)
+    }
+
+    /// [`Self::attention`] with `per_job` heads (1, or a whole group) a task: each head's
+    /// result is the same bit for bit either way.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_in(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        layer: usize,
+        pads: &[usize],
+        past: usize,
+        seq: usize,
+        per_job: usize,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (h, hd) = (c.n_heads, c.head_dim());
         let rep = h / c.n_kv_heads;
         let d = c.d_model;
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys, values) = &cache.layers[layer];
-        // One task per (sequence, head): `[seq, head_dim]` each; on one thread when the whole
-        // step is small (a single sequence's first few decode steps), where handing half to
-        // the other worker costs more than it saves.
-        let jobs = pads.len() * h;
-        let work = jobs * seq * (past + seq) * hd;
+        // On one thread when the whole step is small (a single sequence's first few decode
+        // steps), where handing half to the other worker costs more than it saves.
+        let jobs = pads.len() * h / per_job;
+        let work = pads.len() * h * seq * (past + seq) * hd;
         let min_len = if work < 1 << 15 { jobs.max(1) } else { 1 };
         let heads: Vec<Vec<f32>> = (0..jobs)
             .into_par_iter()
             .with_min_len(min_len)
             .map(|job| {
                 // The loops below are plain Rust; compiled for the CPU's vectors they run the
-                // same arithmetic with wider registers (`with_simd`).
+                // same arithmetic with wider registers (`with_simd`). Each head's sums run over
+                // the positions in the same order however many heads a task holds.
                 quant::with_simd(
                     #[inline(always)]
                     || {
-                        let (b, head) = (job / h, job % h);
-                        let g = head / rep;
-                        let mut out = vec![0.0f32; seq * hd];
-                        let mut scores = Vec::with_capacity(past + seq);
+                        let b = job / (h / per_job);
+                        let first_head = job % (h / per_job) * per_job;
+                        let g = first_head / rep;
+                        let first = pads[b];
+                        let mut out = vec![0.0f32; seq * per_job * hd];
+                        let mut scores = vec![Vec::with_capacity(past + seq); per_job];
+                        let mut totals = vec![0.0f32; per_job];
                         for t in 0..seq {
                             let abs = past + t;
-                            let first = pads[b];
                             if first > abs {
                                 continue; // a pad query: it sees nothing and is never read
                             }
-                            let qv = &q[(b * seq + t) * d + head * hd..][..hd];
-                            scores.clear();
+                            let row = (b * seq + t) * d + first_head * hd;
+                            let qs = &q[row..row + per_job * hd];
+                            for s in scores.iter_mut() {
+                                s.clear();
+                            }
                             for j in first..=abs {
                                 let kv = cache.at(keys, b, j, g);
-                                scores.push(dot_f32(qv, kv) * scale);
+                                for (s, qv) in scores.iter_mut().zip(qs.chunks_exact(hd)) {
+                                    s.push(dot_f32(qv, kv) * scale);
+                                }
                             }
-                            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut total = 0.0;
-                            for s in scores.iter_mut() {
-                                *s = (*s - max).exp();
-                                total += *s;
+                            totals.fill(0.0);
+                            for (s, total) in scores.iter_mut().zip(totals.iter_mut()) {
+                                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                                for s in s.iter_mut() {
+                                    *s = (*s - max).exp();
+                                    *total += *s;
+                                }
                             }
-                            let o = &mut out[t * hd..(t + 1) * hd];
-                            for (j, &p) in (first..=abs).zip(&scores) {
+                            let o = &mut out[t * per_job * hd..(t + 1) * per_job * hd];
+                            for (i, j) in (first..=abs).enumerate() {
                                 let vv = cache.at(values, b, j, g);
-                                let p = p / total;
-                                for (o, v) in o.iter_mut().zip(vv) {
-                                    *o += p * v;
+                                for ((o, s), total) in
+                                    o.chunks_exact_mut(hd).zip(&scores).zip(&totals)
+                                {
+                                    let p = s[i] / total;
+                                    for (o, v) in o.iter_mut().zip(vv) {
+                                        *o += p * v;
+                                    }
                                 }
                             }
                         }
@@ -402,19 +440,23 @@ impl CpuLlama {
             })
             .collect();
         let mut out = vec![0.0f32; pads.len() * seq * d];
+        let width = per_job * hd;
         for (job, o) in heads.iter().enumerate() {
-            let (b, head) = (job / h, job % h);
+            let b = job / (h / per_job);
+            let first_head = job % (h / per_job) * per_job;
             for t in 0..seq {
-                out[(b * seq + t) * d + head * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);
+                out[(b * seq + t) * d + first_head * hd..][..width]
+                    .copy_from_slice(&o[t * width..][..width]);
             }
         }
         out
     }
 }
 
-/// Keys and values of the positions seen so far, per layer `[batch, capacity, kv_heads *
+/// Keys and values of the positions seen so far, per layer `[batch, kv_heads, capacity,
 /// head_dim]`, allocated ahead and written in place; it grows (doubling) only when a step
-/// needs more positions than it holds.
+/// needs more positions than it holds. A head's positions lie one after the other, so that
+/// attention reads each head's keys and values as one stream.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     batch: usize,
@@ -472,13 +514,16 @@ impl KvCache {
     }
 
     fn regather(&mut self, rows: &[usize], capacity: usize) {
-        let (old_cap, w, len) = (self.capacity, self.width, self.len);
+        let (old_cap, w, hd, len) = (self.capacity, self.width, self.head_dim, self.len);
+        let heads = w / hd.max(1);
         for (k, v) in &mut self.layers {
             for buf in [k, v] {
                 let mut next = vec![0.0; rows.len() * capacity * w];
                 for (new, &old) in rows.iter().enumerate() {
-                    next[new * capacity * w..][..len * w]
-                        .copy_from_slice(&buf[old * old_cap * w..][..len * w]);
+                    for g in 0..heads {
+                        next[(new * heads + g) * capacity * hd..][..len * hd]
+                            .copy_from_slice(&buf[(old * heads + g) * old_cap * hd..][..len * hd]);
+                    }
                 }
                 *buf = next;
             }
@@ -489,18 +534,26 @@ impl KvCache {
 
     /// Stores the `[batch, seq, width]` keys and values of `layer` after `past` positions.
     fn write(&mut self, layer: usize, past: usize, seq: usize, k: &[f32], v: &[f32]) {
-        let (cap, w) = (self.capacity, self.width);
+        let (cap, w, hd) = (self.capacity, self.width, self.head_dim);
+        let heads = w / hd.max(1);
         let (kc, vc) = &mut self.layers[layer];
         for b in 0..self.batch {
-            let at = (b * cap + past) * w;
-            kc[at..at + seq * w].copy_from_slice(&k[b * seq * w..(b + 1) * seq * w]);
-            vc[at..at + seq * w].copy_from_slice(&v[b * seq * w..(b + 1) * seq * w]);
+            for t in 0..seq {
+                let from = (b * seq + t) * w;
+                for g in 0..heads {
+                    let at = ((b * heads + g) * cap + past + t) * hd;
+                    let src = from + g * hd;
+                    kc[at..at + hd].copy_from_slice(&k[src..src + hd]);
+                    vc[at..at + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
         }
     }
 
     /// Head `g`'s vector at position `j` of sequence `b` in buffer `buf`.
     fn at<'a>(&self, buf: &'a [f32], b: usize, j: usize, g: usize) -> &'a [f32] {
-        &buf[(b * self.capacity + j) * self.width + g * self.head_dim..][..self.head_dim]
+        let heads = self.width / self.head_dim.max(1);
+        &buf[((b * heads + g) * self.capacity + j) * self.head_dim..][..self.head_dim]
     }
 }
 
@@ -670,6 +723,43 @@ mod tests {
             cpu.forward(&next, &pads, &mut split, None),
         );
         assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        Ok(())
+    }
+
+    #[test]
+    fn attention_by_head_groups_equals_by_heads_bit_for_bit() -> Result<()> {
+        let cpu = test_assets::smollm2_llm()
+            .cpu_model()
+            .ok_or_else(|| Error::Model("no CPU decoder".into()))?;
+        let c = cpu.config();
+        let rep = c.n_heads / c.n_kv_heads;
+        assert!(rep > 1, "SmolLM2 shares key/value heads");
+        // Three left-padded prompts, then queries for a prompt step and for a decoding step.
+        let (batch, seq) = (3, 12);
+        let pads = [0, 4, 9];
+        let tokens: Vec<u32> = (0..batch * seq)
+            .map(|i| ((i * 7919 + 13) % 20_000) as u32)
+            .collect();
+        let mut cache = KvCache::default();
+        cpu.forward(&tokens, &pads, &mut cache, None);
+        for (past, new) in [(0, seq), (seq - 1, 1)] {
+            let q: Vec<f32> = (0..batch * new * c.d_model)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            for layer in [0, c.n_layers - 1] {
+                let heads = cpu.attention_in(&q, &cache, layer, &pads, past, new, 1);
+                let groups = cpu.attention_in(&q, &cache, layer, &pads, past, new, rep);
+                assert_eq!(heads.len(), groups.len());
+                assert!(heads.iter().any(|v| *v != 0.0));
+                assert!(
+                    heads
+                        .iter()
+                        .zip(&groups)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "layer {layer}, {new} new positions: grouped heads differ"
+                );
+            }
+        }
         Ok(())
     }
 }
