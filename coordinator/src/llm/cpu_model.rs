@@ -27,6 +27,14 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// activations rather than those of a whole batch of prompts (the feed-forward's are the
 /// largest: `rows * d_ff` values, twice).
 const PREFILL_ROWS: usize = 256;
+static PROF: [std::sync::atomic::AtomicU64; 8] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
+fn prof_n() -> usize {
+    std::env::var("PROF_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
 
 /// One decoder block's weights.
 struct Block {
@@ -290,9 +298,20 @@ impl CpuLlama {
             .flat_map(|&t| self.embed.row(t as usize))
             .collect();
         let rope = RopeTable::new(&self.inv_freq, pads, past, seq);
+        let prof = n == prof_n();
+        let mut tm = std::time::Instant::now();
+        let mut lap = |k: usize| {
+            if prof {
+                let e = tm.elapsed().as_nanos() as u64;
+                PROF[k].fetch_add(e, std::sync::atomic::Ordering::Relaxed);
+                tm = std::time::Instant::now();
+            }
+        };
         for (i, b) in self.blocks.iter().enumerate() {
             let xn = rms_norm(&x, &b.attn_norm, c.rms_eps);
+            lap(0);
             let mut qkv = matmul_many(&[&b.wq, &b.wk, &b.wv], &xn, n).into_iter();
+            lap(1);
             let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next())
             else {
                 unreachable!("three matrices in, three products out")
@@ -311,17 +330,32 @@ impl CpuLlama {
             rope.apply(&mut q, c.head_dim(), c.rope_halves());
             rope.apply(&mut k, c.head_dim(), c.rope_halves());
             cache.write(i, past, seq, &k, &v);
+            lap(0);
             let attn = self.attention(&q, cache, i, pads, past, seq);
+            lap(2);
             add(&mut x, &b.wo.matmul(&attn, n));
+            lap(3);
             let xn = rms_norm(&x, &b.ffn_norm, c.rms_eps);
+            lap(0);
             let mut gu = matmul_many(&[&b.gate, &b.up], &xn, n).into_iter();
+            lap(4);
             let (Some(mut g), Some(u)) = (gu.next(), gu.next()) else {
                 unreachable!("two matrices in, two products out")
             };
-            for (g, u) in g.iter_mut().zip(&u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            swiglu(&mut g, &u);
+            lap(0);
             add(&mut x, &b.down.matmul(&g, n));
+            lap(5);
+        }
+        if prof && PROF[7].fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 32 == 31 {
+            let v: Vec<f64> = PROF
+                .iter()
+                .map(|a| a.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6)
+                .collect();
+            eprintln!(
+                "PROF other {:.1} qkv {:.1} attn {:.1} wo {:.1} gu {:.1} down {:.1} head {:.1}",
+                v[0], v[1], v[2], v[3], v[4], v[5], v[6]
+            );
         }
         cache.len = past + seq;
         rms_norm(&x, &self.norm, c.rms_eps)
@@ -330,7 +364,15 @@ impl CpuLlama {
     /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the LM head, from its blocks.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        on_pool(|| head.matmul(hidden, n))
+        let t = std::time::Instant::now();
+        let r = on_pool(|| head.matmul(hidden, n));
+        if n == prof_n() {
+            PROF[6].fetch_add(
+                t.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        r
     }
 
     /// Attention of the new queries over the cached keys/values of `layer`:
@@ -417,7 +459,10 @@ impl CpuLlama {
                             for (s, total) in scores.iter_mut().zip(totals.iter_mut()) {
                                 let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                                 for s in s.iter_mut() {
-                                    *s = (*s - max).exp();
+                                    *s -= max;
+                                }
+                                quant::exp_in_place(s);
+                                for s in s.iter() {
                                     *total += *s;
                                 }
                             }
@@ -682,6 +727,25 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
         out.extend(row.iter().zip(weight).map(|(v, w)| v * inv * w));
     }
     out
+}
+
+/// `g = silu(g) * u`, element by element (`silu(g) = g / (1 + exp(-g))`); long inputs in
+/// chunks over the threads.
+fn swiglu(g: &mut [f32], u: &[f32]) {
+    const CHUNK: usize = 4096;
+    let run = |g: &mut [f32], u: &[f32]| {
+        let mut e: Vec<f32> = g.iter().map(|v| -v).collect();
+        quant::exp_in_place(&mut e);
+        for ((g, u), e) in g.iter_mut().zip(u).zip(&e) {
+            *g = *g / (1.0 + e) * u;
+        }
+    };
+    if g.len() <= CHUNK {
+        return run(g, u);
+    }
+    g.par_chunks_mut(CHUNK)
+        .zip(u.par_chunks(CHUNK))
+        .for_each(|(g, u)| run(g, u));
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

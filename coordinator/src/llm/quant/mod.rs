@@ -20,6 +20,7 @@ mod act;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod exp;
 mod repack;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ mod tests;
 use rayon::prelude::*;
 
 use self::act::QAct;
+pub(crate) use self::exp::exp_in_place;
 use super::gguf::{GgmlType, QK};
 use crate::{Error, Result};
 
