@@ -26,6 +26,28 @@ pub struct RoundMetrics {
     /// Samples the CrossLM clients kept: at or above their quality threshold (all of them in
     /// rounds before `min_quality_from_round`).
     pub kept: Option<usize>,
+    /// Where the round's time went (networked variants; absent from older metrics files).
+    #[serde(default)]
+    pub split: Option<RoundSplit>,
+}
+
+/// Wall seconds of a round's phases. The clients' phases are the slowest client's; the LLM's
+/// tuning and evaluation run while the clients train, on the same cores.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoundSplit {
+    /// The LLM writing the round's samples.
+    pub generation: Option<f64>,
+    /// The frozen LLM's batch came from the cache: no generation ran.
+    #[serde(default)]
+    pub generation_cached: bool,
+    /// Scoring every sample.
+    pub scoring: Option<f64>,
+    /// LoRA-tuning the LLM on the scored samples.
+    pub llm_tuning: Option<f64>,
+    /// Measuring the tuned LLM (task accuracy, perplexity).
+    pub llm_evaluation: Option<f64>,
+    /// Training on the round's samples plus the private data, and the test accuracy after it.
+    pub client_training: Option<f64>,
 }
 
 /// One variant's run.
@@ -211,6 +233,7 @@ impl Metrics {
             samples: None,
             mean_quality: None,
             kept: None,
+            split: None,
         };
         let mut row = |name: &str, r: &RoundMetrics, llm: Option<&LlmReport>| {
             let st = stats(&self.honest_slm(r));
@@ -274,6 +297,36 @@ impl Metrics {
                     ppl(llm),
                     llm.filter(|l| l.tuned)
                         .map_or("—".into(), |l| format!("{:.0}", l.tune_secs)),
+                );
+            }
+        }
+        for v in &self.variants {
+            if !v.rounds.iter().any(|r| r.split.is_some()) {
+                continue;
+            }
+            s += &format!(
+                "\n## {}: where each round's time went (s)\n\nThe clients' phases are the slowest \
+                 client's; the LLM tunes and is measured while the clients train, on the same \
+                 cores. Generation `cached`: the frozen LLM's batch came from the cache.\n\n\
+                 | Round | generation | scoring | LLM tuning | LLM evaluation | client training |\n\
+                 |---|---|---|---|---|---|\n",
+                v.variant.label()
+            );
+            let secs = |x: Option<f64>| x.map_or("—".to_string(), |x| format!("{x:.1}"));
+            for r in &v.rounds {
+                let Some(t) = &r.split else { continue };
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    r.round,
+                    if t.generation_cached {
+                        "cached".to_string()
+                    } else {
+                        secs(t.generation)
+                    },
+                    secs(t.scoring),
+                    secs(t.llm_tuning),
+                    secs(t.llm_evaluation),
+                    secs(t.client_training),
                 );
             }
         }
@@ -406,6 +459,7 @@ fn empty_round() -> RoundMetrics {
         samples: None,
         mean_quality: None,
         kept: None,
+        split: None,
     }
 }
 
@@ -476,6 +530,14 @@ variants = ["standalone", "crosslm"]
             samples: Some(8),
             mean_quality: Some(0.6),
             kept: Some(5),
+            split: (round > 0).then(|| RoundSplit {
+                generation: (round > 1).then_some(30.0),
+                generation_cached: round == 1,
+                scoring: Some(4.0),
+                llm_tuning: Some(50.0),
+                llm_evaluation: Some(12.0),
+                client_training: Some(20.0),
+            }),
         };
         Metrics {
             config,
@@ -525,6 +587,16 @@ variants = ["standalone", "crosslm"]
         assert!(md.contains("| Standalone | 56.0 | 50.0 | 62.0 |"), "{md}");
         assert!(md.contains("Dirichlet(0.5)"));
         assert!(!md.contains("client_use_scores"), "{md}");
+        // Each round's phases, the cached frozen batch marked as such.
+        assert!(md.contains("CrossLM: where each round's time went"), "{md}");
+        assert!(
+            md.contains("| 1 | cached | 4.0 | 50.0 | 12.0 | 20.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 2 | 30.0 | 4.0 | 50.0 | 12.0 | 20.0 |"),
+            "{md}"
+        );
         // Split adapters: the task side's perplexity beside the writing side's, once tuned.
         let mut split = metrics();
         for r in split.llm_zero_shot.iter_mut().chain(

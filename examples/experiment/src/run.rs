@@ -2,8 +2,9 @@
 //! The round-based variants run the real coordinator daemon and one real client per device
 //! (enrollment, mutual TLS, QUIC on loopback), in this process.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -31,7 +32,55 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::attack::run_attacker;
 use crate::config::{EvalSplit, ExperimentConfig, Partition, SlmTraining, Variant};
-use crate::report::{ClientMeta, Metrics, RoundMetrics, VariantResult};
+use crate::report::{ClientMeta, Metrics, RoundMetrics, RoundSplit, VariantResult};
+
+/// Wall seconds of each round's phases as they happen: the generator's, and the slowest
+/// client's scoring and training.
+#[derive(Default, Clone)]
+struct Phases(Arc<Mutex<PhaseLog>>);
+
+#[derive(Default)]
+struct PhaseLog {
+    /// Per round: seconds the LLM generated, `None` when the batch came from the cache.
+    generation: BTreeMap<u64, Option<f64>>,
+    scoring: BTreeMap<u64, f64>,
+    training: BTreeMap<u64, f64>,
+}
+
+impl Phases {
+    fn record(&self, f: impl FnOnce(&mut PhaseLog)) {
+        if let Ok(mut log) = self.0.lock() {
+            f(&mut log);
+        }
+    }
+
+    fn client_phase(map: &mut BTreeMap<u64, f64>, round: u64, secs: f64) {
+        let slowest = map.entry(round).or_insert(0.0);
+        *slowest = slowest.max(secs);
+    }
+
+    /// A round's split, the LLM's side from its report.
+    fn split(&self, round: u64, llm: Option<&LlmReport>) -> RoundSplit {
+        let log = self.0.lock().ok();
+        let generation = log.as_ref().and_then(|l| l.generation.get(&round).copied());
+        RoundSplit {
+            generation: generation.flatten(),
+            generation_cached: matches!(generation, Some(None)),
+            scoring: log.as_ref().and_then(|l| l.scoring.get(&round).copied()),
+            llm_tuning: llm.filter(|l| l.tuned).map(|l| l.tune_secs),
+            llm_evaluation: llm.map(|l| l.eval_secs),
+            client_training: log.as_ref().and_then(|l| l.training.get(&round).copied()),
+        }
+    }
+}
+
+/// A client's phase in progress, for [`Phases`].
+#[derive(Default)]
+struct ClientClock {
+    round: u64,
+    scoring: Option<Instant>,
+    learning: Option<Instant>,
+}
 
 /// One simulated device.
 pub struct Client {
@@ -323,6 +372,7 @@ impl Ctx {
             samples: None,
             mean_quality: None,
             kept: None,
+            split: None,
         };
         let mut rounds = match v {
             Variant::Standalone => self.standalone()?,
@@ -460,7 +510,12 @@ impl Ctx {
 
     /// The LLM behind a round-based variant: tuned for CrossLM, frozen otherwise; its frozen
     /// batches and zero-shot evaluation shared through the cache.
-    fn llm_generator(&self, v: Variant, coord_dir: &Path) -> anyhow::Result<Cached> {
+    fn llm_generator(
+        &self,
+        v: Variant,
+        coord_dir: &Path,
+        phases: Phases,
+    ) -> anyhow::Result<Cached> {
         let cfg = &self.cfg;
         let llm_path = self.assets.join(&cfg.llm);
         let llm = Llm::load(&llm_path, &self.placement.device())
@@ -482,6 +537,7 @@ impl Ctx {
         }
         Ok(Cached {
             inner,
+            phases,
             dir: self.cache.clone(),
             // Before any tuning the LLM is the frozen one: its round-1 batch is shared.
             frozen_through: if v == Variant::Crosslm { 1 } else { u64::MAX },
@@ -525,10 +581,11 @@ impl Ctx {
         if coord_dir.exists() {
             std::fs::remove_dir_all(&coord_dir)?;
         }
+        let phases = Phases::default();
         let generator: Box<dyn Generator> = if v == Variant::RealData {
             Box::new(self.real_data(&coord_dir)?)
         } else {
-            Box::new(self.llm_generator(v, &coord_dir)?)
+            Box::new(self.llm_generator(v, &coord_dir, phases.clone())?)
         };
         let daemon_cfg = DaemonConfig {
             listen: "127.0.0.1:0".parse()?,
@@ -608,20 +665,38 @@ impl Ctx {
             device.load_data_rows(&named(&c.private))?;
             device.load_test_rows(&test_rows)?;
             let (bar, name, label) = (pb.clone(), c.name.clone(), v.label());
-            device.set_listener(Some(Arc::new(move |p: &DeviceProgress| match p.activity {
-                Activity::Scoring if p.done == 0 => {
-                    bar.set_message(format!("{label}: {name} scoring {} samples", p.total))
-                }
-                Activity::Learning if p.done == 0 => {
-                    bar.set_message(format!("{label}: {name} training on the round"))
-                }
-                Activity::RoundFinished => {
-                    bar.inc(1);
-                    if let Some(acc) = p.accuracy {
-                        bar.println(format!("  {label} {name}: accuracy {acc:.3}"));
+            let (phases, clock) = (phases.clone(), Mutex::new(ClientClock::default()));
+            device.set_listener(Some(Arc::new(move |p: &DeviceProgress| {
+                let Ok(mut clock) = clock.lock() else { return };
+                match p.activity {
+                    Activity::Scoring if p.done == 0 => {
+                        clock.round = p.round.unwrap_or(clock.round);
+                        clock.scoring = Some(Instant::now());
+                        bar.set_message(format!("{label}: {name} scoring {} samples", p.total))
                     }
+                    Activity::Scoring if p.done == p.total => {
+                        if let Some(t) = clock.scoring.take() {
+                            let (round, secs) = (clock.round, t.elapsed().as_secs_f64());
+                            phases.record(|l| Phases::client_phase(&mut l.scoring, round, secs));
+                        }
+                    }
+                    Activity::Learning if p.done == 0 => {
+                        clock.learning = Some(Instant::now());
+                        bar.set_message(format!("{label}: {name} training on the round"))
+                    }
+                    Activity::RoundFinished => {
+                        if let Some(t) = clock.learning.take() {
+                            let round = p.round.unwrap_or(clock.round);
+                            let secs = t.elapsed().as_secs_f64();
+                            phases.record(|l| Phases::client_phase(&mut l.training, round, secs));
+                        }
+                        bar.inc(1);
+                        if let Some(acc) = p.accuracy {
+                            bar.println(format!("  {label} {name}: accuracy {acc:.3}"));
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             })));
             let rounds = cfg.rounds;
             tasks.push(tokio::spawn(async move {
@@ -639,7 +714,7 @@ impl Ctx {
         daemon.wait().await?;
         pb.finish_with_message(format!("{} done", v.label()));
         drop(daemon);
-        self.collect(&coord_dir)
+        self.collect(&coord_dir, &phases)
     }
 
     /// How the clients learn from each round: the experiment's client settings, sent by the
@@ -675,7 +750,7 @@ impl Ctx {
 
     /// Per-round metrics from the coordinator's store: the clients' reports (sent over the
     /// network after each round), the rounds' quality, the LLM's reports.
-    fn collect(&self, coord_dir: &Path) -> anyhow::Result<Vec<RoundMetrics>> {
+    fn collect(&self, coord_dir: &Path, phases: &Phases) -> anyhow::Result<Vec<RoundMetrics>> {
         let store = Store::open(coord_dir)?;
         let names: std::collections::HashMap<String, usize> = store
             .clients()?
@@ -695,6 +770,7 @@ impl Ctx {
                 samples: None,
                 mean_quality: None,
                 kept: None,
+                split: None,
             });
         }
         for s in store.summaries()? {
@@ -716,10 +792,12 @@ impl Ctx {
                     .filter(|x| x.quality.is_finite() && x.rival_share() >= threshold)
                     .count()
             });
+            let report = llm.iter().find(|r| r.round == s.id).cloned();
             out.push(RoundMetrics {
                 round: s.id,
                 slm,
-                llm: llm.iter().find(|r| r.round == s.id).cloned(),
+                split: Some(phases.split(s.id, report.as_ref())),
+                llm: report,
                 samples: Some(s.samples),
                 mean_quality: s.mean_quality,
                 kept,
@@ -737,6 +815,7 @@ fn plain_round(round: u64, slm: Vec<Option<f32>>) -> RoundMetrics {
         samples: None,
         mean_quality: None,
         kept: None,
+        split: None,
     }
 }
 
@@ -757,6 +836,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// model) is the same batch; the zero-shot evaluation likewise.
 struct Cached {
     inner: LlmGenerator,
+    phases: Phases,
     dir: PathBuf,
     frozen_through: u64,
     eval_key: String,
@@ -787,8 +867,16 @@ impl Generator for Cached {
         n: usize,
         round: u64,
     ) -> crosslm_coordinator::Result<Vec<GeneratedSample>> {
+        let started = Instant::now();
+        let timed = |out: Vec<GeneratedSample>, secs: Option<f64>| {
+            self.phases.record(|l| {
+                l.generation.insert(round, secs);
+            });
+            out
+        };
         if round > self.frozen_through {
-            return self.inner.generate(task, n, round);
+            let out = self.inner.generate(task, n, round)?;
+            return Ok(timed(out, Some(started.elapsed().as_secs_f64())));
         }
         let path = self.dir.join(format!("frozen-round{round}-n{n}.json"));
         if let Some(v) = std::fs::read(&path)
@@ -796,15 +884,17 @@ impl Generator for Cached {
             .and_then(|b| serde_json::from_slice::<Vec<CachedSample>>(&b).ok())
         {
             tracing::info!(round, file = %path.display(), "frozen-LLM batch from the cache");
-            return Ok(v
+            let out = v
                 .into_iter()
                 .map(|s| GeneratedSample {
                     text: s.text,
                     label: s.label,
                 })
-                .collect());
+                .collect();
+            return Ok(timed(out, None));
         }
         let out = self.inner.generate(task, n, round)?;
+        let out = timed(out, Some(started.elapsed().as_secs_f64()));
         let rows: Vec<CachedSample> = out
             .iter()
             .map(|s| CachedSample {
