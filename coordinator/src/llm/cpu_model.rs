@@ -27,14 +27,6 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// activations rather than those of a whole batch of prompts (the feed-forward's are the
 /// largest: `rows * d_ff` values, twice).
 const PREFILL_ROWS: usize = 256;
-static PROF: [std::sync::atomic::AtomicU64; 8] =
-    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
-fn prof_n() -> usize {
-    std::env::var("PROF_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16)
-}
 
 /// One decoder block's weights.
 struct Block {
@@ -298,20 +290,9 @@ impl CpuLlama {
             .flat_map(|&t| self.embed.row(t as usize))
             .collect();
         let rope = RopeTable::new(&self.inv_freq, pads, past, seq);
-        let prof = n == prof_n();
-        let mut tm = std::time::Instant::now();
-        let mut lap = |k: usize| {
-            if prof {
-                let e = tm.elapsed().as_nanos() as u64;
-                PROF[k].fetch_add(e, std::sync::atomic::Ordering::Relaxed);
-                tm = std::time::Instant::now();
-            }
-        };
         for (i, b) in self.blocks.iter().enumerate() {
             let xn = rms_norm(&x, &b.attn_norm, c.rms_eps);
-            lap(0);
             let mut qkv = matmul_many(&[&b.wq, &b.wk, &b.wv], &xn, n).into_iter();
-            lap(1);
             let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next())
             else {
                 unreachable!("three matrices in, three products out")
@@ -330,32 +311,15 @@ impl CpuLlama {
             rope.apply(&mut q, c.head_dim(), c.rope_halves());
             rope.apply(&mut k, c.head_dim(), c.rope_halves());
             cache.write(i, past, seq, &k, &v);
-            lap(0);
             let attn = self.attention(&q, cache, i, pads, past, seq);
-            lap(2);
             add(&mut x, &b.wo.matmul(&attn, n));
-            lap(3);
             let xn = rms_norm(&x, &b.ffn_norm, c.rms_eps);
-            lap(0);
             let mut gu = matmul_many(&[&b.gate, &b.up], &xn, n).into_iter();
-            lap(4);
             let (Some(mut g), Some(u)) = (gu.next(), gu.next()) else {
                 unreachable!("two matrices in, two products out")
             };
             swiglu(&mut g, &u);
-            lap(0);
             add(&mut x, &b.down.matmul(&g, n));
-            lap(5);
-        }
-        if prof && PROF[7].fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 32 == 31 {
-            let v: Vec<f64> = PROF
-                .iter()
-                .map(|a| a.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6)
-                .collect();
-            eprintln!(
-                "PROF other {:.1} qkv {:.1} attn {:.1} wo {:.1} gu {:.1} down {:.1} head {:.1}",
-                v[0], v[1], v[2], v[3], v[4], v[5], v[6]
-            );
         }
         cache.len = past + seq;
         rms_norm(&x, &self.norm, c.rms_eps)
@@ -364,15 +328,7 @@ impl CpuLlama {
     /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the LM head, from its blocks.
     pub fn logits(&self, hidden: &[f32], n: usize) -> Vec<f32> {
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        let t = std::time::Instant::now();
-        let r = on_pool(|| head.matmul(hidden, n));
-        if n == prof_n() {
-            PROF[6].fetch_add(
-                t.elapsed().as_nanos() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-        r
+        on_pool(|| head.matmul(hidden, n))
     }
 
     /// Attention of the new queries over the cached keys/values of `layer`:
