@@ -14,7 +14,9 @@
 //! burn decoder instead of the quantized one; `CROSSLM_BENCH_DEVICE` = `cpu` (default), `gpu`
 //! or `auto`, as `--device` takes them: on a GPU (a `cuda` build) the reference is
 //! `scripts/bench/llm_torch.py`, transformers on the same GPU and the same prompt ids, in
-//! f32 as burn runs, and in bf16 beside it).
+//! f32 as burn runs, and in bf16 beside it; `CROSSLM_BENCH_ROUNDS` turns of ours then the
+//! reference's, 3 on the CPU and 1 on a GPU by default: the table shows medians, each ratio
+//! the median of the rounds' ratios, with their range).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -311,19 +313,54 @@ fn main() {
         run(&llm, 1, prompt_len, n_gen);
         run(&llm, 16, prompt_len, n_gen);
     }
-    let (b1, greedy) = run(&llm, 1, prompt_len, n_gen);
-    let (b16, _) = run(&llm, 16, prompt_len, n_gen);
+    // Ours and the reference take turns, round after round: on a shared machine the speed
+    // moves by tens of percent within a minute, so a ratio is taken per round (both sides
+    // measured moments apart) and the table shows the median round.
+    let rounds = env_usize("CROSSLM_BENCH_ROUNDS", if on_cpu { 3 } else { 1 }).max(1);
+    let mut ours: Vec<[Figures; 2]> = Vec::new();
+    let mut greedy = Vec::new();
+    let mut per_round: Vec<Vec<Reference>> = Vec::new();
+    for round in 0..rounds {
+        let (b1, first) = run(&llm, 1, prompt_len, n_gen);
+        let (b16, _) = run(&llm, 16, prompt_len, n_gen);
+        if round == 0 {
+            greedy = first;
+        }
+        ours.push([b1, b16]);
+        per_round.push(if on_cpu {
+            llamacpp(&path, prompt_len, n_gen).into_iter().collect()
+        } else {
+            let ids = [prompts(&llm, 1, prompt_len), prompts(&llm, 16, prompt_len)];
+            ["float32", "bfloat16"]
+                .into_iter()
+                .filter_map(|dtype| torch(&path, &ids, n_gen, dtype))
+                .collect()
+        });
+        if rounds > 1 {
+            eprintln!(
+                "round {}/{rounds}: crosslm generate {:.1} / {:.1} tokens/s (batch 1 / 16){}",
+                round + 1,
+                b1.generate,
+                b16.generate,
+                per_round[round]
+                    .iter()
+                    .map(|r| format!("; {} {:.1} / {:.1}", r.name, r.b1.generate, r.b16.generate))
+                    .collect::<String>()
+            );
+        }
+    }
     let rss = peak_rss_mib();
     let work = round_work(&llm);
-    let references: Vec<Reference> = if on_cpu {
-        llamacpp(&path, prompt_len, n_gen).into_iter().collect()
-    } else {
-        let ids = [prompts(&llm, 1, prompt_len), prompts(&llm, 16, prompt_len)];
-        ["float32", "bfloat16"]
-            .into_iter()
-            .filter_map(|dtype| torch(&path, &ids, n_gen, dtype))
-            .collect()
-    };
+    // A reference counts where every round has it.
+    let references: Vec<&Reference> = per_round[0]
+        .iter()
+        .filter(|r| {
+            per_round
+                .iter()
+                .all(|rs| rs.iter().any(|x| x.name == r.name))
+        })
+        .collect();
+    let same = |name: &str, round: usize| per_round[round].iter().find(|r| r.name == name);
     let engine = if llm.cpu_model().is_some() {
         "quantized CPU decoder".to_string()
     } else {
@@ -345,53 +382,77 @@ fn main() {
     let columns: Vec<Option<&Reference>> = if references.is_empty() {
         vec![None]
     } else {
-        references.iter().map(Some).collect()
+        references.iter().copied().map(Some).collect()
     };
+    if rounds > 1 {
+        println!(
+            "({rounds} rounds, each side's turn moments apart: medians, and the range of the \
+             rounds' ratios)"
+        );
+    }
+    type Pick = fn(&[Figures; 2]) -> f64;
+    let rows: [(&str, Pick); 4] = [
+        ("prefill, batch 1", |f| f[0].prefill),
+        ("generate, batch 1", |f| f[0].generate),
+        ("prefill, batch 16", |f| f[1].prefill),
+        ("generate, batch 16", |f| f[1].generate),
+    ];
     for reference in columns {
         let name = reference.map_or("-", |r| r.name.as_str());
         println!(
-            "{:<22} {:>12} {:>12} {:>8}",
-            "tokens/s", "crosslm", name, "ratio"
+            "{:<22} {:>12} {:>12} {:>8} {:>12}",
+            "tokens/s", "crosslm", name, "ratio", "range"
         );
-        let rows = [
-            (
-                "prefill, batch 1",
-                b1.prefill,
-                reference.map(|r| r.b1.prefill),
+        for (row, pick) in rows {
+            let mine = median(ours.iter().map(pick).collect());
+            let Some(r) = reference else {
+                println!("{row:<22} {mine:>12.1} {:>12} {:>8}", "-", "-");
+                continue;
+            };
+            let theirs: Vec<f64> = (0..rounds)
+                .filter_map(|k| same(&r.name, k))
+                .map(|x| pick(&[x.b1, x.b16]))
+                .collect();
+            let ratios: Vec<f64> = ours.iter().zip(&theirs).map(|(o, t)| pick(o) / t).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                    (a.min(x), b.max(x))
+                });
+            println!(
+                "{row:<22} {mine:>12.1} {:>12.1} {:>8.2} {:>12}",
+                median(theirs),
+                median(ratios),
+                if rounds > 1 {
+                    format!("{lo:.2}-{hi:.2}")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let their_rss = reference.and_then(|r| {
+            (0..rounds)
+                .filter_map(|k| same(&r.name, k).and_then(|x| x.peak_rss_mib))
+                .reduce(f64::max)
+        });
+        match their_rss {
+            Some(t) => println!(
+                "{:<22} {rss:>12.1} {t:>12.1} {:>8.2}",
+                "peak RSS MiB",
+                rss / t
             ),
-            (
-                "generate, batch 1",
-                b1.generate,
-                reference.map(|r| r.b1.generate),
-            ),
-            (
-                "prefill, batch 16",
-                b16.prefill,
-                reference.map(|r| r.b16.prefill),
-            ),
-            (
-                "generate, batch 16",
-                b16.generate,
-                reference.map(|r| r.b16.generate),
-            ),
-            ("peak RSS MiB", rss, reference.and_then(|r| r.peak_rss_mib)),
-        ];
-        for (row, ours, theirs) in rows {
-            match theirs {
-                Some(t) => println!("{row:<22} {ours:>12.1} {t:>12.1} {:>8.2}", ours / t),
-                None => println!("{row:<22} {ours:>12.1} {:>12} {:>8}", "-", "-"),
-            }
+            None => println!("{:<22} {rss:>12.1} {:>12} {:>8}", "peak RSS MiB", "-", "-"),
         }
         if let Some(r) = reference {
             println!("({})", r.note);
             if !r.tokens.is_empty() {
-                let same = greedy
+                let agree = greedy
                     .iter()
                     .zip(&r.tokens)
                     .take_while(|(a, b)| a == b)
                     .count();
                 println!(
-                    "(greedy tokens at batch 1: the first {same} of {} agree)",
+                    "(greedy tokens at batch 1: the first {agree} of {} agree)",
                     greedy.len().min(r.tokens.len())
                 );
             }
@@ -404,6 +465,16 @@ fn main() {
             println!("NYT perplexity, scored tokens/s  {perplexity:>8.1}");
         }
         Err(e) => println!("round work not measured: {e}"),
+    }
+}
+
+/// The middle value (the mean of the middle two for an even count); NaN for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
