@@ -28,7 +28,7 @@ fn load64(x: &[i8]) -> __m512i {
 
 /// Sum of the lanes (in a fixed order, so runs repeat bit for bit).
 #[inline(always)]
-fn hsum(v: __m512) -> f32 {
+pub(super) fn hsum(v: __m512) -> f32 {
     let lanes: [f32; 16] = pulp::cast(v);
     lanes.iter().sum()
 }
@@ -183,6 +183,12 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
 /// longer than an FMA's latency.
 #[inline(always)]
 fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) -> [f32; T] {
+    int_sums(simd, w, xs).map(hsum)
+}
+
+/// [`int_dots`] before the lanes are summed: each dot's sixteen lanes.
+#[inline(always)]
+fn int_sums<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) -> [__m512; T] {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let mut acc = [f._mm512_setzero_ps(); T];
     let mut offset = [f._mm512_setzero_ps(); T];
@@ -212,7 +218,7 @@ fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) ->
             }
         }
     }
-    std::array::from_fn(|t| hsum(f._mm512_add_ps(acc[t], offset[t])))
+    std::array::from_fn(|t| f._mm512_add_ps(acc[t], offset[t]))
 }
 
 impl super::RowDots for V4 {
@@ -222,6 +228,42 @@ impl super::RowDots for V4 {
             QRow::Q4(r) => row_dots(self, r, xs, out),
             QRow::Q5(r) => row_dots(self, r, xs, out),
             QRow::Q8(r) => row_dots(self, r, xs, out),
+        }
+    }
+
+    /// One or two activation rows: eight dots' lanes summed at once ([`hsums8`]), each dot
+    /// the same as [`row_dots`]'s.
+    #[inline(always)]
+    fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
+        let n = xs.len();
+        if !(n == 1 || n == 2) {
+            for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
+                self.row_dots(w.q_row(first + k), xs, o);
+            }
+            return;
+        }
+        let per = 8 / n;
+        let done = out.len() / (per * n) * per;
+        let mut groups = out.chunks_exact_mut(per * n);
+        for (g, o) in (&mut groups).enumerate() {
+            let zero = self.avx512f._mm512_setzero_ps();
+            let mut v = [zero; 8];
+            for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
+                let row = w.q_row(first + g * per + i);
+                match (row, xs) {
+                    (QRow::Q4(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                    (QRow::Q5(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                    (QRow::Q8(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                    (QRow::Q4(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
+                    (QRow::Q5(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
+                    (QRow::Q8(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
+                    _ => unreachable!("one or two activation rows"),
+                }
+            }
+            o.copy_from_slice(&hsums8(self, v)[..per * n]);
+        }
+        for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
+            self.row_dots(w.q_row(first + done + k), xs, o);
         }
     }
 }
@@ -244,6 +286,78 @@ fn hsum_many(simd: V4, v: &[__m512]) -> f32 {
     hsum(v.iter().fold(simd.avx512f._mm512_setzero_ps(), |a, &b| {
         simd.avx512f._mm512_add_ps(a, b)
     }))
+}
+
+/// Index vectors of a transposition's stage `k` (`_mm512_permutex2var_ps` of rows `r` and
+/// `r | 1 << k`, `r`'s bit `k` clear): the pair swaps its row bit `k` with its column bit `k`.
+/// The first vector builds row `r`, the second row `r | 1 << k`.
+const fn stage_idx(k: usize) -> [[i32; 16]; 2] {
+    let bit = 1 << k;
+    let mut out = [[0i32; 16]; 2];
+    let mut c = 0;
+    while c < 16 {
+        let (own, other) = (c as i32, (c ^ bit) as i32);
+        if c & bit == 0 {
+            out[0][c] = own;
+            out[1][c] = other;
+        } else {
+            out[0][c] = 16 + other;
+            out[1][c] = 16 + own;
+        }
+        c += 1;
+    }
+    out
+}
+
+const STAGES: [[[i32; 16]; 2]; 4] = [stage_idx(0), stage_idx(1), stage_idx(2), stage_idx(3)];
+
+/// The first `stages` stages of a 16 x 16 transposition of the rows `v` (`N` of them, a power
+/// of two, `stages = log2 N`): afterwards row `m` holds lane `m + N i` of every input row, in
+/// row order, in lanes `N i..N (i + 1)`.
+#[inline(always)]
+fn transpose_stages<const N: usize>(simd: V4, v: &mut [__m512; N], stages: usize) {
+    let f = &simd.avx512f;
+    for (k, idx) in STAGES.iter().enumerate().take(stages) {
+        let bit = 1 << k;
+        let (lo, hi): (__m512i, __m512i) = (pulp::cast(idx[0]), pulp::cast(idx[1]));
+        for r in 0..N {
+            if r & bit == 0 {
+                let (a, b) = (v[r], v[r | bit]);
+                v[r] = f._mm512_permutex2var_ps(a, lo, b);
+                v[r | bit] = f._mm512_permutex2var_ps(a, hi, b);
+            }
+        }
+    }
+}
+
+/// [`hsum`] of each of eight vectors, bit for bit (each one's lanes summed in lane order), by
+/// a transposition: eight sums in the vector lanes instead of 120 scalar additions.
+#[inline(always)]
+pub(super) fn hsums8(simd: V4, mut v: [__m512; 8]) -> [f32; 8] {
+    let f = &simd.avx512f;
+    transpose_stages(simd, &mut v, 3);
+    // Row m: lane m of the eight inputs in lanes 0-7, lane m + 8 in lanes 8-15.
+    let mut t = f._mm512_set1_ps(std::iter::empty::<f32>().sum());
+    for &row in &v {
+        t = f._mm512_add_ps(t, row);
+    }
+    for &row in &v {
+        t = f._mm512_add_ps(t, f._mm512_shuffle_f32x4::<0b11_10_11_10>(row, row));
+    }
+    let lanes: [f32; 16] = pulp::cast(t);
+    std::array::from_fn(|j| lanes[j])
+}
+
+/// [`hsum`] of each of sixteen vectors, bit for bit, as [`hsums8`].
+#[inline(always)]
+pub(super) fn hsums16(simd: V4, mut v: [__m512; 16]) -> [f32; 16] {
+    let f = &simd.avx512f;
+    transpose_stages(simd, &mut v, 4);
+    let mut t = f._mm512_set1_ps(std::iter::empty::<f32>().sum());
+    for &row in &v {
+        t = f._mm512_add_ps(t, row);
+    }
+    pulp::cast(t)
 }
 
 /// [`hsum_many`] of two accumulators, taken by value: a reference into a tile's accumulator
@@ -432,10 +546,19 @@ fn decoded_pair_tile<const T: usize, W: Decode>(
             }
         }
     }
-    for (o, a) in out.into_iter().zip(acc) {
-        for t in 0..T {
-            o[t] = hsum2(simd, a[t][0], a[t][1]);
+    // Each dot is `hsum2` of its two accumulators, eight at a time.
+    let zero = f._mm512_setzero_ps();
+    let both: [__m512; 8] = std::array::from_fn(|j| {
+        let (k, t) = (j / T, j % T);
+        if k < 2 {
+            f._mm512_add_ps(f._mm512_add_ps(zero, acc[k][t][0]), acc[k][t][1])
+        } else {
+            zero
         }
+    });
+    let sums = hsums8(simd, both);
+    for (k, o) in out.into_iter().enumerate() {
+        o[..T].copy_from_slice(&sums[k * T..(k + 1) * T]);
     }
 }
 
@@ -519,6 +642,21 @@ impl<const C: usize> pulp::NullaryFnOnce for TileF32<'_, C> {
                 }
             }
         }
+        // The accumulators' sums, eight or sixteen at a time ([`hsum`] of each).
+        let zero = f._mm512_setzero_ps();
+        let sums: [f32; 16] = if C * TILE <= 8 {
+            let v = std::array::from_fn(|j| {
+                if j < C * TILE {
+                    acc[j / C][j % C]
+                } else {
+                    zero
+                }
+            });
+            let s = hsums8(simd, v);
+            std::array::from_fn(|j| if j < 8 { s[j] } else { 0.0 })
+        } else {
+            hsums16(simd, std::array::from_fn(|j| acc[j / C][j % C]))
+        };
         let mut out = [[0.0; C]; TILE];
         for t in 0..TILE {
             for c in 0..C {
@@ -527,7 +665,7 @@ impl<const C: usize> pulp::NullaryFnOnce for TileF32<'_, C> {
                     .zip(&x[t][full..])
                     .map(|(a, b)| a * b)
                     .sum();
-                out[t][c] = hsum(acc[t][c]) + tail;
+                out[t][c] = sums[t * C + c] + tail;
             }
         }
         out

@@ -417,6 +417,14 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 trait RowDots: Copy {
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]);
+
+    /// Weight rows `first..` (as many as `out` holds) against every activation row.
+    #[inline(always)]
+    fn task_dots(self, w: &QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
+        for (k, o) in out.chunks_mut(xs.len()).enumerate() {
+            self.row_dots(w.q_row(first + k), xs, o);
+        }
+    }
 }
 
 /// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
@@ -435,9 +443,7 @@ impl<S: RowDots> pulp::NullaryFnOnce for IntTask<'_, '_, S> {
 
     #[inline(always)]
     fn call(self) {
-        for (k, o) in self.out.chunks_mut(self.xs.len()).enumerate() {
-            self.simd.row_dots(self.w.q_row(self.first + k), self.xs, o);
-        }
+        self.simd.task_dots(self.w, self.first, self.xs, self.out)
     }
 }
 

@@ -491,3 +491,40 @@ fn decoded_row_pairs_equal_single_rows_bit_for_bit() -> Result<()> {
     }
     Ok(())
 }
+
+/// The transposed lane sums are each vector's lane-order sum, bit for bit, signed zeros,
+/// infinities and cancellation included.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn transposed_lane_sums_equal_lane_order_sums() {
+    let Some(simd) = pulp::x86::V4::try_new() else {
+        return;
+    };
+    let mut pool = values(16 * 16 * 20, 11);
+    for (i, v) in pool.iter_mut().enumerate() {
+        // Magnitudes far apart (rounding depends on the order), and special values.
+        *v *= [1.0, 1e-7, 3e7, 1.0][i % 4];
+        match i % 97 {
+            0 => *v = -0.0,
+            1 => *v = f32::INFINITY,
+            _ => {}
+        }
+    }
+    let neg_zeros = [-0.0f32; 16];
+    for chunk in pool.chunks_exact(256) {
+        let rows: [[f32; 16]; 16] = std::array::from_fn(|r| {
+            if r == 5 {
+                neg_zeros
+            } else {
+                std::array::from_fn(|l| chunk[r * 16 + l])
+            }
+        });
+        let v16: [core::arch::x86_64::__m512; 16] = rows.map(pulp::cast);
+        let want: Vec<u32> = v16.iter().map(|&v| avx512::hsum(v).to_bits()).collect();
+        let got = simd.vectorize(|| avx512::hsums16(simd, v16));
+        assert_eq!(got.map(f32::to_bits).to_vec(), want);
+        let v8: [core::arch::x86_64::__m512; 8] = std::array::from_fn(|r| v16[r + 3]);
+        let got = simd.vectorize(|| avx512::hsums8(simd, v8));
+        assert_eq!(got.map(f32::to_bits).to_vec(), want[3..11].to_vec());
+    }
+}
