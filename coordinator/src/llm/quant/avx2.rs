@@ -38,6 +38,41 @@ fn hsum(simd: V3, v: &[__m256]) -> f32 {
     lanes.iter().sum()
 }
 
+/// [`hsum`] of each of eight single vectors, bit for bit (each one's lanes summed in lane
+/// order), by an 8 x 8 transposition: eight sums in the vector lanes instead of 56 scalar
+/// additions. Stage `k` swaps bit `k` of the row index with bit `k` of the lane index.
+#[inline(always)]
+pub(super) fn hsums8(simd: V3, mut v: [__m256; 8]) -> [f32; 8] {
+    let a = &simd.avx;
+    // Lane `c` of the result holds lane `c ^ 2^k` of the input.
+    let swap = |k: usize, x: __m256| match k {
+        0 => a._mm256_permute_ps::<0b10_11_00_01>(x),
+        1 => a._mm256_permute_ps::<0b01_00_11_10>(x),
+        _ => a._mm256_permute2f128_ps::<0x01>(x, x),
+    };
+    // Lanes whose bit `k` is set come from the other row.
+    let blend = |k: usize, x: __m256, y: __m256| match k {
+        0 => a._mm256_blend_ps::<0b1010_1010>(x, y),
+        1 => a._mm256_blend_ps::<0b1100_1100>(x, y),
+        _ => a._mm256_blend_ps::<0b1111_0000>(x, y),
+    };
+    for k in 0..3 {
+        let bit = 1 << k;
+        for r in 0..8 {
+            if r & bit == 0 {
+                let (lo, hi) = (v[r], v[r | bit]);
+                v[r] = blend(k, lo, swap(k, hi));
+                v[r | bit] = blend(k, swap(k, lo), hi);
+            }
+        }
+    }
+    let init: f32 = std::iter::empty::<f32>().sum();
+    let t = v
+        .iter()
+        .fold(a._mm256_set1_ps(init), |t, &row| a._mm256_add_ps(t, row));
+    pulp::cast(t)
+}
+
 /// 16 bytes of Q4 codes as 32 codes in element order (low nibbles, then high nibbles).
 #[inline(always)]
 fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
@@ -153,6 +188,17 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
 /// accumulators stay in registers).
 #[inline(always)]
 fn int_dots<'a, const T: usize>(simd: V3, w: impl IntRow<'a>, xs: [&QAct; T]) -> [f32; T] {
+    let (acc, offset) = int_sums(simd, w, xs);
+    std::array::from_fn(|t| hsum(simd, &acc[t..=t]) + offset[t])
+}
+
+/// [`int_dots`] before the lanes are summed: each dot's accumulator and its offset term.
+#[inline(always)]
+fn int_sums<'a, const T: usize>(
+    simd: V3,
+    w: impl IntRow<'a>,
+    xs: [&QAct; T],
+) -> ([__m256; T], [f32; T]) {
     let mut acc = [simd.avx._mm256_setzero_ps(); T];
     let mut offset = [0.0f32; T];
     for (b, &dw) in w.d().iter().enumerate() {
@@ -173,7 +219,7 @@ fn int_dots<'a, const T: usize>(simd: V3, w: impl IntRow<'a>, xs: [&QAct; T]) ->
             offset[t] += m * x.sum[b];
         }
     }
-    std::array::from_fn(|t| hsum(simd, &acc[t..=t]) + offset[t])
+    (acc, offset)
 }
 
 impl super::RowDots for V3 {
@@ -185,6 +231,64 @@ impl super::RowDots for V3 {
             QRow::Q8(r) => row_dots(self, r, xs, out),
         }
     }
+
+    /// One or two activation rows: eight dots' lanes summed at once ([`hsums8`]), each dot
+    /// the same as [`row_dots`]'s.
+    #[inline(always)]
+    fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
+        let n = xs.len();
+        if !(n == 1 || n == 2) {
+            for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
+                self.row_dots(w.q_row(first + k), xs, o);
+            }
+            return;
+        }
+        let per = 8 / n;
+        let done = out.len() / (per * n) * per;
+        let zero = self.avx._mm256_setzero_ps();
+        let mut groups = out.chunks_exact_mut(per * n);
+        for (g, o) in (&mut groups).enumerate() {
+            let mut v = [zero; 8];
+            let mut offsets = [0.0f32; 8];
+            for (i, (lanes, offs)) in v
+                .chunks_exact_mut(n)
+                .zip(offsets.chunks_exact_mut(n))
+                .enumerate()
+            {
+                let row = w.q_row(first + g * per + i);
+                let (acc, off) = match (row, xs) {
+                    (QRow::Q4(r), [a]) => pair(int_sums(self, r, [*a])),
+                    (QRow::Q5(r), [a]) => pair(int_sums(self, r, [*a])),
+                    (QRow::Q8(r), [a]) => pair(int_sums(self, r, [*a])),
+                    (QRow::Q4(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                    (QRow::Q5(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                    (QRow::Q8(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                    _ => unreachable!("one or two activation rows"),
+                };
+                for (l, a) in lanes.iter_mut().zip(acc) {
+                    *l = self.avx._mm256_add_ps(zero, a);
+                }
+                offs.copy_from_slice(&off[..n]);
+            }
+            let sums = hsums8(self, v);
+            for ((o, s), off) in o.iter_mut().zip(sums).zip(offsets) {
+                *o = s + off;
+            }
+        }
+        for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
+            self.row_dots(w.q_row(first + done + k), xs, o);
+        }
+    }
+}
+
+/// One or two dots' accumulators and offsets, padded to two (zeros).
+#[inline(always)]
+fn pair<const T: usize>((acc, off): ([__m256; T], [f32; T])) -> ([__m256; 2], [f32; 2]) {
+    let zero: __m256 = pulp::cast([0.0f32; 8]);
+    (
+        std::array::from_fn(|t| if t < T { acc[t] } else { zero }),
+        std::array::from_fn(|t| if t < T { off[t] } else { 0.0 }),
+    )
 }
 
 /// One weight row against every activation row: two at once, else one by one.
@@ -334,9 +438,19 @@ fn decoded_dots(simd: V3, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
             }
         }
     }
-    for (o, a) in out.iter_mut().zip(&acc).take(xs.len()) {
-        *o = hsum(simd, a);
-    }
+    // `hsum` of each row's pair of accumulators, the rows' sums at once.
+    let zero = simd.avx._mm256_setzero_ps();
+    let sums = hsums8(
+        simd,
+        std::array::from_fn(|j| match acc.get(j) {
+            Some(a) => simd
+                .avx
+                ._mm256_add_ps(simd.avx._mm256_add_ps(zero, a[0]), a[1]),
+            None => zero,
+        }),
+    );
+    let n = xs.len();
+    out[..n].copy_from_slice(&sums[..n]);
     out
 }
 
@@ -380,6 +494,12 @@ impl pulp::NullaryFnOnce for TileF32<'_> {
                 acc[t][1] = simd.fma._mm256_fmadd_ps(w1, xv, acc[t][1]);
             }
         }
+        // `hsum` of each accumulator, eight at a time.
+        let zero = simd.avx._mm256_setzero_ps();
+        let sums = hsums8(
+            simd,
+            std::array::from_fn(|j| simd.avx._mm256_add_ps(zero, acc[j / 2][j % 2])),
+        );
         let mut out = [[0.0; 2]; TILE];
         for t in 0..TILE {
             for c in 0..2 {
@@ -388,7 +508,7 @@ impl pulp::NullaryFnOnce for TileF32<'_> {
                     .zip(&x[t][full..])
                     .map(|(a, b)| a * b)
                     .sum();
-                out[t][c] = hsum(simd, &acc[t][c..=c]) + tail;
+                out[t][c] = sums[2 * t + c] + tail;
             }
         }
         out

@@ -528,3 +528,37 @@ fn transposed_lane_sums_equal_lane_order_sums() {
         assert_eq!(got.map(f32::to_bits).to_vec(), want[3..11].to_vec());
     }
 }
+
+/// The AVX2 transposed sums, as [`transposed_lane_sums_equal_lane_order_sums`].
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_transposed_lane_sums_equal_lane_order_sums() {
+    let Some(simd) = pulp::x86::V3::try_new() else {
+        return;
+    };
+    let mut pool = values(8 * 8 * 40, 13);
+    for (i, v) in pool.iter_mut().enumerate() {
+        *v *= [1.0, 1e-7, 3e7, 1.0][i % 4];
+        match i % 89 {
+            0 => *v = -0.0,
+            1 => *v = f32::NEG_INFINITY,
+            _ => {}
+        }
+    }
+    for (c, chunk) in pool.chunks_exact(64).enumerate() {
+        let rows: [[f32; 8]; 8] = std::array::from_fn(|r| {
+            if r == c % 8 {
+                [-0.0; 8]
+            } else {
+                std::array::from_fn(|l| chunk[r * 8 + l])
+            }
+        });
+        let v: [core::arch::x86_64::__m256; 8] = rows.map(pulp::cast);
+        let want: Vec<u32> = rows
+            .iter()
+            .map(|r| r.iter().sum::<f32>().to_bits())
+            .collect();
+        let got = simd.vectorize(|| avx2::hsums8(simd, v));
+        assert_eq!(got.map(f32::to_bits).to_vec(), want);
+    }
+}
