@@ -237,17 +237,8 @@ impl super::RowDots for V3 {
     #[inline(always)]
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
         let n = xs.len();
-        if !(n == 1 || n == 2) {
-            for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
-                self.row_dots(w.q_row(first + k), xs, o);
-            }
-            return;
-        }
-        let per = 8 / n;
-        let done = out.len() / (per * n) * per;
         let zero = self.avx._mm256_setzero_ps();
-        let mut groups = out.chunks_exact_mut(per * n);
-        for (g, o) in (&mut groups).enumerate() {
+        super::in_groups_of_eight(self, w, first, xs, out, |row0, o| {
             let mut v = [zero; 8];
             let mut offsets = [0.0f32; 8];
             for (i, (lanes, offs)) in v
@@ -255,8 +246,7 @@ impl super::RowDots for V3 {
                 .zip(offsets.chunks_exact_mut(n))
                 .enumerate()
             {
-                let row = w.q_row(first + g * per + i);
-                let (acc, off) = match (row, xs) {
+                let (acc, off) = match (w.q_row(row0 + i), xs) {
                     (QRow::Q4(r), [a]) => pair(int_sums(self, r, [*a])),
                     (QRow::Q5(r), [a]) => pair(int_sums(self, r, [*a])),
                     (QRow::Q8(r), [a]) => pair(int_sums(self, r, [*a])),
@@ -274,10 +264,7 @@ impl super::RowDots for V3 {
             for ((o, s), off) in o.iter_mut().zip(sums).zip(offsets) {
                 *o = s + off;
             }
-        }
-        for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
-            self.row_dots(w.q_row(first + done + k), xs, o);
-        }
+        });
     }
 }
 

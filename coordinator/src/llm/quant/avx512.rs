@@ -236,21 +236,10 @@ impl super::RowDots for V4 {
     #[inline(always)]
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
         let n = xs.len();
-        if !(n == 1 || n == 2) {
-            for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
-                self.row_dots(w.q_row(first + k), xs, o);
-            }
-            return;
-        }
-        let per = 8 / n;
-        let done = out.len() / (per * n) * per;
-        let mut groups = out.chunks_exact_mut(per * n);
-        for (g, o) in (&mut groups).enumerate() {
-            let zero = self.avx512f._mm512_setzero_ps();
-            let mut v = [zero; 8];
+        super::in_groups_of_eight(self, w, first, xs, out, |row0, o| {
+            let mut v = [self.avx512f._mm512_setzero_ps(); 8];
             for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
-                let row = w.q_row(first + g * per + i);
-                match (row, xs) {
+                match (w.q_row(row0 + i), xs) {
                     (QRow::Q4(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
                     (QRow::Q5(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
                     (QRow::Q8(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
@@ -260,11 +249,8 @@ impl super::RowDots for V4 {
                     _ => unreachable!("one or two activation rows"),
                 }
             }
-            o.copy_from_slice(&hsums8(self, v)[..per * n]);
-        }
-        for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
-            self.row_dots(w.q_row(first + done + k), xs, o);
-        }
+            o.copy_from_slice(&hsums8(self, v)[..o.len()]);
+        });
     }
 }
 

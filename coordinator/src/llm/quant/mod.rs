@@ -427,6 +427,37 @@ trait RowDots: Copy {
     }
 }
 
+/// [`RowDots::task_dots`] for kernels that sum eight dots' lanes at once: with one or two
+/// activation rows, weight rows in groups of `8 / n` go to `group(first row, out)`; the
+/// leftover rows, and other numbers of activation rows, to `row_dots` one by one.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+fn in_groups_of_eight<S: RowDots>(
+    simd: S,
+    w: &QMatrix,
+    first: usize,
+    xs: &[&QAct],
+    out: &mut [f32],
+    mut group: impl FnMut(usize, &mut [f32]),
+) {
+    let n = xs.len();
+    if !(n == 1 || n == 2) {
+        for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
+            simd.row_dots(w.q_row(first + k), xs, o);
+        }
+        return;
+    }
+    let per = 8 / n;
+    let done = out.len() / (per * n) * per;
+    let mut groups = out.chunks_exact_mut(per * n);
+    for (g, o) in (&mut groups).enumerate() {
+        group(first + g * per, o);
+    }
+    for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
+        simd.row_dots(w.q_row(first + done + k), xs, o);
+    }
+}
+
 /// Integer dots for a task: weight rows `first..` (as many as `out` holds) against every
 /// rounded activation row, in one entry into the instruction set's context (`vectorize`).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
