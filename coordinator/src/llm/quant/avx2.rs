@@ -238,33 +238,42 @@ impl super::RowDots for V3 {
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
         let n = xs.len();
         let zero = self.avx._mm256_setzero_ps();
-        super::in_groups_of_eight(self, w, first, xs, out, |row0, o| {
-            let mut v = [zero; 8];
-            let mut offsets = [0.0f32; 8];
-            for (i, (lanes, offs)) in v
-                .chunks_exact_mut(n)
-                .zip(offsets.chunks_exact_mut(n))
-                .enumerate()
-            {
-                let (acc, off) = match (w.q_row(row0 + i), xs) {
-                    (QRow::Q4(r), [a]) => pair(int_sums(self, r, [*a])),
-                    (QRow::Q5(r), [a]) => pair(int_sums(self, r, [*a])),
-                    (QRow::Q8(r), [a]) => pair(int_sums(self, r, [*a])),
-                    (QRow::Q4(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                    (QRow::Q5(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                    (QRow::Q8(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                    _ => unreachable!("one or two activation rows"),
-                };
-                for (l, a) in lanes.iter_mut().zip(acc) {
-                    *l = self.avx._mm256_add_ps(zero, a);
+        super::in_groups_of_eight(
+            self,
+            w,
+            first,
+            xs,
+            out,
+            // Inlined into the instruction set's context, or the intrinsics become calls.
+            #[inline(always)]
+            |row0, o| {
+                let mut v = [zero; 8];
+                let mut offsets = [0.0f32; 8];
+                for (i, (lanes, offs)) in v
+                    .chunks_exact_mut(n)
+                    .zip(offsets.chunks_exact_mut(n))
+                    .enumerate()
+                {
+                    let (acc, off) = match (w.q_row(row0 + i), xs) {
+                        (QRow::Q4(r), [a]) => pair(int_sums(self, r, [*a])),
+                        (QRow::Q5(r), [a]) => pair(int_sums(self, r, [*a])),
+                        (QRow::Q8(r), [a]) => pair(int_sums(self, r, [*a])),
+                        (QRow::Q4(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                        (QRow::Q5(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                        (QRow::Q8(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
+                        _ => unreachable!("one or two activation rows"),
+                    };
+                    for (l, a) in lanes.iter_mut().zip(acc) {
+                        *l = self.avx._mm256_add_ps(zero, a);
+                    }
+                    offs.copy_from_slice(&off[..n]);
                 }
-                offs.copy_from_slice(&off[..n]);
-            }
-            let sums = hsums8(self, v);
-            for ((o, s), off) in o.iter_mut().zip(sums).zip(offsets) {
-                *o = s + off;
-            }
-        });
+                let sums = hsums8(self, v);
+                for ((o, s), off) in o.iter_mut().zip(sums).zip(offsets) {
+                    *o = s + off;
+                }
+            },
+        );
     }
 }
 

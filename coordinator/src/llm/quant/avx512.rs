@@ -236,21 +236,36 @@ impl super::RowDots for V4 {
     #[inline(always)]
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
         let n = xs.len();
-        super::in_groups_of_eight(self, w, first, xs, out, |row0, o| {
-            let mut v = [self.avx512f._mm512_setzero_ps(); 8];
-            for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
-                match (w.q_row(row0 + i), xs) {
-                    (QRow::Q4(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                    (QRow::Q5(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                    (QRow::Q8(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                    (QRow::Q4(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
-                    (QRow::Q5(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
-                    (QRow::Q8(r), [a, b]) => lanes.copy_from_slice(&int_sums(self, r, [*a, *b])),
-                    _ => unreachable!("one or two activation rows"),
+        super::in_groups_of_eight(
+            self,
+            w,
+            first,
+            xs,
+            out,
+            // Inlined into the instruction set's context, or the intrinsics become calls.
+            #[inline(always)]
+            |row0, o| {
+                let mut v = [self.avx512f._mm512_setzero_ps(); 8];
+                for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
+                    match (w.q_row(row0 + i), xs) {
+                        (QRow::Q4(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                        (QRow::Q5(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                        (QRow::Q8(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
+                        (QRow::Q4(r), [a, b]) => {
+                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
+                        }
+                        (QRow::Q5(r), [a, b]) => {
+                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
+                        }
+                        (QRow::Q8(r), [a, b]) => {
+                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
+                        }
+                        _ => unreachable!("one or two activation rows"),
+                    }
                 }
-            }
-            o.copy_from_slice(&hsums8(self, v)[..o.len()]);
-        });
+                o.copy_from_slice(&hsums8(self, v)[..o.len()]);
+            },
+        );
     }
 }
 
