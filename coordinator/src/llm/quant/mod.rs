@@ -304,33 +304,46 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     };
     let xs: Vec<XRow<'_>> = (0..n).map(|r| XRow { f: rows(r) }).collect();
     let qs: Vec<&QAct> = rounded.iter().collect();
-    // Products are computed transposed, `[rows, n]`, so that each task owns whole rows.
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
-    let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
-    for (w, out) in ws.iter().zip(outs.iter_mut()) {
-        for (i, chunk) in out.chunks_mut(ROWS_PER_TASK * n).enumerate() {
-            tasks.push((w, i * ROWS_PER_TASK, chunk));
-        }
-    }
     let simd = Simd::detect();
-    tasks
-        .into_par_iter()
-        .for_each(|(w, first, out)| run_task(simd, w, first, &xs, &qs, out));
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
     if n == 1 {
+        // One row: the kernels' order is the product's; each task owns its slice.
+        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            for (i, chunk) in out.chunks_mut(ROWS_PER_TASK).enumerate() {
+                tasks.push((w, i * ROWS_PER_TASK, chunk));
+            }
+        }
+        tasks
+            .into_par_iter()
+            .for_each(|(w, first, out)| run_task(simd, w, first, &xs, &qs, out));
         return outs;
     }
-    outs.into_iter()
-        .zip(ws)
-        .map(|(t, w)| {
-            let mut y = vec![0.0; t.len()];
-            for (r, row) in t.chunks_exact(n).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    y[i * w.rows + r] = v;
-                }
+    // The kernels write a task's rows transposed (`[rows, n]`); each task does so in a buffer
+    // of its own and copies the values into its columns of the `[n, rows]` product, on its
+    // thread and while they are in cache.
+    let mut tasks: Vec<(&QMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        let mut columns: Vec<_> = out
+            .chunks_mut(w.rows.max(1))
+            .map(|row| row.chunks_mut(ROWS_PER_TASK))
+            .collect();
+        for c in 0..w.rows.div_ceil(ROWS_PER_TASK) {
+            let pieces: Vec<&mut [f32]> = columns.iter_mut().filter_map(Iterator::next).collect();
+            tasks.push((w, c * ROWS_PER_TASK, pieces));
+        }
+    }
+    tasks.into_par_iter().for_each(|(w, first, mut pieces)| {
+        let len = pieces.first().map_or(0, |p| p.len());
+        let mut t = vec![0.0; len * n];
+        run_task(simd, w, first, &xs, &qs, &mut t);
+        for (r, row) in t.chunks_exact(n).enumerate() {
+            for (piece, &v) in pieces.iter_mut().zip(row) {
+                piece[r] = v;
             }
-            y
-        })
-        .collect()
+        }
+    });
+    outs
 }
 
 /// Splits `seq` positions of `batch` sequences (activation rows `[batch, seq]`) into spans of
