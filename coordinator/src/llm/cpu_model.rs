@@ -311,7 +311,8 @@ impl CpuLlama {
             rope.apply(&mut q, c.head_dim(), c.rope_halves());
             rope.apply(&mut k, c.head_dim(), c.rope_halves());
             cache.write(i, past, seq, &k, &v);
-            let attn = self.attention(&q, cache, i, pads, past, seq);
+            let per_task = self.heads_per_task(pads.len());
+            let attn = self.attention(&q, cache, i, pads, past, seq, per_task);
             add(&mut x, &b.wo.matmul(&attn, n));
             let xn = rms_norm(&x, &b.ffn_norm, c.rms_eps);
             let mut gu = matmul_many(&[&b.gate, &b.up], &xn, n).into_iter();
@@ -331,33 +332,24 @@ impl CpuLlama {
         on_pool(|| head.matmul(hidden, n))
     }
 
-    /// Attention of the new queries over the cached keys/values of `layer`:
-    /// `q` is `[batch, seq, heads * head_dim]`, the result has the same shape.
-    fn attention(
-        &self,
-        q: &[f32],
-        cache: &KvCache,
-        layer: usize,
-        pads: &[usize],
-        past: usize,
-        seq: usize,
-    ) -> Vec<f32> {
-        // One task per (sequence, head), or per (sequence, group of heads sharing a key/value
-        // head) when there are enough of those to keep both threads busy: each key and value
-        // is then read once for the group's queries.
+    /// Query heads an attention task takes: one, or a whole group sharing a key/value head
+    /// when there are enough (sequence, key/value head) pairs to keep both threads busy (each
+    /// key and value is then read once for the group's queries).
+    fn heads_per_task(&self, batch: usize) -> usize {
         let c = &self.config;
-        let per_task = if pads.len() * c.n_kv_heads >= 8 {
+        if batch * c.n_kv_heads >= 8 {
             c.n_heads / c.n_kv_heads
         } else {
             1
-        };
-        self.attention_in(q, cache, layer, pads, past, seq, per_task)
+        }
     }
 
-    /// [`Self::attention`] with `per_job` heads (1, or a whole group) a task: each head's
-    /// result is the same bit for bit either way.
+    /// Attention of the new queries over the cached keys/values of `layer`:
+    /// `q` is `[batch, seq, heads * head_dim]`, the result has the same shape. Tasks take
+    /// `per_job` heads (1, or a whole group); each head's result is the same bit for bit
+    /// either way.
     #[allow(clippy::too_many_arguments)]
-    fn attention_in(
+    fn attention(
         &self,
         q: &[f32],
         cache: &KvCache,
@@ -767,8 +759,8 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
             for layer in [0, c.n_layers - 1] {
-                let heads = cpu.attention_in(&q, &cache, layer, &pads, past, new, 1);
-                let groups = cpu.attention_in(&q, &cache, layer, &pads, past, new, rep);
+                let heads = cpu.attention(&q, &cache, layer, &pads, past, new, 1);
+                let groups = cpu.attention(&q, &cache, layer, &pads, past, new, rep);
                 assert_eq!(heads.len(), groups.len());
                 assert!(heads.iter().any(|v| *v != 0.0));
                 assert!(

@@ -254,14 +254,10 @@ impl super::RowDots for V3 {
                     .zip(offsets.chunks_exact_mut(n))
                     .enumerate()
                 {
-                    let (acc, off) = match (w.q_row(row0 + i), xs) {
-                        (QRow::Q4(r), [a]) => pair(int_sums(self, r, [*a])),
-                        (QRow::Q5(r), [a]) => pair(int_sums(self, r, [*a])),
-                        (QRow::Q8(r), [a]) => pair(int_sums(self, r, [*a])),
-                        (QRow::Q4(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                        (QRow::Q5(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                        (QRow::Q8(r), [a, b]) => pair(int_sums(self, r, [*a, *b])),
-                        _ => unreachable!("one or two activation rows"),
+                    let (acc, off) = match w.q_row(row0 + i) {
+                        QRow::Q4(r) => few_sums(self, r, xs),
+                        QRow::Q5(r) => few_sums(self, r, xs),
+                        QRow::Q8(r) => few_sums(self, r, xs),
                     };
                     for (l, a) in lanes.iter_mut().zip(acc) {
                         *l = self.avx._mm256_add_ps(zero, a);
@@ -277,14 +273,18 @@ impl super::RowDots for V3 {
     }
 }
 
-/// One or two dots' accumulators and offsets, padded to two (zeros).
+/// [`int_sums`] of one or two activation rows, padded to two (zeros).
 #[inline(always)]
-fn pair<const T: usize>((acc, off): ([__m256; T], [f32; T])) -> ([__m256; 2], [f32; 2]) {
-    let zero: __m256 = pulp::cast([0.0f32; 8]);
-    (
-        std::array::from_fn(|t| if t < T { acc[t] } else { zero }),
-        std::array::from_fn(|t| if t < T { off[t] } else { 0.0 }),
-    )
+fn few_sums<'a>(simd: V3, w: impl IntRow<'a>, xs: &[&QAct]) -> ([__m256; 2], [f32; 2]) {
+    let zero = simd.avx._mm256_setzero_ps();
+    match *xs {
+        [a] => {
+            let (acc, off) = int_sums(simd, w, [a]);
+            ([acc[0], zero], [off[0], 0.0])
+        }
+        [a, b] => int_sums(simd, w, [a, b]),
+        _ => unreachable!("one or two activation rows"),
+    }
 }
 
 /// One weight row against every activation row: two at once, else one by one.

@@ -247,25 +247,26 @@ impl super::RowDots for V4 {
             |row0, o| {
                 let mut v = [self.avx512f._mm512_setzero_ps(); 8];
                 for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
-                    match (w.q_row(row0 + i), xs) {
-                        (QRow::Q4(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                        (QRow::Q5(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                        (QRow::Q8(r), [a]) => lanes.copy_from_slice(&int_sums(self, r, [*a])),
-                        (QRow::Q4(r), [a, b]) => {
-                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
-                        }
-                        (QRow::Q5(r), [a, b]) => {
-                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
-                        }
-                        (QRow::Q8(r), [a, b]) => {
-                            lanes.copy_from_slice(&int_sums(self, r, [*a, *b]))
-                        }
-                        _ => unreachable!("one or two activation rows"),
-                    }
+                    let sums = match w.q_row(row0 + i) {
+                        QRow::Q4(r) => few_sums(self, r, xs),
+                        QRow::Q5(r) => few_sums(self, r, xs),
+                        QRow::Q8(r) => few_sums(self, r, xs),
+                    };
+                    lanes.copy_from_slice(&sums[..n]);
                 }
                 o.copy_from_slice(&hsums8(self, v)[..o.len()]);
             },
         );
+    }
+}
+
+/// [`int_sums`] of one or two activation rows, padded to two (zeros).
+#[inline(always)]
+fn few_sums<'a>(simd: V4, w: impl IntRow<'a>, xs: &[&QAct]) -> [__m512; 2] {
+    match *xs {
+        [a] => [int_sums(simd, w, [a])[0], simd.avx512f._mm512_setzero_ps()],
+        [a, b] => int_sums(simd, w, [a, b]),
+        _ => unreachable!("one or two activation rows"),
     }
 }
 
