@@ -8,7 +8,9 @@
 //! exactly in i32; the block's scales and Q4's offset (`m` times the block's exact f32 sum)
 //! are applied in f32.
 
-use super::{Q4Row, Q5Row, Q8Row, QK, q5_block};
+use rayon::prelude::*;
+
+use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, q5_block};
 
 /// Steps of the low part per step of the high part.
 pub(super) const LO_STEPS: i32 = 128;
@@ -92,6 +94,98 @@ impl QAct {
             &self.hi[b * QK..(b + 1) * QK],
             &self.lo[b * QK..(b + 1) * QK],
         )
+    }
+}
+
+/// Rounded activation rows in tiles of [`PANEL_TILE`], as the panel kernels read them: within
+/// tile `c`, block `b`'s pair `k` of row `t` ([`QAct`]'s `128 h + l` of elements `k` and
+/// `k + 16` as two i16; in range, `|128 h + l| <= 16320`) is word `(b 16 + k) T + t`, its
+/// scale and sum are at `b T + t`. Rows past the last are zeros.
+#[derive(Debug, Clone)]
+pub(super) struct Tiles {
+    /// Blocks a row.
+    blocks: usize,
+    pairs: Vec<i32>,
+    scale: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// One block of one tile of [`Tiles`], to fill: `pairs[k T + t]`, `scale[t]`, `sum[t]`.
+pub(super) struct TilePart<'a> {
+    pub pairs: &'a mut [i32],
+    pub scale: &'a mut [f32],
+    pub sum: &'a mut [f32],
+}
+
+/// One tile of [`Tiles`].
+#[derive(Clone, Copy)]
+pub(super) struct Tile<'a> {
+    pub pairs: &'a [i32],
+    pub scale: &'a [f32],
+    pub sum: &'a [f32],
+}
+
+impl Tiles {
+    /// The first `blocks` blocks of each row of `xs`.
+    pub fn new(xs: &[&QAct], blocks: usize) -> Tiles {
+        Tiles::with(xs.len(), blocks, |c, b, part| {
+            for (t, x) in xs.iter().skip(c * PANEL_TILE).take(PANEL_TILE).enumerate() {
+                part.scale[t] = x.scale[b];
+                part.sum[t] = x.sum[b];
+                let (h, l) = x.block(b);
+                let value = |i: usize| LO_STEPS * i32::from(h[i]) + i32::from(l[i]);
+                for k in 0..QK / 2 {
+                    part.pairs[k * PANEL_TILE + t] =
+                        (value(k) & 0xffff) | (value(k + QK / 2) << 16);
+                }
+            }
+        })
+    }
+
+    /// Tiles for `n` rows of `blocks` blocks, `fill(c, b, part)` writing block `b` of tile
+    /// `c` (zeros before), a (tile, block) a rayon task.
+    pub fn with(
+        n: usize,
+        blocks: usize,
+        fill: impl Fn(usize, usize, TilePart<'_>) + Sync,
+    ) -> Tiles {
+        const T: usize = PANEL_TILE;
+        let count = n.div_ceil(T);
+        let mut tiles = Tiles {
+            blocks,
+            pairs: vec![0; count * blocks * QK / 2 * T],
+            scale: vec![0.0; count * blocks * T],
+            sum: vec![0.0; count * blocks * T],
+        };
+        tiles
+            .pairs
+            .par_chunks_mut(QK / 2 * T)
+            .zip(tiles.scale.par_chunks_mut(T))
+            .zip(tiles.sum.par_chunks_mut(T))
+            .enumerate()
+            .with_min_len(4)
+            .for_each(|(j, ((pairs, scale), sum))| {
+                let (c, b) = (j / blocks.max(1), j % blocks.max(1));
+                fill(c, b, TilePart { pairs, scale, sum });
+            });
+        tiles
+    }
+
+    /// Every word, scale and sum, as bits (tests compare tiles built two ways).
+    #[cfg(test)]
+    pub fn bits(&self) -> (Vec<i32>, Vec<u32>, Vec<u32>) {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect();
+        (self.pairs.clone(), bits(&self.scale), bits(&self.sum))
+    }
+
+    /// Tile `c` (rows `c T..`).
+    pub fn tile(&self, c: usize) -> Tile<'_> {
+        let (per_pairs, per) = (self.blocks * QK / 2 * PANEL_TILE, self.blocks * PANEL_TILE);
+        Tile {
+            pairs: &self.pairs[c * per_pairs..(c + 1) * per_pairs],
+            scale: &self.scale[c * per..(c + 1) * per],
+            sum: &self.sum[c * per..(c + 1) * per],
+        }
     }
 }
 

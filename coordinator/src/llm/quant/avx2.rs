@@ -7,8 +7,10 @@
 use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
+use super::act::Tiles;
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q5Row, Q8Row, QK, QRow, TILE, XRow};
+use super::panel::{Offset, Panel};
+use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
 fn load8(x: &[f32]) -> __m256 {
@@ -299,172 +301,6 @@ fn row_dots<'a>(simd: V3, w: impl IntRow<'a>, xs: &[&QAct], out: &mut [f32]) {
     }
 }
 
-#[inline(always)]
-fn load16(b: &[u8]) -> __m128i {
-    let a: [u8; 16] = match b.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("16 bytes"),
-    };
-    pulp::cast(a)
-}
-
-/// A weight row whose blocks decode to f32.
-pub(super) trait Decode: Copy {
-    fn blocks(self) -> usize;
-    fn decode(self, simd: V3, b: usize) -> [__m256; 4];
-}
-
-/// Unsigned codes in the low eight bytes of `v` as `q d + m`.
-#[inline(always)]
-fn widen_u8(simd: V3, v: __m128i, d: __m256, m: __m256) -> __m256 {
-    let q = simd
-        .avx
-        ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepu8_epi32(v));
-    simd.fma._mm256_fmadd_ps(q, d, m)
-}
-
-/// Signed codes in the low eight bytes of `v` as `q d`.
-#[inline(always)]
-fn widen_i8(simd: V3, v: __m128i, d: __m256) -> __m256 {
-    let q = simd
-        .avx
-        ._mm256_cvtepi32_ps(simd.avx2._mm256_cvtepi8_epi32(v));
-    simd.avx._mm256_mul_ps(q, d)
-}
-
-/// A block's unsigned codes, elements 0..16 in `lo` and 16..32 in `hi`, as four registers of
-/// `q d + m`.
-#[inline(always)]
-fn widen_block(simd: V3, lo: __m128i, hi: __m128i, d: __m256, m: __m256) -> [__m256; 4] {
-    [
-        widen_u8(simd, lo, d, m),
-        widen_u8(simd, simd.sse2._mm_srli_si128::<8>(lo), d, m),
-        widen_u8(simd, hi, d, m),
-        widen_u8(simd, simd.sse2._mm_srli_si128::<8>(hi), d, m),
-    ]
-}
-
-impl Decode for Q4Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
-        let raw = load16(&self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        let mask = simd.sse2._mm_set1_epi8(0x0f);
-        // Low nibbles are elements 0..16, high nibbles 16..32.
-        let lo = simd.sse2._mm_and_si128(raw, mask);
-        let hi = simd
-            .sse2
-            ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
-        let d = simd.avx._mm256_set1_ps(self.d[b]);
-        let m = simd.avx._mm256_set1_ps(self.m[b]);
-        widen_block(simd, lo, hi, d, m)
-    }
-}
-
-impl Decode for Q5Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
-        let codes = q5_codes(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
-        let lo = simd.avx._mm256_castsi256_si128(codes);
-        let hi = simd.avx2._mm256_extracti128_si256::<1>(codes);
-        let d = simd.avx._mm256_set1_ps(self.d[b]);
-        let m = simd.avx._mm256_set1_ps(-16.0 * self.d[b]);
-        widen_block(simd, lo, hi, d, m)
-    }
-}
-
-impl Decode for Q8Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V3, b: usize) -> [__m256; 4] {
-        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
-        let (a, c) = (load16(&codes[..16]), load16(&codes[16..]));
-        let d = simd.avx._mm256_set1_ps(self.d[b]);
-        [
-            widen_i8(simd, a, d),
-            widen_i8(simd, simd.sse2._mm_srli_si128::<8>(a), d),
-            widen_i8(simd, c, d),
-            widen_i8(simd, simd.sse2._mm_srli_si128::<8>(c), d),
-        ]
-    }
-}
-
-/// Dots of one weight row with up to [`TILE`] activation rows.
-#[inline(always)]
-fn decoded_dots(simd: V3, w: impl Decode, xs: &[XRow<'_>]) -> [f32; TILE] {
-    let mut out = [0.0; TILE];
-    if let [x] = xs {
-        // One row: four accumulators.
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        for b in 0..w.blocks() {
-            let w = w.decode(simd, b);
-            let xb = &x.f[b * QK..(b + 1) * QK];
-            for k in 0..4 {
-                acc[k] = simd
-                    .fma
-                    ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[k]);
-            }
-        }
-        out[0] = hsum(simd, &acc);
-        return out;
-    }
-    // A tile: two accumulators a row, eight chains in flight for four rows.
-    let mut acc = [[simd.avx._mm256_setzero_ps(); 2]; TILE];
-    for b in 0..w.blocks() {
-        let w = w.decode(simd, b);
-        for (t, x) in xs.iter().enumerate() {
-            let xb = &x.f[b * QK..(b + 1) * QK];
-            for k in 0..4 {
-                acc[t][k % 2] =
-                    simd.fma
-                        ._mm256_fmadd_ps(w[k], load8(&xb[8 * k..8 * k + 8]), acc[t][k % 2]);
-            }
-        }
-    }
-    // `hsum` of each row's pair of accumulators, the rows' sums at once.
-    let zero = simd.avx._mm256_setzero_ps();
-    let sums = hsums8(
-        simd,
-        std::array::from_fn(|j| match acc.get(j) {
-            Some(a) => simd
-                .avx
-                ._mm256_add_ps(simd.avx._mm256_add_ps(zero, a[0]), a[1]),
-            None => zero,
-        }),
-    );
-    let n = xs.len();
-    out[..n].copy_from_slice(&sums[..n]);
-    out
-}
-
-/// One weight row (Q4, Q5 or Q8), decoded to f32, against up to [`TILE`] f32 activation rows.
-pub(super) struct DecodedDot<'b, W> {
-    pub simd: V3,
-    pub w: W,
-    pub xs: &'b [XRow<'b>],
-}
-
-impl<W: Decode> pulp::NullaryFnOnce for DecodedDot<'_, W> {
-    type Output = [f32; TILE];
-
-    #[inline(always)]
-    fn call(self) -> [f32; TILE] {
-        decoded_dots(self.simd, self.w, self.xs)
-    }
-}
 /// Four activation rows by two f32 weight rows: eight accumulators, each FMA chain
 /// independent of the others.
 pub(super) struct TileF32<'a> {
@@ -509,4 +345,190 @@ impl pulp::NullaryFnOnce for TileF32<'_> {
         }
         out
     }
+}
+
+/// Activation rows a register holds (one a lane).
+const LANES: usize = 8;
+/// Weight rows whose dots run side by side (independent chains; each activation load serves
+/// them all).
+const GROUP: usize = 4;
+
+/// Rows `first..` of a quantized matrix (as many as `out`, `[n, rows]`, holds) against the
+/// tiled activation rows, eight activation rows a register: each dot bit for bit
+/// [`super::act`]'s scalar one (see [`super::panel`]). Run through an AVX-512 + VNNI token, the
+/// same code serves AVX-512 machines for up to eight rows, with `vpdpwssd` on 256 bits.
+pub(super) struct PanelTask<'a, D> {
+    pub simd: V3,
+    /// A row's block `b` as [`Panel::pairs`] (with the widest vectors the CPU has).
+    pub decode: D,
+    pub w: &'a super::QMatrix,
+    pub first: usize,
+    pub xs: &'a Tiles,
+    /// Activation rows.
+    pub n: usize,
+    pub out: &'a mut [f32],
+}
+
+impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, D> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let PanelTask {
+            simd,
+            decode,
+            w,
+            first,
+            xs,
+            n,
+            out,
+        } = self;
+        let rows = out.len() / n.max(1);
+        let codes = super::panel::codes(w, first, rows, GROUP, decode);
+        macro_rules! typed {
+            ($variant:ident) => {{
+                let row = |r: usize| match w.q_row(first + r) {
+                    QRow::$variant(row) => row,
+                    _ => unreachable!("one matrix, one type"),
+                };
+                panel_product(simd, rows, row, &codes, xs, n, out)
+            }};
+        }
+        match w.q_row(first) {
+            QRow::Q4(_) => typed!(Q4),
+            QRow::Q5(_) => typed!(Q5),
+            QRow::Q8(_) => typed!(Q8),
+        }
+    }
+}
+
+/// [`PanelTask`] for rows of one type: `row(r)` is the task's row `r`.
+#[inline(always)]
+fn panel_product<W: Panel>(
+    simd: V3,
+    rows: usize,
+    row: impl Fn(usize) -> W,
+    codes: &[[i32; 16]],
+    xs: &Tiles,
+    n: usize,
+    out: &mut [f32],
+) {
+    let (avx, avx2) = (&simd.avx, &simd.avx2);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let ws: Vec<W> = (0..rows).map(row).collect();
+    let nb = ws[0].blocks();
+    let groups = rows.div_ceil(GROUP);
+    for c in 0..n.div_ceil(PANEL_TILE) {
+        let tile = xs.tile(c);
+        let real = (n - c * PANEL_TILE).min(PANEL_TILE);
+        for half in 0..real.div_ceil(LANES) {
+            let lanes = (real - half * LANES).min(LANES);
+            for g in 0..groups {
+                let live = (rows - g * GROUP).min(GROUP);
+                let mut acc = [avx._mm256_setzero_ps(); GROUP];
+                for b in 0..nb {
+                    let mut sums = [avx._mm256_setzero_si256(); GROUP];
+                    let wc: [&[i32; 16]; GROUP] =
+                        std::array::from_fn(|i| &codes[(g * GROUP + i) * nb + b]);
+                    // `k` picks a word of every row's codes and an offset into the tile.
+                    #[allow(clippy::needless_range_loop)]
+                    for k in 0..16 {
+                        let at = (b * 16 + k) * PANEL_TILE + half * LANES;
+                        let x: __m256i = pulp::cast(load_i32(&tile.pairs[at..at + LANES]));
+                        for i in 0..GROUP {
+                            let pair = avx._mm256_set1_epi32(wc[i][k]);
+                            sums[i] =
+                                avx2._mm256_add_epi32(sums[i], avx2._mm256_madd_epi16(x, pair));
+                        }
+                    }
+                    let at = b * PANEL_TILE + half * LANES;
+                    let scale = load8(&tile.scale[at..at + LANES]);
+                    let sum = load8(&tile.sum[at..at + LANES]);
+                    for i in 0..live {
+                        let w = ws[g * GROUP + i];
+                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(w.scale(b)), scale);
+                        let scaled = avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(sums[i]), ds);
+                        let m = avx._mm256_set1_ps(w.offset(b));
+                        let term = match W::OFFSET {
+                            Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
+                            Offset::Sub => avx._mm256_sub_ps(scaled, avx._mm256_mul_ps(m, sum)),
+                            Offset::None => scaled,
+                        };
+                        acc[i] = avx._mm256_add_ps(acc[i], term);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate().take(live) {
+                    let v: [f32; LANES] = pulp::cast(*acc);
+                    let r = g * GROUP + i;
+                    for (t, &v) in v.iter().enumerate().take(lanes) {
+                        out[(c * PANEL_TILE + half * LANES + t) * rows + r] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn load_i32(x: &[i32]) -> [i32; LANES] {
+    match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("8 values"),
+    }
+}
+
+/// [`Panel::pairs`] of a row's block `b` with AVX2 (Q5 through the portable code).
+#[inline(always)]
+pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
+    let (avx, avx2) = (&simd.avx, &simd.avx2);
+    let halves: [__m256i; 2] = match w {
+        QRow::Q4(r) => {
+            let raw: [u8; 16] = match r.qs[b * QK / 2..(b + 1) * QK / 2].try_into() {
+                Ok(a) => a,
+                Err(_) => unreachable!("16 bytes"),
+            };
+            let raw: __m128i = pulp::cast(raw);
+            std::array::from_fn(
+                #[inline(always)]
+                |h| {
+                    let bytes = if h == 0 {
+                        raw
+                    } else {
+                        simd.sse2._mm_srli_si128::<8>(raw)
+                    };
+                    let v = avx2._mm256_cvtepu8_epi32(bytes);
+                    let lo = avx2._mm256_and_si256(v, avx._mm256_set1_epi32(0x0f));
+                    let hi = avx2._mm256_slli_epi32::<12>(
+                        avx2._mm256_and_si256(v, avx._mm256_set1_epi32(0xf0)),
+                    );
+                    avx2._mm256_or_si256(lo, hi)
+                },
+            )
+        }
+        QRow::Q8(r) => {
+            let codes: &[u8] = pulp::bytemuck::cast_slice(&r.qs[b * QK..(b + 1) * QK]);
+            let eight = |at: usize| -> __m128i {
+                let a: [u8; 8] = match codes[at..at + 8].try_into() {
+                    Ok(a) => a,
+                    Err(_) => unreachable!("8 bytes"),
+                };
+                pulp::cast([u64::from_le_bytes(a), 0])
+            };
+            std::array::from_fn(
+                #[inline(always)]
+                |h| {
+                    let lo = avx2._mm256_cvtepi8_epi32(eight(8 * h));
+                    let hi = avx2._mm256_cvtepi8_epi32(eight(QK / 2 + 8 * h));
+                    avx2._mm256_or_si256(
+                        avx2._mm256_and_si256(lo, avx._mm256_set1_epi32(0xffff)),
+                        avx2._mm256_slli_epi32::<16>(hi),
+                    )
+                },
+            )
+        }
+        QRow::Q5(r) => return r.pairs(b),
+    };
+    pulp::cast(halves)
 }

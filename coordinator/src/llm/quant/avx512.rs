@@ -6,7 +6,9 @@ use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
-use super::{Q4Row, Q5Row, Q8Row, QK, QRow, TILE, XRow};
+use super::act::{TilePart, Tiles};
+use super::panel::{Offset, Panel};
+use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
 fn load(x: &[f32]) -> __m512 {
@@ -282,14 +284,6 @@ fn row_dots<'a>(simd: V4, w: impl IntRow<'a>, xs: &[&QAct], out: &mut [f32]) {
     }
 }
 
-/// Sum of the lanes of several accumulators.
-#[inline(always)]
-fn hsum_many(simd: V4, v: &[__m512]) -> f32 {
-    hsum(v.iter().fold(simd.avx512f._mm512_setzero_ps(), |a, &b| {
-        simd.avx512f._mm512_add_ps(a, b)
-    }))
-}
-
 /// Index vectors of a transposition's stage `k` (`_mm512_permutex2var_ps` of rows `r` and
 /// `r | 1 << k`, `r`'s bit `k` clear): the pair swaps its row bit `k` with its column bit `k`.
 /// The first vector builds row `r`, the second row `r | 1 << k`.
@@ -362,14 +356,6 @@ pub(super) fn hsums16(simd: V4, mut v: [__m512; 16]) -> [f32; 16] {
     pulp::cast(t)
 }
 
-/// [`hsum_many`] of two accumulators, taken by value: a reference into a tile's accumulator
-/// array kept the whole array in memory, stored at every block.
-#[inline(always)]
-fn hsum2(simd: V4, a: __m512, b: __m512) -> f32 {
-    let f = &simd.avx512f;
-    hsum(f._mm512_add_ps(f._mm512_add_ps(f._mm512_setzero_ps(), a), b))
-}
-
 #[inline(always)]
 fn load16(b: &[u8]) -> __m128i {
     let a: [u8; 16] = match b.try_into() {
@@ -377,245 +363,6 @@ fn load16(b: &[u8]) -> __m128i {
         Err(_) => unreachable!("16 bytes"),
     };
     pulp::cast(a)
-}
-
-/// A weight row whose blocks decode to f32.
-pub(super) trait Decode: Copy {
-    fn blocks(self) -> usize;
-    fn decode(self, simd: V4, b: usize) -> [__m512; 2];
-}
-
-/// Sixteen unsigned codes as `q d + m`.
-#[inline(always)]
-fn widen_u8(simd: V4, v: __m128i, d: __m512, m: __m512) -> __m512 {
-    let q = simd
-        .avx512f
-        ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepu8_epi32(v));
-    simd.avx512f._mm512_fmadd_ps(q, d, m)
-}
-
-/// Sixteen signed codes as `q d`.
-#[inline(always)]
-fn widen_i8(simd: V4, v: __m128i, d: __m512) -> __m512 {
-    let q = simd
-        .avx512f
-        ._mm512_cvtepi32_ps(simd.avx512f._mm512_cvtepi8_epi32(v));
-    simd.avx512f._mm512_mul_ps(q, d)
-}
-
-/// A block's 16 nibble bytes as its elements 0..16 (low nibbles) and 16..32 (high nibbles).
-#[inline(always)]
-fn nibble_halves(simd: V4, qs: &[u8]) -> (__m128i, __m128i) {
-    let raw = load16(qs);
-    let mask = simd.sse2._mm_set1_epi8(0x0f);
-    let lo = simd.sse2._mm_and_si128(raw, mask);
-    let hi = simd
-        .sse2
-        ._mm_and_si128(simd.sse2._mm_srli_epi16::<4>(raw), mask);
-    (lo, hi)
-}
-
-impl Decode for Q4Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let (lo, hi) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        let d = simd.avx512f._mm512_set1_ps(self.d[b]);
-        let m = simd.avx512f._mm512_set1_ps(self.m[b]);
-        [widen_u8(simd, lo, d, m), widen_u8(simd, hi, d, m)]
-    }
-}
-
-impl Decode for Q5Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let f = &simd.avx512f;
-        let (lo, hi) = nibble_halves(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        let d = f._mm512_set1_ps(self.d[b]);
-        let m = f._mm512_set1_ps(-16.0 * self.d[b]);
-        let sixteen = f._mm512_set1_epi32(16);
-        let widen = |v: __m128i, bits: u16| {
-            let q = f._mm512_cvtepu8_epi32(v);
-            let q = f._mm512_mask_add_epi32(q, bits, q, sixteen);
-            f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(q), d, m)
-        };
-        let qh = self.qh[b];
-        [widen(lo, qh as u16), widen(hi, (qh >> 16) as u16)]
-    }
-}
-
-impl Decode for Q8Row<'_> {
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-
-    #[inline(always)]
-    fn decode(self, simd: V4, b: usize) -> [__m512; 2] {
-        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
-        let d = simd.avx512f._mm512_set1_ps(self.d[b]);
-        [
-            widen_i8(simd, load16(&codes[..16]), d),
-            widen_i8(simd, load16(&codes[16..]), d),
-        ]
-    }
-}
-
-/// Dots of one weight row with one activation row: four accumulators (two a block,
-/// alternating blocks).
-#[inline(always)]
-fn decoded_one(simd: V4, w: impl Decode, x: &XRow<'_>) -> f32 {
-    let f = &simd.avx512f;
-    let mut acc = [f._mm512_setzero_ps(); 4];
-    // Two blocks a step, each block's pair of accumulators at a fixed place: an index that
-    // alternated with the block kept them in memory.
-    for first in (0..w.blocks()).step_by(2) {
-        for (a, b) in [(0, first), (2, first + 1)] {
-            if b < w.blocks() {
-                let wv = w.decode(simd, b);
-                let xb = &x.f[b * QK..(b + 1) * QK];
-                acc[a] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[a]);
-                acc[a + 1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[a + 1]);
-            }
-        }
-    }
-    hsum_many(simd, &acc)
-}
-
-/// Dots of one weight row with `T` activation rows (`T` a constant, so that the accumulators
-/// stay in registers): each block decoded once for all `T`, two accumulators a row.
-#[inline(always)]
-fn decoded_tile<const T: usize>(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: &mut [f32]) {
-    let f = &simd.avx512f;
-    let x: [&[f32]; T] = std::array::from_fn(|t| xs[t].f);
-    let mut acc = [[f._mm512_setzero_ps(); 2]; T];
-    for b in 0..w.blocks() {
-        let wv = w.decode(simd, b);
-        for t in 0..T {
-            let xb = &x[t][b * QK..(b + 1) * QK];
-            acc[t][0] = f._mm512_fmadd_ps(wv[0], load(&xb[..16]), acc[t][0]);
-            acc[t][1] = f._mm512_fmadd_ps(wv[1], load(&xb[16..]), acc[t][1]);
-        }
-    }
-    for t in 0..T {
-        out[t] = hsum2(simd, acc[t][0], acc[t][1]);
-    }
-}
-
-/// Dots of one weight row with every activation row, in [`TILE`]-row chunks.
-#[inline(always)]
-fn decoded_row(simd: V4, w: impl Decode, xs: &[XRow<'_>], out: &mut [f32]) {
-    for (x, o) in xs.chunks(TILE).zip(out.chunks_mut(TILE)) {
-        match x.len() {
-            1 => o[0] = decoded_one(simd, w, &x[0]),
-            2 => decoded_tile::<2>(simd, w, x, o),
-            3 => decoded_tile::<3>(simd, w, x, o),
-            TILE => decoded_tile::<TILE>(simd, w, x, o),
-            _ => unreachable!("chunks of at most TILE rows"),
-        }
-    }
-}
-
-/// Dots of two weight rows with `T` activation rows: each activation load serves both weight
-/// rows; per (weight row, activation row) the same two accumulators as [`decoded_tile`].
-#[inline(always)]
-fn decoded_pair_tile<const T: usize, W: Decode>(
-    simd: V4,
-    w: [W; 2],
-    xs: &[XRow<'_>],
-    out: [&mut [f32]; 2],
-) {
-    let f = &simd.avx512f;
-    let x: [&[f32]; T] = std::array::from_fn(|t| xs[t].f);
-    let mut acc = [[[f._mm512_setzero_ps(); 2]; T]; 2];
-    for b in 0..w[0].blocks() {
-        let wv = [w[0].decode(simd, b), w[1].decode(simd, b)];
-        for t in 0..T {
-            let xb = &x[t][b * QK..(b + 1) * QK];
-            let (lo, hi) = (load(&xb[..16]), load(&xb[16..]));
-            for k in 0..2 {
-                acc[k][t][0] = f._mm512_fmadd_ps(wv[k][0], lo, acc[k][t][0]);
-                acc[k][t][1] = f._mm512_fmadd_ps(wv[k][1], hi, acc[k][t][1]);
-            }
-        }
-    }
-    // Each dot is `hsum2` of its two accumulators, eight at a time.
-    let zero = f._mm512_setzero_ps();
-    let both: [__m512; 8] = std::array::from_fn(|j| {
-        let (k, t) = (j / T, j % T);
-        if k < 2 {
-            f._mm512_add_ps(f._mm512_add_ps(zero, acc[k][t][0]), acc[k][t][1])
-        } else {
-            zero
-        }
-    });
-    let sums = hsums8(simd, both);
-    for (k, o) in out.into_iter().enumerate() {
-        o[..T].copy_from_slice(&sums[k * T..(k + 1) * T]);
-    }
-}
-
-/// Two weight rows against every activation row, in [`TILE`]-row chunks as [`decoded_row`]
-/// (a lone row takes [`decoded_one`] for each weight row), so each row's dot is bit for bit
-/// [`decoded_row`]'s.
-pub(super) struct DecodedPair<'b, W> {
-    pub simd: V4,
-    pub w: [W; 2],
-    pub xs: &'b [XRow<'b>],
-    pub out: [&'b mut [f32]; 2],
-}
-
-impl<W: Decode> pulp::NullaryFnOnce for DecodedPair<'_, W> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        let DecodedPair { simd, w, xs, out } = self;
-        let [o0, o1] = out;
-        for ((x, a), b) in xs
-            .chunks(TILE)
-            .zip(o0.chunks_mut(TILE))
-            .zip(o1.chunks_mut(TILE))
-        {
-            match x.len() {
-                1 => {
-                    a[0] = decoded_one(simd, w[0], &x[0]);
-                    b[0] = decoded_one(simd, w[1], &x[0]);
-                }
-                2 => decoded_pair_tile::<2, W>(simd, w, x, [a, b]),
-                3 => decoded_pair_tile::<3, W>(simd, w, x, [a, b]),
-                TILE => decoded_pair_tile::<TILE, W>(simd, w, x, [a, b]),
-                _ => unreachable!("chunks of at most TILE rows"),
-            }
-        }
-    }
-}
-
-/// One weight row (Q4, Q5 or Q8), decoded to f32 a block at a time, against every activation
-/// row (`out[i]` for `xs[i]`).
-pub(super) struct DecodedRow<'b, W> {
-    pub simd: V4,
-    pub w: W,
-    pub xs: &'b [XRow<'b>],
-    pub out: &'b mut [f32],
-}
-
-impl<W: Decode> pulp::NullaryFnOnce for DecodedRow<'_, W> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        decoded_row(self.simd, self.w, self.xs, self.out)
-    }
 }
 
 /// Four activation rows by `C` f32 weight rows (two or four), sixteen lanes at a time: one
@@ -671,5 +418,309 @@ impl<const C: usize> pulp::NullaryFnOnce for TileF32<'_, C> {
             }
         }
         out
+    }
+}
+
+/// Weight rows whose dots run side by side: four independent `vpdpwssd` chains hide its
+/// latency, and each activation load serves them all. (With more, LLVM's machine combiner
+/// splits each `vpdpwssd` back into `vpmaddwd` + `vpaddd` to shorten the chains, which halves
+/// the rate.)
+const GROUP: usize = 4;
+
+/// [`Panel`] with the codes decoded in registers.
+trait PanelRow: Panel {
+    /// [`Panel::pairs`] as one register.
+    fn pairs16(self, simd: V4, b: usize) -> __m512i;
+}
+
+/// [`Panel::pairs`] of a row's block `b`, decoded in one register.
+#[inline(always)]
+pub(super) fn code_pairs(simd: V4, w: QRow<'_>, b: usize) -> [i32; 16] {
+    pulp::cast(match w {
+        QRow::Q4(r) => r.pairs16(simd, b),
+        QRow::Q5(r) => r.pairs16(simd, b),
+        QRow::Q8(r) => r.pairs16(simd, b),
+    })
+}
+
+/// 16 nibble bytes as lanes `low nibble | high nibble << 16`.
+#[inline(always)]
+fn nibble_pairs(simd: V4, qs: &[u8]) -> __m512i {
+    let f = &simd.avx512f;
+    let v = f._mm512_cvtepu8_epi32(load16(qs));
+    let lo = f._mm512_and_si512(v, f._mm512_set1_epi32(0x0f));
+    let hi = f._mm512_slli_epi32::<12>(f._mm512_and_si512(v, f._mm512_set1_epi32(0xf0)));
+    f._mm512_or_si512(lo, hi)
+}
+
+impl PanelRow for Q4Row<'_> {
+    #[inline(always)]
+    fn pairs16(self, simd: V4, b: usize) -> __m512i {
+        nibble_pairs(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2])
+    }
+}
+
+impl PanelRow for Q5Row<'_> {
+    #[inline(always)]
+    fn pairs16(self, simd: V4, b: usize) -> __m512i {
+        let f = &simd.avx512f;
+        let v = nibble_pairs(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
+        // Fifth bits: bit `j` of `qh` belongs to element `j`.
+        let qh = self.qh[b];
+        let v = f._mm512_mask_add_epi32(v, qh as u16, v, f._mm512_set1_epi32(16));
+        f._mm512_mask_add_epi32(v, (qh >> 16) as u16, v, f._mm512_set1_epi32(16 << 16))
+    }
+}
+
+impl PanelRow for Q8Row<'_> {
+    #[inline(always)]
+    fn pairs16(self, simd: V4, b: usize) -> __m512i {
+        let f = &simd.avx512f;
+        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
+        let lo = f._mm512_cvtepi8_epi32(load16(&codes[..16]));
+        let hi = f._mm512_cvtepi8_epi32(load16(&codes[16..]));
+        f._mm512_or_si512(
+            f._mm512_and_si512(lo, f._mm512_set1_epi32(0xffff)),
+            f._mm512_slli_epi32::<16>(hi),
+        )
+    }
+}
+
+/// Rows `first..` of a quantized matrix (as many as `out`, `[n, rows]`, holds) against three
+/// or more rounded activation rows, each dot bit for bit [`super::act`]'s scalar one: every
+/// block's integer sum is exact, and its scales and offset are applied in f32 in the scalar
+/// dot's order, one lane per weight row. The task's rows are first laid out as panels of
+/// sixteen rows, each block as sixteen vectors (vector `k`: the code pairs `k` of the sixteen
+/// rows); then each block of a tile of activation rows is sixteen `madd`s (one `vpdpwssd` each
+/// where the CPU has VNNI and the caller compiled this for it).
+pub(super) struct PanelTask<'a> {
+    pub simd: V4,
+    pub w: &'a super::QMatrix,
+    pub first: usize,
+    pub xs: &'a Tiles,
+    /// Activation rows.
+    pub n: usize,
+    pub out: &'a mut [f32],
+}
+
+impl pulp::NullaryFnOnce for PanelTask<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let PanelTask {
+            simd,
+            w,
+            first,
+            xs,
+            n,
+            out,
+        } = self;
+        let rows = out.len() / n.max(1);
+        macro_rules! typed {
+            ($variant:ident) => {{
+                let row = |r: usize| match w.q_row(first + r) {
+                    QRow::$variant(row) => row,
+                    _ => unreachable!("one matrix, one type"),
+                };
+                panel_product(simd, w, first, rows, row, xs, n, out)
+            }};
+        }
+        match w.q_row(first) {
+            QRow::Q4(_) => typed!(Q4),
+            QRow::Q5(_) => typed!(Q5),
+            QRow::Q8(_) => typed!(Q8),
+        }
+    }
+}
+
+/// [`PanelTask`] for rows of one type: `row(r)` is the task's row `r`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn panel_product<W: PanelRow>(
+    simd: V4,
+    w_of: &super::QMatrix,
+    first: usize,
+    rows: usize,
+    row: impl Fn(usize) -> W,
+    xs: &Tiles,
+    n: usize,
+    out: &mut [f32],
+) {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let ws: Vec<W> = (0..rows).map(row).collect();
+    let nb = ws[0].blocks();
+    // Each row's code pairs, block by block; a last group's missing rows are zeros
+    // (computed, not written).
+    let groups = rows.div_ceil(GROUP);
+    let codes = super::panel::codes(
+        w_of,
+        first,
+        rows,
+        GROUP,
+        #[inline(always)]
+        |row, b| code_pairs(simd, row, b),
+    );
+    for c in 0..n.div_ceil(PANEL_TILE) {
+        let tile = xs.tile(c);
+        let real = (n - c * PANEL_TILE).min(PANEL_TILE);
+        for g in 0..groups {
+            let live = (rows - g * GROUP).min(GROUP);
+            let mut acc = [f._mm512_setzero_ps(); GROUP];
+            for b in 0..nb {
+                let mut sums = [f._mm512_setzero_si512(); GROUP];
+                let wc: [&[i32; 16]; GROUP] =
+                    std::array::from_fn(|i| &codes[(g * GROUP + i) * nb + b]);
+                // `k` picks a word of every row's codes and an offset into the tile.
+                #[allow(clippy::needless_range_loop)]
+                for k in 0..16 {
+                    let at = (b * 16 + k) * PANEL_TILE;
+                    let x: __m512i = pulp::cast(load_i32(&tile.pairs[at..at + PANEL_TILE]));
+                    for i in 0..GROUP {
+                        let pair = f._mm512_set1_epi32(wc[i][k]);
+                        sums[i] = f._mm512_add_epi32(sums[i], bw._mm512_madd_epi16(x, pair));
+                    }
+                }
+                let at = b * PANEL_TILE;
+                let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
+                let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
+                for i in 0..live {
+                    let w = ws[g * GROUP + i];
+                    let ds = f._mm512_mul_ps(f._mm512_set1_ps(w.scale(b)), scale);
+                    let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
+                    let m = f._mm512_set1_ps(w.offset(b));
+                    let term = match W::OFFSET {
+                        Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
+                        Offset::Sub => f._mm512_sub_ps(scaled, f._mm512_mul_ps(m, sum)),
+                        Offset::None => scaled,
+                    };
+                    acc[i] = f._mm512_add_ps(acc[i], term);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(live) {
+                let v: [f32; 16] = pulp::cast(*acc);
+                let r = g * GROUP + i;
+                for (t, &v) in v.iter().enumerate().take(real) {
+                    out[(c * PANEL_TILE + t) * rows + r] = v;
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn load_i32(x: &[i32]) -> [i32; 16] {
+    match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 values"),
+    }
+}
+
+#[inline(always)]
+fn load_f32(x: &[f32]) -> [f32; 16] {
+    match x.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("16 values"),
+    }
+}
+
+/// Block `b` of tile `c` of [`Tiles`], rounded from `n` f32 rows of `cols` values (`x`), each
+/// row's block as [`QAct::new`] rounds it, bit for bit: the same f32 operations sixteen lanes
+/// at a time, the block's sum in the same order; a block with a non-finite sum goes through
+/// [`QAct::new`] itself.
+pub(super) struct TileBlock<'a> {
+    pub simd: V4,
+    pub x: &'a [f32],
+    pub cols: usize,
+    pub n: usize,
+    pub c: usize,
+    pub b: usize,
+    pub part: TilePart<'a>,
+}
+
+impl pulp::NullaryFnOnce for TileBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let TileBlock {
+            simd,
+            x,
+            cols,
+            n,
+            c,
+            b,
+            mut part,
+        } = self;
+        let f = &simd.avx512f;
+        const MAGIC: f32 = 12_582_912.0;
+        let magic = f._mm512_set1_ps(MAGIC);
+        let round = |v: __m512| f._mm512_sub_ps(f._mm512_add_ps(v, magic), magic);
+        let mut words = [f._mm512_setzero_ps(); PANEL_TILE];
+        for (t, words) in words.iter_mut().enumerate() {
+            let row = c * PANEL_TILE + t;
+            if row >= n {
+                break;
+            }
+            let xb = &x[row * cols + b * QK..row * cols + (b + 1) * QK];
+            let sum: f32 = xb.iter().sum();
+            // Non-finite values, or steps so small that their inverse overflows: there
+            // `QAct`'s saturating casts decide, so it rounds the block itself.
+            let by_qact = |part: &mut TilePart<'_>| -> __m512 {
+                let q = QAct::new(xb);
+                part.sum[t] = q.sum[0];
+                part.scale[t] = q.scale[0];
+                let value =
+                    |i: usize| super::act::LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
+                let w: [i32; 16] =
+                    std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16));
+                pulp::cast(w)
+            };
+            if !sum.is_finite() {
+                *words = by_qact(&mut part);
+                continue;
+            }
+            part.sum[t] = sum;
+            let halves = [load(&xb[..16]), load(&xb[16..])];
+            let m: [f32; 16] =
+                pulp::cast(f._mm512_max_ps(f._mm512_abs_ps(halves[0]), f._mm512_abs_ps(halves[1])));
+            let amax = m.iter().fold(0.0f32, |a, &v| a.max(v));
+            if amax == 0.0 {
+                continue;
+            }
+            if !(super::act::LO_STEPS as f32 / (amax / 127.0)).is_finite() {
+                *words = by_qact(&mut part);
+                continue;
+            }
+            let d = amax / 127.0;
+            let (inv, lo_inv) = (1.0 / d, super::act::LO_STEPS as f32 / d);
+            // (A loop, not `array::map`: its closure may stay out of line, without AVX-512.)
+            let mut q = [f._mm512_setzero_si512(); 2];
+            for (q, &v) in q.iter_mut().zip(&halves) {
+                let h = round(f._mm512_mul_ps(v, f._mm512_set1_ps(inv)));
+                let l = round(f._mm512_mul_ps(
+                    f._mm512_sub_ps(v, f._mm512_mul_ps(h, f._mm512_set1_ps(d))),
+                    f._mm512_set1_ps(lo_inv),
+                ));
+                *q = f._mm512_add_epi32(
+                    f._mm512_slli_epi32::<7>(f._mm512_cvtps_epi32(h)),
+                    f._mm512_cvtps_epi32(l),
+                );
+            }
+            *words = f._mm512_castsi512_ps(f._mm512_or_si512(
+                f._mm512_and_si512(q[0], f._mm512_set1_epi32(0xffff)),
+                f._mm512_slli_epi32::<16>(q[1]),
+            ));
+            part.scale[t] = d / super::act::LO_STEPS as f32;
+        }
+        // Row t's word k to `pairs[k T + t]`.
+        transpose_stages(simd, &mut words, 4);
+        for (k, w) in words.iter().enumerate() {
+            let w: [i32; 16] = pulp::cast(*w);
+            part.pairs[k * PANEL_TILE..(k + 1) * PANEL_TILE].copy_from_slice(&w);
+        }
     }
 }

@@ -2,18 +2,20 @@
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
 //! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0 as 8-bit codes or, to save memory,
-//! as 5-bit codes ([`Q5Form`]); Q4_K and Q6_K are recast into the 4- or 8-bit form ([`repack`]). Three product paths, by the number of activation rows:
-//! - up to [`INT_ROWS`] (one sequence decoding): each activation row is rounded once per
-//!   product to two 8-bit parts ([`act`]) and the dots run on 8-bit integer products;
-//! - up to [`PANEL_ROWS`] (a batch decoding): each weight block is decoded to f32 in registers
-//!   and shared by a tile of [`TILE`] activation rows (with AVX-512, two weight rows share
-//!   each activation load);
-//! - more (prompts): a task decodes its weight rows to f32 once and runs an f32
-//!   register-tiled product.
+//! as 5-bit codes ([`Q5Form`]); Q4_K and Q6_K are recast into the 4- or 8-bit form
+//! ([`repack`]). Every activation row is rounded once per product to two 8-bit parts on one
+//! scale a block, about 15 bits ([`act`]), and the products run on integers, by the number of
+//! activation rows:
+//! - up to [`INT_ROWS`] (one sequence decoding): dots along each weight row, 8-bit integer
+//!   products (`maddubs`), the lanes summed at the end;
+//! - more (a batch decoding, prompts): panels ([`panel`]): the rows' `128 h + l` as i16, in
+//!   tiles of [`PANEL_TILE`] rows, one activation row a vector lane, against each weight
+//!   code pair broadcast (`vpdpwssd` where the CPU has VNNI); each dot is the portable
+//!   scalar dot bit for bit, on every instruction set.
 //!
-//! Output rows are split over rayon's threads. The kernels use AVX-512 (F + BW) or AVX2 + FMA
-//! when the CPU has them (detected at run time), portable code otherwise. F32/F16 weights stay
-//! f32.
+//! Output rows are split over rayon's threads. The kernels use AVX-512 (F + BW, and VNNI where
+//! present) or AVX2 + FMA when the CPU has them (detected at run time), portable code
+//! otherwise. F32/F16 weights stay f32 and take an f32 register-tiled product.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
@@ -21,13 +23,14 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod exp;
+mod panel;
 mod repack;
 #[cfg(test)]
 mod tests;
 
 use rayon::prelude::*;
 
-use self::act::QAct;
+use self::act::{QAct, Tiles};
 pub(crate) use self::exp::exp_in_place;
 use super::gguf::{GgmlType, QK};
 use crate::{Error, Result};
@@ -35,15 +38,15 @@ use crate::{Error, Result};
 /// Weight rows a rayon task computes: enough work per task to hide the scheduling cost, small
 /// enough that a task's weights stay in L1/L2 while it sweeps the activation rows.
 const ROWS_PER_TASK: usize = 32;
-/// Activation rows that share one pass over a weight block (its codes loaded once).
+/// Activation rows of one tile of the f32 product (F32 weights).
 const TILE: usize = 4;
-/// Up to this many activation rows, products round the activations and run integer dots
-/// (a weight block read once for few rows: decoding it to f32 would dominate). From there on,
-/// a block decoded to f32 is shared by a tile of rows, and f32 FMAs (two a cycle) beat 8-bit
-/// integer products (one a cycle, without VNNI).
+/// Up to this many activation rows, products run dots along each weight row (no panel to lay
+/// out); from there on, panels.
 const INT_ROWS: usize = 2;
-/// From this many activation rows on, a task decodes its weight rows to f32 once and runs an
-/// f32 register-tiled product (decoding per block per tile costs more than that).
+/// Activation rows that share a pass of the panel kernels over a block of weight rows: the
+/// lanes of an AVX-512 register.
+const PANEL_TILE: usize = 16;
+/// The fewest rows a span of [`row_spans`] gets (enough for the panels to fill their lanes).
 const PANEL_ROWS: usize = 32;
 
 /// How Q5_0 weights are held. The 8-bit form decodes faster on the CPUs measured (fewer
@@ -296,15 +299,20 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         x.len()
     );
     let rows = |r: usize| &x[r * cols..(r + 1) * cols];
-    let integer = n <= INT_ROWS && ws.iter().any(|w| w.path() != Path::F32);
-    let rounded: Vec<QAct> = if integer {
-        (0..n).map(|r| QAct::new(rows(r))).collect()
+    let simd = Simd::detect();
+    let integer = ws.iter().any(|w| w.path() != Path::F32);
+    let panel = integer && n > INT_ROWS;
+    // Rounded rows for the integer dots; for the panels, tiles (and the rows only where the
+    // portable code runs them).
+    let rounded: Vec<QAct> = if integer && (!panel || simd.panels_from_rows()) {
+        (0..n).into_par_iter().map(|r| QAct::new(rows(r))).collect()
     } else {
         Vec::new()
     };
     let xs: Vec<XRow<'_>> = (0..n).map(|r| XRow { f: rows(r) }).collect();
     let qs: Vec<&QAct> = rounded.iter().collect();
-    let simd = Simd::detect();
+    let tiles = panel.then(|| simd.tiles(x, n, cols, &qs));
+    let tiles = tiles.as_ref();
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
     if n == 1 {
         // One row: the kernels' order is the product's; each task owns its slice.
@@ -314,9 +322,9 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
                 tasks.push((w, i * ROWS_PER_TASK, chunk));
             }
         }
-        tasks
-            .into_par_iter()
-            .for_each(|(w, first, out)| run_task(simd, w, first, &xs, &qs, out));
+        tasks.into_par_iter().for_each(|(w, first, out)| {
+            run_task(simd, w, first, &xs, &qs, tiles, out);
+        });
         return outs;
     }
     // The kernels write a task's rows transposed (`[rows, n]`); each task does so in a buffer
@@ -336,10 +344,15 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     tasks.into_par_iter().for_each(|(w, first, mut pieces)| {
         let len = pieces.first().map_or(0, |p| p.len());
         let mut t = vec![0.0; len * n];
-        run_task(simd, w, first, &xs, &qs, &mut t);
-        for (r, row) in t.chunks_exact(n).enumerate() {
-            for (piece, &v) in pieces.iter_mut().zip(row) {
-                piece[r] = v;
+        if run_task(simd, w, first, &xs, &qs, tiles, &mut t) == Layout::RowsFirst {
+            for (r, row) in t.chunks_exact(n).enumerate() {
+                for (piece, &v) in pieces.iter_mut().zip(row) {
+                    piece[r] = v;
+                }
+            }
+        } else {
+            for (piece, part) in pieces.iter_mut().zip(t.chunks_exact(len.max(1))) {
+                piece.copy_from_slice(part);
             }
         }
     });
@@ -382,29 +395,36 @@ fn gcd(a: usize, b: usize) -> usize {
 }
 
 /// Weight rows `first..` (as many as `out` holds) against every activation row; `qs` holds the
-/// rows rounded for the integer dots, or nothing.
-fn run_task(simd: Simd, w: &QMatrix, first: usize, xs: &[XRow<'_>], qs: &[&QAct], out: &mut [f32]) {
+/// rows rounded for the integer dots, or nothing, and `tiles` the same in the panel kernels'
+/// tiles (more than [`INT_ROWS`] rows). Returns the layout `out` got.
+fn run_task(
+    simd: Simd,
+    w: &QMatrix,
+    first: usize,
+    xs: &[XRow<'_>],
+    qs: &[&QAct],
+    tiles: Option<&Tiles>,
+    out: &mut [f32],
+) -> Layout {
     let n = xs.len();
     let rows = out.len() / n.max(1);
     if let Codes::F32(v) = &w.codes {
-        return simd.f32_product(&v[first * w.cols..(first + rows) * w.cols], w.cols, xs, out);
+        simd.f32_product(&v[first * w.cols..(first + rows) * w.cols], w.cols, xs, out);
+        return Layout::RowsFirst;
     }
-    if n >= PANEL_ROWS {
-        let panel = w.rows_f32(first..first + rows);
-        return simd.f32_product(&panel, w.cols, xs, out);
+    if n <= INT_ROWS {
+        simd.int_task(w, first, qs, out);
+        return Layout::RowsFirst;
     }
-    if qs.len() == n {
-        return simd.int_task(w, first, qs, out);
-    }
-    for (k, pair) in out.chunks_mut(2 * n).enumerate() {
-        let r = first + 2 * k;
-        if pair.len() == 2 * n {
-            let (a, b) = pair.split_at_mut(n);
-            simd.decoded_pair([w.q_row(r), w.q_row(r + 1)], xs, [a, b]);
-        } else {
-            simd.decoded_row(w.q_row(r), xs, pair);
-        }
-    }
+    simd.panel_task(w, first, n, qs, tiles, out);
+    Layout::ActivationsFirst
+}
+
+/// How a task's products come out: `[rows, n]` or `[n, rows]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    RowsFirst,
+    ActivationsFirst,
 }
 
 /// f32 dot product with eight running sums (vectorizes without fast-math).
@@ -545,6 +565,53 @@ struct Q8Row<'a> {
     qs: &'a [i8],
 }
 
+/// A code decoder for the panel kernels, as written (a closure can carry `#[inline(always)]`
+/// only as an argument; without it its intrinsics may become calls).
+#[cfg(target_arch = "x86_64")]
+fn decoder<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
+    d
+}
+
+#[cfg(target_arch = "x86_64")]
+pulp::simd_type! {
+    /// AVX-512 (pulp's `V4`) plus VNNI: kernels written for `V4` and run through this token
+    /// are compiled with VNNI, where the compiler fuses a `madd` and an `add` into `vpdpwssd`.
+    struct V4Vnni {
+        sse: "sse",
+        sse2: "sse2",
+        fxsr: "fxsr",
+        sse3: "sse3",
+        ssse3: "ssse3",
+        sse4_1: "sse4.1",
+        sse4_2: "sse4.2",
+        popcnt: "popcnt",
+        avx: "avx",
+        avx2: "avx2",
+        bmi1: "bmi1",
+        bmi2: "bmi2",
+        fma: "fma",
+        lzcnt: "lzcnt",
+        avx512f: "avx512f",
+        avx512bw: "avx512bw",
+        avx512cd: "avx512cd",
+        avx512dq: "avx512dq",
+        avx512vl: "avx512vl",
+        avx512vnni: "avx512vnni",
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl V4Vnni {
+    /// The token where the CPU has VNNI and `CROSSLM_SIMD` does not narrow the choice.
+    fn detect() -> Option<V4Vnni> {
+        static CHOSEN: std::sync::OnceLock<Option<V4Vnni>> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("CROSSLM_SIMD").as_deref() {
+            Ok("") | Err(_) => V4Vnni::try_new(),
+            Ok(_) => None,
+        })
+    }
+}
+
 /// The instruction set the kernels use, picked once per product.
 #[derive(Clone, Copy)]
 enum Simd {
@@ -643,70 +710,105 @@ impl Simd {
         }
     }
 
-    /// [`Simd::decoded_row`] for two weight rows of one matrix: `out[k][i]` for row `k` and
-    /// `xs[i]`, bit for bit as one row at a time. With AVX-512 each activation load serves both.
-    fn decoded_pair(self, w: [QRow<'_>; 2], xs: &[XRow<'_>], out: [&mut [f32]; 2]) {
-        #[cfg(target_arch = "x86_64")]
-        if let Simd::Avx512(simd) = self {
-            fn run<W: avx512::Decode>(
-                simd: pulp::x86::V4,
-                w: [W; 2],
-                xs: &[XRow<'_>],
-                out: [&mut [f32]; 2],
-            ) {
-                simd.vectorize(avx512::DecodedPair { simd, w, xs, out })
-            }
-            return match w {
-                [QRow::Q4(a), QRow::Q4(b)] => run(simd, [a, b], xs, out),
-                [QRow::Q5(a), QRow::Q5(b)] => run(simd, [a, b], xs, out),
-                [QRow::Q8(a), QRow::Q8(b)] => run(simd, [a, b], xs, out),
-                _ => unreachable!("two rows of one matrix have one type"),
-            };
-        }
-        let [o0, o1] = out;
-        self.decoded_row(w[0], xs, o0);
-        self.decoded_row(w[1], xs, o1);
+    /// Whether [`Simd::tiles`] and [`Simd::panel_task`] read rounded rows ([`QAct`]) rather
+    /// than the f32 rows.
+    fn panels_from_rows(self) -> bool {
+        !matches!(self, Simd::Avx512(_))
     }
 
-    /// Dots of one weight row, decoded to f32 a block at a time, with every f32 activation
-    /// row: `out[i]` for `xs[i]`.
-    fn decoded_row(self, w: QRow<'_>, xs: &[XRow<'_>], out: &mut [f32]) {
-        let each = |out: &mut [f32], f: &dyn Fn(&XRow<'_>) -> f32| {
-            for (o, x) in out.iter_mut().zip(xs) {
-                *o = f(x);
-            }
-        };
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = |v3: pulp::x86::V3, out: &mut [f32]| {
-            for (o, xs) in out.chunks_mut(TILE).zip(xs.chunks(TILE)) {
-                let v = match w {
-                    QRow::Q4(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
-                    QRow::Q5(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
-                    QRow::Q8(w) => v3.vectorize(avx2::DecodedDot { simd: v3, w, xs }),
+    /// `x` (`n` rows of `cols`) rounded into the panel kernels' tiles; `qs` the rounded rows
+    /// where [`Simd::panels_from_rows`].
+    fn tiles(self, x: &[f32], n: usize, cols: usize, qs: &[&QAct]) -> Tiles {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(simd) => Tiles::with(n, cols / QK, |c, b, part| {
+                simd.vectorize(avx512::TileBlock {
+                    simd,
+                    x,
+                    cols,
+                    n,
+                    c,
+                    b,
+                    part,
+                })
+            }),
+            _ => Tiles::new(qs, cols / QK),
+        }
+    }
+
+    /// Weight rows `first..` (as many as `out`, `[n, rows]`, holds) against more than
+    /// [`INT_ROWS`] rounded activation rows: each dot bit for bit the scalar one ([`act::scalar_q4`] and its
+    /// siblings) on every instruction set, so that batches and prompts give the same numbers
+    /// on every machine.
+    fn panel_task(
+        self,
+        w: &QMatrix,
+        first: usize,
+        n: usize,
+        xs: &[&QAct],
+        tiles: Option<&Tiles>,
+        out: &mut [f32],
+    ) {
+        match (self, tiles) {
+            // Up to eight rows, eight lanes a register (the AVX2 kernel) waste fewer lanes.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), Some(tiles)) if n <= 8 => {
+                let task = avx2::PanelTask {
+                    simd: *v4,
+                    decode: decoder(
+                        #[inline(always)]
+                        move |row: QRow<'_>, b: usize| avx512::code_pairs(v4, row, b),
+                    ),
+                    w,
+                    first,
+                    xs: tiles,
+                    n,
+                    out,
                 };
-                o.copy_from_slice(&v[..o.len()]);
-            }
-        };
-        match (self, w) {
-            (Simd::Scalar, QRow::Q4(w)) => each(out, &|x| decoded_scalar_q4(w, x)),
-            (Simd::Scalar, QRow::Q5(w)) => each(out, &|x| decoded_scalar_q5(w, x)),
-            (Simd::Scalar, QRow::Q8(w)) => each(out, &|x| decoded_scalar_q8(w, x)),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2(v3), _) => avx2(v3, out),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(simd), w) => {
-                fn run<W: avx512::Decode>(
-                    simd: pulp::x86::V4,
-                    w: W,
-                    xs: &[XRow<'_>],
-                    out: &mut [f32],
-                ) {
-                    simd.vectorize(avx512::DecodedRow { simd, w, xs, out })
+                match V4Vnni::detect() {
+                    // The same code compiled with VNNI: `madd` + `add` become `vpdpwssd`.
+                    Some(vnni) => vnni.vectorize(task),
+                    None => v4.vectorize(task),
                 }
-                match w {
-                    QRow::Q4(w) => run(simd, w, xs, out),
-                    QRow::Q5(w) => run(simd, w, xs, out),
-                    QRow::Q8(w) => run(simd, w, xs, out),
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(simd), Some(tiles)) => {
+                let task = avx512::PanelTask {
+                    simd,
+                    w,
+                    first,
+                    xs: tiles,
+                    n,
+                    out,
+                };
+                match V4Vnni::detect() {
+                    Some(vnni) => vnni.vectorize(task),
+                    None => simd.vectorize(task),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2(simd), Some(tiles)) => simd.vectorize(avx2::PanelTask {
+                simd,
+                decode: decoder(
+                    #[inline(always)]
+                    move |row: QRow<'_>, b: usize| avx2::code_pairs(simd, row, b),
+                ),
+                w,
+                first,
+                xs: tiles,
+                n,
+                out,
+            }),
+            _ => {
+                let rows = out.len() / n.max(1);
+                for (r, row) in (first..first + rows).map(|r| w.q_row(r)).enumerate() {
+                    for (t, x) in xs.iter().enumerate() {
+                        out[t * rows + r] = match row {
+                            QRow::Q4(row) => act::scalar_q4(row, x),
+                            QRow::Q5(row) => act::scalar_q5(row, x),
+                            QRow::Q8(row) => act::scalar_q8(row, x),
+                        };
+                    }
                 }
             }
         }
@@ -746,44 +848,4 @@ impl Simd {
             }),
         }
     }
-}
-
-/// Portable Q4 dot over f32 activations: the reference the decoded SIMD dots are tested against.
-fn decoded_scalar_q4(w: Q4Row<'_>, x: &XRow<'_>) -> f32 {
-    let mut acc = 0.0f32;
-    for b in 0..w.d.len() {
-        let q = &w.qs[b * QK / 2..(b + 1) * QK / 2];
-        let xb = &x.f[b * QK..(b + 1) * QK];
-        for j in 0..QK / 2 {
-            acc += (f32::from(q[j] & 0x0f) * w.d[b] + w.m[b]) * xb[j];
-            acc += (f32::from(q[j] >> 4) * w.d[b] + w.m[b]) * xb[j + QK / 2];
-        }
-    }
-    acc
-}
-
-/// Portable Q5 dot over f32 activations.
-fn decoded_scalar_q5(w: Q5Row<'_>, x: &XRow<'_>) -> f32 {
-    let mut acc = 0.0f32;
-    for b in 0..w.d.len() {
-        let codes = q5_block(&w.qs[b * QK / 2..(b + 1) * QK / 2], w.qh[b]);
-        for (&q, &v) in codes.iter().zip(&x.f[b * QK..(b + 1) * QK]) {
-            acc += (f32::from(q) - 16.0) * w.d[b] * v;
-        }
-    }
-    acc
-}
-
-/// Portable Q8 dot over f32 activations.
-fn decoded_scalar_q8(w: Q8Row<'_>, x: &XRow<'_>) -> f32 {
-    let mut acc = 0.0f32;
-    for b in 0..w.d.len() {
-        for (&q, &v) in w.qs[b * QK..(b + 1) * QK]
-            .iter()
-            .zip(&x.f[b * QK..(b + 1) * QK])
-        {
-            acc += f32::from(q) * w.d[b] * v;
-        }
-    }
-    acc
 }

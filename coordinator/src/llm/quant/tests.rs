@@ -105,7 +105,7 @@ fn products_match_dequantized_f32() -> Result<()> {
             }
             for n in [1, 3, 9, 40] {
                 let x = values(n * cols, 11 + n as u32);
-                let rounded = n <= INT_ROWS && ty != GgmlType::F32;
+                let rounded = ty != GgmlType::F32;
                 let got = w.matmul(&x, n);
                 for i in 0..n {
                     let xi = &x[i * cols..(i + 1) * cols];
@@ -136,29 +136,28 @@ fn products_match_dequantized_f32() -> Result<()> {
                 let qa: Vec<QAct> = (0..n)
                     .map(|i| QAct::new(&x[i * cols..(i + 1) * cols]))
                     .collect();
-                // Both dot kernels (integer, decoded f32) on every instruction set.
-                for integer in [true, false] {
-                    let xr: Vec<XRow<'_>> = (0..n)
-                        .map(|i| XRow {
-                            f: &x[i * cols..(i + 1) * cols],
-                        })
-                        .collect();
-                    let qs: Vec<&QAct> = if integer {
-                        qa.iter().collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let mut scalar = vec![0.0; rows * n];
-                    run_task(Simd::Scalar, &w, 0, &xr, &qs, &mut scalar);
-                    for simd in simd_kinds() {
-                        let mut fast = vec![0.0; rows * n];
-                        run_task(simd, &w, 0, &xr, &qs, &mut fast);
-                        for (a, b) in scalar.iter().zip(&fast) {
-                            assert!(
-                                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                                "{ty:?} {cols} n={n} integer={integer}: {a} vs {b}"
-                            );
-                        }
+                // Every instruction set against the portable code.
+                let qs: Vec<&QAct> = if ty == GgmlType::F32 {
+                    Vec::new()
+                } else {
+                    qa.iter().collect()
+                };
+                let tiles = (!qs.is_empty() && n > INT_ROWS).then(|| Tiles::new(&qs, cols / QK));
+                let xr: Vec<XRow<'_>> = (0..n)
+                    .map(|i| XRow {
+                        f: &x[i * cols..(i + 1) * cols],
+                    })
+                    .collect();
+                let mut scalar = vec![0.0; rows * n];
+                run_task(Simd::Scalar, &w, 0, &xr, &qs, tiles.as_ref(), &mut scalar);
+                for simd in simd_kinds() {
+                    let mut fast = vec![0.0; rows * n];
+                    run_task(simd, &w, 0, &xr, &qs, tiles.as_ref(), &mut fast);
+                    for (a, b) in scalar.iter().zip(&fast) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                            "{ty:?} {cols} n={n}: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -248,65 +247,31 @@ fn decode_step_products() -> Result<()> {
         "576x576 in cache from a pool thread, n=1: {:.1} us",
         s / 2000.0 * 1e6
     );
-    // One thread, the whole matrix in one task: integer against decoded dots.
+    // One thread, the whole matrix in one task: integer dots (one or two rows) and panels.
     let simd = Simd::detect();
-    for (m, reps) in [(&mats[1], 2000), (&mats[2], 200)] {
-        for n in [1, 2, 3, 4] {
+    for (m, reps) in [(&mats[1], 200), (&mats[2], 40)] {
+        for n in [1, 2, 3, 4, 16, 64] {
             let x = values(n * m.cols, 9);
             let qa: Vec<QAct> = x.chunks(m.cols).map(QAct::new).collect();
-            let mut out = vec![0.0; m.rows * n];
-            for integer in [true, false] {
-                let xr: Vec<XRow<'_>> = (0..n)
-                    .map(|i| XRow {
-                        f: &x[i * m.cols..(i + 1) * m.cols],
-                    })
-                    .collect();
-                let qs: Vec<&QAct> = if integer {
-                    qa.iter().collect()
-                } else {
-                    Vec::new()
-                };
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    run_task(simd, m, 0, &xr, &qs, &mut out);
+            let qs: Vec<&QAct> = qa.iter().collect();
+            let tiles = (n > INT_ROWS).then(|| Tiles::new(&qs, m.cols / QK));
+            let xr: Vec<XRow<'_>> = x.chunks(m.cols).map(|f| XRow { f }).collect();
+            let mut out = vec![0.0; ROWS_PER_TASK * n];
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for first in (0..m.rows).step_by(ROWS_PER_TASK) {
+                    run_task(simd, m, first, &xr, &qs, tiles.as_ref(), &mut out);
                 }
-                println!(
-                    "{}x{} n={n} {}: {:.1} us",
-                    m.rows,
-                    m.cols,
-                    if integer { "integer" } else { "decoded" },
-                    t.elapsed().as_secs_f64() / reps as f64 * 1e6
-                );
             }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{}x{} n={n} tasks on one thread: {:.1} us, {:.1} GMAC/s",
+                m.rows,
+                m.cols,
+                s * 1e6,
+                (m.rows * m.cols * n) as f64 / s / 1e9
+            );
         }
-    }
-    // One thread, a batch of 16 decoding: decoded dots one weight row at a time against two,
-    // alternating so that both see the same machine.
-    for m in [&mats[2], &mats[3], &head] {
-        let n = 16;
-        let x = values(n * m.cols, 9);
-        let xr: Vec<XRow<'_>> = x.chunks(m.cols).map(|f| XRow { f }).collect();
-        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
-        let rows = m.rows.min(3072);
-        let mut secs = [0.0; 2];
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            for r in 0..rows {
-                simd.decoded_row(m.q_row(r), &xr, &mut a);
-            }
-            secs[0] += t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            for r in (0..rows).step_by(2) {
-                simd.decoded_pair([m.q_row(r), m.q_row(r + 1)], &xr, [&mut a, &mut b]);
-            }
-            secs[1] += t.elapsed().as_secs_f64();
-        }
-        println!(
-            "{rows}x{} n=16 decoded: single rows {:.2} ms, row pairs {:.2} ms",
-            m.cols,
-            secs[0] / 5.0 * 1e3,
-            secs[1] / 5.0 * 1e3
-        );
     }
     // One thread, a prompt's panel product: f32 tiles of four activation rows by two weight
     // rows against four.
@@ -424,74 +389,6 @@ fn f32_quads_equal_pairs_bit_for_bit() {
     }
 }
 
-/// A task's weight rows, paired (an odd row count leaves the last alone), give every dot bit
-/// for bit as one weight row at a time.
-#[test]
-fn a_task_pairs_its_rows_bit_for_bit() -> Result<()> {
-    let (rows, cols) = (ROWS_PER_TASK + 1, 96);
-    let w = QMatrix::from_gguf(
-        "w",
-        GgmlType::Q4_1,
-        &encode(GgmlType::Q4_1, &values(rows * cols, 2)),
-        rows,
-        cols,
-    )?;
-    for simd in simd_kinds() {
-        for n in INT_ROWS + 1..PANEL_ROWS {
-            let x = values(n * cols, 1 + n as u32);
-            let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
-            let mut task = vec![0.0; rows * n];
-            run_task(simd, &w, 0, &xs, &[], &mut task);
-            for (r, got) in task.chunks(n).enumerate() {
-                let mut want = vec![0.0; n];
-                simd.decoded_row(w.q_row(r), &xs, &mut want);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(got), bits(&want), "n={n} row {r}");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Two weight rows at once give each row's dots bit for bit as one row at a time (batched
-/// decoding must not depend on how the rows are paired).
-#[test]
-fn decoded_row_pairs_equal_single_rows_bit_for_bit() -> Result<()> {
-    let (rows, cols) = (4, 608);
-    for simd in simd_kinds() {
-        for (ty, q5) in [
-            (GgmlType::Q4_1, Q5Form::Bytes),
-            (GgmlType::Q5_0, Q5Form::Bits),
-            (GgmlType::Q5_0, Q5Form::Bytes),
-            (GgmlType::Q8_0, Q5Form::Bytes),
-        ] {
-            let v = values(rows * cols, 5);
-            let w = QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, q5)?;
-            for n in 1..PANEL_ROWS {
-                let x = values(n * cols, 3 + n as u32);
-                let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
-                for r in (0..rows).step_by(2) {
-                    let mut single = vec![0.0; 2 * n];
-                    let (a, b) = single.split_at_mut(n);
-                    simd.decoded_row(w.q_row(r), &xs, a);
-                    simd.decoded_row(w.q_row(r + 1), &xs, b);
-                    let mut paired = vec![0.0; 2 * n];
-                    let (a, b) = paired.split_at_mut(n);
-                    simd.decoded_pair([w.q_row(r), w.q_row(r + 1)], &xs, [a, b]);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&single),
-                        bits(&paired),
-                        "{ty:?} n={n} rows {r}, {}",
-                        r + 1
-                    );
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The transposed lane sums are each vector's lane-order sum, bit for bit, signed zeros,
 /// infinities and cancellation included.
 #[cfg(target_arch = "x86_64")]
@@ -560,5 +457,88 @@ fn avx2_transposed_lane_sums_equal_lane_order_sums() {
             .collect();
         let got = simd.vectorize(|| avx2::hsums8(simd, v));
         assert_eq!(got.map(f32::to_bits).to_vec(), want);
+    }
+}
+
+/// Products of more than `INT_ROWS` activation rows are the scalar integer dots bit for bit,
+/// on every instruction set and for every quantized type: partial panels, a task starting
+/// past row 0, a short last tile, an odd block count, a zero block and an outlier.
+#[test]
+fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
+    let (rows, cols, first) = (40, 608, 3);
+    for (ty, q5) in [
+        (GgmlType::Q4_1, Q5Form::Bytes),
+        (GgmlType::Q5_0, Q5Form::Bits),
+        (GgmlType::Q5_0, Q5Form::Bytes),
+        (GgmlType::Q8_0, Q5Form::Bytes),
+    ] {
+        let mut v = values(rows * cols, 5);
+        v[..QK].fill(0.0);
+        let w = QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, q5)?;
+        for n in [INT_ROWS + 1, 4, 8, 9, 17, 33] {
+            let mut x = values(n * cols, 7 + n as u32);
+            x[cols..cols + QK].fill(0.0);
+            x[2 * cols + 5] = 1.0e4;
+            let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
+            let qs: Vec<&QAct> = qa.iter().collect();
+            let tiles = Some(Tiles::new(&qs, cols / QK));
+            let xs: Vec<XRow<'_>> = x.chunks(cols).map(|f| XRow { f }).collect();
+            // `[n, rows]`: activation row after activation row.
+            let expect: Vec<u32> = qs
+                .iter()
+                .flat_map(|x| {
+                    let w = &w;
+                    (first..rows).map(move |r| {
+                        match w.q_row(r) {
+                            QRow::Q4(r) => act::scalar_q4(r, x),
+                            QRow::Q5(r) => act::scalar_q5(r, x),
+                            QRow::Q8(r) => act::scalar_q8(r, x),
+                        }
+                        .to_bits()
+                    })
+                })
+                .collect();
+            for simd in simd_kinds() {
+                let mut out = vec![0.0; (rows - first) * n];
+                let layout = run_task(simd, &w, first, &xs, &qs, tiles.as_ref(), &mut out);
+                assert_eq!(layout, Layout::ActivationsFirst);
+                let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, expect, "{ty:?} {q5:?} n={n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tiles rounded straight from f32 rows (the AVX-512 path) are the rounded rows' tiles bit for
+/// bit: zero, infinite, NaN, huge (the sum overflows) and tiny blocks included, a short last
+/// tile and an odd block count.
+#[test]
+fn tiles_from_f32_rows_equal_rounded_rows() {
+    let cols = 19 * QK;
+    for n in [INT_ROWS + 1, 16, 21] {
+        let mut x = values(n * cols, 40 + n as u32);
+        x[..QK].fill(0.0);
+        x[cols + 3] = f32::INFINITY;
+        x[2 * cols + QK + 7] = f32::NAN;
+        x[2 * cols + 2 * QK..2 * cols + 3 * QK].fill(3.0e38);
+        for v in &mut x[3 * QK..4 * QK] {
+            *v *= 1.0e-39;
+        }
+        x[4 * QK + 1] = -0.0;
+        let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
+        let qs: Vec<&QAct> = qa.iter().collect();
+        let want = Tiles::new(&qs, cols / QK).bits();
+        for simd in simd_kinds() {
+            let got = simd.tiles(&x, n, cols, &qs).bits();
+            let first = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(a, b)| a != b);
+            assert!(
+                got == want,
+                "n={n}: tiles differ: pairs at {:?}, scales at {:?}, sums at {:?}",
+                got.0.iter().zip(&want.0).position(|(a, b)| a != b),
+                first(&got.1, &want.1),
+                first(&got.2, &want.2)
+            );
+        }
     }
 }

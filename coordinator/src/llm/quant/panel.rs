@@ -1,0 +1,122 @@
+//! What the panel kernels (more than [`super::INT_ROWS`] activation rows) read of a weight
+//! row: its blocks' codes as i16 pairs, scales and offsets, and how the offset enters a dot.
+//! Each kernel computes a dot exactly as [`super::act`]'s scalar dots do: the block's integer
+//! sum (exact in i32), then `sum as f32 * (d * s)`, then the offset term, added to the running
+//! f32 total block after block, one lane per dot.
+
+use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, q5_block};
+
+/// How a type's per-block offset enters a dot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offset {
+    /// Q4: `+ m * sum`.
+    Add,
+    /// Q5: `- (16 d) * sum`.
+    Sub,
+    /// Q8: none.
+    None,
+}
+
+/// A quantized weight row as the panel kernels read it.
+pub(super) trait Panel: Copy {
+    const OFFSET: Offset;
+    /// Blocks in the row.
+    fn blocks(self) -> usize;
+    /// Block `b`'s scale.
+    fn scale(self, b: usize) -> f32;
+    /// Block `b`'s offset factor: `m` (Q4), `16 d` (Q5), 0 (Q8).
+    fn offset(self, b: usize) -> f32;
+    /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
+    /// `k + 16` (high i16), as [`super::act::Tiles`] holds the activations.
+    fn pairs(self, b: usize) -> [i32; 16];
+}
+
+/// Two codes as the i16 pair of one word.
+#[inline(always)]
+fn pair(lo: i32, hi: i32) -> i32 {
+    (lo & 0xffff) | (hi << 16)
+}
+
+impl Panel for Q4Row<'_> {
+    const OFFSET: Offset = Offset::Add;
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d[b]
+    }
+    #[inline(always)]
+    fn offset(self, b: usize) -> f32 {
+        self.m[b]
+    }
+    #[inline(always)]
+    fn pairs(self, b: usize) -> [i32; 16] {
+        let q = &self.qs[b * QK / 2..(b + 1) * QK / 2];
+        std::array::from_fn(|k| pair(i32::from(q[k] & 0x0f), i32::from(q[k] >> 4)))
+    }
+}
+
+impl Panel for Q5Row<'_> {
+    const OFFSET: Offset = Offset::Sub;
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d[b]
+    }
+    #[inline(always)]
+    fn offset(self, b: usize) -> f32 {
+        16.0 * self.d[b]
+    }
+    #[inline(always)]
+    fn pairs(self, b: usize) -> [i32; 16] {
+        let c = q5_block(&self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
+        std::array::from_fn(|k| pair(i32::from(c[k]), i32::from(c[k + QK / 2])))
+    }
+}
+
+impl Panel for Q8Row<'_> {
+    const OFFSET: Offset = Offset::None;
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d.len()
+    }
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d[b]
+    }
+    #[inline(always)]
+    fn offset(self, _: usize) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn pairs(self, b: usize) -> [i32; 16] {
+        let q = &self.qs[b * QK..(b + 1) * QK];
+        std::array::from_fn(|k| pair(i32::from(q[k]), i32::from(q[k + QK / 2])))
+    }
+}
+
+/// The code pairs of rows `first..first + rows` of `w`, row after row and block after block
+/// (`decode(row, b)` one block), padded with zero rows to a multiple of `group`.
+#[inline(always)]
+pub(super) fn codes(
+    w: &QMatrix,
+    first: usize,
+    rows: usize,
+    group: usize,
+    decode: impl Fn(QRow<'_>, usize) -> [i32; 16],
+) -> Vec<[i32; 16]> {
+    let nb = w.cols / QK;
+    let mut codes = vec![[0i32; 16]; rows.div_ceil(group) * group * nb];
+    for (r, row) in codes.chunks_exact_mut(nb.max(1)).take(rows).enumerate() {
+        let q = w.q_row(first + r);
+        for (b, c) in row.iter_mut().enumerate() {
+            *c = decode(q, b);
+        }
+    }
+    codes
+}
