@@ -28,6 +28,11 @@ pub mod session;
 pub mod tokenizer;
 pub mod train;
 
+/// The CPU decoder's arithmetic, numbered: raised whenever its outputs change (2: batches and
+/// prompts multiply rounded integer activations), so that what was cached from another
+/// version (generated batches, evaluations) is not reused as if this one had produced it.
+pub const DECODER_VERSION: u32 = 2;
+
 pub use crate::synthetic::LabeledText;
 pub use engine::{Llm, accuracy};
 pub use generate::Sampling;

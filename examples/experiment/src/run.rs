@@ -1092,9 +1092,10 @@ fn cache_key(
         cfg.test_size,
         spec_digest(spec)?,
         match placement {
-            Placement::Cpu => "",
-            Placement::Cuda => "-cuda",
-            Placement::Wgpu => "-wgpu",
+            // What the CPU decoder cached is only its own version's.
+            Placement::Cpu => format!("-d{}", crosslm_coordinator::llm::DECODER_VERSION),
+            Placement::Cuda => "-cuda".to_owned(),
+            Placement::Wgpu => "-wgpu".to_owned(),
         }
     ))
 }
@@ -1138,6 +1139,11 @@ mod tests {
             cache_key(&cfg(), &mr, Placement::Cpu).unwrap(),
             cache_key(&other, &mr, Placement::Cpu).unwrap()
         );
+        // Nor from another version of the CPU decoder, nor another device.
+        let key = cache_key(&cfg(), &mr, Placement::Cpu).unwrap();
+        let version = format!("-d{}", crosslm_coordinator::llm::DECODER_VERSION);
+        assert!(key.ends_with(&version), "{key}");
+        assert_ne!(key, cache_key(&cfg(), &mr, Placement::Cuda).unwrap());
     }
 
     #[test]
