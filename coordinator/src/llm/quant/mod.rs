@@ -839,13 +839,20 @@ impl Simd {
                 out,
             }),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(v4) => v4.vectorize(IntTask {
-                simd: v4,
-                w,
-                first,
-                xs,
-                out,
-            }),
+            Simd::Avx512(v4) => {
+                let task = IntTask {
+                    simd: v4,
+                    w,
+                    first,
+                    xs,
+                    out,
+                };
+                match V4Vnni::detect() {
+                    // With VNNI the compiler fuses a `madd` and the `add` after it.
+                    Some(vnni) => vnni.vectorize(task),
+                    None => v4.vectorize(task),
+                }
+            }
         }
     }
 }

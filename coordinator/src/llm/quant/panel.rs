@@ -20,10 +20,18 @@ pub(super) enum Offset {
 /// A quantized weight row as the panel kernels read it.
 pub(super) trait Panel: Copy {
     const OFFSET: Offset;
+    /// The blocks' scales.
+    fn d(&self) -> &[f32];
     /// Blocks in the row.
-    fn blocks(self) -> usize;
+    #[inline(always)]
+    fn blocks(self) -> usize {
+        self.d().len()
+    }
     /// Block `b`'s scale.
-    fn scale(self, b: usize) -> f32;
+    #[inline(always)]
+    fn scale(self, b: usize) -> f32 {
+        self.d()[b]
+    }
     /// Block `b`'s offset factor: `m` (Q4), `16 d` (Q5), 0 (Q8).
     fn offset(self, b: usize) -> f32;
     /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
@@ -40,12 +48,8 @@ fn pair(lo: i32, hi: i32) -> i32 {
 impl Panel for Q4Row<'_> {
     const OFFSET: Offset = Offset::Add;
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d[b]
+    fn d(&self) -> &[f32] {
+        self.d
     }
     #[inline(always)]
     fn offset(self, b: usize) -> f32 {
@@ -61,12 +65,8 @@ impl Panel for Q4Row<'_> {
 impl Panel for Q5Row<'_> {
     const OFFSET: Offset = Offset::Sub;
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d[b]
+    fn d(&self) -> &[f32] {
+        self.d
     }
     #[inline(always)]
     fn offset(self, b: usize) -> f32 {
@@ -82,12 +82,8 @@ impl Panel for Q5Row<'_> {
 impl Panel for Q8Row<'_> {
     const OFFSET: Offset = Offset::None;
     #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d.len()
-    }
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d[b]
+    fn d(&self) -> &[f32] {
+        self.d
     }
     #[inline(always)]
     fn offset(self, _: usize) -> f32 {
@@ -111,12 +107,15 @@ pub(super) fn codes(
     decode: impl Fn(QRow<'_>, usize) -> [i32; 16],
 ) -> Vec<[i32; 16]> {
     let nb = w.cols / QK;
-    let mut codes = vec![[0i32; 16]; rows.div_ceil(group) * group * nb];
-    for (r, row) in codes.chunks_exact_mut(nb.max(1)).take(rows).enumerate() {
-        let q = w.q_row(first + r);
-        for (b, c) in row.iter_mut().enumerate() {
-            *c = decode(q, b);
+    let len = rows.div_ceil(group) * group * nb;
+    // Filled as it grows: no pass of zeros over a buffer of up to a few hundred KiB.
+    let mut codes = Vec::with_capacity(len);
+    for r in first..first + rows {
+        let q = w.q_row(r);
+        for b in 0..nb {
+            codes.push(decode(q, b));
         }
     }
+    codes.resize(len, [0; 16]);
     codes
 }
