@@ -304,7 +304,9 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     let panel = integer && n > INT_ROWS;
     // Rounded rows for the integer dots; for the panels, tiles (and the rows only where the
     // portable code runs them).
-    let rounded: Vec<QAct> = if integer && (!panel || simd.panels_from_rows()) {
+    let rounded: Vec<QAct> = if integer && !panel {
+        (0..n).map(|r| QAct::new(rows(r))).collect()
+    } else if panel && simd.panels_from_rows() {
         (0..n).into_par_iter().map(|r| QAct::new(rows(r))).collect()
     } else {
         Vec::new()

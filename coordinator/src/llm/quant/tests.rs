@@ -512,9 +512,18 @@ fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
 
 /// Tiles rounded straight from f32 rows (the AVX-512 path) are the rounded rows' tiles bit for
 /// bit: zero, infinite, NaN, huge (the sum overflows) and tiny blocks included, a short last
-/// tile and an odd block count.
+/// tile and an odd block count. (Other instruction sets build tiles from the rounded rows: on a
+/// CPU without AVX-512 this compares nothing, and says so.)
 #[test]
 fn tiles_from_f32_rows_equal_rounded_rows() {
+    let from_f32: Vec<Simd> = simd_kinds()
+        .into_iter()
+        .filter(|s| !s.panels_from_rows())
+        .collect();
+    if from_f32.is_empty() {
+        eprintln!("no AVX-512: tiles are built from rounded rows only, nothing to compare");
+        return;
+    }
     let cols = 19 * QK;
     for n in [INT_ROWS + 1, 16, 21] {
         let mut x = values(n * cols, 40 + n as u32);
@@ -529,7 +538,7 @@ fn tiles_from_f32_rows_equal_rounded_rows() {
         let qa: Vec<QAct> = x.chunks(cols).map(QAct::new).collect();
         let qs: Vec<&QAct> = qa.iter().collect();
         let want = Tiles::new(&qs, cols / QK).bits();
-        for simd in simd_kinds() {
+        for &simd in &from_f32 {
             let got = simd.tiles(&x, n, cols, &qs).bits();
             let first = |a: &[u32], b: &[u32]| a.iter().zip(b).position(|(a, b)| a != b);
             assert!(
