@@ -1,6 +1,6 @@
-//! AVX2 + FMA kernels: the integer dots read one block (32 codes) per register; the decoded
-//! dots turn a block into 32 f32 weights in registers, shared by a tile of activation rows;
-//! the f32 tile serves f32 weights and decoded panels. The f32 kernels keep several
+//! AVX2 + FMA kernels: the integer dots (one or two activation rows) read one block (32 codes)
+//! per register; the panels (more rows) put eight activation rows in a register, one a lane
+//! (on AVX-512 machines too, up to eight rows); the f32 tile serves f32 weights, with several
 //! accumulators a row so that FMAs do not wait on each other (one accumulator left a single
 //! row's product bound by FMA latency, at a tenth of the machine's rate).
 

@@ -1,6 +1,6 @@
-//! AVX-512 (F + BW) kernels: the integer dots read two blocks (64 codes) per register; the
-//! decoded dots turn a block into 32 f32 weights in registers, shared by a tile of activation
-//! rows; the f32 tile serves f32 weights and decoded panels.
+//! AVX-512 (F + BW) kernels: the integer dots (one or two activation rows) read two blocks
+//! (64 codes) per register; the panels (more rows) put sixteen activation rows in a register,
+//! one a lane, and round them there from f32 ([`TileBlock`]); the f32 tile serves f32 weights.
 
 use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;

@@ -1,10 +1,15 @@
-//! What the panel kernels (more than [`super::INT_ROWS`] activation rows) read of a weight
-//! row: its blocks' codes as i16 pairs, scales and offsets, and how the offset enters a dot.
+//! The panel products (more than [`super::INT_ROWS`] activation rows): which kernel runs
+//! ([`Simd::panel_task`]), how the rows are rounded into tiles ([`Simd::tiles`]), and what the
+//! kernels read of a weight row: its blocks' codes as i16 pairs, scales and offsets, and how
+//! the offset enters a dot.
 //! Each kernel computes a dot exactly as [`super::act`]'s scalar dots do: the block's integer
 //! sum (exact in i32), then `sum as f32 * (d * s)`, then the offset term, added to the running
 //! f32 total block after block, one lane per dot.
 
-use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, q5_block};
+use super::act::{self, QAct, Tiles};
+use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd, q5_block};
+#[cfg(target_arch = "x86_64")]
+use super::{V4Vnni, avx2, avx512};
 
 /// How a type's per-block offset enters a dot.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -118,4 +123,117 @@ pub(super) fn codes(
     }
     codes.resize(len, [0; 16]);
     codes
+}
+
+impl Simd {
+    /// Whether [`Simd::tiles`] and [`Simd::panel_task`] read rounded rows ([`QAct`]) rather
+    /// than the f32 rows.
+    pub(super) fn panels_from_rows(self) -> bool {
+        !matches!(self, Simd::Avx512(_))
+    }
+
+    /// `x` (`n` rows of `cols`) rounded into the panel kernels' tiles; `qs` the rounded rows
+    /// where [`Simd::panels_from_rows`].
+    pub(super) fn tiles(self, x: &[f32], n: usize, cols: usize, qs: &[&QAct]) -> Tiles {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(simd) => Tiles::with(n, cols / QK, |c, b, part| {
+                simd.vectorize(avx512::TileBlock {
+                    simd,
+                    x,
+                    cols,
+                    n,
+                    c,
+                    b,
+                    part,
+                })
+            }),
+            _ => Tiles::new(qs, cols / QK),
+        }
+    }
+
+    /// Weight rows `first..` (as many as `out`, `[n, rows]`, holds) against more than
+    /// [`INT_ROWS`] rounded activation rows: each dot bit for bit the scalar one ([`act::scalar_q4`] and its
+    /// siblings) on every instruction set, so that batches and prompts give the same numbers
+    /// on every machine.
+    pub(super) fn panel_task(
+        self,
+        w: &QMatrix,
+        first: usize,
+        n: usize,
+        xs: &[&QAct],
+        tiles: Option<&Tiles>,
+        out: &mut [f32],
+    ) {
+        match (self, tiles) {
+            // Up to eight rows, eight lanes a register (the AVX2 kernel) waste fewer lanes.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(v4), Some(tiles)) if n <= 8 => {
+                let task = avx2::PanelTask {
+                    simd: *v4,
+                    decode: decoder(
+                        #[inline(always)]
+                        move |row: QRow<'_>, b: usize| avx512::code_pairs(v4, row, b),
+                    ),
+                    w,
+                    first,
+                    xs: tiles,
+                    n,
+                    out,
+                };
+                match V4Vnni::detect() {
+                    // The same code compiled with VNNI: `madd` + `add` become `vpdpwssd`.
+                    Some(vnni) => vnni.vectorize(task),
+                    None => v4.vectorize(task),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(simd), Some(tiles)) => {
+                let task = avx512::PanelTask {
+                    simd,
+                    w,
+                    first,
+                    xs: tiles,
+                    n,
+                    out,
+                };
+                match V4Vnni::detect() {
+                    Some(vnni) => vnni.vectorize(task),
+                    None => simd.vectorize(task),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2(simd), Some(tiles)) => simd.vectorize(avx2::PanelTask {
+                simd,
+                decode: decoder(
+                    #[inline(always)]
+                    move |row: QRow<'_>, b: usize| avx2::code_pairs(simd, row, b),
+                ),
+                w,
+                first,
+                xs: tiles,
+                n,
+                out,
+            }),
+            _ => {
+                let rows = out.len() / n.max(1);
+                for (r, row) in (first..first + rows).map(|r| w.q_row(r)).enumerate() {
+                    for (t, x) in xs.iter().enumerate() {
+                        out[t * rows + r] = match row {
+                            QRow::Q4(row) => act::scalar_q4(row, x),
+                            QRow::Q5(row) => act::scalar_q5(row, x),
+                            QRow::Q8(row) => act::scalar_q8(row, x),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A code decoder for the panel kernels, as written (a closure can carry `#[inline(always)]`
+/// only as an argument; without it its intrinsics may become calls).
+#[cfg(target_arch = "x86_64")]
+fn decoder<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
+    d
 }
