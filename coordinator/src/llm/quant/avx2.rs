@@ -9,7 +9,7 @@ use pulp::x86::V3;
 
 use super::act::Tiles;
 use super::act::{LO_STEPS, QAct};
-use super::panel::{Offset, Panel};
+use super::panel::{ADD, NONE, Offset, Panel, SUB, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
@@ -384,41 +384,25 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, 
             out,
         } = self;
         let rows = out.len() / n.max(1);
-        let codes = super::panel::codes(w, first, rows, GROUP, decode);
-        macro_rules! typed {
-            ($variant:ident) => {{
-                let row = |r: usize| match w.q_row(first + r) {
-                    QRow::$variant(row) => row,
-                    _ => unreachable!("one matrix, one type"),
-                };
-                panel_product(simd, rows, row, &codes, xs, n, out)
-            }};
+        if rows == 0 || n == 0 {
+            return;
         }
-        match w.q_row(first) {
-            QRow::Q4(_) => typed!(Q4),
-            QRow::Q5(_) => typed!(Q5),
-            QRow::Q8(_) => typed!(Q8),
+        let task = TaskRows::new(w, first, rows, GROUP, decode);
+        // The offset's kind as a constant: a run-time match in the epilogue cost batches
+        // and prompts about a fifth.
+        match task.kind {
+            Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
+            Offset::Sub => panel_product::<SUB>(simd, &task, xs, n, out),
+            Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
     }
 }
 
-/// [`PanelTask`] for rows of one type: `row(r)` is the task's row `r`.
+/// [`PanelTask`] on its rows laid out ([`TaskRows`]).
 #[inline(always)]
-fn panel_product<W: Panel>(
-    simd: V3,
-    rows: usize,
-    row: impl Fn(usize) -> W,
-    codes: &[[i32; 16]],
-    xs: &Tiles,
-    n: usize,
-    out: &mut [f32],
-) {
+fn panel_product<const KIND: u8>(simd: V3, task: &TaskRows, xs: &Tiles, n: usize, out: &mut [f32]) {
     let (avx, avx2) = (&simd.avx, &simd.avx2);
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let ws: Vec<W> = (0..rows).map(row).collect();
-    let nb = ws[0].blocks();
+    let (rows, nb) = (task.rows, task.nb);
     let groups = rows.div_ceil(GROUP);
     for c in 0..n.div_ceil(PANEL_TILE) {
         let tile = xs.tile(c);
@@ -426,12 +410,13 @@ fn panel_product<W: Panel>(
         for half in 0..real.div_ceil(LANES) {
             let lanes = (real - half * LANES).min(LANES);
             for g in 0..groups {
+                // A last group's missing rows are zeros: computed, not written.
                 let live = (rows - g * GROUP).min(GROUP);
                 let mut acc = [avx._mm256_setzero_ps(); GROUP];
                 for b in 0..nb {
                     let mut sums = [avx._mm256_setzero_si256(); GROUP];
                     let wc: [&[i32; 16]; GROUP] =
-                        std::array::from_fn(|i| &codes[(g * GROUP + i) * nb + b]);
+                        std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b]);
                     // `k` picks a word of every row's codes and an offset into the tile.
                     #[allow(clippy::needless_range_loop)]
                     for k in 0..16 {
@@ -447,11 +432,11 @@ fn panel_product<W: Panel>(
                     let scale = load8(&tile.scale[at..at + LANES]);
                     let sum = load8(&tile.sum[at..at + LANES]);
                     for i in 0..live {
-                        let w = ws[g * GROUP + i];
-                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(w.scale(b)), scale);
+                        let at = (g * GROUP + i) * nb + b;
+                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(task.scale[at]), scale);
                         let scaled = avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(sums[i]), ds);
-                        let m = avx._mm256_set1_ps(w.offset(b));
-                        let term = match W::OFFSET {
+                        let m = avx._mm256_set1_ps(task.offset[at]);
+                        let term = match Offset::of(KIND) {
                             Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
                             Offset::Sub => avx._mm256_sub_ps(scaled, avx._mm256_mul_ps(m, sum)),
                             Offset::None => scaled,

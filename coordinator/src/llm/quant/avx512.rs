@@ -7,7 +7,7 @@ use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
 use super::act::{TilePart, Tiles};
-use super::panel::{Offset, Panel};
+use super::panel::{ADD, NONE, Offset, Panel, SUB, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
@@ -517,63 +517,44 @@ impl pulp::NullaryFnOnce for PanelTask<'_> {
             out,
         } = self;
         let rows = out.len() / n.max(1);
-        macro_rules! typed {
-            ($variant:ident) => {{
-                let row = |r: usize| match w.q_row(first + r) {
-                    QRow::$variant(row) => row,
-                    _ => unreachable!("one matrix, one type"),
-                };
-                panel_product(simd, w, first, rows, row, xs, n, out)
-            }};
+        if rows == 0 || n == 0 {
+            return;
         }
-        match w.q_row(first) {
-            QRow::Q4(_) => typed!(Q4),
-            QRow::Q5(_) => typed!(Q5),
-            QRow::Q8(_) => typed!(Q8),
+        let task = TaskRows::new(
+            w,
+            first,
+            rows,
+            GROUP,
+            #[inline(always)]
+            |row, b| code_pairs(simd, row, b),
+        );
+        // The offset's kind as a constant: a run-time match in the epilogue cost batches
+        // and prompts about a fifth.
+        match task.kind {
+            Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
+            Offset::Sub => panel_product::<SUB>(simd, &task, xs, n, out),
+            Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
     }
 }
 
-/// [`PanelTask`] for rows of one type: `row(r)` is the task's row `r`.
+/// [`PanelTask`] on its rows laid out ([`TaskRows`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn panel_product<W: PanelRow>(
-    simd: V4,
-    w_of: &super::QMatrix,
-    first: usize,
-    rows: usize,
-    row: impl Fn(usize) -> W,
-    xs: &Tiles,
-    n: usize,
-    out: &mut [f32],
-) {
+fn panel_product<const KIND: u8>(simd: V4, task: &TaskRows, xs: &Tiles, n: usize, out: &mut [f32]) {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
-    if rows == 0 || n == 0 {
-        return;
-    }
-    let ws: Vec<W> = (0..rows).map(row).collect();
-    let nb = ws[0].blocks();
-    // Each row's code pairs, block by block; a last group's missing rows are zeros
-    // (computed, not written).
+    let (rows, nb) = (task.rows, task.nb);
     let groups = rows.div_ceil(GROUP);
-    let codes = super::panel::codes(
-        w_of,
-        first,
-        rows,
-        GROUP,
-        #[inline(always)]
-        |row, b| code_pairs(simd, row, b),
-    );
     for c in 0..n.div_ceil(PANEL_TILE) {
         let tile = xs.tile(c);
         let real = (n - c * PANEL_TILE).min(PANEL_TILE);
         for g in 0..groups {
+            // A last group's missing rows are zeros: computed, not written.
             let live = (rows - g * GROUP).min(GROUP);
             let mut acc = [f._mm512_setzero_ps(); GROUP];
             for b in 0..nb {
                 let mut sums = [f._mm512_setzero_si512(); GROUP];
                 let wc: [&[i32; 16]; GROUP] =
-                    std::array::from_fn(|i| &codes[(g * GROUP + i) * nb + b]);
+                    std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b]);
                 // `k` picks a word of every row's codes and an offset into the tile.
                 #[allow(clippy::needless_range_loop)]
                 for k in 0..16 {
@@ -588,11 +569,11 @@ fn panel_product<W: PanelRow>(
                 let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
                 let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
                 for i in 0..live {
-                    let w = ws[g * GROUP + i];
-                    let ds = f._mm512_mul_ps(f._mm512_set1_ps(w.scale(b)), scale);
+                    let at = (g * GROUP + i) * nb + b;
+                    let ds = f._mm512_mul_ps(f._mm512_set1_ps(task.scale[at]), scale);
                     let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
-                    let m = f._mm512_set1_ps(w.offset(b));
-                    let term = match W::OFFSET {
+                    let m = f._mm512_set1_ps(task.offset[at]);
+                    let term = match Offset::of(KIND) {
                         Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
                         Offset::Sub => f._mm512_sub_ps(scaled, f._mm512_mul_ps(m, sum)),
                         Offset::None => scaled,

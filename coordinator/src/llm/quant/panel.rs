@@ -22,16 +22,28 @@ pub(super) enum Offset {
     None,
 }
 
+/// [`Offset`]s as constants, for kernels generic over the kind.
+pub(super) const ADD: u8 = 0;
+pub(super) const SUB: u8 = 1;
+pub(super) const NONE: u8 = 2;
+
+impl Offset {
+    /// The kind a constant names.
+    #[inline(always)]
+    pub const fn of(kind: u8) -> Offset {
+        match kind {
+            ADD => Offset::Add,
+            SUB => Offset::Sub,
+            _ => Offset::None,
+        }
+    }
+}
+
 /// A quantized weight row as the panel kernels read it.
 pub(super) trait Panel: Copy {
     const OFFSET: Offset;
     /// The blocks' scales.
     fn d(&self) -> &[f32];
-    /// Blocks in the row.
-    #[inline(always)]
-    fn blocks(self) -> usize {
-        self.d().len()
-    }
     /// Block `b`'s scale.
     #[inline(always)]
     fn scale(self, b: usize) -> f32 {
@@ -101,28 +113,64 @@ impl Panel for Q8Row<'_> {
     }
 }
 
-/// The code pairs of rows `first..first + rows` of `w`, row after row and block after block
-/// (`decode(row, b)` one block), padded with zero rows to a multiple of `group`.
-#[inline(always)]
-pub(super) fn codes(
-    w: &QMatrix,
-    first: usize,
-    rows: usize,
-    group: usize,
-    decode: impl Fn(QRow<'_>, usize) -> [i32; 16],
-) -> Vec<[i32; 16]> {
-    let nb = w.cols / QK;
-    let len = rows.div_ceil(group) * group * nb;
-    // Filled as it grows: no pass of zeros over a buffer of up to a few hundred KiB.
-    let mut codes = Vec::with_capacity(len);
-    for r in first..first + rows {
-        let q = w.q_row(r);
-        for b in 0..nb {
-            codes.push(decode(q, b));
+/// A task's weight rows as the panel kernels read them: row `r`'s block `b` at `r nb + b`
+/// (its code pairs, scale and offset factor), the pairs padded with zero rows to a multiple of
+/// the kernel's group.
+pub(super) struct TaskRows {
+    pub rows: usize,
+    pub nb: usize,
+    pub kind: Offset,
+    pub pairs: Vec<[i32; 16]>,
+    pub scale: Vec<f32>,
+    pub offset: Vec<f32>,
+}
+
+impl TaskRows {
+    /// Rows `first..first + rows` of `w`, `decode(row, b)` giving a block's pairs (with the
+    /// widest vectors the CPU has).
+    #[inline(always)]
+    pub fn new(
+        w: &QMatrix,
+        first: usize,
+        rows: usize,
+        group: usize,
+        decode: impl Fn(QRow<'_>, usize) -> [i32; 16],
+    ) -> TaskRows {
+        let nb = w.cols / QK;
+        let len = rows.div_ceil(group) * group * nb;
+        // Filled as they grow: no pass of zeros over buffers of up to a few hundred KiB.
+        let mut t = TaskRows {
+            rows,
+            nb,
+            kind: Offset::None,
+            pairs: Vec::with_capacity(len),
+            scale: Vec::with_capacity(rows * nb),
+            offset: Vec::with_capacity(rows * nb),
+        };
+        for r in first..first + rows {
+            let q = w.q_row(r);
+            t.kind = match q {
+                QRow::Q4(row) => t.push_factors(row),
+                QRow::Q5(row) => t.push_factors(row),
+                QRow::Q8(row) => t.push_factors(row),
+            };
+            for b in 0..nb {
+                t.pairs.push(decode(q, b));
+            }
         }
+        t.pairs.resize(len, [0; 16]);
+        t
     }
-    codes.resize(len, [0; 16]);
-    codes
+
+    /// Appends `w`'s scales and offset factors; returns its offset's kind.
+    #[inline(always)]
+    fn push_factors<W: Panel>(&mut self, w: W) -> Offset {
+        for b in 0..self.nb {
+            self.scale.push(w.scale(b));
+            self.offset.push(w.offset(b));
+        }
+        W::OFFSET
+    }
 }
 
 impl Simd {
