@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes coordinator/src/llm/kquant-fixture.json: random blocks of the k-quant files' formats
+"""Writes sdk/src/quant/kquant-fixture.json: random blocks of the k-quant files' formats
 (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and their values as the `gguf` Python package (llama.cpp's
 gguf-py) dequantizes them; the Rust test `llm::kquant::tests::matches_the_gguf_package`
 holds our dequantization to them.
@@ -46,7 +46,7 @@ for t in [T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]:
         "values": [float(v) for v in values],
     })
 
-out = os.path.join(os.path.dirname(__file__), "..", "coordinator", "src", "llm", "kquant-fixture.json")
+out = os.path.join(os.path.dirname(__file__), "..", "sdk", "src", "quant", "kquant-fixture.json")
 with open(out, "w") as f:
     json.dump(cases, f, separators=(",", ":"))
 print(f"{out}: {sum(len(c['values']) for c in cases)} values of {len(cases)} types")

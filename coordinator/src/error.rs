@@ -54,5 +54,11 @@ pub enum Error {
     Data(String),
 }
 
+impl From<crosslm_sdk::quant::ggml::BlockError> for Error {
+    fn from(e: crosslm_sdk::quant::ggml::BlockError) -> Self {
+        Error::Gguf(e.0)
+    }
+}
+
 /// Result with the coordinator's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

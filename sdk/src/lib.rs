@@ -10,6 +10,8 @@ pub mod method;
 pub mod participant;
 pub mod privacy;
 pub mod protocol;
+#[cfg(feature = "slm")]
+pub mod quant;
 pub mod rounds;
 #[cfg(feature = "slm")]
 pub mod slm;

@@ -78,7 +78,14 @@ impl CpuLlama {
                 Q5Form::from_env()
             };
             let bytes = g.tensor_bytes(info)?;
-            QMatrix::from_gguf_as(name, info.ggml_type, &bytes, rows, cols, q5)
+            Ok(QMatrix::from_gguf_as(
+                name,
+                info.ggml_type,
+                &bytes,
+                rows,
+                cols,
+                q5,
+            )?)
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let (shape, v) = g.dequantize(name)?;

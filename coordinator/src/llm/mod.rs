@@ -4,8 +4,9 @@
 //! - [`device`]: where it runs (`auto`: CUDA when built with it and present, else the CPU).
 //! - [`session`]: a batch of sequences in flight on either decoder, with its KV cache.
 //! - [`generate`]: batched generation over a session, sampling.
-//! - [`gguf`]: GGUF v3 reader and dequantization ([`kquant`]: the k-quant files' formats).
-//! - [`quant`]: weights kept in GGUF blocks and the SIMD, multi-threaded products over them.
+//! - [`gguf`]: GGUF v3 reader.
+//! - [`quant`] (the SDK's, shared with the SLMs): weights kept in GGUF blocks and the SIMD,
+//!   multi-threaded products over them.
 //! - [`cpu_model`]: the Llama decoder for CPU inference over quantized weights.
 //! - [`model`]: the Llama decoder in burn (config, blocks, KV cache, LoRA adapters), which
 //!   training differentiates and GPUs run.
@@ -18,10 +19,8 @@ pub mod device;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
-pub mod kquant;
 pub mod model;
 pub mod peft;
-pub mod quant;
 #[cfg(test)]
 mod qwen2_tests;
 pub mod session;
@@ -34,6 +33,7 @@ pub mod train;
 pub const DECODER_VERSION: u32 = 2;
 
 pub use crate::synthetic::LabeledText;
+pub use crosslm_sdk::quant;
 pub use engine::{Llm, accuracy};
 pub use generate::Sampling;
 

@@ -99,7 +99,7 @@ fn products_match_dequantized_f32() -> Result<()> {
                 _ => encode(ty, &v),
             };
             let w = QMatrix::from_gguf_as("w", ty, &bytes, rows, cols, q5)?;
-            let dense = super::super::gguf::dequantize(ty, &bytes, rows * cols)?;
+            let dense = super::ggml::dequantize(ty, &bytes, rows * cols)?;
             for r in [0, 33, rows - 1] {
                 assert_eq!(w.row(r), dense[r * cols..(r + 1) * cols], "{ty:?} row {r}");
             }
@@ -192,11 +192,11 @@ fn several_matrices_in_one_pass() -> Result<()> {
 #[test]
 fn bad_tensors_are_clear_errors() {
     let e = QMatrix::from_gguf("w", GgmlType::Q4_1, &[0; 19], 1, 32);
-    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("19 bytes")));
+    assert!(matches!(e, Err(BlockError(m)) if m.contains("19 bytes")));
     let e = QMatrix::from_gguf("w", GgmlType::Q8_0, &[0; 34], 2, 16);
-    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("blocks")));
+    assert!(matches!(e, Err(BlockError(m)) if m.contains("blocks")));
     let e = QMatrix::from_gguf("w", GgmlType::Other(30), &[0; 34], 1, 32);
-    assert!(matches!(e, Err(Error::Gguf(m)) if m.contains("unsupported")));
+    assert!(matches!(e, Err(BlockError(m)) if m.contains("unsupported")));
 }
 
 /// Times one decoding step's products at SmolLM2-135M's shapes (`cargo test --release

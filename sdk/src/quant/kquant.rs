@@ -127,7 +127,7 @@ pub fn q6_k(block: &[u8], out: &mut Vec<f32>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gguf::{GgmlType, dequantize};
+    use super::super::ggml::{GgmlType, dequantize};
 
     /// Blocks of random bytes (scales kept finite) and the `gguf` Python package's
     /// dequantization of them, from `scripts/kquant-fixture.py`.

@@ -84,7 +84,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 }
 
 /// Every element `x` of `xs` becomes `exp(x)` ([`exp`]).
-pub(crate) fn exp_in_place(xs: &mut [f32]) {
+pub fn exp_in_place(xs: &mut [f32]) {
     match Simd::detect() {
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512(simd) => simd.vectorize(Exp8 { simd, xs }),

@@ -23,6 +23,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod exp;
+pub mod ggml;
+pub mod kquant;
 mod panel;
 mod repack;
 #[cfg(test)]
@@ -31,9 +33,10 @@ mod tests;
 use rayon::prelude::*;
 
 use self::act::{QAct, Tiles};
-pub(crate) use self::exp::exp_in_place;
-use super::gguf::{GgmlType, QK};
-use crate::{Error, Result};
+pub use self::exp::exp_in_place;
+use self::ggml::{BlockError, GgmlType, QK};
+
+type Result<T> = std::result::Result<T, BlockError>;
 
 /// Weight rows a rayon task computes: enough work per task to hide the scheduling cost, small
 /// enough that a task's weights stay in L1/L2 while it sweeps the activation rows.
@@ -145,18 +148,18 @@ impl QMatrix {
     ) -> Result<QMatrix> {
         let n = rows * cols;
         let Some((block, block_bytes)) = ty.block_layout() else {
-            return Err(Error::Gguf(format!(
+            return Err(BlockError(format!(
                 "tensor {name}: unsupported tensor type {ty:?}"
             )));
         };
         if !cols.is_multiple_of(block) {
-            return Err(Error::Gguf(format!(
+            return Err(BlockError(format!(
                 "tensor {name}: rows of {cols} elements do not split into {block}-element blocks"
             )));
         }
         let expect = n / block * block_bytes;
         if bytes.len() != expect {
-            return Err(Error::Gguf(format!(
+            return Err(BlockError(format!(
                 "tensor {name}: {} bytes for {rows}x{cols} {ty:?}, expected {expect}",
                 bytes.len()
             )));
@@ -167,7 +170,7 @@ impl QMatrix {
                 tracing::info!(
                     "tensor {name} is {ty:?}: no quantized kernel for it, products run in f32"
                 );
-                Codes::F32(super::gguf::dequantize(ty, bytes, n)?)
+                Codes::F32(ggml::dequantize(ty, bytes, n)?)
             }
         };
         Ok(QMatrix { rows, cols, codes })
@@ -431,7 +434,7 @@ enum Layout {
 
 /// f32 dot product with eight running sums (vectorizes without fast-math).
 #[inline(always)]
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
@@ -551,7 +554,7 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
 /// multiply and an add, so every element gets the same operations in the same order, and the
 /// results are the portable code's bit for bit.
 #[inline(always)]
-pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     match Simd::detect() {
         Simd::Scalar => f(),
         #[cfg(target_arch = "x86_64")]

@@ -16,9 +16,9 @@
 
 use half::f16;
 
+use super::ggml::{GgmlType, QK};
+use super::kquant::{self, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES};
 use super::{Codes, Q5Form};
-use crate::llm::gguf::{GgmlType, QK};
-use crate::llm::kquant::{self, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES};
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -191,7 +191,7 @@ impl Q8Builder {
 #[cfg(test)]
 mod tests {
     use super::super::{Path, Q5Form, QMatrix};
-    use crate::llm::gguf::{GgmlType, dequantize};
+    use crate::quant::ggml::{GgmlType, dequantize};
 
     /// Random blocks of `ty` with finite, modest scales (f16 bytes patched in).
     fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
