@@ -7,6 +7,9 @@
 //! - `SLM_BENCH_WGPU_STEPS` (default 1; lavapipe runs ~1 GFLOP/s) timed steps on wgpu;
 //! - `SLM_BENCH_PYTHON` (default `/root/.cache/crosslm/venv/bin/python`, then `python3`);
 //! - `SLM_BENCH_BACKENDS` (default `flex,wgpu,torch`).
+//!
+//! Scoring on Flex is what `predict_proba` runs there, the CPU kernels (8-bit weights, no
+//! padding); a second row times burn's f32 forward on the same batches.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,8 +35,13 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Trains `steps` timed batches after one warmup batch, then scores `steps` batches.
-fn bench_burn(backend: Backend, texts: &[String], steps: usize) -> Result<(f64, f64), String> {
+/// Trains `steps` timed batches after one warmup batch, then scores `steps` batches (and, on
+/// Flex, scores them again through burn's forward).
+fn bench_burn(
+    backend: Backend,
+    texts: &[String],
+    steps: usize,
+) -> Result<(f64, f64, Option<f64>), String> {
     let model_dir = assets_dir().join("minilm");
     let mut slm = MiniLm::from_pretrained(
         &model_dir,
@@ -71,7 +79,17 @@ fn bench_burn(backend: Backend, texts: &[String], steps: usize) -> Result<(f64, 
     slm.predict_proba_batched(&score_texts[BATCH..], BATCH)
         .map_err(|e| e.to_string())?;
     let score = (score_texts.len() - BATCH) as f64 / start.elapsed().as_secs_f64();
-    Ok((report.train_samples_per_sec, score))
+    let burn = if backend == Backend::Flex {
+        slm.predict_proba_burn(&score_texts[..BATCH], BATCH)
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        slm.predict_proba_burn(&score_texts[BATCH..], BATCH)
+            .map_err(|e| e.to_string())?;
+        Some((score_texts.len() - BATCH) as f64 / start.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    Ok((report.train_samples_per_sec, score, burn))
 }
 
 fn python() -> PathBuf {
@@ -162,12 +180,20 @@ fn main() {
         eprintln!("slm bench: running {name} ...");
         let row = match name.trim() {
             "flex" => match bench_burn(Backend::Flex, &texts, steps) {
-                Ok((t, s)) => Row {
-                    backend: "burn flex (CPU)".into(),
-                    train: Some(t),
-                    score: Some(s),
-                    note: format!("{steps} steps"),
-                },
+                Ok((t, s, burn)) => {
+                    rows.push(Row {
+                        backend: "burn flex (CPU)".into(),
+                        train: Some(t),
+                        score: Some(s),
+                        note: format!("{steps} steps; scoring on the CPU kernels"),
+                    });
+                    Row {
+                        backend: "  f32 forward".into(),
+                        train: None,
+                        score: burn,
+                        note: "scoring through burn (CROSSLM_SLM_SCORING=burn)".into(),
+                    }
+                }
                 Err(e) => Row {
                     backend: "burn flex (CPU)".into(),
                     train: None,
@@ -182,7 +208,7 @@ fn main() {
                 note: "SKIPPED: no wgpu adapter (install mesa-vulkan-drivers libvulkan1)".into(),
             },
             "wgpu" => match bench_burn(Backend::Wgpu, &texts, wgpu_steps) {
-                Ok((t, s)) => Row {
+                Ok((t, s, _)) => Row {
                     backend: "burn wgpu".into(),
                     train: Some(t),
                     score: Some(s),

@@ -15,7 +15,13 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use super::Classifier;
+mod cpu;
+
+pub use cpu::CpuMiniLm;
+
+use std::sync::Arc;
+
+use super::{ArchConfig, Classifier, CpuScorer};
 use crate::{Error, Result};
 
 /// BERT hyper-parameters, as in the HF `config.json`.
@@ -404,6 +410,13 @@ impl Classifier for MiniLmClassifier {
         self.head.forward(self.dropout.forward(pooled))
     }
 
+    fn cpu_scorer(&self, config: &ArchConfig) -> Result<Option<Arc<dyn CpuScorer>>> {
+        match config {
+            ArchConfig::Minilm(cfg) => Ok(Some(Arc::new(CpuMiniLm::new(self, cfg)?))),
+            ArchConfig::Bag(_) => Ok(None),
+        }
+    }
+
     fn freeze_lower(self, frozen_layers: usize, freeze_embeddings: bool) -> Self {
         Self {
             encoder: self.encoder.freeze_lower(frozen_layers, freeze_embeddings),
@@ -417,7 +430,7 @@ impl Classifier for MiniLmClassifier {
 mod tests {
     use super::*;
     use crate::data::assets_dir;
-    use crate::slm::{Backend, MiniLm};
+    use crate::slm::{Backend, MiniLm, Slm, TrainConfig, TrainExample};
 
     /// Reference embeddings from `/work/shared/reference/minilm_np.py`, stored as a fixture.
     #[derive(serde::Deserialize)]
@@ -480,6 +493,52 @@ mod tests {
         assert!(max_err < 1e-4, "max per-dimension error {max_err}");
     }
 
+    /// The CPU kernels' encoder (8-bit weights) against the same oracle: each unit vector
+    /// within 0.01 of the oracle's (cosine above 0.999), the pair's cosine within 0.003.
+    #[test]
+    fn cpu_kernels_match_numpy_oracle() {
+        let r = reference();
+        let model = MiniLm::from_pretrained(
+            &minilm_dir(),
+            vec!["a".into(), "b".into()],
+            128,
+            Backend::Flex,
+        )
+        .unwrap();
+        let ArchConfig::Minilm(cfg) = model.config() else {
+            panic!("a MiniLM config")
+        };
+        let cpu = CpuMiniLm::new(model.model(), cfg).unwrap();
+        let seqs: Vec<&[u32]> = r.token_ids.iter().map(Vec::as_slice).collect();
+        let unit = |v: Vec<f32>| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let e: Vec<Vec<f32>> = cpu.pooled(&seqs).unwrap().into_iter().map(unit).collect();
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let mut max_err = 0f32;
+        for (got, want) in e.iter().zip(&r.embeddings) {
+            for (g, w) in got.iter().zip(want) {
+                max_err = max_err.max((g - w).abs());
+            }
+            assert!(
+                cos(got, want) > 0.999,
+                "cosine to the oracle {}",
+                cos(got, want)
+            );
+        }
+        let pair = cos(&e[0], &e[1]);
+        println!("kernels: max per-dimension error {max_err:.2e}, cosine(pair) {pair:.4}");
+        assert!((pair - r.cosine[0][1]).abs() < 0.003, "{pair}");
+        assert!(max_err < 0.01, "max per-dimension error {max_err}");
+        // Every sequence alone gives what it gives among others (no padding, no mixing).
+        let alone = unit(cpu.pooled(&seqs[2..3]).unwrap().remove(0));
+        assert!(cos(&alone, &e[2]) > 0.99999);
+        // Bad ids are errors, not panics.
+        assert!(cpu.pooled(&[&[101, 1_000_000, 102]]).is_err());
+        assert!(cpu.pooled(&[&vec![101; 600]]).is_err());
+    }
+
     #[test]
     fn bad_weights_and_config_are_errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -499,5 +558,63 @@ mod tests {
         assert!(matches!(err, Error::Model(_)), "{err}");
         std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
         assert!(MiniLm::from_pretrained(dir.path(), vec!["a".into()], 64, Backend::Flex).is_err());
+    }
+
+    /// Scoring on the kernels (what `predict_proba` does on Flex) against burn's f32 forward,
+    /// after a short fine-tuning so that the head separates the classes: probabilities within
+    /// 0.01, the same argmax on at least 97% of the texts.
+    #[test]
+    fn kernel_scores_follow_burn_scores() {
+        let path = assets_dir().join("data/mr/movieReviewSnippets_GroundTruth.txt");
+        let data = crate::data::load_mr(&path, crate::data::BadRows::Skip)
+            .unwrap()
+            .dataset;
+        let ex: Vec<TrainExample> = data.examples[..64]
+            .iter()
+            .map(|e| TrainExample::hard(e.text.clone(), e.label, 2))
+            .collect();
+        let mut model = MiniLm::from_pretrained(
+            &minilm_dir(),
+            vec!["neg".into(), "pos".into()],
+            64,
+            Backend::Flex,
+        )
+        .unwrap();
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch_size: 32,
+            validation_fraction: 0.0,
+            ..TrainConfig::default()
+        };
+        model.train(&ex, &cfg, &mut |_| {}).unwrap();
+        let texts: Vec<&str> = data.examples[64..256]
+            .iter()
+            .map(|e| e.text.as_str())
+            .collect();
+        let fast = model.predict_proba(&texts).unwrap();
+        let burn = model.predict_proba_burn(&texts, 32).unwrap();
+        let mut max_diff = 0f32;
+        let mut same = 0;
+        for (f, b) in fast.iter().zip(&burn) {
+            for (x, y) in f.iter().zip(b) {
+                max_diff = max_diff.max((x - y).abs());
+            }
+            same += usize::from(crate::slm::argmax(f) == crate::slm::argmax(b));
+        }
+        let spread = burn.iter().map(|p| (p[0] - 0.5).abs()).fold(0f32, f32::max);
+        println!(
+            "max |p - p_burn| {max_diff:.4}, argmax agree {same}/{}, spread {spread:.3}",
+            texts.len()
+        );
+        assert!(spread > 0.05, "the head did not move off 0.5 ({spread})");
+        assert!(max_diff < 0.01, "{max_diff}");
+        assert!(same * 100 >= texts.len() * 97, "{same}");
+        // Training again replaces the kernels' copy of the weights.
+        model.train(&ex[..32], &cfg, &mut |_| {}).unwrap();
+        let again = model.predict_proba(&texts[..8]).unwrap();
+        let burn = model.predict_proba_burn(&texts[..8], 32).unwrap();
+        for (f, b) in again.iter().zip(&burn) {
+            assert!((f[0] - b[0]).abs() < 0.02, "{} against {}", f[0], b[0]);
+        }
     }
 }

@@ -14,6 +14,7 @@ mod train;
 mod weights;
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
@@ -39,6 +40,25 @@ pub trait Classifier: Module + 'static {
     /// Marks what trains: everything except the embeddings (if `freeze_embeddings`) and the
     /// lowest `frozen_layers` layers. Architectures without layers ignore `frozen_layers`.
     fn freeze_lower(self, frozen_layers: usize, freeze_embeddings: bool) -> Self;
+
+    /// This model's forward pass on the CPU kernels, where the architecture has one (read
+    /// from the module's current weights).
+    fn cpu_scorer(&self, _config: &ArchConfig) -> Result<Option<Arc<dyn CpuScorer>>> {
+        Ok(None)
+    }
+}
+
+/// A classifier's forward pass on the SDK's CPU kernels ([`crate::quant`]), which scores on
+/// the Flex device in place of burn: each text its own sequence, 8-bit weights.
+pub trait CpuScorer: Send + Sync + std::fmt::Debug {
+    /// Class probabilities, one row per sequence of token ids (unpadded).
+    fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Whether scoring on the Flex device runs on the CPU kernels ([`CpuScorer`]): yes unless
+/// `CROSSLM_SLM_SCORING=burn` asks for burn's f32 forward (for comparisons).
+fn score_on_kernels() -> bool {
+    std::env::var("CROSSLM_SLM_SCORING").map_or(true, |v| v != "burn")
 }
 
 /// Which SLM architecture.
@@ -175,6 +195,8 @@ pub struct TextClassifier<M: Classifier> {
     config: ArchConfig,
     device: Device,
     last_train: Option<TrainConfig>,
+    /// The model on the CPU kernels, built at the first scoring after each change of weights.
+    cpu: OnceLock<Option<Arc<dyn CpuScorer>>>,
 }
 
 /// MiniLM classifier behind [`Slm`].
@@ -198,6 +220,7 @@ impl<M: Classifier> TextClassifier<M> {
             config,
             device,
             last_train: None,
+            cpu: OnceLock::new(),
         }
     }
 
@@ -221,14 +244,14 @@ impl<M: Classifier> TextClassifier<M> {
         &self.config
     }
 
-    /// Runs `f` over length-bucketed batches of `texts` and returns per-text rows in input
-    /// order. Sorting by length first means a batch pads to a similar length, not to the
-    /// longest text overall.
-    fn map_batches(
+    /// Runs `f` over length-bucketed batches of `texts`' token ids and returns per-text rows
+    /// in input order. Sorting by length first means a batch pads to a similar length, not to
+    /// the longest text overall.
+    fn map_token_batches(
         &self,
         texts: &[&str],
         batch_size: usize,
-        f: impl Fn(TokenBatch) -> Tensor<2>,
+        mut f: impl FnMut(&[&[u32]]) -> Result<Vec<Vec<f32>>>,
     ) -> Result<Vec<Vec<f32>>> {
         let ids = self.tokenizer.encode(texts)?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
@@ -236,17 +259,43 @@ impl<M: Classifier> TextClassifier<M> {
         let mut out = vec![Vec::new(); ids.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            let batch = TokenBatch::new(&seqs, self.tokenizer.pad_id(), &self.device);
+            for (row, &i) in f(&seqs)?.into_iter().zip(chunk) {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::map_token_batches`] with `f` on burn's padded batches.
+    fn map_batches(
+        &self,
+        texts: &[&str],
+        batch_size: usize,
+        f: impl Fn(TokenBatch) -> Tensor<2>,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.map_token_batches(texts, batch_size, |seqs| {
+            let batch = TokenBatch::new(seqs, self.tokenizer.pad_id(), &self.device);
             let rows = f(batch);
             let [_, width] = rows.dims();
             let values = rows
                 .try_into_vec_as::<f32>()
                 .map_err(|e| Error::Model(format!("reading scores: {e:?}")))?;
-            for (k, &i) in chunk.iter().enumerate() {
-                out[i] = values[k * width..(k + 1) * width].to_vec();
-            }
+            Ok(values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+        })
+    }
+
+    /// The model on the CPU kernels, when scoring takes them (the Flex device, an architecture
+    /// that has them, [`score_on_kernels`]).
+    fn cpu_scorer(&self) -> Result<Option<Arc<dyn CpuScorer>>> {
+        if let Some(s) = self.cpu.get() {
+            return Ok(s.clone());
         }
-        Ok(out)
+        let s = if self.device == Device::flex() && score_on_kernels() {
+            self.model.cpu_scorer(&self.config)?
+        } else {
+            None
+        };
+        Ok(self.cpu.get_or_init(|| s).clone())
     }
 }
 
@@ -257,6 +306,15 @@ impl<M: Classifier> TextClassifier<M> {
         texts: &[&str],
         batch_size: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        if let Some(cpu) = self.cpu_scorer()? {
+            return self.map_token_batches(texts, batch_size, |seqs| cpu.probs(seqs));
+        }
+        self.predict_proba_burn(texts, batch_size)
+    }
+
+    /// Class probabilities from burn's forward on the model's device, on padded batches,
+    /// even where scoring takes the CPU kernels (for comparisons).
+    pub fn predict_proba_burn(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
         let model = self.model.valid();
         self.map_batches(texts, batch_size, |b| {
             softmax(model.logits(b.ids, b.mask), 1)
@@ -392,6 +450,7 @@ impl<M: Classifier> Slm for TextClassifier<M> {
             progress,
         )?;
         self.model = model;
+        self.cpu = OnceLock::new();
         self.last_train = Some(cfg.clone());
         Ok(report)
     }
@@ -406,6 +465,7 @@ impl<M: Classifier> Slm for TextClassifier<M> {
 
     fn set_weights(&mut self, w: &[f32]) -> Result<()> {
         self.model = weights::unflatten(self.model.clone(), w)?;
+        self.cpu = OnceLock::new();
         Ok(())
     }
 }

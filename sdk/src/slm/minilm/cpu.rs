@@ -1,0 +1,427 @@
+//! MiniLM for scoring on the CPU, on the SDK's integer kernels ([`crate::quant`]): the burn
+//! model's weights read once, each linear weight rounded to 8-bit codes with a scale per 32
+//! values and each activation row to about 15 bits per product (the LLM's arithmetic), every
+//! text its own sequence (no padding computed). Training keeps the burn model; this serves
+//! scoring on the Flex device, where burn multiplies in f32 on padded batches.
+
+use burn::nn::{LayerNorm, Linear};
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::{BertConfig, MiniLmClassifier};
+use crate::quant::{self, QMatrix, matmul_many};
+use crate::slm::CpuScorer;
+use crate::{Error, Result};
+
+/// Rows a rayon task of the element-wise passes (norms, GELU) takes.
+const CHUNK_ROWS: usize = 16;
+
+/// The classifier's forward pass on the CPU kernels.
+#[derive(Debug)]
+pub struct CpuMiniLm {
+    d: usize,
+    heads: usize,
+    eps: f32,
+    vocab: usize,
+    /// Word embeddings `[vocab, d]`, f32 (rows are looked up, not multiplied).
+    word: Vec<f32>,
+    /// Position embeddings `[positions, d]`.
+    position: Vec<f32>,
+    /// Segment 0's embedding `[d]` (single-segment input).
+    segment: Vec<f32>,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    /// The classification head `[labels, d]` and its bias, f32 (one row per text).
+    head: Vec<f32>,
+    head_bias: Vec<f32>,
+}
+
+/// One encoder layer.
+#[derive(Debug)]
+struct Layer {
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    output: Dense,
+    attention_norm: Norm,
+    intermediate: Dense,
+    down: Dense,
+    norm: Norm,
+}
+
+/// A linear layer: `[out, in]` weight on the kernels, f32 bias.
+#[derive(Debug)]
+struct Dense {
+    w: QMatrix,
+    b: Vec<f32>,
+}
+
+/// Layer norm parameters.
+#[derive(Debug)]
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| Error::Model(format!("reading weights: {e:?}")))
+}
+
+impl Dense {
+    fn new(l: &Linear) -> Result<Dense> {
+        let w = l.weight.val();
+        // burn holds `[in, out]`; the kernels multiply by rows of `[out, in]`.
+        let [din, dout] = w.dims();
+        let v = values(w)?;
+        let mut t = vec![0.0; v.len()];
+        for (i, row) in v.chunks_exact(dout).enumerate() {
+            for (o, &x) in row.iter().enumerate() {
+                t[o * din + i] = x;
+            }
+        }
+        let w = QMatrix::q8_from_f32(&t, dout, din)
+            .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))?;
+        let b = match &l.bias {
+            Some(b) => values(b.val())?,
+            None => vec![0.0; dout],
+        };
+        Ok(Dense { w, b })
+    }
+}
+
+impl Norm {
+    fn new(n: &LayerNorm) -> Result<Norm> {
+        let gamma = values(n.gamma.val())?;
+        let beta = match &n.beta {
+            Some(b) => values(b.val())?,
+            None => vec![0.0; gamma.len()],
+        };
+        Ok(Norm { gamma, beta })
+    }
+
+    /// `row <- norm(row + add)` (biased variance, as burn's and BERT's).
+    fn residual(&self, row: &mut [f32], add: &[f32], eps: f32) {
+        for (x, a) in row.iter_mut().zip(add) {
+            *x += a;
+        }
+        self.apply(row, eps);
+    }
+
+    fn apply(&self, row: &mut [f32], eps: f32) {
+        let d = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / d;
+        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((x, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
+            *x = (*x - mean) * inv * g + b;
+        }
+    }
+}
+
+impl CpuMiniLm {
+    /// Reads `model`'s weights (the burn classifier of `cfg`).
+    pub fn new(model: &MiniLmClassifier, cfg: &BertConfig) -> Result<CpuMiniLm> {
+        let e = &model.encoder.embeddings;
+        let d = cfg.hidden_size;
+        let layers = model
+            .encoder
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.attention;
+                Ok(Layer {
+                    query: Dense::new(&a.query)?,
+                    key: Dense::new(&a.key)?,
+                    value: Dense::new(&a.value)?,
+                    output: Dense::new(&a.output)?,
+                    attention_norm: Norm::new(&a.norm)?,
+                    intermediate: Dense::new(&l.intermediate)?,
+                    down: Dense::new(&l.output)?,
+                    norm: Norm::new(&l.norm)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = model.head.weight.val();
+        let [_, labels] = head.dims();
+        let hv = values(head)?;
+        // `[d, labels]` to `[labels, d]`.
+        let head: Vec<f32> = (0..labels)
+            .flat_map(|o| (0..d).map(move |i| (i, o)))
+            .map(|(i, o)| hv[i * labels + o])
+            .collect();
+        let head_bias = match &model.head.bias {
+            Some(b) => values(b.val())?,
+            None => vec![0.0; labels],
+        };
+        let segment = values(e.token_type.weight.val())?;
+        Ok(CpuMiniLm {
+            d,
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps as f32,
+            vocab: cfg.vocab_size,
+            word: values(e.word.weight.val())?,
+            position: values(e.position.weight.val())?,
+            segment: segment.get(..d).map(<[f32]>::to_vec).unwrap_or_default(),
+            embed_norm: Norm::new(&e.norm)?,
+            layers,
+            head,
+            head_bias,
+        })
+    }
+
+    fn positions(&self) -> usize {
+        self.position.len() / self.d
+    }
+
+    /// Mean-pooled last hidden states, one row per sequence.
+    pub(super) fn pooled(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let d = self.d;
+        for s in seqs {
+            if s.len() > self.positions() {
+                return Err(Error::Model(format!(
+                    "a sequence of {} tokens exceeds the model's {} positions",
+                    s.len(),
+                    self.positions()
+                )));
+            }
+            if let Some(&id) = s.iter().find(|&&id| id as usize >= self.vocab) {
+                return Err(Error::Model(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.vocab
+                )));
+            }
+        }
+        let n: usize = seqs.iter().map(|s| s.len()).sum();
+        if n == 0 {
+            return Ok(vec![vec![0.0; d]; seqs.len()]);
+        }
+        let mut x = vec![0.0f32; n * d];
+        let mut rows = x.chunks_exact_mut(d);
+        for s in seqs {
+            for (t, (&id, row)) in s.iter().zip(rows.by_ref()).enumerate() {
+                let w = &self.word[id as usize * d..][..d];
+                let p = &self.position[t * d..][..d];
+                for (((o, w), p), g) in row.iter_mut().zip(w).zip(p).zip(&self.segment) {
+                    *o = w + p + g;
+                }
+            }
+        }
+        x.par_chunks_mut(d * CHUNK_ROWS).for_each(|c| {
+            for row in c.chunks_exact_mut(d) {
+                self.embed_norm.apply(row, self.eps);
+            }
+        });
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        for layer in &self.layers {
+            x = self.layer(layer, x, &lens);
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for &len in &lens {
+            let mut mean = vec![0.0f32; d];
+            for row in x[at * d..(at + len) * d].chunks_exact(d) {
+                for (m, v) in mean.iter_mut().zip(row) {
+                    *m += v;
+                }
+            }
+            let count = len.max(1) as f32;
+            mean.iter_mut().for_each(|m| *m /= count);
+            out.push(mean);
+            at += len;
+        }
+        Ok(out)
+    }
+
+    fn layer(&self, l: &Layer, mut x: Vec<f32>, lens: &[usize]) -> Vec<f32> {
+        let (d, n) = (self.d, x.len() / self.d);
+        let mut qkv = matmul_many(&[&l.query.w, &l.key.w, &l.value.w], &x, n);
+        for (m, dense) in qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
+            add_bias(m, &dense.b);
+        }
+        let context = self.attention(&qkv[0], &qkv[1], &qkv[2], lens);
+        drop(qkv);
+        let mut attended = l.output.w.matmul(&context, n);
+        add_bias(&mut attended, &l.output.b);
+        x.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(attended.par_chunks(d * CHUNK_ROWS))
+            .for_each(|(xc, ac)| {
+                for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
+                    l.attention_norm.residual(row, add, self.eps);
+                }
+            });
+        let mut h = l.intermediate.w.matmul(&x, n);
+        let width = l.intermediate.b.len();
+        h.par_chunks_mut(width * CHUNK_ROWS).for_each(|c| {
+            for row in c.chunks_exact_mut(width) {
+                for (v, b) in row.iter_mut().zip(&l.intermediate.b) {
+                    *v += b;
+                }
+            }
+            gelu_in_place(c);
+        });
+        let mut y = l.down.w.matmul(&h, n);
+        add_bias(&mut y, &l.down.b);
+        x.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(y.par_chunks(d * CHUNK_ROWS))
+            .for_each(|(xc, yc)| {
+                for (row, add) in xc.chunks_exact_mut(d).zip(yc.chunks_exact(d)) {
+                    l.norm.residual(row, add, self.eps);
+                }
+            });
+        x
+    }
+
+    /// Each sequence's heads attend over that sequence's tokens only.
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lens: &[usize]) -> Vec<f32> {
+        let d = self.d;
+        let dh = d / self.heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut context = vec![0.0f32; q.len()];
+        let mut spans = Vec::with_capacity(lens.len());
+        let mut rest = context.as_mut_slice();
+        let mut at = 0;
+        for &len in lens {
+            let (span, tail) = rest.split_at_mut(len * d);
+            spans.push((at, len, span));
+            rest = tail;
+            at += len;
+        }
+        spans.into_par_iter().for_each(|(at, len, out)| {
+            let span = at * d..(at + len) * d;
+            let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
+            let mut p = vec![0.0f32; len];
+            quant::with_simd(|| {
+                for h in 0..self.heads {
+                    let cols = h * dh..(h + 1) * dh;
+                    for i in 0..len {
+                        let qi = &q[i * d..][cols.clone()];
+                        for (j, p) in p.iter_mut().enumerate() {
+                            *p = quant::dot_f32(qi, &k[j * d..][cols.clone()]) * scale;
+                        }
+                        let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        p.iter_mut().for_each(|s| *s -= max);
+                        quant::exp_in_place(&mut p);
+                        let sum: f32 = p.iter().sum();
+                        let o = &mut out[i * d..][cols.clone()];
+                        for (j, &w) in p.iter().enumerate() {
+                            let w = w / sum;
+                            for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
+                                *o += w * vv;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        context
+    }
+
+    /// Class probabilities, one row per sequence of token ids.
+    pub fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let pooled = self.pooled(seqs)?;
+        Ok(pooled
+            .iter()
+            .map(|e| {
+                let mut logits: Vec<f32> = self
+                    .head
+                    .chunks_exact(self.d)
+                    .zip(&self.head_bias)
+                    .map(|(w, b)| w.iter().zip(e).map(|(w, x)| w * x).sum::<f32>() + b)
+                    .collect();
+                softmax(&mut logits);
+                logits
+            })
+            .collect())
+    }
+}
+
+impl CpuScorer for CpuMiniLm {
+    fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        CpuMiniLm::probs(self, seqs)
+    }
+}
+
+fn add_bias(m: &mut [f32], b: &[f32]) {
+    for row in m.chunks_exact_mut(b.len()) {
+        for (x, b) in row.iter_mut().zip(b) {
+            *x += b;
+        }
+    }
+}
+
+fn softmax(v: &mut [f32]) {
+    let max = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    v.iter_mut().for_each(|x| *x = (*x - max).exp());
+    let sum: f32 = v.iter().sum();
+    v.iter_mut().for_each(|x| *x /= sum);
+}
+
+/// GELU with the exact erf form, `x/2 (1 + erf(x / sqrt 2))`, erf by Abramowitz and Stegun
+/// 7.1.26 (absolute error below 1.5e-7, far under the 8-bit weights' rounding); vectorized
+/// through the kernels' `exp`.
+fn gelu_in_place(xs: &mut [f32]) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let mut e = [0.0f32; 256];
+    for c in xs.chunks_mut(e.len()) {
+        let e = &mut e[..c.len()];
+        quant::with_simd(|| {
+            for (e, &x) in e.iter_mut().zip(c.iter()) {
+                let z = x * std::f32::consts::FRAC_1_SQRT_2;
+                *e = -(z * z);
+            }
+        });
+        quant::exp_in_place(e);
+        quant::with_simd(|| {
+            for (x, &e) in c.iter_mut().zip(e.iter()) {
+                let z = (*x * std::f32::consts::FRAC_1_SQRT_2).abs();
+                let t = 1.0 / (1.0 + P * z);
+                let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+                let erf = (1.0 - poly * e).copysign(*x);
+                *x = 0.5 * *x * (1.0 + erf);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf's own series, for the GELU check.
+    fn erf_series(x: f64) -> f64 {
+        let mut sum = 0.0;
+        let mut term = x;
+        for n in 0..200 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn gelu_follows_the_erf_form() {
+        let mut xs: Vec<f32> = (-600..=600).map(|i| i as f32 / 100.0).collect();
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&x| {
+                let x = f64::from(x);
+                0.5 * x * (1.0 + erf_series(x / 2f64.sqrt()))
+            })
+            .collect();
+        gelu_in_place(&mut xs);
+        for (got, want) in xs.iter().zip(&want) {
+            assert!(
+                (f64::from(*got) - want).abs() < 2e-6,
+                "gelu {got} against {want}"
+            );
+        }
+    }
+}
