@@ -617,4 +617,34 @@ mod tests {
             assert!((f[0] - b[0]).abs() < 0.02, "{} against {}", f[0], b[0]);
         }
     }
+
+    /// Times scoring on the kernels (`cargo test --release --workspace --lib -- --ignored
+    /// --nocapture scoring_probe`): a probe for profiles, not a gate.
+    #[test]
+    #[ignore]
+    fn scoring_probe() {
+        let path = assets_dir().join("data/mr/movieReviewSnippets_GroundTruth.txt");
+        let data = crate::data::load_mr(&path, crate::data::BadRows::Skip)
+            .unwrap()
+            .dataset;
+        let model = MiniLm::from_pretrained(
+            &minilm_dir(),
+            vec!["neg".into(), "pos".into()],
+            64,
+            Backend::Flex,
+        )
+        .unwrap();
+        let texts: Vec<&str> = data.examples[..192]
+            .iter()
+            .map(|e| e.text.as_str())
+            .collect();
+        model.predict_proba_batched(&texts, 32).unwrap();
+        let reps = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            model.predict_proba_batched(&texts, 32).unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!("{:.1} samples/s", (reps * texts.len()) as f64 / secs);
+    }
 }

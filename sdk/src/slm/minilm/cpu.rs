@@ -101,6 +101,7 @@ impl Norm {
     }
 
     /// `row <- norm(row + add)` (biased variance, as burn's and BERT's).
+    #[inline(always)]
     fn residual(&self, row: &mut [f32], add: &[f32], eps: f32) {
         for (x, a) in row.iter_mut().zip(add) {
             *x += a;
@@ -108,10 +109,11 @@ impl Norm {
         self.apply(row, eps);
     }
 
+    #[inline(always)]
     fn apply(&self, row: &mut [f32], eps: f32) {
         let d = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / d;
-        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d;
+        let mean = lane_sum(row, |x| x) / d;
+        let var = lane_sum(row, |x| (x - mean) * (x - mean)) / d;
         let inv = 1.0 / (var + eps).sqrt();
         for ((x, g), b) in row.iter_mut().zip(&self.gamma).zip(&self.beta) {
             *x = (*x - mean) * inv * g + b;
@@ -208,9 +210,14 @@ impl CpuMiniLm {
             }
         }
         x.par_chunks_mut(d * CHUNK_ROWS).for_each(|c| {
-            for row in c.chunks_exact_mut(d) {
-                self.embed_norm.apply(row, self.eps);
-            }
+            quant::with_simd(
+                #[inline(always)]
+                || {
+                    for row in c.chunks_exact_mut(d) {
+                        self.embed_norm.apply(row, self.eps);
+                    }
+                },
+            )
         });
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         for layer in &self.layers {
@@ -246,9 +253,14 @@ impl CpuMiniLm {
         x.par_chunks_mut(d * CHUNK_ROWS)
             .zip(attended.par_chunks(d * CHUNK_ROWS))
             .for_each(|(xc, ac)| {
-                for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
-                    l.attention_norm.residual(row, add, self.eps);
-                }
+                quant::with_simd(
+                    #[inline(always)]
+                    || {
+                        for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
+                            l.attention_norm.residual(row, add, self.eps);
+                        }
+                    },
+                )
             });
         let mut h = l.intermediate.w.matmul(&x, n);
         let width = l.intermediate.b.len();
@@ -265,9 +277,14 @@ impl CpuMiniLm {
         x.par_chunks_mut(d * CHUNK_ROWS)
             .zip(y.par_chunks(d * CHUNK_ROWS))
             .for_each(|(xc, yc)| {
-                for (row, add) in xc.chunks_exact_mut(d).zip(yc.chunks_exact(d)) {
-                    l.norm.residual(row, add, self.eps);
-                }
+                quant::with_simd(
+                    #[inline(always)]
+                    || {
+                        for (row, add) in xc.chunks_exact_mut(d).zip(yc.chunks_exact(d)) {
+                            l.norm.residual(row, add, self.eps);
+                        }
+                    },
+                )
             });
         x
     }
@@ -290,29 +307,14 @@ impl CpuMiniLm {
         spans.into_par_iter().for_each(|(at, len, out)| {
             let span = at * d..(at + len) * d;
             let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
-            let mut p = vec![0.0f32; len];
-            quant::with_simd(|| {
-                for h in 0..self.heads {
-                    let cols = h * dh..(h + 1) * dh;
-                    for i in 0..len {
-                        let qi = &q[i * d..][cols.clone()];
-                        for (j, p) in p.iter_mut().enumerate() {
-                            *p = quant::dot_f32(qi, &k[j * d..][cols.clone()]) * scale;
-                        }
-                        let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                        p.iter_mut().for_each(|s| *s -= max);
-                        quant::exp_in_place(&mut p);
-                        let sum: f32 = p.iter().sum();
-                        let o = &mut out[i * d..][cols.clone()];
-                        for (j, &w) in p.iter().enumerate() {
-                            let w = w / sum;
-                            for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
-                                *o += w * vv;
-                            }
-                        }
-                    }
-                }
-            });
+            quant::with_simd(
+                #[inline(always)]
+                || match dh {
+                    32 => heads::<32>(q, k, v, len, self.heads, scale, out),
+                    64 => heads::<64>(q, k, v, len, self.heads, scale, out),
+                    _ => heads_any(q, k, v, len, self.heads, dh, scale, out),
+                },
+            );
         });
         context
     }
@@ -340,6 +342,122 @@ impl CpuScorer for CpuMiniLm {
     fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         CpuMiniLm::probs(self, seqs)
     }
+}
+
+/// Keys a block of a query's scores takes: the scores stay in registers while the head's
+/// dimensions go by.
+const KEY_BLOCK: usize = 64;
+
+/// One sequence's heads of width `DH`: `q`, `k`, `v` and `out` are its `[len, d]` rows.
+/// Keys are transposed per head (`[DH, len]`, zero-padded to whole blocks), so that a query's
+/// scores for a block of keys are sums of whole vectors, and its context a sum of value rows.
+#[inline(always)]
+fn heads<const DH: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    heads: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = DH * heads;
+    let padded = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+    let mut kt = vec![0.0f32; DH * padded];
+    let mut p = vec![0.0f32; padded];
+    for h in 0..heads {
+        let cols = h * DH..(h + 1) * DH;
+        for j in 0..len {
+            for (c, &x) in k[j * d..][cols.clone()].iter().enumerate() {
+                kt[c * padded + j] = x;
+            }
+        }
+        for i in 0..len {
+            let qi: &[f32; DH] = match q[i * d..][cols.clone()].try_into() {
+                Ok(r) => r,
+                Err(_) => unreachable!("DH columns"),
+            };
+            for (b, pb) in p.chunks_exact_mut(KEY_BLOCK).enumerate() {
+                let mut acc = [0.0f32; KEY_BLOCK];
+                for (c, &qc) in qi.iter().enumerate() {
+                    let kc = &kt[c * padded + b * KEY_BLOCK..][..KEY_BLOCK];
+                    for (a, &kc) in acc.iter_mut().zip(kc) {
+                        *a += qc * kc;
+                    }
+                }
+                pb.copy_from_slice(&acc);
+            }
+            let p = &mut p[..len];
+            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            p.iter_mut().for_each(|s| *s = (*s - max) * scale);
+            quant::exp_in_place(p);
+            let inv = 1.0 / p.iter().sum::<f32>();
+            let mut o = [0.0f32; DH];
+            for (j, &w) in p.iter().enumerate() {
+                let w = w * inv;
+                for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
+                    *o += w * vv;
+                }
+            }
+            out[i * d..][cols.clone()].copy_from_slice(&o);
+        }
+    }
+}
+
+/// [`heads`] for any head width.
+#[allow(clippy::too_many_arguments)]
+fn heads_any(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    heads: usize,
+    dh: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = dh * heads;
+    let mut p = vec![0.0f32; len];
+    for h in 0..heads {
+        let cols = h * dh..(h + 1) * dh;
+        for i in 0..len {
+            let qi = &q[i * d..][cols.clone()];
+            for (j, p) in p.iter_mut().enumerate() {
+                *p = qi
+                    .iter()
+                    .zip(&k[j * d..][cols.clone()])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            p.iter_mut().for_each(|s| *s = (*s - max) * scale);
+            quant::exp_in_place(&mut p);
+            let inv = 1.0 / p.iter().sum::<f32>();
+            let o = &mut out[i * d..][cols.clone()];
+            o.fill(0.0);
+            for (j, &w) in p.iter().enumerate() {
+                let w = w * inv;
+                for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
+                    *o += w * vv;
+                }
+            }
+        }
+    }
+}
+
+/// `f` summed over `xs` in eight running sums (a plain sum is one chain of dependent adds,
+/// which the compiler may not reorder into vectors).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn add_bias(m: &mut [f32], b: &[f32]) {
@@ -372,22 +490,28 @@ fn gelu_in_place(xs: &mut [f32]) {
     let mut e = [0.0f32; 256];
     for c in xs.chunks_mut(e.len()) {
         let e = &mut e[..c.len()];
-        quant::with_simd(|| {
-            for (e, &x) in e.iter_mut().zip(c.iter()) {
-                let z = x * std::f32::consts::FRAC_1_SQRT_2;
-                *e = -(z * z);
-            }
-        });
+        quant::with_simd(
+            #[inline(always)]
+            || {
+                for (e, &x) in e.iter_mut().zip(c.iter()) {
+                    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+                    *e = -(z * z);
+                }
+            },
+        );
         quant::exp_in_place(e);
-        quant::with_simd(|| {
-            for (x, &e) in c.iter_mut().zip(e.iter()) {
-                let z = (*x * std::f32::consts::FRAC_1_SQRT_2).abs();
-                let t = 1.0 / (1.0 + P * z);
-                let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-                let erf = (1.0 - poly * e).copysign(*x);
-                *x = 0.5 * *x * (1.0 + erf);
-            }
-        });
+        quant::with_simd(
+            #[inline(always)]
+            || {
+                for (x, &e) in c.iter_mut().zip(e.iter()) {
+                    let z = (*x * std::f32::consts::FRAC_1_SQRT_2).abs();
+                    let t = 1.0 / (1.0 + P * z);
+                    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+                    let erf = (1.0 - poly * e).copysign(*x);
+                    *x = 0.5 * *x * (1.0 + erf);
+                }
+            },
+        );
     }
 }
 
