@@ -353,11 +353,11 @@ const LANES: usize = 8;
 /// them all).
 const GROUP: usize = 4;
 
-/// Rows `first..` of a quantized matrix (as many as `out`, `[n, rows]`, holds) against the
+/// Rows `first..` of a quantized matrix (as many as each of `out`'s `n` rows holds) against the
 /// tiled activation rows, eight activation rows a register: each dot bit for bit
 /// [`super::act`]'s scalar one (see [`super::panel`]). Run through an AVX-512 + VNNI token, the
 /// same code serves AVX-512 machines for up to eight rows, with `vpdpwssd` on 256 bits.
-pub(super) struct PanelTask<'a, D> {
+pub(super) struct PanelTask<'a, 'o, D> {
     pub simd: V3,
     /// A row's block `b` as [`Panel::pairs`] (with the widest vectors the CPU has).
     pub decode: D,
@@ -366,10 +366,11 @@ pub(super) struct PanelTask<'a, D> {
     pub xs: &'a Tiles,
     /// Activation rows.
     pub n: usize,
-    pub out: &'a mut [f32],
+    /// One slice of the product per activation row.
+    pub out: &'a mut [&'o mut [f32]],
 }
 
-impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, D> {
+impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, '_, D> {
     type Output = ();
 
     #[inline(always)]
@@ -383,7 +384,7 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, 
             n,
             out,
         } = self;
-        let rows = out.len() / n.max(1);
+        let rows = out.first().map_or(0, |o| o.len());
         if rows == 0 || n == 0 {
             return;
         }
@@ -400,7 +401,13 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, 
 
 /// [`PanelTask`] on its rows laid out ([`TaskRows`]).
 #[inline(always)]
-fn panel_product<const KIND: u8>(simd: V3, task: &TaskRows, xs: &Tiles, n: usize, out: &mut [f32]) {
+fn panel_product<const KIND: u8>(
+    simd: V3,
+    task: &TaskRows,
+    xs: &Tiles,
+    n: usize,
+    out: &mut [&mut [f32]],
+) {
     let (avx, avx2) = (&simd.avx, &simd.avx2);
     let (rows, nb) = (task.rows, task.nb);
     let groups = rows.div_ceil(GROUP);
@@ -448,7 +455,7 @@ fn panel_product<const KIND: u8>(simd: V3, task: &TaskRows, xs: &Tiles, n: usize
                     let v: [f32; LANES] = pulp::cast(*acc);
                     let r = g * GROUP + i;
                     for (t, &v) in v.iter().enumerate().take(lanes) {
-                        out[(c * PANEL_TILE + half * LANES + t) * rows + r] = v;
+                        out[c * PANEL_TILE + half * LANES + t][r] = v;
                     }
                 }
             }

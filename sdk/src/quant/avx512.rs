@@ -493,17 +493,18 @@ impl PanelRow for Q8Row<'_> {
 /// sixteen rows, each block as sixteen vectors (vector `k`: the code pairs `k` of the sixteen
 /// rows); then each block of a tile of activation rows is sixteen `madd`s (one `vpdpwssd` each
 /// where the CPU has VNNI and the caller compiled this for it).
-pub(super) struct PanelTask<'a> {
+pub(super) struct PanelTask<'a, 'o> {
     pub simd: V4,
     pub w: &'a super::QMatrix,
     pub first: usize,
     pub xs: &'a Tiles,
     /// Activation rows.
     pub n: usize,
-    pub out: &'a mut [f32],
+    /// One slice of the product per activation row.
+    pub out: &'a mut [&'o mut [f32]],
 }
 
-impl pulp::NullaryFnOnce for PanelTask<'_> {
+impl pulp::NullaryFnOnce for PanelTask<'_, '_> {
     type Output = ();
 
     #[inline(always)]
@@ -516,7 +517,7 @@ impl pulp::NullaryFnOnce for PanelTask<'_> {
             n,
             out,
         } = self;
-        let rows = out.len() / n.max(1);
+        let rows = out.first().map_or(0, |o| o.len());
         if rows == 0 || n == 0 {
             return;
         }
@@ -540,7 +541,13 @@ impl pulp::NullaryFnOnce for PanelTask<'_> {
 
 /// [`PanelTask`] on its rows laid out ([`TaskRows`]).
 #[inline(always)]
-fn panel_product<const KIND: u8>(simd: V4, task: &TaskRows, xs: &Tiles, n: usize, out: &mut [f32]) {
+fn panel_product<const KIND: u8>(
+    simd: V4,
+    task: &TaskRows,
+    xs: &Tiles,
+    n: usize,
+    out: &mut [&mut [f32]],
+) {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let (rows, nb) = (task.rows, task.nb);
     let groups = rows.div_ceil(GROUP);
@@ -585,7 +592,7 @@ fn panel_product<const KIND: u8>(simd: V4, task: &TaskRows, xs: &Tiles, n: usize
                 let v: [f32; 16] = pulp::cast(*acc);
                 let r = g * GROUP + i;
                 for (t, &v) in v.iter().enumerate().take(real) {
-                    out[(c * PANEL_TILE + t) * rows + r] = v;
+                    out[c * PANEL_TILE + t][r] = v;
                 }
             }
         }

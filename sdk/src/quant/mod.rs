@@ -351,9 +351,9 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         });
         return outs;
     }
-    // The kernels write a task's rows transposed (`[rows, n]`); each task does so in a buffer
-    // of its own and copies the values into its columns of the `[n, rows]` product, on its
-    // thread and while they are in cache.
+    // A task's columns of the `[n, rows]` product: the panel kernels write them in place; the
+    // dots write a task's rows transposed (`[rows, n]`), in a buffer of the task's own whose
+    // values it then copies into its columns, on its thread and while they are in cache.
     let mut tasks: Vec<(&QMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
         let mut columns: Vec<_> = out
@@ -366,6 +366,10 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         }
     }
     tasks.into_par_iter().for_each(|(w, first, mut pieces)| {
+        if panel && w.path() != Path::F32 {
+            simd.panel_task(w, first, n, &qs, tiles, &mut pieces);
+            return;
+        }
         let len = pieces.first().map_or(0, |p| p.len());
         let mut t = vec![0.0; len * n];
         if run_task(simd, w, first, &xs, &qs, tiles, &mut t) == Layout::RowsFirst {
@@ -440,7 +444,8 @@ fn run_task(
         simd.int_task(w, first, qs, out);
         return Layout::RowsFirst;
     }
-    simd.panel_task(w, first, n, qs, tiles, out);
+    let mut pieces: Vec<&mut [f32]> = out.chunks_mut(rows.max(1)).collect();
+    simd.panel_task(w, first, n, qs, tiles, &mut pieces);
     Layout::ActivationsFirst
 }
 

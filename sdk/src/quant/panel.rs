@@ -211,7 +211,7 @@ impl Simd {
         n: usize,
         xs: &[&QAct],
         tiles: Option<&Tiles>,
-        out: &mut [f32],
+        out: &mut [&mut [f32]],
     ) {
         match (self, tiles) {
             // Up to eight rows, eight lanes a register (the AVX2 kernel) waste fewer lanes.
@@ -264,10 +264,10 @@ impl Simd {
                 out,
             }),
             _ => {
-                let rows = out.len() / n.max(1);
+                let rows = out.first().map_or(0, |o| o.len());
                 for (r, row) in (first..first + rows).map(|r| w.q_row(r)).enumerate() {
-                    for (t, x) in xs.iter().enumerate() {
-                        out[t * rows + r] = match row {
+                    for (x, out) in xs.iter().zip(out.iter_mut()) {
+                        out[r] = match row {
                             QRow::Q4(row) => act::scalar_q4(row, x),
                             QRow::Q5(row) => act::scalar_q5(row, x),
                             QRow::Q8(row) => act::scalar_q8(row, x),
