@@ -646,5 +646,10 @@ mod tests {
         }
         let secs = start.elapsed().as_secs_f64();
         println!("{:.1} samples/s", (reps * texts.len()) as f64 / secs);
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            model.tokenizer().encode(&texts).unwrap();
+        }
+        println!("tokenizing: {:.1} ms a pass", start.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }
 }
