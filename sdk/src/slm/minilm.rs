@@ -650,6 +650,9 @@ mod tests {
         for _ in 0..reps {
             model.tokenizer().encode(&texts).unwrap();
         }
-        println!("tokenizing: {:.1} ms a pass", start.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        println!(
+            "tokenizing: {:.1} ms a pass",
+            start.elapsed().as_secs_f64() * 1e3 / reps as f64
+        );
     }
 }
