@@ -6,7 +6,7 @@ Plain torch (no `transformers`): a hand-written BERT that loads model.safetensor
 extra dependency is `torch`. Prints one JSON object on the last line:
 {"train_samples_per_sec": ..., "score_samples_per_sec": ..., "threads": ..., "torch": "..."}
 
-usage: slm_torch.py MODEL_DIR TEXTS_JSON --batch 32 --max-len 64 --train-steps 6 --score-batches 8
+usage: slm_torch.py MODEL_DIR TEXTS_JSON --batch 32 --max-len 64 --train-steps 6 --score-batches 8 --score-passes 5
 """
 import argparse, json, math, time
 
@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=6)
     ap.add_argument("--score-batches", type=int, default=8)
+    ap.add_argument("--score-passes", type=int, default=1)
     a = ap.parse_args()
     torch.manual_seed(0)
     texts = json.load(open(a.texts_json))
@@ -117,13 +118,15 @@ def main():
     model.eval()
     score_texts = texts[: a.batch * (a.score_batches + 1)]
     sn, ssecs = 0, 0.0
+    score_batches = list(batches(tok, score_texts, a.batch))
     with torch.inference_mode():
-        for step, (ids, mask) in enumerate(batches(tok, score_texts, a.batch)):
-            start = time.perf_counter()
-            F.softmax(model(ids, mask), -1)
-            if step > 0:
-                sn += ids.shape[0]
-                ssecs += time.perf_counter() - start
+        for p in range(a.score_passes):
+            for step, (ids, mask) in enumerate(score_batches):
+                start = time.perf_counter()
+                F.softmax(model(ids, mask), -1)
+                if step > 0:  # the first batch warms up, as the first training step
+                    sn += ids.shape[0]
+                    ssecs += time.perf_counter() - start
     print(json.dumps({
         "train_samples_per_sec": n / secs if secs else math.nan,
         "score_samples_per_sec": sn / ssecs if ssecs else math.nan,
