@@ -456,11 +456,8 @@ mod tests {
         dir
     }
 
-    /// The gate: embeddings match the numpy oracle. Tolerance: every dimension of the unit
-    /// vectors within 1e-4 (f32 vs the oracle's mixed f32/f64 math), cosines within 1e-4.
-    #[test]
-    fn embeddings_match_numpy_oracle() {
-        let r = reference();
+    /// The oracle's fixture and MiniLM as the oracle ran it (128 tokens at most).
+    fn oracle_and_model() -> (Reference, MiniLm) {
         let model = MiniLm::from_pretrained(
             &minilm_dir(),
             vec!["a".into(), "b".into()],
@@ -468,6 +465,14 @@ mod tests {
             Backend::Flex,
         )
         .unwrap();
+        (reference(), model)
+    }
+
+    /// The gate: embeddings match the numpy oracle. Tolerance: every dimension of the unit
+    /// vectors within 1e-4 (f32 vs the oracle's mixed f32/f64 math), cosines within 1e-4.
+    #[test]
+    fn embeddings_match_numpy_oracle() {
+        let (r, model) = oracle_and_model();
         let texts: Vec<&str> = r.sentences.iter().map(String::as_str).collect();
         assert_eq!(model.tokenizer().encode(&texts).unwrap(), r.token_ids);
         let e = model.embed(&texts).unwrap();
@@ -497,14 +502,7 @@ mod tests {
     /// within 0.01 of the oracle's (cosine above 0.999), the pair's cosine within 0.003.
     #[test]
     fn cpu_kernels_match_numpy_oracle() {
-        let r = reference();
-        let model = MiniLm::from_pretrained(
-            &minilm_dir(),
-            vec!["a".into(), "b".into()],
-            128,
-            Backend::Flex,
-        )
-        .unwrap();
+        let (r, model) = oracle_and_model();
         let ArchConfig::Minilm(cfg) = model.config() else {
             panic!("a MiniLM config")
         };

@@ -100,6 +100,22 @@ impl Norm {
         Ok(Norm { gamma, beta })
     }
 
+    /// Every row of `x` (`d` values) becomes `norm(row + add)`, rows split over the threads.
+    fn residual_rows(&self, x: &mut [f32], add: &[f32], d: usize, eps: f32) {
+        x.par_chunks_mut(d * CHUNK_ROWS)
+            .zip(add.par_chunks(d * CHUNK_ROWS))
+            .for_each(|(xc, ac)| {
+                quant::with_simd(
+                    #[inline(always)]
+                    || {
+                        for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
+                            self.residual(row, add, eps);
+                        }
+                    },
+                )
+            });
+    }
+
     /// `row <- norm(row + add)` (biased variance, as burn's and BERT's).
     #[inline(always)]
     fn residual(&self, row: &mut [f32], add: &[f32], eps: f32) {
@@ -156,7 +172,11 @@ impl CpuMiniLm {
             Some(b) => values(b.val())?,
             None => vec![0.0; labels],
         };
-        let segment = values(e.token_type.weight.val())?;
+        let mut segment = values(e.token_type.weight.val())?;
+        if segment.len() < d {
+            return Err(Error::Model("the segment table has no row 0".into()));
+        }
+        segment.truncate(d);
         Ok(CpuMiniLm {
             d,
             heads: cfg.num_attention_heads,
@@ -164,7 +184,7 @@ impl CpuMiniLm {
             vocab: cfg.vocab_size,
             word: values(e.word.weight.val())?,
             position: values(e.position.weight.val())?,
-            segment: segment.get(..d).map(<[f32]>::to_vec).unwrap_or_default(),
+            segment,
             embed_norm: Norm::new(&e.norm)?,
             layers,
             head,
@@ -250,18 +270,8 @@ impl CpuMiniLm {
         drop(qkv);
         let mut attended = l.output.w.matmul(&context, n);
         add_bias(&mut attended, &l.output.b);
-        x.par_chunks_mut(d * CHUNK_ROWS)
-            .zip(attended.par_chunks(d * CHUNK_ROWS))
-            .for_each(|(xc, ac)| {
-                quant::with_simd(
-                    #[inline(always)]
-                    || {
-                        for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
-                            l.attention_norm.residual(row, add, self.eps);
-                        }
-                    },
-                )
-            });
+        l.attention_norm
+            .residual_rows(&mut x, &attended, d, self.eps);
         let mut h = l.intermediate.w.matmul(&x, n);
         let width = l.intermediate.b.len();
         h.par_chunks_mut(width * CHUNK_ROWS).for_each(|c| {
@@ -274,18 +284,7 @@ impl CpuMiniLm {
         });
         let mut y = l.down.w.matmul(&h, n);
         add_bias(&mut y, &l.down.b);
-        x.par_chunks_mut(d * CHUNK_ROWS)
-            .zip(y.par_chunks(d * CHUNK_ROWS))
-            .for_each(|(xc, yc)| {
-                quant::with_simd(
-                    #[inline(always)]
-                    || {
-                        for (row, add) in xc.chunks_exact_mut(d).zip(yc.chunks_exact(d)) {
-                            l.norm.residual(row, add, self.eps);
-                        }
-                    },
-                )
-            });
+        l.norm.residual_rows(&mut x, &y, d, self.eps);
         x
     }
 
