@@ -312,8 +312,18 @@ struct XRow<'a> {
 /// `x @ W^T` for several matrices of the same input (q, k and v, say) in one parallel pass:
 /// `x` is `[n, cols]`; returns one `[n, rows]` product per matrix.
 pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let mut outs = vec![Vec::new(); ws.len()];
+    matmul_many_into(ws, x, n, &mut outs);
+    outs
+}
+
+/// [`matmul_many`] into `outs` (one per matrix), each resized to its `[n, rows]` product and
+/// overwritten: a caller that multiplies again and again reuses its buffers rather than
+/// having fresh ones zeroed each time.
+pub fn matmul_many_into(ws: &[&QMatrix], x: &[f32], n: usize, outs: &mut [Vec<f32>]) {
+    assert_eq!(ws.len(), outs.len(), "one output per matrix");
     let Some(cols) = ws.first().map(|w| w.cols) else {
-        return Vec::new();
+        return;
     };
     assert!(
         ws.iter().all(|w| w.cols == cols) && x.len() == n * cols,
@@ -337,7 +347,10 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     let qs: Vec<&QAct> = rounded.iter().collect();
     let tiles = panel.then(|| simd.tiles(x, n, cols, &qs));
     let tiles = tiles.as_ref();
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; w.rows * n]).collect();
+    // Every value is written below (each task its rows, for every activation row).
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        out.resize(w.rows * n, 0.0);
+    }
     if n == 1 {
         // One row: the kernels' order is the product's; each task owns its slice.
         let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
@@ -349,7 +362,7 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
         tasks.into_par_iter().for_each(|(w, first, out)| {
             run_task(simd, w, first, &xs, &qs, tiles, out);
         });
-        return outs;
+        return;
     }
     // A task's columns of the `[n, rows]` product: the panel kernels write them in place; the
     // dots write a task's rows transposed (`[rows, n]`), in a buffer of the task's own whose
@@ -384,7 +397,6 @@ pub fn matmul_many(ws: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
             }
         }
     });
-    outs
 }
 
 /// Splits `seq` positions of `batch` sequences (activation rows `[batch, seq]`) into spans of

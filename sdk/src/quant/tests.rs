@@ -189,6 +189,31 @@ fn several_matrices_in_one_pass() -> Result<()> {
     Ok(())
 }
 
+/// Reused buffers: whatever they held (NaN here, longer or shorter than the product), every
+/// value of the product is written, on each path (one row, two, panels, f32 weights).
+#[test]
+fn products_into_reused_buffers_overwrite_every_value() -> Result<()> {
+    let cols = 64;
+    let q = QMatrix::from_gguf(
+        "q",
+        GgmlType::Q4_1,
+        &encode(GgmlType::Q4_1, &values(40 * cols, 2)),
+        40,
+        cols,
+    )?;
+    let f = QMatrix::from_f32(values(7 * cols, 4), 7, cols);
+    for n in [1, 2, 3, 20] {
+        let x = values(n * cols, 3);
+        let fresh = matmul_many(&[&q, &f], &x, n);
+        for len in [0, 5, 40 * 20 + 9] {
+            let mut outs = vec![vec![f32::NAN; len], vec![f32::NAN; len]];
+            matmul_many_into(&[&q, &f], &x, n, &mut outs);
+            assert_eq!(outs, fresh, "{n} rows into buffers of {len}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_tensors_are_clear_errors() {
     let e = QMatrix::from_gguf("w", GgmlType::Q4_1, &[0; 19], 1, 32);

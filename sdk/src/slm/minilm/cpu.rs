@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::{BertConfig, MiniLmClassifier};
-use crate::quant::{self, QMatrix, matmul_many};
+use crate::quant::{self, QMatrix, matmul_many_into};
 use crate::slm::CpuScorer;
 use crate::{Error, Result};
 
@@ -34,6 +34,16 @@ pub struct CpuMiniLm {
     /// The classification head `[labels, d]` and its bias, f32 (one row per text).
     head: Vec<f32>,
     head_bias: Vec<f32>,
+}
+
+/// A batch's intermediate products, reused by every layer (not zeroed again each time).
+#[derive(Default)]
+struct Scratch {
+    qkv: [Vec<f32>; 3],
+    context: Vec<f32>,
+    attended: Vec<f32>,
+    hidden: Vec<f32>,
+    down: Vec<f32>,
 }
 
 /// One encoder layer.
@@ -240,8 +250,9 @@ impl CpuMiniLm {
             )
         });
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let mut scratch = Scratch::default();
         for layer in &self.layers {
-            x = self.layer(layer, x, &lens);
+            self.layer(layer, &mut x, &lens, &mut scratch);
         }
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
@@ -260,21 +271,31 @@ impl CpuMiniLm {
         Ok(out)
     }
 
-    fn layer(&self, l: &Layer, mut x: Vec<f32>, lens: &[usize]) -> Vec<f32> {
+    /// One layer over `x` (`[n, d]`), in place.
+    fn layer(&self, l: &Layer, x: &mut [f32], lens: &[usize], s: &mut Scratch) {
         let (d, n) = (self.d, x.len() / self.d);
-        let mut qkv = matmul_many(&[&l.query.w, &l.key.w, &l.value.w], &x, n);
-        for (m, dense) in qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
+        matmul_many_into(&[&l.query.w, &l.key.w, &l.value.w], x, n, &mut s.qkv);
+        for (m, dense) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
             add_bias(m, &dense.b);
         }
-        let context = self.attention(&qkv[0], &qkv[1], &qkv[2], lens);
-        drop(qkv);
-        let mut attended = l.output.w.matmul(&context, n);
-        add_bias(&mut attended, &l.output.b);
-        l.attention_norm
-            .residual_rows(&mut x, &attended, d, self.eps);
-        let mut h = l.intermediate.w.matmul(&x, n);
+        let [q, k, v] = &s.qkv;
+        self.attention(q, k, v, lens, &mut s.context);
+        matmul_many_into(
+            &[&l.output.w],
+            &s.context,
+            n,
+            std::slice::from_mut(&mut s.attended),
+        );
+        add_bias(&mut s.attended, &l.output.b);
+        l.attention_norm.residual_rows(x, &s.attended, d, self.eps);
+        matmul_many_into(
+            &[&l.intermediate.w],
+            x,
+            n,
+            std::slice::from_mut(&mut s.hidden),
+        );
         let width = l.intermediate.b.len();
-        h.par_chunks_mut(width * CHUNK_ROWS).for_each(|c| {
+        s.hidden.par_chunks_mut(width * CHUNK_ROWS).for_each(|c| {
             for row in c.chunks_exact_mut(width) {
                 for (v, b) in row.iter_mut().zip(&l.intermediate.b) {
                     *v += b;
@@ -282,18 +303,23 @@ impl CpuMiniLm {
             }
             gelu_in_place(c);
         });
-        let mut y = l.down.w.matmul(&h, n);
-        add_bias(&mut y, &l.down.b);
-        l.norm.residual_rows(&mut x, &y, d, self.eps);
-        x
+        matmul_many_into(
+            &[&l.down.w],
+            &s.hidden,
+            n,
+            std::slice::from_mut(&mut s.down),
+        );
+        add_bias(&mut s.down, &l.down.b);
+        l.norm.residual_rows(x, &s.down, d, self.eps);
     }
 
-    /// Each sequence's heads attend over that sequence's tokens only.
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lens: &[usize]) -> Vec<f32> {
+    /// Each sequence's heads attend over that sequence's tokens only; `context` becomes
+    /// `[n, d]`, every value written.
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lens: &[usize], context: &mut Vec<f32>) {
         let d = self.d;
         let dh = d / self.heads;
         let scale = 1.0 / (dh as f32).sqrt();
-        let mut context = vec![0.0f32; q.len()];
+        context.resize(q.len(), 0.0);
         let mut spans = Vec::with_capacity(lens.len());
         let mut rest = context.as_mut_slice();
         let mut at = 0;
@@ -315,7 +341,6 @@ impl CpuMiniLm {
                 },
             );
         });
-        context
     }
 
     /// Class probabilities, one row per sequence of token ids.
