@@ -653,4 +653,63 @@ mod tests {
             start.elapsed().as_secs_f64() * 1e3 / reps as f64
         );
     }
+
+    /// Test accuracy through the kernels and through burn after the same fine-tuning
+    /// (`cargo test --release --workspace --lib -- --ignored --nocapture kernel_accuracy_probe`):
+    /// a probe of how far 8-bit scoring moves a client's figures, not a gate.
+    #[test]
+    #[ignore]
+    fn kernel_accuracy_probe() {
+        let path = assets_dir().join("data/mr/movieReviewSnippets_GroundTruth.txt");
+        let data = crate::data::load_mr(&path, crate::data::BadRows::Skip)
+            .unwrap()
+            .dataset;
+        // The file runs by label in long stretches: strides over all of it, apart.
+        let ex: Vec<TrainExample> = data
+            .examples
+            .iter()
+            .step_by(40)
+            .map(|e| TrainExample::hard(e.text.clone(), e.label, 2))
+            .collect();
+        let mut model = MiniLm::from_pretrained(
+            &minilm_dir(),
+            vec!["neg".into(), "pos".into()],
+            64,
+            Backend::Flex,
+        )
+        .unwrap();
+        let cfg = TrainConfig {
+            epochs: 2,
+            validation_fraction: 0.0,
+            ..TrainConfig::default()
+        };
+        model.train(&ex, &cfg, &mut |_| {}).unwrap();
+        let test: Vec<_> = data.examples.iter().skip(3).step_by(5).collect();
+        let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
+        let fast = model.predict_proba(&texts).unwrap();
+        let burn = model.predict_proba_burn(&texts, 64).unwrap();
+        let acc = |p: &[Vec<f32>]| {
+            p.iter()
+                .zip(&test)
+                .filter(|(p, e)| crate::slm::argmax(p) == e.label)
+                .count() as f64
+                / test.len() as f64
+        };
+        let agree = fast
+            .iter()
+            .zip(&burn)
+            .filter(|(a, b)| crate::slm::argmax(a) == crate::slm::argmax(b))
+            .count();
+        let max_diff = fast
+            .iter()
+            .zip(&burn)
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max);
+        println!(
+            "{} test sentences: accuracy kernels {:.4}, burn {:.4}; same argmax {agree}; max |p - p_burn| {max_diff:.4}",
+            test.len(),
+            acc(&fast),
+            acc(&burn)
+        );
+    }
 }
