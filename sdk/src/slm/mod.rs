@@ -291,7 +291,8 @@ impl<M: Classifier> TextClassifier<M> {
             return Ok(s.clone());
         }
         let s = if self.device == Device::flex() && score_on_kernels() {
-            self.model.cpu_scorer(&self.config)?
+            // Without autodiff: the kernels' handle on the embeddings must not record a graph.
+            self.model.valid().cpu_scorer(&self.config)?
         } else {
             None
         };
