@@ -1,8 +1,9 @@
 //! MiniLM for scoring on the CPU, on the SDK's integer kernels ([`crate::quant`]): the burn
-//! model's weights read once, each linear weight rounded to 8-bit codes with a scale per 32
-//! values and each activation row to about 15 bits per product (the LLM's arithmetic), every
-//! text its own sequence (no padding computed). Training keeps the burn model; this serves
-//! scoring on the Flex device, where burn multiplies in f32 on padded batches.
+//! model's linear weights read once and rounded to 8-bit codes with a scale per 32 values (its
+//! word embeddings gathered from burn's own table), each activation row rounded to about 15
+//! bits per product (the LLM's arithmetic), every text its own sequence (no padding computed).
+//! Training keeps the burn model; this serves scoring on the Flex device, where burn
+//! multiplies in f32 on padded batches.
 
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData};
