@@ -36,6 +36,18 @@ struct Row {
     note: String,
 }
 
+impl Row {
+    /// A backend that did not run, and why.
+    fn failed(backend: &str, note: impl Into<String>) -> Row {
+        Row {
+            backend: backend.into(),
+            train: None,
+            score: None,
+            note: note.into(),
+        }
+    }
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -232,20 +244,12 @@ fn main() {
                             note: "scoring through burn (CROSSLM_SLM_SCORING=burn)".into(),
                         }
                     }
-                    Err(e) => Row {
-                        backend: "burn flex (CPU)".into(),
-                        train: None,
-                        score: None,
-                        note: e,
-                    },
+                    Err(e) => Row::failed("burn flex (CPU)", e),
                 },
-                "wgpu" if !wgpu_available() => Row {
-                    backend: "burn wgpu".into(),
-                    train: None,
-                    score: None,
-                    note: "SKIPPED: no wgpu adapter (install mesa-vulkan-drivers libvulkan1)"
-                        .into(),
-                },
+                "wgpu" if !wgpu_available() => Row::failed(
+                    "burn wgpu",
+                    "SKIPPED: no wgpu adapter (install mesa-vulkan-drivers libvulkan1)",
+                ),
                 "wgpu" => match bench_burn(Backend::Wgpu, &texts, wgpu_steps) {
                     Ok((t, s, _)) => Row {
                         backend: "burn wgpu".into(),
@@ -253,12 +257,7 @@ fn main() {
                         score: Some(s),
                         note: format!("{wgpu_steps} steps"),
                     },
-                    Err(e) => Row {
-                        backend: "burn wgpu".into(),
-                        train: None,
-                        score: None,
-                        note: e,
-                    },
+                    Err(e) => Row::failed("burn wgpu", e),
                 },
                 "torch" => match bench_torch(&texts_json, steps) {
                     Ok((t, s, note)) => Row {
@@ -267,12 +266,10 @@ fn main() {
                         score: Some(s),
                         note,
                     },
-                    Err(e) => Row {
-                        backend: "pytorch (CPU)".into(),
-                        train: None,
-                        score: None,
-                        note: format!("skipped: {}", e.lines().last().unwrap_or_default()),
-                    },
+                    Err(e) => Row::failed(
+                        "pytorch (CPU)",
+                        format!("skipped: {}", e.lines().last().unwrap_or_default()),
+                    ),
                 },
                 "bag" => {
                     let bag = Bag::new(
@@ -290,20 +287,10 @@ fn main() {
                             score: Some(s),
                             note: format!("{steps} steps; no reference"),
                         },
-                        Err(e) => Row {
-                            backend: "bag, burn flex".into(),
-                            train: None,
-                            score: None,
-                            note: e,
-                        },
+                        Err(e) => Row::failed("bag, burn flex", e),
                     }
                 }
-                other => Row {
-                    backend: other.into(),
-                    train: None,
-                    score: None,
-                    note: "unknown backend".into(),
-                },
+                other => Row::failed(other, "unknown backend"),
             };
             rows.push(row);
         }

@@ -1,4 +1,4 @@
-//! ggml's tensor types: their block layouts and dequantization (the k-quants in [`kquant`]).
+//! ggml's tensor types: their block layouts and dequantization (the k-quants in `kquant`).
 
 use half::f16;
 

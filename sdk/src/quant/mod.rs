@@ -24,7 +24,7 @@ mod avx2;
 mod avx512;
 mod exp;
 pub mod ggml;
-pub mod kquant;
+mod kquant;
 mod panel;
 mod repack;
 #[cfg(test)]

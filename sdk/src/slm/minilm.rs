@@ -572,23 +572,30 @@ mod tests {
         examples.map(|e| e.text.as_str()).collect()
     }
 
-    /// MiniLM (64 tokens, two labels) fine-tuned `epochs` on `train`.
-    fn fine_tuned<'a>(
-        train: impl Iterator<Item = &'a crate::data::Example>,
-        epochs: usize,
-    ) -> MiniLm {
-        let ex: Vec<TrainExample> = train
-            .map(|e| TrainExample::hard(e.text.clone(), e.label, 2))
-            .collect();
-        let mut model = MiniLm::from_pretrained(
+    fn examples<'a>(from: impl Iterator<Item = &'a crate::data::Example>) -> Vec<TrainExample> {
+        from.map(|e| TrainExample::hard(e.text.clone(), e.label, 2))
+            .collect()
+    }
+
+    /// MiniLM with 64 tokens and a fresh head for two labels.
+    fn untrained() -> MiniLm {
+        MiniLm::from_pretrained(
             &minilm_dir(),
             vec!["neg".into(), "pos".into()],
             64,
             Backend::Flex,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// [`untrained`] fine-tuned `epochs` on `train`.
+    fn fine_tuned<'a>(
+        train: impl Iterator<Item = &'a crate::data::Example>,
+        epochs: usize,
+    ) -> MiniLm {
+        let mut model = untrained();
         model
-            .train(&ex, &quick_training(epochs), &mut |_| {})
+            .train(&examples(train), &quick_training(epochs), &mut |_| {})
             .unwrap();
         model
     }
@@ -628,12 +635,7 @@ mod tests {
         assert!(max_diff < 0.01, "{max_diff}");
         assert!(same * 100 >= texts.len() * 97, "{same}");
         // Training again replaces the kernels' copy of the weights.
-        let again: Vec<TrainExample> = mr
-            .iter()
-            .skip(1)
-            .step_by(320)
-            .map(|e| TrainExample::hard(e.text.clone(), e.label, 2))
-            .collect();
+        let again = examples(mr.iter().skip(1).step_by(320));
         model
             .train(&again, &quick_training(1), &mut |_| {})
             .unwrap();
@@ -650,13 +652,7 @@ mod tests {
     #[ignore]
     fn scoring_probe() {
         let mr = mr();
-        let model = MiniLm::from_pretrained(
-            &minilm_dir(),
-            vec!["neg".into(), "pos".into()],
-            64,
-            Backend::Flex,
-        )
-        .unwrap();
+        let model = untrained();
         let texts = texts(mr.iter().take(192));
         model.predict_proba_batched(&texts, 32).unwrap();
         let reps = 20;

@@ -100,6 +100,12 @@ impl Dense {
         };
         Ok(Dense { w, b })
     }
+
+    /// `out <- x W^T + b` for the `n` rows of `x`, into `out`'s buffer.
+    fn forward_into(&self, x: &[f32], n: usize, out: &mut Vec<f32>) {
+        matmul_many_into(&[&self.w], x, n, std::slice::from_mut(out));
+        add_bias(out, &self.b);
+    }
 }
 
 impl Norm {
@@ -286,36 +292,14 @@ impl CpuMiniLm {
         }
         let [q, k, v] = &s.qkv;
         self.attention(q, k, v, lens, &mut s.context);
-        matmul_many_into(
-            &[&l.output.w],
-            &s.context,
-            n,
-            std::slice::from_mut(&mut s.attended),
-        );
-        add_bias(&mut s.attended, &l.output.b);
+        l.output.forward_into(&s.context, n, &mut s.attended);
         l.attention_norm.residual_rows(x, &s.attended, d, self.eps);
-        matmul_many_into(
-            &[&l.intermediate.w],
-            x,
-            n,
-            std::slice::from_mut(&mut s.hidden),
-        );
+        l.intermediate.forward_into(x, n, &mut s.hidden);
         let width = l.intermediate.b.len();
-        s.hidden.par_chunks_mut(width * CHUNK_ROWS).for_each(|c| {
-            for row in c.chunks_exact_mut(width) {
-                for (v, b) in row.iter_mut().zip(&l.intermediate.b) {
-                    *v += b;
-                }
-            }
-            gelu_in_place(c);
-        });
-        matmul_many_into(
-            &[&l.down.w],
-            &s.hidden,
-            n,
-            std::slice::from_mut(&mut s.down),
-        );
-        add_bias(&mut s.down, &l.down.b);
+        s.hidden
+            .par_chunks_mut(width * CHUNK_ROWS)
+            .for_each(gelu_in_place);
+        l.down.forward_into(&s.hidden, n, &mut s.down);
         l.norm.residual_rows(x, &s.down, d, self.eps);
     }
 
@@ -348,9 +332,10 @@ impl CpuMiniLm {
             );
         });
     }
+}
 
-    /// Class probabilities, one row per sequence of token ids.
-    pub fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+impl CpuScorer for CpuMiniLm {
+    fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let pooled = self.pooled(seqs)?;
         Ok(pooled
             .iter()
@@ -365,12 +350,6 @@ impl CpuMiniLm {
                 logits
             })
             .collect())
-    }
-}
-
-impl CpuScorer for CpuMiniLm {
-    fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        CpuMiniLm::probs(self, seqs)
     }
 }
 
