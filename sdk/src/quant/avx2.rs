@@ -234,58 +234,40 @@ impl super::RowDots for V3 {
         }
     }
 
-    /// One or two activation rows: eight dots' lanes summed at once ([`hsums8`]), each dot
-    /// the same as [`row_dots`]'s.
     #[inline(always)]
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
-        let n = xs.len();
-        let zero = self.avx._mm256_setzero_ps();
-        super::in_groups_of_eight(
-            self,
-            w,
-            first,
-            xs,
-            out,
-            // Inlined into the instruction set's context, or the intrinsics become calls.
-            #[inline(always)]
-            |row0, o| {
-                let mut v = [zero; 8];
-                let mut offsets = [0.0f32; 8];
-                for (i, (lanes, offs)) in v
-                    .chunks_exact_mut(n)
-                    .zip(offsets.chunks_exact_mut(n))
-                    .enumerate()
-                {
-                    let (acc, off) = match w.q_row(row0 + i) {
-                        QRow::Q4(r) => few_sums(self, r, xs),
-                        QRow::Q5(r) => few_sums(self, r, xs),
-                        QRow::Q8(r) => few_sums(self, r, xs),
-                    };
-                    for (l, a) in lanes.iter_mut().zip(acc) {
-                        *l = self.avx._mm256_add_ps(zero, a);
-                    }
-                    offs.copy_from_slice(&off[..n]);
-                }
-                let sums = hsums8(self, v);
-                for ((o, s), off) in o.iter_mut().zip(sums).zip(offsets) {
-                    *o = s + off;
-                }
-            },
-        );
+        super::in_groups_of_eight(self, w, first, xs, out);
     }
 }
 
-/// [`int_sums`] of one or two activation rows, padded to two (zeros).
-#[inline(always)]
-fn few_sums<'a>(simd: V3, w: impl IntRow<'a>, xs: &[&QAct]) -> ([__m256; 2], [f32; 2]) {
-    let zero = simd.avx._mm256_setzero_ps();
-    match *xs {
-        [a] => {
-            let (acc, off) = int_sums(simd, w, [a]);
-            ([acc[0], zero], [off[0], 0.0])
+impl super::EightDots for V3 {
+    /// Eight dots' lanes summed at once ([`hsums8`]), then their offsets added.
+    #[inline(always)]
+    fn eight_dots<const N: usize>(
+        self,
+        w: &super::QMatrix,
+        row0: usize,
+        xs: [&QAct; N],
+        out: &mut [f32; 8],
+    ) {
+        let zero = self.avx._mm256_setzero_ps();
+        let mut v = [zero; 8];
+        let mut offsets = [0.0f32; 8];
+        for i in 0..8 / N {
+            let (acc, off) = match w.q_row(row0 + i) {
+                QRow::Q4(r) => int_sums(self, r, xs),
+                QRow::Q5(r) => int_sums(self, r, xs),
+                QRow::Q8(r) => int_sums(self, r, xs),
+            };
+            for t in 0..N {
+                v[i * N + t] = self.avx._mm256_add_ps(zero, acc[t]);
+                offsets[i * N + t] = off[t];
+            }
         }
-        [a, b] => int_sums(simd, w, [a, b]),
-        _ => unreachable!("one or two activation rows"),
+        let sums = hsums8(self, v);
+        for ((o, s), off) in out.iter_mut().zip(sums).zip(offsets) {
+            *o = s + off;
+        }
     }
 }
 

@@ -233,42 +233,32 @@ impl super::RowDots for V4 {
         }
     }
 
-    /// One or two activation rows: eight dots' lanes summed at once ([`hsums8`]), each dot
-    /// the same as [`row_dots`]'s.
     #[inline(always)]
     fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
-        let n = xs.len();
-        super::in_groups_of_eight(
-            self,
-            w,
-            first,
-            xs,
-            out,
-            // Inlined into the instruction set's context, or the intrinsics become calls.
-            #[inline(always)]
-            |row0, o| {
-                let mut v = [self.avx512f._mm512_setzero_ps(); 8];
-                for (i, lanes) in v.chunks_exact_mut(n).enumerate() {
-                    let sums = match w.q_row(row0 + i) {
-                        QRow::Q4(r) => few_sums(self, r, xs),
-                        QRow::Q5(r) => few_sums(self, r, xs),
-                        QRow::Q8(r) => few_sums(self, r, xs),
-                    };
-                    lanes.copy_from_slice(&sums[..n]);
-                }
-                o.copy_from_slice(&hsums8(self, v)[..o.len()]);
-            },
-        );
+        super::in_groups_of_eight(self, w, first, xs, out);
     }
 }
 
-/// [`int_sums`] of one or two activation rows, padded to two (zeros).
-#[inline(always)]
-fn few_sums<'a>(simd: V4, w: impl IntRow<'a>, xs: &[&QAct]) -> [__m512; 2] {
-    match *xs {
-        [a] => [int_sums(simd, w, [a])[0], simd.avx512f._mm512_setzero_ps()],
-        [a, b] => int_sums(simd, w, [a, b]),
-        _ => unreachable!("one or two activation rows"),
+impl super::EightDots for V4 {
+    /// Eight dots' lanes summed at once ([`hsums8`]).
+    #[inline(always)]
+    fn eight_dots<const N: usize>(
+        self,
+        w: &super::QMatrix,
+        row0: usize,
+        xs: [&QAct; N],
+        out: &mut [f32; 8],
+    ) {
+        let mut v = [self.avx512f._mm512_setzero_ps(); 8];
+        for i in 0..8 / N {
+            let sums = match w.q_row(row0 + i) {
+                QRow::Q4(r) => int_sums(self, r, xs),
+                QRow::Q5(r) => int_sums(self, r, xs),
+                QRow::Q8(r) => int_sums(self, r, xs),
+            };
+            v[i * N..(i + 1) * N].copy_from_slice(&sums);
+        }
+        *out = hsums8(self, v);
     }
 }
 

@@ -501,34 +501,65 @@ trait RowDots: Copy {
     }
 }
 
-/// [`RowDots::task_dots`] for kernels that sum eight dots' lanes at once: with one or two
-/// activation rows, weight rows in groups of `8 / n` go to `group(first row, out)`; the
-/// leftover rows, and other numbers of activation rows, to `row_dots` one by one.
+/// Kernels that sum eight dots' lanes at once: `8 / N` weight rows against `N` activation
+/// rows (`N` a constant, so that every sum stays in a register).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+trait EightDots: RowDots {
+    /// Weight rows `row0..row0 + 8 / N` against `xs`: `out[i N + t]` is row `i`'s dot with
+    /// `xs[t]`, each the same as [`RowDots::row_dots`]'s.
+    fn eight_dots<const N: usize>(
+        self,
+        w: &QMatrix,
+        row0: usize,
+        xs: [&QAct; N],
+        out: &mut [f32; 8],
+    );
+}
+
+/// [`RowDots::task_dots`] for [`EightDots`] kernels: with one or two activation rows, weight
+/// rows in groups of `8 / n`; the leftover rows, and other numbers of activation rows, to
+/// `row_dots` one by one.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
-fn in_groups_of_eight<S: RowDots>(
+fn in_groups_of_eight<S: EightDots>(
     simd: S,
     w: &QMatrix,
     first: usize,
     xs: &[&QAct],
     out: &mut [f32],
-    mut group: impl FnMut(usize, &mut [f32]),
 ) {
-    let n = xs.len();
-    if !(n == 1 || n == 2) {
-        for (k, o) in out.chunks_mut(n.max(1)).enumerate() {
-            simd.row_dots(w.q_row(first + k), xs, o);
+    match *xs {
+        [a] => groups_of_eight(simd, w, first, [a], out),
+        [a, b] => groups_of_eight(simd, w, first, [a, b], out),
+        _ => {
+            for (k, o) in out.chunks_mut(xs.len().max(1)).enumerate() {
+                simd.row_dots(w.q_row(first + k), xs, o);
+            }
         }
-        return;
     }
-    let per = 8 / n;
-    let done = out.len() / (per * n) * per;
-    let mut groups = out.chunks_exact_mut(per * n);
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+fn groups_of_eight<S: EightDots, const N: usize>(
+    simd: S,
+    w: &QMatrix,
+    first: usize,
+    xs: [&QAct; N],
+    out: &mut [f32],
+) {
+    let per = 8 / N;
+    let done = out.len() / 8 * per;
+    let mut groups = out.chunks_exact_mut(8);
     for (g, o) in (&mut groups).enumerate() {
-        group(first + g * per, o);
+        let o: &mut [f32; 8] = match o.try_into() {
+            Ok(o) => o,
+            Err(_) => unreachable!("chunks of eight"),
+        };
+        simd.eight_dots(w, first + g * per, xs, o);
     }
-    for (k, o) in groups.into_remainder().chunks_mut(n).enumerate() {
-        simd.row_dots(w.q_row(first + done + k), xs, o);
+    for (k, o) in groups.into_remainder().chunks_mut(N).enumerate() {
+        simd.row_dots(w.q_row(first + done + k), &xs, o);
     }
 }
 
