@@ -35,12 +35,12 @@ pub(super) fn hsum(v: __m512) -> f32 {
     lanes.iter().sum()
 }
 
-/// `[a; 8] ++ [b; 8]` from two values: broadcast the pair, then spread it.
+/// `[a; 8] ++ [b; 8]` from two values: broadcast the pair (one 64-bit load where they lie
+/// side by side in memory), then spread it.
 #[inline(always)]
-fn pair_lanes(simd: V4, a: f32, b: f32) -> __m512 {
+fn pair_lanes(simd: V4, both: [f32; 2]) -> __m512 {
     let f = &simd.avx512f;
-    let both: u64 = pulp::cast([a, b]);
-    let v = f._mm512_castsi512_ps(f._mm512_set1_epi64(both as i64));
+    let v = f._mm512_castpd_ps(f._mm512_set1_pd(pulp::cast(both)));
     f._mm512_permutexvar_ps(
         f._mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
         v,
@@ -78,7 +78,11 @@ fn pair_sums(simd: V4, w: __m512i, h: __m512i, l: __m512i) -> __m512 {
 /// Values `b` and `b + 1` of per-block `v` (0 past the end), as [`pair_lanes`].
 #[inline(always)]
 fn pair_of(simd: V4, v: &[f32], b: usize) -> __m512 {
-    pair_lanes(simd, v[b], v.get(b + 1).copied().unwrap_or(0.0))
+    let both = match v.get(b..b + 2) {
+        Some(&[x, y]) => [x, y],
+        _ => [v[b], 0.0],
+    };
+    pair_lanes(simd, both)
 }
 
 /// The weight side of the integer dots, two blocks at a time.
@@ -99,6 +103,11 @@ pub(super) trait IntRow<'a>: Copy {
     /// Offsets of blocks `b` and `b + 1` (Q4's `m`), as [`pair_lanes`], if the type has them;
     /// `dw` is [`IntRow::scales`] of the same blocks.
     fn offsets(self, simd: V4, b: usize, dw: __m512) -> Option<__m512>;
+    /// [`IntRow::codes`] of blocks `2 p` and `2 p + 1` of a row with an even number of
+    /// blocks: read as whole arrays, without the tail's cases.
+    fn pair_codes(self, simd: V4, p: usize) -> (__m512i, bool);
+    /// [`IntRow::offsets`] of the same pair.
+    fn pair_offsets(self, simd: V4, p: usize, dw: __m512) -> Option<__m512>;
 }
 
 /// The nibble bytes of blocks `b` and `b + 1` (zeros past the end).
@@ -130,6 +139,14 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     fn offsets(self, simd: V4, b: usize, _: __m512) -> Option<__m512> {
         Some(pair_of(simd, self.m, b))
     }
+    #[inline(always)]
+    fn pair_codes(self, simd: V4, p: usize) -> (__m512i, bool) {
+        (nibbles(simd, self.qs.as_chunks::<32>().0[p]), false)
+    }
+    #[inline(always)]
+    fn pair_offsets(self, simd: V4, p: usize, _: __m512) -> Option<__m512> {
+        Some(pair_lanes(simd, self.m.as_chunks::<2>().0[p]))
+    }
 }
 
 impl<'a> IntRow<'a> for Q5Row<'a> {
@@ -155,6 +172,19 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
                 ._mm512_mul_ps(dw, simd.avx512f._mm512_set1_ps(-16.0)),
         )
     }
+    #[inline(always)]
+    fn pair_codes(self, simd: V4, p: usize) -> (__m512i, bool) {
+        let low = nibbles(simd, self.qs.as_chunks::<32>().0[p]);
+        let high: u64 = pulp::cast(self.qh.as_chunks::<2>().0[p]);
+        let codes =
+            simd.avx512bw
+                ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16));
+        (codes, false)
+    }
+    #[inline(always)]
+    fn pair_offsets(self, simd: V4, p: usize, dw: __m512) -> Option<__m512> {
+        self.offsets(simd, 2 * p, dw)
+    }
 }
 
 impl<'a> IntRow<'a> for Q8Row<'a> {
@@ -178,6 +208,14 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
     fn offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
         None
     }
+    #[inline(always)]
+    fn pair_codes(self, _: V4, p: usize) -> (__m512i, bool) {
+        (pulp::cast(self.qs.as_chunks::<64>().0[p]), true)
+    }
+    #[inline(always)]
+    fn pair_offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
+        None
+    }
 }
 
 /// Dots of one weight row with `T` rounded activation rows (`T` a constant, so that the
@@ -191,36 +229,82 @@ fn int_dots<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) ->
 /// [`int_dots`] before the lanes are summed: each dot's sixteen lanes.
 #[inline(always)]
 fn int_sums<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) -> [__m512; T] {
-    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let f = &simd.avx512f;
     let mut acc = [f._mm512_setzero_ps(); T];
     let mut offset = [f._mm512_setzero_ps(); T];
-    for b in (0..w.blocks()).step_by(2) {
-        let (codes, signed) = w.codes(simd, b);
-        let dw = w.scales(simd, b);
-        let m = w.offsets(simd, b, dw);
-        // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
-        let (wu, neg) = if signed {
-            (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))
-        } else {
-            (codes, 0)
-        };
-        for t in 0..T {
-            let x = xs[t];
-            let mut h = load64(&x.hi[b * QK..(b + 2) * QK]);
-            let mut l = load64(&x.lo[b * QK..(b + 2) * QK]);
-            if signed {
-                let zero = f._mm512_setzero_si512();
-                h = bw._mm512_mask_sub_epi8(h, neg, zero, h);
-                l = bw._mm512_mask_sub_epi8(l, neg, zero, l);
-            }
-            let s = f._mm512_mul_ps(dw, pulp::cast(x.pair_scale[b / 2]));
-            acc[t] = f._mm512_fmadd_ps(pair_sums(simd, wu, h, l), s, acc[t]);
-            if let Some(m) = m {
-                offset[t] = f._mm512_fmadd_ps(m, pulp::cast(x.pair_sum[b / 2]), offset[t]);
-            }
+    let blocks = w.blocks();
+    if blocks % 2 == 0 {
+        // Whole pairs: every array sliced to their count up front, so that the loop indexes
+        // them without checks of its own.
+        let pairs = blocks / 2;
+        let d = &w.d().as_chunks::<2>().0[..pairs];
+        let hi = xs.map(|x| &x.hi.as_chunks::<64>().0[..pairs]);
+        let lo = xs.map(|x| &x.lo.as_chunks::<64>().0[..pairs]);
+        let scale = xs.map(|x| &x.pair_scale[..pairs]);
+        let sum = xs.map(|x| &x.pair_sum[..pairs]);
+        for p in 0..pairs {
+            let (codes, signed) = w.pair_codes(simd, p);
+            let dw = pair_lanes(simd, d[p]);
+            let m = w.pair_offsets(simd, p, dw);
+            let x = |t: usize| (hi[t][p], lo[t][p], scale[t][p], sum[t][p]);
+            pair_step(simd, (codes, signed), dw, m, x, &mut acc, &mut offset);
+        }
+    } else {
+        for b in (0..blocks).step_by(2) {
+            let (codes, signed) = w.codes(simd, b);
+            let dw = w.scales(simd, b);
+            let m = w.offsets(simd, b, dw);
+            let x = |t: usize| {
+                let x: &QAct = xs[t];
+                let h: [i8; 64] = match x.hi[b * QK..(b + 2) * QK].try_into() {
+                    Ok(h) => h,
+                    Err(_) => unreachable!("64 codes"),
+                };
+                let l: [i8; 64] = match x.lo[b * QK..(b + 2) * QK].try_into() {
+                    Ok(l) => l,
+                    Err(_) => unreachable!("64 codes"),
+                };
+                (h, l, x.pair_scale[b / 2], x.pair_sum[b / 2])
+            };
+            pair_step(simd, (codes, signed), dw, m, x, &mut acc, &mut offset);
         }
     }
     std::array::from_fn(|t| f._mm512_add_ps(acc[t], offset[t]))
+}
+
+/// One pair of blocks of [`int_sums`]: `x(t)` gives activation row `t`'s high and low parts,
+/// scales and sums of the pair.
+#[inline(always)]
+fn pair_step<const T: usize>(
+    simd: V4,
+    (codes, signed): (__m512i, bool),
+    dw: __m512,
+    m: Option<__m512>,
+    x: impl Fn(usize) -> ([i8; 64], [i8; 64], [f32; 16], [f32; 16]),
+    acc: &mut [__m512; T],
+    offset: &mut [__m512; T],
+) {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    // Signed codes: |w| times the activation with w's sign (maddubs wants w unsigned).
+    let (wu, neg) = if signed {
+        (bw._mm512_abs_epi8(codes), bw._mm512_movepi8_mask(codes))
+    } else {
+        (codes, 0)
+    };
+    for t in 0..T {
+        let (h, l, scale, sum) = x(t);
+        let (mut h, mut l): (__m512i, __m512i) = (pulp::cast(h), pulp::cast(l));
+        if signed {
+            let zero = f._mm512_setzero_si512();
+            h = bw._mm512_mask_sub_epi8(h, neg, zero, h);
+            l = bw._mm512_mask_sub_epi8(l, neg, zero, l);
+        }
+        let s = f._mm512_mul_ps(dw, pulp::cast(scale));
+        acc[t] = f._mm512_fmadd_ps(pair_sums(simd, wu, h, l), s, acc[t]);
+        if let Some(m) = m {
+            offset[t] = f._mm512_fmadd_ps(m, pulp::cast(sum), offset[t]);
+        }
+    }
 }
 
 impl super::RowDots for V4 {
