@@ -394,6 +394,8 @@ impl CpuLlama {
                         let mut out = vec![0.0f32; seq * per_job * hd];
                         let mut scores = vec![Vec::with_capacity(past + seq); per_job];
                         let mut totals = vec![0.0f32; per_job];
+                        let (head_keys, head_values) =
+                            (cache.head(keys, b, g), cache.head(values, b, g));
                         for t in 0..seq {
                             let abs = past + t;
                             if first > abs {
@@ -404,8 +406,7 @@ impl CpuLlama {
                             for s in scores.iter_mut() {
                                 s.clear();
                             }
-                            for j in first..=abs {
-                                let kv = cache.at(keys, b, j, g);
+                            for kv in head_keys[first * hd..(abs + 1) * hd].chunks_exact(hd) {
                                 for (s, qv) in scores.iter_mut().zip(qs.chunks_exact(hd)) {
                                     s.push(dot_f32(qv, kv) * scale);
                                 }
@@ -422,8 +423,9 @@ impl CpuLlama {
                                 }
                             }
                             let o = &mut out[t * per_job * hd..(t + 1) * per_job * hd];
-                            for (i, j) in (first..=abs).enumerate() {
-                                let vv = cache.at(values, b, j, g);
+                            let positions =
+                                head_values[first * hd..(abs + 1) * hd].chunks_exact(hd);
+                            for (i, vv) in positions.enumerate() {
                                 for ((o, s), total) in
                                     o.chunks_exact_mut(hd).zip(&scores).zip(&totals)
                                 {
@@ -550,10 +552,11 @@ impl KvCache {
         }
     }
 
-    /// Head `g`'s vector at position `j` of sequence `b` in buffer `buf`.
-    fn at<'a>(&self, buf: &'a [f32], b: usize, j: usize, g: usize) -> &'a [f32] {
+    /// Head `g`'s vectors of sequence `b` in buffer `buf`, one a position (`capacity` of them).
+    fn head<'a>(&self, buf: &'a [f32], b: usize, g: usize) -> &'a [f32] {
         let heads = self.width / self.head_dim.max(1);
-        &buf[((b * heads + g) * self.capacity + j) * self.head_dim..][..self.head_dim]
+        let size = self.capacity * self.head_dim;
+        &buf[(b * heads + g) * size..][..size]
     }
 }
 
