@@ -21,15 +21,6 @@ fn load8(x: &[f32]) -> __m256 {
     pulp::cast(a)
 }
 
-#[inline(always)]
-fn load32(x: &[i8]) -> __m256i {
-    let a: [i8; 32] = match x.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("32 bytes"),
-    };
-    pulp::cast(a)
-}
-
 /// Sum of the lanes of several accumulators (in a fixed order).
 #[inline(always)]
 fn hsum(simd: V3, v: &[__m256]) -> f32 {
@@ -77,12 +68,8 @@ pub(super) fn hsums8(simd: V3, mut v: [__m256; 8]) -> [f32; 8] {
 
 /// 16 bytes of Q4 codes as 32 codes in element order (low nibbles, then high nibbles).
 #[inline(always)]
-fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
-    let a: [u8; 16] = match raw.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("16 bytes"),
-    };
-    let r: __m128i = pulp::cast(a);
+fn nibbles(simd: V3, raw: [u8; 16]) -> __m256i {
+    let r: __m128i = pulp::cast(raw);
     let y = simd.avx2._mm256_broadcastsi128_si256(r);
     let y = simd
         .avx2
@@ -94,7 +81,7 @@ fn nibbles(simd: V3, raw: &[u8]) -> __m256i {
 /// A Q5 block's 32 codes `0..32` in element order: the nibbles, plus 16 where the fifth bit
 /// (bit `j` of `qh` for element `j`) is set.
 #[inline(always)]
-fn q5_codes(simd: V3, raw: &[u8], qh: u32) -> __m256i {
+fn q5_codes(simd: V3, raw: [u8; 16], qh: u32) -> __m256i {
     let (a, x) = (&simd.avx2, &simd.avx);
     // Byte k takes byte k / 8 of qh; OR-ing in every bit but k % 8 leaves all ones iff bit k
     // was set.
@@ -148,7 +135,7 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
-        (nibbles(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]), None)
+        (nibbles(simd, self.qs.as_chunks::<{ QK / 2 }>().0[b]), None)
     }
 }
 
@@ -164,7 +151,7 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
         (
-            q5_codes(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]),
+            q5_codes(simd, self.qs.as_chunks::<{ QK / 2 }>().0[b], self.qh[b]),
             None,
         )
     }
@@ -181,7 +168,7 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
-        let w = load32(&self.qs[b * QK..(b + 1) * QK]);
+        let w: __m256i = pulp::cast(self.qs.as_chunks::<QK>().0[b]);
         (simd.avx2._mm256_abs_epi8(w), Some(w))
     }
 }
@@ -203,22 +190,27 @@ fn int_sums<'a, const T: usize>(
 ) -> ([__m256; T], [f32; T]) {
     let mut acc = [simd.avx._mm256_setzero_ps(); T];
     let mut offset = [0.0f32; T];
+    // Every activation array sliced to the row's blocks up front, so that the loop indexes
+    // them without checks of its own.
+    let blocks = w.d().len();
+    let hi = xs.map(|x| &x.hi.as_chunks::<QK>().0[..blocks]);
+    let lo = xs.map(|x| &x.lo.as_chunks::<QK>().0[..blocks]);
+    let scale = xs.map(|x| &x.scale[..blocks]);
+    let sum = xs.map(|x| &x.sum[..blocks]);
     for (b, &dw) in w.d().iter().enumerate() {
         let (codes, sign) = w.codes(simd, b);
         let m = w.offset(b);
         for t in 0..T {
-            let x = xs[t];
-            let mut h = load32(&x.hi[b * QK..(b + 1) * QK]);
-            let mut l = load32(&x.lo[b * QK..(b + 1) * QK]);
+            let (mut h, mut l): (__m256i, __m256i) = (pulp::cast(hi[t][b]), pulp::cast(lo[t][b]));
             if let Some(sign) = sign {
                 h = simd.avx2._mm256_sign_epi8(h, sign);
                 l = simd.avx2._mm256_sign_epi8(l, sign);
             }
-            let s = simd.avx._mm256_set1_ps(dw * x.scale[b]);
+            let s = simd.avx._mm256_set1_ps(dw * scale[t][b]);
             acc[t] = simd
                 .fma
                 ._mm256_fmadd_ps(block_sums(simd, codes, h, l), s, acc[t]);
-            offset[t] += m * x.sum[b];
+            offset[t] += m * sum[t][b];
         }
     }
     (acc, offset)
