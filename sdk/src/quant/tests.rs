@@ -273,9 +273,21 @@ fn decode_step_products() -> Result<()> {
         "576x576 in cache from a pool thread, n=1: {:.1} us",
         s / 2000.0 * 1e6
     );
-    // One thread, the whole matrix in one task: integer dots (one or two rows) and panels.
+    // One thread, the whole matrix in one task: integer dots (one or two rows) and panels;
+    // Q4_1 and Q8_0 (Qwen's Q5_0 in its default 8-bit form, its Q6_K and head).
     let simd = Simd::detect();
-    for (m, reps) in [(&mats[1], 200), (&mats[2], 40)] {
+    let q8 = QMatrix::from_gguf(
+        "w",
+        GgmlType::Q8_0,
+        &encode(GgmlType::Q8_0, &values(576 * 576, 5)),
+        576,
+        576,
+    )?;
+    for (m, reps, kind) in [
+        (&mats[1], 200, "Q4_1"),
+        (&mats[2], 40, "Q4_1"),
+        (&q8, 200, "Q8_0"),
+    ] {
         for n in [1, 2, 3, 4, 16, 64] {
             let x = values(n * m.cols, 9);
             let qa: Vec<QAct> = x.chunks(m.cols).map(QAct::new).collect();
@@ -291,7 +303,7 @@ fn decode_step_products() -> Result<()> {
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "{}x{} n={n} tasks on one thread: {:.1} us, {:.1} GMAC/s",
+                "{kind} {}x{} n={n} tasks on one thread: {:.1} us, {:.1} GMAC/s",
                 m.rows,
                 m.cols,
                 s * 1e6,
