@@ -205,7 +205,11 @@ fn llamacpp(path: &Path, prompt_len: usize, n_gen: usize) -> Option<Reference> {
         b1: figures(&v, "b1"),
         b16: figures(&v, "b16"),
         peak_rss_mib: v["peak_rss_mib"].as_f64(),
-        note: format!("llama.cpp: {} threads", v["threads"]),
+        note: format!(
+            "llama.cpp: {} threads, built with {}",
+            v["threads"],
+            v["simd"].as_str().unwrap_or("(no system info)")
+        ),
         tokens: Vec::new(),
     })
 }
@@ -478,8 +482,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Which SIMD the CPU offers (the kernels pick AVX2 at run time when present).
+/// Which SIMD the kernels use, and which the CPU offers.
 fn simd_note() -> String {
+    format!("kernels {}, {}", crosslm_sdk::quant::kernels(), cpu_simd())
+}
+
+/// Which SIMD the CPU offers.
+fn cpu_simd() -> String {
     #[cfg(target_arch = "x86_64")]
     {
         let list: Vec<&str> = [

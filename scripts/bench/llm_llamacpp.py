@@ -2,7 +2,9 @@
 """llama.cpp reference for coordinator/benches/llm.rs: prefill and greedy-generation tokens/s
 for batch 1 and 16 on a GGUF file, through llama-cpp-python's low-level API (one context,
 16 sequences decoded together in one llama_batch per step). Prints one JSON object:
-{"b1": {"prefill": x, "generate": y}, "b16": {...}, "peak_rss_mib": z}.
+{"b1": {"prefill": x, "generate": y}, "b16": {...}, "peak_rss_mib": z, "threads": n,
+"simd": "AVX2 AVX512 ..."} (the instruction sets this llama.cpp build uses, from its own
+system info).
 
 usage: llm_llamacpp.py MODEL.gguf [--prompt 128] [--gen 32] [--threads 2]
 """
@@ -25,6 +27,15 @@ def peak_rss_mib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def simd_used():
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | OPENMP = 1 |": the features this build was compiled with.
+    info = L.llama_print_system_info().decode(errors="replace")
+    keep = ("AVX", "F16C", "FMA", "AMX", "NEON", "SVE")
+    on = [k.strip() for k, _, v in (f.partition("=") for f in info.split("|"))
+          if v.strip() == "1" and k.strip().startswith(keep)]
+    return " ".join(on)
 
 
 def main():
@@ -99,7 +110,8 @@ def main():
     run(1)  # warm-up
     out = {"b1": run(1), "b16": run(16),
            "peak_rss_mib": peak_rss_mib(),
-           "threads": a.threads}
+           "threads": a.threads,
+           "simd": simd_used()}
     print(json.dumps(out))
 
 

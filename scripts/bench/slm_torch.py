@@ -4,7 +4,8 @@ scoring throughput on the same texts, batch size and sequence cap as the burn be
 
 Plain torch (no `transformers`): a hand-written BERT that loads model.safetensors, so the only
 extra dependency is `torch`. Prints one JSON object on the last line:
-{"train_samples_per_sec": ..., "score_samples_per_sec": ..., "threads": ..., "torch": "..."}
+{"train_samples_per_sec": ..., "score_samples_per_sec": ..., "threads": ..., "torch": "...",
+"simd": "AVX512"}
 
 usage: slm_torch.py MODEL_DIR TEXTS_JSON --batch 32 --max-len 64 --train-steps 6 --score-batches 8 --score-passes 5
 """
@@ -132,6 +133,8 @@ def main():
         "score_samples_per_sec": sn / ssecs if ssecs else math.nan,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # The widest vectors torch's own kernels run with here (its BLAS picks on its own).
+        "simd": torch.backends.cpu.get_cpu_capability(),
     }))
 
 

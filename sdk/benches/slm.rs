@@ -186,9 +186,10 @@ fn bench_torch(texts_json: &Path, steps: usize) -> Result<(f64, f64, String), St
         num("train_samples_per_sec")?,
         num("score_samples_per_sec")?,
         format!(
-            "torch {} threads {}",
+            "torch {} threads {} {}",
             v["torch"].as_str().unwrap_or("?"),
-            v["threads"]
+            v["threads"],
+            v["simd"].as_str().unwrap_or("?")
         ),
     ))
 }
@@ -235,7 +236,10 @@ fn main() {
                             backend: "burn flex (CPU)".into(),
                             train: Some(t),
                             score: Some(s),
-                            note: format!("{steps} steps; scoring on the CPU kernels"),
+                            note: format!(
+                                "{steps} steps; scoring on the CPU kernels ({})",
+                                crosslm_sdk::quant::kernels()
+                            ),
                         });
                         Row {
                             backend: "  f32 forward".into(),

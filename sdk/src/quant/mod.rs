@@ -616,6 +616,20 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
     out
 }
 
+/// The instruction set the integer kernels run with in this process: `avx512+vnni`,
+/// `avx512`, `avx2` or `scalar` (`CROSSLM_SIMD` narrows it), for logs and benchmarks.
+pub fn kernels() -> &'static str {
+    match Simd::detect() {
+        Simd::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2(_) => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512(_) if V4Vnni::detect().is_some() => "avx512+vnni",
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512(_) => "avx512",
+    }
+}
+
 /// Runs `f` compiled for this CPU's widest vectors (AVX-512 or AVX2), so that the compiler
 /// vectorizes its plain loops with them. Only the vector width changes: Rust never fuses a
 /// multiply and an add, so every element gets the same operations in the same order, and the

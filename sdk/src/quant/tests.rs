@@ -589,3 +589,27 @@ fn tiles_from_f32_rows_equal_rounded_rows() {
         }
     }
 }
+
+/// The name the benches print is the kernel set the products run with: without
+/// `CROSSLM_SIMD`, the widest this CPU has.
+#[test]
+fn kernels_names_the_chosen_set() {
+    let name = kernels();
+    assert!(
+        ["avx512+vnni", "avx512", "avx2", "scalar"].contains(&name),
+        "{name}"
+    );
+    if std::env::var_os("CROSSLM_SIMD").is_none() {
+        let widest = match simd_kinds().last() {
+            #[cfg(target_arch = "x86_64")]
+            Some(Simd::Avx512(_)) => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Some(Simd::Avx2(_)) => "avx2",
+            _ => "scalar",
+        };
+        assert!(
+            name.starts_with(widest),
+            "{name} on a CPU whose widest is {widest}"
+        );
+    }
+}
