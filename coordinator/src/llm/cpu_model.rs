@@ -71,7 +71,8 @@ impl CpuLlama {
                 )));
             }
             // An embedding that is not also the head is only read a row per token: its
-            // compact Q5_0 form costs no speed and saves a third of its memory.
+            // compact Q5_0 form costs no speed and saves a third of its memory, whatever
+            // `CROSSLM_Q5` asks for the products.
             let q5 = if name == "token_embd.weight" && !config.tied_head {
                 Q5Form::Bits
             } else {

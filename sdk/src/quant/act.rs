@@ -211,15 +211,15 @@ pub(super) fn scalar_q4(w: Q4Row<'_>, x: &QAct) -> f32 {
     acc
 }
 
-/// Portable Q5 row dot: codes `q` (value `(q - 16) d`), the offset `-16 d` applied to the
-/// block's sum as Q4's is.
+/// Portable Q5 row dot: codes `q` (value `(q - 16) d`) taken as the 8-bit codes `q - 16`,
+/// so that both forms of a Q5_0 matrix give the same numbers ([`scalar_q8`]'s).
 pub(super) fn scalar_q5(w: Q5Row<'_>, x: &QAct) -> f32 {
     let mut acc = 0.0f32;
     for b in 0..w.d.len() {
         let codes = q5_block(&w.qs[b * QK / 2..(b + 1) * QK / 2], w.qh[b]);
         let (h, l) = x.block(b);
-        acc += int_dot(codes.iter().map(|&c| i32::from(c)), h, l) as f32 * (w.d[b] * x.scale[b])
-            - 16.0 * w.d[b] * x.sum[b];
+        let codes = codes.iter().map(|&c| i32::from(c) - 16);
+        acc += int_dot(codes, h, l) as f32 * (w.d[b] * x.scale[b]);
     }
     acc
 }

@@ -9,7 +9,7 @@ use pulp::x86::V3;
 
 use super::act::Tiles;
 use super::act::{LO_STEPS, QAct};
-use super::panel::{ADD, NONE, Offset, Panel, SUB, TaskRows};
+use super::panel::{ADD, NONE, Offset, Panel, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
@@ -145,15 +145,15 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
         self.d
     }
     #[inline(always)]
-    fn offset(self, b: usize) -> f32 {
-        -16.0 * self.d[b]
+    fn offset(self, _: usize) -> f32 {
+        0.0
     }
+    /// As the 8-bit form's codes `q - 16`, so that the dots give its numbers bit for bit.
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
-        (
-            q5_codes(simd, self.qs.as_chunks::<{ QK / 2 }>().0[b], self.qh[b]),
-            None,
-        )
+        let q = q5_codes(simd, self.qs.as_chunks::<{ QK / 2 }>().0[b], self.qh[b]);
+        let w = simd.avx2._mm256_sub_epi8(q, simd.avx._mm256_set1_epi8(16));
+        (simd.avx2._mm256_abs_epi8(w), Some(w))
     }
 }
 
@@ -367,7 +367,6 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, 
         // and prompts about a fifth.
         match task.kind {
             Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
-            Offset::Sub => panel_product::<SUB>(simd, &task, xs, n, out),
             Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
     }
@@ -419,7 +418,6 @@ fn panel_product<const KIND: u8>(
                         let m = avx._mm256_set1_ps(task.offset[at]);
                         let term = match Offset::of(KIND) {
                             Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
-                            Offset::Sub => avx._mm256_sub_ps(scaled, avx._mm256_mul_ps(m, sum)),
                             Offset::None => scaled,
                         };
                         acc[i] = avx._mm256_add_ps(acc[i], term);

@@ -7,7 +7,7 @@ use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
 use super::act::{TilePart, Tiles};
-use super::panel::{ADD, NONE, Offset, Panel, SUB, TaskRows};
+use super::panel::{ADD, NONE, Offset, Panel, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
@@ -149,6 +149,18 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     }
 }
 
+/// Two Q5 blocks' codes as the 8-bit form's, `q - 16` (signed): the nibbles, plus 16 where
+/// the fifth bit (bit `j` of `high` for byte `j`) is set, minus 16. The dots then run as Q8's
+/// and give its numbers bit for bit.
+#[inline(always)]
+fn q5_signed(simd: V4, nibble_bytes: [u8; 32], high: u64) -> __m512i {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let low = nibbles(simd, nibble_bytes);
+    let sixteen = f._mm512_set1_epi8(16);
+    // Where the fifth bit is set, q - 16 is the nibble; elsewhere the nibble minus 16.
+    bw._mm512_mask_sub_epi8(low, !high, low, sixteen)
+}
+
 impl<'a> IntRow<'a> for Q5Row<'a> {
     #[inline(always)]
     fn d(self) -> &'a [f32] {
@@ -156,34 +168,24 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
     }
     #[inline(always)]
     fn codes(self, simd: V4, b: usize) -> (__m512i, bool) {
-        let low = nibbles(simd, two_blocks(self.qs, b));
-        // The fifth bits of both blocks, one a byte in element order: add 16 where set.
+        // The fifth bits of both blocks, one a byte in element order (a missing second block
+        // reads as codes -16 against activations that are zeros there).
         let high =
             u64::from(self.qh[b]) | (u64::from(self.qh.get(b + 1).copied().unwrap_or(0)) << 32);
-        let codes =
-            simd.avx512bw
-                ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16));
-        (codes, false)
+        (q5_signed(simd, two_blocks(self.qs, b), high), true)
     }
     #[inline(always)]
-    fn offsets(self, simd: V4, _: usize, dw: __m512) -> Option<__m512> {
-        Some(
-            simd.avx512f
-                ._mm512_mul_ps(dw, simd.avx512f._mm512_set1_ps(-16.0)),
-        )
+    fn offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
+        None
     }
     #[inline(always)]
     fn pair_codes(self, simd: V4, p: usize) -> (__m512i, bool) {
-        let low = nibbles(simd, self.qs.as_chunks::<32>().0[p]);
         let high: u64 = pulp::cast(self.qh.as_chunks::<2>().0[p]);
-        let codes =
-            simd.avx512bw
-                ._mm512_mask_add_epi8(low, high, low, simd.avx512f._mm512_set1_epi8(16));
-        (codes, false)
+        (q5_signed(simd, self.qs.as_chunks::<32>().0[p], high), true)
     }
     #[inline(always)]
-    fn pair_offsets(self, simd: V4, p: usize, dw: __m512) -> Option<__m512> {
-        self.offsets(simd, 2 * p, dw)
+    fn pair_offsets(self, _: V4, _: usize, _: __m512) -> Option<__m512> {
+        None
     }
 }
 
@@ -539,10 +541,13 @@ impl PanelRow for Q5Row<'_> {
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
         let f = &simd.avx512f;
         let v = nibble_pairs(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        // Fifth bits: bit `j` of `qh` belongs to element `j`.
+        // Fifth bits: bit `j` of `qh` belongs to element `j`; then `q - 16` in each i16 half
+        // (the 8-bit form's codes, so the panels give its numbers).
         let qh = self.qh[b];
         let v = f._mm512_mask_add_epi32(v, qh as u16, v, f._mm512_set1_epi32(16));
-        f._mm512_mask_add_epi32(v, (qh >> 16) as u16, v, f._mm512_set1_epi32(16 << 16))
+        let v = f._mm512_mask_add_epi32(v, (qh >> 16) as u16, v, f._mm512_set1_epi32(16 << 16));
+        simd.avx512bw
+            ._mm512_sub_epi16(v, f._mm512_set1_epi32(16 | (16 << 16)))
     }
 }
 
@@ -607,7 +612,6 @@ impl pulp::NullaryFnOnce for PanelTask<'_, '_> {
         // and prompts about a fifth.
         match task.kind {
             Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
-            Offset::Sub => panel_product::<SUB>(simd, &task, xs, n, out),
             Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
     }
@@ -656,7 +660,6 @@ fn panel_product<const KIND: u8>(
                     let m = f._mm512_set1_ps(task.offset[at]);
                     let term = match Offset::of(KIND) {
                         Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
-                        Offset::Sub => f._mm512_sub_ps(scaled, f._mm512_mul_ps(m, sum)),
                         Offset::None => scaled,
                     };
                     acc[i] = f._mm512_add_ps(acc[i], term);

@@ -1,8 +1,8 @@
 //! Weights kept in their GGUF blocks, and the matrix products that read them.
 //!
 //! A weight `[out, in]` stays as 32-element blocks: Q4_0 and Q4_1 as 4-bit codes with a scale
-//! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0 as 8-bit codes or, to save memory,
-//! as 5-bit codes ([`Q5Form`]); Q4_K and Q6_K are recast into the 4- or 8-bit form
+//! and an offset, Q8_0 as 8-bit codes with a scale; Q5_0 as 5-bit codes or 8-bit codes
+//! ([`Q5Form`]: the same numbers); Q4_K and Q6_K are recast into the 4- or 8-bit form
 //! ([`repack`]). Every activation row is rounded once per product to two 8-bit parts on one
 //! scale a block, about 15 bits ([`act`]), and the products run on integers, by the number of
 //! activation rows:
@@ -52,25 +52,25 @@ const PANEL_TILE: usize = 16;
 /// The fewest rows a span of [`row_spans`] gets (enough for the panels to fill their lanes).
 const PANEL_ROWS: usize = 32;
 
-/// How Q5_0 weights are held. The 8-bit form decodes faster on the CPUs measured (fewer
-/// instructions a block; decoding two cores' worth is compute-bound there); the 5-bit form
-/// takes 24 bytes a block where it takes 36, for hosts short of memory or bandwidth.
+/// How Q5_0 weights are held. Both forms give the same numbers bit for bit (the kernels read
+/// 5-bit codes `q` as the 8-bit codes `q - 16`); the 5-bit form takes 24 bytes a block where
+/// the 8-bit form takes 36, and decoding one sequence reads every weight once a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Q5Form {
-    /// 8-bit codes `q - 16` ([`Path::Q8`]), the default.
+    /// 8-bit codes `q - 16` ([`Path::Q8`]): `CROSSLM_Q5=8bit`.
     Bytes,
-    /// The file's nibbles and fifth bits ([`Path::Q5`]): `CROSSLM_Q5=5bit`.
+    /// The file's nibbles and fifth bits ([`Path::Q5`]), the default.
     Bits,
 }
 
 impl Q5Form {
-    /// `CROSSLM_Q5=5bit` picks [`Q5Form::Bits`]; otherwise [`Q5Form::Bytes`]. Read once per
+    /// `CROSSLM_Q5=8bit` picks [`Q5Form::Bytes`]; otherwise [`Q5Form::Bits`]. Read once per
     /// process (a model loads every matrix through it).
     pub fn from_env() -> Q5Form {
         static CHOSEN: std::sync::OnceLock<Q5Form> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| match std::env::var("CROSSLM_Q5").as_deref() {
-            Ok("5bit") => Q5Form::Bits,
-            _ => Q5Form::Bytes,
+            Ok("8bit") => Q5Form::Bytes,
+            _ => Q5Form::Bits,
         })
     }
 }

@@ -16,15 +16,12 @@ use super::{V4Vnni, avx2, avx512};
 pub(super) enum Offset {
     /// Q4: `+ m * sum`.
     Add,
-    /// Q5: `- (16 d) * sum`.
-    Sub,
-    /// Q8: none.
+    /// Q8, and Q5 (its codes read as `q - 16`): none.
     None,
 }
 
 /// [`Offset`]s as constants, for kernels generic over the kind.
 pub(super) const ADD: u8 = 0;
-pub(super) const SUB: u8 = 1;
 pub(super) const NONE: u8 = 2;
 
 impl Offset {
@@ -33,7 +30,6 @@ impl Offset {
     pub const fn of(kind: u8) -> Offset {
         match kind {
             ADD => Offset::Add,
-            SUB => Offset::Sub,
             _ => Offset::None,
         }
     }
@@ -49,7 +45,7 @@ pub(super) trait Panel: Copy {
     fn scale(self, b: usize) -> f32 {
         self.d()[b]
     }
-    /// Block `b`'s offset factor: `m` (Q4), `16 d` (Q5), 0 (Q8).
+    /// Block `b`'s offset factor: `m` (Q4), 0 (Q5, Q8).
     fn offset(self, b: usize) -> f32;
     /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
     /// `k + 16` (high i16), as [`super::act::Tiles`] holds the activations.
@@ -79,20 +75,22 @@ impl Panel for Q4Row<'_> {
     }
 }
 
+/// Q5 codes `q` read as the 8-bit form's `q - 16`: the panels give the 8-bit form's numbers.
 impl Panel for Q5Row<'_> {
-    const OFFSET: Offset = Offset::Sub;
+    const OFFSET: Offset = Offset::None;
     #[inline(always)]
     fn d(&self) -> &[f32] {
         self.d
     }
     #[inline(always)]
-    fn offset(self, b: usize) -> f32 {
-        16.0 * self.d[b]
+    fn offset(self, _: usize) -> f32 {
+        0.0
     }
     #[inline(always)]
     fn pairs(self, b: usize) -> [i32; 16] {
         let c = q5_block(&self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
-        std::array::from_fn(|k| pair(i32::from(c[k]), i32::from(c[k + QK / 2])))
+        let q = |k: usize| i32::from(c[k]) - 16;
+        std::array::from_fn(|k| pair(q(k), q(k + QK / 2)))
     }
 }
 

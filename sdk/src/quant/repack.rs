@@ -3,8 +3,8 @@
 //! codes with a scale per 32 ([`Codes::Q8`]).
 //!
 //! - Q4_0, Q4_1 -> Q4 and Q8_0 -> Q8 keep their blocks.
-//! - Q5_0 -> Q8: the 5-bit code minus 16 is the 8-bit code; exact. Or, as [`Q5Form::Bits`],
-//!   -> Q5: the nibbles and the fifth bits as they are, the scale as f32; exact.
+//! - Q5_0 -> Q5 ([`Q5Form::Bits`], the default): the nibbles and the fifth bits as they are,
+//!   the scale as f32; exact. Or -> Q8: the 5-bit code minus 16 is the 8-bit code; exact.
 //! - Q4_K -> Q4: each 32-element sub-block has the scale `d sc` and offset `-dmin m` that
 //!   ggml's own dequantization computes; the nibbles are reordered; exact.
 //! - Q6_K -> Q8: two 16-element sub-blocks with their own scales share one 32-element Q8

@@ -613,3 +613,43 @@ fn kernels_names_the_chosen_set() {
         );
     }
 }
+
+/// A Q5_0 matrix gives the same numbers, bit for bit, whether it is held as 5-bit or as 8-bit
+/// codes: on every instruction set, for the dots of one or two activation rows and the
+/// panels, with odd and even numbers of blocks.
+#[test]
+fn q5_forms_give_the_same_numbers() -> Result<()> {
+    let rows = 37;
+    for cols in [96, 608] {
+        let bytes = encode(GgmlType::Q5_0, &values(rows * cols, 5));
+        let bits = QMatrix::from_gguf_as("w", GgmlType::Q5_0, &bytes, rows, cols, Q5Form::Bits)?;
+        let q8 = QMatrix::from_gguf_as("w", GgmlType::Q5_0, &bytes, rows, cols, Q5Form::Bytes)?;
+        assert_eq!((bits.path(), q8.path()), (Path::Q5, Path::Q8));
+        for n in [1, 2, 3, 9, 40] {
+            let x = values(n * cols, 3 + n as u32);
+            let qa: Vec<QAct> = (0..n)
+                .map(|i| QAct::new(&x[i * cols..(i + 1) * cols]))
+                .collect();
+            let qs: Vec<&QAct> = qa.iter().collect();
+            let tiles = (n > INT_ROWS).then(|| Tiles::new(&qs, cols / QK));
+            let xr: Vec<XRow<'_>> = (0..n)
+                .map(|i| XRow {
+                    f: &x[i * cols..(i + 1) * cols],
+                })
+                .collect();
+            for simd in simd_kinds() {
+                let (mut a, mut b) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                run_task(simd, &bits, 0, &xr, &qs, tiles.as_ref(), &mut a);
+                run_task(simd, &q8, 0, &xr, &qs, tiles.as_ref(), &mut b);
+                let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{cols} n={n}: {:?} vs {:?}", &a[..4], &b[..4]);
+            }
+            let (a, b) = (bits.matmul(&x, n), q8.matmul(&x, n));
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{cols} n={n}"
+            );
+        }
+    }
+    Ok(())
+}
