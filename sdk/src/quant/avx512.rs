@@ -319,13 +319,6 @@ impl super::RowDots for V4 {
         }
     }
 
-    #[inline(always)]
-    fn task_dots(self, w: &super::QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
-        super::in_groups_of_eight(self, w, first, xs, out);
-    }
-}
-
-impl super::EightDots for V4 {
     /// Eight dots' lanes summed at once ([`hsums8`]).
     #[inline(always)]
     fn eight_dots<const N: usize>(

@@ -487,26 +487,15 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// An instruction set's integer dots of one weight row with every rounded activation row.
+/// An instruction set's integer dots of weight rows with rounded activation rows.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 trait RowDots: Copy {
+    /// One weight row against every activation row.
     fn row_dots(self, w: QRow<'_>, xs: &[&QAct], out: &mut [f32]);
 
-    /// Weight rows `first..` (as many as `out` holds) against every activation row.
-    #[inline(always)]
-    fn task_dots(self, w: &QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
-        for (k, o) in out.chunks_mut(xs.len()).enumerate() {
-            self.row_dots(w.q_row(first + k), xs, o);
-        }
-    }
-}
-
-/// Kernels that sum eight dots' lanes at once: `8 / N` weight rows against `N` activation
-/// rows (`N` a constant, so that every sum stays in a register).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-trait EightDots: RowDots {
-    /// Weight rows `row0..row0 + 8 / N` against `xs`: `out[i N + t]` is row `i`'s dot with
-    /// `xs[t]`, each the same as [`RowDots::row_dots`]'s.
+    /// Weight rows `row0..row0 + 8 / N` against `N` activation rows (`N` a constant, so that
+    /// every sum stays in a register), eight dots' lanes summed at once: `out[i N + t]` is row
+    /// `i`'s dot with `xs[t]`, each the same as [`RowDots::row_dots`]'s.
     fn eight_dots<const N: usize>(
         self,
         w: &QMatrix,
@@ -514,26 +503,19 @@ trait EightDots: RowDots {
         xs: [&QAct; N],
         out: &mut [f32; 8],
     );
-}
 
-/// [`RowDots::task_dots`] for [`EightDots`] kernels: with one or two activation rows, weight
-/// rows in groups of `8 / n`; the leftover rows, and other numbers of activation rows, to
-/// `row_dots` one by one.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[inline(always)]
-fn in_groups_of_eight<S: EightDots>(
-    simd: S,
-    w: &QMatrix,
-    first: usize,
-    xs: &[&QAct],
-    out: &mut [f32],
-) {
-    match *xs {
-        [a] => groups_of_eight(simd, w, first, [a], out),
-        [a, b] => groups_of_eight(simd, w, first, [a, b], out),
-        _ => {
-            for (k, o) in out.chunks_mut(xs.len().max(1)).enumerate() {
-                simd.row_dots(w.q_row(first + k), xs, o);
+    /// Weight rows `first..` (as many as `out` holds) against every activation row: with one
+    /// or two activation rows, weight rows in groups of `8 / n`; the leftover rows, and other
+    /// numbers of activation rows, to `row_dots` one by one.
+    #[inline(always)]
+    fn task_dots(self, w: &QMatrix, first: usize, xs: &[&QAct], out: &mut [f32]) {
+        match *xs {
+            [a] => groups_of_eight(self, w, first, [a], out),
+            [a, b] => groups_of_eight(self, w, first, [a, b], out),
+            _ => {
+                for (k, o) in out.chunks_mut(xs.len().max(1)).enumerate() {
+                    self.row_dots(w.q_row(first + k), xs, o);
+                }
             }
         }
     }
@@ -541,7 +523,7 @@ fn in_groups_of_eight<S: EightDots>(
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
-fn groups_of_eight<S: EightDots, const N: usize>(
+fn groups_of_eight<S: RowDots, const N: usize>(
     simd: S,
     w: &QMatrix,
     first: usize,
