@@ -22,7 +22,7 @@ pub(super) enum Offset {
 
 /// [`Offset`]s as constants, for kernels generic over the kind.
 pub(super) const ADD: u8 = 0;
-pub(super) const NONE: u8 = 2;
+pub(super) const NONE: u8 = 1;
 
 impl Offset {
     /// The kind a constant names.
