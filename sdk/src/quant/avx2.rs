@@ -362,6 +362,7 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16]> pulp::NullaryFnOnce for PanelTask<'_, 
             Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
             Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
+        task.recycle();
     }
 }
 

@@ -490,11 +490,13 @@ impl<const C: usize> pulp::NullaryFnOnce for TileF32<'_, C> {
     }
 }
 
-/// Weight rows whose dots run side by side: four independent `vpdpwssd` chains hide its
-/// latency, and each activation load serves them all. (With more, LLVM's machine combiner
-/// splits each `vpdpwssd` back into `vpmaddwd` + `vpaddd` to shorten the chains, which halves
-/// the rate.)
+/// Weight rows whose dots run side by side: each activation load serves them all. (With more,
+/// LLVM's machine combiner splits each `vpdpwssd` back into `vpmaddwd` + `vpaddd` to shorten
+/// the chains, which halves the rate.)
 const GROUP: usize = 4;
+/// Blocks a group's sums take at a time: twelve independent `vpdpwssd` chains, where one
+/// block's four leave a core that issues two a cycle (Intel's) waiting on their latency.
+const BLOCKS: usize = 3;
 
 /// [`Panel`] with the codes decoded in registers.
 trait PanelRow: Panel {
@@ -607,6 +609,7 @@ impl pulp::NullaryFnOnce for PanelTask<'_, '_> {
             Offset::Add => panel_product::<ADD>(simd, &task, xs, n, out),
             Offset::None => panel_product::<NONE>(simd, &task, xs, n, out),
         }
+        task.recycle();
     }
 }
 
@@ -619,7 +622,7 @@ fn panel_product<const KIND: u8>(
     n: usize,
     out: &mut [&mut [f32]],
 ) {
-    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let f = &simd.avx512f;
     let (rows, nb) = (task.rows, task.nb);
     let groups = rows.div_ceil(GROUP);
     for c in 0..n.div_ceil(PANEL_TILE) {
@@ -629,34 +632,15 @@ fn panel_product<const KIND: u8>(
             // A last group's missing rows are zeros: computed, not written.
             let live = (rows - g * GROUP).min(GROUP);
             let mut acc = [f._mm512_setzero_ps(); GROUP];
-            for b in 0..nb {
-                let mut sums = [f._mm512_setzero_si512(); GROUP];
-                let wc: [&[i32; 16]; GROUP] =
-                    std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b]);
-                // `k` picks a word of every row's codes and an offset into the tile.
-                #[allow(clippy::needless_range_loop)]
-                for k in 0..16 {
-                    let at = (b * 16 + k) * PANEL_TILE;
-                    let x: __m512i = pulp::cast(load_i32(&tile.pairs[at..at + PANEL_TILE]));
-                    for i in 0..GROUP {
-                        let pair = f._mm512_set1_epi32(wc[i][k]);
-                        sums[i] = f._mm512_add_epi32(sums[i], bw._mm512_madd_epi16(x, pair));
-                    }
-                }
-                let at = b * PANEL_TILE;
-                let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
-                let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
-                for i in 0..live {
-                    let at = (g * GROUP + i) * nb + b;
-                    let ds = f._mm512_mul_ps(f._mm512_set1_ps(task.scale[at]), scale);
-                    let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
-                    let m = f._mm512_set1_ps(task.offset[at]);
-                    let term = match Offset::of(KIND) {
-                        Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
-                        Offset::None => scaled,
-                    };
-                    acc[i] = f._mm512_add_ps(acc[i], term);
-                }
+            let mut b = 0;
+            while b + BLOCKS <= nb {
+                add_blocks::<KIND, BLOCKS>(simd, task, &tile, g, b, live, &mut acc);
+                b += BLOCKS;
+            }
+            match nb - b {
+                2 => add_blocks::<KIND, 2>(simd, task, &tile, g, b, live, &mut acc),
+                1 => add_blocks::<KIND, 1>(simd, task, &tile, g, b, live, &mut acc),
+                _ => {}
             }
             for (i, acc) in acc.iter().enumerate().take(live) {
                 let v: [f32; 16] = pulp::cast(*acc);
@@ -667,6 +651,73 @@ fn panel_product<const KIND: u8>(
             }
         }
     }
+}
+
+/// Adds the terms of blocks `b..b + B` to the dots of group `g`'s `live` rows: each block's
+/// integer sum times the product of the two scales, plus the offset term, block after block
+/// in the scalar dot's order.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn add_blocks<const KIND: u8, const B: usize>(
+    simd: V4,
+    task: &TaskRows,
+    tile: &super::act::Tile<'_>,
+    g: usize,
+    b: usize,
+    live: usize,
+    acc: &mut [__m512; GROUP],
+) {
+    let f = &simd.avx512f;
+    let sums = block_sums::<B>(simd, task, tile, g, b);
+    for (j, sums) in sums.iter().enumerate() {
+        let at = (b + j) * PANEL_TILE;
+        let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
+        let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
+        for i in 0..live {
+            let at = (g * GROUP + i) * task.nb + b + j;
+            let ds = f._mm512_mul_ps(f._mm512_set1_ps(task.scale[at]), scale);
+            let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
+            let m = f._mm512_set1_ps(task.offset[at]);
+            let term = match Offset::of(KIND) {
+                Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
+                Offset::None => scaled,
+            };
+            acc[i] = f._mm512_add_ps(acc[i], term);
+        }
+    }
+}
+
+/// The exact integer sums of blocks `b..b + B` of group `g`'s rows against tile `tile`: per
+/// block and row, sixteen lanes (the tile's activation rows).
+#[inline(always)]
+fn block_sums<const B: usize>(
+    simd: V4,
+    task: &TaskRows,
+    tile: &super::act::Tile<'_>,
+    g: usize,
+    b: usize,
+) -> [[__m512i; GROUP]; B] {
+    let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+    let nb = task.nb;
+    let mut sums = [[f._mm512_setzero_si512(); GROUP]; B];
+    let wc: [[&[i32; 16]; GROUP]; B] =
+        std::array::from_fn(|j| std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b + j]));
+    let words = 16 * PANEL_TILE;
+    let xs: [&[i32]; B] =
+        std::array::from_fn(|j| &tile.pairs[(b + j) * words..(b + j + 1) * words]);
+    // `k` picks a word of every row's codes and an offset into the tile.
+    #[allow(clippy::needless_range_loop)]
+    for k in 0..16 {
+        for j in 0..B {
+            let at = k * PANEL_TILE;
+            let x: __m512i = pulp::cast(load_i32(&xs[j][at..at + PANEL_TILE]));
+            for i in 0..GROUP {
+                let pair = f._mm512_set1_epi32(wc[j][i][k]);
+                sums[j][i] = f._mm512_add_epi32(sums[j][i], bw._mm512_madd_epi16(x, pair));
+            }
+        }
+    }
+    sums
 }
 
 #[inline(always)]

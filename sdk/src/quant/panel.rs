@@ -6,17 +6,20 @@
 //! sum (exact in i32), then `sum as f32 * (d * s)`, then the offset term, added to the running
 //! f32 total block after block, one lane per dot.
 
+use std::cell::Cell;
+
 use super::act::{self, QAct, Tiles};
 use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd, q5_block};
 #[cfg(target_arch = "x86_64")]
 use super::{V4Vnni, avx2, avx512};
 
 /// How a type's per-block offset enters a dot.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub(super) enum Offset {
     /// Q4: `+ m * sum`.
     Add,
     /// Q8, and Q5 (its codes read as `q - 16`): none.
+    #[default]
     None,
 }
 
@@ -40,11 +43,6 @@ pub(super) trait Panel: Copy {
     const OFFSET: Offset;
     /// The blocks' scales.
     fn d(&self) -> &[f32];
-    /// Block `b`'s scale.
-    #[inline(always)]
-    fn scale(self, b: usize) -> f32 {
-        self.d()[b]
-    }
     /// Block `b`'s offset factor: `m` (Q4), 0 (Q5, Q8).
     fn offset(self, b: usize) -> f32;
     /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
@@ -114,6 +112,7 @@ impl Panel for Q8Row<'_> {
 /// A task's weight rows as the panel kernels read them: row `r`'s block `b` at `r nb + b`
 /// (its code pairs, scale and offset factor), the pairs padded with zero rows to a multiple of
 /// the kernel's group.
+#[derive(Default)]
 pub(super) struct TaskRows {
     pub rows: usize,
     pub nb: usize,
@@ -123,9 +122,17 @@ pub(super) struct TaskRows {
     pub offset: Vec<f32>,
 }
 
+thread_local! {
+    /// The buffers of this thread's last [`TaskRows`], for its next: a product's tasks lay out
+    /// the same sizes again and again, and a fresh layout of a few hundred KiB a task cost
+    /// more than the products themselves at sixteen activation rows.
+    static SPARE: Cell<TaskRows> = Cell::new(TaskRows::default());
+}
+
 impl TaskRows {
     /// Rows `first..first + rows` of `w`, `decode(row, b)` giving a block's pairs (with the
-    /// widest vectors the CPU has).
+    /// widest vectors the CPU has), in the thread's spare buffers; [`TaskRows::recycle`] hands
+    /// them back.
     #[inline(always)]
     pub fn new(
         w: &QMatrix,
@@ -135,40 +142,79 @@ impl TaskRows {
         decode: impl Fn(QRow<'_>, usize) -> [i32; 16],
     ) -> TaskRows {
         let nb = w.cols / QK;
-        let len = rows.div_ceil(group) * group * nb;
-        // Filled as they grow: no pass of zeros over buffers of up to a few hundred KiB.
-        let mut t = TaskRows {
-            rows,
-            nb,
-            kind: Offset::None,
-            pairs: Vec::with_capacity(len),
-            scale: Vec::with_capacity(rows * nb),
-            offset: Vec::with_capacity(rows * nb),
-        };
-        for r in first..first + rows {
-            let q = w.q_row(r);
-            t.kind = match q {
-                QRow::Q4(row) => t.push_factors(row),
-                QRow::Q5(row) => t.push_factors(row),
-                QRow::Q8(row) => t.push_factors(row),
-            };
-            for b in 0..nb {
-                t.pairs.push(decode(q, b));
-            }
+        let mut t = SPARE.take();
+        t.rows = rows;
+        t.nb = nb;
+        t.kind = Offset::None;
+        // Zeros only where the buffers grow. The padding rows may hold an earlier task's
+        // codes: the kernels compute their sums but never write them.
+        t.pairs.resize(rows.div_ceil(group) * group * nb, [0; 16]);
+        t.scale.resize(rows * nb, 0.0);
+        t.offset.resize(rows * nb, 0.0);
+        if nb == 0 {
+            return t;
         }
-        t.pairs.resize(len, [0; 16]);
+        let laid = t
+            .pairs
+            .chunks_exact_mut(nb)
+            .zip(t.scale.chunks_exact_mut(nb))
+            .zip(t.offset.chunks_exact_mut(nb));
+        for (r, ((pairs, scale), offset)) in (first..).zip(laid) {
+            // One match a row: each block's decoding is the type's own.
+            t.kind = match w.q_row(r) {
+                QRow::Q4(row) => lay_row(
+                    row,
+                    pairs,
+                    scale,
+                    offset,
+                    #[inline(always)]
+                    |b| decode(QRow::Q4(row), b),
+                ),
+                QRow::Q5(row) => lay_row(
+                    row,
+                    pairs,
+                    scale,
+                    offset,
+                    #[inline(always)]
+                    |b| decode(QRow::Q5(row), b),
+                ),
+                QRow::Q8(row) => lay_row(
+                    row,
+                    pairs,
+                    scale,
+                    offset,
+                    #[inline(always)]
+                    |b| decode(QRow::Q8(row), b),
+                ),
+            };
+        }
         t
     }
 
-    /// Appends `w`'s scales and offset factors; returns its offset's kind.
-    #[inline(always)]
-    fn push_factors<W: Panel>(&mut self, w: W) -> Offset {
-        for b in 0..self.nb {
-            self.scale.push(w.scale(b));
-            self.offset.push(w.offset(b));
-        }
-        W::OFFSET
+    /// Gives the buffers back to the thread for its next task.
+    pub fn recycle(self) {
+        SPARE.set(self);
     }
+}
+
+/// Writes row `w`'s code pairs (`decode(b)`: block `b`'s), scales and offset factors; returns
+/// its offset's kind.
+#[inline(always)]
+fn lay_row<W: Panel>(
+    w: W,
+    pairs: &mut [[i32; 16]],
+    scale: &mut [f32],
+    offset: &mut [f32],
+    decode: impl Fn(usize) -> [i32; 16],
+) -> Offset {
+    for (b, p) in pairs.iter_mut().enumerate() {
+        *p = decode(b);
+    }
+    scale.copy_from_slice(w.d());
+    for (b, o) in offset.iter_mut().enumerate() {
+        *o = w.offset(b);
+    }
+    W::OFFSET
 }
 
 impl Simd {

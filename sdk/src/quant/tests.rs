@@ -500,16 +500,20 @@ fn avx2_transposed_lane_sums_equal_lane_order_sums() {
 
 /// Products of more than `INT_ROWS` activation rows are the scalar integer dots bit for bit,
 /// on every instruction set and for every quantized type: partial panels, a task starting
-/// past row 0, a short last tile, an odd block count, a zero block and an outlier.
+/// past row 0, a short last tile, block counts of each remainder by the kernels' steps of
+/// blocks (19, 20 and 21 blocks), a zero block and an outlier.
 #[test]
 fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
-    let (rows, cols, first) = (40, 608, 3);
-    for (ty, q5) in [
-        (GgmlType::Q4_1, Q5Form::Bytes),
-        (GgmlType::Q5_0, Q5Form::Bits),
-        (GgmlType::Q5_0, Q5Form::Bytes),
-        (GgmlType::Q8_0, Q5Form::Bytes),
-    ] {
+    let (rows, first) = (40, 3);
+    for (cols, ty, q5) in [608, 640, 672].into_iter().flat_map(|cols| {
+        [
+            (GgmlType::Q4_1, Q5Form::Bytes),
+            (GgmlType::Q5_0, Q5Form::Bits),
+            (GgmlType::Q5_0, Q5Form::Bytes),
+            (GgmlType::Q8_0, Q5Form::Bytes),
+        ]
+        .map(|(ty, q5)| (cols, ty, q5))
+    }) {
         let mut v = values(rows * cols, 5);
         v[..QK].fill(0.0);
         let w = QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, q5)?;
@@ -541,7 +545,7 @@ fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
                 let layout = run_task(simd, &w, first, &xs, &qs, tiles.as_ref(), &mut out);
                 assert_eq!(layout, Layout::ActivationsFirst);
                 let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(got, expect, "{ty:?} {q5:?} n={n}");
+                assert_eq!(got, expect, "{ty:?} {q5:?} {cols} n={n}");
             }
         }
     }
