@@ -6,7 +6,7 @@ use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
-use super::act::{TilePart, Tiles};
+use super::act::{Tile, TilePart, Tiles};
 use super::panel::{ADD, NONE, Offset, Panel, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
@@ -497,6 +497,8 @@ const GROUP: usize = 4;
 /// Blocks a group's sums take at a time: twelve independent `vpdpwssd` chains, where one
 /// block's four leave a core that issues two a cycle (Intel's) waiting on their latency.
 const BLOCKS: usize = 3;
+/// Blocks at a time where two tiles share each broadcast code pair (sixteen chains).
+const PAIR_BLOCKS: usize = 2;
 
 /// [`Panel`] with the codes decoded in registers.
 trait PanelRow: Panel {
@@ -622,26 +624,47 @@ fn panel_product<const KIND: u8>(
     n: usize,
     out: &mut [&mut [f32]],
 ) {
+    let tiles = n.div_ceil(PANEL_TILE);
+    let mut c = 0;
+    while c + 2 <= tiles {
+        tile_run::<KIND, 2, PAIR_BLOCKS>(simd, task, xs, [c, c + 1], n, out);
+        c += 2;
+    }
+    if c < tiles {
+        tile_run::<KIND, 1, BLOCKS>(simd, task, xs, [c], n, out);
+    }
+}
+
+/// Tiles `cs` against every row of the task: each code pair broadcast once serves the `T`
+/// tiles, and `B` blocks go at a time (`T B GROUP` chains of `vpdpwssd`).
+#[inline(always)]
+fn tile_run<const KIND: u8, const T: usize, const B: usize>(
+    simd: V4,
+    task: &TaskRows,
+    xs: &Tiles,
+    cs: [usize; T],
+    n: usize,
+    out: &mut [&mut [f32]],
+) {
     let f = &simd.avx512f;
     let (rows, nb) = (task.rows, task.nb);
-    let groups = rows.div_ceil(GROUP);
-    for c in 0..n.div_ceil(PANEL_TILE) {
-        let tile = xs.tile(c);
-        let real = (n - c * PANEL_TILE).min(PANEL_TILE);
-        for g in 0..groups {
-            // A last group's missing rows are zeros: computed, not written.
-            let live = (rows - g * GROUP).min(GROUP);
-            let mut acc = [f._mm512_setzero_ps(); GROUP];
-            let mut b = 0;
-            while b + BLOCKS <= nb {
-                add_blocks::<KIND, BLOCKS>(simd, task, &tile, g, b, live, &mut acc);
-                b += BLOCKS;
-            }
-            match nb - b {
-                2 => add_blocks::<KIND, 2>(simd, task, &tile, g, b, live, &mut acc),
-                1 => add_blocks::<KIND, 1>(simd, task, &tile, g, b, live, &mut acc),
-                _ => {}
-            }
+    let tiles: [Tile<'_>; T] = std::array::from_fn(|t| xs.tile(cs[t]));
+    for g in 0..rows.div_ceil(GROUP) {
+        // A last group's missing rows are zeros: computed, not written.
+        let live = (rows - g * GROUP).min(GROUP);
+        let mut acc = [[f._mm512_setzero_ps(); GROUP]; T];
+        let mut b = 0;
+        while b + B <= nb {
+            add_blocks::<KIND, T, B>(simd, task, &tiles, g, b, live, &mut acc);
+            b += B;
+        }
+        match nb - b {
+            2 => add_blocks::<KIND, T, 2>(simd, task, &tiles, g, b, live, &mut acc),
+            1 => add_blocks::<KIND, T, 1>(simd, task, &tiles, g, b, live, &mut acc),
+            _ => {}
+        }
+        for (&c, acc) in cs.iter().zip(&acc) {
+            let real = (n - c * PANEL_TILE).min(PANEL_TILE);
             for (i, acc) in acc.iter().enumerate().take(live) {
                 let v: [f32; 16] = pulp::cast(*acc);
                 let r = g * GROUP + i;
@@ -653,67 +676,74 @@ fn panel_product<const KIND: u8>(
     }
 }
 
-/// Adds the terms of blocks `b..b + B` to the dots of group `g`'s `live` rows: each block's
-/// integer sum times the product of the two scales, plus the offset term, block after block
-/// in the scalar dot's order.
+/// Adds the terms of blocks `b..b + B` to the dots of group `g`'s `live` rows against each of
+/// `tiles`: each block's integer sum times the product of the two scales, plus the offset
+/// term, block after block in the scalar dot's order.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn add_blocks<const KIND: u8, const B: usize>(
+fn add_blocks<const KIND: u8, const T: usize, const B: usize>(
     simd: V4,
     task: &TaskRows,
-    tile: &super::act::Tile<'_>,
+    tiles: &[Tile<'_>; T],
     g: usize,
     b: usize,
     live: usize,
-    acc: &mut [__m512; GROUP],
+    acc: &mut [[__m512; GROUP]; T],
 ) {
     let f = &simd.avx512f;
-    let sums = block_sums::<B>(simd, task, tile, g, b);
-    for (j, sums) in sums.iter().enumerate() {
-        let at = (b + j) * PANEL_TILE;
-        let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
-        let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
-        for i in 0..live {
-            let at = (g * GROUP + i) * task.nb + b + j;
-            let ds = f._mm512_mul_ps(f._mm512_set1_ps(task.scale[at]), scale);
-            let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
-            let m = f._mm512_set1_ps(task.offset[at]);
-            let term = match Offset::of(KIND) {
-                Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
-                Offset::None => scaled,
-            };
-            acc[i] = f._mm512_add_ps(acc[i], term);
+    let sums = block_sums::<T, B>(simd, task, tiles, g, b);
+    for ((tile, sums), acc) in tiles.iter().zip(&sums).zip(acc.iter_mut()) {
+        for (j, sums) in sums.iter().enumerate() {
+            let at = (b + j) * PANEL_TILE;
+            let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
+            let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
+            for i in 0..live {
+                let at = (g * GROUP + i) * task.nb + b + j;
+                let ds = f._mm512_mul_ps(f._mm512_set1_ps(task.scale[at]), scale);
+                let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
+                let m = f._mm512_set1_ps(task.offset[at]);
+                let term = match Offset::of(KIND) {
+                    Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
+                    Offset::None => scaled,
+                };
+                acc[i] = f._mm512_add_ps(acc[i], term);
+            }
         }
     }
 }
 
-/// The exact integer sums of blocks `b..b + B` of group `g`'s rows against tile `tile`: per
-/// block and row, sixteen lanes (the tile's activation rows).
+/// The exact integer sums of blocks `b..b + B` of group `g`'s rows against each of `tiles`:
+/// per tile, block and row, sixteen lanes (the tile's activation rows).
 #[inline(always)]
-fn block_sums<const B: usize>(
+fn block_sums<const T: usize, const B: usize>(
     simd: V4,
     task: &TaskRows,
-    tile: &super::act::Tile<'_>,
+    tiles: &[Tile<'_>; T],
     g: usize,
     b: usize,
-) -> [[__m512i; GROUP]; B] {
+) -> [[[__m512i; GROUP]; B]; T] {
     let (f, bw) = (&simd.avx512f, &simd.avx512bw);
     let nb = task.nb;
-    let mut sums = [[f._mm512_setzero_si512(); GROUP]; B];
+    let mut sums = [[[f._mm512_setzero_si512(); GROUP]; B]; T];
     let wc: [[&[i32; 16]; GROUP]; B] =
         std::array::from_fn(|j| std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b + j]));
     let words = 16 * PANEL_TILE;
-    let xs: [&[i32]; B] =
-        std::array::from_fn(|j| &tile.pairs[(b + j) * words..(b + j + 1) * words]);
-    // `k` picks a word of every row's codes and an offset into the tile.
+    let xs: [[&[i32]; B]; T] = std::array::from_fn(|t| {
+        std::array::from_fn(|j| &tiles[t].pairs[(b + j) * words..(b + j + 1) * words])
+    });
+    // `k` picks a word of every row's codes and an offset into the tiles.
     #[allow(clippy::needless_range_loop)]
     for k in 0..16 {
+        let at = k * PANEL_TILE;
         for j in 0..B {
-            let at = k * PANEL_TILE;
-            let x: __m512i = pulp::cast(load_i32(&xs[j][at..at + PANEL_TILE]));
+            let x: [__m512i; T] =
+                std::array::from_fn(|t| pulp::cast(load_i32(&xs[t][j][at..at + PANEL_TILE])));
             for i in 0..GROUP {
                 let pair = f._mm512_set1_epi32(wc[j][i][k]);
-                sums[j][i] = f._mm512_add_epi32(sums[j][i], bw._mm512_madd_epi16(x, pair));
+                for t in 0..T {
+                    sums[t][j][i] =
+                        f._mm512_add_epi32(sums[t][j][i], bw._mm512_madd_epi16(x[t], pair));
+                }
             }
         }
     }
