@@ -384,7 +384,7 @@ fn panel_product<const KIND: u8>(
         for half in 0..real.div_ceil(LANES) {
             let lanes = (real - half * LANES).min(LANES);
             for g in 0..groups {
-                // A last group's missing rows are zeros: computed, not written.
+                // A last group's padding rows: computed, not written.
                 let live = (rows - g * GROUP).min(GROUP);
                 let mut acc = [avx._mm256_setzero_ps(); GROUP];
                 for b in 0..nb {

@@ -650,7 +650,7 @@ fn tile_run<const KIND: u8, const T: usize, const B: usize>(
     let (rows, nb) = (task.rows, task.nb);
     let tiles: [Tile<'_>; T] = std::array::from_fn(|t| xs.tile(cs[t]));
     for g in 0..rows.div_ceil(GROUP) {
-        // A last group's missing rows are zeros: computed, not written.
+        // A last group's padding rows: computed, not written.
         let live = (rows - g * GROUP).min(GROUP);
         let mut acc = [[f._mm512_setzero_ps(); GROUP]; T];
         let mut b = 0;

@@ -110,8 +110,8 @@ impl Panel for Q8Row<'_> {
 }
 
 /// A task's weight rows as the panel kernels read them: row `r`'s block `b` at `r nb + b`
-/// (its code pairs, scale and offset factor), the pairs padded with zero rows to a multiple of
-/// the kernel's group.
+/// (its code pairs, scale and offset factor), the pairs padded to a multiple of the kernel's
+/// group with rows whose dots the kernels compute but never write.
 #[derive(Default)]
 pub(super) struct TaskRows {
     pub rows: usize,
