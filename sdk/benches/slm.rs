@@ -13,7 +13,7 @@
 //! - `SLM_BENCH_ROUNDS` (default 3) rounds of every backend, each ratio taken within a round
 //!   (the table: medians, and the range of the rounds' ratios).
 //!
-//! Scoring on Flex is what `predict_proba` runs there, the CPU kernels (8-bit weights, no
+//! Scoring on Flex is what `predict_proba` runs there, the CPU kernels (16-bit codes, no
 //! padding); a second row times burn's f32 forward on the same batches.
 
 use std::path::{Path, PathBuf};

@@ -16,12 +16,17 @@
 //! Output rows are split over rayon's threads. The kernels use AVX-512 (F + BW, and VNNI where
 //! present) or AVX2 + FMA when the CPU has them (detected at run time), portable code
 //! otherwise. F32/F16 weights stay f32 and take an f32 register-tiled product.
+//!
+//! Linear layers of f32 models (MiniLM's scoring) take [`ChannelMatrix`] instead: 16-bit
+//! codes on a scale per output channel, activation rows on a scale per row, one exact integer
+//! sum per dot (`channel.rs`).
 
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod channel;
 mod exp;
 pub mod ggml;
 mod kquant;
@@ -33,6 +38,7 @@ mod tests;
 use rayon::prelude::*;
 
 use self::act::{QAct, Tiles};
+pub use self::channel::{ChannelMatrix, RowCodes};
 pub use self::exp::exp_in_place;
 use self::ggml::{BlockError, GgmlType, QK};
 
@@ -596,6 +602,22 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
         out[j + QK / 2] = (b >> 4) | ((((qh >> (j + QK / 2)) & 1) as u8) << 4);
     }
     out
+}
+
+/// The largest of `xs` and `floor`, NaNs passed over: sixteen running maxima compared with
+/// `>` (which the compiler vectorizes, where `f32::max`'s NaN rule keeps a loop scalar).
+#[inline(always)]
+pub fn lane_max(xs: &[f32], floor: f32) -> f32 {
+    let pick = |a: f32, b: f32| if b > a { b } else { a };
+    let mut acc = [floor; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(floor, |a, &b| pick(a, b));
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = pick(*a, x);
+        }
+    }
+    acc.iter().fold(tail, |a, &b| pick(a, b))
 }
 
 /// The instruction set the integer kernels run with in this process: `avx512+vnni`,

@@ -498,7 +498,7 @@ mod tests {
         assert!(max_err < 1e-4, "max per-dimension error {max_err}");
     }
 
-    /// The CPU kernels' encoder (8-bit weights) against the same oracle: each unit vector
+    /// The CPU kernels' encoder (integer products) against the same oracle: each unit vector
     /// within 0.01 of the oracle's (cosine above 0.999), the pair's cosine within 0.003.
     #[test]
     fn cpu_kernels_match_numpy_oracle() {
@@ -674,7 +674,7 @@ mod tests {
 
     /// Test accuracy through the kernels and through burn after the same fine-tuning
     /// (`cargo test --release --workspace --lib -- --ignored --nocapture kernel_accuracy_probe`):
-    /// a probe of how far 8-bit scoring moves a client's figures, not a gate.
+    /// a probe of how far integer scoring moves a client's figures, not a gate.
     #[test]
     #[ignore]
     fn kernel_accuracy_probe() {

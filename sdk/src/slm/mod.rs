@@ -49,7 +49,8 @@ pub trait Classifier: Module + 'static {
 }
 
 /// A classifier's forward pass on the SDK's CPU kernels ([`crate::quant`]), which scores on
-/// the Flex device in place of burn: each text its own sequence, 8-bit weights.
+/// the Flex device in place of burn: each text its own sequence, integer products
+/// ([`crate::quant::ChannelMatrix`]).
 pub trait CpuScorer: Send + Sync + std::fmt::Debug {
     /// Class probabilities, one row per sequence of token ids (unpadded).
     fn probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>>;

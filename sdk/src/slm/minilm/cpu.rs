@@ -1,7 +1,8 @@
 //! MiniLM for scoring on the CPU, on the SDK's integer kernels ([`crate::quant`]): the burn
-//! model's linear weights read once and rounded to 8-bit codes with a scale per 32 values (its
-//! word embeddings gathered from burn's own table), each activation row rounded to about 15
-//! bits per product (the LLM's arithmetic), every text its own sequence (no padding computed).
+//! model's linear weights read once and rounded to 16-bit codes on a scale per output channel
+//! ([`ChannelMatrix`]; its word embeddings gathered from burn's own table), each activation
+//! row rounded on a scale of its own per product, every text its own sequence (no padding
+//! computed).
 //! Training keeps the burn model; this serves scoring on the Flex device, where burn
 //! multiplies in f32 on padded batches.
 
@@ -10,7 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::{BertConfig, MiniLmClassifier};
-use crate::quant::{self, QMatrix, matmul_many_into};
+use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::CpuScorer;
 use crate::{Error, Result};
 
@@ -46,6 +47,8 @@ struct Scratch {
     attended: Vec<f32>,
     hidden: Vec<f32>,
     down: Vec<f32>,
+    /// The rounded rows of the product at hand.
+    codes: RowCodes,
 }
 
 /// One encoder layer.
@@ -61,11 +64,10 @@ struct Layer {
     norm: Norm,
 }
 
-/// A linear layer: `[out, in]` weight on the kernels, f32 bias.
+/// A linear layer: `[out, in]` weight and bias on the kernels.
 #[derive(Debug)]
 struct Dense {
-    w: QMatrix,
-    b: Vec<f32>,
+    w: ChannelMatrix,
 }
 
 /// Layer norm parameters.
@@ -92,19 +94,18 @@ impl Dense {
                 t[o * din + i] = x;
             }
         }
-        let w = QMatrix::q8_from_f32(&t, dout, din)
-            .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))?;
         let b = match &l.bias {
             Some(b) => values(b.val())?,
             None => vec![0.0; dout],
         };
-        Ok(Dense { w, b })
+        let w = ChannelMatrix::new(&t, &b, dout, din)
+            .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))?;
+        Ok(Dense { w })
     }
 
     /// `out <- x W^T + b` for the `n` rows of `x`, into `out`'s buffer.
-    fn forward_into(&self, x: &[f32], n: usize, out: &mut Vec<f32>) {
-        matmul_many_into(&[&self.w], x, n, std::slice::from_mut(out));
-        add_bias(out, &self.b);
+    fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
+        self.w.forward_into(x, n, codes, out);
     }
 }
 
@@ -286,20 +287,23 @@ impl CpuMiniLm {
     /// One layer over `x` (`[n, d]`), in place.
     fn layer(&self, l: &Layer, x: &mut [f32], lens: &[usize], s: &mut Scratch) {
         let (d, n) = (self.d, x.len() / self.d);
-        matmul_many_into(&[&l.query.w, &l.key.w, &l.value.w], x, n, &mut s.qkv);
+        // Query, key and value share the rounded rows (one shape, one code range).
+        s.codes.round(x, n, d, l.query.w.limit());
         for (m, dense) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
-            add_bias(m, &dense.b);
+            dense.w.product(&s.codes, m);
         }
         let [q, k, v] = &s.qkv;
         self.attention(q, k, v, lens, &mut s.context);
-        l.output.forward_into(&s.context, n, &mut s.attended);
+        l.output
+            .forward_into(&s.context, n, &mut s.codes, &mut s.attended);
         l.attention_norm.residual_rows(x, &s.attended, d, self.eps);
-        l.intermediate.forward_into(x, n, &mut s.hidden);
-        let width = l.intermediate.b.len();
+        l.intermediate
+            .forward_into(x, n, &mut s.codes, &mut s.hidden);
+        let width = l.intermediate.w.rows();
         s.hidden
             .par_chunks_mut(width * CHUNK_ROWS)
             .for_each(gelu_in_place);
-        l.down.forward_into(&s.hidden, n, &mut s.down);
+        l.down.forward_into(&s.hidden, n, &mut s.codes, &mut s.down);
         l.norm.residual_rows(x, &s.down, d, self.eps);
     }
 
@@ -397,10 +401,10 @@ fn heads<const DH: usize>(
                 pb.copy_from_slice(&acc);
             }
             let p = &mut p[..len];
-            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max = quant::lane_max(p, f32::NEG_INFINITY);
             p.iter_mut().for_each(|s| *s = (*s - max) * scale);
             quant::exp_in_place(p);
-            let inv = 1.0 / p.iter().sum::<f32>();
+            let inv = 1.0 / lane_sum(p, |x| x);
             let mut o = [0.0f32; DH];
             for (j, &w) in p.iter().enumerate() {
                 let w = w * inv;
@@ -438,10 +442,10 @@ fn heads_any(
                     .map(|(a, b)| a * b)
                     .sum();
             }
-            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let max = quant::lane_max(&p, f32::NEG_INFINITY);
             p.iter_mut().for_each(|s| *s = (*s - max) * scale);
             quant::exp_in_place(&mut p);
-            let inv = 1.0 / p.iter().sum::<f32>();
+            let inv = 1.0 / lane_sum(&p, |x| x);
             let o = &mut out[i * d..][cols.clone()];
             o.fill(0.0);
             for (j, &w) in p.iter().enumerate() {
@@ -467,14 +471,6 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-fn add_bias(m: &mut [f32], b: &[f32]) {
-    for row in m.chunks_exact_mut(b.len()) {
-        for (x, b) in row.iter_mut().zip(b) {
-            *x += b;
-        }
-    }
 }
 
 fn softmax(v: &mut [f32]) {

@@ -1,0 +1,664 @@
+//! Linear layers of f32 models (MiniLM) on integer products: weights as 16-bit codes on one
+//! scale per output channel, each activation row rounded to codes on one scale of its own,
+//! and every dot one exact i32 sum and one f32 epilogue (`sum as f32 * (sx * sw) + bias`).
+//!
+//! The codes' range is the matrix's: `|w|, |x| <= limit` with `cols * limit^2 <= i32::MAX`,
+//! so no sum can overflow: 2364 steps a side at 384 columns, 1182 at 1536. That is finer than
+//! 8-bit codes on a scale per 32 weights, and the sums run the whole row with no per-block
+//! scales between them. Products take `vpdpwssd` (a `madd` and an `add` fused, where the CPU
+//! has VNNI) with AVX-512, `madd` and `add` with AVX2, portable code elsewhere; the sums are
+//! exact and the epilogue is one piece of code, so every instruction set gives the same
+//! numbers bit for bit.
+
+use rayon::prelude::*;
+
+use super::Simd;
+#[cfg(target_arch = "x86_64")]
+use super::V4Vnni;
+use super::ggml::BlockError;
+
+/// Output channels of a group: the lanes of an AVX-512 register.
+const LANES: usize = 16;
+/// Activation rows of a full tile.
+const TILE_ROWS: usize = 8;
+/// Channel groups of a full tile: with [`TILE_ROWS`], 24 sums in registers (24 `vpdpwssd`
+/// chains, enough to cover the instruction's latency at two a cycle).
+const TILE_GROUPS: usize = 3;
+/// The most activation rows a rayon task takes: its weights stay in L2 while they pass.
+const TASK_ROWS: usize = 64;
+/// Magic number for round-half-to-even of |v| <= 2^22 in f32: `(v + M) - M`.
+const ROUND: f32 = 12_582_912.0;
+
+/// The largest code magnitude for rows of `cols` values: `cols * limit^2 <= i32::MAX`.
+fn limit_for(cols: usize) -> i32 {
+    let l = (f64::from(i32::MAX) / cols.max(1) as f64).sqrt().floor();
+    l.min(f64::from(i16::MAX)) as i32
+}
+
+/// Two codes as the i16 pair of one word (`vpdpwssd`'s operand).
+#[inline(always)]
+fn pair(lo: i32, hi: i32) -> i32 {
+    (lo & 0xffff) | (hi << 16)
+}
+
+#[inline(always)]
+fn lo(w: i32) -> i32 {
+    (w << 16) >> 16
+}
+
+#[inline(always)]
+fn hi(w: i32) -> i32 {
+    w >> 16
+}
+
+/// A weight matrix `[rows = out, cols = in]` with its bias, as 16-bit codes on a scale per
+/// row (output channel).
+#[derive(Debug, Clone)]
+pub struct ChannelMatrix {
+    rows: usize,
+    cols: usize,
+    limit: i32,
+    /// Per channel, padded with zeros to whole tiles.
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+    /// Tile `t` (channels `t SPAN..`)'s pair `p` at `(t * pairs + p) * SPAN`: word
+    /// `g LANES + l` holds channel `t SPAN + g LANES + l`'s codes `2p` (low i16) and `2p + 1`
+    /// (high); padding codes are 0. A tile's words for one pair lie side by side, so a kernel
+    /// reads them at fixed offsets from one pointer.
+    words: Vec<i32>,
+}
+
+/// Channels of a tile.
+const SPAN: usize = TILE_GROUPS * LANES;
+
+/// Activation rows rounded for a [`ChannelMatrix`], in blocks of [`TILE_ROWS`] (the last
+/// padded with rows of zeros): row `r`'s pair `p` at `((r / TILE_ROWS) * pairs + p) *
+/// TILE_ROWS + r % TILE_ROWS` (a block's rows side by side for each pair), its values
+/// `code * scale[r]`.
+#[derive(Debug, Default)]
+pub struct RowCodes {
+    n: usize,
+    cols: usize,
+    limit: i32,
+    words: Vec<i32>,
+    scale: Vec<f32>,
+}
+
+impl RowCodes {
+    /// Rounds the `n` rows of `x` (`cols` values each) to `|code| <= limit`, rows split over
+    /// the threads, into this value's buffers. A row with a non-finite value gets a NaN scale
+    /// (its products are NaN); a row of zeros, or of values so small that the inverse of
+    /// their step overflows (below about 1e-35), gets codes 0 and scale 0.
+    pub fn round(&mut self, x: &[f32], n: usize, cols: usize, limit: i32) {
+        assert_eq!(x.len(), n * cols, "{n} rows of {cols} values");
+        let pairs = cols.div_ceil(2);
+        let padded = n.next_multiple_of(TILE_ROWS);
+        self.n = n;
+        self.cols = cols;
+        self.limit = limit;
+        self.words.resize(padded * pairs, 0);
+        self.scale.resize(padded, 0.0);
+        if n == 0 || cols == 0 {
+            return;
+        }
+        let blocks_per_task = 2;
+        let rows_per_task = blocks_per_task * TILE_ROWS;
+        self.words
+            .par_chunks_mut(pairs * rows_per_task)
+            .zip(self.scale.par_chunks_mut(rows_per_task))
+            .zip(x.par_chunks(cols * rows_per_task))
+            .for_each(|((words, scale), x)| {
+                super::with_simd(
+                    #[inline(always)]
+                    || {
+                        let mut rows = vec![0i32; TILE_ROWS * pairs];
+                        let blocks = words.chunks_exact_mut(pairs * TILE_ROWS);
+                        let xs = x.chunks(cols * TILE_ROWS);
+                        for ((block, x), scale) in blocks.zip(xs).zip(scale.chunks_mut(TILE_ROWS)) {
+                            for (i, (row, scale)) in rows
+                                .chunks_exact_mut(pairs)
+                                .zip(scale.iter_mut())
+                                .enumerate()
+                            {
+                                *scale = match x.get(i * cols..(i + 1) * cols) {
+                                    Some(x) => round_row(x, limit, row),
+                                    None => {
+                                        row.fill(0);
+                                        0.0
+                                    }
+                                };
+                            }
+                            interleave(&rows, pairs, block);
+                        }
+                    },
+                )
+            });
+    }
+}
+
+/// `rows` (`TILE_ROWS` rows of `pairs` words) into a block's layout: pair `p` of row `i` at
+/// `p TILE_ROWS + i`, eight pairs at a time as fixed-size transposes (which the compiler turns
+/// into shuffles, where one word at a time became scatters).
+#[inline(always)]
+fn interleave(rows: &[i32], pairs: usize, block: &mut [i32]) {
+    const K: usize = 8;
+    let full = pairs / K * K;
+    for (p0, out) in (0..full)
+        .step_by(K)
+        .zip(block.chunks_exact_mut(K * TILE_ROWS))
+    {
+        let t: [[i32; K]; TILE_ROWS] =
+            std::array::from_fn(
+                |i| match rows[i * pairs + p0..i * pairs + p0 + K].try_into() {
+                    Ok(a) => a,
+                    Err(_) => unreachable!("K words"),
+                },
+            );
+        let out: &mut [i32; K * TILE_ROWS] = match out.try_into() {
+            Ok(o) => o,
+            Err(_) => unreachable!("K TILE_ROWS words"),
+        };
+        for p in 0..K {
+            for i in 0..TILE_ROWS {
+                out[p * TILE_ROWS + i] = t[i][p];
+            }
+        }
+    }
+    for p in full..pairs {
+        for i in 0..TILE_ROWS {
+            block[p * TILE_ROWS + i] = rows[i * pairs + p];
+        }
+    }
+}
+
+/// Rounds `x` into `words` (its codes as pairs); returns the row's scale.
+#[inline(always)]
+fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
+    // The largest magnitude as an integer maximum of the bits without the sign (the same
+    // order for non-negative floats; infinities and NaNs above every finite value), which
+    // vectorizes where float maxima with their NaN rules do not.
+    let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    if top >= f32::INFINITY.to_bits() {
+        words.fill(0);
+        return f32::NAN;
+    }
+    let amax = f32::from_bits(top);
+    let l = limit as f32;
+    let inv = l / amax;
+    if amax == 0.0 || !inv.is_finite() {
+        words.fill(0);
+        return 0.0;
+    }
+    // Thirty-two codes at a time as i16s, which are the sixteen words' bytes (low half
+    // first); a last short chunk padded with zeros.
+    // `v + ROUND`'s low mantissa bits are `round(v)` (|v| <= 2^22): integer steps only, no
+    // float-to-int cast (whose NaN and range rules keep a loop scalar).
+    let code = |v: f32| {
+        let q = (v * inv + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+        q.clamp(-limit, limit) as i16
+    };
+    let mut chunks = x.chunks_exact(32);
+    let mut out = words.chunks_mut(16);
+    for (c, w) in chunks.by_ref().zip(out.by_ref()) {
+        let c: &[f32; 32] = match c.try_into() {
+            Ok(c) => c,
+            Err(_) => unreachable!("32 values"),
+        };
+        let mut q = [0i16; 32];
+        for i in 0..32 {
+            q[i] = code(c[i]);
+        }
+        w.copy_from_slice(&pulp::cast::<[i16; 32], [i32; 16]>(q));
+    }
+    if let Some(w) = out.next() {
+        let mut q = [0i16; 32];
+        for (q, &v) in q.iter_mut().zip(chunks.remainder()) {
+            *q = code(v);
+        }
+        let q = pulp::cast::<[i16; 32], [i32; 16]>(q);
+        let len = w.len();
+        w.copy_from_slice(&q[..len]);
+    }
+    amax / l
+}
+
+impl ChannelMatrix {
+    /// `weights` `[rows, cols]` (row-major) and `bias` `[rows]`, rounded: each row's codes
+    /// `round(w / s)` with `s = max |w| / limit`.
+    pub fn new(
+        weights: &[f32],
+        bias: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<ChannelMatrix, BlockError> {
+        if weights.len() != rows * cols || bias.len() != rows {
+            return Err(BlockError(format!(
+                "{} weights and {} biases for a {rows}x{cols} layer",
+                weights.len(),
+                bias.len()
+            )));
+        }
+        if weights.iter().chain(bias).any(|v| !v.is_finite()) {
+            return Err(BlockError("a non-finite weight or bias".into()));
+        }
+        let limit = limit_for(cols);
+        let (channels, pairs) = (rows.next_multiple_of(SPAN), cols.div_ceil(2));
+        let mut scale = vec![0.0f32; channels];
+        let mut padded_bias = vec![0.0f32; channels];
+        padded_bias[..rows].copy_from_slice(bias);
+        let mut words = vec![0i32; channels * pairs];
+        for (c, row) in weights.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            let s = amax / limit as f32;
+            scale[c] = s;
+            let code = |v: f32| ((v / s).round() as i32).clamp(-limit, limit);
+            let (t, k) = (c / SPAN, c % SPAN);
+            for p in 0..pairs {
+                let second = row.get(2 * p + 1).map_or(0, |&v| code(v));
+                words[(t * pairs + p) * SPAN + k] = pair(code(row[2 * p]), second);
+            }
+        }
+        Ok(ChannelMatrix {
+            rows,
+            cols,
+            limit,
+            scale,
+            bias: padded_bias,
+            words,
+        })
+    }
+
+    /// Output channels.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The code range activation rows are rounded to for this matrix ([`RowCodes::round`]).
+    pub fn limit(&self) -> i32 {
+        self.limit
+    }
+
+    /// `out <- x W^T + b` for the `n` rows of `x`, rounding them into `codes`' buffers.
+    pub fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
+        codes.round(x, n, self.cols, self.limit);
+        self.product(codes, out);
+    }
+
+    /// `out <- x W^T + b` (`[n, rows]`) for rows rounded for this matrix's shape and range,
+    /// row blocks split over the threads.
+    pub fn product(&self, xs: &RowCodes, out: &mut Vec<f32>) {
+        assert!(
+            xs.cols == self.cols && xs.limit == self.limit,
+            "rows rounded for {} columns within {}, the matrix has {} within {}",
+            xs.cols,
+            xs.limit,
+            self.cols,
+            self.limit
+        );
+        let (n, rows) = (xs.n, self.rows);
+        out.resize(n * rows, 0.0);
+        if n == 0 || rows == 0 {
+            return;
+        }
+        // Enough tasks for every thread to take a few, in whole tiles.
+        let per_task = n
+            .div_ceil(4 * rayon::current_num_threads())
+            .next_multiple_of(TILE_ROWS)
+            .clamp(TILE_ROWS, TASK_ROWS);
+        let simd = Simd::detect();
+        let pairs = self.cols.div_ceil(2);
+        out.par_chunks_mut(per_task * rows)
+            .zip(xs.words.par_chunks(per_task * pairs))
+            .zip(xs.scale.par_chunks(per_task))
+            .for_each(|((out, x), sx)| {
+                // The epilogue compiled for the CPU's widest vectors too.
+                super::with_simd(
+                    #[inline(always)]
+                    || self.rows_into(simd, x, sx, out),
+                )
+            });
+    }
+
+    /// The rows of `out` (`[k, rows]`) from their blocks' codes `x` and scales `sx`.
+    #[inline(always)]
+    fn rows_into(&self, simd: Simd, x: &[i32], sx: &[f32], out: &mut [f32]) {
+        let pairs = self.cols.div_ceil(2);
+        let tiles = self.rows.div_ceil(SPAN);
+        let blocks = x
+            .chunks_exact(pairs * TILE_ROWS)
+            .zip(sx.chunks_exact(TILE_ROWS));
+        for ((x, sx), out) in blocks.zip(out.chunks_mut(TILE_ROWS * self.rows)) {
+            for t in 0..tiles {
+                let w = &self.words[t * pairs * SPAN..(t + 1) * pairs * SPAN];
+                let sums = simd.channel_sums(w, x);
+                for ((sums, &sx), row) in sums.iter().zip(sx).zip(out.chunks_exact_mut(self.rows)) {
+                    self.epilogue(t, sums, sx, row);
+                }
+            }
+        }
+    }
+
+    /// Tile `t`'s dots of one activation row (scale `sx`) into `row`'s channels.
+    #[inline(always)]
+    fn epilogue(&self, t: usize, sums: &[i32; SPAN], sx: f32, row: &mut [f32]) {
+        let at = t * SPAN;
+        let live = (self.rows - at).min(SPAN);
+        let (sw, b) = (&self.scale[at..at + SPAN], &self.bias[at..at + SPAN]);
+        for (l, o) in row[at..at + live].iter_mut().enumerate() {
+            *o = sums[l] as f32 * (sx * sw[l]) + b[l];
+        }
+    }
+
+    /// Channel `c`'s dot with row `r` of `xs`, one product at a time (for tests).
+    #[cfg(test)]
+    fn dot_reference(&self, xs: &RowCodes, r: usize, c: usize) -> f32 {
+        let pairs = self.cols.div_ceil(2);
+        let (t, k) = (c / SPAN, c % SPAN);
+        let (b, i) = (r / TILE_ROWS, r % TILE_ROWS);
+        let mut sum = 0i64;
+        for p in 0..pairs {
+            let w = self.words[(t * pairs + p) * SPAN + k];
+            let x = xs.words[(b * pairs + p) * TILE_ROWS + i];
+            sum += i64::from(lo(w)) * i64::from(lo(x)) + i64::from(hi(w)) * i64::from(hi(x));
+        }
+        let sum = i32::try_from(sum).expect("the code range keeps sums within i32");
+        sum as f32 * (xs.scale[r] * self.scale[c]) + self.bias[c]
+    }
+}
+
+impl Simd {
+    /// The exact sums of a block of activation rows (`x`, [`RowCodes`]' layout) with a tile
+    /// of channels (`w`, [`ChannelMatrix`]'s): `[row][channel]`.
+    #[inline(always)]
+    fn channel_sums(self, w: &[i32], x: &[i32]) -> [[i32; SPAN]; TILE_ROWS] {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512(v4) => {
+                let task = ChannelTile { simd: v4, w, x };
+                match V4Vnni::detect() {
+                    Some(vnni) => vnni.vectorize(task),
+                    None => v4.vectorize(task),
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(v3) => v3.vectorize(ChannelTileAvx2 { simd: v3, w, x }),
+            _ => super::with_simd(
+                #[inline(always)]
+                || portable_sums(w, x),
+            ),
+        }
+    }
+}
+
+/// A pair's words of a tile and of a block of rows.
+#[inline(always)]
+fn pair_words<'a>(w: &'a [i32], x: &'a [i32]) -> (&'a [i32; SPAN], &'a [i32; TILE_ROWS]) {
+    match (w.try_into(), x.try_into()) {
+        (Ok(w), Ok(x)) => (w, x),
+        _ => unreachable!("a tile's and a block's words"),
+    }
+}
+
+/// [`Simd::channel_sums`] in portable code.
+#[inline(always)]
+fn portable_sums(w: &[i32], x: &[i32]) -> [[i32; SPAN]; TILE_ROWS] {
+    let mut acc = [[0i32; SPAN]; TILE_ROWS];
+    for (w, x) in w.chunks_exact(SPAN).zip(x.chunks_exact(TILE_ROWS)) {
+        let (w, x) = pair_words(w, x);
+        for (acc, &xw) in acc.iter_mut().zip(x) {
+            let (xl, xh) = (lo(xw), hi(xw));
+            for (a, &ww) in acc.iter_mut().zip(w) {
+                *a = a.wrapping_add(lo(ww) * xl + hi(ww) * xh);
+            }
+        }
+    }
+    acc
+}
+
+/// [`Simd::channel_sums`] on AVX-512: per pair, [`TILE_GROUPS`] loads and [`TILE_ROWS`]
+/// broadcasts, all at fixed offsets from two pointers, feed `TILE_ROWS * TILE_GROUPS` chains
+/// of `madd` + `add`.
+#[cfg(target_arch = "x86_64")]
+struct ChannelTile<'a> {
+    simd: pulp::x86::V4,
+    w: &'a [i32],
+    x: &'a [i32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for ChannelTile<'_> {
+    type Output = [[i32; SPAN]; TILE_ROWS];
+
+    #[inline(always)]
+    fn call(self) -> Self::Output {
+        use core::arch::x86_64::__m512i;
+        let ChannelTile { simd, w, x } = self;
+        let (f, bw) = (&simd.avx512f, &simd.avx512bw);
+        let mut acc = [[f._mm512_setzero_si512(); TILE_GROUPS]; TILE_ROWS];
+        for (w, x) in w.chunks_exact(SPAN).zip(x.chunks_exact(TILE_ROWS)) {
+            let (w, x) = pair_words(w, x);
+            let w: [__m512i; TILE_GROUPS] = std::array::from_fn(|j| {
+                let lanes: [i32; LANES] = match w[j * LANES..(j + 1) * LANES].try_into() {
+                    Ok(a) => a,
+                    Err(_) => unreachable!("LANES words"),
+                };
+                pulp::cast(lanes)
+            });
+            for (acc, &x) in acc.iter_mut().zip(x) {
+                let x = f._mm512_set1_epi32(x);
+                for (acc, &w) in acc.iter_mut().zip(&w) {
+                    *acc = f._mm512_add_epi32(*acc, bw._mm512_madd_epi16(w, x));
+                }
+            }
+        }
+        acc.map(pulp::cast::<[__m512i; TILE_GROUPS], [i32; SPAN]>)
+    }
+}
+
+/// [`Simd::channel_sums`] on AVX2 (sixteen registers): the tile in quarters of four rows by
+/// sixteen channels, each a pass over the pairs with eight chains of `madd` + `add`.
+#[cfg(target_arch = "x86_64")]
+struct ChannelTileAvx2<'a> {
+    simd: pulp::x86::V3,
+    w: &'a [i32],
+    x: &'a [i32],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for ChannelTileAvx2<'_> {
+    type Output = [[i32; SPAN]; TILE_ROWS];
+
+    #[inline(always)]
+    fn call(self) -> Self::Output {
+        use core::arch::x86_64::__m256i;
+        const HALF: usize = TILE_ROWS / 2;
+        let ChannelTileAvx2 { simd, w, x } = self;
+        let (a, a2) = (&simd.avx, &simd.avx2);
+        let mut out = [[0i32; SPAN]; TILE_ROWS];
+        for h in 0..2 {
+            for g in 0..TILE_GROUPS {
+                let mut acc = [[a._mm256_setzero_si256(); 2]; HALF];
+                for (w, x) in w.chunks_exact(SPAN).zip(x.chunks_exact(TILE_ROWS)) {
+                    let (w, x) = pair_words(w, x);
+                    let half = |k: usize| -> __m256i {
+                        let at = g * LANES + k * 8;
+                        let lanes: [i32; 8] = match w[at..at + 8].try_into() {
+                            Ok(l) => l,
+                            Err(_) => unreachable!("8 words"),
+                        };
+                        pulp::cast(lanes)
+                    };
+                    let wv = [half(0), half(1)];
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xv = a._mm256_set1_epi32(x[h * HALF + i]);
+                        for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                            *acc = a2._mm256_add_epi32(*acc, a2._mm256_madd_epi16(wv, xv));
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let lanes: [i32; LANES] = pulp::cast(*acc);
+                    out[h * HALF + i][g * LANES..(g + 1) * LANES].copy_from_slice(&lanes);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn limits_keep_every_sum_in_i32() {
+        for cols in [1, 2, 3, 31, 384, 1536, 4096, 100_000] {
+            let l = i64::from(limit_for(cols));
+            assert!(cols as i64 * l * l <= i64::from(i32::MAX), "{cols}");
+            assert!(cols as i64 * (l + 1) * (l + 1) > i64::from(i32::MAX) || l == 32767);
+        }
+        assert_eq!(limit_for(384), 2364);
+        assert_eq!(limit_for(1536), 1182);
+    }
+
+    /// Every shape's remainders (rows past whole tiles, channels past whole groups, an odd
+    /// column) against the one-product-at-a-time dot, bit for bit, and against f32.
+    #[test]
+    fn products_equal_the_reference_dots() {
+        for (n, rows, cols) in [
+            (1, 5, 3),
+            (9, 48, 64),
+            (21, 40, 33),
+            (70, 50, 384),
+            (17, 16, 1),
+        ] {
+            let w = values(rows as u64, rows * cols, 0.2);
+            let b = values(cols as u64, rows, 0.1);
+            let x = values(n as u64 + 7, n * cols, 4.0);
+            let m = ChannelMatrix::new(&w, &b, rows, cols).unwrap();
+            let mut codes = RowCodes::default();
+            let mut out = Vec::new();
+            m.forward_into(&x, n, &mut codes, &mut out);
+            assert_eq!(out.len(), n * rows);
+            for r in 0..n {
+                for c in 0..rows {
+                    let got = out[r * rows + c];
+                    let want = m.dot_reference(&codes, r, c);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{n}x{rows}x{cols} ({r}, {c})"
+                    );
+                    let f32_dot: f32 = (0..cols)
+                        .map(|i| w[c * cols + i] * x[r * cols + i])
+                        .sum::<f32>()
+                        + b[c];
+                    let bound = 2e-3 * (cols as f32).sqrt() + 1e-4;
+                    assert!((got - f32_dot).abs() < bound, "{got} against {f32_dot}");
+                }
+            }
+            // The portable sums agree with whatever kernel ran above.
+            let pairs = cols.div_ceil(2);
+            let (w, x) = (&m.words[..pairs * SPAN], &codes.words[..pairs * TILE_ROWS]);
+            assert_eq!(portable_sums(w, x), Simd::detect().channel_sums(w, x));
+        }
+    }
+
+    #[test]
+    fn extreme_codes_do_not_overflow() {
+        let (rows, cols) = (16, 1536);
+        let w = vec![-1.0f32; rows * cols];
+        let b = vec![0.0; rows];
+        let x = vec![3.0f32; cols];
+        let m = ChannelMatrix::new(&w, &b, rows, cols).unwrap();
+        let mut codes = RowCodes::default();
+        let mut out = Vec::new();
+        m.forward_into(&x, 1, &mut codes, &mut out);
+        for &o in &out {
+            assert!((o + 3.0 * cols as f32).abs() < 1e-2, "{o}");
+        }
+    }
+
+    #[test]
+    fn odd_rows_give_nan_or_bias() {
+        let (rows, cols) = (20, 8);
+        let w = values(1, rows * cols, 1.0);
+        let b = values(2, rows, 1.0);
+        let m = ChannelMatrix::new(&w, &b, rows, cols).unwrap();
+        let mut x = vec![0.0f32; 3 * cols];
+        x[cols + 2] = f32::NAN;
+        x[2 * cols..].fill(1e-40);
+        let mut codes = RowCodes::default();
+        let mut out = Vec::new();
+        m.forward_into(&x, 3, &mut codes, &mut out);
+        assert_eq!(&out[..rows], &b[..]);
+        assert!(out[rows..2 * rows].iter().all(|v| v.is_nan()));
+        assert_eq!(&out[2 * rows..], &b[..]);
+        let mut bad = w.clone();
+        bad[5] = f32::INFINITY;
+        assert!(ChannelMatrix::new(&bad, &b, rows, cols).is_err());
+        assert!(ChannelMatrix::new(&w, &b[1..], rows, cols).is_err());
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+
+    /// Times a MiniLM-sized product (`cargo test --release --workspace --lib -- --ignored
+    /// --nocapture channel_probe`): a probe for the kernels' rate, not a gate.
+    #[test]
+    #[ignore]
+    fn channel_probe() {
+        for (rows, cols) in [(384, 384), (1536, 384), (384, 1536)] {
+            let n = 870;
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            let m = ChannelMatrix::new(&w, &vec![0.0; rows], rows, cols).unwrap();
+            let mut codes = RowCodes::default();
+            let mut out = Vec::new();
+            m.forward_into(&x, n, &mut codes, &mut out);
+            let reps = 50;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                codes.round(&x, n, cols, m.limit());
+            }
+            let round = start.elapsed().as_secs_f64() / reps as f64;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                m.product(&codes, &mut out);
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            let gmac = (n * rows * cols) as f64 / secs / 1e9;
+            println!(
+                "{rows}x{cols}, {n} rows: round {:.0} us, product {:.0} us, {gmac:.1} GMAC/s",
+                round * 1e6,
+                secs * 1e6
+            );
+        }
+    }
+}
