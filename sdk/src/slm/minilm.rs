@@ -499,7 +499,7 @@ mod tests {
     }
 
     /// The CPU kernels' encoder (integer products) against the same oracle: each unit vector
-    /// within 0.01 of the oracle's (cosine above 0.999), the pair's cosine within 0.003.
+    /// within 0.002 of the oracle's (cosine above 0.999), the pair's cosine within 0.003.
     #[test]
     fn cpu_kernels_match_numpy_oracle() {
         let (r, model) = oracle_and_model();
@@ -528,7 +528,8 @@ mod tests {
         let pair = cos(&e[0], &e[1]);
         println!("kernels: max per-dimension error {max_err:.2e}, cosine(pair) {pair:.4}");
         assert!((pair - r.cosine[0][1]).abs() < 0.003, "{pair}");
-        assert!(max_err < 0.01, "max per-dimension error {max_err}");
+        // 1.0e-3 on 16-bit codes; 8-bit codes on a scale per 32 values gave 3.0e-3.
+        assert!(max_err < 2e-3, "max per-dimension error {max_err}");
         // Every sequence alone gives what it gives among others (no padding, no mixing).
         let alone = unit(cpu.pooled(&seqs[2..3]).unwrap().remove(0));
         assert!(cos(&alone, &e[2]) > 0.99999);
@@ -632,7 +633,7 @@ mod tests {
             texts.len()
         );
         assert!(spread > 0.05, "the head did not move off 0.5 ({spread})");
-        assert!(max_diff < 0.01, "{max_diff}");
+        assert!(max_diff < 0.005, "{max_diff}");
         assert!(same * 100 >= texts.len() * 97, "{same}");
         // Training again replaces the kernels' copy of the weights.
         let again = examples(mr.iter().skip(1).step_by(320));
@@ -642,7 +643,7 @@ mod tests {
         let fast = model.predict_proba(&texts[..8]).unwrap();
         let burn = model.predict_proba_burn(&texts[..8], 32).unwrap();
         for (f, b) in fast.iter().zip(&burn) {
-            assert!((f[0] - b[0]).abs() < 0.01, "{} against {}", f[0], b[0]);
+            assert!((f[0] - b[0]).abs() < 0.005, "{} against {}", f[0], b[0]);
         }
     }
 
