@@ -604,22 +604,6 @@ fn q5_block(qs: &[u8], qh: u32) -> [u8; QK] {
     out
 }
 
-/// The largest of `xs` and `floor`, NaNs passed over: sixteen running maxima compared with
-/// `>` (which the compiler vectorizes, where `f32::max`'s NaN rule keeps a loop scalar).
-#[inline(always)]
-pub fn lane_max(xs: &[f32], floor: f32) -> f32 {
-    let pick = |a: f32, b: f32| if b > a { b } else { a };
-    let mut acc = [floor; 16];
-    let chunks = xs.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(floor, |a, &b| pick(a, b));
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = pick(*a, x);
-        }
-    }
-    acc.iter().fold(tail, |a, &b| pick(a, b))
-}
-
 /// The instruction set the integer kernels run with in this process: `avx512+vnni`,
 /// `avx512`, `avx2` or `scalar` (`CROSSLM_SIMD` narrows it), for logs and benchmarks.
 pub fn kernels() -> &'static str {
