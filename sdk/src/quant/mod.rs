@@ -192,25 +192,6 @@ impl QMatrix {
         }
     }
 
-    /// An f32 matrix `[rows, cols]` (row-major) rounded to 8-bit codes, a scale per 32
-    /// values (Q8_0's rounding): for models that come as f32 but run on the integer kernels.
-    pub fn q8_from_f32(values: &[f32], rows: usize, cols: usize) -> Result<QMatrix> {
-        if values.len() != rows * cols || !cols.is_multiple_of(QK) {
-            return Err(BlockError(format!(
-                "{} values for a {rows}x{cols} matrix of {QK}-value blocks",
-                values.len()
-            )));
-        }
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(BlockError("a non-finite weight".into()));
-        }
-        Ok(QMatrix {
-            rows,
-            cols,
-            codes: repack::q8_from_f32(values),
-        })
-    }
-
     /// The path products with this matrix take.
     pub fn path(&self) -> Path {
         match self.codes {

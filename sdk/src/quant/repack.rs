@@ -114,18 +114,6 @@ pub(super) fn repack(ty: GgmlType, bytes: &[u8], q5: Q5Form) -> Option<Codes> {
     })
 }
 
-/// f32 values (whole 32-element blocks) as 8-bit codes, each block on the scale of its
-/// largest magnitude (Q8_0's rounding, the scale kept f32).
-pub(super) fn q8_from_f32(values: &[f32]) -> Codes {
-    let mut q8 = Q8Builder::with_blocks(values.len() / QK);
-    for block in values.chunks_exact(QK) {
-        let amax = block.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        q8.push(d, block.iter().map(|&v| code(v, d)));
-    }
-    q8.finish()
-}
-
 /// `v / d` rounded to an 8-bit code (0 when the scale is 0).
 fn code(v: f32, d: f32) -> i8 {
     if d == 0.0 {
