@@ -16,6 +16,7 @@ use super::Simd;
 #[cfg(target_arch = "x86_64")]
 use super::V4Vnni;
 use super::ggml::BlockError;
+use super::panel::pair;
 
 /// Output channels of a group: the lanes of an AVX-512 register.
 const LANES: usize = 16;
@@ -26,19 +27,14 @@ const TILE_ROWS: usize = 8;
 const TILE_GROUPS: usize = 3;
 /// The most activation rows a rayon task takes: its weights stay in L2 while they pass.
 const TASK_ROWS: usize = 64;
-/// Magic number for round-half-to-even of |v| <= 2^22 in f32: `(v + M) - M`.
+/// `1.5 * 2^23`: for |v| <= 2^22, the low mantissa bits of `v + ROUND` less those of `ROUND`
+/// are `v` rounded half to even.
 const ROUND: f32 = 12_582_912.0;
 
 /// The largest code magnitude for rows of `cols` values: `cols * limit^2 <= i32::MAX`.
 fn limit_for(cols: usize) -> i32 {
     let l = (f64::from(i32::MAX) / cols.max(1) as f64).sqrt().floor();
     l.min(f64::from(i16::MAX)) as i32
-}
-
-/// Two codes as the i16 pair of one word (`vpdpwssd`'s operand).
-#[inline(always)]
-fn pair(lo: i32, hi: i32) -> i32 {
-    (lo & 0xffff) | (hi << 16)
 }
 
 #[inline(always)]
@@ -189,14 +185,13 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
         words.fill(0);
         return 0.0;
     }
-    // Thirty-two codes at a time as i16s, which are the sixteen words' bytes (low half
-    // first); a last short chunk padded with zeros.
-    // `v + ROUND`'s low mantissa bits are `round(v)` (|v| <= 2^22): integer steps only, no
-    // float-to-int cast (whose NaN and range rules keep a loop scalar).
+    // Integer steps only, no float-to-int cast (whose NaN and range rules keep a loop scalar).
     let code = |v: f32| {
         let q = (v * inv + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
         q.clamp(-limit, limit) as i16
     };
+    // Thirty-two codes at a time as i16s, which are the sixteen words' bytes (low half
+    // first); a last short chunk padded with zeros.
     let mut chunks = x.chunks_exact(32);
     let mut out = words.chunks_mut(16);
     for (c, w) in chunks.by_ref().zip(out.by_ref()) {
@@ -274,11 +269,6 @@ impl ChannelMatrix {
     /// Output channels.
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// Input features.
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 
     /// The code range activation rows are rounded to for this matrix ([`RowCodes::round`]).
@@ -619,11 +609,6 @@ mod tests {
         assert!(ChannelMatrix::new(&bad, &b, rows, cols).is_err());
         assert!(ChannelMatrix::new(&w, &b[1..], rows, cols).is_err());
     }
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
 
     /// Times a MiniLM-sized product (`cargo test --release --workspace --lib -- --ignored
     /// --nocapture channel_probe`): a probe for the kernels' rate, not a gate.

@@ -54,20 +54,14 @@ struct Scratch {
 /// One encoder layer.
 #[derive(Debug)]
 struct Layer {
-    query: Dense,
-    key: Dense,
-    value: Dense,
-    output: Dense,
+    query: ChannelMatrix,
+    key: ChannelMatrix,
+    value: ChannelMatrix,
+    output: ChannelMatrix,
     attention_norm: Norm,
-    intermediate: Dense,
-    down: Dense,
+    intermediate: ChannelMatrix,
+    down: ChannelMatrix,
     norm: Norm,
-}
-
-/// A linear layer: `[out, in]` weight and bias on the kernels.
-#[derive(Debug)]
-struct Dense {
-    w: ChannelMatrix,
 }
 
 /// Layer norm parameters.
@@ -82,31 +76,24 @@ fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| Error::Model(format!("reading weights: {e:?}")))
 }
 
-impl Dense {
-    fn new(l: &Linear) -> Result<Dense> {
-        let w = l.weight.val();
-        // burn holds `[in, out]`; the kernels multiply by rows of `[out, in]`.
-        let [din, dout] = w.dims();
-        let v = values(w)?;
-        let mut t = vec![0.0; v.len()];
-        for (i, row) in v.chunks_exact(dout).enumerate() {
-            for (o, &x) in row.iter().enumerate() {
-                t[o * din + i] = x;
-            }
+/// A linear layer's `[out, in]` weight and bias on the kernels.
+fn dense(l: &Linear) -> Result<ChannelMatrix> {
+    let w = l.weight.val();
+    // burn holds `[in, out]`; the kernels multiply by rows of `[out, in]`.
+    let [din, dout] = w.dims();
+    let v = values(w)?;
+    let mut t = vec![0.0; v.len()];
+    for (i, row) in v.chunks_exact(dout).enumerate() {
+        for (o, &x) in row.iter().enumerate() {
+            t[o * din + i] = x;
         }
-        let b = match &l.bias {
-            Some(b) => values(b.val())?,
-            None => vec![0.0; dout],
-        };
-        let w = ChannelMatrix::new(&t, &b, dout, din)
-            .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))?;
-        Ok(Dense { w })
     }
-
-    /// `out <- x W^T + b` for the `n` rows of `x`, into `out`'s buffer.
-    fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
-        self.w.forward_into(x, n, codes, out);
-    }
+    let b = match &l.bias {
+        Some(b) => values(b.val())?,
+        None => vec![0.0; dout],
+    };
+    ChannelMatrix::new(&t, &b, dout, din)
+        .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))
 }
 
 impl Norm {
@@ -168,13 +155,13 @@ impl CpuMiniLm {
             .map(|l| {
                 let a = &l.attention;
                 Ok(Layer {
-                    query: Dense::new(&a.query)?,
-                    key: Dense::new(&a.key)?,
-                    value: Dense::new(&a.value)?,
-                    output: Dense::new(&a.output)?,
+                    query: dense(&a.query)?,
+                    key: dense(&a.key)?,
+                    value: dense(&a.value)?,
+                    output: dense(&a.output)?,
                     attention_norm: Norm::new(&a.norm)?,
-                    intermediate: Dense::new(&l.intermediate)?,
-                    down: Dense::new(&l.output)?,
+                    intermediate: dense(&l.intermediate)?,
+                    down: dense(&l.output)?,
                     norm: Norm::new(&l.norm)?,
                 })
             })
@@ -288,9 +275,9 @@ impl CpuMiniLm {
     fn layer(&self, l: &Layer, x: &mut [f32], lens: &[usize], s: &mut Scratch) {
         let (d, n) = (self.d, x.len() / self.d);
         // Query, key and value share the rounded rows (one shape, one code range).
-        s.codes.round(x, n, d, l.query.w.limit());
-        for (m, dense) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
-            dense.w.product(&s.codes, m);
+        s.codes.round(x, n, d, l.query.limit());
+        for (m, w) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
+            w.product(&s.codes, m);
         }
         let [q, k, v] = &s.qkv;
         self.attention(q, k, v, lens, &mut s.context);
@@ -299,7 +286,7 @@ impl CpuMiniLm {
         l.attention_norm.residual_rows(x, &s.attended, d, self.eps);
         l.intermediate
             .forward_into(x, n, &mut s.codes, &mut s.hidden);
-        let width = l.intermediate.w.rows();
+        let width = l.intermediate.rows();
         s.hidden
             .par_chunks_mut(width * CHUNK_ROWS)
             .for_each(gelu_in_place);
