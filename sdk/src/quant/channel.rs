@@ -242,20 +242,32 @@ impl ChannelMatrix {
         let mut padded_bias = vec![0.0f32; channels];
         padded_bias[..rows].copy_from_slice(bias);
         let mut words = vec![0i32; channels * pairs];
-        for (c, row) in weights.chunks_exact(cols.max(1)).enumerate().take(rows) {
-            let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-            if amax == 0.0 {
-                continue;
-            }
-            let s = amax / limit as f32;
-            scale[c] = s;
-            let code = |v: f32| ((v / s).round() as i32).clamp(-limit, limit);
-            let (t, k) = (c / SPAN, c % SPAN);
-            for p in 0..pairs {
-                let second = row.get(2 * p + 1).map_or(0, |&v| code(v));
-                words[(t * pairs + p) * SPAN + k] = pair(code(row[2 * p]), second);
-            }
-        }
+        // Tiles split over the threads: the training path rounds every matrix each step.
+        words
+            .par_chunks_mut((pairs * SPAN).max(1))
+            .zip(scale.par_chunks_mut(SPAN))
+            .enumerate()
+            .for_each(|(t, (words, scale))| {
+                let first = t * SPAN;
+                let channels = weights
+                    .chunks_exact(cols.max(1))
+                    .take(rows)
+                    .skip(first)
+                    .take(SPAN);
+                for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
+                    let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+                    if amax == 0.0 {
+                        continue;
+                    }
+                    let s = amax / limit as f32;
+                    *scale = s;
+                    let code = |v: f32| ((v / s).round() as i32).clamp(-limit, limit);
+                    for p in 0..pairs {
+                        let second = row.get(2 * p + 1).map_or(0, |&v| code(v));
+                        words[p * SPAN + k] = pair(code(row[2 * p]), second);
+                    }
+                }
+            });
         Ok(ChannelMatrix {
             rows,
             cols,

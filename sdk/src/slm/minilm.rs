@@ -15,13 +15,17 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
+mod backprop;
 mod cpu;
+mod learner;
+mod params;
 
 pub use cpu::CpuMiniLm;
 
 use std::sync::Arc;
 
-use super::{ArchConfig, Classifier, CpuScorer};
+use super::train::Learner;
+use super::{ArchConfig, Classifier, CpuScorer, TrainConfig};
 use crate::{Error, Result};
 
 /// BERT hyper-parameters, as in the HF `config.json`.
@@ -413,6 +417,20 @@ impl Classifier for MiniLmClassifier {
     fn cpu_scorer(&self, config: &ArchConfig) -> Result<Option<Arc<dyn CpuScorer>>> {
         match config {
             ArchConfig::Minilm(cfg) => Ok(Some(Arc::new(CpuMiniLm::new(self, cfg)?))),
+            ArchConfig::Bag(_) => Ok(None),
+        }
+    }
+
+    #[allow(private_interfaces)]
+    fn cpu_learner(
+        &self,
+        config: &ArchConfig,
+        train: &TrainConfig,
+    ) -> Result<Option<Box<dyn Learner<Self>>>> {
+        match config {
+            ArchConfig::Minilm(cfg) => {
+                Ok(Some(Box::new(learner::CpuLearner::new(self, cfg, train)?)))
+            }
             ArchConfig::Bag(_) => Ok(None),
         }
     }

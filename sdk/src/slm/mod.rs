@@ -6,6 +6,7 @@
 //!
 //! Over 600 lines with its tests beside the code.
 
+mod adamw;
 mod bag;
 pub mod checkpoint;
 mod minilm;
@@ -46,6 +47,20 @@ pub trait Classifier: Module + 'static {
     fn cpu_scorer(&self, _config: &ArchConfig) -> Result<Option<Arc<dyn CpuScorer>>> {
         Ok(None)
     }
+
+    /// A training engine for this model on the CPU kernels, where the architecture has one
+    /// (starting from the module's current weights). Internal to the SDK's training loop.
+    #[allow(private_interfaces)]
+    fn cpu_learner(
+        &self,
+        _config: &ArchConfig,
+        _train: &TrainConfig,
+    ) -> Result<Option<Box<dyn train::Learner<Self>>>>
+    where
+        Self: Sized,
+    {
+        Ok(None)
+    }
 }
 
 /// A classifier's forward pass on the SDK's CPU kernels ([`crate::quant`]), which scores on
@@ -60,6 +75,12 @@ pub trait CpuScorer: Send + Sync + std::fmt::Debug {
 /// `CROSSLM_SLM_SCORING=burn` asks for burn's f32 forward (for comparisons).
 fn score_on_kernels() -> bool {
     std::env::var("CROSSLM_SLM_SCORING").map_or(true, |v| v != "burn")
+}
+
+/// Whether training on the Flex device runs on the CPU kernels (where the architecture has
+/// them): yes unless `CROSSLM_SLM_TRAINING=burn` asks for burn's f32 autodiff.
+fn train_on_kernels() -> bool {
+    std::env::var("CROSSLM_SLM_TRAINING").map_or(true, |v| v != "burn")
 }
 
 /// Which SLM architecture.
@@ -442,8 +463,17 @@ impl<M: Classifier> Slm for TextClassifier<M> {
         cfg: &TrainConfig,
         progress: &mut dyn FnMut(&TrainProgress),
     ) -> Result<TrainReport> {
+        let on_kernels = self.device == Device::flex() && train_on_kernels();
+        let config = &self.config;
         let (model, report) = train::fit(
             self.model.clone(),
+            |m| {
+                if on_kernels {
+                    m.cpu_learner(config, cfg)
+                } else {
+                    Ok(None)
+                }
+            },
             &self.tokenizer,
             self.labels.len(),
             examples,

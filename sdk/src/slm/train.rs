@@ -198,10 +198,36 @@ pub struct TrainReport {
 }
 
 /// A tokenized example.
-struct Encoded {
-    ids: Vec<u32>,
-    target: Vec<f32>,
-    weight: f32,
+pub(crate) struct Encoded {
+    /// Token ids (unpadded).
+    pub ids: Vec<u32>,
+    /// Target probabilities.
+    pub target: Vec<f32>,
+    /// Weight in the loss.
+    pub weight: f32,
+}
+
+/// What the training loop drives: a model with its optimizer and its passes. burn's autodiff
+/// is one ([`BurnLearner`]); MiniLM on the CPU kernels is another.
+pub(crate) trait Learner<M> {
+    /// One optimizer step over `batch` at learning rate `lr`; the batch's loss.
+    fn step(&mut self, batch: &[&Encoded], lr: f64) -> Result<f32>;
+    /// Inference-mode logits of `batch`, `[B * labels]` row-major.
+    fn logits(&mut self, batch: &[&Encoded]) -> Result<Vec<f32>>;
+    /// Remembers the current weights as the best so far.
+    fn keep(&mut self) -> Result<()>;
+    /// The kept weights (else the current ones) in inference form.
+    fn finish(self: Box<Self>) -> Result<M>;
+}
+
+/// burn's autodiff and AdamW on the model's own device.
+struct BurnLearner<M: Classifier> {
+    model: M,
+    optim: burn::optim::ModuleOptimizer,
+    best: Option<M>,
+    n_labels: usize,
+    pad: u32,
+    device: Device,
 }
 
 /// Tensors of one batch: tokens, targets `[B, C]`, weights `[B, 1]`.
@@ -262,9 +288,12 @@ fn bucketed_batches(
 /// threads run, and the same inputs would train different models.
 static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Trains `model` and returns it in inference form (no autodiff) with the report.
+/// Trains `model` and returns it in inference form (no autodiff) with the report: on the CPU
+/// kernels where `cpu` offers a learner for it, else with burn's autodiff on `device`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fit<M: Classifier>(
     model: M,
+    cpu: impl FnOnce(&M) -> Result<Option<Box<dyn Learner<M>>>>,
     tokenizer: &TextTokenizer,
     n_labels: usize,
     examples: &[TrainExample],
@@ -320,18 +349,17 @@ pub(crate) fn fit<M: Classifier>(
 
     let steps_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay)
-        .with_epsilon(1e-8)
-        .with_grad_clipping(cfg.max_grad_norm.map(GradientClippingConfig::Norm))
-        .init();
-
-    let mut model = model
-        .set_require_grad(true)
-        .freeze_lower(cfg.freeze_layers, cfg.freeze_embeddings)
-        .train();
-    let pad = tokenizer.pad_id();
-    let mut best: Option<(f32, f64, usize, M)> = None;
+    let mut learner: Box<dyn Learner<M>> = match cpu(&model)? {
+        Some(l) => l,
+        None => Box::new(BurnLearner::new(
+            model,
+            cfg,
+            n_labels,
+            tokenizer.pad_id(),
+            device,
+        )),
+    };
+    let mut best: Option<(f32, f64, usize)> = None;
     let (mut step, mut epochs_run, mut train_loss, mut since_best) = (0, 0, 0.0f32, 0);
     let mut train_seconds = 0.0;
     let mut seen = 0usize;
@@ -344,21 +372,13 @@ pub(crate) fn fit<M: Classifier>(
         for (b, batch_idx) in batches.into_iter().enumerate() {
             let start = Instant::now();
             let items: Vec<&Encoded> = batch_idx.iter().map(|&i| &data[i]).collect();
-            let batch = make_batch(&items, n_labels, pad, &model_device(device));
-            let logits = model.logits(batch.tokens.ids, batch.tokens.mask);
-            let loss = weighted_soft_ce(logits, batch.targets, batch.weights);
-            let loss_value = loss
-                .clone()
-                .try_into_scalar::<f32>()
-                .map_err(|e| Error::Model(format!("reading loss: {e:?}")))?;
+            let lr = cfg.lr_at(step, total_steps);
+            let loss_value = learner.step(&items, lr)?;
             if !loss_value.is_finite() {
                 return Err(Error::Model(format!(
                     "loss became {loss_value} at step {step}"
                 )));
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = cfg.lr_at(step, total_steps);
-            model = optim.step(lr, model, grads);
             train_seconds += start.elapsed().as_secs_f64();
             seen += items.len();
             step += 1;
@@ -367,14 +387,7 @@ pub(crate) fn fit<M: Classifier>(
 
             let last = b + 1 == n_batches;
             let val = if last && !val_idx.is_empty() {
-                Some(evaluate(
-                    &model.valid(),
-                    &data,
-                    &val_idx,
-                    n_labels,
-                    pad,
-                    device,
-                )?)
+                Some(evaluate(learner.as_mut(), &data, &val_idx, n_labels)?)
             } else {
                 None
             };
@@ -389,7 +402,8 @@ pub(crate) fn fit<M: Classifier>(
             });
             if let Some((val_loss, val_acc)) = val {
                 if best.as_ref().is_none_or(|b| val_loss < b.0) {
-                    best = Some((val_loss, val_acc, epoch, model.valid()));
+                    learner.keep()?;
+                    best = Some((val_loss, val_acc, epoch));
                     since_best = 0;
                 } else {
                     since_best += 1;
@@ -405,9 +419,10 @@ pub(crate) fn fit<M: Classifier>(
         }
     }
 
-    let (model, best_epoch, val_loss, val_accuracy) = match best {
-        Some((loss, acc, epoch, m)) => (m, epoch, Some(loss), Some(acc)),
-        None => (model.valid(), epochs_run, None, None),
+    let model = learner.finish()?;
+    let (best_epoch, val_loss, val_accuracy) = match best {
+        Some((loss, acc, epoch)) => (epoch, Some(loss), Some(acc)),
+        None => (epochs_run, None, None),
     };
     Ok((
         model,
@@ -426,39 +441,114 @@ pub(crate) fn fit<M: Classifier>(
     ))
 }
 
-/// The device training tensors are created on: the plain device with autodiff.
-fn model_device(device: &Device) -> Device {
-    device.clone().autodiff()
+impl<M: Classifier> BurnLearner<M> {
+    fn new(model: M, cfg: &TrainConfig, n_labels: usize, pad: u32, device: &Device) -> Self {
+        let optim = AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay)
+            .with_epsilon(1e-8)
+            .with_grad_clipping(cfg.max_grad_norm.map(GradientClippingConfig::Norm))
+            .init();
+        let model = model
+            .set_require_grad(true)
+            .freeze_lower(cfg.freeze_layers, cfg.freeze_embeddings)
+            .train();
+        BurnLearner {
+            model,
+            optim,
+            best: None,
+            n_labels,
+            pad,
+            device: device.clone(),
+        }
+    }
 }
 
-/// Validation loss and accuracy of an inference-mode model.
-fn evaluate<M: Classifier>(
-    model: &M,
+impl<M: Classifier> Learner<M> for BurnLearner<M> {
+    fn step(&mut self, batch: &[&Encoded], lr: f64) -> Result<f32> {
+        // Tensors for training live on the plain device with autodiff.
+        let batch = make_batch(
+            batch,
+            self.n_labels,
+            self.pad,
+            &self.device.clone().autodiff(),
+        );
+        let logits = self.model.logits(batch.tokens.ids, batch.tokens.mask);
+        let loss = weighted_soft_ce(logits, batch.targets, batch.weights);
+        let value = loss
+            .clone()
+            .try_into_scalar::<f32>()
+            .map_err(|e| Error::Model(format!("reading loss: {e:?}")))?;
+        if value.is_finite() {
+            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            self.model = self.optim.step(lr, self.model.clone(), grads);
+        }
+        Ok(value)
+    }
+
+    fn logits(&mut self, batch: &[&Encoded]) -> Result<Vec<f32>> {
+        let batch = make_batch(batch, self.n_labels, self.pad, &self.device);
+        self.model
+            .valid()
+            .logits(batch.tokens.ids, batch.tokens.mask)
+            .try_into_vec_as::<f32>()
+            .map_err(|e| Error::Model(format!("reading logits: {e:?}")))
+    }
+
+    fn keep(&mut self) -> Result<()> {
+        self.best = Some(self.model.valid());
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<M> {
+        Ok(self.best.unwrap_or_else(|| self.model.valid()))
+    }
+}
+
+/// Weighted soft-target cross-entropy of each row of `logits` (`[B, labels]`), in f64.
+pub(crate) fn soft_ce_rows(logits: &[f32], targets: &[f32], labels: usize) -> Vec<f64> {
+    logits
+        .chunks_exact(labels)
+        .zip(targets.chunks_exact(labels))
+        .map(|(lg, t)| {
+            let max = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = f64::from(max)
+                + lg.iter()
+                    .map(|&v| f64::from(v - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            t.iter()
+                .zip(lg)
+                .map(|(&t, &v)| f64::from(t) * (lse - f64::from(v)))
+                .sum()
+        })
+        .collect()
+}
+
+/// Validation loss and accuracy of the learner's current weights, in inference mode.
+fn evaluate<M>(
+    learner: &mut dyn Learner<M>,
     data: &[Encoded],
     idx: &[usize],
     n_labels: usize,
-    pad: u32,
-    device: &Device,
 ) -> Result<(f32, f64)> {
     let mut sorted = idx.to_vec();
     sorted.sort_by_key(|&i| data[i].ids.len());
     let (mut loss_sum, mut weight_sum, mut correct) = (0.0f64, 0.0f64, 0usize);
     for chunk in sorted.chunks(64) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
-        let batch = make_batch(&items, n_labels, pad, device);
-        let logits = model.logits(batch.tokens.ids, batch.tokens.mask);
-        let w: f64 = items.iter().map(|e| f64::from(e.weight)).sum();
-        let loss = weighted_soft_ce(logits.clone(), batch.targets, batch.weights)
-            .try_into_scalar::<f32>()
-            .map_err(|e| Error::Model(format!("reading loss: {e:?}")))?;
-        loss_sum += f64::from(loss) * w;
-        weight_sum += w;
-        let [_, c] = logits.dims();
-        let values = logits
-            .try_into_vec_as::<f32>()
-            .map_err(|e| Error::Model(format!("reading logits: {e:?}")))?;
-        for (k, e) in items.iter().enumerate() {
-            if argmax(&values[k * c..(k + 1) * c]) == argmax(&e.target) {
+        let logits = learner.logits(&items)?;
+        let targets: Vec<f32> = items
+            .iter()
+            .flat_map(|e| e.target.iter().copied())
+            .collect();
+        for ((ce, e), lg) in soft_ce_rows(&logits, &targets, n_labels)
+            .into_iter()
+            .zip(&items)
+            .zip(logits.chunks_exact(n_labels))
+        {
+            loss_sum += f64::from(e.weight) * ce;
+            weight_sum += f64::from(e.weight);
+            if argmax(lg) == argmax(&e.target) {
                 correct += 1;
             }
         }

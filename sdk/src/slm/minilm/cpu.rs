@@ -448,7 +448,7 @@ fn heads_any(
 /// `f` summed over `xs` in eight running sums (a plain sum is one chain of dependent adds,
 /// which the compiler may not reorder into vectors).
 #[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(super) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = xs.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
@@ -463,7 +463,7 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// The largest of `xs` and `floor`, NaNs passed over: sixteen running maxima compared with
 /// `>` (which the compiler vectorizes, where `f32::max`'s NaN rule keeps a loop scalar).
 #[inline(always)]
-fn lane_max(xs: &[f32], floor: f32) -> f32 {
+pub(super) fn lane_max(xs: &[f32], floor: f32) -> f32 {
     let pick = |a: f32, b: f32| if b > a { b } else { a };
     let mut acc = [floor; 16];
     let chunks = xs.chunks_exact(16);
@@ -483,10 +483,42 @@ fn softmax(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= sum);
 }
 
-/// GELU with the exact erf form, `x/2 (1 + erf(x / sqrt 2))`, erf by Abramowitz and Stegun
-/// 7.1.26 (absolute error below 1.5e-7, far under the 8-bit weights' rounding); vectorized
+/// GELU with the exact erf form, `x/2 (1 + erf(x / sqrt 2))`, erf by [`erf_scaled`]; vectorized
 /// through the kernels' `exp`.
 fn gelu_in_place(xs: &mut [f32]) {
+    let mut e = [0.0f32; 256];
+    for c in xs.chunks_mut(e.len()) {
+        let e = &mut e[..c.len()];
+        half_square_exp(c, e);
+        quant::with_simd(
+            #[inline(always)]
+            || {
+                for (x, &e) in c.iter_mut().zip(e.iter()) {
+                    *x = 0.5 * *x * (1.0 + erf_scaled(*x, e));
+                }
+            },
+        );
+    }
+}
+
+/// `e <- exp(-x^2 / 2)` for each of `xs`.
+pub(super) fn half_square_exp(xs: &[f32], e: &mut [f32]) {
+    quant::with_simd(
+        #[inline(always)]
+        || {
+            for (e, &x) in e.iter_mut().zip(xs) {
+                let z = x * std::f32::consts::FRAC_1_SQRT_2;
+                *e = -(z * z);
+            }
+        },
+    );
+    quant::exp_in_place(e);
+}
+
+/// `erf(x / sqrt 2)` from `e = exp(-x^2 / 2)`, by Abramowitz and Stegun 7.1.26 (absolute error
+/// below 1.5e-7, far under the codes' rounding).
+#[inline(always)]
+pub(super) fn erf_scaled(x: f32, e: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -495,32 +527,10 @@ fn gelu_in_place(xs: &mut [f32]) {
         -1.453_152_1,
         1.061_405_4,
     ];
-    let mut e = [0.0f32; 256];
-    for c in xs.chunks_mut(e.len()) {
-        let e = &mut e[..c.len()];
-        quant::with_simd(
-            #[inline(always)]
-            || {
-                for (e, &x) in e.iter_mut().zip(c.iter()) {
-                    let z = x * std::f32::consts::FRAC_1_SQRT_2;
-                    *e = -(z * z);
-                }
-            },
-        );
-        quant::exp_in_place(e);
-        quant::with_simd(
-            #[inline(always)]
-            || {
-                for (x, &e) in c.iter_mut().zip(e.iter()) {
-                    let z = (*x * std::f32::consts::FRAC_1_SQRT_2).abs();
-                    let t = 1.0 / (1.0 + P * z);
-                    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-                    let erf = (1.0 - poly * e).copysign(*x);
-                    *x = 0.5 * *x * (1.0 + erf);
-                }
-            },
-        );
-    }
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + P * z);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    (1.0 - poly * e).copysign(x)
 }
 
 #[cfg(test)]
