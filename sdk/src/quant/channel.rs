@@ -16,7 +16,6 @@ use super::Simd;
 #[cfg(target_arch = "x86_64")]
 use super::V4Vnni;
 use super::ggml::BlockError;
-use super::panel::pair;
 
 /// Output channels of a group: the lanes of an AVX-512 register.
 const LANES: usize = 16;
@@ -49,7 +48,7 @@ fn hi(w: i32) -> i32 {
 
 /// A weight matrix `[rows = out, cols = in]` with its bias, as 16-bit codes on a scale per
 /// row (output channel).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChannelMatrix {
     rows: usize,
     cols: usize,
@@ -219,13 +218,27 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
 
 impl ChannelMatrix {
     /// `weights` `[rows, cols]` (row-major) and `bias` `[rows]`, rounded: each row's codes
-    /// `round(w / s)` with `s = max |w| / limit`.
+    /// `round(w limit / max |w|)` (half to even), its scale `max |w| / limit`.
     pub fn new(
         weights: &[f32],
         bias: &[f32],
         rows: usize,
         cols: usize,
     ) -> Result<ChannelMatrix, BlockError> {
+        let mut m = ChannelMatrix::default();
+        m.refill(weights, bias, rows, cols)?;
+        Ok(m)
+    }
+
+    /// [`ChannelMatrix::new`] into this value's buffers (kept from matrix to matrix: the
+    /// training path rounds every weight, and every layer's input, each step).
+    pub fn refill(
+        &mut self,
+        weights: &[f32],
+        bias: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), BlockError> {
         if weights.len() != rows * cols || bias.len() != rows {
             return Err(BlockError(format!(
                 "{} weights and {} biases for a {rows}x{cols} layer",
@@ -233,49 +246,51 @@ impl ChannelMatrix {
                 bias.len()
             )));
         }
-        if weights.iter().chain(bias).any(|v| !v.is_finite()) {
-            return Err(BlockError("a non-finite weight or bias".into()));
+        if bias.iter().any(|v| !v.is_finite()) {
+            return Err(BlockError("a non-finite bias".into()));
         }
         let limit = limit_for(cols);
         let (channels, pairs) = (rows.next_multiple_of(SPAN), cols.div_ceil(2));
-        let mut scale = vec![0.0f32; channels];
-        let mut padded_bias = vec![0.0f32; channels];
-        padded_bias[..rows].copy_from_slice(bias);
-        let mut words = vec![0i32; channels * pairs];
-        // Tiles split over the threads: the training path rounds every matrix each step.
+        let fresh = |v: &mut Vec<f32>| {
+            v.clear();
+            v.resize(channels, 0.0);
+        };
+        fresh(&mut self.scale);
+        fresh(&mut self.bias);
+        self.bias[..rows].copy_from_slice(bias);
+        self.words.clear();
+        self.words.resize(channels * pairs, 0);
+        (self.rows, self.cols, self.limit) = (rows, cols, limit);
+        let (words, scale) = (&mut self.words, &mut self.scale);
+        // Tiles split over the threads (the training path rounds every matrix each step), each
+        // channel rounded as activation rows are, then its pairs set in the tile's layout.
         words
             .par_chunks_mut((pairs * SPAN).max(1))
             .zip(scale.par_chunks_mut(SPAN))
             .enumerate()
             .for_each(|(t, (words, scale))| {
-                let first = t * SPAN;
-                let channels = weights
-                    .chunks_exact(cols.max(1))
-                    .take(rows)
-                    .skip(first)
-                    .take(SPAN);
-                for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
-                    let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-                    if amax == 0.0 {
-                        continue;
-                    }
-                    let s = amax / limit as f32;
-                    *scale = s;
-                    let code = |v: f32| ((v / s).round() as i32).clamp(-limit, limit);
-                    for p in 0..pairs {
-                        let second = row.get(2 * p + 1).map_or(0, |&v| code(v));
-                        words[p * SPAN + k] = pair(code(row[2 * p]), second);
-                    }
-                }
+                super::with_simd(
+                    #[inline(always)]
+                    || {
+                        let mut codes = vec![0i32; pairs];
+                        let channels = weights
+                            .chunks_exact(cols.max(1))
+                            .take(rows)
+                            .skip(t * SPAN)
+                            .take(SPAN);
+                        for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
+                            *scale = round_row(row, limit, &mut codes);
+                            for (p, &c) in codes.iter().enumerate() {
+                                words[p * SPAN + k] = c;
+                            }
+                        }
+                    },
+                )
             });
-        Ok(ChannelMatrix {
-            rows,
-            cols,
-            limit,
-            scale,
-            bias: padded_bias,
-            words,
-        })
+        if self.scale.iter().any(|s| s.is_nan()) {
+            return Err(BlockError("a non-finite weight".into()));
+        }
+        Ok(())
     }
 
     /// Output channels.

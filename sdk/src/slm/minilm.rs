@@ -665,6 +665,27 @@ mod tests {
         }
     }
 
+    /// Times training on the kernels (`cargo test --release --workspace --lib -- --ignored
+    /// --nocapture training_probe`): 12 steps of 32 MR sentences a run, after a warmup run;
+    /// a probe for profiles, not a gate.
+    #[test]
+    #[ignore]
+    fn training_probe() {
+        let mr = mr();
+        let mut model = untrained();
+        let train = examples(mr.iter().take(32 * 13));
+        let cfg = TrainConfig {
+            epochs: 1,
+            validation_fraction: 0.0,
+            ..TrainConfig::default()
+        };
+        model.train(&train[..32], &cfg, &mut |_| {}).unwrap();
+        for _ in 0..3 {
+            let r = model.train(&train[32..], &cfg, &mut |_| {}).unwrap();
+            println!("{:.1} samples/s", r.train_samples_per_sec);
+        }
+    }
+
     /// Times scoring on the kernels (`cargo test --release --workspace --lib -- --ignored
     /// --nocapture scoring_probe`): a probe for profiles, not a gate.
     #[test]

@@ -15,12 +15,87 @@
 use rayon::prelude::*;
 
 use super::cpu::{erf_scaled, half_square_exp, lane_max, lane_sum};
-use super::params::{LayerParams, Params, transpose};
+use super::params::{LayerParams, Params};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::{Error, Result};
 
 /// Rows a rayon task of the element-wise passes takes.
 const CHUNK_ROWS: usize = 16;
+
+/// Buffers kept from step to step. A step's values (hundreds of MB) allocated afresh each
+/// time cost a page fault a page, and the TLB flushes of handing them back, about a tenth
+/// of a step.
+#[derive(Default)]
+pub(crate) struct Work {
+    f32s: Vec<Vec<f32>>,
+    mats: Vec<ChannelMatrix>,
+    codes: RowCodes,
+}
+
+impl Work {
+    /// `len` zeros, in the smallest kept buffer that holds them (else the largest, grown).
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        let mut v = self.take_dirty(len);
+        v.fill(0.0);
+        v
+    }
+
+    /// [`Work::take`] for a buffer the caller writes whole: whatever values it held.
+    fn take_dirty(&mut self, len: usize) -> Vec<f32> {
+        let fits = (0..self.f32s.len())
+            .filter(|&i| self.f32s[i].capacity() >= len)
+            .min_by_key(|&i| self.f32s[i].capacity());
+        let pick = fits.or_else(|| (0..self.f32s.len()).max_by_key(|&i| self.f32s[i].capacity()));
+        let mut v = pick.map(|i| self.f32s.swap_remove(i)).unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
+        v
+    }
+
+    /// A copy of `x` in a kept buffer.
+    fn copy(&mut self, x: &[f32]) -> Vec<f32> {
+        let mut v = self.take_dirty(x.len());
+        v.copy_from_slice(x);
+        v
+    }
+
+    fn give(&mut self, v: Vec<f32>) {
+        if v.capacity() > 0 {
+            self.f32s.push(v);
+        }
+    }
+
+    fn give_mask(&mut self, m: Option<Vec<f32>>) {
+        if let Some(m) = m {
+            self.give(m);
+        }
+    }
+
+    /// `W` `[rows, cols]` and `bias` rounded into a kept matrix.
+    fn matrix(
+        &mut self,
+        w: &[f32],
+        bias: &[f32],
+        rows: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<ChannelMatrix> {
+        let mut m = self.mats.pop().unwrap_or_default();
+        m.refill(w, bias, rows, cols).map_err(model_err(what))?;
+        Ok(m)
+    }
+
+    /// `out <- x m^T + bias` for the `n` rows of `x`, in a kept buffer; `m` kept again.
+    fn product(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Vec<f32> {
+        let mut out = self.take_dirty(n * m.rows());
+        m.forward_into(x, n, &mut self.codes, &mut out);
+        self.mats.push(m);
+        out
+    }
+}
 
 /// What the passes need from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -40,14 +115,14 @@ pub(crate) struct Dropout {
 }
 
 impl Dropout {
-    fn mask(&self, site: u64, n: usize) -> Option<Vec<f32>> {
+    fn mask(&self, site: u64, n: usize, work: &mut Work) -> Option<Vec<f32>> {
         if self.p <= 0.0 {
             return None;
         }
         let keep = 1.0 / (1.0 - self.p);
         let threshold = (f64::from(self.p) * (1u64 << 24) as f64) as u32;
         let base = splitmix(self.key ^ splitmix(site));
-        let mut m = vec![0.0f32; n];
+        let mut m = work.take_dirty(n);
         m.par_chunks_mut(4096).enumerate().for_each(|(c, m)| {
             quant::with_simd(
                 #[inline(always)]
@@ -155,6 +230,27 @@ pub(crate) struct Tape {
     pub logits: Vec<f32>,
 }
 
+impl Tape {
+    /// Hands every buffer back to `work`.
+    pub(crate) fn recycle(self, work: &mut Work) {
+        for l in self.layers {
+            for v in [
+                l.x, l.qkv, l.probs, l.context, l.xhat1, l.rstd1, l.h1, l.up, l.act, l.xhat2,
+                l.rstd2,
+            ] {
+                work.give(v);
+            }
+            work.give_mask(l.drop1);
+            work.give_mask(l.drop2);
+        }
+        for v in [self.xhat0, self.rstd0, self.pooled] {
+            work.give(v);
+        }
+        work.give_mask(self.drop0);
+        work.give_mask(self.drop_head);
+    }
+}
+
 fn model_err(what: &str) -> impl Fn(quant::ggml::BlockError) -> Error + '_ {
     move |e| Error::Model(format!("{what}: {e}"))
 }
@@ -190,50 +286,89 @@ fn exact(_: &[f32], _: &[f32], _: &[f32], _: usize, _: usize) -> Option<Vec<f32>
 }
 
 /// `y <- x W^T + b` on the kernels, `W` `[dout, din]`.
-fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, codes: &mut RowCodes) -> Result<Vec<f32>> {
+fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f32>> {
     let (dout, din) = (b.len(), x.len() / n.max(1));
     if let Some(y) = exact(x, w, b, n, din) {
         return Ok(y);
     }
-    let m = ChannelMatrix::new(w, b, dout, din).map_err(model_err("a weight"))?;
-    let mut y = Vec::new();
-    m.forward_into(x, n, codes, &mut y);
-    Ok(y)
+    let m = work.matrix(w, b, dout, din, "a weight")?;
+    Ok(work.product(m, x, n))
 }
 
 /// `dx <- dy W` (`[n, din]`), `W` `[dout, din]`, `dy` `[n, dout]`.
-fn input_grad(
-    w: &[f32],
-    dy: &[f32],
-    n: usize,
-    din: usize,
-    codes: &mut RowCodes,
-) -> Result<Vec<f32>> {
+fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> Result<Vec<f32>> {
     let dout = dy.len() / n.max(1);
-    let wt = transpose(w, dout, din);
-    if let Some(dx) = exact(dy, &wt, &vec![0.0; din], n, dout) {
+    let wt = transpose(w, dout, din, work);
+    let zeros = work.take(din);
+    if let Some(dx) = exact(dy, &wt, &zeros, n, dout) {
         return Ok(dx);
     }
-    let m = ChannelMatrix::new(&wt, &vec![0.0; din], din, dout)
-        .map_err(model_err("a transposed weight"))?;
-    let mut dx = Vec::new();
-    m.forward_into(dy, n, codes, &mut dx);
-    Ok(dx)
+    let m = work.matrix(&wt, &zeros, din, dout, "a transposed weight")?;
+    work.give(wt);
+    work.give(zeros);
+    Ok(work.product(m, dy, n))
 }
 
 /// `dW <- dy^T x` (`[dout, din]`) over the `n` rows.
-fn weight_grad(dy: &[f32], x: &[f32], n: usize, codes: &mut RowCodes) -> Result<Vec<f32>> {
+fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f32>> {
     let (dout, din) = (dy.len() / n.max(1), x.len() / n.max(1));
-    let xt = transpose(x, n, din);
-    let dyt = transpose(dy, n, dout);
-    if let Some(dw) = exact(&dyt, &xt, &vec![0.0; din], dout, n) {
+    let xt = transpose(x, n, din, work);
+    let dyt = transpose(dy, n, dout, work);
+    let zeros = work.take(din);
+    if let Some(dw) = exact(&dyt, &xt, &zeros, dout, n) {
         return Ok(dw);
     }
-    let m =
-        ChannelMatrix::new(&xt, &vec![0.0; din], din, n).map_err(model_err("a layer's input"))?;
-    let mut dw = Vec::new();
-    m.forward_into(&dyt, dout, codes, &mut dw);
+    let m = work.matrix(&xt, &zeros, din, n, "a layer's input")?;
+    let dw = work.product(m, &dyt, dout);
+    work.give(xt);
+    work.give(dyt);
+    work.give(zeros);
     Ok(dw)
+}
+
+/// `[rows, cols]` to `[cols, rows]` in a kept buffer: tasks of sixteen output rows, each read
+/// and written in 16 x 16 tiles.
+fn transpose(x: &[f32], rows: usize, cols: usize, work: &mut Work) -> Vec<f32> {
+    const B: usize = 16;
+    let mut t = work.take_dirty(x.len());
+    if rows == 0 || cols == 0 {
+        return t;
+    }
+    t.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            quant::with_simd(
+                #[inline(always)]
+                || {
+                    let c0 = cb * B;
+                    let width = (cols - c0).min(B);
+                    for r0 in (0..rows).step_by(B) {
+                        let height = (rows - r0).min(B);
+                        let mut tile = [[0.0f32; B]; B];
+                        for (i, row) in tile.iter_mut().enumerate().take(height) {
+                            let src = &x[(r0 + i) * cols + c0..][..width];
+                            // Whole tiles as fixed-size copies (a runtime length calls
+                            // memcpy).
+                            match <&[f32; B]>::try_from(src) {
+                                Ok(s) => *row = *s,
+                                Err(_) => row[..width].copy_from_slice(src),
+                            }
+                        }
+                        for (c, dst) in out.chunks_exact_mut(rows).take(width).enumerate() {
+                            match <&mut [f32; B]>::try_from(&mut dst[r0..r0 + height]) {
+                                Ok(d) => *d = std::array::from_fn(|i| tile[i][c]),
+                                Err(_) => {
+                                    for (i, d) in dst[r0..r0 + height].iter_mut().enumerate() {
+                                        *d = tile[i][c];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                },
+            )
+        });
+    t
 }
 
 /// Column sums of `x` (`[n, width]`): fixed chunks of rows, their sums added in order.
@@ -266,13 +401,14 @@ fn norm_forward(
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
+    work: &mut Work,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let n = r.len() / d;
     let (mut xhat, mut rstd, mut y) = (
-        vec![0.0f32; r.len()],
-        vec![0.0f32; n],
-        vec![0.0f32; r.len()],
+        work.take_dirty(r.len()),
+        work.take_dirty(n),
+        work.take_dirty(r.len()),
     );
     xhat.par_chunks_mut(d * CHUNK_ROWS)
         .zip(y.par_chunks_mut(d * CHUNK_ROWS))
@@ -311,9 +447,10 @@ fn norm_backward(
     xhat: &[f32],
     rstd: &[f32],
     gamma: &[f32],
+    work: &mut Work,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
-    let mut dx = vec![0.0f32; dy.len()];
+    let mut dx = work.take_dirty(dy.len());
     dx.par_chunks_mut(d * CHUNK_ROWS)
         .zip(dy.par_chunks(d * CHUNK_ROWS))
         .zip(xhat.par_chunks(d * CHUNK_ROWS))
@@ -347,12 +484,17 @@ fn norm_backward(
                 },
             )
         });
-    let prod: Vec<f32> = dy.par_iter().zip(xhat).map(|(a, b)| a * b).collect();
-    (dx, column_sums(&prod, d), column_sums(dy, d))
+    let mut prod = work.copy(dy);
+    prod.par_chunks_mut(4096)
+        .zip(xhat.par_chunks(4096))
+        .for_each(|(p, x)| p.iter_mut().zip(x).for_each(|(p, x)| *p *= x));
+    let dgamma = column_sums(&prod, d);
+    work.give(prod);
+    (dx, dgamma, column_sums(dy, d))
 }
 
-fn gelu_forward(u: &[f32]) -> Vec<f32> {
-    let mut g = u.to_vec();
+fn gelu_forward(u: &[f32], work: &mut Work) -> Vec<f32> {
+    let mut g = work.copy(u);
     g.par_chunks_mut(4096).for_each(|c| {
         let mut e = [0.0f32; 256];
         for c in c.chunks_mut(256) {
@@ -494,8 +636,8 @@ fn attend_backward(
 }
 
 /// `x + mask * a` for every element, into a new buffer.
-fn residual(x: &[f32], a: &[f32], mask: &Option<Vec<f32>>) -> Vec<f32> {
-    let mut r = a.to_vec();
+fn residual(x: &[f32], a: &[f32], mask: &Option<Vec<f32>>, work: &mut Work) -> Vec<f32> {
+    let mut r = work.copy(a);
     apply(mask, &mut r);
     r.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
@@ -510,6 +652,7 @@ pub(crate) fn forward(
     shape: Shape,
     seqs: &[&[u32]],
     dropout: Option<Dropout>,
+    work: &mut Work,
 ) -> Result<Tape> {
     let d = p.d();
     let vocab = p.word.len() / d;
@@ -538,7 +681,7 @@ pub(crate) fn forward(
     };
     let drop = dropout.unwrap_or(Dropout { p: 0.0, ..drop });
     let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-    let mut e = vec![0.0f32; n * d];
+    let mut e = work.take_dirty(n * d);
     let mut rows = e.chunks_exact_mut(d);
     for s in seqs {
         for (t, (&id, row)) in s.iter().zip(rows.by_ref()).enumerate() {
@@ -549,16 +692,16 @@ pub(crate) fn forward(
             }
         }
     }
-    let (xhat0, rstd0, mut x) = norm_forward(&e, &p.norm0, &p.norm0_bias, shape.eps);
-    let drop0 = drop.mask(0, x.len());
+    let (xhat0, rstd0, mut x) = norm_forward(&e, &p.norm0, &p.norm0_bias, shape.eps, work);
+    work.give(e);
+    let drop0 = drop.mask(0, x.len(), work);
     apply(&drop0, &mut x);
-    let mut codes = RowCodes::default();
     let mut layers = Vec::with_capacity(p.layers.len());
     for (li, l) in p.layers.iter().enumerate() {
         let site = 1 + 2 * li as u64;
-        let qkv = linear(&l.qkv, &l.qkv_bias, &x, n, &mut codes)?;
-        let mut probs = vec![0.0f32; spans.lens.iter().map(|l| shape.heads * l * l).sum()];
-        let mut context = vec![0.0f32; n * d];
+        let qkv = linear(&l.qkv, &l.qkv_bias, &x, n, work)?;
+        let mut probs = work.take_dirty(spans.lens.iter().map(|l| shape.heads * l * l).sum());
+        let mut context = work.take_dirty(n * d);
         let starts = spans.starts();
         spans
             .split(&mut probs, |len| shape.heads * len * len)
@@ -579,24 +722,20 @@ pub(crate) fn forward(
                     },
                 )
             });
-        let attended = linear(&l.out, &l.out_bias, &context, n, &mut codes)?;
-        let drop1 = drop.mask(site, n * d);
-        let (xhat1, rstd1, h1) = norm_forward(
-            &residual(&x, &attended, &drop1),
-            &l.norm1,
-            &l.norm1_bias,
-            shape.eps,
-        );
-        let up = linear(&l.up, &l.up_bias, &h1, n, &mut codes)?;
-        let act = gelu_forward(&up);
-        let down = linear(&l.down, &l.down_bias, &act, n, &mut codes)?;
-        let drop2 = drop.mask(site + 1, n * d);
-        let (xhat2, rstd2, out) = norm_forward(
-            &residual(&h1, &down, &drop2),
-            &l.norm2,
-            &l.norm2_bias,
-            shape.eps,
-        );
+        let attended = linear(&l.out, &l.out_bias, &context, n, work)?;
+        let drop1 = drop.mask(site, n * d, work);
+        let r1 = residual(&x, &attended, &drop1, work);
+        work.give(attended);
+        let (xhat1, rstd1, h1) = norm_forward(&r1, &l.norm1, &l.norm1_bias, shape.eps, work);
+        work.give(r1);
+        let up = linear(&l.up, &l.up_bias, &h1, n, work)?;
+        let act = gelu_forward(&up, work);
+        let down = linear(&l.down, &l.down_bias, &act, n, work)?;
+        let drop2 = drop.mask(site + 1, n * d, work);
+        let r2 = residual(&h1, &down, &drop2, work);
+        work.give(down);
+        let (xhat2, rstd2, out) = norm_forward(&r2, &l.norm2, &l.norm2_bias, shape.eps, work);
+        work.give(r2);
         layers.push(LayerTape {
             x: std::mem::replace(&mut x, out),
             qkv,
@@ -614,7 +753,7 @@ pub(crate) fn forward(
         });
     }
     let b = seqs.len();
-    let mut pooled = vec![0.0f32; b * d];
+    let mut pooled = work.take(b * d);
     let mut at = 0;
     for (row, &len) in pooled.chunks_exact_mut(d).zip(&spans.lens) {
         for r in x[at * d..(at + len) * d].chunks_exact(d) {
@@ -624,7 +763,8 @@ pub(crate) fn forward(
         row.iter_mut().for_each(|m| *m /= count);
         at += len;
     }
-    let drop_head = drop.mask(u64::MAX, b * d);
+    work.give(x);
+    let drop_head = drop.mask(u64::MAX, b * d, work);
     apply(&drop_head, &mut pooled);
     let labels = p.labels();
     let mut logits = vec![0.0f32; b * labels];
@@ -694,13 +834,14 @@ pub(crate) fn backward(
     dlogits: &[f32],
     trainable: &[bool],
     grads: &mut Params,
+    work: &mut Work,
 ) -> Result<()> {
     let d = p.d();
     let labels = p.labels();
     let spans = &tape.spans;
     let n = spans.n;
     // The head.
-    let mut dpooled = vec![0.0f32; tape.pooled.len()];
+    let mut dpooled = work.take(tape.pooled.len());
     grads.head.fill(0.0);
     grads.head_bias.fill(0.0);
     for ((g, x), dp) in dlogits
@@ -721,7 +862,7 @@ pub(crate) fn backward(
         return Ok(());
     };
     apply(&tape.drop_head, &mut dpooled);
-    let mut dy = vec![0.0f32; n * d];
+    let mut dy = work.take_dirty(n * d);
     let mut at = 0;
     for (dp, &len) in dpooled.chunks_exact(d).zip(&spans.lens) {
         let inv = 1.0 / len.max(1) as f32;
@@ -730,7 +871,7 @@ pub(crate) fn backward(
         }
         at += len;
     }
-    let mut codes = RowCodes::default();
+    work.give(dpooled);
     for li in (bottom..p.layers.len()).rev() {
         let need_dx = li > bottom || embeddings;
         let g = layer_trains(li).then_some(&mut grads.layers[li]);
@@ -742,16 +883,17 @@ pub(crate) fn backward(
             dy,
             g,
             need_dx,
-            &mut codes,
+            work,
         )?;
     }
     if !embeddings {
         return Ok(());
     }
     apply(&tape.drop0, &mut dy);
-    let (de, dg, db) = norm_backward(&dy, &tape.xhat0, &tape.rstd0, &p.norm0);
-    grads.norm0 = dg;
-    grads.norm0_bias = db;
+    let (de, dg, db) = norm_backward(&dy, &tape.xhat0, &tape.rstd0, &p.norm0, work);
+    work.give(dy);
+    keep(work, &mut grads.norm0, dg);
+    keep(work, &mut grads.norm0_bias, db);
     let positions = grads.position.len() / d;
     let (word, position, segment) = (&mut grads.word, &mut grads.position, &mut grads.segment);
     word.par_chunks_mut(4096).for_each(|c| c.fill(0.0));
@@ -767,7 +909,13 @@ pub(crate) fn backward(
             axpy(&mut segment[..d], 1.0, row);
         }
     }
+    work.give(de);
     Ok(())
+}
+
+/// `slot <- v`, its old buffer kept.
+fn keep(work: &mut Work, slot: &mut Vec<f32>, v: Vec<f32>) {
+    work.give(std::mem::replace(slot, v));
 }
 
 /// One layer's backward pass from its output's gradient `dy`: the weights' gradients into
@@ -781,44 +929,56 @@ fn layer_backward(
     dy: Vec<f32>,
     mut grads: Option<&mut LayerParams>,
     need_dx: bool,
-    codes: &mut RowCodes,
+    work: &mut Work,
 ) -> Result<Vec<f32>> {
     let n = spans.n;
     let d = l.norm1.len();
     let f = l.up_bias.len();
     // Second norm: `out = norm2(h1 + drop2 * down)`.
-    let (dr2, dg2, db2) = norm_backward(&dy, &t.xhat2, &t.rstd2, &l.norm2);
-    let mut ddown = dr2.clone();
+    let (dr2, dg2, db2) = norm_backward(&dy, &t.xhat2, &t.rstd2, &l.norm2, work);
+    work.give(dy);
+    let mut ddown = work.copy(&dr2);
     apply(&t.drop2, &mut ddown);
     if let Some(g) = grads.as_deref_mut() {
-        g.norm2 = dg2;
-        g.norm2_bias = db2;
-        g.down = weight_grad(&ddown, &t.act, n, codes)?;
-        g.down_bias = column_sums(&ddown, d);
+        keep(work, &mut g.norm2, dg2);
+        keep(work, &mut g.norm2_bias, db2);
+        let v = weight_grad(&ddown, &t.act, n, work)?;
+        keep(work, &mut g.down, v);
+        let v = column_sums(&ddown, d);
+        keep(work, &mut g.down_bias, v);
     }
-    let mut dact = input_grad(&l.down, &ddown, n, f, codes)?;
+    let mut dact = input_grad(&l.down, &ddown, n, f, work)?;
+    work.give(ddown);
     gelu_backward(&t.up, &mut dact);
     let dup = dact;
     if let Some(g) = grads.as_deref_mut() {
-        g.up = weight_grad(&dup, &t.h1, n, codes)?;
-        g.up_bias = column_sums(&dup, f);
+        let v = weight_grad(&dup, &t.h1, n, work)?;
+        keep(work, &mut g.up, v);
+        let v = column_sums(&dup, f);
+        keep(work, &mut g.up_bias, v);
     }
-    let mut dh1 = input_grad(&l.up, &dup, n, d, codes)?;
+    let mut dh1 = input_grad(&l.up, &dup, n, d, work)?;
     dh1.par_chunks_mut(4096)
         .zip(dr2.par_chunks(4096))
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    work.give(dup);
+    work.give(dr2);
     // First norm: `h1 = norm1(x + drop1 * attended)`.
-    let (dr1, dg1, db1) = norm_backward(&dh1, &t.xhat1, &t.rstd1, &l.norm1);
-    let mut dattended = dr1.clone();
+    let (dr1, dg1, db1) = norm_backward(&dh1, &t.xhat1, &t.rstd1, &l.norm1, work);
+    work.give(dh1);
+    let mut dattended = work.copy(&dr1);
     apply(&t.drop1, &mut dattended);
     if let Some(g) = grads.as_deref_mut() {
-        g.norm1 = dg1;
-        g.norm1_bias = db1;
-        g.out = weight_grad(&dattended, &t.context, n, codes)?;
-        g.out_bias = column_sums(&dattended, d);
+        keep(work, &mut g.norm1, dg1);
+        keep(work, &mut g.norm1_bias, db1);
+        let v = weight_grad(&dattended, &t.context, n, work)?;
+        keep(work, &mut g.out, v);
+        let v = column_sums(&dattended, d);
+        keep(work, &mut g.out_bias, v);
     }
-    let dcontext = input_grad(&l.out, &dattended, n, d, codes)?;
-    let mut dqkv = vec![0.0f32; n * 3 * d];
+    let dcontext = input_grad(&l.out, &dattended, n, d, work)?;
+    work.give(dattended);
+    let mut dqkv = work.take_dirty(n * 3 * d);
     let mut prob_at = Vec::with_capacity(spans.lens.len());
     let mut acc = 0;
     for &len in &spans.lens {
@@ -847,16 +1007,23 @@ fn layer_backward(
             )
         });
     if let Some(g) = grads {
-        g.qkv = weight_grad(&dqkv, &t.x, n, codes)?;
-        g.qkv_bias = column_sums(&dqkv, 3 * d);
+        let v = weight_grad(&dqkv, &t.x, n, work)?;
+        keep(work, &mut g.qkv, v);
+        let v = column_sums(&dqkv, 3 * d);
+        keep(work, &mut g.qkv_bias, v);
     }
+    work.give(dcontext);
     if !need_dx {
+        work.give(dqkv);
+        work.give(dr1);
         return Ok(Vec::new());
     }
-    let mut dx = input_grad(&l.qkv, &dqkv, n, d, codes)?;
+    let mut dx = input_grad(&l.qkv, &dqkv, n, d, work)?;
     dx.par_chunks_mut(4096)
         .zip(dr1.par_chunks(4096))
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    work.give(dqkv);
+    work.give(dr1);
     Ok(dx)
 }
 
@@ -944,11 +1111,12 @@ mod tests {
         };
         let params = Params::read(&model).unwrap();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let tape = forward(&params, shape, &refs, None).unwrap();
+        let mut work = Work::default();
+        let tape = forward(&params, shape, &refs, None, &mut work).unwrap();
         let (loss, dlogits) = soft_ce(&tape.logits, &targets, &weights, 3);
         let mut grads = params.zeros_like();
         let all = vec![true; params.tensors().len()];
-        backward(&params, shape, &tape, &dlogits, &all, &mut grads).unwrap();
+        backward(&params, shape, &tape, &dlogits, &all, &mut grads, &mut work).unwrap();
 
         let ad = Device::flex().autodiff();
         let burn_model = model.set_require_grad(true).train();
@@ -1015,11 +1183,12 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 let drop = Dropout { p: 0.1, key: 3 };
-                let tape = forward(&params, shape, &refs, Some(drop)).unwrap();
+                let mut work = Work::default();
+                let tape = forward(&params, shape, &refs, Some(drop), &mut work).unwrap();
                 let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
                 let mut grads = params.zeros_like();
                 let all = vec![true; params.tensors().len()];
-                backward(&params, shape, &tape, &dl, &all, &mut grads).unwrap();
+                backward(&params, shape, &tape, &dl, &all, &mut grads, &mut work).unwrap();
                 grads
             })
         };
@@ -1032,11 +1201,12 @@ mod tests {
     #[test]
     fn dropout_keeps_the_expected_share() {
         let d = Dropout { p: 0.1, key: 5 };
-        let m = d.mask(1, 100_000).unwrap();
+        let w = &mut Work::default();
+        let m = d.mask(1, 100_000, w).unwrap();
         let kept = m.iter().filter(|&&v| v != 0.0).count() as f64 / m.len() as f64;
         assert!((kept - 0.9).abs() < 0.005, "{kept}");
         assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
-        assert_ne!(m, d.mask(2, 100_000).unwrap());
-        assert!(Dropout { p: 0.0, key: 5 }.mask(1, 10).is_none());
+        assert_ne!(m, d.mask(2, 100_000, w).unwrap());
+        assert!(Dropout { p: 0.0, key: 5 }.mask(1, 10, w).is_none());
     }
 }

@@ -1,7 +1,7 @@
 //! MiniLM trained on the CPU kernels: [`super::backprop`]'s passes and [`AdamW`], on the
 //! classifier's weights read once per training run and written back at its end.
 
-use super::backprop::{self, Dropout, Shape};
+use super::backprop::{self, Dropout, Shape, Work};
 use super::params::{Params, trainable};
 use super::{BertConfig, MiniLmClassifier};
 use crate::Result;
@@ -20,6 +20,7 @@ pub(crate) struct CpuLearner {
     shape: Shape,
     seed: u64,
     steps: u64,
+    work: Work,
 }
 
 impl CpuLearner {
@@ -45,6 +46,7 @@ impl CpuLearner {
             },
             seed: train.seed,
             steps: 0,
+            work: Work::default(),
         })
     }
 }
@@ -61,10 +63,17 @@ impl Learner<MiniLmClassifier> for CpuLearner {
             p: self.shape.dropout,
             key: self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.steps,
         };
-        let tape = backprop::forward(&self.params, self.shape, &seqs, Some(dropout))?;
+        let tape = backprop::forward(
+            &self.params,
+            self.shape,
+            &seqs,
+            Some(dropout),
+            &mut self.work,
+        )?;
         let (loss, dlogits) =
             backprop::soft_ce(&tape.logits, &targets, &weights, self.params.labels());
         if !loss.is_finite() {
+            tape.recycle(&mut self.work);
             return Ok(loss);
         }
         backprop::backward(
@@ -74,8 +83,9 @@ impl Learner<MiniLmClassifier> for CpuLearner {
             &dlogits,
             &self.trainable,
             &mut self.grads,
+            &mut self.work,
         )?;
-        drop(tape);
+        tape.recycle(&mut self.work);
         self.optim.step(
             lr,
             self.params.tensors_mut(),
@@ -88,7 +98,10 @@ impl Learner<MiniLmClassifier> for CpuLearner {
 
     fn logits(&mut self, batch: &[&Encoded]) -> Result<Vec<f32>> {
         let seqs: Vec<&[u32]> = batch.iter().map(|e| e.ids.as_slice()).collect();
-        Ok(backprop::forward(&self.params, self.shape, &seqs, None)?.logits)
+        let tape = backprop::forward(&self.params, self.shape, &seqs, None, &mut self.work)?;
+        let logits = tape.logits.clone();
+        tape.recycle(&mut self.work);
+        Ok(logits)
     }
 
     fn keep(&mut self) -> Result<()> {
