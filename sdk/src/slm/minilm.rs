@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 mod backprop;
 mod cpu;
+mod gelu;
 mod learner;
 mod params;
 

@@ -14,7 +14,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{erf_scaled, half_square_exp, lane_max, lane_sum};
+use super::cpu::{lane_max, lane_sum};
+use super::gelu::{gelu_grad_in_place, gelu_in_place};
 use super::params::{LayerParams, Params};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::{Error, Result};
@@ -495,45 +496,15 @@ fn norm_backward(
 
 fn gelu_forward(u: &[f32], work: &mut Work) -> Vec<f32> {
     let mut g = work.copy(u);
-    g.par_chunks_mut(4096).for_each(|c| {
-        let mut e = [0.0f32; 256];
-        for c in c.chunks_mut(256) {
-            let e = &mut e[..c.len()];
-            half_square_exp(c, e);
-            quant::with_simd(
-                #[inline(always)]
-                || {
-                    for (x, &e) in c.iter_mut().zip(e.iter()) {
-                        *x = 0.5 * *x * (1.0 + erf_scaled(*x, e));
-                    }
-                },
-            );
-        }
-    });
+    g.par_chunks_mut(4096).for_each(gelu_in_place);
     g
 }
 
-/// `dg <- dg * gelu'(u)`, `gelu'(u) = Phi(u) + u phi(u)`.
+/// `dg <- dg * gelu'(u)`.
 fn gelu_backward(u: &[f32], dg: &mut [f32]) {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
     dg.par_chunks_mut(4096)
         .zip(u.par_chunks(4096))
-        .for_each(|(dg, u)| {
-            let mut e = [0.0f32; 256];
-            for (dg, u) in dg.chunks_mut(256).zip(u.chunks(256)) {
-                let e = &mut e[..u.len()];
-                half_square_exp(u, e);
-                quant::with_simd(
-                    #[inline(always)]
-                    || {
-                        for ((dg, &x), &e) in dg.iter_mut().zip(u).zip(e.iter()) {
-                            let cdf = 0.5 * (1.0 + erf_scaled(x, e));
-                            *dg *= cdf + x * e * INV_SQRT_2PI;
-                        }
-                    },
-                );
-            }
-        });
+        .for_each(|(dg, u)| gelu_grad_in_place(u, dg));
 }
 
 #[inline(always)]

@@ -10,6 +10,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::gelu::gelu_in_place;
 use super::{BertConfig, MiniLmClassifier};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::CpuScorer;
@@ -483,70 +484,9 @@ fn softmax(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= sum);
 }
 
-/// GELU with the exact erf form, `x/2 (1 + erf(x / sqrt 2))`, erf by [`erf_scaled`]; vectorized
-/// through the kernels' `exp`.
-fn gelu_in_place(xs: &mut [f32]) {
-    let mut e = [0.0f32; 256];
-    for c in xs.chunks_mut(e.len()) {
-        let e = &mut e[..c.len()];
-        half_square_exp(c, e);
-        quant::with_simd(
-            #[inline(always)]
-            || {
-                for (x, &e) in c.iter_mut().zip(e.iter()) {
-                    *x = 0.5 * *x * (1.0 + erf_scaled(*x, e));
-                }
-            },
-        );
-    }
-}
-
-/// `e <- exp(-x^2 / 2)` for each of `xs`.
-pub(super) fn half_square_exp(xs: &[f32], e: &mut [f32]) {
-    quant::with_simd(
-        #[inline(always)]
-        || {
-            for (e, &x) in e.iter_mut().zip(xs) {
-                let z = x * std::f32::consts::FRAC_1_SQRT_2;
-                *e = -(z * z);
-            }
-        },
-    );
-    quant::exp_in_place(e);
-}
-
-/// `erf(x / sqrt 2)` from `e = exp(-x^2 / 2)`, by Abramowitz and Stegun 7.1.26 (absolute error
-/// below 1.5e-7, far under the codes' rounding).
-#[inline(always)]
-pub(super) fn erf_scaled(x: f32, e: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_8,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
-    let t = 1.0 / (1.0 + P * z);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    (1.0 - poly * e).copysign(x)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// erf's own series, for the GELU check.
-    fn erf_series(x: f64) -> f64 {
-        let mut sum = 0.0;
-        let mut term = x;
-        for n in 0..200 {
-            sum += term / (2 * n + 1) as f64;
-            term *= -x * x / (n + 1) as f64;
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    }
 
     /// The register-blocked heads against the plain loops, on random queries, keys and values
     /// of sequences shorter and longer than a key block.
@@ -588,24 +528,5 @@ mod tests {
             lane_max(&[f32::NAN; 20], f32::NEG_INFINITY),
             f32::NEG_INFINITY
         );
-    }
-
-    #[test]
-    fn gelu_follows_the_erf_form() {
-        let mut xs: Vec<f32> = (-600..=600).map(|i| i as f32 / 100.0).collect();
-        let want: Vec<f64> = xs
-            .iter()
-            .map(|&x| {
-                let x = f64::from(x);
-                0.5 * x * (1.0 + erf_series(x / 2f64.sqrt()))
-            })
-            .collect();
-        gelu_in_place(&mut xs);
-        for (got, want) in xs.iter().zip(&want) {
-            assert!(
-                (f64::from(*got) - want).abs() < 2e-6,
-                "gelu {got} against {want}"
-            );
-        }
     }
 }
