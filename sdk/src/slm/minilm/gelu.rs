@@ -25,13 +25,7 @@ pub(super) fn erf(x: f32) -> f32 {
         -7.373_329e-3,
         -1.426_474e-2,
     ];
-    let x = if x > 4.0 {
-        4.0
-    } else if x < -4.0 {
-        -4.0
-    } else {
-        x
-    };
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let p = ALPHA[1..].iter().fold(ALPHA[0], |p, &a| p * x2 + a) * x;
     let q = BETA[1..].iter().fold(BETA[0], |q, &b| q * x2 + b);
