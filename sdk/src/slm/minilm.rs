@@ -687,6 +687,68 @@ mod tests {
         }
     }
 
+    /// Test accuracy after fine-tuning on the kernels and through burn's autodiff, the same
+    /// examples and seeds (`cargo test --release --workspace --lib -- --ignored --nocapture
+    /// training_engines_probe`; `PROBE_TRAIN` examples, default 256): a probe, not a gate.
+    #[test]
+    #[ignore]
+    fn training_engines_probe() {
+        let mr = mr();
+        let n: usize = std::env::var("PROBE_TRAIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        // MR comes sorted by label: spread both sets over the whole file.
+        let train = examples(mr.iter().step_by((mr.len() / n.max(1)).max(1)).take(n));
+        let test: Vec<_> = mr.iter().skip(3).step_by(5).collect();
+        let texts = texts(test.iter().copied());
+        for seed in 1..=3 {
+            for kernels in [true, false] {
+                let mut slm = untrained();
+                let cfg = TrainConfig {
+                    seed,
+                    ..TrainConfig::default()
+                };
+                let config = slm.config.clone();
+                let start = std::time::Instant::now();
+                let (model, report) = crate::slm::train::fit(
+                    slm.model.clone(),
+                    |m| {
+                        if kernels {
+                            m.cpu_learner(&config, &cfg)
+                        } else {
+                            Ok(None)
+                        }
+                    },
+                    &slm.tokenizer,
+                    2,
+                    &train,
+                    &cfg,
+                    &slm.device,
+                    &mut |_| {},
+                )
+                .unwrap();
+                slm.model = model;
+                slm.cpu = std::sync::OnceLock::new();
+                let p = slm.predict_proba(&texts).unwrap();
+                let acc = p
+                    .iter()
+                    .zip(&test)
+                    .filter(|(p, e)| crate::slm::argmax(p) == e.label)
+                    .count() as f64
+                    / test.len() as f64;
+                println!(
+                    "seed {seed} {}: test accuracy {acc:.4}, train loss {:.4}, val loss {:?}, best epoch {}, {:.1} s",
+                    if kernels { "kernels" } else { "burn   " },
+                    report.train_loss,
+                    report.val_loss,
+                    report.best_epoch,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+
     /// Times scoring on the kernels (`cargo test --release --workspace --lib -- --ignored
     /// --nocapture scoring_probe`): a probe for profiles, not a gate.
     #[test]

@@ -65,7 +65,7 @@ pub struct TrainConfig {
     pub freeze_layers: usize,
     /// Freeze the embedding tables.
     pub freeze_embeddings: bool,
-    /// Clip the global gradient norm to this value.
+    /// Clip each parameter tensor's gradient to this L2 norm (burn's clipping by norm).
     pub max_grad_norm: Option<f32>,
     /// Seed for the validation split, batch order and dropout.
     pub seed: u64,

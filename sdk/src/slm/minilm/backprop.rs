@@ -1168,6 +1168,40 @@ mod tests {
         assert!(one == grads_on(3), "one thread and three differ");
     }
 
+    /// With the embeddings and the lowest two layers frozen, the trainable tensors get the same
+    /// gradients as when everything trains, and the frozen ones none.
+    #[test]
+    fn frozen_tensors_get_no_gradient() {
+        let (model, cfg, seqs, targets, weights) = model_and_batch();
+        let shape = Shape {
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps as f32,
+            dropout: 0.0,
+        };
+        let params = Params::read(&model).unwrap();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let grads_for = |train: &[bool]| {
+            let mut work = Work::default();
+            let tape = forward(&params, shape, &refs, None, &mut work).unwrap();
+            let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
+            let mut grads = params.zeros_like();
+            backward(&params, shape, &tape, &dl, train, &mut grads, &mut work).unwrap();
+            grads
+        };
+        let layers = params.layers.len();
+        let all = grads_for(&super::super::params::trainable(layers, 0, false));
+        let some_train = super::super::params::trainable(layers, 2, true);
+        let some = grads_for(&some_train);
+        for ((a, b), on) in all.tensors().iter().zip(some.tensors()).zip(&some_train) {
+            if *on {
+                assert_eq!(a, &b);
+            } else {
+                assert!(b.iter().all(|&v| v == 0.0));
+            }
+        }
+        assert_eq!(some_train.iter().filter(|&&t| !t).count(), 5 + 2 * 12);
+    }
+
     /// Dropout keeps about `1 - p` of the values, scaled, and its masks differ by site.
     #[test]
     fn dropout_keeps_the_expected_share() {
