@@ -3,8 +3,8 @@
 //! ([`ChannelMatrix`]; its word embeddings gathered from burn's own table), each activation
 //! row rounded on a scale of its own per product, every text its own sequence (no padding
 //! computed).
-//! Training keeps the burn model; this serves scoring on the Flex device, where burn
-//! multiplies in f32 on padded batches.
+//! This serves scoring on the Flex device; training takes the same products in
+//! [`super::backprop`].
 
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData};
