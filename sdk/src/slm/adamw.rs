@@ -35,13 +35,16 @@ impl AdamW {
         }
     }
 
-    /// One step at `lr` of every tensor `train` marks, from its gradient.
+    /// One step at `lr` of every tensor `train` marks, from its gradient; a tensor that `rows`
+    /// names (its index, row width, the rows) steps on those rows only, its gradient taken as
+    /// zero elsewhere.
     pub fn step(
         &mut self,
         lr: f64,
         params: Vec<&mut Vec<f32>>,
         grads: Vec<&Vec<f32>>,
         train: &[bool],
+        rows: Option<(usize, usize, &[u32])>,
     ) {
         self.time += 1;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
@@ -49,14 +52,44 @@ impl AdamW {
         let c2 = 1.0 - b2.powi(self.time);
         let decay = (1.0 - lr * f64::from(self.weight_decay)) as f32;
         let lr = lr as f32;
-        for ((((p, g), m), v), &on) in params
+        for (i, ((((p, g), m), v), &on)) in params
             .into_iter()
             .zip(grads)
             .zip(&mut self.m)
             .zip(&mut self.v)
             .zip(train)
+            .enumerate()
         {
             if !on {
+                continue;
+            }
+            if let Some((_, width, ids)) = rows.filter(|r| r.0 == i) {
+                let row = |x: &[f32], r: u32| -> std::ops::Range<usize> {
+                    let at = r as usize * width;
+                    at.min(x.len())..(at + width).min(x.len())
+                };
+                let clip = match self.max_norm {
+                    Some(max) => {
+                        let sq: f64 = ids
+                            .iter()
+                            .flat_map(|&r| &g[row(g, r)])
+                            .map(|&x| f64::from(x) * f64::from(x))
+                            .sum();
+                        (max / (sq.sqrt() as f32 + f32::MIN_POSITIVE)).min(1.0)
+                    }
+                    None => 1.0,
+                };
+                for &r in ids {
+                    let span = row(g, r);
+                    update(
+                        &mut p[span.clone()],
+                        &g[span.clone()],
+                        &mut m[span.clone()],
+                        &mut v[span],
+                        clip,
+                        (b1, b2, eps, c1, c2, decay, lr),
+                    );
+                }
                 continue;
             }
             let clip = match self.max_norm {
@@ -77,21 +110,35 @@ impl AdamW {
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
                 .for_each(|(((p, g), m), v)| {
-                    crate::quant::with_simd(
-                        #[inline(always)]
-                        || {
-                            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                                let g = g * clip;
-                                *m = b1 * *m + (1.0 - b1) * g;
-                                *v = b2 * *v + (1.0 - b2) * g * g;
-                                let step = (*m / c1) / ((*v / c2).sqrt() + eps);
-                                *p = *p * decay - lr * step;
-                            }
-                        },
-                    )
+                    update(p, g, m, v, clip, (b1, b2, eps, c1, c2, decay, lr));
                 });
         }
     }
+}
+
+/// One AdamW update of `p` from `g` (scaled by `clip`), `k` the step's constants
+/// `(beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t, 1 - lr wd, lr)`.
+fn update(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    clip: f32,
+    k: (f32, f32, f32, f32, f32, f32, f32),
+) {
+    let (b1, b2, eps, c1, c2, decay, lr) = k;
+    crate::quant::with_simd(
+        #[inline(always)]
+        || {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                let g = g * clip;
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let step = (*m / c1) / ((*v / c2).sqrt() + eps);
+                *p = *p * decay - lr * step;
+            }
+        },
+    )
 }
 
 #[cfg(test)]
@@ -104,13 +151,13 @@ mod tests {
         let mut opt = AdamW::new(&[2], 0.1, 1e-8, None);
         let mut p = vec![1.0f32, -2.0];
         let g = vec![0.5f32, 0.25];
-        opt.step(0.01, vec![&mut p], vec![&g], &[true]);
+        opt.step(0.01, vec![&mut p], vec![&g], &[true], None);
         // First step: m^ = g, v^ = g^2, so the step is sign(g) (eps aside).
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) - 0.01];
         for (a, b) in p.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        opt.step(0.01, vec![&mut p], vec![&g], &[false]);
+        opt.step(0.01, vec![&mut p], vec![&g], &[false], None);
         for (a, b) in p.iter().zip(want) {
             assert_eq!(*a, b, "a frozen tensor does not move");
         }
@@ -123,7 +170,13 @@ mod tests {
         let mut opt = AdamW::new(&[2, 1], 0.0, 1e-8, Some(1.0));
         let (mut a, mut b) = (vec![0.0f32; 2], vec![0.0f32]);
         let (ga, gb) = (vec![3.0f32, 4.0], vec![0.5f32]);
-        opt.step(1.0, vec![&mut a, &mut b], vec![&ga, &gb], &[true, true]);
+        opt.step(
+            1.0,
+            vec![&mut a, &mut b],
+            vec![&ga, &gb],
+            &[true, true],
+            None,
+        );
         assert!((opt.m[0][0] - 0.1 * 0.6).abs() < 1e-6);
         assert!((opt.m[0][1] - 0.1 * 0.8).abs() < 1e-6);
         assert!(

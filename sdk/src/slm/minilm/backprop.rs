@@ -797,7 +797,8 @@ pub(crate) fn soft_ce(
 
 /// The backward pass from the logits' gradient: writes the gradient of every tensor that
 /// `trainable` marks (in [`Params::tensors`] order) into `grads`; the others are left as they
-/// are.
+/// are. The word table's gradient is written on the batch's rows only: the others must hold
+/// zeros already (the caller zeroes the rows it was given after using them).
 pub(crate) fn backward(
     p: &Params,
     shape: Shape,
@@ -867,7 +868,10 @@ pub(crate) fn backward(
     keep(work, &mut grads.norm0_bias, db);
     let positions = grads.position.len() / d;
     let (word, position, segment) = (&mut grads.word, &mut grads.position, &mut grads.segment);
-    word.par_chunks_mut(4096).for_each(|c| c.fill(0.0));
+    // The word table's gradient is zero but on the batch's rows (see [`backward`]).
+    for &id in &tape.ids {
+        word[id as usize * d..][..d].fill(0.0);
+    }
     position.fill(0.0);
     segment.fill(0.0);
     let mut rows = de.chunks_exact(d).zip(&tape.ids);

@@ -125,13 +125,36 @@ impl Params {
         out
     }
 
-    /// Zeros of the same shapes.
+    /// Zeros of the same shapes (fresh allocations: pages nothing writes are never touched).
     pub fn zeros_like(&self) -> Params {
-        let mut z = self.clone();
-        for t in z.tensors_mut() {
-            t.fill(0.0);
+        let z = |t: &Vec<f32>| vec![0.0f32; t.len()];
+        Params {
+            word: z(&self.word),
+            position: z(&self.position),
+            segment: z(&self.segment),
+            norm0: z(&self.norm0),
+            norm0_bias: z(&self.norm0_bias),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerParams {
+                    qkv: z(&l.qkv),
+                    qkv_bias: z(&l.qkv_bias),
+                    out: z(&l.out),
+                    out_bias: z(&l.out_bias),
+                    norm1: z(&l.norm1),
+                    norm1_bias: z(&l.norm1_bias),
+                    up: z(&l.up),
+                    up_bias: z(&l.up_bias),
+                    down: z(&l.down),
+                    down_bias: z(&l.down_bias),
+                    norm2: z(&l.norm2),
+                    norm2_bias: z(&l.norm2_bias),
+                })
+                .collect(),
+            head: z(&self.head),
+            head_bias: z(&self.head_bias),
         }
-        z
     }
 
     /// The model's hidden width.
