@@ -504,23 +504,31 @@ impl<M: Classifier> Learner<M> for BurnLearner<M> {
     }
 }
 
-/// Weighted soft-target cross-entropy of each row of `logits` (`[B, labels]`), in f64.
+/// `log sum exp` of one row of logits, in f64.
+pub(crate) fn log_sum_exp(lg: &[f32]) -> f64 {
+    let max = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    f64::from(max)
+        + lg.iter()
+            .map(|&v| f64::from(v - max).exp())
+            .sum::<f64>()
+            .ln()
+}
+
+/// Soft-target cross-entropy `-sum_c t_c log p_c` of one row of logits, given its
+/// [`log_sum_exp`].
+pub(crate) fn soft_ce_row(lg: &[f32], t: &[f32], lse: f64) -> f64 {
+    t.iter()
+        .zip(lg)
+        .map(|(&t, &v)| f64::from(t) * (lse - f64::from(v)))
+        .sum()
+}
+
+/// Soft-target cross-entropy of each row of `logits` (`[B, labels]`), in f64.
 pub(crate) fn soft_ce_rows(logits: &[f32], targets: &[f32], labels: usize) -> Vec<f64> {
     logits
         .chunks_exact(labels)
         .zip(targets.chunks_exact(labels))
-        .map(|(lg, t)| {
-            let max = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let lse = f64::from(max)
-                + lg.iter()
-                    .map(|&v| f64::from(v - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            t.iter()
-                .zip(lg)
-                .map(|(&t, &v)| f64::from(t) * (lse - f64::from(v)))
-                .sum()
-        })
+        .map(|(lg, t)| soft_ce_row(lg, t, log_sum_exp(lg)))
         .collect()
 }
 

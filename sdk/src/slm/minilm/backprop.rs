@@ -18,6 +18,7 @@ use super::cpu::{lane_max, lane_sum};
 use super::gelu::{gelu_grad_in_place, gelu_in_place};
 use super::params::{LayerParams, Params};
 use crate::quant::{self, ChannelMatrix, RowCodes};
+use crate::slm::train::{log_sum_exp, soft_ce_row};
 use crate::{Error, Result};
 
 /// Rows a rayon task of the element-wise passes takes.
@@ -774,19 +775,9 @@ pub(crate) fn soft_ce(
         .zip(weights)
         .zip(grad.chunks_exact_mut(labels))
     {
-        let max = lg.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let lse = f64::from(max)
-            + lg.iter()
-                .map(|&v| f64::from(v - max).exp())
-                .sum::<f64>()
-                .ln();
+        let lse = log_sum_exp(lg);
         let t_sum: f64 = t.iter().map(|&v| f64::from(v)).sum();
-        let ce: f64 = t
-            .iter()
-            .zip(lg)
-            .map(|(&t, &v)| f64::from(t) * (lse - f64::from(v)))
-            .sum();
-        loss += f64::from(w) * ce;
+        loss += f64::from(w) * soft_ce_row(lg, t, lse);
         for ((g, &v), &t) in g.iter_mut().zip(lg).zip(t) {
             let p = (f64::from(v) - lse).exp();
             *g = (f64::from(w) * (p * t_sum - f64::from(t)) / total) as f32;
@@ -888,6 +879,46 @@ pub(crate) fn backward(
     Ok(())
 }
 
+/// Through `out = norm(x + drop * sub)` from `dy` at `out`: the gradients at `x` and at
+/// `sub`; the norm's own into `norm_grads` (gamma, beta) where given.
+#[allow(clippy::type_complexity)]
+fn residual_norm_backward(
+    dy: Vec<f32>,
+    xhat: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    drop: &Option<Vec<f32>>,
+    norm_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    work: &mut Work,
+) -> (Vec<f32>, Vec<f32>) {
+    let (dx, dgamma, dbeta) = norm_backward(&dy, xhat, rstd, gamma, work);
+    work.give(dy);
+    let mut dsub = work.copy(&dx);
+    apply(drop, &mut dsub);
+    if let Some((g, b)) = norm_grads {
+        keep(work, g, dgamma);
+        keep(work, b, dbeta);
+    }
+    (dx, dsub)
+}
+
+/// A linear layer's weight and bias gradients from its output's gradient `dy` and its input
+/// `x` (`n` rows each).
+fn linear_grads(
+    w: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    work: &mut Work,
+) -> Result<()> {
+    let dw = weight_grad(dy, x, n, work)?;
+    keep(work, w, dw);
+    let db = column_sums(dy, b.len());
+    keep(work, b, db);
+    Ok(())
+}
+
 /// `slot <- v`, its old buffer kept.
 fn keep(work: &mut Work, slot: &mut Vec<f32>, v: Vec<f32>) {
     work.give(std::mem::replace(slot, v));
@@ -910,27 +941,20 @@ fn layer_backward(
     let d = l.norm1.len();
     let f = l.up_bias.len();
     // Second norm: `out = norm2(h1 + drop2 * down)`.
-    let (dr2, dg2, db2) = norm_backward(&dy, &t.xhat2, &t.rstd2, &l.norm2, work);
-    work.give(dy);
-    let mut ddown = work.copy(&dr2);
-    apply(&t.drop2, &mut ddown);
+    let norm2 = grads
+        .as_deref_mut()
+        .map(|g| (&mut g.norm2, &mut g.norm2_bias));
+    let (dr2, ddown) =
+        residual_norm_backward(dy, &t.xhat2, &t.rstd2, &l.norm2, &t.drop2, norm2, work);
     if let Some(g) = grads.as_deref_mut() {
-        keep(work, &mut g.norm2, dg2);
-        keep(work, &mut g.norm2_bias, db2);
-        let v = weight_grad(&ddown, &t.act, n, work)?;
-        keep(work, &mut g.down, v);
-        let v = column_sums(&ddown, d);
-        keep(work, &mut g.down_bias, v);
+        linear_grads(&mut g.down, &mut g.down_bias, &ddown, &t.act, n, work)?;
     }
     let mut dact = input_grad(&l.down, &ddown, n, f, work)?;
     work.give(ddown);
     gelu_backward(&t.up, &mut dact);
     let dup = dact;
     if let Some(g) = grads.as_deref_mut() {
-        let v = weight_grad(&dup, &t.h1, n, work)?;
-        keep(work, &mut g.up, v);
-        let v = column_sums(&dup, f);
-        keep(work, &mut g.up_bias, v);
+        linear_grads(&mut g.up, &mut g.up_bias, &dup, &t.h1, n, work)?;
     }
     let mut dh1 = input_grad(&l.up, &dup, n, d, work)?;
     dh1.par_chunks_mut(4096)
@@ -939,17 +963,13 @@ fn layer_backward(
     work.give(dup);
     work.give(dr2);
     // First norm: `h1 = norm1(x + drop1 * attended)`.
-    let (dr1, dg1, db1) = norm_backward(&dh1, &t.xhat1, &t.rstd1, &l.norm1, work);
-    work.give(dh1);
-    let mut dattended = work.copy(&dr1);
-    apply(&t.drop1, &mut dattended);
+    let norm1 = grads
+        .as_deref_mut()
+        .map(|g| (&mut g.norm1, &mut g.norm1_bias));
+    let (dr1, dattended) =
+        residual_norm_backward(dh1, &t.xhat1, &t.rstd1, &l.norm1, &t.drop1, norm1, work);
     if let Some(g) = grads.as_deref_mut() {
-        keep(work, &mut g.norm1, dg1);
-        keep(work, &mut g.norm1_bias, db1);
-        let v = weight_grad(&dattended, &t.context, n, work)?;
-        keep(work, &mut g.out, v);
-        let v = column_sums(&dattended, d);
-        keep(work, &mut g.out_bias, v);
+        linear_grads(&mut g.out, &mut g.out_bias, &dattended, &t.context, n, work)?;
     }
     let dcontext = input_grad(&l.out, &dattended, n, d, work)?;
     work.give(dattended);
@@ -982,10 +1002,7 @@ fn layer_backward(
             )
         });
     if let Some(g) = grads {
-        let v = weight_grad(&dqkv, &t.x, n, work)?;
-        keep(work, &mut g.qkv, v);
-        let v = column_sums(&dqkv, 3 * d);
-        keep(work, &mut g.qkv_bias, v);
+        linear_grads(&mut g.qkv, &mut g.qkv_bias, &dqkv, &t.x, n, work)?;
     }
     work.give(dcontext);
     if !need_dx {
@@ -1060,6 +1077,32 @@ mod tests {
         (model, cfg, seqs, targets, weights)
     }
 
+    fn shape_of(cfg: &BertConfig, dropout: f32) -> Shape {
+        Shape {
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps as f32,
+            dropout,
+        }
+    }
+
+    /// One forward and backward pass: the logits, the loss and the gradients of `train`'s
+    /// tensors.
+    fn gradients(
+        params: &Params,
+        shape: Shape,
+        seqs: &[&[u32]],
+        (targets, weights): (&[f32], &[f32]),
+        dropout: Option<Dropout>,
+        train: &[bool],
+    ) -> (Vec<f32>, f32, Params) {
+        let mut work = Work::default();
+        let tape = forward(params, shape, seqs, dropout, &mut work).unwrap();
+        let (loss, dl) = soft_ce(&tape.logits, targets, weights, 3);
+        let mut grads = params.zeros_like();
+        backward(params, shape, &tape, &dl, train, &mut grads, &mut work).unwrap();
+        (tape.logits.clone(), loss, grads)
+    }
+
     fn rel(a: &[f32], b: &[f32]) -> f64 {
         let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
         let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
@@ -1079,19 +1122,17 @@ mod tests {
     fn gradients_against_burn(exact: bool, logit_tol: f32, grad_tol: f64) {
         EXACT.with(|e| e.set(exact));
         let (model, cfg, seqs, targets, weights) = model_and_batch();
-        let shape = Shape {
-            heads: cfg.num_attention_heads,
-            eps: cfg.layer_norm_eps as f32,
-            dropout: 0.0,
-        };
         let params = Params::read(&model).unwrap();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let mut work = Work::default();
-        let tape = forward(&params, shape, &refs, None, &mut work).unwrap();
-        let (loss, dlogits) = soft_ce(&tape.logits, &targets, &weights, 3);
-        let mut grads = params.zeros_like();
         let all = vec![true; params.tensors().len()];
-        backward(&params, shape, &tape, &dlogits, &all, &mut grads, &mut work).unwrap();
+        let (ours, loss, grads) = gradients(
+            &params,
+            shape_of(&cfg, 0.0),
+            &refs,
+            (&targets, &weights),
+            None,
+            &all,
+        );
 
         let ad = Device::flex().autodiff();
         let burn_model = model.set_require_grad(true).train();
@@ -1105,18 +1146,12 @@ mod tests {
         let g = GradientsParams::from_grads(burn_loss.backward(), &burn_model);
         let burn_grads = Params::read(&burn_model.map(&mut GradsOf(&g))).unwrap();
 
-        let apart = tape
-            .logits
+        let apart = ours
             .iter()
             .zip(&burn_logits)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         println!("exact {exact}: logits at most {apart:.2e} apart");
-        assert!(
-            apart < logit_tol,
-            "logits {:?} vs {:?}",
-            tape.logits,
-            burn_logits
-        );
+        assert!(apart < logit_tol, "logits {ours:?} vs {burn_logits:?}");
         assert!(
             (loss - burn_loss_value).abs() < logit_tol,
             "{loss} vs {burn_loss_value}"
@@ -1144,28 +1179,17 @@ mod tests {
     #[test]
     fn steps_do_not_depend_on_the_threads() {
         let (model, cfg, seqs, targets, weights) = model_and_batch();
-        let shape = Shape {
-            heads: cfg.num_attention_heads,
-            eps: cfg.layer_norm_eps as f32,
-            dropout: 0.1,
-        };
         let params = Params::read(&model).unwrap();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let all = vec![true; params.tensors().len()];
         let grads_on = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| {
-                let drop = Dropout { p: 0.1, key: 3 };
-                let mut work = Work::default();
-                let tape = forward(&params, shape, &refs, Some(drop), &mut work).unwrap();
-                let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
-                let mut grads = params.zeros_like();
-                let all = vec![true; params.tensors().len()];
-                backward(&params, shape, &tape, &dl, &all, &mut grads, &mut work).unwrap();
-                grads
-            })
+            let drop = Some(Dropout { p: 0.1, key: 3 });
+            let shape = shape_of(&cfg, 0.1);
+            pool.install(|| gradients(&params, shape, &refs, (&targets, &weights), drop, &all).2)
         };
         let one = grads_on(1);
         assert!(one.tensors().iter().any(|t| t.iter().any(|&v| v != 0.0)));
@@ -1177,21 +1201,11 @@ mod tests {
     #[test]
     fn frozen_tensors_get_no_gradient() {
         let (model, cfg, seqs, targets, weights) = model_and_batch();
-        let shape = Shape {
-            heads: cfg.num_attention_heads,
-            eps: cfg.layer_norm_eps as f32,
-            dropout: 0.0,
-        };
         let params = Params::read(&model).unwrap();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let grads_for = |train: &[bool]| {
-            let mut work = Work::default();
-            let tape = forward(&params, shape, &refs, None, &mut work).unwrap();
-            let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
-            let mut grads = params.zeros_like();
-            backward(&params, shape, &tape, &dl, train, &mut grads, &mut work).unwrap();
-            grads
-        };
+        let shape = shape_of(&cfg, 0.0);
+        let grads_for =
+            |train: &[bool]| gradients(&params, shape, &refs, (&targets, &weights), None, train).2;
         let layers = params.layers.len();
         let all = grads_for(&super::super::params::trainable(layers, 0, false));
         let some_train = super::super::params::trainable(layers, 2, true);
