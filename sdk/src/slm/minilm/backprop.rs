@@ -374,7 +374,7 @@ fn transpose(x: &[f32], rows: usize, cols: usize, work: &mut Work) -> Vec<f32> {
 }
 
 /// Column sums of `x` (`[n, width]`): fixed chunks of rows, their sums added in order.
-fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
+fn column_sums(x: &[f32], width: usize, work: &mut Work) -> Vec<f32> {
     let parts: Vec<Vec<f32>> = x
         .par_chunks(width * CHUNK_ROWS * 4)
         .map(|c| {
@@ -390,7 +390,8 @@ fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
             s
         })
         .collect();
-    let mut out = vec![0.0f32; width];
+    // From the kept buffers, as every gradient is: the slots they replace go back there.
+    let mut out = work.take(width);
     for p in parts {
         out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
     }
@@ -490,9 +491,10 @@ fn norm_backward(
     prod.par_chunks_mut(4096)
         .zip(xhat.par_chunks(4096))
         .for_each(|(p, x)| p.iter_mut().zip(x).for_each(|(p, x)| *p *= x));
-    let dgamma = column_sums(&prod, d);
+    let dgamma = column_sums(&prod, d, work);
     work.give(prod);
-    (dx, dgamma, column_sums(dy, d))
+    let dbeta = column_sums(dy, d, work);
+    (dx, dgamma, dbeta)
 }
 
 fn gelu_forward(u: &[f32], work: &mut Work) -> Vec<f32> {
@@ -914,7 +916,7 @@ fn linear_grads(
 ) -> Result<()> {
     let dw = weight_grad(dy, x, n, work)?;
     keep(work, w, dw);
-    let db = column_sums(dy, b.len());
+    let db = column_sums(dy, b.len(), work);
     keep(work, b, db);
     Ok(())
 }
@@ -1218,6 +1220,29 @@ mod tests {
             }
         }
         assert_eq!(some_train.iter().filter(|&&t| !t).count(), 5 + 2 * 12);
+    }
+
+    /// Steps hand back every buffer they take: the kept buffers neither grow nor shrink from
+    /// one step to the next.
+    #[test]
+    fn steps_keep_a_steady_set_of_buffers() {
+        let (model, cfg, seqs, targets, weights) = model_and_batch();
+        let params = Params::read(&model).unwrap();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let all = vec![true; params.tensors().len()];
+        let shape = shape_of(&cfg, 0.1);
+        let mut work = Work::default();
+        let mut grads = params.zeros_like();
+        let mut kept = Vec::new();
+        for step in 0..4 {
+            let drop = Some(Dropout { p: 0.1, key: step });
+            let tape = forward(&params, shape, &refs, drop, &mut work).unwrap();
+            let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
+            backward(&params, shape, &tape, &dl, &all, &mut grads, &mut work).unwrap();
+            tape.recycle(&mut work);
+            kept.push((work.f32s.len(), work.mats.len()));
+        }
+        assert!(kept[1..].iter().all(|k| *k == kept[1]), "{kept:?}");
     }
 
     /// Dropout keeps about `1 - p` of the values, scaled, and its masks differ by site.
