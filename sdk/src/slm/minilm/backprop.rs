@@ -24,9 +24,8 @@ use crate::{Error, Result};
 /// Rows a rayon task of the element-wise passes takes.
 const CHUNK_ROWS: usize = 16;
 
-/// Buffers kept from step to step. A step's values (hundreds of MB) allocated afresh each
-/// time cost a page fault a page, and the TLB flushes of handing them back, about a tenth
-/// of a step.
+/// Buffers kept from step to step: a step's values allocated afresh each time cost a page
+/// fault a page, and the TLB flushes of handing them back.
 #[derive(Default)]
 pub(crate) struct Work {
     f32s: Vec<Vec<f32>>,

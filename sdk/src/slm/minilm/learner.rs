@@ -27,8 +27,9 @@ pub(crate) struct CpuLearner {
 
 /// The word table steps only on the rows some batch has used (live rows). The others have
 /// zero moments, so AdamW would only decay them: their decay waits, as a running product of
-/// the steps' factors, until a batch or a read of the weights needs them. Updating all 30,522
-/// rows each step cost about a tenth of a step, most of it in the first steps' fresh pages.
+/// the steps' factors, until a batch or a read of the weights needs them. A batch uses a few
+/// hundred of the table's rows, and stepping them all would read and write the whole table,
+/// and its moments, every step.
 struct WordRows {
     width: usize,
     live: Vec<bool>,
