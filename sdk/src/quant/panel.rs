@@ -52,7 +52,7 @@ pub(super) trait Panel: Copy {
 
 /// Two codes as the i16 pair of one word.
 #[inline(always)]
-pub(super) fn pair(lo: i32, hi: i32) -> i32 {
+fn pair(lo: i32, hi: i32) -> i32 {
     (lo & 0xffff) | (hi << 16)
 }
 

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::cpu::{lane_max, lane_sum};
 use super::gelu::{gelu_grad_in_place, gelu_in_place};
-use super::params::{LayerParams, Params};
+use super::params::{LayerParams, Params, transpose_into};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::train::{log_sum_exp, soft_ce_row};
 use crate::{Error, Result};
@@ -327,48 +327,10 @@ fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f
     Ok(dw)
 }
 
-/// `[rows, cols]` to `[cols, rows]` in a kept buffer: tasks of sixteen output rows, each read
-/// and written in 16 x 16 tiles.
+/// `[rows, cols]` to `[cols, rows]` in a kept buffer.
 fn transpose(x: &[f32], rows: usize, cols: usize, work: &mut Work) -> Vec<f32> {
-    const B: usize = 16;
     let mut t = work.take_dirty(x.len());
-    if rows == 0 || cols == 0 {
-        return t;
-    }
-    t.par_chunks_mut(B * rows)
-        .enumerate()
-        .for_each(|(cb, out)| {
-            quant::with_simd(
-                #[inline(always)]
-                || {
-                    let c0 = cb * B;
-                    let width = (cols - c0).min(B);
-                    for r0 in (0..rows).step_by(B) {
-                        let height = (rows - r0).min(B);
-                        let mut tile = [[0.0f32; B]; B];
-                        for (i, row) in tile.iter_mut().enumerate().take(height) {
-                            let src = &x[(r0 + i) * cols + c0..][..width];
-                            // Whole tiles as fixed-size copies (a runtime length calls
-                            // memcpy).
-                            match <&[f32; B]>::try_from(src) {
-                                Ok(s) => *row = *s,
-                                Err(_) => row[..width].copy_from_slice(src),
-                            }
-                        }
-                        for (c, dst) in out.chunks_exact_mut(rows).take(width).enumerate() {
-                            match <&mut [f32; B]>::try_from(&mut dst[r0..r0 + height]) {
-                                Ok(d) => *d = std::array::from_fn(|i| tile[i][c]),
-                                Err(_) => {
-                                    for (i, d) in dst[r0..r0 + height].iter_mut().enumerate() {
-                                        *d = tile[i][c];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                },
-            )
-        });
+    transpose_into(x, rows, cols, &mut t);
     t
 }
 
@@ -648,11 +610,7 @@ pub(crate) fn forward(
     if n == 0 || seqs.is_empty() {
         return Err(Error::Data("a batch with no tokens".into()));
     }
-    let drop = Dropout {
-        p: shape.dropout,
-        key: 0,
-    };
-    let drop = dropout.unwrap_or(Dropout { p: 0.0, ..drop });
+    let drop = dropout.unwrap_or(Dropout { p: 0.0, key: 0 });
     let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
     let mut e = work.take_dirty(n * d);
     let mut rows = e.chunks_exact_mut(d);

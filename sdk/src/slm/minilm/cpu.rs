@@ -11,6 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::gelu::gelu_in_place;
+use super::params::{self, values};
 use super::{BertConfig, MiniLmClassifier};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::CpuScorer;
@@ -72,38 +73,17 @@ struct Norm {
     beta: Vec<f32>,
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.try_into_vec_as::<f32>()
-        .map_err(|e| Error::Model(format!("reading weights: {e:?}")))
-}
-
 /// A linear layer's `[out, in]` weight and bias on the kernels.
 fn dense(l: &Linear) -> Result<ChannelMatrix> {
-    let w = l.weight.val();
-    // burn holds `[in, out]`; the kernels multiply by rows of `[out, in]`.
-    let [din, dout] = w.dims();
-    let v = values(w)?;
-    let mut t = vec![0.0; v.len()];
-    for (i, row) in v.chunks_exact(dout).enumerate() {
-        for (o, &x) in row.iter().enumerate() {
-            t[o * din + i] = x;
-        }
-    }
-    let b = match &l.bias {
-        Some(b) => values(b.val())?,
-        None => vec![0.0; dout],
-    };
-    ChannelMatrix::new(&t, &b, dout, din)
+    let (w, b) = params::linear(l)?;
+    let (dout, din) = (b.len(), w.len() / b.len().max(1));
+    ChannelMatrix::new(&w, &b, dout, din)
         .map_err(|e| Error::Model(format!("linear {din}x{dout}: {e}")))
 }
 
 impl Norm {
     fn new(n: &LayerNorm) -> Result<Norm> {
-        let gamma = values(n.gamma.val())?;
-        let beta = match &n.beta {
-            Some(b) => values(b.val())?,
-            None => vec![0.0; gamma.len()],
-        };
+        let (gamma, beta) = params::norm(n)?;
         Ok(Norm { gamma, beta })
     }
 
@@ -167,18 +147,7 @@ impl CpuMiniLm {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let head = model.head.weight.val();
-        let [_, labels] = head.dims();
-        let hv = values(head)?;
-        // `[d, labels]` to `[labels, d]`.
-        let head: Vec<f32> = (0..labels)
-            .flat_map(|o| (0..d).map(move |i| (i, o)))
-            .map(|(i, o)| hv[i * labels + o])
-            .collect();
-        let head_bias = match &model.head.bias {
-            Some(b) => values(b.val())?,
-            None => vec![0.0; labels],
-        };
+        let (head, head_bias) = params::linear(&model.head)?;
         let mut segment = values(e.token_type.weight.val())?;
         if segment.len() < d {
             return Err(Error::Model("the segment table has no row 0".into()));

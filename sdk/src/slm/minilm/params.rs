@@ -6,7 +6,10 @@ use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Tensor, TensorData};
 
+use rayon::prelude::*;
+
 use super::MiniLmClassifier;
+use crate::quant;
 use crate::{Error, Result};
 
 /// One encoder layer.
@@ -250,13 +253,14 @@ impl Params {
     }
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+/// A tensor's values.
+pub(super) fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.try_into_vec_as::<f32>()
         .map_err(|e| Error::Model(format!("reading weights: {e:?}")))
 }
 
 /// A linear layer's weight as `[out, in]` and its bias (zeros if it has none).
-fn linear(l: &Linear) -> Result<(Vec<f32>, Vec<f32>)> {
+pub(super) fn linear(l: &Linear) -> Result<(Vec<f32>, Vec<f32>)> {
     let w = l.weight.val();
     let [din, dout] = w.dims();
     let w = values(w)?;
@@ -268,7 +272,8 @@ fn linear(l: &Linear) -> Result<(Vec<f32>, Vec<f32>)> {
     Ok((t, b))
 }
 
-fn norm(n: &LayerNorm) -> Result<(Vec<f32>, Vec<f32>)> {
+/// A layer norm's gamma and beta (zeros if it has none).
+pub(super) fn norm(n: &LayerNorm) -> Result<(Vec<f32>, Vec<f32>)> {
     let gamma = values(n.gamma.val())?;
     let beta = match &n.beta {
         Some(b) => values(b.val())?,
@@ -280,18 +285,51 @@ fn norm(n: &LayerNorm) -> Result<(Vec<f32>, Vec<f32>)> {
 /// `[rows, cols]` to `[cols, rows]`.
 pub(crate) fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0.0f32; x.len()];
-    // Blocks of 16 x 16 keep both sides' lines in cache.
-    const B: usize = 16;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    t[c * rows + r] = x[r * cols + c];
-                }
-            }
-        }
-    }
+    transpose_into(x, rows, cols, &mut t);
     t
+}
+
+/// `x` (`[rows, cols]`) transposed into `out` (`[cols, rows]`): tasks of sixteen output rows,
+/// each read and written in 16 x 16 tiles.
+pub(crate) fn transpose_into(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const B: usize = 16;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    out.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            quant::with_simd(
+                #[inline(always)]
+                || {
+                    let c0 = cb * B;
+                    let width = (cols - c0).min(B);
+                    for r0 in (0..rows).step_by(B) {
+                        let height = (rows - r0).min(B);
+                        let mut tile = [[0.0f32; B]; B];
+                        for (i, row) in tile.iter_mut().enumerate().take(height) {
+                            let src = &x[(r0 + i) * cols + c0..][..width];
+                            // Whole tiles as fixed-size copies (a runtime length calls
+                            // memcpy).
+                            match <&[f32; B]>::try_from(src) {
+                                Ok(s) => *row = *s,
+                                Err(_) => row[..width].copy_from_slice(src),
+                            }
+                        }
+                        for (c, dst) in out.chunks_exact_mut(rows).take(width).enumerate() {
+                            match <&mut [f32; B]>::try_from(&mut dst[r0..r0 + height]) {
+                                Ok(d) => *d = std::array::from_fn(|i| tile[i][c]),
+                                Err(_) => {
+                                    for (i, d) in dst[r0..r0 + height].iter_mut().enumerate() {
+                                        *d = tile[i][c];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                },
+            )
+        });
 }
 
 fn set<const D: usize>(p: &mut Param<Tensor<D>>, v: &[f32], shape: [usize; D]) {
