@@ -129,6 +129,66 @@ impl RowCodes {
                 )
             });
     }
+
+    /// [`RowCodes::round`] of `x^T`: the `cols` columns of `x` (`[n, cols]`) as rows of `n`
+    /// values, without the transposed copy; the same codes and scales bit for bit.
+    pub fn round_transposed(&mut self, x: &[f32], n: usize, cols: usize, limit: i32) {
+        assert_eq!(x.len(), n * cols, "{n} rows of {cols} values");
+        let pairs = n.div_ceil(2);
+        let padded = cols.next_multiple_of(TILE_ROWS);
+        self.n = cols;
+        self.cols = n;
+        self.limit = limit;
+        self.words.resize(padded * pairs, 0);
+        self.scale.resize(padded, 0.0);
+        if n == 0 || cols == 0 {
+            return;
+        }
+        // Two blocks a task: sixteen columns, a cache line of each row.
+        let per_task = 2;
+        self.words
+            .par_chunks_mut(pairs * TILE_ROWS * per_task)
+            .zip(self.scale.par_chunks_mut(TILE_ROWS * per_task))
+            .enumerate()
+            .for_each(|(t, (words, scale))| {
+                super::with_simd(
+                    #[inline(always)]
+                    || {
+                        for (b, (block, scale)) in words
+                            .chunks_exact_mut(pairs * TILE_ROWS)
+                            .zip(scale.chunks_exact_mut(TILE_ROWS))
+                            .enumerate()
+                        {
+                            let c0 = (t * per_task + b) * TILE_ROWS;
+                            let live = cols.saturating_sub(c0).min(TILE_ROWS);
+                            if live == 0 {
+                                block.fill(0);
+                                scale.fill(0.0);
+                                continue;
+                            }
+                            let mut tops = [0u32; TILE_ROWS];
+                            column_tops(x, cols, c0, &mut tops[..live]);
+                            let mut inv = [0.0f32; TILE_ROWS];
+                            for ((inv, scale), &top) in
+                                inv.iter_mut().zip(scale.iter_mut()).zip(&tops)
+                            {
+                                (*inv, *scale) = step(top, limit);
+                            }
+                            scale[live..].fill(0.0);
+                            for (p, words) in block.chunks_exact_mut(TILE_ROWS).enumerate() {
+                                column_pair(
+                                    row_pair(x, n, cols, (c0, live), p),
+                                    &inv[..live],
+                                    limit,
+                                    &mut words[..live],
+                                );
+                                words[live..].fill(0);
+                            }
+                        }
+                    },
+                )
+            });
+    }
 }
 
 /// `rows` (`TILE_ROWS` rows of `pairs` words) into a block's layout: pair `p` of row `i` at
@@ -169,26 +229,13 @@ fn interleave(rows: &[i32], pairs: usize, block: &mut [i32]) {
 /// Rounds `x` into `words` (its codes as pairs); returns the row's scale.
 #[inline(always)]
 fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
-    // The largest magnitude as an integer maximum of the bits without the sign (the same
-    // order for non-negative floats; infinities and NaNs above every finite value), which
-    // vectorizes where float maxima with their NaN rules do not.
-    let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
-    if top >= f32::INFINITY.to_bits() {
+    let top = x.iter().fold(0u32, |m, v| m.max(top_bits(*v)));
+    let (inv, scale) = step(top, limit);
+    if inv == 0.0 {
         words.fill(0);
-        return f32::NAN;
+        return scale;
     }
-    let amax = f32::from_bits(top);
-    let l = limit as f32;
-    let inv = l / amax;
-    if amax == 0.0 || !inv.is_finite() {
-        words.fill(0);
-        return 0.0;
-    }
-    // Integer steps only, no float-to-int cast (whose NaN and range rules keep a loop scalar).
-    let code = |v: f32| {
-        let q = (v * inv + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
-        q.clamp(-limit, limit) as i16
-    };
+    let code = |v: f32| code(v, inv, limit);
     // Thirty-two codes at a time as i16s, which are the sixteen words' bytes (low half
     // first); a last short chunk padded with zeros.
     let mut chunks = x.chunks_exact(32);
@@ -213,7 +260,106 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
         let len = w.len();
         w.copy_from_slice(&q[..len]);
     }
-    amax / l
+    scale
+}
+
+/// The magnitude's bits of `v`: integer maxima of these order finite values as their
+/// magnitudes do (infinities and NaNs above them all), and vectorize where float maxima with
+/// their NaN rules do not.
+#[inline(always)]
+fn top_bits(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// A row's `(1 / step, step)` from the bits of its largest magnitude: `(0, NaN)` for a row with
+/// a non-finite value, `(0, 0)` for a row of zeros or of values so small that the inverse of
+/// their step overflows; either way its codes are all 0.
+#[inline(always)]
+fn step(top: u32, limit: i32) -> (f32, f32) {
+    if top >= f32::INFINITY.to_bits() {
+        return (0.0, f32::NAN);
+    }
+    let amax = f32::from_bits(top);
+    let l = limit as f32;
+    let inv = l / amax;
+    if amax == 0.0 || !inv.is_finite() {
+        return (0.0, 0.0);
+    }
+    (inv, amax / l)
+}
+
+/// `v`'s code on a step of `1 / inv`, rounded half to even: integer steps only, no float-to-int
+/// cast (whose NaN and range rules keep a loop scalar).
+#[inline(always)]
+fn code(v: f32, inv: f32, limit: i32) -> i16 {
+    let q = (v * inv + ROUND).to_bits() as i32 - ROUND.to_bits() as i32;
+    q.clamp(-limit, limit) as i16
+}
+
+/// Two codes as a word: `lo` in the low half, as the kernels read them.
+#[inline(always)]
+fn word(lo: i16, hi: i16) -> i32 {
+    (i32::from(hi) << 16) | i32::from(lo as u16)
+}
+
+/// The largest magnitudes' bits ([`top_bits`]) of columns `c0..c0 + tops.len()` of `x`
+/// (`[n, cols]`).
+#[inline(always)]
+fn column_tops(x: &[f32], cols: usize, c0: usize, tops: &mut [u32]) {
+    tops.fill(0);
+    let k = tops.len();
+    for row in x.chunks_exact(cols) {
+        for (t, v) in tops.iter_mut().zip(&row[c0..c0 + k]) {
+            *t = (*t).max(top_bits(*v));
+        }
+    }
+}
+
+/// Columns `c0..c0 + k` of rows `2p` and `2p + 1` of `x` (`[n, cols]`); the second is
+/// missing past the last row.
+#[inline(always)]
+fn row_pair(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    (c0, k): (usize, usize),
+    p: usize,
+) -> [Option<&[f32]>; 2] {
+    [2 * p, 2 * p + 1].map(|r| (r < n).then(|| &x[r * cols + c0..][..k]))
+}
+
+/// Codes `2p` and `2p + 1` of some columns read as rows (`rows`: [`row_pair`]), each column on
+/// its own `inv`, as words (a missing row as zeros). A column whose `inv` is 0 ([`step`]'s
+/// odd rows) gets codes 0.
+#[inline(always)]
+fn column_pair(rows: [Option<&[f32]>; 2], inv: &[f32], limit: i32, out: &mut [i32]) {
+    match rows {
+        [Some(a), Some(b)] => {
+            for (((o, &a), &b), &inv) in out.iter_mut().zip(a).zip(b).zip(inv) {
+                let w = word(code(a, inv, limit), code(b, inv, limit));
+                *o = if inv == 0.0 { 0 } else { w };
+            }
+        }
+        [Some(a), None] => {
+            for ((o, &a), &inv) in out.iter_mut().zip(a).zip(inv) {
+                let w = word(code(a, inv, limit), 0);
+                *o = if inv == 0.0 { 0 } else { w };
+            }
+        }
+        _ => out.fill(0),
+    }
+}
+
+/// A matrix's tiles (their words and scales) split over the threads, with their indices.
+fn words_by_tile<'a>(
+    words: &'a mut [i32],
+    scale: &'a mut [f32],
+    pairs: usize,
+) -> impl IndexedParallelIterator<Item = (usize, (&'a mut [i32], &'a mut [f32]))> {
+    words
+        .par_chunks_mut((pairs * SPAN).max(1))
+        .zip(scale.par_chunks_mut(SPAN))
+        .enumerate()
 }
 
 impl ChannelMatrix {
@@ -264,31 +410,82 @@ impl ChannelMatrix {
         let (words, scale) = (&mut self.words, &mut self.scale);
         // Tiles split over the threads (the training path rounds every matrix each step), each
         // channel rounded as activation rows are, then its pairs set in the tile's layout.
-        words
-            .par_chunks_mut((pairs * SPAN).max(1))
-            .zip(scale.par_chunks_mut(SPAN))
-            .enumerate()
-            .for_each(|(t, (words, scale))| {
-                super::with_simd(
-                    #[inline(always)]
-                    || {
-                        let mut codes = vec![0i32; pairs];
-                        let channels = weights
-                            .chunks_exact(cols.max(1))
-                            .take(rows)
-                            .skip(t * SPAN)
-                            .take(SPAN);
-                        for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
-                            *scale = round_row(row, limit, &mut codes);
-                            for (p, &c) in codes.iter().enumerate() {
-                                words[p * SPAN + k] = c;
-                            }
+        words_by_tile(words, scale, pairs).for_each(|(t, (words, scale))| {
+            super::with_simd(
+                #[inline(always)]
+                || {
+                    let mut codes = vec![0i32; pairs];
+                    let channels = weights
+                        .chunks_exact(cols.max(1))
+                        .take(rows)
+                        .skip(t * SPAN)
+                        .take(SPAN);
+                    for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
+                        *scale = round_row(row, limit, &mut codes);
+                        for (p, &c) in codes.iter().enumerate() {
+                            words[p * SPAN + k] = c;
                         }
-                    },
-                )
-            });
+                    }
+                },
+            )
+        });
         if self.scale.iter().any(|s| s.is_nan()) {
             return Err(BlockError("a non-finite weight".into()));
+        }
+        Ok(())
+    }
+
+    /// The matrix of `x^T` with no bias: the `cols` columns of `x` (`[n, cols]`) as its
+    /// channels, without the transposed copy; the same codes and scales as
+    /// [`ChannelMatrix::refill`] of the transpose, bit for bit.
+    pub fn refill_transposed(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+    ) -> Result<(), BlockError> {
+        if x.len() != n * cols {
+            return Err(BlockError(format!(
+                "{} values for {n} rows of {cols}",
+                x.len()
+            )));
+        }
+        let limit = limit_for(n);
+        let (channels, pairs) = (cols.next_multiple_of(SPAN), n.div_ceil(2));
+        for v in [&mut self.scale, &mut self.bias] {
+            v.clear();
+            v.resize(channels, 0.0);
+        }
+        self.words.clear();
+        self.words.resize(channels * pairs, 0);
+        (self.rows, self.cols, self.limit) = (cols, n, limit);
+        words_by_tile(&mut self.words, &mut self.scale, pairs).for_each(|(t, (words, scale))| {
+            super::with_simd(
+                #[inline(always)]
+                || {
+                    let c0 = t * SPAN;
+                    let live = cols.saturating_sub(c0).min(SPAN);
+                    let mut tops = [0u32; SPAN];
+                    column_tops(x, cols, c0, &mut tops[..live]);
+                    let mut inv = [0.0f32; SPAN];
+                    for ((inv, scale), &top) in
+                        inv.iter_mut().zip(scale.iter_mut()).zip(&tops[..live])
+                    {
+                        (*inv, *scale) = step(top, limit);
+                    }
+                    for (p, words) in words.chunks_exact_mut(SPAN).enumerate() {
+                        column_pair(
+                            row_pair(x, n, cols, (c0, live), p),
+                            &inv[..live],
+                            limit,
+                            &mut words[..live],
+                        );
+                    }
+                },
+            )
+        });
+        if self.scale.iter().any(|s| s.is_nan()) {
+            return Err(BlockError("a non-finite value".into()));
         }
         Ok(())
     }
@@ -599,6 +796,61 @@ mod tests {
             let (w, x) = (&m.words[..pairs * SPAN], &codes.words[..pairs * TILE_ROWS]);
             assert_eq!(portable_sums(w, x), Simd::detect().channel_sums(w, x));
         }
+    }
+
+    /// Rounding the columns in place gives the codes and scales of rounding a transposed
+    /// copy, bit for bit: odd token counts, columns past whole blocks and tiles, and columns
+    /// of zeros, of tiny values and with a NaN.
+    #[test]
+    fn transposed_rounding_equals_rounding_the_transpose() {
+        for (n, cols) in [(1, 1), (7, 5), (33, 48), (70, 100), (129, 384)] {
+            let mut x = values(n as u64 * 31 + cols as u64, n * cols, 3.0);
+            if cols > 3 {
+                for r in 0..n {
+                    x[r * cols + 1] = 0.0;
+                    x[r * cols + 2] = 1e-40;
+                }
+                x[(n / 2) * cols + 3] = f32::NAN;
+            }
+            let mut t = vec![0.0f32; n * cols];
+            for r in 0..n {
+                for c in 0..cols {
+                    t[c * n + r] = x[r * cols + c];
+                }
+            }
+            let limit = limit_for(n);
+            let (mut a, mut b) = (RowCodes::default(), RowCodes::default());
+            a.round(&t, cols, n, limit);
+            b.round_transposed(&x, n, cols, limit);
+            assert_eq!((a.n, a.cols, a.limit), (b.n, b.cols, b.limit));
+            assert_eq!(a.words, b.words, "{n}x{cols}");
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.scale), bits(&b.scale), "{n}x{cols}");
+
+            let zeros = vec![0.0; cols];
+            let mut m = ChannelMatrix::default();
+            let refilled = m.refill_transposed(&x, n, cols);
+            if cols > 3 {
+                assert!(refilled.is_err(), "a NaN column is an error");
+                for v in x.iter_mut().filter(|v| v.is_nan()) {
+                    *v = 0.5;
+                }
+                for r in 0..n {
+                    t[3 * n + r] = x[r * cols + 3];
+                }
+                m.refill_transposed(&x, n, cols).unwrap();
+            }
+            let want = ChannelMatrix::new(&t, &zeros, cols, n).unwrap();
+            assert_eq!(
+                (m.rows, m.cols, m.limit),
+                (want.rows, want.cols, want.limit)
+            );
+            assert_eq!(m.words, want.words, "{n}x{cols}");
+            assert_eq!(bits(&m.scale), bits(&want.scale), "{n}x{cols}");
+            assert_eq!(m.bias, want.bias);
+        }
+        let mut m = ChannelMatrix::default();
+        assert!(m.refill_transposed(&[1.0; 5], 2, 3).is_err());
     }
 
     #[test]

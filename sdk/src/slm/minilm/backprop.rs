@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::cpu::{lane_max, lane_sum};
 use super::gelu::{gelu_grad_in_place, gelu_in_place};
-use super::params::{LayerParams, Params, transpose_into};
+use super::params::{LayerParams, Params, transpose};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::train::{log_sum_exp, soft_ce_row};
 use crate::{Error, Result};
@@ -89,10 +89,35 @@ impl Work {
         Ok(m)
     }
 
+    /// The matrix of `x^T` (the `cols` columns of `x` `[n, cols]` as its channels, no bias)
+    /// in a kept matrix, with no transposed copy.
+    fn matrix_of_columns(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<ChannelMatrix> {
+        let mut m = self.mats.pop().unwrap_or_default();
+        m.refill_transposed(x, n, cols).map_err(model_err(what))?;
+        Ok(m)
+    }
+
     /// `out <- x m^T + bias` for the `n` rows of `x`, in a kept buffer; `m` kept again.
     fn product(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Vec<f32> {
         let mut out = self.take_dirty(n * m.rows());
         m.forward_into(x, n, &mut self.codes, &mut out);
+        self.mats.push(m);
+        out
+    }
+
+    /// `out <- x^T m^T` for the columns of `x` (`[n, cols]`) as rows, with no transposed
+    /// copy; `m` kept again.
+    fn product_of_columns(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Vec<f32> {
+        let cols = x.len() / n.max(1);
+        self.codes.round_transposed(x, n, cols, m.limit());
+        let mut out = self.take_dirty(cols * m.rows());
+        m.product(&self.codes, &mut out);
         self.mats.push(m);
         out
     }
@@ -299,39 +324,27 @@ fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<
 /// `dx <- dy W` (`[n, din]`), `W` `[dout, din]`, `dy` `[n, dout]`.
 fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> Result<Vec<f32>> {
     let dout = dy.len() / n.max(1);
-    let wt = transpose(w, dout, din, work);
-    let zeros = work.take(din);
-    if let Some(dx) = exact(dy, &wt, &zeros, n, dout) {
+    if let Some(dx) = exact(dy, &transpose(w, dout, din), &vec![0.0; din], n, dout) {
         return Ok(dx);
     }
-    let m = work.matrix(&wt, &zeros, din, dout, "a transposed weight")?;
-    work.give(wt);
-    work.give(zeros);
+    let m = work.matrix_of_columns(w, dout, din, "a weight")?;
     Ok(work.product(m, dy, n))
 }
 
 /// `dW <- dy^T x` (`[dout, din]`) over the `n` rows.
 fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f32>> {
     let (dout, din) = (dy.len() / n.max(1), x.len() / n.max(1));
-    let xt = transpose(x, n, din, work);
-    let dyt = transpose(dy, n, dout, work);
-    let zeros = work.take(din);
-    if let Some(dw) = exact(&dyt, &xt, &zeros, dout, n) {
+    if let Some(dw) = exact(
+        &transpose(dy, n, dout),
+        &transpose(x, n, din),
+        &vec![0.0; din],
+        dout,
+        n,
+    ) {
         return Ok(dw);
     }
-    let m = work.matrix(&xt, &zeros, din, n, "a layer's input")?;
-    let dw = work.product(m, &dyt, dout);
-    work.give(xt);
-    work.give(dyt);
-    work.give(zeros);
-    Ok(dw)
-}
-
-/// `[rows, cols]` to `[cols, rows]` in a kept buffer.
-fn transpose(x: &[f32], rows: usize, cols: usize, work: &mut Work) -> Vec<f32> {
-    let mut t = work.take_dirty(x.len());
-    transpose_into(x, rows, cols, &mut t);
-    t
+    let m = work.matrix_of_columns(x, n, din, "a layer's input")?;
+    Ok(work.product_of_columns(m, dy, n))
 }
 
 /// Column sums of `x` (`[n, width]`): fixed chunks of rows, their sums added in order.
