@@ -503,12 +503,13 @@ impl ChannelMatrix {
     /// `out <- x W^T + b` for the `n` rows of `x`, rounding them into `codes`' buffers.
     pub fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
         codes.round(x, n, self.cols, self.limit);
+        out.resize(n * self.rows, 0.0);
         self.product(codes, out);
     }
 
-    /// `out <- x W^T + b` (`[n, rows]`) for rows rounded for this matrix's shape and range,
-    /// row blocks split over the threads.
-    pub fn product(&self, xs: &RowCodes, out: &mut Vec<f32>) {
+    /// `out <- x W^T + b` (`[n, rows]`, `out` that long) for rows rounded for this matrix's
+    /// shape and range, row blocks split over the threads.
+    pub fn product(&self, xs: &RowCodes, out: &mut [f32]) {
         assert!(
             xs.cols == self.cols && xs.limit == self.limit,
             "rows rounded for {} columns within {}, the matrix has {} within {}",
@@ -518,7 +519,7 @@ impl ChannelMatrix {
             self.limit
         );
         let (n, rows) = (xs.n, self.rows);
-        out.resize(n * rows, 0.0);
+        assert_eq!(out.len(), n * rows, "{n} rows of {rows} channels");
         if n == 0 || rows == 0 {
             return;
         }

@@ -25,7 +25,8 @@ use crate::{Error, Result};
 const CHUNK_ROWS: usize = 16;
 
 /// Buffers kept from step to step: a step's values allocated afresh each time cost a page
-/// fault a page, and the TLB flushes of handing them back.
+/// fault a page, and the TLB flushes of handing them back. Each kept buffer keeps its whole
+/// length, so a longer use than the last writes nothing but its own values.
 #[derive(Default)]
 pub(crate) struct Work {
     f32s: Vec<Vec<f32>>,
@@ -33,43 +34,83 @@ pub(crate) struct Work {
     codes: RowCodes,
 }
 
+/// The first `len` values of a kept buffer (all of whose values are written).
+#[derive(Debug)]
+pub(crate) struct Buf {
+    data: Vec<f32>,
+    len: usize,
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.data[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl From<Vec<f32>> for Buf {
+    fn from(data: Vec<f32>) -> Buf {
+        Buf {
+            len: data.len(),
+            data,
+        }
+    }
+}
+
+impl Buf {
+    /// The values as a vector of their own length.
+    fn into_vec(mut self) -> Vec<f32> {
+        self.data.truncate(self.len);
+        self.data
+    }
+}
+
 impl Work {
-    /// `len` zeros, in the smallest kept buffer that holds them (else the largest, grown).
-    fn take(&mut self, len: usize) -> Vec<f32> {
+    /// `len` zeros, in the shortest kept buffer that holds them (else the longest, grown).
+    fn take(&mut self, len: usize) -> Buf {
         let mut v = self.take_dirty(len);
         v.fill(0.0);
         v
     }
 
     /// [`Work::take`] for a buffer the caller writes whole: whatever values it held.
-    fn take_dirty(&mut self, len: usize) -> Vec<f32> {
+    fn take_dirty(&mut self, len: usize) -> Buf {
         let fits = (0..self.f32s.len())
-            .filter(|&i| self.f32s[i].capacity() >= len)
-            .min_by_key(|&i| self.f32s[i].capacity());
-        let pick = fits.or_else(|| (0..self.f32s.len()).max_by_key(|&i| self.f32s[i].capacity()));
-        let mut v = pick.map(|i| self.f32s.swap_remove(i)).unwrap_or_default();
-        if v.len() >= len {
-            v.truncate(len);
-        } else {
-            v.resize(len, 0.0);
+            .filter(|&i| self.f32s[i].len() >= len)
+            .min_by_key(|&i| self.f32s[i].len());
+        let pick = fits.or_else(|| (0..self.f32s.len()).max_by_key(|&i| self.f32s[i].len()));
+        let mut data = pick.map(|i| self.f32s.swap_remove(i)).unwrap_or_default();
+        if data.len() < len {
+            data.resize(len, 0.0);
         }
-        v
+        Buf { data, len }
     }
 
     /// A copy of `x` in a kept buffer.
-    fn copy(&mut self, x: &[f32]) -> Vec<f32> {
+    fn copy(&mut self, x: &[f32]) -> Buf {
         let mut v = self.take_dirty(x.len());
         v.copy_from_slice(x);
         v
     }
 
-    fn give(&mut self, v: Vec<f32>) {
-        if v.capacity() > 0 {
+    fn give(&mut self, v: Buf) {
+        self.give_vec(v.data);
+    }
+
+    fn give_vec(&mut self, v: Vec<f32>) {
+        if !v.is_empty() {
             self.f32s.push(v);
         }
     }
 
-    fn give_mask(&mut self, m: Option<Vec<f32>>) {
+    fn give_mask(&mut self, m: Option<Buf>) {
         if let Some(m) = m {
             self.give(m);
         }
@@ -104,16 +145,17 @@ impl Work {
     }
 
     /// `out <- x m^T + bias` for the `n` rows of `x`, in a kept buffer; `m` kept again.
-    fn product(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    fn product(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Buf {
         let mut out = self.take_dirty(n * m.rows());
-        m.forward_into(x, n, &mut self.codes, &mut out);
+        self.codes.round(x, n, x.len() / n.max(1), m.limit());
+        m.product(&self.codes, &mut out);
         self.mats.push(m);
         out
     }
 
     /// `out <- x^T m^T` for the columns of `x` (`[n, cols]`) as rows, with no transposed
     /// copy; `m` kept again.
-    fn product_of_columns(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    fn product_of_columns(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Buf {
         let cols = x.len() / n.max(1);
         self.codes.round_transposed(x, n, cols, m.limit());
         let mut out = self.take_dirty(cols * m.rows());
@@ -141,7 +183,7 @@ pub(crate) struct Dropout {
 }
 
 impl Dropout {
-    fn mask(&self, site: u64, n: usize, work: &mut Work) -> Option<Vec<f32>> {
+    fn mask(&self, site: u64, n: usize, work: &mut Work) -> Option<Buf> {
         if self.p <= 0.0 {
             return None;
         }
@@ -176,7 +218,7 @@ fn splitmix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn apply(mask: &Option<Vec<f32>>, x: &mut [f32]) {
+fn apply(mask: &Option<Buf>, x: &mut [f32]) {
     if let Some(m) = mask {
         x.par_chunks_mut(4096)
             .zip(m.par_chunks(4096))
@@ -225,33 +267,33 @@ impl Spans {
 
 /// One layer's saved values.
 struct LayerTape {
-    x: Vec<f32>,
-    qkv: Vec<f32>,
+    x: Buf,
+    qkv: Buf,
     /// Each sequence's `[heads, len, len]` attention weights, one after another.
-    probs: Vec<f32>,
-    context: Vec<f32>,
-    drop1: Option<Vec<f32>>,
-    xhat1: Vec<f32>,
-    rstd1: Vec<f32>,
-    h1: Vec<f32>,
-    up: Vec<f32>,
-    act: Vec<f32>,
-    drop2: Option<Vec<f32>>,
-    xhat2: Vec<f32>,
-    rstd2: Vec<f32>,
+    probs: Buf,
+    context: Buf,
+    drop1: Option<Buf>,
+    xhat1: Buf,
+    rstd1: Buf,
+    h1: Buf,
+    up: Buf,
+    act: Buf,
+    drop2: Option<Buf>,
+    xhat2: Buf,
+    rstd2: Buf,
 }
 
 /// The forward pass's saved values and its logits.
 pub(crate) struct Tape {
     spans: Spans,
     ids: Vec<u32>,
-    xhat0: Vec<f32>,
-    rstd0: Vec<f32>,
-    drop0: Option<Vec<f32>>,
+    xhat0: Buf,
+    rstd0: Buf,
+    drop0: Option<Buf>,
     layers: Vec<LayerTape>,
     /// The head's input `[B, d]` (pooled, after dropout) and its mask.
-    pooled: Vec<f32>,
-    drop_head: Option<Vec<f32>>,
+    pooled: Buf,
+    drop_head: Option<Buf>,
     /// `[B, labels]`.
     pub logits: Vec<f32>,
 }
@@ -289,7 +331,7 @@ thread_local! {
 
 /// `a` `[n, k]` times `b^T` (`b` `[m, k]`) plus `bias`, in f32 one dot at a time.
 #[cfg(test)]
-fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
+fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Option<Buf> {
     if !EXACT.with(|e| e.get()) {
         return None;
     }
@@ -303,16 +345,16 @@ fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Option<Vec<f
             out[i * m + j] = dot as f32 + bias[j];
         }
     }
-    Some(out)
+    Some(out.into())
 }
 
 #[cfg(not(test))]
-fn exact(_: &[f32], _: &[f32], _: &[f32], _: usize, _: usize) -> Option<Vec<f32>> {
+fn exact(_: &[f32], _: &[f32], _: &[f32], _: usize, _: usize) -> Option<Buf> {
     None
 }
 
 /// `y <- x W^T + b` on the kernels, `W` `[dout, din]`.
-fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f32>> {
+fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> {
     let (dout, din) = (b.len(), x.len() / n.max(1));
     if let Some(y) = exact(x, w, b, n, din) {
         return Ok(y);
@@ -322,7 +364,7 @@ fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<
 }
 
 /// `dx <- dy W` (`[n, din]`), `W` `[dout, din]`, `dy` `[n, dout]`.
-fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> Result<Vec<f32>> {
+fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> Result<Buf> {
     let dout = dy.len() / n.max(1);
     if let Some(dx) = exact(dy, &transpose(w, dout, din), &vec![0.0; din], n, dout) {
         return Ok(dx);
@@ -332,7 +374,7 @@ fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> R
 }
 
 /// `dW <- dy^T x` (`[dout, din]`) over the `n` rows.
-fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f32>> {
+fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> {
     let (dout, din) = (dy.len() / n.max(1), x.len() / n.max(1));
     if let Some(dw) = exact(
         &transpose(dy, n, dout),
@@ -348,7 +390,7 @@ fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Vec<f
 }
 
 /// Column sums of `x` (`[n, width]`): fixed chunks of rows, their sums added in order.
-fn column_sums(x: &[f32], width: usize, work: &mut Work) -> Vec<f32> {
+fn column_sums(x: &[f32], width: usize, work: &mut Work) -> Buf {
     let parts: Vec<Vec<f32>> = x
         .par_chunks(width * CHUNK_ROWS * 4)
         .map(|c| {
@@ -379,7 +421,7 @@ fn norm_forward(
     beta: &[f32],
     eps: f32,
     work: &mut Work,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Buf, Buf, Buf) {
     let d = gamma.len();
     let n = r.len() / d;
     let (mut xhat, mut rstd, mut y) = (
@@ -425,7 +467,7 @@ fn norm_backward(
     rstd: &[f32],
     gamma: &[f32],
     work: &mut Work,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Buf, Buf, Buf) {
     let d = gamma.len();
     let mut dx = work.take_dirty(dy.len());
     dx.par_chunks_mut(d * CHUNK_ROWS)
@@ -471,7 +513,7 @@ fn norm_backward(
     (dx, dgamma, dbeta)
 }
 
-fn gelu_forward(u: &[f32], work: &mut Work) -> Vec<f32> {
+fn gelu_forward(u: &[f32], work: &mut Work) -> Buf {
     let mut g = work.copy(u);
     g.par_chunks_mut(4096).for_each(gelu_in_place);
     g
@@ -584,7 +626,7 @@ fn attend_backward(
 }
 
 /// `x + mask * a` for every element, into a new buffer.
-fn residual(x: &[f32], a: &[f32], mask: &Option<Vec<f32>>, work: &mut Work) -> Vec<f32> {
+fn residual(x: &[f32], a: &[f32], mask: &Option<Buf>, work: &mut Work) -> Buf {
     let mut r = work.copy(a);
     apply(mask, &mut r);
     r.par_chunks_mut(4096)
@@ -855,14 +897,14 @@ pub(crate) fn backward(
 /// `sub`; the norm's own into `norm_grads` (gamma, beta) where given.
 #[allow(clippy::type_complexity)]
 fn residual_norm_backward(
-    dy: Vec<f32>,
+    dy: Buf,
     xhat: &[f32],
     rstd: &[f32],
     gamma: &[f32],
-    drop: &Option<Vec<f32>>,
+    drop: &Option<Buf>,
     norm_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     work: &mut Work,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Buf, Buf) {
     let (dx, dgamma, dbeta) = norm_backward(&dy, xhat, rstd, gamma, work);
     work.give(dy);
     let mut dsub = work.copy(&dx);
@@ -892,8 +934,8 @@ fn linear_grads(
 }
 
 /// `slot <- v`, its old buffer kept.
-fn keep(work: &mut Work, slot: &mut Vec<f32>, v: Vec<f32>) {
-    work.give(std::mem::replace(slot, v));
+fn keep(work: &mut Work, slot: &mut Vec<f32>, v: Buf) {
+    work.give_vec(std::mem::replace(slot, v.into_vec()));
 }
 
 /// One layer's backward pass from its output's gradient `dy`: the weights' gradients into
@@ -904,11 +946,11 @@ fn layer_backward(
     t: &LayerTape,
     spans: &Spans,
     shape: Shape,
-    dy: Vec<f32>,
+    dy: Buf,
     mut grads: Option<&mut LayerParams>,
     need_dx: bool,
     work: &mut Work,
-) -> Result<Vec<f32>> {
+) -> Result<Buf> {
     let n = spans.n;
     let d = l.norm1.len();
     let f = l.up_bias.len();
@@ -980,7 +1022,7 @@ fn layer_backward(
     if !need_dx {
         work.give(dqkv);
         work.give(dr1);
-        return Ok(Vec::new());
+        return Ok(Buf::from(Vec::new()));
     }
     let mut dx = input_grad(&l.qkv, &dqkv, n, d, work)?;
     dx.par_chunks_mut(4096)
@@ -1224,7 +1266,7 @@ mod tests {
         let kept = m.iter().filter(|&&v| v != 0.0).count() as f64 / m.len() as f64;
         assert!((kept - 0.9).abs() < 0.005, "{kept}");
         assert!(m.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
-        assert_ne!(m, d.mask(2, 100_000, w).unwrap());
+        assert_ne!(&m[..], &d.mask(2, 100_000, w).unwrap()[..]);
         assert!(Dropout { p: 0.0, key: 5 }.mask(1, 10, w).is_none());
     }
 }

@@ -247,6 +247,7 @@ impl CpuMiniLm {
         // Query, key and value share the rounded rows (one shape, one code range).
         s.codes.round(x, n, d, l.query.limit());
         for (m, w) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
+            m.resize(n * w.rows(), 0.0);
             w.product(&s.codes, m);
         }
         let [q, k, v] = &s.qkv;
