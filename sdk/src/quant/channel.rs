@@ -86,16 +86,10 @@ impl RowCodes {
     /// their step overflows (below about 1e-35), gets codes 0 and scale 0.
     pub fn round(&mut self, x: &[f32], n: usize, cols: usize, limit: i32) {
         assert_eq!(x.len(), n * cols, "{n} rows of {cols} values");
-        let pairs = cols.div_ceil(2);
-        let padded = n.next_multiple_of(TILE_ROWS);
-        self.n = n;
-        self.cols = cols;
-        self.limit = limit;
-        self.words.resize(padded * pairs, 0);
-        self.scale.resize(padded, 0.0);
-        if n == 0 || cols == 0 {
+        if !self.reshape(n, cols, limit) {
             return;
         }
+        let pairs = cols.div_ceil(2);
         let blocks_per_task = 2;
         let rows_per_task = blocks_per_task * TILE_ROWS;
         self.words
@@ -130,20 +124,24 @@ impl RowCodes {
             });
     }
 
+    /// Buffers for `rows` rows of `cols` values within `limit`; false where there is nothing
+    /// to round.
+    fn reshape(&mut self, rows: usize, cols: usize, limit: i32) -> bool {
+        let padded = rows.next_multiple_of(TILE_ROWS);
+        (self.n, self.cols, self.limit) = (rows, cols, limit);
+        self.words.resize(padded * cols.div_ceil(2), 0);
+        self.scale.resize(padded, 0.0);
+        rows > 0 && cols > 0
+    }
+
     /// [`RowCodes::round`] of `x^T`: the `cols` columns of `x` (`[n, cols]`) as rows of `n`
     /// values, without the transposed copy; the same codes and scales bit for bit.
     pub fn round_transposed(&mut self, x: &[f32], n: usize, cols: usize, limit: i32) {
         assert_eq!(x.len(), n * cols, "{n} rows of {cols} values");
-        let pairs = n.div_ceil(2);
-        let padded = cols.next_multiple_of(TILE_ROWS);
-        self.n = cols;
-        self.cols = n;
-        self.limit = limit;
-        self.words.resize(padded * pairs, 0);
-        self.scale.resize(padded, 0.0);
-        if n == 0 || cols == 0 {
+        if !self.reshape(cols, n, limit) {
             return;
         }
+        let pairs = n.div_ceil(2);
         // Two blocks a task: sixteen columns, a cache line of each row.
         let per_task = 2;
         self.words

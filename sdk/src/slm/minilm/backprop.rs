@@ -16,7 +16,9 @@ use rayon::prelude::*;
 
 use super::cpu::{lane_max, lane_sum};
 use super::gelu::{gelu_grad_in_place, gelu_in_place};
-use super::params::{LayerParams, Params, transpose};
+#[cfg(test)]
+use super::params::transpose;
+use super::params::{LayerParams, Params};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::train::{log_sum_exp, soft_ce_row};
 use crate::{Error, Result};
@@ -329,12 +331,15 @@ thread_local! {
     static EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether a test asked for plain f32 products on this thread.
+#[cfg(test)]
+fn exact_on() -> bool {
+    EXACT.with(|e| e.get())
+}
+
 /// `a` `[n, k]` times `b^T` (`b` `[m, k]`) plus `bias`, in f32 one dot at a time.
 #[cfg(test)]
-fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Option<Buf> {
-    if !EXACT.with(|e| e.get()) {
-        return None;
-    }
+fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Buf {
     let m = bias.len();
     let mut out = vec![0.0f32; n * m];
     for i in 0..n {
@@ -345,19 +350,15 @@ fn exact(a: &[f32], b: &[f32], bias: &[f32], n: usize, k: usize) -> Option<Buf> 
             out[i * m + j] = dot as f32 + bias[j];
         }
     }
-    Some(out.into())
-}
-
-#[cfg(not(test))]
-fn exact(_: &[f32], _: &[f32], _: &[f32], _: usize, _: usize) -> Option<Buf> {
-    None
+    out.into()
 }
 
 /// `y <- x W^T + b` on the kernels, `W` `[dout, din]`.
 fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> {
     let (dout, din) = (b.len(), x.len() / n.max(1));
-    if let Some(y) = exact(x, w, b, n, din) {
-        return Ok(y);
+    #[cfg(test)]
+    if exact_on() {
+        return Ok(exact(x, w, b, n, din));
     }
     let m = work.matrix(w, b, dout, din, "a weight")?;
     Ok(work.product(m, x, n))
@@ -366,8 +367,15 @@ fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<
 /// `dx <- dy W` (`[n, din]`), `W` `[dout, din]`, `dy` `[n, dout]`.
 fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> Result<Buf> {
     let dout = dy.len() / n.max(1);
-    if let Some(dx) = exact(dy, &transpose(w, dout, din), &vec![0.0; din], n, dout) {
-        return Ok(dx);
+    #[cfg(test)]
+    if exact_on() {
+        return Ok(exact(
+            dy,
+            &transpose(w, dout, din),
+            &vec![0.0; din],
+            n,
+            dout,
+        ));
     }
     let m = work.matrix_of_columns(w, dout, din, "a weight")?;
     Ok(work.product(m, dy, n))
@@ -375,15 +383,12 @@ fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> R
 
 /// `dW <- dy^T x` (`[dout, din]`) over the `n` rows.
 fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> {
-    let (dout, din) = (dy.len() / n.max(1), x.len() / n.max(1));
-    if let Some(dw) = exact(
-        &transpose(dy, n, dout),
-        &transpose(x, n, din),
-        &vec![0.0; din],
-        dout,
-        n,
-    ) {
-        return Ok(dw);
+    let din = x.len() / n.max(1);
+    #[cfg(test)]
+    if exact_on() {
+        let dout = dy.len() / n.max(1);
+        let (dyt, xt) = (transpose(dy, n, dout), transpose(x, n, din));
+        return Ok(exact(&dyt, &xt, &vec![0.0; din], dout, n));
     }
     let m = work.matrix_of_columns(x, n, din, "a layer's input")?;
     Ok(work.product_of_columns(m, dy, n))
