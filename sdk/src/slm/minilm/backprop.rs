@@ -538,8 +538,41 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Columns `col..col + dh` of the `len` rows of `qkv` (`w` wide), transposed into `out`
+/// (`[dh, len]`).
+#[inline(always)]
+fn head_columns(qkv: &[f32], len: usize, w: usize, col: usize, dh: usize, out: &mut [f32]) {
+    for j in 0..len {
+        for (c, &x) in qkv[j * w + col..][..dh].iter().enumerate() {
+            out[c * len + j] = x;
+        }
+    }
+}
+
+/// One query's row of `dS = scale P (dP - rowsum(P dP))` into `ds`, with `dP = dc V^T`
+/// (`vt`: the head's values transposed, [`head_columns`]) and `p` the query's weights.
+#[inline(always)]
+fn score_grads(ds: &mut [f32], p: &[f32], dc: &[f32], vt: &[f32], scale: f32) {
+    let len = p.len();
+    ds.fill(0.0);
+    for (c, &g) in dc.iter().enumerate() {
+        axpy(ds, g, &vt[c * len..][..len]);
+    }
+    let mut acc = [0.0f32; 16];
+    for (a, b) in p.chunks(16).zip(ds.chunks(16)) {
+        for ((s, a), b) in acc.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    let dot = acc.iter().sum::<f32>();
+    for (g, &pj) in ds.iter_mut().zip(p) {
+        *g = scale * pj * (*g - dot);
+    }
+}
+
 /// One sequence's attention: `qkv` its `[len, 3 d]` rows; writes `probs` (`[heads, len, len]`)
 /// and `context` (`[len, d]`).
+#[inline(always)]
 fn attend(qkv: &[f32], len: usize, heads: usize, probs: &mut [f32], context: &mut [f32]) {
     let w = qkv.len() / len.max(1);
     let d = w / 3;
@@ -548,11 +581,7 @@ fn attend(qkv: &[f32], len: usize, heads: usize, probs: &mut [f32], context: &mu
     let mut kt = vec![0.0f32; dh * len];
     for h in 0..heads {
         let (qc, kc, vc) = (h * dh, d + h * dh, 2 * d + h * dh);
-        for j in 0..len {
-            for c in 0..dh {
-                kt[c * len + j] = qkv[j * w + kc + c];
-            }
-        }
+        head_columns(qkv, len, w, kc, dh, &mut kt);
         for i in 0..len {
             let p = &mut probs[(h * len + i) * len..][..len];
             p.fill(0.0);
@@ -564,7 +593,19 @@ fn attend(qkv: &[f32], len: usize, heads: usize, probs: &mut [f32], context: &mu
             quant::exp_in_place(p);
             let inv = 1.0 / lane_sum(p, |x| x);
             p.iter_mut().for_each(|s| *s *= inv);
-            let o = &mut context[i * d + qc..][..dh];
+            context_row(p, qkv, w, vc, &mut context[i * d + qc..][..dh]);
+        }
+    }
+}
+
+/// `o <- sum_j p_j v_j`, `v_j` the values at column `vc` of row `j` of `qkv` (`w` wide): in
+/// registers for heads 32 or 64 wide, the same sums in the same order as in memory.
+#[inline(always)]
+fn context_row(p: &[f32], qkv: &[f32], w: usize, vc: usize, o: &mut [f32]) {
+    match o.len() {
+        32 => context_row_in::<32>(p, qkv, w, vc, o),
+        64 => context_row_in::<64>(p, qkv, w, vc, o),
+        dh => {
             o.fill(0.0);
             for (j, &pj) in p.iter().enumerate() {
                 axpy(o, pj, &qkv[j * w + vc..][..dh]);
@@ -573,8 +614,98 @@ fn attend(qkv: &[f32], len: usize, heads: usize, probs: &mut [f32], context: &mu
     }
 }
 
+#[inline(always)]
+fn context_row_in<const DH: usize>(p: &[f32], qkv: &[f32], w: usize, vc: usize, o: &mut [f32]) {
+    let mut acc = [0.0f32; DH];
+    for (j, &pj) in p.iter().enumerate() {
+        for (a, &v) in acc.iter_mut().zip(&qkv[j * w + vc..][..DH]) {
+            *a += pj * v;
+        }
+    }
+    o.copy_from_slice(&acc);
+}
+
 /// [`attend`]'s backward pass: `dcontext` `[len, d]` to `dqkv` `[len, 3 d]`.
+#[inline(always)]
 fn attend_backward(
+    qkv: &[f32],
+    probs: &[f32],
+    dcontext: &[f32],
+    len: usize,
+    heads: usize,
+    dqkv: &mut [f32],
+) {
+    let d = qkv.len() / len.max(1) / 3;
+    match d / heads.max(1) {
+        32 => attend_backward_heads::<32>(qkv, probs, dcontext, len, heads, dqkv),
+        64 => attend_backward_heads::<64>(qkv, probs, dcontext, len, heads, dqkv),
+        _ => attend_backward_any(qkv, probs, dcontext, len, heads, dqkv),
+    }
+}
+
+/// [`attend_backward`] for heads `DH` wide, the same sums in the same order as
+/// [`attend_backward_any`]: the gradients of a query, key or value row are summed in registers
+/// and written once, where the general version adds into memory at every step.
+#[inline(always)]
+fn attend_backward_heads<const DH: usize>(
+    qkv: &[f32],
+    probs: &[f32],
+    dcontext: &[f32],
+    len: usize,
+    heads: usize,
+    dqkv: &mut [f32],
+) {
+    let d = DH * heads;
+    let w = 3 * d;
+    let scale = 1.0 / (DH as f32).sqrt();
+    let row = |x: &[f32], r: usize, width: usize, at: usize| -> [f32; DH] {
+        match x[r * width + at..][..DH].try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("DH values"),
+        }
+    };
+    let mut vt = vec![0.0f32; DH * len];
+    // One head's `dS` ([`score_grads`]).
+    let mut ds = vec![0.0f32; len * len];
+    for h in 0..heads {
+        let (qc, kc, vc) = (h * DH, d + h * DH, 2 * d + h * DH);
+        let p = &probs[h * len * len..][..len * len];
+        head_columns(qkv, len, w, vc, DH, &mut vt);
+        for (i, (dsi, pi)) in ds
+            .chunks_exact_mut(len)
+            .zip(p.chunks_exact(len))
+            .enumerate()
+        {
+            score_grads(dsi, pi, &dcontext[i * d + qc..][..DH], &vt, scale);
+        }
+        for (i, dsi) in ds.chunks_exact(len).enumerate() {
+            let mut dq = [0.0f32; DH];
+            for (j, &g) in dsi.iter().enumerate() {
+                let kj = row(qkv, j, w, kc);
+                for (a, k) in dq.iter_mut().zip(kj) {
+                    *a += g * k;
+                }
+            }
+            dqkv[i * w + qc..][..DH].copy_from_slice(&dq);
+        }
+        for j in 0..len {
+            let (mut dk, mut dv) = ([0.0f32; DH], [0.0f32; DH]);
+            for i in 0..len {
+                let (g, pij) = (ds[i * len + j], p[i * len + j]);
+                let (qi, dci) = (row(qkv, i, w, qc), row(dcontext, i, d, qc));
+                for ((a, b), (q, c)) in dk.iter_mut().zip(dv.iter_mut()).zip(qi.iter().zip(&dci)) {
+                    *a += g * q;
+                    *b += pij * c;
+                }
+            }
+            dqkv[j * w + kc..][..DH].copy_from_slice(&dk);
+            dqkv[j * w + vc..][..DH].copy_from_slice(&dv);
+        }
+    }
+}
+
+/// [`attend_backward`] for any head width.
+fn attend_backward_any(
     qkv: &[f32],
     probs: &[f32],
     dcontext: &[f32],
@@ -592,31 +723,14 @@ fn attend_backward(
     let mut dq = vec![0.0f32; dh];
     for h in 0..heads {
         let (qc, kc, vc) = (h * dh, d + h * dh, 2 * d + h * dh);
-        for j in 0..len {
-            for c in 0..dh {
-                vt[c * len + j] = qkv[j * w + vc + c];
-            }
-        }
+        head_columns(qkv, len, w, vc, dh, &mut vt);
         for i in 0..len {
             let p = &probs[(h * len + i) * len..][..len];
             let dci = &dcontext[i * d + qc..][..dh];
-            dp.fill(0.0);
-            for (c, &g) in dci.iter().enumerate() {
-                axpy(&mut dp, g, &vt[c * len..][..len]);
-            }
             for (j, &pj) in p.iter().enumerate() {
                 axpy(&mut dqkv[j * w + vc..][..dh], pj, dci);
             }
-            let mut acc = [0.0f32; 16];
-            for (a, b) in p.chunks(16).zip(dp.chunks(16)) {
-                for ((s, a), b) in acc.iter_mut().zip(a).zip(b) {
-                    *s += a * b;
-                }
-            }
-            let dot = acc.iter().sum::<f32>();
-            for (g, &pj) in dp.iter_mut().zip(p) {
-                *g = scale * pj * (*g - dot);
-            }
+            score_grads(&mut dp, p, dci, &vt, scale);
             dq.fill(0.0);
             for (j, &g) in dp.iter().enumerate() {
                 axpy(&mut dq, g, &qkv[j * w + kc..][..dh]);
@@ -1263,6 +1377,37 @@ mod tests {
     }
 
     /// Dropout keeps about `1 - p` of the values, scaled, and its masks differ by site.
+    /// Attention for heads 32 wide, its sums in registers, gives the bits of the sums taken in
+    /// memory: the context against a plain loop, the backward pass against the general version.
+    #[test]
+    fn attention_for_a_head_width_equals_the_general_one() {
+        let (len, heads, d) = (13usize, 12usize, 384usize);
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        let (qkv, dcontext) = (values(len * 3 * d), values(len * d));
+        let mut probs = vec![0.0f32; heads * len * len];
+        let mut context = vec![0.0f32; len * d];
+        attend(&qkv, len, heads, &mut probs, &mut context);
+        let dh = d / heads;
+        for (h, i) in (0..heads).flat_map(|h| (0..len).map(move |i| (h, i))) {
+            let p = &probs[(h * len + i) * len..][..len];
+            for c in 0..dh {
+                let mut o = 0.0f32;
+                for (j, &pj) in p.iter().enumerate() {
+                    o += pj * qkv[j * 3 * d + 2 * d + h * dh + c];
+                }
+                assert_eq!(o.to_bits(), context[i * d + h * dh + c].to_bits());
+            }
+        }
+        let (mut fast, mut general) = (vec![f32::NAN; len * 3 * d], vec![f32::NAN; len * 3 * d]);
+        attend_backward(&qkv, &probs, &dcontext, len, heads, &mut fast);
+        attend_backward_any(&qkv, &probs, &dcontext, len, heads, &mut general);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&general));
+        assert!(fast.iter().any(|&v| v != 0.0));
+    }
+
     #[test]
     fn dropout_keeps_the_expected_share() {
         let d = Dropout { p: 0.1, key: 5 };
