@@ -118,31 +118,14 @@ impl Work {
         }
     }
 
-    /// `W` `[rows, cols]` and `bias` rounded into a kept matrix.
+    /// A kept matrix, filled by `fill` (rounding a weight or a layer's input).
     fn matrix(
         &mut self,
-        w: &[f32],
-        bias: &[f32],
-        rows: usize,
-        cols: usize,
         what: &str,
+        fill: impl FnOnce(&mut ChannelMatrix) -> std::result::Result<(), quant::ggml::BlockError>,
     ) -> Result<ChannelMatrix> {
         let mut m = self.mats.pop().unwrap_or_default();
-        m.refill(w, bias, rows, cols).map_err(model_err(what))?;
-        Ok(m)
-    }
-
-    /// The matrix of `x^T` (the `cols` columns of `x` `[n, cols]` as its channels, no bias)
-    /// in a kept matrix, with no transposed copy.
-    fn matrix_of_columns(
-        &mut self,
-        x: &[f32],
-        n: usize,
-        cols: usize,
-        what: &str,
-    ) -> Result<ChannelMatrix> {
-        let mut m = self.mats.pop().unwrap_or_default();
-        m.refill_transposed(x, n, cols).map_err(model_err(what))?;
+        fill(&mut m).map_err(model_err(what))?;
         Ok(m)
     }
 
@@ -360,7 +343,7 @@ fn linear(w: &[f32], b: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<
     if exact_on() {
         return Ok(exact(x, w, b, n, din));
     }
-    let m = work.matrix(w, b, dout, din, "a weight")?;
+    let m = work.matrix("a weight", |m| m.refill(w, b, dout, din))?;
     Ok(work.product(m, x, n))
 }
 
@@ -377,7 +360,7 @@ fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> R
             dout,
         ));
     }
-    let m = work.matrix_of_columns(w, dout, din, "a weight")?;
+    let m = work.matrix("a weight", |m| m.refill_transposed(w, dout, din))?;
     Ok(work.product(m, dy, n))
 }
 
@@ -390,7 +373,7 @@ fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> 
         let (dyt, xt) = (transpose(dy, n, dout), transpose(x, n, din));
         return Ok(exact(&dyt, &xt, &vec![0.0; din], dout, n));
     }
-    let m = work.matrix_of_columns(x, n, din, "a layer's input")?;
+    let m = work.matrix("a layer's input", |m| m.refill_transposed(x, n, din))?;
     Ok(work.product_of_columns(m, dy, n))
 }
 
