@@ -158,30 +158,7 @@ impl RowCodes {
                             .enumerate()
                         {
                             let c0 = (t * per_task + b) * TILE_ROWS;
-                            let live = cols.saturating_sub(c0).min(TILE_ROWS);
-                            if live == 0 {
-                                block.fill(0);
-                                scale.fill(0.0);
-                                continue;
-                            }
-                            let mut tops = [0u32; TILE_ROWS];
-                            column_tops(x, cols, c0, &mut tops[..live]);
-                            let mut inv = [0.0f32; TILE_ROWS];
-                            for ((inv, scale), &top) in
-                                inv.iter_mut().zip(scale.iter_mut()).zip(&tops)
-                            {
-                                (*inv, *scale) = step(top, limit);
-                            }
-                            scale[live..].fill(0.0);
-                            for (p, words) in block.chunks_exact_mut(TILE_ROWS).enumerate() {
-                                column_pair(
-                                    row_pair(x, n, cols, (c0, live), p),
-                                    &inv[..live],
-                                    limit,
-                                    &mut words[..live],
-                                );
-                                words[live..].fill(0);
-                            }
+                            round_columns(x, n, cols, c0, limit, scale, block);
                         }
                     },
                 )
@@ -348,6 +325,43 @@ fn column_pair(rows: [Option<&[f32]>; 2], inv: &[f32], limit: i32, out: &mut [i3
     }
 }
 
+/// Columns `c0..c0 + scale.len()` (at most [`SPAN`]) of `x` (`[n, cols]`; those past `cols`
+/// as zeros) rounded as rows of `n` values: their scales into `scale`, column `k`'s pair `p`
+/// at `words[p * scale.len() + k]` (a block's or a tile's layout).
+#[inline(always)]
+fn round_columns(
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    c0: usize,
+    limit: i32,
+    scale: &mut [f32],
+    words: &mut [i32],
+) {
+    let width = scale.len();
+    let live = cols.saturating_sub(c0).min(width);
+    scale.fill(0.0);
+    if live == 0 {
+        words.fill(0);
+        return;
+    }
+    let mut tops = [0u32; SPAN];
+    column_tops(x, cols, c0, &mut tops[..live]);
+    let mut inv = [0.0f32; SPAN];
+    for ((inv, scale), &top) in inv.iter_mut().zip(scale.iter_mut()).zip(&tops[..live]) {
+        (*inv, *scale) = step(top, limit);
+    }
+    for (p, words) in words.chunks_exact_mut(width).enumerate() {
+        column_pair(
+            row_pair(x, n, cols, (c0, live), p),
+            &inv[..live],
+            limit,
+            &mut words[..live],
+        );
+        words[live..].fill(0);
+    }
+}
+
 /// A matrix's tiles (their words and scales) split over the threads, with their indices.
 fn words_by_tile<'a>(
     words: &'a mut [i32],
@@ -393,19 +407,9 @@ impl ChannelMatrix {
         if bias.iter().any(|v| !v.is_finite()) {
             return Err(BlockError("a non-finite bias".into()));
         }
-        let limit = limit_for(cols);
-        let (channels, pairs) = (rows.next_multiple_of(SPAN), cols.div_ceil(2));
-        let fresh = |v: &mut Vec<f32>| {
-            v.clear();
-            v.resize(channels, 0.0);
-        };
-        fresh(&mut self.scale);
-        fresh(&mut self.bias);
+        let pairs = self.reshape(rows, cols);
         self.bias[..rows].copy_from_slice(bias);
-        self.words.clear();
-        self.words.resize(channels * pairs, 0);
-        (self.rows, self.cols, self.limit) = (rows, cols, limit);
-        let (words, scale) = (&mut self.words, &mut self.scale);
+        let (words, scale, limit) = (&mut self.words, &mut self.scale, self.limit);
         // Tiles split over the threads (the training path rounds every matrix each step), each
         // channel rounded as activation rows are, then its pairs set in the tile's layout.
         words_by_tile(words, scale, pairs).for_each(|(t, (words, scale))| {
@@ -448,44 +452,31 @@ impl ChannelMatrix {
                 x.len()
             )));
         }
-        let limit = limit_for(n);
-        let (channels, pairs) = (cols.next_multiple_of(SPAN), n.div_ceil(2));
-        for v in [&mut self.scale, &mut self.bias] {
-            v.clear();
-            v.resize(channels, 0.0);
-        }
-        self.words.clear();
-        self.words.resize(channels * pairs, 0);
-        (self.rows, self.cols, self.limit) = (cols, n, limit);
+        let pairs = self.reshape(cols, n);
+        let limit = self.limit;
         words_by_tile(&mut self.words, &mut self.scale, pairs).for_each(|(t, (words, scale))| {
             super::with_simd(
                 #[inline(always)]
-                || {
-                    let c0 = t * SPAN;
-                    let live = cols.saturating_sub(c0).min(SPAN);
-                    let mut tops = [0u32; SPAN];
-                    column_tops(x, cols, c0, &mut tops[..live]);
-                    let mut inv = [0.0f32; SPAN];
-                    for ((inv, scale), &top) in
-                        inv.iter_mut().zip(scale.iter_mut()).zip(&tops[..live])
-                    {
-                        (*inv, *scale) = step(top, limit);
-                    }
-                    for (p, words) in words.chunks_exact_mut(SPAN).enumerate() {
-                        column_pair(
-                            row_pair(x, n, cols, (c0, live), p),
-                            &inv[..live],
-                            limit,
-                            &mut words[..live],
-                        );
-                    }
-                },
+                || round_columns(x, n, cols, t * SPAN, limit, scale, words),
             )
         });
         if self.scale.iter().any(|s| s.is_nan()) {
             return Err(BlockError("a non-finite value".into()));
         }
         Ok(())
+    }
+
+    /// Zeroed buffers for `rows` channels of `cols` values; the pairs a channel holds.
+    fn reshape(&mut self, rows: usize, cols: usize) -> usize {
+        let (channels, pairs) = (rows.next_multiple_of(SPAN), cols.div_ceil(2));
+        for v in [&mut self.scale, &mut self.bias] {
+            v.clear();
+            v.resize(channels, 0.0);
+        }
+        self.words.clear();
+        self.words.resize(channels * pairs, 0);
+        (self.rows, self.cols, self.limit) = (rows, cols, limit_for(cols));
+        pairs
     }
 
     /// Output channels.
@@ -500,8 +491,13 @@ impl ChannelMatrix {
 
     /// `out <- x W^T + b` for the `n` rows of `x`, rounding them into `codes`' buffers.
     pub fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
-        codes.round(x, n, self.cols, self.limit);
         out.resize(n * self.rows, 0.0);
+        self.forward(x, n, codes, out);
+    }
+
+    /// [`ChannelMatrix::forward_into`] into `out` of `n * rows` values.
+    pub fn forward(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut [f32]) {
+        codes.round(x, n, self.cols, self.limit);
         self.product(codes, out);
     }
 

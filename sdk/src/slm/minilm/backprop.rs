@@ -132,8 +132,7 @@ impl Work {
     /// `out <- x m^T + bias` for the `n` rows of `x`, in a kept buffer; `m` kept again.
     fn product(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Buf {
         let mut out = self.take_dirty(n * m.rows());
-        self.codes.round(x, n, x.len() / n.max(1), m.limit());
-        m.product(&self.codes, &mut out);
+        m.forward(x, n, &mut self.codes, &mut out);
         self.mats.push(m);
         out
     }
