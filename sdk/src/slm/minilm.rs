@@ -666,9 +666,29 @@ mod tests {
         }
     }
 
+    /// A run in the buffers an earlier run left (the spare) trains the model a run in fresh
+    /// buffers trains, bit for bit: nothing a step reads comes from the run before.
+    #[test]
+    fn a_run_in_kept_buffers_trains_the_same_model() {
+        let mr = mr();
+        let mut by_length: Vec<_> = mr.iter().take(400).collect();
+        by_length.sort_by_key(|e| std::cmp::Reverse(e.text.len()));
+        let short = examples(by_length[336..].iter().copied());
+        let long = examples(by_length[..64].iter().copied());
+        let texts = texts(mr.iter().skip(3).step_by(400));
+        let trained = |train: &[TrainExample]| {
+            let mut model = untrained();
+            model.train(train, &quick_training(1), &mut |_| {}).unwrap();
+            model.predict_proba(&texts).unwrap()
+        };
+        let first = trained(&short);
+        trained(&long);
+        assert_eq!(trained(&short), first);
+    }
+
     /// Times training on the kernels (`cargo test --release --workspace --lib -- --ignored
-    /// --nocapture training_probe`): 12 steps of 32 MR sentences a run, after a warmup run;
-    /// a probe for profiles, not a gate.
+    /// --nocapture training_probe`): 12 steps of 32 MR sentences a run, after a warmup run,
+    /// and each step's milliseconds; a probe for profiles, not a gate.
     #[test]
     #[ignore]
     fn training_probe() {
@@ -682,8 +702,20 @@ mod tests {
         };
         model.train(&train[..32], &cfg, &mut |_| {}).unwrap();
         for _ in 0..3 {
-            let r = model.train(&train[32..], &cfg, &mut |_| {}).unwrap();
-            println!("{:.1} samples/s", r.train_samples_per_sec);
+            let mut last = std::time::Instant::now();
+            let mut ms = Vec::new();
+            let r = model
+                .train(&train[32..], &cfg, &mut |_| {
+                    ms.push(last.elapsed().as_secs_f64() * 1e3);
+                    last = std::time::Instant::now();
+                })
+                .unwrap();
+            let ms: Vec<String> = ms.iter().map(|m| format!("{m:.0}")).collect();
+            println!(
+                "{:.1} samples/s; ms a step: {}",
+                r.train_samples_per_sec,
+                ms.join(" ")
+            );
         }
     }
 

@@ -66,14 +66,6 @@ impl From<Vec<f32>> for Buf {
     }
 }
 
-impl Buf {
-    /// The values as a vector of their own length.
-    fn into_vec(mut self) -> Vec<f32> {
-        self.data.truncate(self.len);
-        self.data
-    }
-}
-
 impl Work {
     /// `len` zeros, in the shortest kept buffer that holds them (else the longest, grown).
     fn take(&mut self, len: usize) -> Buf {
@@ -90,7 +82,9 @@ impl Work {
         let pick = fits.or_else(|| (0..self.f32s.len()).max_by_key(|&i| self.f32s[i].len()));
         let mut data = pick.map(|i| self.f32s.swap_remove(i)).unwrap_or_default();
         if data.len() < len {
-            data.resize(len, 0.0);
+            // A new allocation: growing would copy values no one reads.
+            drop(data);
+            data = vec![0.0; len];
         }
         Buf { data, len }
     }
@@ -137,15 +131,13 @@ impl Work {
         out
     }
 
-    /// `out <- x^T m^T` for the columns of `x` (`[n, cols]`) as rows, with no transposed
-    /// copy; `m` kept again.
-    fn product_of_columns(&mut self, m: ChannelMatrix, x: &[f32], n: usize) -> Buf {
+    /// `out <- x^T m^T` (`[cols, m.rows()]`) for the columns of `x` (`[n, cols]`) as rows,
+    /// with no transposed copy; `m` kept again.
+    fn product_of_columns(&mut self, m: ChannelMatrix, x: &[f32], n: usize, out: &mut [f32]) {
         let cols = x.len() / n.max(1);
         self.codes.round_transposed(x, n, cols, m.limit());
-        let mut out = self.take_dirty(cols * m.rows());
-        m.product(&self.codes, &mut out);
+        m.product(&self.codes, out);
         self.mats.push(m);
-        out
     }
 }
 
@@ -363,21 +355,25 @@ fn input_grad(w: &[f32], dy: &[f32], n: usize, din: usize, work: &mut Work) -> R
     Ok(work.product(m, dy, n))
 }
 
-/// `dW <- dy^T x` (`[dout, din]`) over the `n` rows.
-fn weight_grad(dy: &[f32], x: &[f32], n: usize, work: &mut Work) -> Result<Buf> {
+/// `dW <- dy^T x` (`[dout, din]`) over the `n` rows, into `dw`.
+fn weight_grad(dy: &[f32], x: &[f32], n: usize, dw: &mut [f32], work: &mut Work) -> Result<()> {
     let din = x.len() / n.max(1);
     #[cfg(test)]
     if exact_on() {
         let dout = dy.len() / n.max(1);
         let (dyt, xt) = (transpose(dy, n, dout), transpose(x, n, din));
-        return Ok(exact(&dyt, &xt, &vec![0.0; din], dout, n));
+        dw.copy_from_slice(&exact(&dyt, &xt, &vec![0.0; din], dout, n));
+        return Ok(());
     }
     let m = work.matrix("a layer's input", |m| m.refill_transposed(x, n, din))?;
-    Ok(work.product_of_columns(m, dy, n))
+    work.product_of_columns(m, dy, n, dw);
+    Ok(())
 }
 
-/// Column sums of `x` (`[n, width]`): fixed chunks of rows, their sums added in order.
-fn column_sums(x: &[f32], width: usize, work: &mut Work) -> Buf {
+/// Column sums of `x` (`[n, out.len()]`) into `out`: fixed chunks of rows, their sums added
+/// in order.
+fn column_sums(x: &[f32], out: &mut [f32]) {
+    let width = out.len();
     let parts: Vec<Vec<f32>> = x
         .par_chunks(width * CHUNK_ROWS * 4)
         .map(|c| {
@@ -393,12 +389,10 @@ fn column_sums(x: &[f32], width: usize, work: &mut Work) -> Buf {
             s
         })
         .collect();
-    // From the kept buffers, as every gradient is: the slots they replace go back there.
-    let mut out = work.take(width);
+    out.fill(0.0);
     for p in parts {
         out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
     }
-    out
 }
 
 /// Layer norm of each row of `r` (`[n, d]`): `xhat`, `1 / std` and the output.
@@ -447,14 +441,16 @@ fn norm_forward(
     (xhat, rstd, y)
 }
 
-/// Layer norm's backward pass: the input's gradient, and `(dgamma, dbeta)`.
+/// Layer norm's backward pass: the input's gradient; `(dgamma, dbeta)` into `grads` where
+/// given.
 fn norm_backward(
     dy: &[f32],
     xhat: &[f32],
     rstd: &[f32],
     gamma: &[f32],
+    grads: Option<(&mut [f32], &mut [f32])>,
     work: &mut Work,
-) -> (Buf, Buf, Buf) {
+) -> Buf {
     let d = gamma.len();
     let mut dx = work.take_dirty(dy.len());
     dx.par_chunks_mut(d * CHUNK_ROWS)
@@ -490,14 +486,16 @@ fn norm_backward(
                 },
             )
         });
-    let mut prod = work.copy(dy);
-    prod.par_chunks_mut(4096)
-        .zip(xhat.par_chunks(4096))
-        .for_each(|(p, x)| p.iter_mut().zip(x).for_each(|(p, x)| *p *= x));
-    let dgamma = column_sums(&prod, d, work);
-    work.give(prod);
-    let dbeta = column_sums(dy, d, work);
-    (dx, dgamma, dbeta)
+    if let Some((dgamma, dbeta)) = grads {
+        let mut prod = work.copy(dy);
+        prod.par_chunks_mut(4096)
+            .zip(xhat.par_chunks(4096))
+            .for_each(|(p, x)| p.iter_mut().zip(x).for_each(|(p, x)| *p *= x));
+        column_sums(&prod, dgamma);
+        work.give(prod);
+        column_sums(dy, dbeta);
+    }
+    dx
 }
 
 fn gelu_forward(u: &[f32], work: &mut Work) -> Buf {
@@ -968,10 +966,9 @@ pub(crate) fn backward(
         return Ok(());
     }
     apply(&tape.drop0, &mut dy);
-    let (de, dg, db) = norm_backward(&dy, &tape.xhat0, &tape.rstd0, &p.norm0, work);
+    let norm_grads = Some((&mut grads.norm0[..], &mut grads.norm0_bias[..]));
+    let de = norm_backward(&dy, &tape.xhat0, &tape.rstd0, &p.norm0, norm_grads, work);
     work.give(dy);
-    keep(work, &mut grads.norm0, dg);
-    keep(work, &mut grads.norm0_bias, db);
     let positions = grads.position.len() / d;
     let (word, position, segment) = (&mut grads.word, &mut grads.position, &mut grads.segment);
     // The word table's gradient is zero but on the batch's rows (see [`backward`]).
@@ -1003,40 +1000,29 @@ fn residual_norm_backward(
     rstd: &[f32],
     gamma: &[f32],
     drop: &Option<Buf>,
-    norm_grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    norm_grads: Option<(&mut [f32], &mut [f32])>,
     work: &mut Work,
 ) -> (Buf, Buf) {
-    let (dx, dgamma, dbeta) = norm_backward(&dy, xhat, rstd, gamma, work);
+    let dx = norm_backward(&dy, xhat, rstd, gamma, norm_grads, work);
     work.give(dy);
     let mut dsub = work.copy(&dx);
     apply(drop, &mut dsub);
-    if let Some((g, b)) = norm_grads {
-        keep(work, g, dgamma);
-        keep(work, b, dbeta);
-    }
     (dx, dsub)
 }
 
 /// A linear layer's weight and bias gradients from its output's gradient `dy` and its input
 /// `x` (`n` rows each).
 fn linear_grads(
-    w: &mut Vec<f32>,
-    b: &mut Vec<f32>,
+    w: &mut [f32],
+    b: &mut [f32],
     dy: &[f32],
     x: &[f32],
     n: usize,
     work: &mut Work,
 ) -> Result<()> {
-    let dw = weight_grad(dy, x, n, work)?;
-    keep(work, w, dw);
-    let db = column_sums(dy, b.len(), work);
-    keep(work, b, db);
+    weight_grad(dy, x, n, w, work)?;
+    column_sums(dy, b);
     Ok(())
-}
-
-/// `slot <- v`, its old buffer kept.
-fn keep(work: &mut Work, slot: &mut Vec<f32>, v: Buf) {
-    work.give_vec(std::mem::replace(slot, v.into_vec()));
 }
 
 /// One layer's backward pass from its output's gradient `dy`: the weights' gradients into
@@ -1058,7 +1044,7 @@ fn layer_backward(
     // Second norm: `out = norm2(h1 + drop2 * down)`.
     let norm2 = grads
         .as_deref_mut()
-        .map(|g| (&mut g.norm2, &mut g.norm2_bias));
+        .map(|g| (&mut g.norm2[..], &mut g.norm2_bias[..]));
     let (dr2, ddown) =
         residual_norm_backward(dy, &t.xhat2, &t.rstd2, &l.norm2, &t.drop2, norm2, work);
     if let Some(g) = grads.as_deref_mut() {
@@ -1080,7 +1066,7 @@ fn layer_backward(
     // First norm: `h1 = norm1(x + drop1 * attended)`.
     let norm1 = grads
         .as_deref_mut()
-        .map(|g| (&mut g.norm1, &mut g.norm1_bias));
+        .map(|g| (&mut g.norm1[..], &mut g.norm1_bias[..]));
     let (dr1, dattended) =
         residual_norm_backward(dh1, &t.xhat1, &t.rstd1, &l.norm1, &t.drop1, norm1, work);
     if let Some(g) = grads.as_deref_mut() {
@@ -1335,25 +1321,33 @@ mod tests {
         assert_eq!(some_train.iter().filter(|&&t| !t).count(), 5 + 2 * 12);
     }
 
-    /// Steps hand back every buffer they take: the kept buffers neither grow nor shrink from
-    /// one step to the next.
+    /// Steps hand back every buffer they take, and at the same lengths: from one step to the
+    /// next, the kept buffers neither grow nor shrink in number or size (a step that has to
+    /// grow one allocates, and the kernel zeroes the pages it touches), once the longest
+    /// batch has run.
     #[test]
     fn steps_keep_a_steady_set_of_buffers() {
         let (model, cfg, seqs, targets, weights) = model_and_batch();
         let params = Params::read(&model).unwrap();
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        // A batch of more tokens than the model is wide (its activations outgrow its weights'
+        // gradients), and a short one, in turn, as length buckets come.
+        let refs: Vec<&[u32]> = seqs.iter().cycle().take(44).map(Vec::as_slice).collect();
+        let targets = targets.repeat(11);
+        let weights = weights.repeat(11);
         let all = vec![true; params.tensors().len()];
         let shape = shape_of(&cfg, 0.1);
         let mut work = Work::default();
         let mut grads = params.zeros_like();
         let mut kept = Vec::new();
-        for step in 0..4 {
+        for step in 0..6 {
+            let b = if step % 2 == 0 { refs.len() } else { 2 };
             let drop = Some(Dropout { p: 0.1, key: step });
-            let tape = forward(&params, shape, &refs, drop, &mut work).unwrap();
-            let (_, dl) = soft_ce(&tape.logits, &targets, &weights, 3);
+            let tape = forward(&params, shape, &refs[..b], drop, &mut work).unwrap();
+            let (_, dl) = soft_ce(&tape.logits, &targets[..3 * b], &weights[..b], 3);
             backward(&params, shape, &tape, &dl, &all, &mut grads, &mut work).unwrap();
             tape.recycle(&mut work);
-            kept.push((work.f32s.len(), work.mats.len()));
+            let floats: usize = work.f32s.iter().map(Vec::len).sum();
+            kept.push((work.f32s.len(), floats, work.mats.len()));
         }
         assert!(kept[1..].iter().all(|k| *k == kept[1]), "{kept:?}");
     }

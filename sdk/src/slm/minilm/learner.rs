@@ -1,6 +1,8 @@
 //! MiniLM trained on the CPU kernels: [`super::backprop`]'s passes and [`AdamW`], on the
 //! classifier's weights read once per training run and written back at its end.
 
+use std::sync::Mutex;
+
 use super::backprop::{self, Dropout, Shape, Work};
 use super::params::{Params, trainable};
 use super::{BertConfig, MiniLmClassifier};
@@ -8,6 +10,16 @@ use crate::Result;
 use crate::slm::TrainConfig;
 use crate::slm::adamw::AdamW;
 use crate::slm::train::{Encoded, Learner};
+
+/// The last training run's buffers, for the next run. A run in a fresh [`Work`] spends its
+/// first steps allocating (and the kernel zeroing) the memory later steps reuse; a client
+/// trains every round. Runs take turns (see `slm::train`), so one spare is enough.
+static SPARE: Mutex<Option<Work>> = Mutex::new(None);
+
+fn spare() -> std::sync::MutexGuard<'static, Option<Work>> {
+    // A poisoned lock only means a run panicked; the buffers hold no state.
+    SPARE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A training run's state.
 pub(crate) struct CpuLearner {
@@ -105,7 +117,7 @@ impl CpuLearner {
             },
             seed: train.seed,
             steps: 0,
-            work: Work::default(),
+            work: spare().take().unwrap_or_default(),
             words,
             weight_decay: train.weight_decay,
         })
@@ -196,6 +208,7 @@ impl Learner<MiniLmClassifier> for CpuLearner {
 
     fn finish(mut self: Box<Self>) -> Result<MiniLmClassifier> {
         self.words.sync_all(&mut self.params.word);
+        *spare() = Some(std::mem::take(&mut self.work));
         let p = self.best.as_ref().unwrap_or(&self.params);
         Ok(p.write(self.model))
     }
