@@ -9,6 +9,7 @@
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
+use std::sync::{Mutex, MutexGuard};
 
 use super::gelu::gelu_in_place;
 use super::params::{self, values};
@@ -39,10 +40,13 @@ pub struct CpuMiniLm {
     /// The classification head `[labels, d]` and its bias, f32 (one row per text).
     head: Vec<f32>,
     head_bias: Vec<f32>,
+    /// The last batch's scratch, for the next batch: a fresh one spends the first layer
+    /// allocating (and the kernel zeroing) memory. A batch scored meanwhile takes a fresh one.
+    spare: Mutex<Option<Scratch>>,
 }
 
 /// A batch's intermediate products, reused by every layer (not zeroed again each time).
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Scratch {
     qkv: [Vec<f32>; 3],
     context: Vec<f32>,
@@ -165,7 +169,13 @@ impl CpuMiniLm {
             layers,
             head,
             head_bias,
+            spare: Mutex::new(None),
         })
+    }
+
+    fn spare(&self) -> MutexGuard<'_, Option<Scratch>> {
+        // A poisoned lock only means a batch panicked; a scratch holds no state.
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn positions(&self) -> usize {
@@ -220,10 +230,11 @@ impl CpuMiniLm {
             )
         });
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let mut scratch = Scratch::default();
+        let mut scratch = self.spare().take().unwrap_or_default();
         for layer in &self.layers {
             self.layer(layer, &mut x, &lens, &mut scratch);
         }
+        *self.spare() = Some(scratch);
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for &len in &lens {
