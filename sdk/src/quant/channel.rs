@@ -212,20 +212,22 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
     }
     let code = |v: f32| code(v, inv, limit);
     // Thirty-two codes at a time as i16s, which are the sixteen words' bytes (low half
-    // first); a last short chunk padded with zeros.
+    // first); a last short chunk padded with zeros. Whole chunks are written as arrays: a
+    // slice of sixteen words would be copied by a call to `memcpy`.
     let mut chunks = x.chunks_exact(32);
-    let mut out = words.chunks_mut(16);
-    for (c, w) in chunks.by_ref().zip(out.by_ref()) {
-        let c: &[f32; 32] = match c.try_into() {
-            Ok(c) => c,
-            Err(_) => unreachable!("32 values"),
+    let (whole, _) = words.split_at_mut((x.len() / 32 * 16).min(words.len()));
+    for (c, w) in chunks.by_ref().zip(whole.chunks_exact_mut(16)) {
+        let (c, w): (&[f32; 32], &mut [i32; 16]) = match (c.try_into(), w.try_into()) {
+            (Ok(c), Ok(w)) => (c, w),
+            _ => unreachable!("32 values, 16 words"),
         };
         let mut q = [0i16; 32];
         for i in 0..32 {
             q[i] = code(c[i]);
         }
-        w.copy_from_slice(&pulp::cast::<[i16; 32], [i32; 16]>(q));
+        *w = pulp::cast::<[i16; 32], [i32; 16]>(q);
     }
+    let mut out = words[x.len() / 32 * 16..].chunks_mut(16);
     if let Some(w) = out.next() {
         let mut q = [0i16; 32];
         for (q, &v) in q.iter_mut().zip(chunks.remainder()) {
