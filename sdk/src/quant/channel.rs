@@ -215,7 +215,7 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
     // first); a last short chunk padded with zeros. Whole chunks are written as arrays: a
     // slice of sixteen words would be copied by a call to `memcpy`.
     let mut chunks = x.chunks_exact(32);
-    let (whole, _) = words.split_at_mut((x.len() / 32 * 16).min(words.len()));
+    let (whole, rest) = words.split_at_mut((x.len() / 32 * 16).min(words.len()));
     for (c, w) in chunks.by_ref().zip(whole.chunks_exact_mut(16)) {
         let (c, w): (&[f32; 32], &mut [i32; 16]) = match (c.try_into(), w.try_into()) {
             (Ok(c), Ok(w)) => (c, w),
@@ -227,8 +227,7 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
         }
         *w = pulp::cast::<[i16; 32], [i32; 16]>(q);
     }
-    let mut out = words[x.len() / 32 * 16..].chunks_mut(16);
-    if let Some(w) = out.next() {
+    if let Some(w) = rest.chunks_mut(16).next() {
         let mut q = [0i16; 32];
         for (q, &v) in q.iter_mut().zip(chunks.remainder()) {
             *q = code(v);
