@@ -100,24 +100,25 @@ impl RowCodes {
                 super::with_simd(
                     #[inline(always)]
                     || {
-                        let mut rows = vec![0i32; TILE_ROWS * pairs];
+                        let mut row = vec![0i32; pairs];
                         let blocks = words.chunks_exact_mut(pairs * TILE_ROWS);
                         let xs = x.chunks(cols * TILE_ROWS);
                         for ((block, x), scale) in blocks.zip(xs).zip(scale.chunks_mut(TILE_ROWS)) {
-                            for (i, (row, scale)) in rows
-                                .chunks_exact_mut(pairs)
-                                .zip(scale.iter_mut())
-                                .enumerate()
-                            {
+                            for (i, scale) in scale.iter_mut().enumerate() {
                                 *scale = match x.get(i * cols..(i + 1) * cols) {
-                                    Some(x) => round_row(x, limit, row),
+                                    Some(x) => round_row(x, limit, &mut row),
                                     None => {
                                         row.fill(0);
                                         0.0
                                     }
                                 };
+                                // Into the block's layout: pair `p` at `p TILE_ROWS + i`
+                                // (one pass over the row, where a transpose of whole
+                                // rows had two).
+                                for (p, &w) in row.iter().enumerate() {
+                                    block[p * TILE_ROWS + i] = w;
+                                }
                             }
-                            interleave(&rows, pairs, block);
                         }
                     },
                 )
@@ -163,41 +164,6 @@ impl RowCodes {
                     },
                 )
             });
-    }
-}
-
-/// `rows` (`TILE_ROWS` rows of `pairs` words) into a block's layout: pair `p` of row `i` at
-/// `p TILE_ROWS + i`, eight pairs at a time as fixed-size transposes (which the compiler turns
-/// into shuffles, where one word at a time became scatters).
-#[inline(always)]
-fn interleave(rows: &[i32], pairs: usize, block: &mut [i32]) {
-    const K: usize = 8;
-    let full = pairs / K * K;
-    for (p0, out) in (0..full)
-        .step_by(K)
-        .zip(block.chunks_exact_mut(K * TILE_ROWS))
-    {
-        let t: [[i32; K]; TILE_ROWS] =
-            std::array::from_fn(
-                |i| match rows[i * pairs + p0..i * pairs + p0 + K].try_into() {
-                    Ok(a) => a,
-                    Err(_) => unreachable!("K words"),
-                },
-            );
-        let out: &mut [i32; K * TILE_ROWS] = match out.try_into() {
-            Ok(o) => o,
-            Err(_) => unreachable!("K TILE_ROWS words"),
-        };
-        for p in 0..K {
-            for i in 0..TILE_ROWS {
-                out[p * TILE_ROWS + i] = t[i][p];
-            }
-        }
-    }
-    for p in full..pairs {
-        for i in 0..TILE_ROWS {
-            block[p * TILE_ROWS + i] = rows[i * pairs + p];
-        }
     }
 }
 
