@@ -112,12 +112,7 @@ impl RowCodes {
                                         0.0
                                     }
                                 };
-                                // Into the block's layout: pair `p` at `p TILE_ROWS + i`
-                                // (one pass over the row, where a transpose of whole
-                                // rows had two).
-                                for (p, &w) in row.iter().enumerate() {
-                                    block[p * TILE_ROWS + i] = w;
-                                }
+                                place(&row, TILE_ROWS, i, block);
                             }
                         }
                     },
@@ -203,6 +198,15 @@ fn round_row(x: &[f32], limit: i32, words: &mut [i32]) -> f32 {
         w.copy_from_slice(&q[..len]);
     }
     scale
+}
+
+/// A rounded row's pairs into a block's or a tile's layout (`width` rows or channels side by
+/// side): pair `p` at `p width + k`. One pass over the row, as it is rounded.
+#[inline(always)]
+fn place(pairs: &[i32], width: usize, k: usize, words: &mut [i32]) {
+    for (p, &w) in pairs.iter().enumerate() {
+        words[p * width + k] = w;
+    }
 }
 
 /// The magnitude's bits of `v`: integer maxima of these order finite values as their
@@ -391,9 +395,7 @@ impl ChannelMatrix {
                         .take(SPAN);
                     for (k, (row, scale)) in channels.zip(scale.iter_mut()).enumerate() {
                         *scale = round_row(row, limit, &mut codes);
-                        for (p, &c) in codes.iter().enumerate() {
-                            words[p * SPAN + k] = c;
-                        }
+                        place(&codes, SPAN, k, words);
                     }
                 },
             )

@@ -97,12 +97,8 @@ impl Work {
     }
 
     fn give(&mut self, v: Buf) {
-        self.give_vec(v.data);
-    }
-
-    fn give_vec(&mut self, v: Vec<f32>) {
-        if !v.is_empty() {
-            self.f32s.push(v);
+        if !v.data.is_empty() {
+            self.f32s.push(v.data);
         }
     }
 
