@@ -614,6 +614,21 @@ pub fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Runs `op` with this CPU's widest vectors as pulp's portable [`pulp::Simd`] token (the
+/// choice [`with_simd`] makes), for kernels written on explicit vectors of any width.
+#[inline(always)]
+pub fn vectorize<Op: pulp::WithSimd>(op: Op) -> Op::Output {
+    // The trait's method: the tokens' own `vectorize` takes a closure.
+    use pulp::Simd as S;
+    match Simd::detect() {
+        Simd::Scalar => S::vectorize(pulp::Scalar::new(), op),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2(v3) => S::vectorize(v3, op),
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512(v4) => S::vectorize(v4, op),
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Q8Row<'a> {
     d: &'a [f32],

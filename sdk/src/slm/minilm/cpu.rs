@@ -11,6 +11,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
+use super::attention;
 use super::gelu::gelu_in_place;
 use super::params::{self, values};
 use super::{BertConfig, MiniLmClassifier};
@@ -281,7 +282,6 @@ impl CpuMiniLm {
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lens: &[usize], context: &mut Vec<f32>) {
         let d = self.d;
         let dh = d / self.heads;
-        let scale = 1.0 / (dh as f32).sqrt();
         context.resize(q.len(), 0.0);
         let mut spans = Vec::with_capacity(lens.len());
         let mut rest = context.as_mut_slice();
@@ -295,14 +295,7 @@ impl CpuMiniLm {
         spans.into_par_iter().for_each(|(at, len, out)| {
             let span = at * d..(at + len) * d;
             let (q, k, v) = (&q[span.clone()], &k[span.clone()], &v[span]);
-            quant::with_simd(
-                #[inline(always)]
-                || match dh {
-                    32 => heads::<32>(q, k, v, len, self.heads, scale, out),
-                    64 => heads::<64>(q, k, v, len, self.heads, scale, out),
-                    _ => heads_any(q, k, v, len, self.heads, dh, scale, out),
-                },
-            );
+            attention::sequence(q, k, v, (len, self.heads, dh), out);
         });
     }
 }
@@ -323,107 +316,6 @@ impl CpuScorer for CpuMiniLm {
                 logits
             })
             .collect())
-    }
-}
-
-/// Keys a block of a query's scores takes: the scores stay in registers while the head's
-/// dimensions go by.
-const KEY_BLOCK: usize = 64;
-
-/// One sequence's heads of width `DH`: `q`, `k`, `v` and `out` are its `[len, d]` rows.
-/// Keys are transposed per head (`[DH, len]`, zero-padded to whole blocks), so that a query's
-/// scores for a block of keys are sums of whole vectors, and its context a sum of value rows.
-#[inline(always)]
-fn heads<const DH: usize>(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    len: usize,
-    heads: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let d = DH * heads;
-    let padded = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-    let mut kt = vec![0.0f32; DH * padded];
-    let mut p = vec![0.0f32; padded];
-    for h in 0..heads {
-        let cols = h * DH..(h + 1) * DH;
-        for j in 0..len {
-            for (c, &x) in k[j * d..][cols.clone()].iter().enumerate() {
-                kt[c * padded + j] = x;
-            }
-        }
-        for i in 0..len {
-            let qi: &[f32; DH] = match q[i * d..][cols.clone()].try_into() {
-                Ok(r) => r,
-                Err(_) => unreachable!("DH columns"),
-            };
-            for (b, pb) in p.chunks_exact_mut(KEY_BLOCK).enumerate() {
-                let mut acc = [0.0f32; KEY_BLOCK];
-                for (c, &qc) in qi.iter().enumerate() {
-                    let kc = &kt[c * padded + b * KEY_BLOCK..][..KEY_BLOCK];
-                    for (a, &kc) in acc.iter_mut().zip(kc) {
-                        *a += qc * kc;
-                    }
-                }
-                pb.copy_from_slice(&acc);
-            }
-            let p = &mut p[..len];
-            let max = lane_max(p, f32::NEG_INFINITY);
-            p.iter_mut().for_each(|s| *s = (*s - max) * scale);
-            quant::exp_in_place(p);
-            let inv = 1.0 / lane_sum(p, |x| x);
-            let mut o = [0.0f32; DH];
-            for (j, &w) in p.iter().enumerate() {
-                let w = w * inv;
-                for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
-                    *o += w * vv;
-                }
-            }
-            out[i * d..][cols.clone()].copy_from_slice(&o);
-        }
-    }
-}
-
-/// [`heads`] for any head width.
-#[allow(clippy::too_many_arguments)]
-fn heads_any(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    len: usize,
-    heads: usize,
-    dh: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let d = dh * heads;
-    let mut p = vec![0.0f32; len];
-    for h in 0..heads {
-        let cols = h * dh..(h + 1) * dh;
-        for i in 0..len {
-            let qi = &q[i * d..][cols.clone()];
-            for (j, p) in p.iter_mut().enumerate() {
-                *p = qi
-                    .iter()
-                    .zip(&k[j * d..][cols.clone()])
-                    .map(|(a, b)| a * b)
-                    .sum();
-            }
-            let max = lane_max(&p, f32::NEG_INFINITY);
-            p.iter_mut().for_each(|s| *s = (*s - max) * scale);
-            quant::exp_in_place(&mut p);
-            let inv = 1.0 / lane_sum(&p, |x| x);
-            let o = &mut out[i * d..][cols.clone()];
-            o.fill(0.0);
-            for (j, &w) in p.iter().enumerate() {
-                let w = w * inv;
-                for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
-                    *o += w * vv;
-                }
-            }
-        }
     }
 }
 
@@ -468,32 +360,6 @@ fn softmax(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The register-blocked heads against the plain loops, on random queries, keys and values
-    /// of sequences shorter and longer than a key block.
-    #[test]
-    fn blocked_heads_equal_plain_heads() {
-        let mut seed = 7u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
-        };
-        let (heads, dh) = (3, 32);
-        let d = heads * dh;
-        for len in [1, 5, 64, 70] {
-            let q: Vec<f32> = (0..len * d).map(|_| next()).collect();
-            let k: Vec<f32> = (0..len * d).map(|_| next()).collect();
-            let v: Vec<f32> = (0..len * d).map(|_| next()).collect();
-            let scale = 1.0 / (dh as f32).sqrt();
-            let mut blocked = vec![0.0; len * d];
-            let mut plain = vec![0.0; len * d];
-            super::heads::<32>(&q, &k, &v, len, heads, scale, &mut blocked);
-            heads_any(&q, &k, &v, len, heads, dh, scale, &mut plain);
-            for (a, b) in blocked.iter().zip(&plain) {
-                assert!((a - b).abs() < 1e-5, "len {len}: {a} against {b}");
-            }
-        }
-    }
 
     #[test]
     fn lane_max_is_the_plain_maximum() {
