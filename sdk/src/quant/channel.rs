@@ -21,6 +21,8 @@ use super::ggml::BlockError;
 const LANES: usize = 16;
 /// Activation rows of a full tile.
 const TILE_ROWS: usize = 8;
+/// The rows of a block of [`RowCodes`]: tasks that split a product's rows take whole blocks.
+pub const ROW_BLOCK: usize = TILE_ROWS;
 /// Channel groups of a full tile: with [`TILE_ROWS`], 24 sums in registers (24 `vpdpwssd`
 /// chains, enough to cover the instruction's latency at two a cycle).
 const TILE_GROUPS: usize = 3;
@@ -90,8 +92,7 @@ impl RowCodes {
             return;
         }
         let pairs = cols.div_ceil(2);
-        let blocks_per_task = 2;
-        let rows_per_task = blocks_per_task * TILE_ROWS;
+        let rows_per_task = 2 * TILE_ROWS;
         self.words
             .par_chunks_mut(pairs * rows_per_task)
             .zip(self.scale.par_chunks_mut(rows_per_task))
@@ -99,25 +100,21 @@ impl RowCodes {
             .for_each(|((words, scale), x)| {
                 super::with_simd(
                     #[inline(always)]
-                    || {
-                        let mut row = vec![0i32; pairs];
-                        let blocks = words.chunks_exact_mut(pairs * TILE_ROWS);
-                        let xs = x.chunks(cols * TILE_ROWS);
-                        for ((block, x), scale) in blocks.zip(xs).zip(scale.chunks_mut(TILE_ROWS)) {
-                            for (i, scale) in scale.iter_mut().enumerate() {
-                                *scale = match x.get(i * cols..(i + 1) * cols) {
-                                    Some(x) => round_row(x, limit, &mut row),
-                                    None => {
-                                        row.fill(0);
-                                        0.0
-                                    }
-                                };
-                                place(&row, TILE_ROWS, i, block);
-                            }
-                        }
-                    },
+                    || round_blocks(x, cols, limit, words, scale),
                 )
             });
+    }
+
+    /// [`RowCodes::round`] on the calling thread, for rows a task of its own holds.
+    pub fn round_here(&mut self, x: &[f32], n: usize, cols: usize, limit: i32) {
+        assert_eq!(x.len(), n * cols, "{n} rows of {cols} values");
+        if !self.reshape(n, cols, limit) {
+            return;
+        }
+        super::with_simd(
+            #[inline(always)]
+            || round_blocks(x, cols, limit, &mut self.words, &mut self.scale),
+        )
     }
 
     /// Buffers for `rows` rows of `cols` values within `limit`; false where there is nothing
@@ -159,6 +156,28 @@ impl RowCodes {
                     },
                 )
             });
+    }
+}
+
+/// The rows of `x` (`cols` values each) rounded into whole blocks of [`RowCodes`]' layout
+/// (`words`, `scale`; rows past those of `x` as zeros).
+#[inline(always)]
+fn round_blocks(x: &[f32], cols: usize, limit: i32, words: &mut [i32], scale: &mut [f32]) {
+    let pairs = cols.div_ceil(2);
+    let mut row = vec![0i32; pairs];
+    let blocks = words.chunks_exact_mut(pairs * TILE_ROWS);
+    let xs = x.chunks(cols * TILE_ROWS);
+    for ((block, x), scale) in blocks.zip(xs).zip(scale.chunks_mut(TILE_ROWS)) {
+        for (i, scale) in scale.iter_mut().enumerate() {
+            *scale = match x.get(i * cols..(i + 1) * cols) {
+                Some(x) => round_row(x, limit, &mut row),
+                None => {
+                    row.fill(0);
+                    0.0
+                }
+            };
+            place(&row, TILE_ROWS, i, block);
+        }
     }
 }
 
@@ -473,19 +492,11 @@ impl ChannelMatrix {
     /// `out <- x W^T + b` (`[n, rows]`, `out` that long) for rows rounded for this matrix's
     /// shape and range, row blocks split over the threads.
     pub fn product(&self, xs: &RowCodes, out: &mut [f32]) {
-        assert!(
-            xs.cols == self.cols && xs.limit == self.limit,
-            "rows rounded for {} columns within {}, the matrix has {} within {}",
-            xs.cols,
-            xs.limit,
-            self.cols,
-            self.limit
-        );
-        let (n, rows) = (xs.n, self.rows);
-        assert_eq!(out.len(), n * rows, "{n} rows of {rows} channels");
-        if n == 0 || rows == 0 {
+        let n = self.check(xs, out);
+        if n == 0 || self.rows == 0 {
             return;
         }
+        let rows = self.rows;
         // Enough tasks for every thread to take a few, in whole tiles.
         let per_task = n
             .div_ceil(4 * rayon::current_num_threads())
@@ -503,6 +514,33 @@ impl ChannelMatrix {
                     || self.rows_into(simd, x, sx, out),
                 )
             });
+    }
+
+    /// [`ChannelMatrix::product`] on the calling thread, for rows a task of its own holds.
+    pub fn product_here(&self, xs: &RowCodes, out: &mut [f32]) {
+        if self.check(xs, out) == 0 || self.rows == 0 {
+            return;
+        }
+        let simd = Simd::detect();
+        super::with_simd(
+            #[inline(always)]
+            || self.rows_into(simd, &xs.words, &xs.scale, out),
+        )
+    }
+
+    /// The number of rows of `xs`, which must be rounded for this matrix, and `out` hold.
+    fn check(&self, xs: &RowCodes, out: &[f32]) -> usize {
+        assert!(
+            xs.cols == self.cols && xs.limit == self.limit,
+            "rows rounded for {} columns within {}, the matrix has {} within {}",
+            xs.cols,
+            xs.limit,
+            self.cols,
+            self.limit
+        );
+        let (n, rows) = (xs.n, self.rows);
+        assert_eq!(out.len(), n * rows, "{n} rows of {rows} channels");
+        n
     }
 
     /// The rows of `out` (`[k, rows]`) from their blocks' codes `x` and scales `sx`.

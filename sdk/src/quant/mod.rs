@@ -38,7 +38,7 @@ mod tests;
 use rayon::prelude::*;
 
 use self::act::{QAct, Tiles};
-pub use self::channel::{ChannelMatrix, RowCodes};
+pub use self::channel::{ChannelMatrix, ROW_BLOCK, RowCodes};
 pub use self::exp::exp_in_place;
 use self::ggml::{BlockError, GgmlType, QK};
 

@@ -19,8 +19,11 @@ use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::CpuScorer;
 use crate::{Error, Result};
 
-/// Rows a rayon task of the element-wise passes (norms, GELU) takes.
+/// Rows a rayon task of the embeddings' norm takes.
 const CHUNK_ROWS: usize = 16;
+/// The most rows a task of a layer's row-wise part takes: the feed-forward weights stay in
+/// L2 while its blocks of rows pass.
+const TASK_ROWS: usize = 64;
 
 /// The classifier's forward pass on the CPU kernels.
 #[derive(Debug)]
@@ -51,11 +54,52 @@ pub struct CpuMiniLm {
 struct Scratch {
     qkv: [Vec<f32>; 3],
     context: Vec<f32>,
+    /// The rounded rows of the batch for the query, key and value products.
+    codes: RowCodes,
+    /// What the tasks of a layer's row-wise part ([`CpuMiniLm::rows_after_attention`]) borrow.
+    tasks: Mutex<Vec<TaskScratch>>,
+}
+
+/// One task's rows through the products after attention, kept from task to task.
+#[derive(Debug, Default)]
+struct TaskScratch {
+    codes: RowCodes,
     attended: Vec<f32>,
     hidden: Vec<f32>,
     down: Vec<f32>,
-    /// The rounded rows of the product at hand.
-    codes: RowCodes,
+}
+
+/// A [`TaskScratch`] taken from a pool, given back when the task is done.
+struct Lent<'a> {
+    pool: &'a Mutex<Vec<TaskScratch>>,
+    scratch: Option<TaskScratch>,
+}
+
+impl<'a> Lent<'a> {
+    fn from(pool: &'a Mutex<Vec<TaskScratch>>) -> Lent<'a> {
+        let scratch = lock(pool).pop().unwrap_or_default();
+        Lent {
+            pool,
+            scratch: Some(scratch),
+        }
+    }
+
+    fn get(&mut self) -> &mut TaskScratch {
+        self.scratch.get_or_insert_with(TaskScratch::default)
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.scratch.take() {
+            lock(self.pool).push(s);
+        }
+    }
+}
+
+/// A pool's lock: a poisoned one only means a task panicked, and scratch holds no state.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One encoder layer.
@@ -92,20 +136,16 @@ impl Norm {
         Ok(Norm { gamma, beta })
     }
 
-    /// Every row of `x` (`d` values) becomes `norm(row + add)`, rows split over the threads.
+    /// Every row of `x` (`d` values) becomes `norm(row + add)`.
     fn residual_rows(&self, x: &mut [f32], add: &[f32], d: usize, eps: f32) {
-        x.par_chunks_mut(d * CHUNK_ROWS)
-            .zip(add.par_chunks(d * CHUNK_ROWS))
-            .for_each(|(xc, ac)| {
-                quant::with_simd(
-                    #[inline(always)]
-                    || {
-                        for (row, add) in xc.chunks_exact_mut(d).zip(ac.chunks_exact(d)) {
-                            self.residual(row, add, eps);
-                        }
-                    },
-                )
-            });
+        quant::with_simd(
+            #[inline(always)]
+            || {
+                for (row, add) in x.chunks_exact_mut(d).zip(add.chunks_exact(d)) {
+                    self.residual(row, add, eps);
+                }
+            },
+        )
     }
 
     /// `row <- norm(row + add)` (biased variance, as burn's and BERT's).
@@ -175,8 +215,7 @@ impl CpuMiniLm {
     }
 
     fn spare(&self) -> MutexGuard<'_, Option<Scratch>> {
-        // A poisoned lock only means a batch panicked; a scratch holds no state.
-        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.spare)
     }
 
     fn positions(&self) -> usize {
@@ -253,7 +292,8 @@ impl CpuMiniLm {
         Ok(out)
     }
 
-    /// One layer over `x` (`[n, d]`), in place.
+    /// One layer over `x` (`[n, d]`), in place: the query, key and value products over the
+    /// batch, attention over each sequence, then the rest row by row.
     fn layer(&self, l: &Layer, x: &mut [f32], lens: &[usize], s: &mut Scratch) {
         let (d, n) = (self.d, x.len() / self.d);
         // Query, key and value share the rounded rows (one shape, one code range).
@@ -264,17 +304,39 @@ impl CpuMiniLm {
         }
         let [q, k, v] = &s.qkv;
         self.attention(q, k, v, lens, &mut s.context);
-        l.output
-            .forward_into(&s.context, n, &mut s.codes, &mut s.attended);
-        l.attention_norm.residual_rows(x, &s.attended, d, self.eps);
-        l.intermediate
-            .forward_into(x, n, &mut s.codes, &mut s.hidden);
+        // Enough tasks for every thread to take a few, in whole blocks of rounded rows.
+        let per_task = n
+            .div_ceil(4 * rayon::current_num_threads())
+            .next_multiple_of(quant::ROW_BLOCK)
+            .clamp(quant::ROW_BLOCK, TASK_ROWS);
+        let tasks = &s.tasks;
+        x.par_chunks_mut(per_task * d)
+            .zip(s.context.par_chunks(per_task * d))
+            .for_each_init(
+                || Lent::from(tasks),
+                |t, (x, context)| self.rows_after_attention(l, x, context, t.get()),
+            );
+    }
+
+    /// Rows `x` of the batch through the attention's output product and norm, the
+    /// feed-forward block and its norm, from their `context` rows: every step of the layer
+    /// after attention works on each row alone, so a task takes its rows through all of them
+    /// while they stay in its core's caches, and the wide hidden rows never go to memory.
+    fn rows_after_attention(&self, l: &Layer, x: &mut [f32], context: &[f32], t: &mut TaskScratch) {
+        let (d, n) = (self.d, x.len() / self.d);
         let width = l.intermediate.rows();
-        s.hidden
-            .par_chunks_mut(width * CHUNK_ROWS)
-            .for_each(gelu_in_place);
-        l.down.forward_into(&s.hidden, n, &mut s.codes, &mut s.down);
-        l.norm.residual_rows(x, &s.down, d, self.eps);
+        t.codes.round_here(context, n, d, l.output.limit());
+        t.attended.resize(n * d, 0.0);
+        l.output.product_here(&t.codes, &mut t.attended);
+        l.attention_norm.residual_rows(x, &t.attended, d, self.eps);
+        t.codes.round_here(x, n, d, l.intermediate.limit());
+        t.hidden.resize(n * width, 0.0);
+        l.intermediate.product_here(&t.codes, &mut t.hidden);
+        gelu_in_place(&mut t.hidden);
+        t.codes.round_here(&t.hidden, n, width, l.down.limit());
+        t.down.resize(n * d, 0.0);
+        l.down.product_here(&t.codes, &mut t.down);
+        l.norm.residual_rows(x, &t.down, d, self.eps);
     }
 
     /// Each sequence's heads attend over that sequence's tokens only; `context` becomes
