@@ -54,13 +54,11 @@ pub struct CpuMiniLm {
 struct Scratch {
     qkv: [Vec<f32>; 3],
     context: Vec<f32>,
-    /// The rounded rows of the batch for the query, key and value products.
-    codes: RowCodes,
-    /// What the tasks of a layer's row-wise part ([`CpuMiniLm::rows_after_attention`]) borrow.
+    /// What the tasks of a layer's row-wise parts borrow.
     tasks: Mutex<Vec<TaskScratch>>,
 }
 
-/// One task's rows through the products after attention, kept from task to task.
+/// One task's rows through a layer's products, kept from task to task.
 #[derive(Debug, Default)]
 struct TaskScratch {
     codes: RowCodes,
@@ -292,26 +290,39 @@ impl CpuMiniLm {
         Ok(out)
     }
 
-    /// One layer over `x` (`[n, d]`), in place: the query, key and value products over the
-    /// batch, attention over each sequence, then the rest row by row.
+    /// One layer over `x` (`[n, d]`), in place: the query, key and value products row by
+    /// row, attention over each sequence, then the rest row by row.
     fn layer(&self, l: &Layer, x: &mut [f32], lens: &[usize], s: &mut Scratch) {
         let (d, n) = (self.d, x.len() / self.d);
-        // Query, key and value share the rounded rows (one shape, one code range).
-        s.codes.round(x, n, d, l.query.limit());
-        for (m, w) in s.qkv.iter_mut().zip([&l.query, &l.key, &l.value]) {
-            m.resize(n * w.rows(), 0.0);
-            w.product(&s.codes, m);
-        }
-        let [q, k, v] = &s.qkv;
-        self.attention(q, k, v, lens, &mut s.context);
         // Enough tasks for every thread to take a few, in whole blocks of rounded rows.
         let per_task = n
             .div_ceil(4 * rayon::current_num_threads())
             .next_multiple_of(quant::ROW_BLOCK)
             .clamp(quant::ROW_BLOCK, TASK_ROWS);
         let tasks = &s.tasks;
-        x.par_chunks_mut(per_task * d)
-            .zip(s.context.par_chunks(per_task * d))
+        let [q, k, v] = &mut s.qkv;
+        for m in [&mut *q, &mut *k, &mut *v] {
+            m.resize(n * d, 0.0);
+        }
+        let chunk = per_task * d;
+        x.par_chunks(chunk)
+            .zip(q.par_chunks_mut(chunk))
+            .zip(k.par_chunks_mut(chunk))
+            .zip(v.par_chunks_mut(chunk))
+            .for_each_init(
+                || Lent::from(tasks),
+                |t, (((x, q), k), v)| {
+                    let t = t.get();
+                    // Query, key and value share the rounded rows (one shape, one code range).
+                    t.codes.round_here(x, x.len() / d, d, l.query.limit());
+                    for (w, out) in [(&l.query, q), (&l.key, k), (&l.value, v)] {
+                        w.product_here(&t.codes, out);
+                    }
+                },
+            );
+        self.attention(q, k, v, lens, &mut s.context);
+        x.par_chunks_mut(chunk)
+            .zip(s.context.par_chunks(chunk))
             .for_each_init(
                 || Lent::from(tasks),
                 |t, (x, context)| self.rows_after_attention(l, x, context, t.get()),
