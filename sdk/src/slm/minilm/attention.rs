@@ -97,11 +97,13 @@ impl WithSimd for Sequence<'_> {
                 }
                 let mut inv = [0.0f32; QUERY_TILE];
                 for (r, inv) in inv.iter_mut().enumerate().take(rows) {
-                    let p = &mut p[r * padded..][..len];
-                    let max = lane_max(p, f32::NEG_INFINITY);
-                    p.iter_mut().for_each(|s| *s = (*s - max) * scale);
-                    quant::exp_in_place(p);
-                    *inv = 1.0 / lane_sum(p, |x| x);
+                    let row = &mut p[r * padded..][..padded];
+                    let max = lane_max(&row[..len], f32::NEG_INFINITY);
+                    row[..len].iter_mut().for_each(|s| *s = (*s - max) * scale);
+                    // The padding's scores too (finite, and never read): whole vectors, where
+                    // a row's last few values went one at a time.
+                    quant::exp_in_place(row);
+                    *inv = 1.0 / lane_sum(&row[..len], |x| x);
                 }
                 let weights = Weights {
                     i,
