@@ -1,5 +1,5 @@
-//! Scoring's self-attention over one sequence, on explicit vectors of the CPU's width
-//! (pulp's portable `Simd`). Scores are tiled four queries by two vectors of keys, so that
+//! MiniLM's self-attention over one sequence, for scoring and for training's forward pass, on
+//! explicit vectors of the CPU's width (pulp's portable `Simd`). Scores are tiled four queries by two vectors of keys, so that
 //! eight sums run side by side (one query's sums for a short block waited on the adder's
 //! latency) and each key's load serves four queries; context rows are tiled likewise over the
 //! head's dimensions. Every score and context value is summed in the order of the plain
@@ -17,8 +17,8 @@ const KEY_VECTORS: usize = 2;
 /// Accumulators a context tile keeps: queries times vectors of a head's row.
 const CONTEXT_SUMS: usize = 8;
 
-/// One sequence's heads: `q`, `k`, `v` and `out` are its `[len, d]` rows, `d = heads * dh`.
-/// Every value of `out` is written.
+/// One sequence's heads for scoring: `q`, `k`, `v` and `out` are its `[len, d]` rows,
+/// `d = heads * dh`. Every value of `out` is written.
 pub(super) fn sequence(
     q: &[f32],
     k: &[f32],
@@ -26,24 +26,81 @@ pub(super) fn sequence(
     (len, heads, dh): (usize, usize, usize),
     out: &mut [f32],
 ) {
+    let d = heads * dh;
+    let rows = |data| Rows {
+        data,
+        stride: d,
+        at: 0,
+    };
     quant::vectorize(Sequence {
-        q,
-        k,
-        v,
+        q: rows(q),
+        k: rows(k),
+        v: rows(v),
         len,
         heads,
         dh,
+        probs: None,
         out,
     });
 }
 
+/// One sequence's heads for training: `qkv` its `[len, 3 d]` rows (queries, keys, values side
+/// by side); writes `out` (`[len, d]`) and, for the backward pass, each query's weights into
+/// `probs` (`[heads, len, len]`).
+pub(super) fn sequence_keeping(
+    qkv: &[f32],
+    (len, heads, dh): (usize, usize, usize),
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = heads * dh;
+    let rows = |at| Rows {
+        data: qkv,
+        stride: 3 * d,
+        at,
+    };
+    assert_eq!(
+        probs.len(),
+        heads * len * len,
+        "{heads} heads of {len} x {len}"
+    );
+    quant::vectorize(Sequence {
+        q: rows(0),
+        k: rows(d),
+        v: rows(2 * d),
+        len,
+        heads,
+        dh,
+        probs: Some(probs),
+        out,
+    });
+}
+
+/// Rows of queries, keys or values: row `i`'s `d` values at `data[i * stride + at..]`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    at: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Row `i`'s `width` values from column `col` of the head.
+    #[inline(always)]
+    fn get(&self, i: usize, col: usize, width: usize) -> &'a [f32] {
+        &self.data[i * self.stride + self.at + col..][..width]
+    }
+}
+
 struct Sequence<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
     len: usize,
     heads: usize,
     dh: usize,
+    /// Where the weights are kept (training), or none (scoring).
+    probs: Option<&'a mut [f32]>,
     out: &'a mut [f32],
 }
 
@@ -59,13 +116,17 @@ impl WithSimd for Sequence<'_> {
             len,
             heads,
             dh,
+            mut probs,
             out,
         } = self;
         let d = heads * dh;
-        assert!(
-            q.len() == len * d && k.len() == len * d && v.len() == len * d && out.len() == len * d,
-            "{len} rows of {d} values"
-        );
+        for rows in [q, k, v] {
+            assert!(
+                rows.at + d <= rows.stride && rows.data.len() >= len * rows.stride,
+                "{len} rows of {d} values"
+            );
+        }
+        assert_eq!(out.len(), len * d, "{len} rows of {d} values");
         let block = KEY_VECTORS * S::F32_LANES;
         let padded = len.div_ceil(block) * block;
         // Keys transposed (`[dh, padded]`, the padding zero): a block of a query's scores is a
@@ -76,13 +137,13 @@ impl WithSimd for Sequence<'_> {
         for h in 0..heads {
             let head = Head {
                 d,
-                at: h * dh,
+                col: h * dh,
                 dh,
                 len,
                 padded,
             };
             for j in 0..len {
-                for (c, &x) in k[j * d + head.at..][..dh].iter().enumerate() {
+                for (c, &x) in k.get(j, head.col, dh).iter().enumerate() {
                     kt[c * padded + j] = x;
                 }
             }
@@ -104,6 +165,14 @@ impl WithSimd for Sequence<'_> {
                     // a row's last few values went one at a time.
                     quant::exp_in_place(row);
                     *inv = 1.0 / lane_sum(&row[..len], |x| x);
+                    if let Some(probs) = probs.as_deref_mut() {
+                        // The weights themselves: each `e * inv`, the value the context
+                        // takes either way (times 1, exactly).
+                        let row = &mut row[..len];
+                        row.iter_mut().for_each(|e| *e *= *inv);
+                        probs[(h * len + i + r) * len..][..len].copy_from_slice(row);
+                        *inv = 1.0;
+                    }
                 }
                 let weights = Weights {
                     i,
@@ -118,10 +187,11 @@ impl WithSimd for Sequence<'_> {
     }
 }
 
-/// One head of one sequence: its columns `at..at + dh` of rows `d` wide.
+/// One head of one sequence: its columns `col..col + dh` of the queries', keys', values' and
+/// output's rows (these `d` wide).
 struct Head {
     d: usize,
-    at: usize,
+    col: usize,
     dh: usize,
     len: usize,
     /// `len` in whole key blocks.
@@ -136,13 +206,13 @@ impl Head {
         &self,
         simd: S,
         i: usize,
-        q: &[f32],
+        q: Rows,
         kt: &[f32],
         p: &mut [f32],
     ) {
-        let (d, at, dh, padded) = (self.d, self.at, self.dh, self.padded);
+        let (col, dh, padded) = (self.col, self.dh, self.padded);
         let block = KEY_VECTORS * S::F32_LANES;
-        let qs: [&[f32]; Q] = std::array::from_fn(|r| &q[(i + r) * d + at..][..dh]);
+        let qs: [&[f32]; Q] = std::array::from_fn(|r| q.get(i + r, col, dh));
         for b in (0..padded).step_by(block) {
             let mut acc = [[simd.splat_f32s(0.0); KEY_VECTORS]; Q];
             for c in 0..dh {
@@ -163,7 +233,7 @@ impl Head {
 
     /// The context rows of a tile's queries.
     #[inline(always)]
-    fn context<S: Simd>(&self, simd: S, mut w: Weights, v: &[f32], out: &mut [f32]) {
+    fn context<S: Simd>(&self, simd: S, mut w: Weights, v: Rows, out: &mut [f32]) {
         let lanes = S::F32_LANES;
         let vectors = if self.dh.is_multiple_of(lanes) {
             self.dh / lanes
@@ -194,7 +264,7 @@ impl Head {
         &self,
         simd: S,
         w: Weights,
-        v: &[f32],
+        v: Rows,
         out: &mut [f32],
     ) -> usize {
         match w.rows.min(CONTEXT_SUMS / V) {
@@ -212,14 +282,14 @@ impl Head {
         &self,
         simd: S,
         w: Weights,
-        v: &[f32],
+        v: Rows,
         out: &mut [f32],
     ) -> usize {
-        let (d, at, padded) = (self.d, self.at, self.padded);
+        let (d, col, padded) = (self.d, self.col, self.padded);
         let width = V * S::F32_LANES;
         let mut o = [[simd.splat_f32s(0.0); V]; Q];
         for j in 0..self.len {
-            let (vj, _) = S::as_simd_f32s(&v[j * d + at..][..width]);
+            let (vj, _) = S::as_simd_f32s(v.get(j, col, width));
             for (r, o) in o.iter_mut().enumerate() {
                 let pj = simd.splat_f32s(w.p[r * padded + j] * w.inv[r]);
                 for (o, &vv) in o.iter_mut().zip(vj) {
@@ -228,7 +298,7 @@ impl Head {
             }
         }
         for (r, o) in o.iter().enumerate() {
-            let (row, _) = S::as_mut_simd_f32s(&mut out[(w.i + r) * d + at..][..width]);
+            let (row, _) = S::as_mut_simd_f32s(&mut out[(w.i + r) * d + col..][..width]);
             row.copy_from_slice(o);
         }
         Q
@@ -237,13 +307,13 @@ impl Head {
     /// The context row of `w`'s first query one value at a time (heads whose width is not
     /// whole vectors); returns 1.
     #[inline(always)]
-    fn context_row(&self, w: Weights, v: &[f32], out: &mut [f32]) -> usize {
-        let (d, at, dh) = (self.d, self.at, self.dh);
-        let o = &mut out[w.i * d + at..][..dh];
+    fn context_row(&self, w: Weights, v: Rows, out: &mut [f32]) -> usize {
+        let (d, col, dh) = (self.d, self.col, self.dh);
+        let o = &mut out[w.i * d + col..][..dh];
         o.fill(0.0);
         for (j, &pj) in w.p[..self.len].iter().enumerate() {
             let pj = pj * w.inv[0];
-            for (o, &vv) in o.iter_mut().zip(&v[j * d + at..][..dh]) {
+            for (o, &vv) in o.iter_mut().zip(v.get(j, col, dh)) {
                 *o += pj * vv;
             }
         }
@@ -265,65 +335,105 @@ struct Weights<'a> {
 mod tests {
     use super::*;
 
-    /// The plain loops: each query's scores one key at a time, its context one value row at a
-    /// time.
-    fn plain(q: &[f32], k: &[f32], v: &[f32], len: usize, heads: usize, dh: usize) -> Vec<f32> {
+    /// The plain loops: each query's scores one key at a time, its weights, and its context one
+    /// value row at a time. Returns the context rows and the weights (`[heads, len, len]`).
+    fn plain(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        heads: usize,
+        dh: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = heads * dh;
         let scale = 1.0 / (dh as f32).sqrt();
         let mut out = vec![0.0; len * d];
-        let mut p = vec![0.0f32; len];
+        let mut probs = vec![0.0; heads * len * len];
         for h in 0..heads {
             let cols = h * dh..(h + 1) * dh;
             for i in 0..len {
                 let qi = &q[i * d..][cols.clone()];
+                let p = &mut probs[(h * len + i) * len..][..len];
                 for (j, p) in p.iter_mut().enumerate() {
                     *p = qi
                         .iter()
                         .zip(&k[j * d..][cols.clone()])
                         .fold(0.0, |s, (a, b)| s + a * b);
                 }
-                let max = lane_max(&p, f32::NEG_INFINITY);
+                let max = lane_max(p, f32::NEG_INFINITY);
                 p.iter_mut().for_each(|s| *s = (*s - max) * scale);
-                quant::exp_in_place(&mut p);
-                let inv = 1.0 / lane_sum(&p, |x| x);
+                quant::exp_in_place(p);
+                let inv = 1.0 / lane_sum(p, |x| x);
+                p.iter_mut().for_each(|s| *s *= inv);
                 let o = &mut out[i * d..][cols.clone()];
                 for (j, &w) in p.iter().enumerate() {
-                    let w = w * inv;
                     for (o, &vv) in o.iter_mut().zip(&v[j * d..][cols.clone()]) {
                         *o += w * vv;
                     }
                 }
             }
         }
-        out
+        (out, probs)
     }
 
+    /// Scoring's and training's forms of [`Sequence`] with `simd`: the context rows of each,
+    /// and training's weights.
     fn run<S: Simd>(
         simd: S,
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        shape: (usize, usize, usize),
-    ) -> Vec<f32> {
-        let mut out = vec![f32::NAN; q.len()];
+        (len, heads, dh): (usize, usize, usize),
+    ) -> [Vec<f32>; 3] {
+        let d = heads * dh;
+        let rows = |data| Rows {
+            data,
+            stride: d,
+            at: 0,
+        };
+        let mut scored = vec![f32::NAN; len * d];
         Simd::vectorize(
             simd,
             Sequence {
-                q,
-                k,
-                v,
-                len: shape.0,
-                heads: shape.1,
-                dh: shape.2,
-                out: &mut out,
+                q: rows(q),
+                k: rows(k),
+                v: rows(v),
+                len,
+                heads,
+                dh,
+                probs: None,
+                out: &mut scored,
             },
         );
-        out
+        let qkv: Vec<f32> = (0..len)
+            .flat_map(|i| [q, k, v].map(|m| &m[i * d..(i + 1) * d]).concat())
+            .collect();
+        let rows = |at| Rows {
+            data: &qkv,
+            stride: 3 * d,
+            at,
+        };
+        let mut trained = vec![f32::NAN; len * d];
+        let mut probs = vec![f32::NAN; heads * len * len];
+        Simd::vectorize(
+            simd,
+            Sequence {
+                q: rows(0),
+                k: rows(d),
+                v: rows(2 * d),
+                len,
+                heads,
+                dh,
+                probs: Some(&mut probs),
+                out: &mut trained,
+            },
+        );
+        [scored, trained, probs]
     }
 
-    /// The tiled heads against the plain loops, bit for bit, at every vector width this CPU
-    /// has, for heads of whole vectors and not, sequences shorter and longer than a key block
-    /// and a query tile.
+    /// The tiled heads, as scoring and as training run them, against the plain loops bit for
+    /// bit, at every vector width this CPU has, for heads of whole vectors and not, sequences
+    /// shorter and longer than a key block and a query tile.
     #[test]
     fn tiled_heads_equal_plain_loops_bit_for_bit() {
         let mut seed = 7u32;
@@ -331,13 +441,14 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
         };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for (heads, dh) in [(3, 32), (2, 64), (2, 8), (1, 16), (2, 12), (1, 128)] {
             let d = heads * dh;
             for len in [1, 2, 3, 4, 5, 7, 16, 17, 33, 64, 70] {
                 let q: Vec<f32> = (0..len * d).map(|_| next()).collect();
                 let k: Vec<f32> = (0..len * d).map(|_| next()).collect();
                 let v: Vec<f32> = (0..len * d).map(|_| next()).collect();
-                let want = plain(&q, &k, &v, len, heads, dh);
+                let (out, probs) = plain(&q, &k, &v, len, heads, dh);
                 let shape = (len, heads, dh);
                 let mut got = vec![("scalar", run(pulp::Scalar::new(), &q, &k, &v, shape))];
                 #[cfg(target_arch = "x86_64")]
@@ -349,14 +460,11 @@ mod tests {
                         got.push(("avx512", run(v4, &q, &k, &v, shape)));
                     }
                 }
-                for (name, got) in got {
-                    for (a, b) in got.iter().zip(&want) {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{name}, {heads} heads of {dh}, {len} tokens: {a} against {b}"
-                        );
-                    }
+                let case = format!("{heads} heads of {dh}, {len} tokens");
+                for (name, [scored, trained, kept]) in got {
+                    assert!(bits(&scored) == bits(&out), "{name} scoring, {case}");
+                    assert!(bits(&trained) == bits(&out), "{name} training, {case}");
+                    assert!(bits(&kept) == bits(&probs), "{name} weights, {case}");
                 }
             }
         }

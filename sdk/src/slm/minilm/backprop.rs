@@ -14,7 +14,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{lane_max, lane_sum};
+use super::attention;
+use super::cpu::lane_sum;
 use super::gelu::{gelu_grad_in_place, gelu_in_place};
 #[cfg(test)]
 use super::params::transpose;
@@ -546,62 +547,7 @@ fn score_grads(ds: &mut [f32], p: &[f32], dc: &[f32], vt: &[f32], scale: f32) {
     }
 }
 
-/// One sequence's attention: `qkv` its `[len, 3 d]` rows; writes `probs` (`[heads, len, len]`)
-/// and `context` (`[len, d]`).
-#[inline(always)]
-fn attend(qkv: &[f32], len: usize, heads: usize, probs: &mut [f32], context: &mut [f32]) {
-    let w = qkv.len() / len.max(1);
-    let d = w / 3;
-    let dh = d / heads;
-    let scale = 1.0 / (dh as f32).sqrt();
-    let mut kt = vec![0.0f32; dh * len];
-    for h in 0..heads {
-        let (qc, kc, vc) = (h * dh, d + h * dh, 2 * d + h * dh);
-        head_columns(qkv, len, w, kc, dh, &mut kt);
-        for i in 0..len {
-            let p = &mut probs[(h * len + i) * len..][..len];
-            p.fill(0.0);
-            for c in 0..dh {
-                axpy(p, qkv[i * w + qc + c], &kt[c * len..][..len]);
-            }
-            let max = lane_max(p, f32::NEG_INFINITY);
-            p.iter_mut().for_each(|s| *s = (*s - max) * scale);
-            quant::exp_in_place(p);
-            let inv = 1.0 / lane_sum(p, |x| x);
-            p.iter_mut().for_each(|s| *s *= inv);
-            context_row(p, qkv, w, vc, &mut context[i * d + qc..][..dh]);
-        }
-    }
-}
-
-/// `o <- sum_j p_j v_j`, `v_j` the values at column `vc` of row `j` of `qkv` (`w` wide): in
-/// registers for heads 32 or 64 wide, the same sums in the same order as in memory.
-#[inline(always)]
-fn context_row(p: &[f32], qkv: &[f32], w: usize, vc: usize, o: &mut [f32]) {
-    match o.len() {
-        32 => context_row_in::<32>(p, qkv, w, vc, o),
-        64 => context_row_in::<64>(p, qkv, w, vc, o),
-        dh => {
-            o.fill(0.0);
-            for (j, &pj) in p.iter().enumerate() {
-                axpy(o, pj, &qkv[j * w + vc..][..dh]);
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn context_row_in<const DH: usize>(p: &[f32], qkv: &[f32], w: usize, vc: usize, o: &mut [f32]) {
-    let mut acc = [0.0f32; DH];
-    for (j, &pj) in p.iter().enumerate() {
-        for (a, &v) in acc.iter_mut().zip(&qkv[j * w + vc..][..DH]) {
-            *a += pj * v;
-        }
-    }
-    o.copy_from_slice(&acc);
-}
-
-/// [`attend`]'s backward pass: `dcontext` `[len, d]` to `dqkv` `[len, 3 d]`.
+/// The attention's backward pass ([`attention::sequence_keeping`] the forward): `dcontext` `[len, d]` to `dqkv` `[len, 3 d]`.
 #[inline(always)]
 fn attend_backward(
     qkv: &[f32],
@@ -790,17 +736,12 @@ pub(crate) fn forward(
             .zip(spans.split(&mut context, |len| len * d))
             .zip(starts.par_iter().zip(&spans.lens))
             .for_each(|((probs, context), (&at, &len))| {
-                quant::with_simd(
-                    #[inline(always)]
-                    || {
-                        attend(
-                            &qkv[at * 3 * d..(at + len) * 3 * d],
-                            len,
-                            shape.heads,
-                            probs,
-                            context,
-                        )
-                    },
+                let qkv = &qkv[at * 3 * d..(at + len) * 3 * d];
+                attention::sequence_keeping(
+                    qkv,
+                    (len, shape.heads, d / shape.heads),
+                    probs,
+                    context,
                 )
             });
         let attended = linear(&l.out, &l.out_bias, &context, n, work)?;
@@ -1360,8 +1301,8 @@ mod tests {
         let (qkv, dcontext) = (values(len * 3 * d), values(len * d));
         let mut probs = vec![0.0f32; heads * len * len];
         let mut context = vec![0.0f32; len * d];
-        attend(&qkv, len, heads, &mut probs, &mut context);
         let dh = d / heads;
+        attention::sequence_keeping(&qkv, (len, heads, dh), &mut probs, &mut context);
         for (h, i) in (0..heads).flat_map(|h| (0..len).map(move |i| (h, i))) {
             let p = &probs[(h * len + i) * len..][..len];
             for c in 0..dh {
