@@ -94,12 +94,12 @@ fn in_range(x: f32) -> bool {
 pub fn exp_in_place(xs: &mut [f32]) {
     match Simd::detect() {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512(simd) => simd.vectorize(Exp8 { simd, xs }),
+        Simd::Avx512(simd) => simd.vectorize(ExpOf { simd, xs }),
         // Compiled for the CPU's vectors: with AVX2 + FMA the multiply-adds are instructions;
         // without the feature each was a call to a software `fma` (a third of MiniLM's scoring
         // under AVX2). The same values either way: a fused multiply-add is exact.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2(simd) => simd.vectorize(Exp4 { simd, xs }),
+        Simd::Avx2(simd) => simd.vectorize(ExpOf { simd, xs }),
         _ => super::with_simd(
             #[inline(always)]
             || {
@@ -111,45 +111,61 @@ pub fn exp_in_place(xs: &mut [f32]) {
     }
 }
 
-/// [`exp`] with AVX2: eight values at a time, as two vectors of four doubles. The table is
-/// read one load a lane: AVX2 permutes no doubles across a register by a vector of indices,
-/// and a 32-entry lookup in registers (eight `vpermd` and a tree of blends) ran no faster than
-/// the scalar code, where the loads take half its time.
+/// `exp` of eight values, all [`in_range`], on one instruction set's vectors.
 #[cfg(target_arch = "x86_64")]
-struct Exp4<'a> {
-    simd: pulp::x86::V3,
+trait Eights: Copy {
+    fn exp8(self, lanes: [f32; 8]) -> [f32; 8];
+}
+
+/// [`exp_in_place`] on `simd`'s vectors, as a task its features are compiled for.
+#[cfg(target_arch = "x86_64")]
+struct ExpOf<'a, E> {
+    simd: E,
     xs: &'a mut [f32],
 }
 
 #[cfg(target_arch = "x86_64")]
-impl pulp::NullaryFnOnce for Exp4<'_> {
+impl<E: Eights> pulp::NullaryFnOnce for ExpOf<'_, E> {
     type Output = ();
 
+    /// Eight values at a time where all eight are in range; the others (NaN, values past the
+    /// range) and a last short chunk take the scalar code.
     #[inline(always)]
     fn call(self) {
-        let Exp4 { simd, xs } = self;
-        let a = &simd.avx;
+        let ExpOf { simd, xs } = self;
         let mut chunks = xs.chunks_exact_mut(8);
         for c in &mut chunks {
             let lanes: [f32; 8] = match (&*c).try_into() {
                 Ok(a) => a,
                 Err(_) => unreachable!("8 values"),
             };
-            if !lanes.iter().all(|&x| in_range(x)) {
+            if lanes.iter().all(|&x| in_range(x)) {
+                c.copy_from_slice(&simd.exp8(lanes));
+            } else {
                 for x in c.iter_mut() {
                     *x = exp(*x);
                 }
-                continue;
             }
-            let x: __m256 = pulp::cast(lanes);
-            let lo = exp4(simd, a._mm256_cvtps_pd(a._mm256_castps256_ps128(x)));
-            let hi = exp4(simd, a._mm256_cvtps_pd(a._mm256_extractf128_ps::<1>(x)));
-            let out: [f32; 8] = pulp::cast(a._mm256_set_m128(hi, lo));
-            c.copy_from_slice(&out);
         }
         for x in chunks.into_remainder() {
             *x = exp(*x);
         }
+    }
+}
+
+/// AVX2: two vectors of four doubles. The table is read one load a lane: AVX2 permutes no
+/// doubles across a register by a vector of indices, and a 32-entry lookup in registers (eight
+/// `vpermd` and a tree of blends) ran no faster than the scalar code, where the loads take half
+/// its time.
+#[cfg(target_arch = "x86_64")]
+impl Eights for pulp::x86::V3 {
+    #[inline(always)]
+    fn exp8(self, lanes: [f32; 8]) -> [f32; 8] {
+        let a = &self.avx;
+        let x: __m256 = pulp::cast(lanes);
+        let lo = exp4(self, a._mm256_cvtps_pd(a._mm256_castps256_ps128(x)));
+        let hi = exp4(self, a._mm256_cvtps_pd(a._mm256_extractf128_ps::<1>(x)));
+        pulp::cast(a._mm256_set_m128(hi, lo))
     }
 }
 
@@ -173,60 +189,34 @@ fn exp4(simd: pulp::x86::V3, xd: __m256d) -> __m128 {
     a._mm256_cvtpd_ps(a._mm256_mul_pd(y, s))
 }
 
+/// AVX-512: one vector of eight doubles, the table in four registers.
 #[cfg(target_arch = "x86_64")]
-struct Exp8<'a> {
-    simd: pulp::x86::V4,
-    xs: &'a mut [f32],
-}
-
-#[cfg(target_arch = "x86_64")]
-impl pulp::NullaryFnOnce for Exp8<'_> {
-    type Output = ();
-
+impl Eights for pulp::x86::V4 {
     #[inline(always)]
-    fn call(self) {
-        let Exp8 { simd, xs } = self;
-        let f = &simd.avx512f;
+    fn exp8(self, lanes: [f32; 8]) -> [f32; 8] {
+        let f = &self.avx512f;
         let table: [__m512i; 4] = std::array::from_fn(|i| {
             let part: [u64; 8] = std::array::from_fn(|j| TABLE[8 * i + j]);
             pulp::cast(part)
         });
         let pd = |v: f64| f._mm512_set1_pd(v);
-        let mut chunks = xs.chunks_exact_mut(8);
-        for c in &mut chunks {
-            let lanes: [f32; 8] = match (&*c).try_into() {
-                Ok(a) => a,
-                Err(_) => unreachable!("8 values"),
-            };
-            // Lanes outside the main path's range (and NaN) take the scalar code.
-            if !lanes.iter().all(|&x| in_range(x)) {
-                for x in c.iter_mut() {
-                    *x = exp(*x);
-                }
-                continue;
-            }
-            let xd: __m512d = f._mm512_cvtps_pd(pulp::cast::<[f32; 8], __m256>(lanes));
-            let kd = f._mm512_fmadd_pd(pd(INV_LN2_N), xd, pd(SHIFT));
-            let ki = f._mm512_castpd_si512(kd);
-            let kd = f._mm512_sub_pd(kd, pd(SHIFT));
-            let r = f._mm512_fmsub_pd(pd(INV_LN2_N), xd, kd);
-            // The table's entry `ki % 32`: two 16-entry lookups on the low four bits, the
-            // fifth bit picks between them.
-            let low = f._mm512_permutex2var_epi64(table[0], ki, table[1]);
-            let high = f._mm512_permutex2var_epi64(table[2], ki, table[3]);
-            let upper = f._mm512_test_epi64_mask(ki, f._mm512_set1_epi64(16));
-            let t = f._mm512_mask_blend_epi64(upper, low, high);
-            let t = f._mm512_add_epi64(t, f._mm512_slli_epi64::<47>(ki));
-            let s = f._mm512_castsi512_pd(t);
-            let z = f._mm512_fmadd_pd(pd(C0), r, pd(C1));
-            let y = f._mm512_fmadd_pd(pd(C2), r, pd(1.0));
-            let y = f._mm512_fmadd_pd(z, f._mm512_mul_pd(r, r), y);
-            let out: [f32; 8] = pulp::cast(f._mm512_cvtpd_ps(f._mm512_mul_pd(y, s)));
-            c.copy_from_slice(&out);
-        }
-        for x in chunks.into_remainder() {
-            *x = exp(*x);
-        }
+        let xd: __m512d = f._mm512_cvtps_pd(pulp::cast::<[f32; 8], __m256>(lanes));
+        let kd = f._mm512_fmadd_pd(pd(INV_LN2_N), xd, pd(SHIFT));
+        let ki = f._mm512_castpd_si512(kd);
+        let kd = f._mm512_sub_pd(kd, pd(SHIFT));
+        let r = f._mm512_fmsub_pd(pd(INV_LN2_N), xd, kd);
+        // The table's entry `ki % 32`: two 16-entry lookups on the low four bits, the fifth
+        // bit picks between them.
+        let low = f._mm512_permutex2var_epi64(table[0], ki, table[1]);
+        let high = f._mm512_permutex2var_epi64(table[2], ki, table[3]);
+        let upper = f._mm512_test_epi64_mask(ki, f._mm512_set1_epi64(16));
+        let t = f._mm512_mask_blend_epi64(upper, low, high);
+        let t = f._mm512_add_epi64(t, f._mm512_slli_epi64::<47>(ki));
+        let s = f._mm512_castsi512_pd(t);
+        let z = f._mm512_fmadd_pd(pd(C0), r, pd(C1));
+        let y = f._mm512_fmadd_pd(pd(C2), r, pd(1.0));
+        let y = f._mm512_fmadd_pd(z, f._mm512_mul_pd(r, r), y);
+        pulp::cast(f._mm512_cvtpd_ps(f._mm512_mul_pd(y, s)))
     }
 }
 
@@ -285,7 +275,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if let Some(v3) = pulp::x86::V3::try_new() {
             let mut avx2 = xs.to_vec();
-            v3.vectorize(Exp4 {
+            v3.vectorize(ExpOf {
                 simd: v3,
                 xs: &mut avx2,
             });
