@@ -477,13 +477,15 @@ impl ChannelMatrix {
         self.limit
     }
 
-    /// `out <- x W^T + b` for the `n` rows of `x`, rounding them into `codes`' buffers.
-    pub fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
+    /// [`ChannelMatrix::forward`] into a vector sized here (for tests).
+    #[cfg(test)]
+    fn forward_into(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut Vec<f32>) {
         out.resize(n * self.rows, 0.0);
         self.forward(x, n, codes, out);
     }
 
-    /// [`ChannelMatrix::forward_into`] into `out` of `n * rows` values.
+    /// `out <- x W^T + b` for the `n` rows of `x` (`out` `n * rows` values), rounding them into
+    /// `codes`' buffers.
     pub fn forward(&self, x: &[f32], n: usize, codes: &mut RowCodes, out: &mut [f32]) {
         codes.round(x, n, self.cols, self.limit);
         self.product(codes, out);

@@ -190,6 +190,23 @@ impl CpuMiniLm {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // The layer's row-wise passes and attention take rows `d` wide from these products.
+        for l in &layers {
+            for (name, m) in [
+                ("query", &l.query),
+                ("key", &l.key),
+                ("value", &l.value),
+                ("output", &l.output),
+                ("down", &l.down),
+            ] {
+                if m.rows() != d {
+                    return Err(Error::Model(format!(
+                        "the {name} product has {} outputs, the model is {d} wide",
+                        m.rows()
+                    )));
+                }
+            }
+        }
         let (head, head_bias) = params::linear(&model.head)?;
         let mut segment = values(e.token_type.weight.val())?;
         if segment.len() < d {
