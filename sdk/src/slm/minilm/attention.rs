@@ -23,25 +23,10 @@ pub(super) fn sequence(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    (len, heads, dh): (usize, usize, usize),
+    shape: (usize, usize, usize),
     out: &mut [f32],
 ) {
-    let d = heads * dh;
-    let rows = |data| Rows {
-        data,
-        stride: d,
-        at: 0,
-    };
-    quant::vectorize(Sequence {
-        q: rows(q),
-        k: rows(k),
-        v: rows(v),
-        len,
-        heads,
-        dh,
-        probs: None,
-        out,
-    });
+    quant::vectorize(Sequence::scoring(q, k, v, shape, out));
 }
 
 /// One sequence's heads for training: `qkv` its `[len, 3 d]` rows (queries, keys, values side
@@ -49,31 +34,11 @@ pub(super) fn sequence(
 /// `probs` (`[heads, len, len]`).
 pub(super) fn sequence_keeping(
     qkv: &[f32],
-    (len, heads, dh): (usize, usize, usize),
+    shape: (usize, usize, usize),
     probs: &mut [f32],
     out: &mut [f32],
 ) {
-    let d = heads * dh;
-    let rows = |at| Rows {
-        data: qkv,
-        stride: 3 * d,
-        at,
-    };
-    assert_eq!(
-        probs.len(),
-        heads * len * len,
-        "{heads} heads of {len} x {len}"
-    );
-    quant::vectorize(Sequence {
-        q: rows(0),
-        k: rows(d),
-        v: rows(2 * d),
-        len,
-        heads,
-        dh,
-        probs: Some(probs),
-        out,
-    });
+    quant::vectorize(Sequence::keeping(qkv, shape, probs, out));
 }
 
 /// Rows of queries, keys or values: row `i`'s `d` values at `data[i * stride + at..]`.
@@ -102,6 +67,61 @@ struct Sequence<'a> {
     /// Where the weights are kept (training), or none (scoring).
     probs: Option<&'a mut [f32]>,
     out: &'a mut [f32],
+}
+
+impl<'a> Sequence<'a> {
+    fn scoring(
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        (len, heads, dh): (usize, usize, usize),
+        out: &'a mut [f32],
+    ) -> Sequence<'a> {
+        let rows = |data| Rows {
+            data,
+            stride: heads * dh,
+            at: 0,
+        };
+        Sequence {
+            q: rows(q),
+            k: rows(k),
+            v: rows(v),
+            len,
+            heads,
+            dh,
+            probs: None,
+            out,
+        }
+    }
+
+    fn keeping(
+        qkv: &'a [f32],
+        (len, heads, dh): (usize, usize, usize),
+        probs: &'a mut [f32],
+        out: &'a mut [f32],
+    ) -> Sequence<'a> {
+        let d = heads * dh;
+        let rows = |at| Rows {
+            data: qkv,
+            stride: 3 * d,
+            at,
+        };
+        assert_eq!(
+            probs.len(),
+            heads * len * len,
+            "{heads} heads of {len} x {len}"
+        );
+        Sequence {
+            q: rows(0),
+            k: rows(d),
+            v: rows(2 * d),
+            len,
+            heads,
+            dh,
+            probs: Some(probs),
+            out,
+        }
+    }
 }
 
 impl WithSimd for Sequence<'_> {
@@ -383,50 +403,20 @@ mod tests {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        (len, heads, dh): (usize, usize, usize),
+        shape: (usize, usize, usize),
     ) -> [Vec<f32>; 3] {
+        let (len, heads, dh) = shape;
         let d = heads * dh;
-        let rows = |data| Rows {
-            data,
-            stride: d,
-            at: 0,
-        };
         let mut scored = vec![f32::NAN; len * d];
-        Simd::vectorize(
-            simd,
-            Sequence {
-                q: rows(q),
-                k: rows(k),
-                v: rows(v),
-                len,
-                heads,
-                dh,
-                probs: None,
-                out: &mut scored,
-            },
-        );
+        Simd::vectorize(simd, Sequence::scoring(q, k, v, shape, &mut scored));
         let qkv: Vec<f32> = (0..len)
             .flat_map(|i| [q, k, v].map(|m| &m[i * d..(i + 1) * d]).concat())
             .collect();
-        let rows = |at| Rows {
-            data: &qkv,
-            stride: 3 * d,
-            at,
-        };
         let mut trained = vec![f32::NAN; len * d];
         let mut probs = vec![f32::NAN; heads * len * len];
         Simd::vectorize(
             simd,
-            Sequence {
-                q: rows(0),
-                k: rows(d),
-                v: rows(2 * d),
-                len,
-                heads,
-                dh,
-                probs: Some(&mut probs),
-                out: &mut trained,
-            },
+            Sequence::keeping(&qkv, shape, &mut probs, &mut trained),
         );
         [scored, trained, probs]
     }
