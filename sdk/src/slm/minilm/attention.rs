@@ -1,9 +1,10 @@
 //! MiniLM's self-attention over one sequence, for scoring and for training's forward pass, on
-//! explicit vectors of the CPU's width (pulp's portable `Simd`). Scores are tiled four queries by two vectors of keys, so that
-//! eight sums run side by side (one query's sums for a short block waited on the adder's
-//! latency) and each key's load serves four queries; context rows are tiled likewise over the
-//! head's dimensions. Every score and context value is summed in the order of the plain
-//! loops, one multiply and one add a step: the same bits at every vector width.
+//! explicit vectors of the CPU's width (pulp's portable `Simd`). Scores are tiled four queries
+//! by two vectors of keys, so that eight sums run side by side (one query's sums for a short
+//! block waited on the adder's latency) and each key's load serves four queries; context rows
+//! are tiled likewise over the head's dimensions. Every score and context value is summed in
+//! the order of the plain loops, one multiply and one add a step: the same bits at every
+//! vector width.
 
 use pulp::{Simd, WithSimd};
 
