@@ -547,7 +547,8 @@ fn score_grads(ds: &mut [f32], p: &[f32], dc: &[f32], vt: &[f32], scale: f32) {
     }
 }
 
-/// The attention's backward pass ([`attention::sequence_keeping`] the forward): `dcontext` `[len, d]` to `dqkv` `[len, 3 d]`.
+/// The attention's backward pass ([`attention::sequence_keeping`] the forward): `dcontext`
+/// `[len, d]` to `dqkv` `[len, 3 d]`.
 #[inline(always)]
 fn attend_backward(
     qkv: &[f32],
