@@ -15,6 +15,8 @@ pub mod quant;
 pub mod rounds;
 #[cfg(feature = "slm")]
 pub mod slm;
+#[cfg(feature = "slm")]
+mod sync;
 pub mod transport;
 
 pub use error::{Error, Result, SessionError};

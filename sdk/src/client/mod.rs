@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -24,6 +24,7 @@ use crate::protocol::ClientInfo;
 use crate::rounds::cancelled;
 use crate::slm::checkpoint::swap;
 use crate::slm::{CheckpointMeta, Slm};
+use crate::sync::lock;
 use crate::transport::{EnrollToken, Identity};
 use crate::{Error, Result};
 
@@ -36,11 +37,6 @@ pub use api::{
 };
 
 const STATE_FILE: &str = "state.json";
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not make status unreadable: the data is still consistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -334,7 +334,7 @@ pub(crate) fn fit<M: Classifier>(
     let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
 
     // A poisoned lock only means another run panicked; the RNG is reseeded below.
-    let _one_at_a_time = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = crate::sync::lock(&TRAINING);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     device.seed(cfg.seed);
     let mut all: Vec<usize> = (0..data.len()).collect();

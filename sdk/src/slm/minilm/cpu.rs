@@ -17,6 +17,7 @@ use super::params::{self, values};
 use super::{BertConfig, MiniLmClassifier};
 use crate::quant::{self, ChannelMatrix, RowCodes};
 use crate::slm::CpuScorer;
+use crate::sync::lock;
 use crate::{Error, Result};
 
 /// Rows a rayon task of the embeddings' norm takes.
@@ -93,11 +94,6 @@ impl Drop for Lent<'_> {
             lock(self.pool).push(s);
         }
     }
-}
-
-/// A pool's lock: a poisoned one only means a task panicked, and scratch holds no state.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One encoder layer.

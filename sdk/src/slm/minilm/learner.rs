@@ -10,16 +10,12 @@ use crate::Result;
 use crate::slm::TrainConfig;
 use crate::slm::adamw::AdamW;
 use crate::slm::train::{Encoded, Learner};
+use crate::sync::lock;
 
 /// The last training run's buffers, for the next run. A run in a fresh [`Work`] spends its
 /// first steps allocating (and the kernel zeroing) the memory later steps reuse; a client
 /// trains every round. Runs take turns (see `slm::train`), so one spare is enough.
 static SPARE: Mutex<Option<Work>> = Mutex::new(None);
-
-fn spare() -> std::sync::MutexGuard<'static, Option<Work>> {
-    // A poisoned lock only means a run panicked; the buffers hold no state.
-    SPARE.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A training run's state.
 pub(crate) struct CpuLearner {
@@ -117,7 +113,7 @@ impl CpuLearner {
             },
             seed: train.seed,
             steps: 0,
-            work: spare().take().unwrap_or_default(),
+            work: lock(&SPARE).take().unwrap_or_default(),
             words,
             weight_decay: train.weight_decay,
         })
@@ -208,7 +204,7 @@ impl Learner<MiniLmClassifier> for CpuLearner {
 
     fn finish(mut self: Box<Self>) -> Result<MiniLmClassifier> {
         self.words.sync_all(&mut self.params.word);
-        *spare() = Some(std::mem::take(&mut self.work));
+        *lock(&SPARE) = Some(std::mem::take(&mut self.work));
         let p = self.best.as_ref().unwrap_or(&self.params);
         Ok(p.write(self.model))
     }
