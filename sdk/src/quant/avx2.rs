@@ -9,7 +9,7 @@ use pulp::x86::V3;
 
 use super::act::Tiles;
 use super::act::{LO_STEPS, QAct};
-use super::panel::{ADD, NONE, Offset, Panel, TaskRows};
+use super::panel::{ADD, NONE, Offset, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
@@ -437,56 +437,26 @@ fn load_i32(x: &[i32]) -> [i32; LANES] {
     }
 }
 
-/// [`Panel::pairs`] of a row's block `b` with AVX2 (Q5 through the portable code).
+/// [`Panel::pairs`] of a row's block `b` with AVX2: the block's 32 codes as signed bytes in
+/// element order, then each word `k` the i16 pair of codes `k` and `k + 16`.
 #[inline(always)]
 pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
     let (avx, avx2) = (&simd.avx, &simd.avx2);
-    let halves: [__m256i; 2] = match w {
-        QRow::Q4(r) => {
-            let raw: [u8; 16] = match r.qs[b * QK / 2..(b + 1) * QK / 2].try_into() {
-                Ok(a) => a,
-                Err(_) => unreachable!("16 bytes"),
-            };
-            let raw: __m128i = pulp::cast(raw);
-            std::array::from_fn(
-                #[inline(always)]
-                |h| {
-                    let bytes = if h == 0 {
-                        raw
-                    } else {
-                        simd.sse2._mm_srli_si128::<8>(raw)
-                    };
-                    let v = avx2._mm256_cvtepu8_epi32(bytes);
-                    let lo = avx2._mm256_and_si256(v, avx._mm256_set1_epi32(0x0f));
-                    let hi = avx2._mm256_slli_epi32::<12>(
-                        avx2._mm256_and_si256(v, avx._mm256_set1_epi32(0xf0)),
-                    );
-                    avx2._mm256_or_si256(lo, hi)
-                },
-            )
-        }
-        QRow::Q8(r) => {
-            let codes: &[u8] = pulp::bytemuck::cast_slice(&r.qs[b * QK..(b + 1) * QK]);
-            let eight = |at: usize| -> __m128i {
-                let a: [u8; 8] = match codes[at..at + 8].try_into() {
-                    Ok(a) => a,
-                    Err(_) => unreachable!("8 bytes"),
-                };
-                pulp::cast([u64::from_le_bytes(a), 0])
-            };
-            std::array::from_fn(
-                #[inline(always)]
-                |h| {
-                    let lo = avx2._mm256_cvtepi8_epi32(eight(8 * h));
-                    let hi = avx2._mm256_cvtepi8_epi32(eight(QK / 2 + 8 * h));
-                    avx2._mm256_or_si256(
-                        avx2._mm256_and_si256(lo, avx._mm256_set1_epi32(0xffff)),
-                        avx2._mm256_slli_epi32::<16>(hi),
-                    )
-                },
-            )
-        }
-        QRow::Q5(r) => return r.pairs(b),
+    let codes: __m256i = match w {
+        QRow::Q4(r) => nibbles(simd, r.qs.as_chunks::<{ QK / 2 }>().0[b]),
+        QRow::Q5(r) => avx2._mm256_sub_epi8(
+            q5_codes(simd, r.qs.as_chunks::<{ QK / 2 }>().0[b], r.qh[b]),
+            avx._mm256_set1_epi8(16),
+        ),
+        QRow::Q8(r) => pulp::cast(r.qs.as_chunks::<QK>().0[b]),
     };
-    pulp::cast(halves)
+    let first = avx2._mm256_cvtepi8_epi16(avx._mm256_castsi256_si128(codes));
+    let second = avx2._mm256_cvtepi8_epi16(avx2._mm256_extracti128_si256::<1>(codes));
+    // Per 128-bit lane: words 0-3 and 8-11, then 4-7 and 12-15.
+    let low = avx2._mm256_unpacklo_epi16(first, second);
+    let high = avx2._mm256_unpackhi_epi16(first, second);
+    pulp::cast([
+        avx2._mm256_permute2x128_si256::<0x20>(low, high),
+        avx2._mm256_permute2x128_si256::<0x31>(low, high),
+    ])
 }

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 
 use super::act::{self, QAct, Tiles};
-use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd, q5_block};
+use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::{V4Vnni, avx2, avx512};
 
@@ -46,12 +46,14 @@ pub(super) trait Panel: Copy {
     /// Block `b`'s offset factor: `m` (Q4), 0 (Q5, Q8).
     fn offset(self, b: usize) -> f32;
     /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
-    /// `k + 16` (high i16), as [`super::act::Tiles`] holds the activations.
+    /// `k + 16` (high i16), as [`super::act::Tiles`] holds the activations. The kernels decode
+    /// in registers (`avx2::code_pairs`, `avx512::code_pairs`); this is their definition.
+    #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16];
 }
 
 /// Two codes as the i16 pair of one word.
-#[inline(always)]
+#[cfg(test)]
 fn pair(lo: i32, hi: i32) -> i32 {
     (lo & 0xffff) | (hi << 16)
 }
@@ -66,7 +68,7 @@ impl Panel for Q4Row<'_> {
     fn offset(self, b: usize) -> f32 {
         self.m[b]
     }
-    #[inline(always)]
+    #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16] {
         let q = &self.qs[b * QK / 2..(b + 1) * QK / 2];
         std::array::from_fn(|k| pair(i32::from(q[k] & 0x0f), i32::from(q[k] >> 4)))
@@ -84,9 +86,9 @@ impl Panel for Q5Row<'_> {
     fn offset(self, _: usize) -> f32 {
         0.0
     }
-    #[inline(always)]
+    #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16] {
-        let c = q5_block(&self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
+        let c = super::q5_block(&self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
         let q = |k: usize| i32::from(c[k]) - 16;
         std::array::from_fn(|k| pair(q(k), q(k + QK / 2)))
     }
@@ -102,7 +104,7 @@ impl Panel for Q8Row<'_> {
     fn offset(self, _: usize) -> f32 {
         0.0
     }
-    #[inline(always)]
+    #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16] {
         let q = &self.qs[b * QK..(b + 1) * QK];
         std::array::from_fn(|k| pair(i32::from(q[k]), i32::from(q[k + QK / 2])))

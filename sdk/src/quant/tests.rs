@@ -552,6 +552,57 @@ fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
     Ok(())
 }
 
+/// The kernels' code pairs, decoded in registers, are [`panel::Panel::pairs`] word for word:
+/// every type, every block, fifth bits set and clear.
+#[test]
+fn code_pairs_equal_their_definition() -> Result<()> {
+    use panel::Panel;
+    let (rows, cols) = (7, 640);
+    for (ty, q5) in [
+        (GgmlType::Q4_1, Q5Form::Bytes),
+        (GgmlType::Q5_0, Q5Form::Bits),
+        (GgmlType::Q8_0, Q5Form::Bytes),
+    ] {
+        let w = QMatrix::from_gguf_as(
+            "w",
+            ty,
+            &encode(ty, &values(rows * cols, 9)),
+            rows,
+            cols,
+            q5,
+        )?;
+        for r in 0..rows {
+            let row = w.q_row(r);
+            for b in 0..cols / QK {
+                let expect = match row {
+                    QRow::Q4(q) => q.pairs(b),
+                    QRow::Q5(q) => q.pairs(b),
+                    QRow::Q8(q) => q.pairs(b),
+                };
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if let Some(v3) = pulp::x86::V3::try_new() {
+                        assert_eq!(
+                            avx2::code_pairs(v3, row, b),
+                            expect,
+                            "{ty:?} row {r} block {b}"
+                        );
+                    }
+                    if let Some(v4) = pulp::x86::V4::try_new() {
+                        assert_eq!(
+                            avx512::code_pairs(v4, row, b),
+                            expect,
+                            "{ty:?} row {r} block {b}"
+                        );
+                    }
+                }
+                let _ = expect;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tiles rounded straight from f32 rows (the AVX-512 path) are the rounded rows' tiles bit for
 /// bit: zero, infinite, NaN, huge (the sum overflows) and tiny blocks included, a short last
 /// tile and an odd block count. (Other instruction sets build tiles from the rounded rows: on a
