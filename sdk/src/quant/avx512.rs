@@ -727,17 +727,21 @@ fn block_sums<const T: usize, const B: usize>(
     let mut sums = [[[f._mm512_setzero_si512(); GROUP]; B]; T];
     let wc: [[&[i32; 16]; GROUP]; B] =
         std::array::from_fn(|j| std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b + j]));
-    let words = 16 * PANEL_TILE;
-    let xs: [[&[i32]; B]; T] = std::array::from_fn(|t| {
-        std::array::from_fn(|j| &tiles[t].pairs[(b + j) * words..(b + j + 1) * words])
+    // Each tile's blocks as arrays, so that the loop's loads take no checks.
+    let xs: [[&[[i32; PANEL_TILE]; 16]; B]; T] = std::array::from_fn(|t| {
+        let blocks = tiles[t]
+            .pairs
+            .as_chunks::<PANEL_TILE>()
+            .0
+            .as_chunks::<16>()
+            .0;
+        std::array::from_fn(|j| &blocks[b + j])
     });
-    // `k` picks a word of every row's codes and an offset into the tiles.
+    // `k` picks a word of every row's codes and a row of each block.
     #[allow(clippy::needless_range_loop)]
     for k in 0..16 {
-        let at = k * PANEL_TILE;
         for j in 0..B {
-            let x: [__m512i; T] =
-                std::array::from_fn(|t| pulp::cast(load_i32(&xs[t][j][at..at + PANEL_TILE])));
+            let x: [__m512i; T] = std::array::from_fn(|t| pulp::cast(xs[t][j][k]));
             for i in 0..GROUP {
                 let pair = f._mm512_set1_epi32(wc[j][i][k]);
                 for t in 0..T {
@@ -748,14 +752,6 @@ fn block_sums<const T: usize, const B: usize>(
         }
     }
     sums
-}
-
-#[inline(always)]
-fn load_i32(x: &[i32]) -> [i32; 16] {
-    match x.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("16 values"),
-    }
 }
 
 #[inline(always)]
