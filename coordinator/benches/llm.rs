@@ -200,15 +200,25 @@ fn llamacpp(path: &Path, prompt_len: usize, n_gen: usize) -> Option<Reference> {
         n_gen.to_string(),
     ];
     let v = run_reference("llama.cpp", "llama_cpp", "llm_llamacpp.py", &args)?;
+    let simd = v["simd"].as_str().unwrap_or("(no system info)");
+    // Kernels narrowed below AVX-512 (`CROSSLM_SIMD`) against a llama.cpp that uses it
+    // compare two instruction sets, not two engines: say so, and how to pair them.
+    let unlike = !crosslm_sdk::quant::kernels().starts_with("avx512") && simd.contains("AVX512");
     Some(Reference {
         name: "llama.cpp".into(),
         b1: figures(&v, "b1"),
         b16: figures(&v, "b16"),
         peak_rss_mib: v["peak_rss_mib"].as_f64(),
         note: format!(
-            "llama.cpp: {} threads, built with {}",
+            "llama.cpp: {} threads, built with {simd}{}",
             v["threads"],
-            v["simd"].as_str().unwrap_or("(no system info)")
+            if unlike {
+                "; it uses AVX-512 where the kernels do not: `./scripts/bench/setup.sh \
+                 --llama-avx2` builds llama.cpp for AVX2 alone (pass its Python as \
+                 CROSSLM_BENCH_PYTHON)"
+            } else {
+                ""
+            }
         ),
         tokens: Vec::new(),
     })
