@@ -553,24 +553,35 @@ fn panel_products_equal_scalar_dots_bit_for_bit() -> Result<()> {
 }
 
 /// The kernels' code pairs, decoded in registers, are [`panel::Panel::pairs`] word for word:
-/// every type, every block, fifth bits set and clear.
+/// every type, every block, fifth bits set and clear. (On a CPU with neither AVX2 nor AVX-512
+/// this compares nothing, and says so.)
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn code_pairs_equal_their_definition() -> Result<()> {
     use panel::Panel;
+    type Decoder = Box<dyn Fn(QRow<'_>, usize) -> [i32; 16]>;
+    let mut decoders: Vec<(&str, Decoder)> = Vec::new();
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        decoders.push(("avx2", Box::new(move |row, b| avx2::code_pairs(v3, row, b))));
+    }
+    if let Some(v4) = pulp::x86::V4::try_new() {
+        decoders.push((
+            "avx512",
+            Box::new(move |row, b| avx512::code_pairs(v4, row, b)),
+        ));
+    }
+    if decoders.is_empty() {
+        eprintln!("no AVX2: the portable code decodes no pairs, nothing to compare");
+        return Ok(());
+    }
     let (rows, cols) = (7, 640);
     for (ty, q5) in [
         (GgmlType::Q4_1, Q5Form::Bytes),
         (GgmlType::Q5_0, Q5Form::Bits),
         (GgmlType::Q8_0, Q5Form::Bytes),
     ] {
-        let w = QMatrix::from_gguf_as(
-            "w",
-            ty,
-            &encode(ty, &values(rows * cols, 9)),
-            rows,
-            cols,
-            q5,
-        )?;
+        let bytes = encode(ty, &values(rows * cols, 9));
+        let w = QMatrix::from_gguf_as("w", ty, &bytes, rows, cols, q5)?;
         for r in 0..rows {
             let row = w.q_row(r);
             for b in 0..cols / QK {
@@ -579,24 +590,9 @@ fn code_pairs_equal_their_definition() -> Result<()> {
                     QRow::Q5(q) => q.pairs(b),
                     QRow::Q8(q) => q.pairs(b),
                 };
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if let Some(v3) = pulp::x86::V3::try_new() {
-                        assert_eq!(
-                            avx2::code_pairs(v3, row, b),
-                            expect,
-                            "{ty:?} row {r} block {b}"
-                        );
-                    }
-                    if let Some(v4) = pulp::x86::V4::try_new() {
-                        assert_eq!(
-                            avx512::code_pairs(v4, row, b),
-                            expect,
-                            "{ty:?} row {r} block {b}"
-                        );
-                    }
+                for (name, decode) in &decoders {
+                    assert_eq!(decode(row, b), expect, "{name} {ty:?} row {r} block {b}");
                 }
-                let _ = expect;
             }
         }
     }

@@ -9,7 +9,7 @@
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use super::attention;
 use super::gelu::gelu_in_place;
@@ -225,10 +225,6 @@ impl CpuMiniLm {
         })
     }
 
-    fn spare(&self) -> MutexGuard<'_, Option<Scratch>> {
-        lock(&self.spare)
-    }
-
     fn positions(&self) -> usize {
         self.position.len() / self.d
     }
@@ -281,11 +277,11 @@ impl CpuMiniLm {
             )
         });
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-        let mut scratch = self.spare().take().unwrap_or_default();
+        let mut scratch = lock(&self.spare).take().unwrap_or_default();
         for layer in &self.layers {
             self.layer(layer, &mut x, &lens, &mut scratch);
         }
-        *self.spare() = Some(scratch);
+        *lock(&self.spare) = Some(scratch);
         let mut out = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for &len in &lens {
