@@ -10,7 +10,7 @@ use pulp::x86::V3;
 use super::act::Tiles;
 use super::act::{LO_STEPS, QAct};
 use super::panel::{ADD, NONE, Offset, TaskRows};
-use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
+use super::{PANEL_TILE, PREFETCH_AHEAD, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
 #[inline(always)]
 fn load8(x: &[f32]) -> __m256 {
@@ -122,6 +122,18 @@ pub(super) trait IntRow<'a>: Copy {
     fn offset(self, b: usize) -> f32;
     /// Codes of block `b` (unsigned) and the signs to give the activations, if signed.
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>);
+    /// [`prefetch`] ahead of block `b`'s codes.
+    fn prefetch(self, simd: V3, b: usize);
+}
+
+/// Asks the memory for the byte `byte + PREFETCH_AHEAD` of a row's codes (past the row's end
+/// too: the rows that follow are next in memory). One sequence's decoding reads each weight
+/// once a token, and the hardware's own prefetching left the dots waiting on their loads.
+#[inline(always)]
+pub(super) fn prefetch<T>(simd: V3, codes: &[T], byte: usize) {
+    let at = (codes.as_ptr() as *const i8).wrapping_add(byte + PREFETCH_AHEAD);
+    simd.sse
+        ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at);
 }
 
 impl<'a> IntRow<'a> for Q4Row<'a> {
@@ -136,6 +148,10 @@ impl<'a> IntRow<'a> for Q4Row<'a> {
     #[inline(always)]
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
         (nibbles(simd, self.qs.as_chunks::<{ QK / 2 }>().0[b]), None)
+    }
+    #[inline(always)]
+    fn prefetch(self, simd: V3, b: usize) {
+        prefetch(simd, self.qs, b * QK / 2);
     }
 }
 
@@ -155,6 +171,10 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
         let w = simd.avx2._mm256_sub_epi8(q, simd.avx._mm256_set1_epi8(16));
         (simd.avx2._mm256_abs_epi8(w), Some(w))
     }
+    #[inline(always)]
+    fn prefetch(self, simd: V3, b: usize) {
+        prefetch(simd, self.qs, b * QK / 2);
+    }
 }
 
 impl<'a> IntRow<'a> for Q8Row<'a> {
@@ -170,6 +190,10 @@ impl<'a> IntRow<'a> for Q8Row<'a> {
     fn codes(self, simd: V3, b: usize) -> (__m256i, Option<__m256i>) {
         let w: __m256i = pulp::cast(self.qs.as_chunks::<QK>().0[b]);
         (simd.avx2._mm256_abs_epi8(w), Some(w))
+    }
+    #[inline(always)]
+    fn prefetch(self, simd: V3, b: usize) {
+        prefetch(simd, self.qs, b * QK);
     }
 }
 
@@ -198,6 +222,7 @@ fn int_sums<'a, const T: usize>(
     let scale = xs.map(|x| &x.scale[..blocks]);
     let sum = xs.map(|x| &x.sum[..blocks]);
     for (b, &dw) in w.d().iter().enumerate() {
+        w.prefetch(simd, b);
         let (codes, sign) = w.codes(simd, b);
         let m = w.offset(b);
         for t in 0..T {

@@ -108,6 +108,8 @@ pub(super) trait IntRow<'a>: Copy {
     fn pair_codes(self, simd: V4, p: usize) -> (__m512i, bool);
     /// [`IntRow::offsets`] of the same pair.
     fn pair_offsets(self, simd: V4, p: usize, dw: __m512) -> Option<__m512>;
+    /// [`super::avx2::prefetch`] ahead of pair `p`'s codes.
+    fn prefetch_pair(self, simd: V4, p: usize);
 }
 
 /// The nibble bytes of blocks `b` and `b + 1` (zeros past the end).
@@ -127,6 +129,10 @@ fn two_blocks(qs: &[u8], b: usize) -> [u8; 32] {
 }
 
 impl<'a> IntRow<'a> for Q4Row<'a> {
+    #[inline(always)]
+    fn prefetch_pair(self, simd: V4, p: usize) {
+        super::avx2::prefetch(*simd, self.qs, p * QK);
+    }
     #[inline(always)]
     fn d(self) -> &'a [f32] {
         self.d
@@ -163,6 +169,10 @@ fn q5_signed(simd: V4, nibble_bytes: [u8; 32], high: u64) -> __m512i {
 
 impl<'a> IntRow<'a> for Q5Row<'a> {
     #[inline(always)]
+    fn prefetch_pair(self, simd: V4, p: usize) {
+        super::avx2::prefetch(*simd, self.qs, p * QK);
+    }
+    #[inline(always)]
     fn d(self) -> &'a [f32] {
         self.d
     }
@@ -190,6 +200,10 @@ impl<'a> IntRow<'a> for Q5Row<'a> {
 }
 
 impl<'a> IntRow<'a> for Q8Row<'a> {
+    #[inline(always)]
+    fn prefetch_pair(self, simd: V4, p: usize) {
+        super::avx2::prefetch(*simd, self.qs, p * 2 * QK);
+    }
     #[inline(always)]
     fn d(self) -> &'a [f32] {
         self.d
@@ -245,6 +259,7 @@ fn int_sums<'a, const T: usize>(simd: V4, w: impl IntRow<'a>, xs: [&QAct; T]) ->
         let scale = xs.map(|x| &x.pair_scale[..pairs]);
         let sum = xs.map(|x| &x.pair_sum[..pairs]);
         for p in 0..pairs {
+            w.prefetch_pair(simd, p);
             let (codes, signed) = w.pair_codes(simd, p);
             let dw = pair_lanes(simd, d[p]);
             let m = w.pair_offsets(simd, p, dw);

@@ -47,6 +47,10 @@ type Result<T> = std::result::Result<T, BlockError>;
 /// Weight rows a rayon task computes: enough work per task to hide the scheduling cost, small
 /// enough that a task's weights stay in L1/L2 while it sweeps the activation rows.
 const ROWS_PER_TASK: usize = 32;
+/// How far ahead of the codes it reads a single-row dot asks for weight bytes (x86): a few
+/// rows, about as far as the memory's latency takes to cover at the rate the dots read.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 4096;
 /// Activation rows of one tile of the f32 product (F32 weights).
 const TILE: usize = 4;
 /// Up to this many activation rows, products run dots along each weight row (no panel to lay

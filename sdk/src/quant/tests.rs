@@ -374,6 +374,75 @@ fn decode_step_products() -> Result<()> {
     Ok(())
 }
 
+/// One sequence's decoding from memory: single-row dots on one thread over matrices larger
+/// than the caches (Qwen's shapes: a Q5_0 stack and a Q8_0 head), in weight bytes a second,
+/// beside a plain read of copies of the same bytes (the hardware's prefetching alone)
+/// (`cargo test --release --workspace --lib -- --ignored --nocapture decode_from_memory`): a
+/// probe, not a gate.
+#[test]
+#[ignore]
+fn decode_from_memory() -> Result<()> {
+    let cols = 896;
+    let make = |ty, rows: usize, seed| {
+        let v = values(rows * cols, seed);
+        QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, Q5Form::Bits)
+    };
+    let mats = [
+        make(GgmlType::Q5_0, 200_704, 5)?,
+        make(GgmlType::Q8_0, 151_936, 6)?,
+    ];
+    let words = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+    let copies: Vec<Vec<u8>> = mats
+        .iter()
+        .flat_map(|m| match &m.codes {
+            Codes::Q4 { d, m, qs } => vec![words(d), words(m), qs.clone()],
+            Codes::Q5 { d, qs, qh } => vec![
+                words(d),
+                qs.clone(),
+                qh.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            ],
+            Codes::Q8 { d, qs } => vec![words(d), qs.iter().map(|&b| b as u8).collect()],
+            Codes::F32(v) => vec![words(v)],
+        })
+        .collect();
+    let total: usize = copies.iter().map(Vec::len).sum();
+    // Eight bytes an addition, four sums side by side.
+    let read = |v: &[u8]| {
+        v.as_chunks::<32>().0.iter().fold([0u64; 4], |mut a, c| {
+            for (k, w) in c.as_chunks::<8>().0.iter().enumerate() {
+                a[k] = a[k].wrapping_add(u64::from_le_bytes(*w));
+            }
+            a
+        })
+    };
+    let simd = Simd::detect();
+    let x = values(cols, 9);
+    let qa = QAct::new(&x);
+    let xr = [XRow { f: &x }];
+    let mut out = vec![0.0; ROWS_PER_TASK];
+    for round in 0..3 {
+        let t = std::time::Instant::now();
+        for m in &mats {
+            for first in (0..m.rows).step_by(ROWS_PER_TASK) {
+                run_task(simd, m, first, &xr, &[&qa], None, &mut out);
+            }
+        }
+        let dots = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        std::hint::black_box(copies.iter().map(|c| read(c)).collect::<Vec<_>>());
+        let plain = t.elapsed().as_secs_f64();
+        println!(
+            "round {round}: {} MB, dots {:.1} ms = {:.2} GB/s, plain read {:.1} ms = {:.2} GB/s",
+            total / 1_000_000,
+            dots * 1e3,
+            total as f64 / dots / 1e9,
+            plain * 1e3,
+            total as f64 / plain / 1e9
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn row_spans_keep_each_rows_path() {
     for batch in [1, 2, 3, 4, 5, 7, 16, 33] {
