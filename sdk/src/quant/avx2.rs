@@ -407,6 +407,8 @@ fn panel_product<const KIND: u8>(
         let tile = xs.tile(c);
         // The tile's blocks, each sixteen words `k` of a tile's width of activation rows.
         let pairs = &tile.pairs.as_chunks::<PANEL_TILE>().0.as_chunks::<16>().0[..nb];
+        let scales = &tile.scale.as_chunks::<PANEL_TILE>().0[..nb];
+        let act_sums = &tile.sum.as_chunks::<PANEL_TILE>().0[..nb];
         let real = (n - c * PANEL_TILE).min(PANEL_TILE);
         for half in 0..real.div_ceil(LANES) {
             let lanes = (real - half * LANES).min(LANES);
@@ -418,6 +420,11 @@ fn panel_product<const KIND: u8>(
             for g in 0..groups {
                 // A last group's padding rows: computed, not written.
                 let live = (rows - g * GROUP).min(GROUP);
+                // Each row's block scales and offset factors, sliced up front so that the
+                // epilogue indexes them without checks.
+                let at = |i: usize| (g * GROUP + i) * nb;
+                let ws: [&[f32]; GROUP] = std::array::from_fn(|i| &task.scale[at(i)..][..nb]);
+                let ms: [&[f32]; GROUP] = std::array::from_fn(|i| &task.offset[at(i)..][..nb]);
                 let mut acc = [avx._mm256_setzero_ps(); GROUP];
                 for (b, block) in pairs.iter().enumerate() {
                     let mut sums = [avx._mm256_setzero_si256(); GROUP];
@@ -436,14 +443,12 @@ fn panel_product<const KIND: u8>(
                             }
                         }
                     }
-                    let at = b * PANEL_TILE + half * LANES;
-                    let scale = load8(&tile.scale[at..at + LANES]);
-                    let sum = load8(&tile.sum[at..at + LANES]);
-                    for i in 0..live {
-                        let at = (g * GROUP + i) * nb + b;
-                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(task.scale[at]), scale);
+                    let scale = load8(&scales[b][off..off + LANES]);
+                    let sum = load8(&act_sums[b][off..off + LANES]);
+                    for i in 0..GROUP {
+                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(ws[i][b]), scale);
                         let scaled = avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(sums[i]), ds);
-                        let m = avx._mm256_set1_ps(task.offset[at]);
+                        let m = avx._mm256_set1_ps(ms[i][b]);
                         let term = match Offset::of(KIND) {
                             Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
                             Offset::None => scaled,

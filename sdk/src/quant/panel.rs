@@ -112,8 +112,8 @@ impl Panel for Q8Row<'_> {
 }
 
 /// A task's weight rows as the panel kernels read them: row `r`'s block `b` at `r nb + b`
-/// (its code pairs, scale and offset factor), the pairs padded to a multiple of the kernel's
-/// group with rows whose dots the kernels compute but never write.
+/// (its code pairs, scale and offset factor), padded to a multiple of the kernel's group with
+/// rows whose dots the kernels compute but never write.
 #[derive(Default)]
 pub(super) struct TaskRows {
     pub rows: usize,
@@ -149,10 +149,11 @@ impl TaskRows {
         t.nb = nb;
         t.kind = Offset::None;
         // Zeros only where the buffers grow. The padding rows may hold an earlier task's
-        // codes: the kernels compute their sums but never write them.
+        // codes and scales: the kernels compute their dots but never write them.
         t.pairs.resize(rows.div_ceil(group) * group * nb, [0; 16]);
-        t.scale.resize(rows * nb, 0.0);
-        t.offset.resize(rows * nb, 0.0);
+        let padded = rows.div_ceil(group) * group * nb;
+        t.scale.resize(padded, 0.0);
+        t.offset.resize(padded, 0.0);
         if nb == 0 {
             return t;
         }
@@ -161,7 +162,7 @@ impl TaskRows {
             .chunks_exact_mut(nb)
             .zip(t.scale.chunks_exact_mut(nb))
             .zip(t.offset.chunks_exact_mut(nb));
-        for (r, ((pairs, scale), offset)) in (first..).zip(laid) {
+        for (r, ((pairs, scale), offset)) in (first..first + rows).zip(laid) {
             // One match a row: each block's decoding is the type's own.
             t.kind = match w.q_row(r) {
                 QRow::Q4(row) => lay_row(
