@@ -376,7 +376,8 @@ fn decode_step_products() -> Result<()> {
 
 /// One sequence's decoding from memory: single-row dots on one thread over matrices larger
 /// than the caches (Qwen's shapes: a Q5_0 stack and a Q8_0 head), in weight bytes a second,
-/// beside a plain read of copies of the same bytes (the hardware's prefetching alone)
+/// beside a plain read of copies of the same bytes (the hardware's prefetching alone), and
+/// the panels of a batch of sixteen over the same matrices
 /// (`cargo test --release --workspace --lib -- --ignored --nocapture decode_from_memory`): a
 /// probe, not a gate.
 #[test]
@@ -420,6 +421,13 @@ fn decode_from_memory() -> Result<()> {
     let qa = QAct::new(&x);
     let xr = [XRow { f: &x }];
     let mut out = vec![0.0; ROWS_PER_TASK];
+    // A batch of sixteen sequences: the panels.
+    let x16 = values(16 * cols, 10);
+    let qa16: Vec<QAct> = x16.chunks(cols).map(QAct::new).collect();
+    let qs16: Vec<&QAct> = qa16.iter().collect();
+    let tiles = Tiles::new(&qs16, cols / QK);
+    let xr16: Vec<XRow<'_>> = x16.chunks(cols).map(|f| XRow { f }).collect();
+    let mut out16 = vec![0.0; ROWS_PER_TASK * 16];
     for round in 0..3 {
         let t = std::time::Instant::now();
         for m in &mats {
@@ -431,13 +439,24 @@ fn decode_from_memory() -> Result<()> {
         let t = std::time::Instant::now();
         std::hint::black_box(copies.iter().map(|c| read(c)).collect::<Vec<_>>());
         let plain = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for m in &mats {
+            for first in (0..m.rows).step_by(ROWS_PER_TASK) {
+                run_task(simd, m, first, &xr16, &qs16, Some(&tiles), &mut out16);
+            }
+        }
+        let panels = t.elapsed().as_secs_f64();
+        let macs: usize = mats.iter().map(|m| 16 * m.rows * m.cols).sum();
         println!(
-            "round {round}: {} MB, dots {:.1} ms = {:.2} GB/s, plain read {:.1} ms = {:.2} GB/s",
+            "round {round}: {} MB, dots {:.1} ms = {:.2} GB/s, plain read {:.1} ms = {:.2} GB/s, \
+             16 rows {:.1} ms = {:.1} GMAC/s",
             total / 1_000_000,
             dots * 1e3,
             total as f64 / dots / 1e9,
             plain * 1e3,
-            total as f64 / plain / 1e9
+            total as f64 / plain / 1e9,
+            panels * 1e3,
+            macs as f64 / panels / 1e9
         );
     }
     Ok(())
