@@ -189,6 +189,16 @@ impl Tiles {
     }
 }
 
+/// One block as [`QAct::new`] rounds it, in [`Tiles`]' form: its sum, its scale and its
+/// sixteen words (the kernels that round tiles from f32 rows hand it the blocks whose
+/// values or steps are not finite, where `QAct`'s saturating casts decide).
+pub(super) fn block_words(xb: &[f32]) -> (f32, f32, [i32; QK / 2]) {
+    let q = QAct::new(xb);
+    let value = |i: usize| LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
+    let words = std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16));
+    (q.sum[0], q.scale[0], words)
+}
+
 /// `sum_j w_j (128 h_j + l_j)` over one block, exactly.
 fn int_dot(w: impl Iterator<Item = i32>, h: &[i8], l: &[i8]) -> i32 {
     w.zip(h.iter().zip(l))

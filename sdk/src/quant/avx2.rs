@@ -1,13 +1,14 @@
 //! AVX2 + FMA kernels: the integer dots (one or two activation rows) read one block (32 codes)
 //! per register; the panels (more rows) put eight activation rows in a register, one a lane
-//! (on AVX-512 machines too, up to eight rows); the f32 tile serves f32 weights, with several
+//! (on AVX-512 machines too, up to eight rows), their tiles rounded from the f32 rows
+//! ([`TileBlock`]); the f32 tile serves f32 weights, with several
 //! accumulators a row so that FMAs do not wait on each other (one accumulator left a single
 //! row's product bound by FMA latency, at a tenth of the machine's rate).
 
 use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
-use super::act::Tiles;
+use super::act::{self, TilePart, Tiles};
 use super::act::{LO_STEPS, QAct};
 use super::panel::{ADD, NONE, Offset, TaskRows};
 use super::{PANEL_TILE, PREFETCH_AHEAD, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
@@ -498,4 +499,111 @@ pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
         avx2._mm256_permute2x128_si256::<0x20>(low, high),
         avx2._mm256_permute2x128_si256::<0x31>(low, high),
     ])
+}
+
+/// Block `b` of tile `c` of [`Tiles`], rounded from `n` f32 rows of `cols` values (`x`), each
+/// row's block as [`QAct::new`] rounds it, bit for bit: the same f32 operations eight lanes at
+/// a time, the block's sum in the same order; a block whose steps would not be finite goes
+/// through [`QAct::new`] itself (as `avx512::TileBlock`).
+pub(super) struct TileBlock<'a> {
+    pub simd: V3,
+    pub x: &'a [f32],
+    pub cols: usize,
+    pub n: usize,
+    pub c: usize,
+    pub b: usize,
+    pub part: TilePart<'a>,
+}
+
+impl pulp::NullaryFnOnce for TileBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let TileBlock {
+            simd,
+            x,
+            cols,
+            n,
+            c,
+            b,
+            mut part,
+        } = self;
+        let (avx, avx2) = (&simd.avx, &simd.avx2);
+        const MAGIC: f32 = 12_582_912.0;
+        let magic = avx._mm256_set1_ps(MAGIC);
+        let round = |v: __m256| avx._mm256_sub_ps(avx._mm256_add_ps(v, magic), magic);
+        let rows = n.saturating_sub(c * PANEL_TILE).min(PANEL_TILE);
+        for t in 0..rows {
+            let row = c * PANEL_TILE + t;
+            let xb: &[f32; QK] = match x[row * cols + b * QK..][..QK].try_into() {
+                Ok(a) => a,
+                Err(_) => unreachable!("a block"),
+            };
+            let sum: f32 = xb.iter().sum();
+            // Non-finite values, or steps so small that their inverse overflows: there
+            // `QAct`'s saturating casts decide, so it rounds the block itself.
+            let by_qact = |part: &mut TilePart<'_>| {
+                let (sum, scale, words) = act::block_words(xb);
+                part.sum[t] = sum;
+                part.scale[t] = scale;
+                words
+            };
+            let (a, b2) = xb.split_at(16);
+            let v = [
+                load8(&a[..8]),
+                load8(&a[8..]),
+                load8(&b2[..8]),
+                load8(&b2[8..]),
+            ];
+            let words = if sum.is_finite() {
+                part.sum[t] = sum;
+                let abs = |v: __m256| avx._mm256_andnot_ps(avx._mm256_set1_ps(-0.0), v);
+                let m: [f32; 8] = pulp::cast(avx._mm256_max_ps(
+                    avx._mm256_max_ps(abs(v[0]), abs(v[1])),
+                    avx._mm256_max_ps(abs(v[2]), abs(v[3])),
+                ));
+                let amax = m.iter().fold(0.0f32, |a, &v| a.max(v));
+                if amax == 0.0 {
+                    continue;
+                }
+                let d = amax / 127.0;
+                if (LO_STEPS as f32 / d).is_finite() {
+                    let (inv, lo_inv) = (1.0 / d, LO_STEPS as f32 / d);
+                    // (Loops, not closures: a closure may stay out of line, without AVX2.)
+                    let mut q = [avx._mm256_setzero_si256(); 4];
+                    for (q, &v) in q.iter_mut().zip(&v) {
+                        let h = round(avx._mm256_mul_ps(v, avx._mm256_set1_ps(inv)));
+                        let l = round(avx._mm256_mul_ps(
+                            avx._mm256_sub_ps(v, avx._mm256_mul_ps(h, avx._mm256_set1_ps(d))),
+                            avx._mm256_set1_ps(lo_inv),
+                        ));
+                        *q = avx2._mm256_add_epi32(
+                            avx2._mm256_slli_epi32::<7>(avx._mm256_cvtps_epi32(h)),
+                            avx._mm256_cvtps_epi32(l),
+                        );
+                    }
+                    // Word k: element k's value in the low i16, element k + 16's in the high.
+                    let low = avx._mm256_set1_epi32(0xffff);
+                    let mut w = [avx._mm256_setzero_si256(); 2];
+                    for (i, w) in w.iter_mut().enumerate() {
+                        *w = avx2._mm256_or_si256(
+                            avx2._mm256_and_si256(q[i], low),
+                            avx2._mm256_slli_epi32::<16>(q[i + 2]),
+                        );
+                    }
+                    part.scale[t] = d / LO_STEPS as f32;
+                    pulp::cast(w)
+                } else {
+                    by_qact(&mut part)
+                }
+            } else {
+                by_qact(&mut part)
+            };
+            let words: [i32; QK / 2] = words;
+            for (k, &w) in words.iter().enumerate() {
+                part.pairs[k * PANEL_TILE + t] = w;
+            }
+        }
+    }
 }

@@ -820,14 +820,10 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
             // Non-finite values, or steps so small that their inverse overflows: there
             // `QAct`'s saturating casts decide, so it rounds the block itself.
             let by_qact = |part: &mut TilePart<'_>| -> __m512 {
-                let q = QAct::new(xb);
-                part.sum[t] = q.sum[0];
-                part.scale[t] = q.scale[0];
-                let value =
-                    |i: usize| super::act::LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
-                let w: [i32; 16] =
-                    std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16));
-                pulp::cast(w)
+                let (sum, scale, words) = super::act::block_words(xb);
+                part.sum[t] = sum;
+                part.scale[t] = scale;
+                pulp::cast(words)
             };
             if !sum.is_finite() {
                 *words = by_qact(&mut part);

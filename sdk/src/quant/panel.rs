@@ -224,7 +224,7 @@ impl Simd {
     /// Whether [`Simd::tiles`] and [`Simd::panel_task`] read rounded rows ([`QAct`]) rather
     /// than the f32 rows.
     pub(super) fn panels_from_rows(self) -> bool {
-        !matches!(self, Simd::Avx512(_))
+        matches!(self, Simd::Scalar)
     }
 
     /// `x` (`n` rows of `cols`) rounded into the panel kernels' tiles; `qs` the rounded rows
@@ -234,6 +234,18 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512(simd) => Tiles::with(n, cols / QK, |c, b, part| {
                 simd.vectorize(avx512::TileBlock {
+                    simd,
+                    x,
+                    cols,
+                    n,
+                    c,
+                    b,
+                    part,
+                })
+            }),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2(simd) => Tiles::with(n, cols / QK, |c, b, part| {
+                simd.vectorize(avx2::TileBlock {
                     simd,
                     x,
                     cols,

@@ -698,7 +698,7 @@ fn tiles_from_f32_rows_equal_rounded_rows() {
         .filter(|s| !s.panels_from_rows())
         .collect();
     if from_f32.is_empty() {
-        eprintln!("no AVX-512: tiles are built from rounded rows only, nothing to compare");
+        eprintln!("no AVX2 or AVX-512: tiles are built from rounded rows only, nothing to compare");
         return;
     }
     let cols = 19 * QK;
