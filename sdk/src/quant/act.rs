@@ -35,12 +35,13 @@ pub(super) struct QAct {
     pub pair_sum: Vec<[f32; 16]>,
 }
 
-/// Rounds to the nearest integer (ties to even) for `|v| < 2^22`, without a libm call: adding
-/// 1.5 * 2^23 leaves no fraction bits.
+/// 1.5 * 2^23: adding it to an f32 below 2^22 in magnitude leaves no fraction bits.
+pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Rounds to the nearest integer (ties to even) for `|v| < 2^22`, without a libm call.
 #[inline(always)]
 fn round_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+    (v + ROUND_MAGIC) - ROUND_MAGIC
 }
 
 impl QAct {
@@ -189,14 +190,31 @@ impl Tiles {
     }
 }
 
-/// One block as [`QAct::new`] rounds it, in [`Tiles`]' form: its sum, its scale and its
-/// sixteen words (the kernels that round tiles from f32 rows hand it the blocks whose
-/// values or steps are not finite, where `QAct`'s saturating casts decide).
-pub(super) fn block_words(xb: &[f32]) -> (f32, f32, [i32; QK / 2]) {
-    let q = QAct::new(xb);
-    let value = |i: usize| LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
-    let words = std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16));
-    (q.sum[0], q.scale[0], words)
+/// Block `b` of tile `c` of [`Tiles`], to round from `n` f32 rows of `cols` values (`x`) into
+/// `part`, each row's block as [`QAct::new`] rounds it, bit for bit: the SIMD kernels (in
+/// `avx2` and `avx512`) run the same f32 operations on whole vectors, sum each block in the
+/// same order, and hand [`TilePart::by_qact`] the blocks whose values or steps are not finite.
+pub(super) struct TileBlock<'a, S> {
+    pub simd: S,
+    pub x: &'a [f32],
+    pub cols: usize,
+    pub n: usize,
+    pub c: usize,
+    pub b: usize,
+    pub part: TilePart<'a>,
+}
+
+impl TilePart<'_> {
+    /// Row `t`'s block `xb` as [`QAct::new`] rounds it: its sum and scale written, its sixteen
+    /// words returned. The kernels that round tiles from f32 rows hand it the blocks whose
+    /// values or steps are not finite, where `QAct`'s saturating casts decide.
+    pub fn by_qact(&mut self, t: usize, xb: &[f32]) -> [i32; QK / 2] {
+        let q = QAct::new(xb);
+        self.sum[t] = q.sum[0];
+        self.scale[t] = q.scale[0];
+        let value = |i: usize| LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
+        std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16))
+    }
 }
 
 /// `sum_j w_j (128 h_j + l_j)` over one block, exactly.

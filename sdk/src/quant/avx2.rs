@@ -8,7 +8,7 @@
 use core::arch::x86_64::{__m128i, __m256, __m256i};
 use pulp::x86::V3;
 
-use super::act::{self, TilePart, Tiles};
+use super::act::{self, TileBlock, Tiles};
 use super::act::{LO_STEPS, QAct};
 use super::panel::{ADD, NONE, Offset, TaskRows};
 use super::{PANEL_TILE, PREFETCH_AHEAD, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
@@ -501,21 +501,8 @@ pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
     ])
 }
 
-/// Block `b` of tile `c` of [`Tiles`], rounded from `n` f32 rows of `cols` values (`x`), each
-/// row's block as [`QAct::new`] rounds it, bit for bit: the same f32 operations eight lanes at
-/// a time, the block's sum in the same order; a block whose steps would not be finite goes
-/// through [`QAct::new`] itself (as `avx512::TileBlock`).
-pub(super) struct TileBlock<'a> {
-    pub simd: V3,
-    pub x: &'a [f32],
-    pub cols: usize,
-    pub n: usize,
-    pub c: usize,
-    pub b: usize,
-    pub part: TilePart<'a>,
-}
-
-impl pulp::NullaryFnOnce for TileBlock<'_> {
+/// [`act::TileBlock`] with AVX2, eight lanes at a time.
+impl pulp::NullaryFnOnce for TileBlock<'_, V3> {
     type Output = ();
 
     #[inline(always)]
@@ -530,8 +517,7 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
             mut part,
         } = self;
         let (avx, avx2) = (&simd.avx, &simd.avx2);
-        const MAGIC: f32 = 12_582_912.0;
-        let magic = avx._mm256_set1_ps(MAGIC);
+        let magic = avx._mm256_set1_ps(act::ROUND_MAGIC);
         let round = |v: __m256| avx._mm256_sub_ps(avx._mm256_add_ps(v, magic), magic);
         let rows = n.saturating_sub(c * PANEL_TILE).min(PANEL_TILE);
         for t in 0..rows {
@@ -541,14 +527,6 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
                 Err(_) => unreachable!("a block"),
             };
             let sum: f32 = xb.iter().sum();
-            // Non-finite values, or steps so small that their inverse overflows: there
-            // `QAct`'s saturating casts decide, so it rounds the block itself.
-            let by_qact = |part: &mut TilePart<'_>| {
-                let (sum, scale, words) = act::block_words(xb);
-                part.sum[t] = sum;
-                part.scale[t] = scale;
-                words
-            };
             let (a, b2) = xb.split_at(16);
             let v = [
                 load8(&a[..8]),
@@ -595,10 +573,10 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
                     part.scale[t] = d / LO_STEPS as f32;
                     pulp::cast(w)
                 } else {
-                    by_qact(&mut part)
+                    part.by_qact(t, xb)
                 }
             } else {
-                by_qact(&mut part)
+                part.by_qact(t, xb)
             };
             let words: [i32; QK / 2] = words;
             for (k, &w) in words.iter().enumerate() {

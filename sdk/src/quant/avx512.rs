@@ -6,7 +6,7 @@ use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
-use super::act::{Tile, TilePart, Tiles};
+use super::act::{Tile, TileBlock, Tiles};
 use super::panel::{ADD, NONE, Offset, Panel, TaskRows};
 use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QRow, TILE};
 
@@ -777,21 +777,9 @@ fn load_f32(x: &[f32]) -> [f32; 16] {
     }
 }
 
-/// Block `b` of tile `c` of [`Tiles`], rounded from `n` f32 rows of `cols` values (`x`), each
-/// row's block as [`QAct::new`] rounds it, bit for bit: the same f32 operations sixteen lanes
-/// at a time, the block's sum in the same order; a block with a non-finite sum goes through
-/// [`QAct::new`] itself.
-pub(super) struct TileBlock<'a> {
-    pub simd: V4,
-    pub x: &'a [f32],
-    pub cols: usize,
-    pub n: usize,
-    pub c: usize,
-    pub b: usize,
-    pub part: TilePart<'a>,
-}
-
-impl pulp::NullaryFnOnce for TileBlock<'_> {
+/// [`TileBlock`] with AVX-512, sixteen lanes at a time, the tile's words transposed in
+/// registers.
+impl pulp::NullaryFnOnce for TileBlock<'_, V4> {
     type Output = ();
 
     #[inline(always)]
@@ -806,8 +794,7 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
             mut part,
         } = self;
         let f = &simd.avx512f;
-        const MAGIC: f32 = 12_582_912.0;
-        let magic = f._mm512_set1_ps(MAGIC);
+        let magic = f._mm512_set1_ps(super::act::ROUND_MAGIC);
         let round = |v: __m512| f._mm512_sub_ps(f._mm512_add_ps(v, magic), magic);
         let mut words = [f._mm512_setzero_ps(); PANEL_TILE];
         for (t, words) in words.iter_mut().enumerate() {
@@ -817,16 +804,8 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
             }
             let xb = &x[row * cols + b * QK..row * cols + (b + 1) * QK];
             let sum: f32 = xb.iter().sum();
-            // Non-finite values, or steps so small that their inverse overflows: there
-            // `QAct`'s saturating casts decide, so it rounds the block itself.
-            let by_qact = |part: &mut TilePart<'_>| -> __m512 {
-                let (sum, scale, words) = super::act::block_words(xb);
-                part.sum[t] = sum;
-                part.scale[t] = scale;
-                pulp::cast(words)
-            };
             if !sum.is_finite() {
-                *words = by_qact(&mut part);
+                *words = pulp::cast(part.by_qact(t, xb));
                 continue;
             }
             part.sum[t] = sum;
@@ -838,7 +817,7 @@ impl pulp::NullaryFnOnce for TileBlock<'_> {
                 continue;
             }
             if !(super::act::LO_STEPS as f32 / (amax / 127.0)).is_finite() {
-                *words = by_qact(&mut part);
+                *words = pulp::cast(part.by_qact(t, xb));
                 continue;
             }
             let d = amax / 127.0;

@@ -233,7 +233,7 @@ impl Simd {
         match self {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512(simd) => Tiles::with(n, cols / QK, |c, b, part| {
-                simd.vectorize(avx512::TileBlock {
+                simd.vectorize(act::TileBlock {
                     simd,
                     x,
                     cols,
@@ -245,7 +245,7 @@ impl Simd {
             }),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2(simd) => Tiles::with(n, cols / QK, |c, b, part| {
-                simd.vectorize(avx2::TileBlock {
+                simd.vectorize(act::TileBlock {
                     simd,
                     x,
                     cols,
