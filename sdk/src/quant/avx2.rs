@@ -527,14 +527,16 @@ impl pulp::NullaryFnOnce for TileBlock<'_, V3> {
                 Err(_) => unreachable!("a block"),
             };
             let sum: f32 = xb.iter().sum();
-            let (a, b2) = xb.split_at(16);
+            let (first, second) = xb.split_at(QK / 2);
             let v = [
-                load8(&a[..8]),
-                load8(&a[8..]),
-                load8(&b2[..8]),
-                load8(&b2[8..]),
+                load8(&first[..8]),
+                load8(&first[8..]),
+                load8(&second[..8]),
+                load8(&second[8..]),
             ];
-            let words = if sum.is_finite() {
+            // Non-finite values, or steps so small that their inverse overflows, go through
+            // `QAct::new` itself (`by_qact`).
+            let words: [i32; QK / 2] = if sum.is_finite() {
                 part.sum[t] = sum;
                 let abs = |v: __m256| avx._mm256_andnot_ps(avx._mm256_set1_ps(-0.0), v);
                 let m: [f32; 8] = pulp::cast(avx._mm256_max_ps(
@@ -578,7 +580,6 @@ impl pulp::NullaryFnOnce for TileBlock<'_, V3> {
             } else {
                 part.by_qact(t, xb)
             };
-            let words: [i32; QK / 2] = words;
             for (k, &w) in words.iter().enumerate() {
                 part.pairs[k * PANEL_TILE + t] = w;
             }

@@ -804,6 +804,8 @@ impl pulp::NullaryFnOnce for TileBlock<'_, V4> {
             }
             let xb = &x[row * cols + b * QK..row * cols + (b + 1) * QK];
             let sum: f32 = xb.iter().sum();
+            // Non-finite values, or steps so small that their inverse overflows, go through
+            // `QAct::new` itself (`by_qact`).
             if !sum.is_finite() {
                 *words = pulp::cast(part.by_qact(t, xb));
                 continue;
