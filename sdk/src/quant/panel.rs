@@ -150,8 +150,8 @@ impl TaskRows {
         t.kind = Offset::None;
         // Zeros only where the buffers grow. The padding rows may hold an earlier task's
         // codes and scales: the kernels compute their dots but never write them.
-        t.pairs.resize(rows.div_ceil(group) * group * nb, [0; 16]);
         let padded = rows.div_ceil(group) * group * nb;
+        t.pairs.resize(padded, [0; 16]);
         t.scale.resize(padded, 0.0);
         t.offset.resize(padded, 0.0);
         if nb == 0 {
@@ -220,6 +220,29 @@ fn lay_row<W: Panel>(
     W::OFFSET
 }
 
+/// Tiles for `n` f32 rows of `cols` values (`x`), each (tile, block) rounded by `round` (an
+/// instruction set's [`act::TileBlock`]).
+#[cfg(target_arch = "x86_64")]
+fn from_f32<S: Copy + Sync>(
+    simd: S,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    round: impl Fn(act::TileBlock<'_, S>) + Sync,
+) -> Tiles {
+    Tiles::with(n, cols / QK, |c, b, part| {
+        round(act::TileBlock {
+            simd,
+            x,
+            cols,
+            n,
+            c,
+            b,
+            part,
+        })
+    })
+}
+
 impl Simd {
     /// Whether [`Simd::tiles`] and [`Simd::panel_task`] read rounded rows ([`QAct`]) rather
     /// than the f32 rows.
@@ -232,29 +255,9 @@ impl Simd {
     pub(super) fn tiles(self, x: &[f32], n: usize, cols: usize, qs: &[&QAct]) -> Tiles {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512(simd) => Tiles::with(n, cols / QK, |c, b, part| {
-                simd.vectorize(act::TileBlock {
-                    simd,
-                    x,
-                    cols,
-                    n,
-                    c,
-                    b,
-                    part,
-                })
-            }),
+            Simd::Avx512(simd) => from_f32(simd, x, n, cols, |block| simd.vectorize(block)),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2(simd) => Tiles::with(n, cols / QK, |c, b, part| {
-                simd.vectorize(act::TileBlock {
-                    simd,
-                    x,
-                    cols,
-                    n,
-                    c,
-                    b,
-                    part,
-                })
-            }),
+            Simd::Avx2(simd) => from_f32(simd, x, n, cols, |block| simd.vectorize(block)),
             _ => Tiles::new(qs, cols / QK),
         }
     }

@@ -687,10 +687,10 @@ fn code_pairs_equal_their_definition() -> Result<()> {
     Ok(())
 }
 
-/// Tiles rounded straight from f32 rows (the AVX-512 path) are the rounded rows' tiles bit for
-/// bit: zero, infinite, NaN, huge (the sum overflows) and tiny blocks included, a short last
-/// tile and an odd block count. (Other instruction sets build tiles from the rounded rows: on a
-/// CPU without AVX-512 this compares nothing, and says so.)
+/// Tiles rounded straight from f32 rows (the AVX-512 and AVX2 paths) are the rounded rows'
+/// tiles bit for bit: zero, infinite, NaN, huge (the sum overflows) and tiny blocks included, a
+/// short last tile and an odd block count. (The portable code builds tiles from the rounded
+/// rows: on a CPU with neither this compares nothing, and says so.)
 #[test]
 fn tiles_from_f32_rows_equal_rounded_rows() {
     let from_f32: Vec<Simd> = simd_kinds()
