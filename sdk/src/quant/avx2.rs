@@ -352,7 +352,7 @@ const GROUP: usize = 4;
 /// same code serves AVX-512 machines for up to eight rows, with `vpdpwssd` on 256 bits.
 pub(super) struct PanelTask<'a, 'o, D> {
     pub simd: V3,
-    /// A row's block `b` as [`Panel::pairs`] (with the widest vectors the CPU has).
+    /// A row's block `b` as `Panel::pairs` defines it (with the widest vectors the CPU has).
     pub decode: D,
     pub w: &'a super::QMatrix,
     pub first: usize,
@@ -477,8 +477,9 @@ fn load_i32(x: &[i32]) -> [i32; LANES] {
     }
 }
 
-/// [`Panel::pairs`] of a row's block `b` with AVX2: the block's 32 codes as signed bytes in
-/// element order, then each word `k` the i16 pair of codes `k` and `k + 16`.
+/// `Panel::pairs` (the tests' definition) of a row's block `b` with AVX2: the block's 32
+/// codes as signed bytes in element order, then each word `k` the i16 pair of codes `k` and
+/// `k + 16`.
 #[inline(always)]
 pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
     let (avx, avx2) = (&simd.avx, &simd.avx2);

@@ -517,11 +517,11 @@ const PAIR_BLOCKS: usize = 2;
 
 /// [`Panel`] with the codes decoded in registers.
 trait PanelRow: Panel {
-    /// [`Panel::pairs`] as one register.
+    /// `Panel::pairs` (the tests' definition) as one register.
     fn pairs16(self, simd: V4, b: usize) -> __m512i;
 }
 
-/// [`Panel::pairs`] of a row's block `b`, decoded in one register.
+/// `Panel::pairs` (the tests' definition) of a row's block `b`, decoded in one register.
 #[inline(always)]
 pub(super) fn code_pairs(simd: V4, w: QRow<'_>, b: usize) -> [i32; 16] {
     pulp::cast(match w {
