@@ -691,6 +691,152 @@ fn tile_run<const KIND: u8, const T: usize, const B: usize>(
     }
 }
 
+/// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding), its
+/// rows `first..first + rows` read through `row`. Each group's blocks are decoded just before
+/// their products, where more tiles share a layout of the task's rows ([`TaskRows`]) made
+/// first: one tile reads that layout once, and its decoding (shuffles) ran apart from the
+/// products (`vpdpwssd`), on other ports, instead of beside them.
+pub(super) struct OneTile<'a, 'o> {
+    pub simd: V4,
+    pub w: &'a super::QMatrix,
+    pub first: usize,
+    pub xs: &'a Tiles,
+    /// Activation rows (up to [`PANEL_TILE`]).
+    pub n: usize,
+    /// One slice of the product per activation row.
+    pub out: &'a mut [&'o mut [f32]],
+}
+
+impl pulp::NullaryFnOnce for OneTile<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let w = self.w;
+        // One matrix, one type: every row is the first row's kind.
+        match w.q_row(self.first) {
+            QRow::Q4(_) => self.run::<ADD, _>(
+                #[inline(always)]
+                |r| match w.q_row(r) {
+                    QRow::Q4(row) => row,
+                    _ => unreachable!("a matrix holds one type"),
+                },
+            ),
+            QRow::Q5(_) => self.run::<NONE, _>(
+                #[inline(always)]
+                |r| match w.q_row(r) {
+                    QRow::Q5(row) => row,
+                    _ => unreachable!("a matrix holds one type"),
+                },
+            ),
+            QRow::Q8(_) => self.run::<NONE, _>(
+                #[inline(always)]
+                |r| match w.q_row(r) {
+                    QRow::Q8(row) => row,
+                    _ => unreachable!("a matrix holds one type"),
+                },
+            ),
+        }
+    }
+}
+
+impl OneTile<'_, '_> {
+    #[inline(always)]
+    fn run<const KIND: u8, W: PanelRow>(self, row: impl Fn(usize) -> W) {
+        let OneTile {
+            simd,
+            first,
+            xs,
+            n,
+            out,
+            ..
+        } = self;
+        let rows = out.first().map_or(0, |o| o.len());
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let f = &simd.avx512f;
+        let tiles = [xs.tile(0)];
+        let nb = row(first).d().len();
+        for g in 0..rows.div_ceil(GROUP) {
+            // A last group's padding rows repeat its last row: computed, not written.
+            let live = (rows - g * GROUP).min(GROUP);
+            let ws: [W; GROUP] = std::array::from_fn(|i| row(first + g * GROUP + i.min(live - 1)));
+            let mut acc = [f._mm512_setzero_ps(); GROUP];
+            let mut b = 0;
+            while b + BLOCKS <= nb {
+                Self::blocks::<KIND, W, BLOCKS>(simd, &ws, &tiles, b, live, &mut acc);
+                b += BLOCKS;
+            }
+            match nb - b {
+                2 => Self::blocks::<KIND, W, 2>(simd, &ws, &tiles, b, live, &mut acc),
+                1 => Self::blocks::<KIND, W, 1>(simd, &ws, &tiles, b, live, &mut acc),
+                _ => {}
+            }
+            for (i, acc) in acc.iter().enumerate().take(live) {
+                let v: [f32; 16] = pulp::cast(*acc);
+                let r = g * GROUP + i;
+                for (t, &v) in v.iter().enumerate().take(n) {
+                    out[t][r] = v;
+                }
+            }
+        }
+    }
+
+    /// Blocks `b..b + B` of the group's rows `ws`, decoded here, into `acc` (the terms as
+    /// [`add_blocks`] adds them).
+    #[inline(always)]
+    fn blocks<const KIND: u8, W: PanelRow, const B: usize>(
+        simd: V4,
+        ws: &[W; GROUP],
+        tiles: &[Tile<'_>; 1],
+        b: usize,
+        live: usize,
+        acc: &mut [__m512; GROUP],
+    ) {
+        let f = &simd.avx512f;
+        // (Loops, not closures: a closure may stay out of line, without AVX-512.)
+        let mut pairs = [[[0; 16]; GROUP]; B];
+        for (j, pairs) in pairs.iter_mut().enumerate() {
+            for (i, p) in pairs.iter_mut().enumerate() {
+                *p = pulp::cast(ws[i].pairs16(simd, b + j));
+            }
+        }
+        let bw = &simd.avx512bw;
+        let tile = &tiles[0];
+        // The tile's blocks as arrays, so that the loop's loads take no checks.
+        let blocks = tile.pairs.as_chunks::<PANEL_TILE>().0.as_chunks::<16>().0;
+        let xs: [&[[i32; PANEL_TILE]; 16]; B] = std::array::from_fn(|j| &blocks[b + j]);
+        // The integer sums as [`block_sums`] takes them, of the codes just decoded.
+        let mut sums = [[f._mm512_setzero_si512(); GROUP]; B];
+        #[allow(clippy::needless_range_loop)]
+        for k in 0..16 {
+            for j in 0..B {
+                let x: __m512i = pulp::cast(xs[j][k]);
+                for i in 0..GROUP {
+                    let pair = f._mm512_set1_epi32(pairs[j][i][k]);
+                    sums[j][i] = f._mm512_add_epi32(sums[j][i], bw._mm512_madd_epi16(x, pair));
+                }
+            }
+        }
+        for (j, sums) in sums.iter().enumerate() {
+            let at = (b + j) * PANEL_TILE;
+            let scale: __m512 = pulp::cast(load_f32(&tile.scale[at..at + PANEL_TILE]));
+            let sum: __m512 = pulp::cast(load_f32(&tile.sum[at..at + PANEL_TILE]));
+            for i in 0..live {
+                let ds = f._mm512_mul_ps(f._mm512_set1_ps(ws[i].d()[b + j]), scale);
+                let scaled = f._mm512_mul_ps(f._mm512_cvtepi32_ps(sums[i]), ds);
+                let m = f._mm512_set1_ps(ws[i].offset(b + j));
+                let term = match Offset::of(KIND) {
+                    Offset::Add => f._mm512_add_ps(scaled, f._mm512_mul_ps(m, sum)),
+                    Offset::None => scaled,
+                };
+                acc[i] = f._mm512_add_ps(acc[i], term);
+            }
+        }
+    }
+}
+
 /// Adds the terms of blocks `b..b + B` to the dots of group `g`'s `live` rows against each of
 /// `tiles`: each block's integer sum times the product of the two scales, plus the offset
 /// term, block after block in the scalar dot's order.

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 
 use super::act::{self, QAct, Tiles};
-use super::{Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd};
+use super::{PANEL_TILE, Q4Row, Q5Row, Q8Row, QK, QMatrix, QRow, Simd};
 #[cfg(target_arch = "x86_64")]
 use super::{V4Vnni, avx2, avx512};
 
@@ -295,6 +295,22 @@ impl Simd {
                     // The same code compiled with VNNI: `madd` + `add` become `vpdpwssd`.
                     Some(vnni) => vnni.vectorize(task),
                     None => v4.vectorize(task),
+                }
+            }
+            // One tile (a batch decoding): blocks decoded beside their products.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512(simd), Some(tiles)) if n <= PANEL_TILE => {
+                let task = avx512::OneTile {
+                    simd,
+                    w,
+                    first,
+                    xs: tiles,
+                    n,
+                    out,
+                };
+                match V4Vnni::detect() {
+                    Some(vnni) => vnni.vectorize(task),
+                    None => simd.vectorize(task),
                 }
             }
             #[cfg(target_arch = "x86_64")]

@@ -283,10 +283,19 @@ fn decode_step_products() -> Result<()> {
         576,
         576,
     )?;
+    // Qwen's shapes: its attention and feed-forward matrices are Q5_0 (5-bit codes), its head
+    // Q8_0, on 896 columns.
+    let qwen = |ty, rows: usize| {
+        let v = values(rows * 896, 5);
+        QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, 896, Q5Form::Bits)
+    };
+    let (q5_qwen, q8_qwen) = (qwen(GgmlType::Q5_0, 896)?, qwen(GgmlType::Q8_0, 896)?);
     for (m, reps, kind) in [
         (&mats[1], 200, "Q4_1"),
         (&mats[2], 40, "Q4_1"),
         (&q8, 200, "Q8_0"),
+        (&q5_qwen, 100, "Q5_0"),
+        (&q8_qwen, 100, "Q8_0"),
     ] {
         for n in [1, 2, 3, 4, 16, 64] {
             let x = values(n * m.cols, 9);
@@ -788,6 +797,92 @@ fn q5_forms_give_the_same_numbers() -> Result<()> {
                 a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{cols} n={n}"
             );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+struct LayoutRun<'a, D> {
+    decode: D,
+    w: &'a QMatrix,
+    rows: usize,
+    group: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<D: Fn(QRow<'_>, usize) -> [i32; 16] + Copy> pulp::NullaryFnOnce for LayoutRun<'_, D> {
+    type Output = ();
+    #[inline(always)]
+    fn call(self) {
+        for first in (0..self.w.rows).step_by(self.rows) {
+            let t = panel::TaskRows::new(
+                self.w,
+                first,
+                self.rows.min(self.w.rows - first),
+                self.group,
+                self.decode,
+            );
+            std::hint::black_box(&t);
+            t.recycle();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dec<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
+    d
+}
+
+#[test]
+#[ignore]
+#[cfg(target_arch = "x86_64")]
+fn layout_probe() -> Result<()> {
+    let (Some(v3), Some(v4)) = (pulp::x86::V3::try_new(), pulp::x86::V4::try_new()) else {
+        return Ok(());
+    };
+    for (ty, cols) in [
+        (GgmlType::Q8_0, 896),
+        (GgmlType::Q5_0, 896),
+        (GgmlType::Q8_0, 4864),
+    ] {
+        let rows = 896;
+        let v = values(rows * cols, 5);
+        let w = QMatrix::from_gguf_as("w", ty, &encode(ty, &v), rows, cols, Q5Form::Bits)?;
+        for (task, group) in [(32, 4), (4, 4)] {
+            for isa in ["avx2", "avx512"] {
+                let t = std::time::Instant::now();
+                for _ in 0..50 {
+                    if isa == "avx2" {
+                        v3.vectorize(LayoutRun {
+                            decode: dec(
+                                #[inline(always)]
+                                |row: QRow<'_>, b: usize| avx2::code_pairs(v3, row, b),
+                            ),
+                            w: &w,
+                            rows: task,
+                            group,
+                        });
+                    } else {
+                        v4.vectorize(LayoutRun {
+                            decode: dec(
+                                #[inline(always)]
+                                |row: QRow<'_>, b: usize| avx512::code_pairs(v4, row, b),
+                            ),
+                            w: &w,
+                            rows: task,
+                            group,
+                        });
+                    }
+                }
+                let s = t.elapsed().as_secs_f64() / 50.0;
+                let blocks = rows * cols / QK;
+                println!(
+                    "{isa} {ty:?} {rows}x{cols} tasks of {task}: {:.1} us, {:.2} ns a block",
+                    s * 1e6,
+                    s * 1e9 / blocks as f64
+                );
+            }
         }
     }
     Ok(())
