@@ -691,8 +691,8 @@ fn tile_run<const KIND: u8, const T: usize, const B: usize>(
     }
 }
 
-/// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding), its
-/// rows `first..first + rows` read through `row`. Each group's blocks are decoded just before
+/// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding): rows
+/// `first..` of `w`, as many as `out` holds. Each group's blocks are decoded just before
 /// their products, where more tiles share a layout of the task's rows ([`TaskRows`]) made
 /// first: one tile reads that layout once, and its decoding (shuffles) ran apart from the
 /// products (`vpdpwssd`), on other ports, instead of beside them.

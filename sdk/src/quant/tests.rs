@@ -802,6 +802,8 @@ fn q5_forms_give_the_same_numbers() -> Result<()> {
     Ok(())
 }
 
+/// Lays out a matrix's rows for the panels ([`panel::TaskRows`]) in tasks of `rows`, as the
+/// kernels do before their products.
 #[cfg(target_arch = "x86_64")]
 struct LayoutRun<'a, D> {
     decode: D,
@@ -834,6 +836,9 @@ fn dec<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
     d
 }
 
+/// Times the panels' layout alone, a block at a time, with each instruction set's decoder
+/// (`cargo test --release --workspace --lib -- --ignored --nocapture layout_probe`): a probe,
+/// not a gate.
 #[test]
 #[ignore]
 #[cfg(target_arch = "x86_64")]
