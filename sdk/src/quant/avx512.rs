@@ -691,30 +691,21 @@ fn tile_run<const KIND: u8, const T: usize, const B: usize>(
     }
 }
 
-/// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding): rows
-/// `first..` of `w`, as many as `out` holds. Each group's blocks are decoded just before
-/// their products, where more tiles share a layout of the task's rows ([`TaskRows`]) made
-/// first: one tile reads that layout once, and its decoding (shuffles) ran apart from the
-/// products (`vpdpwssd`), on other ports, instead of beside them.
-pub(super) struct OneTile<'a, 'o> {
-    pub simd: V4,
-    pub w: &'a super::QMatrix,
-    pub first: usize,
-    pub xs: &'a Tiles,
-    /// Activation rows (up to [`PANEL_TILE`]).
-    pub n: usize,
-    /// One slice of the product per activation row.
-    pub out: &'a mut [&'o mut [f32]],
-}
+/// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding). Each
+/// group's blocks are decoded just before their products, where more tiles share a layout of
+/// the task's rows ([`TaskRows`]) made first: one tile reads that layout once, and its
+/// decoding (shuffles) ran apart from the products (`vpdpwssd`), on other ports, instead of
+/// beside them.
+pub(super) struct OneTile<'a, 'o>(pub PanelTask<'a, 'o>);
 
 impl pulp::NullaryFnOnce for OneTile<'_, '_> {
     type Output = ();
 
     #[inline(always)]
     fn call(self) {
-        let w = self.w;
+        let w = self.0.w;
         // One matrix, one type: every row is the first row's kind.
-        match w.q_row(self.first) {
+        match w.q_row(self.0.first) {
             QRow::Q4(_) => self.run::<ADD, _>(
                 #[inline(always)]
                 |r| match w.q_row(r) {
@@ -743,14 +734,14 @@ impl pulp::NullaryFnOnce for OneTile<'_, '_> {
 impl OneTile<'_, '_> {
     #[inline(always)]
     fn run<const KIND: u8, W: PanelRow>(self, row: impl Fn(usize) -> W) {
-        let OneTile {
+        let PanelTask {
             simd,
             first,
             xs,
             n,
             out,
             ..
-        } = self;
+        } = self.0;
         let rows = out.first().map_or(0, |o| o.len());
         if rows == 0 || n == 0 {
             return;

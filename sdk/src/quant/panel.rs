@@ -291,27 +291,7 @@ impl Simd {
                     n,
                     out,
                 };
-                match V4Vnni::detect() {
-                    // The same code compiled with VNNI: `madd` + `add` become `vpdpwssd`.
-                    Some(vnni) => vnni.vectorize(task),
-                    None => v4.vectorize(task),
-                }
-            }
-            // One tile (a batch decoding): blocks decoded beside their products.
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512(simd), Some(tiles)) if n <= PANEL_TILE => {
-                let task = avx512::OneTile {
-                    simd,
-                    w,
-                    first,
-                    xs: tiles,
-                    n,
-                    out,
-                };
-                match V4Vnni::detect() {
-                    Some(vnni) => vnni.vectorize(task),
-                    None => simd.vectorize(task),
-                }
+                on_avx512(v4, task);
             }
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512(simd), Some(tiles)) => {
@@ -323,9 +303,11 @@ impl Simd {
                     n,
                     out,
                 };
-                match V4Vnni::detect() {
-                    Some(vnni) => vnni.vectorize(task),
-                    None => simd.vectorize(task),
+                if n <= PANEL_TILE {
+                    // One tile (a batch decoding): blocks decoded beside their products.
+                    on_avx512(simd, avx512::OneTile(task));
+                } else {
+                    on_avx512(simd, task);
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -357,9 +339,19 @@ impl Simd {
     }
 }
 
+/// Runs an AVX-512 kernel compiled with VNNI where the CPU has it (`madd` + `add` become
+/// `vpdpwssd`), else without.
+#[cfg(target_arch = "x86_64")]
+fn on_avx512(v4: pulp::x86::V4, task: impl pulp::NullaryFnOnce<Output = ()>) {
+    match V4Vnni::detect() {
+        Some(vnni) => vnni.vectorize(task),
+        None => v4.vectorize(task),
+    }
+}
+
 /// A code decoder for the panel kernels, as written (a closure can carry `#[inline(always)]`
 /// only as an argument; without it its intrinsics may become calls).
 #[cfg(target_arch = "x86_64")]
-fn decoder<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
+pub(super) fn decoder<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
     d
 }

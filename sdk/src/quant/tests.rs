@@ -831,11 +831,6 @@ impl<D: Fn(QRow<'_>, usize) -> [i32; 16] + Copy> pulp::NullaryFnOnce for LayoutR
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn dec<D: Fn(QRow<'_>, usize) -> [i32; 16]>(d: D) -> D {
-    d
-}
-
 /// Times the panels' layout alone, a block at a time, with each instruction set's decoder
 /// (`cargo test --release --workspace --lib -- --ignored --nocapture layout_probe`): a probe,
 /// not a gate.
@@ -860,7 +855,7 @@ fn layout_probe() -> Result<()> {
                 for _ in 0..50 {
                     if isa == "avx2" {
                         v3.vectorize(LayoutRun {
-                            decode: dec(
+                            decode: panel::decoder(
                                 #[inline(always)]
                                 |row: QRow<'_>, b: usize| avx2::code_pairs(v3, row, b),
                             ),
@@ -870,7 +865,7 @@ fn layout_probe() -> Result<()> {
                         });
                     } else {
                         v4.vectorize(LayoutRun {
-                            decode: dec(
+                            decode: panel::decoder(
                                 #[inline(always)]
                                 |row: QRow<'_>, b: usize| avx512::code_pairs(v4, row, b),
                             ),
