@@ -99,9 +99,10 @@ impl QAct {
 }
 
 /// Rounded activation rows in tiles of [`PANEL_TILE`], as the panel kernels read them: within
-/// tile `c`, block `b`'s pair `k` of row `t` ([`QAct`]'s `128 h + l` of elements `k` and
-/// `k + 16` as two i16; in range, `|128 h + l| <= 16320`) is word `(b 16 + k) T + t`, its
-/// scale and sum are at `b T + t`. Rows past the last are zeros.
+/// tile `c`, block `b`'s pair `k` of row `t` ([`QAct`]'s `128 h + l` of elements `2k` and
+/// `2k + 1` as two i16; in range, `|128 h + l| <= 16320`) is word `(b 16 + k) T + t`, its
+/// scale and sum are at `b T + t`. Rows past the last are zeros. (Adjacent elements, so that a
+/// block's words are its 32 values in order: the weight codes' widenings give that order.)
 #[derive(Debug, Clone)]
 pub(super) struct Tiles {
     /// Blocks a row.
@@ -137,7 +138,7 @@ impl Tiles {
                 let value = |i: usize| LO_STEPS * i32::from(h[i]) + i32::from(l[i]);
                 for k in 0..QK / 2 {
                     part.pairs[k * PANEL_TILE + t] =
-                        (value(k) & 0xffff) | (value(k + QK / 2) << 16);
+                        (value(2 * k) & 0xffff) | (value(2 * k + 1) << 16);
                 }
             }
         })
@@ -213,7 +214,7 @@ impl TilePart<'_> {
         self.sum[t] = q.sum[0];
         self.scale[t] = q.scale[0];
         let value = |i: usize| LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
-        std::array::from_fn(|k| (value(k) & 0xffff) | (value(k + QK / 2) << 16))
+        std::array::from_fn(|k| (value(2 * k) & 0xffff) | (value(2 * k + 1) << 16))
     }
 }
 

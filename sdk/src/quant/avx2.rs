@@ -69,7 +69,7 @@ pub(super) fn hsums8(simd: V3, mut v: [__m256; 8]) -> [f32; 8] {
 
 /// 16 bytes of Q4 codes as 32 codes in element order (low nibbles, then high nibbles).
 #[inline(always)]
-fn nibbles(simd: V3, raw: [u8; 16]) -> __m256i {
+pub(super) fn nibbles(simd: V3, raw: [u8; 16]) -> __m256i {
     let r: __m128i = pulp::cast(raw);
     let y = simd.avx2._mm256_broadcastsi128_si256(r);
     let y = simd
@@ -401,68 +401,90 @@ fn panel_product<const KIND: u8>(
     n: usize,
     out: &mut [&mut [f32]],
 ) {
+    for c in 0..n.div_ceil(PANEL_TILE) {
+        let real = (n - c * PANEL_TILE).min(PANEL_TILE);
+        let out = &mut out[c * PANEL_TILE..c * PANEL_TILE + real];
+        // A full half's rows share each broadcast code pair with the other half's.
+        if real > LANES {
+            tile_product::<KIND, 2>(simd, task, xs.tile(c), out);
+        } else {
+            tile_product::<KIND, 1>(simd, task, xs.tile(c), out);
+        }
+    }
+}
+
+/// One tile's activation rows (`out`'s, in `H` halves of [`LANES`]) against every laid-out row:
+/// each broadcast code pair serves every half, which on AMD's cores (where a broadcast from
+/// memory takes a vector pipe) saved a quarter of a 16-row product's time.
+#[inline(always)]
+fn tile_product<const KIND: u8, const H: usize>(
+    simd: V3,
+    task: &TaskRows,
+    tile: act::Tile<'_>,
+    out: &mut [&mut [f32]],
+) {
     let (avx, avx2) = (&simd.avx, &simd.avx2);
     let (rows, nb) = (task.rows, task.nb);
-    let groups = rows.div_ceil(GROUP);
-    for c in 0..n.div_ceil(PANEL_TILE) {
-        let tile = xs.tile(c);
-        // The tile's blocks, each sixteen words `k` of a tile's width of activation rows.
-        let pairs = &tile.pairs.as_chunks::<PANEL_TILE>().0.as_chunks::<16>().0[..nb];
-        let scales = &tile.scale.as_chunks::<PANEL_TILE>().0[..nb];
-        let act_sums = &tile.sum.as_chunks::<PANEL_TILE>().0[..nb];
-        let real = (n - c * PANEL_TILE).min(PANEL_TILE);
-        for half in 0..real.div_ceil(LANES) {
-            let lanes = (real - half * LANES).min(LANES);
-            // Known in range, so that the loads below take no checks.
-            let off = half * LANES;
-            if off + LANES > PANEL_TILE {
-                unreachable!("a tile is two halves");
-            }
-            for g in 0..groups {
-                // A last group's padding rows: computed, not written.
-                let live = (rows - g * GROUP).min(GROUP);
-                // Each row's block scales and offset factors, sliced up front so that the
-                // epilogue indexes them without checks.
-                let at = |i: usize| (g * GROUP + i) * nb;
-                let ws: [&[f32]; GROUP] = std::array::from_fn(|i| &task.scale[at(i)..][..nb]);
-                let ms: [&[f32]; GROUP] = std::array::from_fn(|i| &task.offset[at(i)..][..nb]);
-                let mut acc = [avx._mm256_setzero_ps(); GROUP];
-                for (b, block) in pairs.iter().enumerate() {
-                    let mut sums = [avx._mm256_setzero_si256(); GROUP];
-                    let wc: [&[i32; 16]; GROUP] =
-                        std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b]);
-                    // `k` picks a word of every row's codes and a row of the block; two at a
-                    // time, so that the loop's own count costs half as often.
-                    for (k2, two) in block.as_chunks::<2>().0.iter().enumerate() {
-                        for (j, words) in two.iter().enumerate() {
-                            let k = 2 * k2 + j;
-                            let x: __m256i = pulp::cast(load_i32(&words[off..off + LANES]));
-                            for i in 0..GROUP {
-                                let pair = avx._mm256_set1_epi32(wc[i][k]);
-                                sums[i] =
-                                    avx2._mm256_add_epi32(sums[i], avx2._mm256_madd_epi16(x, pair));
-                            }
+    if H * LANES > PANEL_TILE {
+        unreachable!("a tile is two halves");
+    }
+    // The tile's blocks, each sixteen words `k` of a tile's width of activation rows.
+    let pairs = &tile.pairs.as_chunks::<PANEL_TILE>().0.as_chunks::<16>().0[..nb];
+    let scales = &tile.scale.as_chunks::<PANEL_TILE>().0[..nb];
+    let act_sums = &tile.sum.as_chunks::<PANEL_TILE>().0[..nb];
+    for g in 0..rows.div_ceil(GROUP) {
+        // A last group's padding rows: computed, not written.
+        let live = (rows - g * GROUP).min(GROUP);
+        // Each row's block scales and offset factors, sliced up front so that the epilogue
+        // indexes them without checks.
+        let at = |i: usize| (g * GROUP + i) * nb;
+        let ws: [&[f32]; GROUP] = std::array::from_fn(|i| &task.scale[at(i)..][..nb]);
+        let ms: [&[f32]; GROUP] = std::array::from_fn(|i| &task.offset[at(i)..][..nb]);
+        let mut acc = [[avx._mm256_setzero_ps(); GROUP]; H];
+        for (b, block) in pairs.iter().enumerate() {
+            let mut sums = [[avx._mm256_setzero_si256(); GROUP]; H];
+            let wc: [&[i32; 16]; GROUP] =
+                std::array::from_fn(|i| &task.pairs[(g * GROUP + i) * nb + b]);
+            // `k` picks a word of every row's codes and a row of the block; two at a time,
+            // so that the loop's own count costs half as often.
+            for (k2, two) in block.as_chunks::<2>().0.iter().enumerate() {
+                for (j, words) in two.iter().enumerate() {
+                    let k = 2 * k2 + j;
+                    let mut x = [avx._mm256_setzero_si256(); H];
+                    for (h, x) in x.iter_mut().enumerate() {
+                        *x = pulp::cast(load_i32(&words[h * LANES..(h + 1) * LANES]));
+                    }
+                    for i in 0..GROUP {
+                        let pair = avx._mm256_set1_epi32(wc[i][k]);
+                        for h in 0..H {
+                            sums[h][i] = avx2
+                                ._mm256_add_epi32(sums[h][i], avx2._mm256_madd_epi16(x[h], pair));
                         }
                     }
-                    let scale = load8(&scales[b][off..off + LANES]);
-                    let sum = load8(&act_sums[b][off..off + LANES]);
-                    for i in 0..GROUP {
-                        let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(ws[i][b]), scale);
-                        let scaled = avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(sums[i]), ds);
-                        let m = avx._mm256_set1_ps(ms[i][b]);
-                        let term = match Offset::of(KIND) {
-                            Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
-                            Offset::None => scaled,
-                        };
-                        acc[i] = avx._mm256_add_ps(acc[i], term);
-                    }
                 }
-                for (i, acc) in acc.iter().enumerate().take(live) {
-                    let v: [f32; LANES] = pulp::cast(*acc);
-                    let r = g * GROUP + i;
-                    for (t, &v) in v.iter().enumerate().take(lanes) {
-                        out[c * PANEL_TILE + half * LANES + t][r] = v;
-                    }
+            }
+            for h in 0..H {
+                let lanes = h * LANES..(h + 1) * LANES;
+                let scale = load8(&scales[b][lanes.clone()]);
+                let sum = load8(&act_sums[b][lanes]);
+                for i in 0..GROUP {
+                    let ds = avx._mm256_mul_ps(avx._mm256_set1_ps(ws[i][b]), scale);
+                    let scaled = avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(sums[h][i]), ds);
+                    let m = avx._mm256_set1_ps(ms[i][b]);
+                    let term = match Offset::of(KIND) {
+                        Offset::Add => avx._mm256_add_ps(scaled, avx._mm256_mul_ps(m, sum)),
+                        Offset::None => scaled,
+                    };
+                    acc[h][i] = avx._mm256_add_ps(acc[h][i], term);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (i, acc) in acc.iter().enumerate().take(live) {
+                let v: [f32; LANES] = pulp::cast(*acc);
+                let r = g * GROUP + i;
+                for (o, &v) in out.iter_mut().skip(h * LANES).zip(&v) {
+                    o[r] = v;
                 }
             }
         }
@@ -478,27 +500,36 @@ fn load_i32(x: &[i32]) -> [i32; LANES] {
 }
 
 /// `Panel::pairs` (the tests' definition) of a row's block `b` with AVX2: the block's 32
-/// codes as signed bytes in element order, then each word `k` the i16 pair of codes `k` and
-/// `k + 16`.
+/// codes as signed bytes in element order (Q4's low nibbles, then its high ones; Q5's codes
+/// less 16; Q8's bytes as they are), each half widened to sixteen i16 (`vpmovsxbw`), word `k`
+/// the pair of codes `2k` and `2k + 1`.
 #[inline(always)]
 pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
-    let (avx, avx2) = (&simd.avx, &simd.avx2);
-    let codes: __m256i = match w {
-        QRow::Q4(r) => nibbles(simd, r.qs.as_chunks::<{ QK / 2 }>().0[b]),
-        QRow::Q5(r) => avx2._mm256_sub_epi8(
-            q5_codes(simd, r.qs.as_chunks::<{ QK / 2 }>().0[b], r.qh[b]),
-            avx._mm256_set1_epi8(16),
-        ),
+    let (sse2, avx, avx2) = (&simd.sse2, &simd.avx, &simd.avx2);
+    let halves: [__m128i; 2] = match w {
+        QRow::Q4(r) => {
+            let raw: __m128i = pulp::cast(r.qs.as_chunks::<{ QK / 2 }>().0[b]);
+            let low = sse2._mm_set1_epi8(0x0f);
+            [
+                sse2._mm_and_si128(raw, low),
+                sse2._mm_and_si128(sse2._mm_srli_epi16::<4>(raw), low),
+            ]
+        }
+        QRow::Q5(r) => {
+            let codes = avx2._mm256_sub_epi8(
+                q5_codes(simd, r.qs.as_chunks::<{ QK / 2 }>().0[b], r.qh[b]),
+                avx._mm256_set1_epi8(16),
+            );
+            [
+                avx._mm256_castsi256_si128(codes),
+                avx2._mm256_extracti128_si256::<1>(codes),
+            ]
+        }
         QRow::Q8(r) => pulp::cast(r.qs.as_chunks::<QK>().0[b]),
     };
-    let first = avx2._mm256_cvtepi8_epi16(avx._mm256_castsi256_si128(codes));
-    let second = avx2._mm256_cvtepi8_epi16(avx2._mm256_extracti128_si256::<1>(codes));
-    // Per 128-bit lane: words 0-3 and 8-11, then 4-7 and 12-15.
-    let low = avx2._mm256_unpacklo_epi16(first, second);
-    let high = avx2._mm256_unpackhi_epi16(first, second);
     pulp::cast([
-        avx2._mm256_permute2x128_si256::<0x20>(low, high),
-        avx2._mm256_permute2x128_si256::<0x31>(low, high),
+        avx2._mm256_cvtepi8_epi16(halves[0]),
+        avx2._mm256_cvtepi8_epi16(halves[1]),
     ])
 }
 
@@ -564,13 +595,13 @@ impl pulp::NullaryFnOnce for TileBlock<'_, V3> {
                             avx._mm256_cvtps_epi32(l),
                         );
                     }
-                    // Word k: element k's value in the low i16, element k + 16's in the high.
-                    let low = avx._mm256_set1_epi32(0xffff);
+                    // The 32 values as i16 in element order (word k: elements 2k and
+                    // 2k + 1): in range, the saturating pack keeps them as they are; it
+                    // interleaves its inputs' 128-bit halves, and the permute puts them back.
                     let mut w = [avx._mm256_setzero_si256(); 2];
                     for (i, w) in w.iter_mut().enumerate() {
-                        *w = avx2._mm256_or_si256(
-                            avx2._mm256_and_si256(q[i], low),
-                            avx2._mm256_slli_epi32::<16>(q[i + 2]),
+                        *w = avx2._mm256_permute4x64_epi64::<0b11_01_10_00>(
+                            avx2._mm256_packs_epi32(q[2 * i], q[2 * i + 1]),
                         );
                     }
                     part.scale[t] = d / LO_STEPS as f32;

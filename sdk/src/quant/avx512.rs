@@ -2,7 +2,7 @@
 //! (64 codes) per register; the panels (more rows) put sixteen activation rows in a register,
 //! one a lane, and round them there from f32 ([`TileBlock`]); the f32 tile serves f32 weights.
 
-use core::arch::x86_64::{__m128i, __m256i, __m512, __m512i};
+use core::arch::x86_64::{__m256i, __m512, __m512i};
 use pulp::x86::V4;
 
 use super::act::{LO_STEPS, QAct};
@@ -440,15 +440,6 @@ pub(super) fn hsums16(simd: V4, mut v: [__m512; 16]) -> [f32; 16] {
     pulp::cast(t)
 }
 
-#[inline(always)]
-fn load16(b: &[u8]) -> __m128i {
-    let a: [u8; 16] = match b.try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("16 bytes"),
-    };
-    pulp::cast(a)
-}
-
 /// Four activation rows by `C` f32 weight rows (two or four), sixteen lanes at a time: one
 /// accumulator per (activation row, weight row), so each dot's sum does not depend on `C`.
 pub(super) struct TileF32<'a, const C: usize> {
@@ -531,49 +522,38 @@ pub(super) fn code_pairs(simd: V4, w: QRow<'_>, b: usize) -> [i32; 16] {
     })
 }
 
-/// 16 nibble bytes as lanes `low nibble | high nibble << 16`.
+/// A Q4 block's 16 bytes as its 32 codes in element order (low nibbles, then high), one
+/// i16 each.
 #[inline(always)]
-fn nibble_pairs(simd: V4, qs: &[u8]) -> __m512i {
-    let f = &simd.avx512f;
-    let v = f._mm512_cvtepu8_epi32(load16(qs));
-    let lo = f._mm512_and_si512(v, f._mm512_set1_epi32(0x0f));
-    let hi = f._mm512_slli_epi32::<12>(f._mm512_and_si512(v, f._mm512_set1_epi32(0xf0)));
-    f._mm512_or_si512(lo, hi)
+fn nibble_words(simd: V4, raw: &[u8; QK / 2]) -> __m512i {
+    simd.avx512bw
+        ._mm512_cvtepu8_epi16(super::avx2::nibbles(*simd, *raw))
 }
 
 impl PanelRow for Q4Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
-        nibble_pairs(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2])
+        nibble_words(simd, &self.qs.as_chunks::<{ QK / 2 }>().0[b])
     }
 }
 
 impl PanelRow for Q5Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
-        let f = &simd.avx512f;
-        let v = nibble_pairs(simd, &self.qs[b * QK / 2..(b + 1) * QK / 2]);
-        // Fifth bits: bit `j` of `qh` belongs to element `j`; then `q - 16` in each i16 half
-        // (the 8-bit form's codes, so the panels give its numbers).
-        let qh = self.qh[b];
-        let v = f._mm512_mask_add_epi32(v, qh as u16, v, f._mm512_set1_epi32(16));
-        let v = f._mm512_mask_add_epi32(v, (qh >> 16) as u16, v, f._mm512_set1_epi32(16 << 16));
-        simd.avx512bw
-            ._mm512_sub_epi16(v, f._mm512_set1_epi32(16 | (16 << 16)))
+        let bw = &simd.avx512bw;
+        let v = nibble_words(simd, &self.qs.as_chunks::<{ QK / 2 }>().0[b]);
+        // The 8-bit form's codes `q - 16` (so the panels give its numbers): `q` is the nibble
+        // plus 16 where element `j`'s fifth bit (bit `j` of `qh`) is set, so 16 comes off
+        // where it is clear.
+        bw._mm512_mask_sub_epi16(v, !self.qh[b], v, simd.avx512f._mm512_set1_epi16(16))
     }
 }
 
 impl PanelRow for Q8Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
-        let f = &simd.avx512f;
-        let codes: &[u8] = pulp::bytemuck::cast_slice(&self.qs[b * QK..(b + 1) * QK]);
-        let lo = f._mm512_cvtepi8_epi32(load16(&codes[..16]));
-        let hi = f._mm512_cvtepi8_epi32(load16(&codes[16..]));
-        f._mm512_or_si512(
-            f._mm512_and_si512(lo, f._mm512_set1_epi32(0xffff)),
-            f._mm512_slli_epi32::<16>(hi),
-        )
+        let codes: __m256i = pulp::cast(self.qs.as_chunks::<QK>().0[b]);
+        simd.avx512bw._mm512_cvtepi8_epi16(codes)
     }
 }
 
@@ -974,10 +954,12 @@ impl pulp::NullaryFnOnce for TileBlock<'_, V4> {
                     f._mm512_cvtps_epi32(l),
                 );
             }
-            *words = f._mm512_castsi512_ps(f._mm512_or_si512(
-                f._mm512_and_si512(q[0], f._mm512_set1_epi32(0xffff)),
-                f._mm512_slli_epi32::<16>(q[1]),
-            ));
+            // The 32 values as i16 in element order (word k: elements 2k and 2k + 1): in
+            // range, the saturating pack keeps them as they are; it interleaves its inputs'
+            // 128-bit quarters, and the permute puts them back.
+            let packed = simd.avx512bw._mm512_packs_epi32(q[0], q[1]);
+            let order = f._mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+            *words = f._mm512_castsi512_ps(f._mm512_permutexvar_epi64(order, packed));
             part.scale[t] = d / super::act::LO_STEPS as f32;
         }
         // Row t's word k to `pairs[k T + t]`.

@@ -45,8 +45,8 @@ pub(super) trait Panel: Copy {
     fn d(&self) -> &[f32];
     /// Block `b`'s offset factor: `m` (Q4), 0 (Q5, Q8).
     fn offset(self, b: usize) -> f32;
-    /// Block `b` as sixteen words: word `k` holds the codes of elements `k` (low i16) and
-    /// `k + 16` (high i16), as [`super::act::Tiles`] holds the activations. The kernels decode
+    /// Block `b` as sixteen words: word `k` holds the codes of elements `2k` (low i16) and
+    /// `2k + 1` (high i16), as [`super::act::Tiles`] holds the activations. The kernels decode
     /// in registers (`avx2::code_pairs`, `avx512::code_pairs`); this is their definition.
     #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16];
@@ -71,7 +71,15 @@ impl Panel for Q4Row<'_> {
     #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16] {
         let q = &self.qs[b * QK / 2..(b + 1) * QK / 2];
-        std::array::from_fn(|k| pair(i32::from(q[k] & 0x0f), i32::from(q[k] >> 4)))
+        // Byte `j` holds element `j` (low nibble) and `j + 16` (high).
+        let code = |e: usize| {
+            i32::from(if e < QK / 2 {
+                q[e] & 0x0f
+            } else {
+                q[e - QK / 2] >> 4
+            })
+        };
+        std::array::from_fn(|k| pair(code(2 * k), code(2 * k + 1)))
     }
 }
 
@@ -90,7 +98,7 @@ impl Panel for Q5Row<'_> {
     fn pairs(self, b: usize) -> [i32; 16] {
         let c = super::q5_block(&self.qs[b * QK / 2..(b + 1) * QK / 2], self.qh[b]);
         let q = |k: usize| i32::from(c[k]) - 16;
-        std::array::from_fn(|k| pair(q(k), q(k + QK / 2)))
+        std::array::from_fn(|k| pair(q(2 * k), q(2 * k + 1)))
     }
 }
 
@@ -107,7 +115,7 @@ impl Panel for Q8Row<'_> {
     #[cfg(test)]
     fn pairs(self, b: usize) -> [i32; 16] {
         let q = &self.qs[b * QK..(b + 1) * QK];
-        std::array::from_fn(|k| pair(i32::from(q[k]), i32::from(q[k + QK / 2])))
+        std::array::from_fn(|k| pair(i32::from(q[2 * k]), i32::from(q[2 * k + 1])))
     }
 }
 
