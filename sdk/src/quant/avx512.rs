@@ -734,14 +734,32 @@ impl OneTile<'_, '_> {
             let live = (rows - g * GROUP).min(GROUP);
             let ws: [W; GROUP] = std::array::from_fn(|i| row(first + g * GROUP + i.min(live - 1)));
             let mut acc = [f._mm512_setzero_ps(); GROUP];
-            let mut b = 0;
-            while b + BLOCKS <= nb {
-                Self::blocks::<KIND, W, BLOCKS>(simd, &ws, &tiles, b, live, &mut acc);
-                b += BLOCKS;
+            // Each run of blocks decoded one run ahead of its products: codes read back
+            // just after they were stored waited on the stores.
+            let whole = nb / BLOCKS;
+            let mut runs = [[[[0; 16]; GROUP]; BLOCKS]; 2];
+            if whole > 0 {
+                Self::decode(simd, &ws, 0, &mut runs[0]);
             }
+            for c in 0..whole {
+                if c + 1 < whole {
+                    Self::decode(simd, &ws, (c + 1) * BLOCKS, &mut runs[(c + 1) % 2]);
+                }
+                let b = c * BLOCKS;
+                Self::blocks::<KIND, W, BLOCKS>(simd, &ws, &tiles, &runs[c % 2], b, live, &mut acc);
+            }
+            let b = whole * BLOCKS;
             match nb - b {
-                2 => Self::blocks::<KIND, W, 2>(simd, &ws, &tiles, b, live, &mut acc),
-                1 => Self::blocks::<KIND, W, 1>(simd, &ws, &tiles, b, live, &mut acc),
+                2 => {
+                    let mut run = [[[0; 16]; GROUP]; 2];
+                    Self::decode(simd, &ws, b, &mut run);
+                    Self::blocks::<KIND, W, 2>(simd, &ws, &tiles, &run, b, live, &mut acc)
+                }
+                1 => {
+                    let mut run = [[[0; 16]; GROUP]; 1];
+                    Self::decode(simd, &ws, b, &mut run);
+                    Self::blocks::<KIND, W, 1>(simd, &ws, &tiles, &run, b, live, &mut acc)
+                }
                 _ => {}
             }
             for (i, acc) in acc.iter().enumerate().take(live) {
@@ -754,25 +772,35 @@ impl OneTile<'_, '_> {
         }
     }
 
-    /// Blocks `b..b + B` of the group's rows `ws`, decoded here, into `acc` (the terms as
-    /// [`add_blocks`] adds them).
+    /// The code pairs of blocks `b..b + B` of the group's rows `ws`, into `pairs`.
     #[inline(always)]
-    fn blocks<const KIND: u8, W: PanelRow, const B: usize>(
+    fn decode<W: PanelRow, const B: usize>(
         simd: V4,
         ws: &[W; GROUP],
-        tiles: &[Tile<'_>; 1],
         b: usize,
-        live: usize,
-        acc: &mut [__m512; GROUP],
+        pairs: &mut [[[i32; 16]; GROUP]; B],
     ) {
-        let f = &simd.avx512f;
         // (Loops, not closures: a closure may stay out of line, without AVX-512.)
-        let mut pairs = [[[0; 16]; GROUP]; B];
         for (j, pairs) in pairs.iter_mut().enumerate() {
             for (i, p) in pairs.iter_mut().enumerate() {
                 *p = pulp::cast(ws[i].pairs16(simd, b + j));
             }
         }
+    }
+
+    /// Blocks `b..b + B` of the group's rows `ws` (their code pairs decoded into `pairs`),
+    /// into `acc` (the terms as [`add_blocks`] adds them).
+    #[inline(always)]
+    fn blocks<const KIND: u8, W: PanelRow, const B: usize>(
+        simd: V4,
+        ws: &[W; GROUP],
+        tiles: &[Tile<'_>; 1],
+        pairs: &[[[i32; 16]; GROUP]; B],
+        b: usize,
+        live: usize,
+        acc: &mut [__m512; GROUP],
+    ) {
+        let f = &simd.avx512f;
         let bw = &simd.avx512bw;
         let tile = &tiles[0];
         // The tile's blocks as arrays, so that the loop's loads take no checks.
