@@ -506,6 +506,12 @@ fn load_i32(x: &[i32]) -> [i32; LANES] {
 #[inline(always)]
 pub(super) fn code_pairs(simd: V3, w: QRow<'_>, b: usize) -> [i32; 16] {
     let (sse2, avx, avx2) = (&simd.sse2, &simd.avx, &simd.avx2);
+    // Codes asked for ahead, as in the dots: from memory the layout's loads waited.
+    match w {
+        QRow::Q4(r) => prefetch(simd, r.qs, b * QK / 2),
+        QRow::Q5(r) => prefetch(simd, r.qs, b * QK / 2),
+        QRow::Q8(r) => prefetch(simd, r.qs, b * QK),
+    }
     let halves: [__m128i; 2] = match w {
         QRow::Q4(r) => {
             let raw: __m128i = pulp::cast(r.qs.as_chunks::<{ QK / 2 }>().0[b]);

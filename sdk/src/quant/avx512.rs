@@ -508,7 +508,9 @@ const PAIR_BLOCKS: usize = 2;
 
 /// [`Panel`] with the codes decoded in registers.
 trait PanelRow: Panel {
-    /// `Panel::pairs` (the tests' definition) as one register.
+    /// `Panel::pairs` (the tests' definition) as one register, the codes
+    /// [`super::avx2::prefetch`]ed ahead: a group's four rows' codes at once left the
+    /// hardware's prefetching behind when the weights came from memory (as a model's do).
     fn pairs16(self, simd: V4, b: usize) -> __m512i;
 }
 
@@ -533,6 +535,7 @@ fn nibble_words(simd: V4, raw: &[u8; QK / 2]) -> __m512i {
 impl PanelRow for Q4Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
+        super::avx2::prefetch(*simd, self.qs, b * QK / 2);
         nibble_words(simd, &self.qs.as_chunks::<{ QK / 2 }>().0[b])
     }
 }
@@ -541,6 +544,7 @@ impl PanelRow for Q5Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
         let bw = &simd.avx512bw;
+        super::avx2::prefetch(*simd, self.qs, b * QK / 2);
         let v = nibble_words(simd, &self.qs.as_chunks::<{ QK / 2 }>().0[b]);
         // The 8-bit form's codes `q - 16` (so the panels give its numbers): `q` is the nibble
         // plus 16 where element `j`'s fifth bit (bit `j` of `qh`) is set, so 16 comes off
@@ -552,6 +556,7 @@ impl PanelRow for Q5Row<'_> {
 impl PanelRow for Q8Row<'_> {
     #[inline(always)]
     fn pairs16(self, simd: V4, b: usize) -> __m512i {
+        super::avx2::prefetch(*simd, self.qs, b * QK);
         let codes: __m256i = pulp::cast(self.qs.as_chunks::<QK>().0[b]);
         simd.avx512bw._mm512_cvtepi8_epi16(codes)
     }
