@@ -413,9 +413,9 @@ fn panel_product<const KIND: u8>(
     }
 }
 
-/// One tile's activation rows (`out`'s, in `H` halves of [`LANES`]) against every laid-out row:
-/// each broadcast code pair serves every half, which on AMD's cores (where a broadcast from
-/// memory takes a vector pipe) saved a quarter of a 16-row product's time.
+/// One tile's activation rows (`out`'s, in `H` halves of [`LANES`]) against every laid-out row,
+/// each broadcast code pair serving every half: on AMD's cores a broadcast from memory costs
+/// about what a vector instruction does.
 #[inline(always)]
 fn tile_product<const KIND: u8, const H: usize>(
     simd: V3,
