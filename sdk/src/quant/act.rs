@@ -89,6 +89,14 @@ impl QAct {
         a
     }
 
+    /// Block `b` as [`Tiles`] holds it: word `k` the values `128 h + l` of elements `2k`
+    /// (low i16) and `2k + 1` (high i16).
+    fn words(&self, b: usize) -> [i32; QK / 2] {
+        let (h, l) = self.block(b);
+        let value = |i: usize| LO_STEPS * i32::from(h[i]) + i32::from(l[i]);
+        std::array::from_fn(|k| (value(2 * k) & 0xffff) | (value(2 * k + 1) << 16))
+    }
+
     /// The high and low parts of block `b`.
     fn block(&self, b: usize) -> (&[i8], &[i8]) {
         (
@@ -134,11 +142,8 @@ impl Tiles {
             for (t, x) in xs.iter().skip(c * PANEL_TILE).take(PANEL_TILE).enumerate() {
                 part.scale[t] = x.scale[b];
                 part.sum[t] = x.sum[b];
-                let (h, l) = x.block(b);
-                let value = |i: usize| LO_STEPS * i32::from(h[i]) + i32::from(l[i]);
-                for k in 0..QK / 2 {
-                    part.pairs[k * PANEL_TILE + t] =
-                        (value(2 * k) & 0xffff) | (value(2 * k + 1) << 16);
+                for (k, w) in x.words(b).into_iter().enumerate() {
+                    part.pairs[k * PANEL_TILE + t] = w;
                 }
             }
         })
@@ -213,8 +218,7 @@ impl TilePart<'_> {
         let q = QAct::new(xb);
         self.sum[t] = q.sum[0];
         self.scale[t] = q.scale[0];
-        let value = |i: usize| LO_STEPS * i32::from(q.hi[i]) + i32::from(q.lo[i]);
-        std::array::from_fn(|k| (value(2 * k) & 0xffff) | (value(2 * k + 1) << 16))
+        q.words(0)
     }
 }
 

@@ -677,10 +677,10 @@ fn tile_run<const KIND: u8, const T: usize, const B: usize>(
 }
 
 /// [`PanelTask`] against one tile of activation rows (up to sixteen: a batch decoding). Each
-/// group's blocks are decoded just before their products, where more tiles share a layout of
-/// the task's rows ([`TaskRows`]) made first: one tile reads that layout once, and its
-/// decoding (shuffles) ran apart from the products (`vpdpwssd`), on other ports, instead of
-/// beside them.
+/// group's blocks are decoded a run of [`BLOCKS`] ahead of their products, where more tiles
+/// share a layout of the task's rows ([`TaskRows`]) made first: one tile reads that layout
+/// once, and its decoding (shuffles) ran apart from the products (`vpdpwssd`), on other
+/// ports, instead of beside them.
 pub(super) struct OneTile<'a, 'o>(pub PanelTask<'a, 'o>);
 
 impl pulp::NullaryFnOnce for OneTile<'_, '_> {
@@ -755,16 +755,8 @@ impl OneTile<'_, '_> {
             }
             let b = whole * BLOCKS;
             match nb - b {
-                2 => {
-                    let mut run = [[[0; 16]; GROUP]; 2];
-                    Self::decode(simd, &ws, b, &mut run);
-                    Self::blocks::<KIND, W, 2>(simd, &ws, &tiles, &run, b, live, &mut acc)
-                }
-                1 => {
-                    let mut run = [[[0; 16]; GROUP]; 1];
-                    Self::decode(simd, &ws, b, &mut run);
-                    Self::blocks::<KIND, W, 1>(simd, &ws, &tiles, &run, b, live, &mut acc)
-                }
+                2 => Self::tail::<KIND, W, 2>(simd, &ws, &tiles, b, live, &mut acc),
+                1 => Self::tail::<KIND, W, 1>(simd, &ws, &tiles, b, live, &mut acc),
                 _ => {}
             }
             for (i, acc) in acc.iter().enumerate().take(live) {
@@ -775,6 +767,21 @@ impl OneTile<'_, '_> {
                 }
             }
         }
+    }
+
+    /// The last blocks `b..b + B` (fewer than a run), decoded and then multiplied.
+    #[inline(always)]
+    fn tail<const KIND: u8, W: PanelRow, const B: usize>(
+        simd: V4,
+        ws: &[W; GROUP],
+        tiles: &[Tile<'_>; 1],
+        b: usize,
+        live: usize,
+        acc: &mut [__m512; GROUP],
+    ) {
+        let mut run = [[[0; 16]; GROUP]; B];
+        Self::decode(simd, ws, b, &mut run);
+        Self::blocks::<KIND, W, B>(simd, ws, tiles, &run, b, live, acc);
     }
 
     /// The code pairs of blocks `b..b + B` of the group's rows `ws`, into `pairs`.
