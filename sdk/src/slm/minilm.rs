@@ -668,17 +668,20 @@ mod tests {
     }
 
     /// A run in the buffers an earlier run left (the spare) trains the model a run in fresh
-    /// buffers trains, bit for bit: nothing a step reads comes from the run before.
+    /// buffers trains, bit for bit: nothing a step reads comes from the run before. Every run
+    /// starts from clones of one model: a fresh head draws from burn's process-wide RNG, which
+    /// tests running beside this one draw from too.
     #[test]
     fn a_run_in_kept_buffers_trains_the_same_model() {
         let mr = mr();
+        let start = untrained();
         let mut by_length: Vec<_> = mr.iter().take(400).collect();
         by_length.sort_by_key(|e| std::cmp::Reverse(e.text.len()));
         let short = examples(by_length[336..].iter().copied());
         let long = examples(by_length[..64].iter().copied());
         let texts = texts(mr.iter().skip(3).step_by(400));
         let trained = |train: &[TrainExample]| {
-            let mut model = untrained();
+            let mut model = start.clone();
             model.train(train, &quick_training(1), &mut |_| {}).unwrap();
             model.predict_proba(&texts).unwrap()
         };
