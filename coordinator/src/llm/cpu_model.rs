@@ -242,9 +242,23 @@ impl CpuLlama {
         cache: &mut KvCache,
         lora: Option<&HostLora>,
     ) -> Vec<f32> {
-        self.forward_in_spans(tokens, pads, cache, lora, PREFILL_ROWS)
+        let all = self.blocks.len();
+        let x = self.forward_in_spans(tokens, pads, cache, lora, PREFILL_ROWS, all);
+        rms_norm(&x, &self.norm, self.config.rms_eps)
     }
 
+    /// The residual stream `[batch, seq, d_model]` entering block `upto` (the output of the
+    /// blocks below it, not normalised) for `tokens` laid out as in [`CpuLlama::forward`],
+    /// without adapters. Training runs the blocks below its adapters here: they are frozen,
+    /// and these are the activations inference computes.
+    pub fn residual(&self, tokens: &[u32], pads: &[usize], upto: usize) -> Vec<f32> {
+        let upto = upto.min(self.blocks.len());
+        let mut cache = KvCache::default();
+        self.forward_in_spans(tokens, pads, &mut cache, None, PREFILL_ROWS, upto)
+    }
+
+    /// The residual stream after the first `upto` blocks, in spans of about `target_rows`
+    /// rows.
     fn forward_in_spans(
         &self,
         tokens: &[u32],
@@ -252,12 +266,13 @@ impl CpuLlama {
         cache: &mut KvCache,
         lora: Option<&HostLora>,
         target_rows: usize,
+        upto: usize,
     ) -> Vec<f32> {
         let batch = pads.len();
         let seq = tokens.len() / batch.max(1);
         let spans = row_spans(batch, seq, target_rows);
         if spans.len() < 2 {
-            return on_pool(|| self.forward_on_pool(tokens, pads, cache, lora));
+            return on_pool(|| self.forward_on_pool(tokens, pads, cache, lora, upto));
         }
         let d = self.config.d_model;
         // Room for the whole input at once, not grown span by span.
@@ -272,7 +287,7 @@ impl CpuLlama {
                         .copied()
                 })
                 .collect();
-            let h = on_pool(|| self.forward_on_pool(&part, pads, cache, lora));
+            let h = on_pool(|| self.forward_on_pool(&part, pads, cache, lora, upto));
             for (b, rows) in h.chunks_exact(len * d).enumerate() {
                 hidden[(b * seq + span.start) * d..(b * seq + span.end) * d].copy_from_slice(rows);
             }
@@ -286,6 +301,7 @@ impl CpuLlama {
         pads: &[usize],
         cache: &mut KvCache,
         lora: Option<&HostLora>,
+        upto: usize,
     ) -> Vec<f32> {
         let c = &self.config;
         let batch = pads.len();
@@ -298,7 +314,7 @@ impl CpuLlama {
             .flat_map(|&t| self.embed.row(t as usize))
             .collect();
         let rope = RopeTable::new(&self.inv_freq, pads, past, seq);
-        for (i, b) in self.blocks.iter().enumerate() {
+        for (i, b) in self.blocks.iter().enumerate().take(upto) {
             let xn = rms_norm(&x, &b.attn_norm, c.rms_eps);
             let mut qkv = matmul_many(&[&b.wq, &b.wk, &b.wv], &xn, n).into_iter();
             let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next())
@@ -331,7 +347,7 @@ impl CpuLlama {
             add(&mut x, &b.down.matmul(&g, n));
         }
         cache.len = past + seq;
-        rms_norm(&x, &self.norm, c.rms_eps)
+        x
     }
 
     /// Logits `[n, vocab]` of hidden states `[n, d_model]`: the LM head, from its blocks.
@@ -732,8 +748,9 @@ mod tests {
             .map(|i| ((i * 7919 + 13) % 20_000) as u32)
             .collect();
         let (mut one, mut split) = (KvCache::default(), KvCache::default());
-        let a = cpu.forward_in_spans(&tokens, &pads, &mut one, None, usize::MAX);
-        let b = cpu.forward_in_spans(&tokens, &pads, &mut split, None, target);
+        let all = cpu.config().n_layers;
+        let a = cpu.forward_in_spans(&tokens, &pads, &mut one, None, usize::MAX, all);
+        let b = cpu.forward_in_spans(&tokens, &pads, &mut split, None, target, all);
         assert_eq!(a.len(), b.len());
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),

@@ -527,6 +527,33 @@ mod tests {
         Ok(())
     }
 
+    /// Gate: the reference prompt through the lower blocks on the CPU decoder and the rest on
+    /// burn (how LoRA training runs), left-padded beside a longer prompt, gives the oracle's
+    /// top 5 too.
+    #[test]
+    fn real_split_forward_matches_reference() -> Result<()> {
+        use crate::llm::model::{StepInputs, to_host_f32};
+        use burn::tensor::{Tensor, TensorData};
+        let llm = smollm2();
+        let chat = |u: &str| llm.tokenizer.encode(&llm.tokenizer.chat_prompt(u));
+        let longer = format!("{REF_USER} Answer in one short paragraph, please.");
+        let (rows, pads) = left_pad(&[chat(REF_USER)?, chat(&longer)?], 0);
+        assert!(pads[0] > 0 && pads[1] == 0, "{pads:?}");
+        let (b, len, d) = (rows.len(), rows[0].len(), &llm.device);
+        let first = llm.config.n_layers - 10;
+        let cpu = llm
+            .cpu_model()
+            .ok_or_else(|| Error::Model("no CPU decoder".into()))?;
+        let x = cpu.residual(&rows.concat(), &pads, first);
+        let x = Tensor::<3>::from_data(TensorData::new(x, [b, len, llm.config.d_model]), d);
+        let model = llm.model()?;
+        let inputs = StepInputs::new(&llm.config, &pads, 0, len, d);
+        let hidden = model.forward_from(x, first, &inputs, None);
+        let last = hidden.slice([0..1, len - 1..len]);
+        assert_top5_matches_reference(&to_host_f32(model.lm_head(last)), 1e-2);
+        Ok(())
+    }
+
     /// The oracle's top 5 ids in order, each logit within `tol` of the oracle's.
     fn assert_top5_matches_reference(logits: &[f32], tol: f32) {
         let mut order: Vec<usize> = (0..logits.len()).collect();

@@ -743,9 +743,31 @@ impl Llama {
         self.norm.forward(x)
     }
 
+    /// Final hidden states from the residual stream `x` `[batch, seq, d_model]` entering
+    /// block `first` (computed elsewhere, e.g. by the CPU decoder): blocks `first..`, then
+    /// the output norm.
+    pub fn forward_from(
+        &self,
+        mut x: Tensor<3>,
+        first: usize,
+        inputs: &StepInputs,
+        lora: Option<&LoraAdapters>,
+    ) -> Tensor<3> {
+        for (i, block) in self.blocks.iter().enumerate().skip(first) {
+            x = block.forward(x, inputs, None, lora.and_then(|l| l.block(i)));
+        }
+        self.norm.forward(x)
+    }
+
     /// Logits over the vocabulary from hidden states: `h @ head`.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
         linear(hidden, self.head.clone(), None)
+    }
+
+    /// The LM head's backward pass to its input (the head is frozen): `dL/dh` `[n, d_model]`
+    /// from `dL/dlogits` `[n, vocab]`.
+    pub fn lm_head_backward(&self, grad: Tensor<2>) -> Tensor<2> {
+        grad.matmul(self.head.clone().transpose())
     }
 }
 
