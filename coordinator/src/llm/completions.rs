@@ -3,13 +3,14 @@
 //!
 //! The LM head is frozen and as wide as the vocabulary. On burn's autodiff, its log-softmax, the
 //! gather of the targets and their backward passes ran element by element on one thread, the
-//! largest part of a tuning step. Here the head's logits come back to the host once; each row's
-//! softmax, and the loss's gradient through it, run fused on rayon's threads. One product
+//! largest part of a tuning step. Here the head's softmax and the loss's gradient through it are
+//! computed outright, without autodiff: on the CPU the logits come back to the host once and each
+//! row runs fused on rayon's threads; on a GPU they stay there, as tensor ops. One product
 //! carries that gradient to the hidden states, and autodiff takes it from there.
 
 use std::ops::Range;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::engine::{Llm, left_pad};
@@ -25,11 +26,19 @@ pub(crate) struct Completions {
     hidden: Tensor<2>,
     /// Each token's log-probability.
     pub logprobs: Vec<f32>,
-    /// `[n, vocab]`: the softmax over the vocabulary at each token's position.
-    probs: Vec<f32>,
+    /// The softmax over the vocabulary at each token's position.
+    probs: Softmax,
     targets: Vec<u32>,
     /// Example `i`'s tokens: `logprobs[spans[i]]`.
     pub spans: Vec<Range<usize>>,
+}
+
+/// `[n, vocab]` softmax rows, where they are computed.
+enum Softmax {
+    /// On the host, row-major.
+    Host(Vec<f32>),
+    /// On the model's device (a tensor is a large value: boxed).
+    Device(Box<Tensor<2>>),
 }
 
 impl Completions {
@@ -39,6 +48,17 @@ impl Completions {
         lora: Option<&LoraAdapters>,
         batch: &[&TrainExample],
         cfg: &LoraConfig,
+    ) -> Result<Completions> {
+        Completions::of_on(llm, lora, batch, cfg, llm.cpu_model().is_some())
+    }
+
+    /// [`Completions::of`] with the softmax on the host or on the model's device.
+    fn of_on(
+        llm: &Llm,
+        lora: Option<&LoraAdapters>,
+        batch: &[&TrainExample],
+        cfg: &LoraConfig,
+        on_host: bool,
     ) -> Result<Completions> {
         let seqs = batch
             .iter()
@@ -82,8 +102,15 @@ impl Completions {
         let n = targets.len();
         let at = Tensor::<1, Int>::from_data(TensorData::new(at, [n]), device);
         let hidden = hidden.reshape([b * t, d]).select(0, at);
-        let mut probs = to_host_f32(model.lm_head(hidden.clone().detach()));
-        let logprobs = softmax_rows(&mut probs, &targets, vocab);
+        let logits = model.lm_head(hidden.clone().detach());
+        let (logprobs, probs) = if on_host {
+            let mut probs = to_host_f32(logits);
+            let logprobs = softmax_rows(&mut probs, &targets, vocab);
+            (logprobs, Softmax::Host(probs))
+        } else {
+            let (logprobs, probs) = softmax_tensor(logits, &targets, device);
+            (logprobs, Softmax::Device(Box::new(probs)))
+        };
         Ok(Completions {
             hidden,
             logprobs,
@@ -107,7 +134,7 @@ impl Completions {
     pub fn carrier(self, llm: &Llm, upstream: &[f32]) -> Result<Tensor<1>> {
         let Completions {
             hidden,
-            mut probs,
+            probs,
             targets,
             ..
         } = self;
@@ -118,16 +145,26 @@ impl Completions {
                 upstream.len()
             )));
         }
-        let vocab = probs.len() / n.max(1);
+        let device = &llm.device;
         // d logprob / d logit_v = [v = target] - p_v.
-        probs
-            .par_chunks_mut(vocab)
-            .zip(targets.par_iter().zip(upstream))
-            .for_each(|(row, (&target, &g))| {
-                row.iter_mut().for_each(|p| *p *= -g);
-                row[target as usize] += g;
-            });
-        let grad = Tensor::<2>::from_data(TensorData::new(probs, [n, vocab]), &llm.device);
+        let grad = match probs {
+            Softmax::Host(mut probs) => {
+                let vocab = probs.len() / n.max(1);
+                probs
+                    .par_chunks_mut(vocab)
+                    .zip(targets.par_iter().zip(upstream))
+                    .for_each(|(row, (&target, &g))| {
+                        row.iter_mut().for_each(|p| *p *= -g);
+                        row[target as usize] += g;
+                    });
+                Tensor::<2>::from_data(TensorData::new(probs, [n, vocab]), device)
+            }
+            Softmax::Device(probs) => {
+                let g = Tensor::<2>::from_data(TensorData::new(upstream.to_vec(), [n, 1]), device);
+                let at = column(&targets, device);
+                (*probs * g.clone().neg()).scatter(1, at, g, IndexingUpdateOp::Add)
+            }
+        };
         let dh = llm.model()?.lm_head_backward(grad);
         Ok((hidden * dh).sum())
     }
@@ -157,6 +194,22 @@ fn softmax_rows(logits: &mut [f32], targets: &[u32], vocab: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The device's form of [`softmax_rows`]: the log-probability of each row's target (on the
+/// host) and the rows' softmax (on the device).
+fn softmax_tensor(logits: Tensor<2>, targets: &[u32], device: &Device) -> (Vec<f32>, Tensor<2>) {
+    let shifted = logits.clone() - logits.max_dim(1);
+    let exp = shifted.clone().exp();
+    let sum = exp.clone().sum_dim(1);
+    let picked = shifted.gather(1, column(targets, device)) - sum.clone().log();
+    (to_host_f32(picked), exp / sum)
+}
+
+/// `[n, 1]` indices.
+fn column(targets: &[u32], device: &Device) -> Tensor<2, Int> {
+    let at: Vec<i64> = targets.iter().map(|&t| i64::from(t)).collect();
+    Tensor::from_data(TensorData::new(at, [targets.len(), 1]), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +224,57 @@ mod tests {
         assert!((rows[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!((rows[2] - (3.0 - lse).exp() as f32).abs() < 1e-6);
         assert_eq!(rows[5], 0.0);
+    }
+
+    /// The softmax and gradient as tensor ops (a GPU's route) give what the host's rows give:
+    /// the same log-probabilities and the same gradient at the adapters.
+    #[test]
+    fn the_devices_route_is_the_hosts() -> Result<()> {
+        use burn::module::Module;
+
+        use crate::llm::train::LoraTrainer;
+
+        let llm = crate::llm::test_assets::tiny_llm()?;
+        let sides = [
+            ("Review:", " a wonderful film"),
+            ("Spam:", " win money now, click here"),
+        ]
+        .map(|(p, c)| TrainExample {
+            prompt: p.into(),
+            completion: c.into(),
+            weight: 1.0,
+        });
+        let batch: Vec<&TrainExample> = sides.iter().collect();
+        let cfg = LoraConfig::default();
+        // A step first: a fresh adapter's `b` factors are zero, and so would `a`'s gradients be.
+        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 3);
+        trainer.step(&llm, &sides)?;
+        let adapters = trainer.adapters().expect("adapters").train();
+        let run = |on_host| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let c = Completions::of_on(&llm, Some(&adapters), &batch, &cfg, on_host)?;
+            let logprobs = c.logprobs.clone();
+            let upstream: Vec<f32> = (0..logprobs.len()).map(|i| 0.1 * i as f32 - 0.3).collect();
+            let grads = c.carrier(&llm, &upstream)?.backward();
+            let mut out = Vec::new();
+            for block in &adapters.blocks {
+                for p in [&block.q.a, &block.q.b, &block.v.a, &block.v.b] {
+                    out.push(to_host_f32(p.val().grad(&grads).expect("a gradient")));
+                }
+            }
+            Ok((logprobs, out))
+        };
+        let (host_lp, host_grads) = run(true)?;
+        let (device_lp, device_grads) = run(false)?;
+        for (h, d) in host_lp.iter().zip(&device_lp) {
+            assert!((h - d).abs() < 1e-4, "{h} against {d}");
+        }
+        for (h, d) in host_grads.iter().zip(&device_grads) {
+            let scale = h.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0);
+            for (x, y) in h.iter().zip(d) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{x} against {y}");
+            }
+        }
+        Ok(())
     }
 }
