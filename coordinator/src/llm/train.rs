@@ -740,8 +740,8 @@ mod tests {
     /// Times LoRA steps on the real model with the tuning's defaults (top 10 blocks adapted,
     /// completions cut at 64 tokens) on a demo-sized batch: 8 chat prompts, completions of 30-60
     /// words (`cargo test --release --workspace --lib -- --ignored --nocapture
-    /// tuning_step_probe`). Also times the same batch's loss without adapters (forward only, on
-    /// burn alone) and the blocks below the adapters on the CPU decoder.
+    /// tuning_step_probe`). Also times the same batch's loss without adapters (forward only,
+    /// every block on burn) and the blocks below the adapters on the CPU decoder.
     /// A probe for profiles, not a gate.
     #[test]
     #[ignore]
@@ -779,7 +779,9 @@ mod tests {
         let mut trainer = LoraTrainer::new(llm, cfg.clone(), 1);
         let step = time(&mut || trainer.step(llm, &batch).map(drop))?;
         let forward = time(&mut || weighted_nll(llm, None, &batch, &cfg).map(drop))?;
-        println!("LoRA step {step:.0} ms, loss without adapters (burn alone) {forward:.0} ms");
+        println!(
+            "LoRA step {step:.0} ms, loss without adapters (every block on burn) {forward:.0} ms"
+        );
         // The blocks below the adapters, on the CPU decoder.
         let ids = batch
             .iter()
