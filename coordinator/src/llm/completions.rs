@@ -33,6 +33,32 @@ pub(crate) struct Completions {
     pub spans: Vec<Range<usize>>,
 }
 
+/// A batch's token rows (prompt, then completion), left-padded to one length.
+pub(crate) struct Padded {
+    pub rows: Vec<Vec<u32>>,
+    /// Each row's padding.
+    pub pads: Vec<usize>,
+    /// Each example's number of completion tokens (they end its row).
+    pub completion: Vec<usize>,
+}
+
+impl Padded {
+    pub fn new(llm: &Llm, batch: &[&TrainExample], cfg: &LoraConfig) -> Result<Padded> {
+        let (ids, completion): (Vec<Vec<u32>>, Vec<usize>) = batch
+            .iter()
+            .map(|e| example_ids(llm, e, cfg))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let (rows, pads) = left_pad(&ids, llm.tokenizer.eos_id);
+        Ok(Padded {
+            rows,
+            pads,
+            completion,
+        })
+    }
+}
+
 /// `[n, vocab]` softmax rows, where they are computed.
 enum Softmax {
     /// On the host, row-major.
@@ -60,12 +86,11 @@ impl Completions {
         cfg: &LoraConfig,
         on_host: bool,
     ) -> Result<Completions> {
-        let seqs = batch
-            .iter()
-            .map(|e| example_ids(llm, e, cfg))
-            .collect::<Result<Vec<_>>>()?;
-        let ids: Vec<Vec<u32>> = seqs.iter().map(|(ids, _)| ids.clone()).collect();
-        let (rows, pads) = left_pad(&ids, llm.tokenizer.eos_id);
+        let Padded {
+            rows,
+            pads,
+            completion: lens,
+        } = Padded::new(llm, batch, cfg)?;
         let (b, len) = (rows.len(), rows[0].len());
         // Position `j` predicts token `j + 1`: the last token is input to nothing.
         let t = len - 1;
@@ -88,8 +113,8 @@ impl Completions {
         // Example `i`'s `n` completion tokens end its row (rows are left-padded), so its last
         // `n` positions predict them.
         let (mut spans, mut at, mut targets) = (Vec::with_capacity(b), Vec::new(), Vec::new());
-        for (i, (row, (_, n))) in rows.iter().zip(&seqs).enumerate() {
-            let n = (*n).min(t);
+        for (i, (row, &n)) in rows.iter().zip(&lens).enumerate() {
+            let n = n.min(t);
             spans.push(targets.len()..targets.len() + n);
             at.extend((t - n..t).map(|j| (i * t + j) as i64));
             targets.extend_from_slice(&row[len - n..]);

@@ -106,7 +106,7 @@ impl LoraTrainer {
         self.step_on(|adapters, cfg| weighted_nll_loss(llm, adapters, batch, cfg))
     }
 
-    /// One optimizer step on the DPO loss of `pairs` (see [`dpo_loss`]); `reference` from
+    /// One optimizer step on the DPO loss of `pairs` (Rafailov et al., 2023); `reference` from
     /// [`reference_logprobs`]. Returns the loss before the step.
     pub fn preference_step(
         &mut self,
@@ -316,19 +316,8 @@ pub fn reference_logprobs(
 }
 
 /// DPO loss (Rafailov et al., 2023) of `pairs` against their reference log-probabilities:
-/// `-sum_i w_i log sigmoid(beta * ((c_i - c_ref_i) - (r_i - r_ref_i))) / sum_i w_i`.
-pub fn dpo_loss(
-    llm: &Llm,
-    lora: Option<&LoraAdapters>,
-    pairs: &[PreferencePair],
-    reference: &[(f32, f32)],
-    beta: f32,
-    cfg: &LoraConfig,
-) -> Result<f32> {
-    Ok(dpo(llm, lora, pairs, reference, beta, cfg)?.0)
-}
-
-/// The DPO loss's value, the pairs' completions and `dL/dlogprob` of each of their tokens.
+/// `-sum_i w_i log sigmoid(beta * ((c_i - c_ref_i) - (r_i - r_ref_i))) / sum_i w_i`. Returns
+/// its value, the pairs' completions and `dL/dlogprob` of each of their tokens.
 fn dpo(
     llm: &Llm,
     lora: Option<&LoraAdapters>,
@@ -479,23 +468,22 @@ mod tests {
         use burn::tensor::activation::log_softmax;
         use burn::tensor::{Int, TensorData};
 
-        use crate::llm::engine::left_pad;
+        use crate::llm::completions::Padded;
         use crate::llm::model::{StepInputs, token_tensor};
         let batch = weighted(batch)?;
         let total_w: f32 = batch.iter().map(|e| e.weight).sum();
-        let seqs = batch
-            .iter()
-            .map(|e| example_ids(llm, e, cfg))
-            .collect::<Result<Vec<_>>>()?;
-        let ids: Vec<Vec<u32>> = seqs.iter().map(|(ids, _)| ids.clone()).collect();
-        let (rows, pads) = left_pad(&ids, llm.tokenizer.eos_id);
+        let Padded {
+            rows,
+            pads,
+            completion: lens,
+        } = Padded::new(llm, &batch, cfg)?;
         let (b, len) = (rows.len(), rows[0].len());
         let device = &llm.device;
         let inputs: Vec<Vec<u32>> = rows.iter().map(|r| r[..len - 1].to_vec()).collect();
         let model = llm.model()?;
         let step = StepInputs::new(&llm.config, &pads, 0, len - 1, device);
         let hidden = model.forward(token_tensor(&inputs, device), &step, None, Some(lora));
-        let k = seqs.iter().map(|(_, n)| *n).max().unwrap_or(1);
+        let k = lens.iter().copied().max().unwrap_or(1);
         let [_, t, dm] = hidden.dims();
         let lp = log_softmax(model.lm_head(hidden.slice([0..b, t - k..t, 0..dm])), 2);
         let targets: Vec<i64> = rows
@@ -505,8 +493,8 @@ mod tests {
         let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, k, 1]), device);
         let picked = lp.gather(2, targets).reshape([b, k]);
         let mut w = vec![0.0f32; b * k];
-        for (i, (e, (_, n))) in batch.iter().zip(&seqs).enumerate() {
-            w[i * k + k - n..(i + 1) * k].fill(e.weight / (*n as f32 * total_w));
+        for (i, (e, &n)) in batch.iter().zip(&lens).enumerate() {
+            w[i * k + k - n..(i + 1) * k].fill(e.weight / (n as f32 * total_w));
         }
         let w = Tensor::<2>::from_data(TensorData::new(w, [b, k]), device);
         Ok((picked * w).sum().neg())
@@ -664,9 +652,9 @@ mod tests {
             trainer.preference_step(&llm, &pairs, &reference, 0.5)?;
         }
         let adapters = trainer.adapters().expect("adapters");
-        let after = dpo_loss(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg)?;
+        let after = dpo(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg)?.0;
         assert!(after < first - 0.1, "DPO loss {first} -> {after}");
-        assert!(dpo_loss(&llm, None, &[], &[], 0.5, &cfg).is_err());
+        assert!(dpo(&llm, None, &[], &[], 0.5, &cfg).is_err());
         llm.lora = Some(adapters);
         let now = reference_logprobs(&llm, &pairs, &cfg, 2)?;
         for ((c, r), (c0, r0)) in now.iter().zip(&reference) {
@@ -783,11 +771,9 @@ mod tests {
             "LoRA step {step:.0} ms, loss without adapters (every block on burn) {forward:.0} ms"
         );
         // The blocks below the adapters, on the CPU decoder.
-        let ids = batch
-            .iter()
-            .map(|e| example_ids(llm, e, &cfg).map(|(ids, _)| ids))
-            .collect::<Result<Vec<_>>>()?;
-        let (rows, pads) = crate::llm::engine::left_pad(&ids, llm.tokenizer.eos_id);
+        let refs: Vec<&TrainExample> = batch.iter().collect();
+        let crate::llm::completions::Padded { rows, pads, .. } =
+            crate::llm::completions::Padded::new(llm, &refs, &cfg)?;
         let first = llm.config.n_layers - cfg.top_layers;
         let cpu = llm.cpu_model().expect("the CPU decoder");
         let lower = time(&mut || {
