@@ -669,8 +669,8 @@ mod tests {
 
     /// A run in the buffers an earlier run left (the spare) trains the model a run in fresh
     /// buffers trains, bit for bit: nothing a step reads comes from the run before. Every run
-    /// starts from clones of one model: a fresh head draws from burn's process-wide RNG, which
-    /// tests running beside this one draw from too.
+    /// starts from clones of one model, which share its head: a fresh head is drawn when first
+    /// used, from burn's process-wide RNG, which tests running beside this one draw from too.
     #[test]
     fn a_run_in_kept_buffers_trains_the_same_model() {
         let mr = mr();
