@@ -8,11 +8,13 @@
 //! row runs fused on rayon's threads; on a GPU they stay there, as tensor ops. One product
 //! carries that gradient to the hidden states, and autodiff takes it from there.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::cpu_model::CpuLlama;
 use super::engine::{Llm, left_pad};
 use super::model::{LoraAdapters, StepInputs, to_host_f32, token_tensor};
 use super::quant;
@@ -67,15 +69,93 @@ enum Softmax {
     Device(Box<Tensor<2>>),
 }
 
+/// The frozen blocks' output (the residual stream entering the first adapted block) for the
+/// sequences a trainer has seen. A round's tuning passes over its examples several times, and
+/// the blocks below the adapters give a sequence the same rows every time: the CPU decoder
+/// computes a sequence's rows bit for bit the same in any batch, and a pad position's values
+/// never reach a real token's rows (its key is masked, its rows are its own).
+#[derive(Default)]
+pub(crate) struct FrozenRows {
+    first: usize,
+    rows: HashMap<Vec<u32>, Vec<f32>>,
+    floats: usize,
+}
+
+/// The most floats [`FrozenRows`] holds (64 MiB), a round's worth with the defaults; past it the
+/// rows are dropped and computed again.
+const FROZEN_FLOATS: usize = 16 << 20;
+
+impl FrozenRows {
+    /// The residual stream `[b, t, d_model]` entering block `first` of `rows` (`[b, t]`,
+    /// left-padded by `pads`), zeros at pad positions; rows not held are computed on `cpu`.
+    fn residual(
+        &mut self,
+        cpu: &CpuLlama,
+        rows: &[Vec<u32>],
+        pads: &[usize],
+        first: usize,
+    ) -> Vec<f32> {
+        let d = cpu.config().d_model;
+        if first != self.first {
+            self.clear();
+            self.first = first;
+        }
+        let seqs: Vec<&[u32]> = rows.iter().zip(pads).map(|(r, &p)| &r[p..]).collect();
+        let mut missing: Vec<Vec<u32>> = Vec::new();
+        for s in &seqs {
+            if !self.rows.contains_key(*s) && !missing.iter().any(|m| m == s) {
+                missing.push(s.to_vec());
+            }
+        }
+        let need: usize = missing.iter().map(|s| s.len() * d).sum();
+        if !missing.is_empty() && self.floats + need > FROZEN_FLOATS {
+            // Drop what is held; this batch's sequences are all computed again.
+            self.clear();
+            missing.clear();
+            for s in &seqs {
+                if !missing.iter().any(|m| m == s) {
+                    missing.push(s.to_vec());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let (padded, at) = left_pad(&missing, 0);
+            let t = padded[0].len();
+            let x = cpu.residual(&padded.concat(), &at, first);
+            for (k, seq) in missing.into_iter().enumerate() {
+                let held = x[(k * t + at[k]) * d..(k + 1) * t * d].to_vec();
+                self.floats += held.len();
+                self.rows.insert(seq, held);
+            }
+        }
+        let t = rows[0].len();
+        let mut out = vec![0.0f32; rows.len() * t * d];
+        for (i, (s, &p)) in seqs.iter().zip(pads).enumerate() {
+            if let Some(held) = self.rows.get(*s) {
+                out[(i * t + p) * d..(i + 1) * t * d].copy_from_slice(held);
+            }
+        }
+        out
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.floats = 0;
+    }
+}
+
 impl Completions {
-    /// Runs `batch` through the model with adapters `lora`.
+    /// Runs `batch` through the model with adapters `lora`, taking the frozen blocks' output
+    /// from `frozen` where it holds it.
     pub fn of(
         llm: &Llm,
         lora: Option<&LoraAdapters>,
         batch: &[&TrainExample],
         cfg: &LoraConfig,
+        frozen: Option<&mut FrozenRows>,
     ) -> Result<Completions> {
-        Completions::of_on(llm, lora, batch, cfg, llm.cpu_model().is_some())
+        let on_host = llm.cpu_model().is_some();
+        Completions::of_on(llm, lora, batch, cfg, frozen, on_host)
     }
 
     /// [`Completions::of`] with the softmax on the host or on the model's device.
@@ -84,6 +164,7 @@ impl Completions {
         lora: Option<&LoraAdapters>,
         batch: &[&TrainExample],
         cfg: &LoraConfig,
+        frozen: Option<&mut FrozenRows>,
         on_host: bool,
     ) -> Result<Completions> {
         let Padded {
@@ -104,7 +185,10 @@ impl Completions {
         let first = lora.map_or(0, |l| l.first);
         let hidden = match llm.cpu_model() {
             Some(cpu) if first > 0 => {
-                let x = cpu.residual(&inputs.concat(), &pads, first);
+                let x = match frozen {
+                    Some(held) => held.residual(cpu, &inputs, &pads, first),
+                    None => cpu.residual(&inputs.concat(), &pads, first),
+                };
                 let x = Tensor::<3>::from_data(TensorData::new(x, [b, t, d]), device);
                 model.forward_from(x, first, &step, lora)
             }
@@ -251,42 +335,61 @@ mod tests {
         assert_eq!(rows[5], 0.0);
     }
 
+    /// A batch's log-probabilities, and the adapters' gradients for an upstream gradient
+    /// that differs token by token.
+    fn logprobs_and_grads(c: Completions, llm: &Llm, adapters: &LoraAdapters) -> Result<Scored> {
+        let logprobs = c.logprobs.clone();
+        let upstream: Vec<f32> = (0..logprobs.len()).map(|i| 0.1 * i as f32 - 0.3).collect();
+        let grads = c.carrier(llm, &upstream)?.backward();
+        let mut out = Vec::new();
+        for block in &adapters.blocks {
+            for p in [&block.q.a, &block.q.b, &block.v.a, &block.v.b] {
+                out.push(to_host_f32(p.val().grad(&grads).expect("a gradient")));
+            }
+        }
+        Ok((logprobs, out))
+    }
+
+    type Scored = (Vec<f32>, Vec<Vec<f32>>);
+
+    /// Adapters after one step on `batch`: a fresh adapter's `b` factors are zero, and so
+    /// would `a`'s gradients be.
+    fn stepped_adapters(
+        llm: &Llm,
+        cfg: &LoraConfig,
+        batch: &[TrainExample],
+    ) -> Result<LoraAdapters> {
+        use burn::module::Module;
+
+        use crate::llm::train::LoraTrainer;
+        let mut trainer = LoraTrainer::new(llm, cfg.clone(), 3);
+        trainer.step(llm, batch)?;
+        Ok(trainer.adapters().expect("adapters").train())
+    }
+
+    fn example(prompt: &str, completion: &str) -> TrainExample {
+        TrainExample {
+            prompt: prompt.into(),
+            completion: completion.into(),
+            weight: 1.0,
+        }
+    }
+
     /// The softmax and gradient as tensor ops (a GPU's route) give what the host's rows give:
     /// the same log-probabilities and the same gradient at the adapters.
     #[test]
     fn the_devices_route_is_the_hosts() -> Result<()> {
-        use burn::module::Module;
-
-        use crate::llm::train::LoraTrainer;
-
         let llm = crate::llm::test_assets::tiny_llm()?;
         let sides = [
-            ("Review:", " a wonderful film"),
-            ("Spam:", " win money now, click here"),
-        ]
-        .map(|(p, c)| TrainExample {
-            prompt: p.into(),
-            completion: c.into(),
-            weight: 1.0,
-        });
+            example("Review:", " a wonderful film"),
+            example("Spam:", " win money now, click here"),
+        ];
         let batch: Vec<&TrainExample> = sides.iter().collect();
         let cfg = LoraConfig::default();
-        // A step first: a fresh adapter's `b` factors are zero, and so would `a`'s gradients be.
-        let mut trainer = LoraTrainer::new(&llm, cfg.clone(), 3);
-        trainer.step(&llm, &sides)?;
-        let adapters = trainer.adapters().expect("adapters").train();
-        let run = |on_host| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-            let c = Completions::of_on(&llm, Some(&adapters), &batch, &cfg, on_host)?;
-            let logprobs = c.logprobs.clone();
-            let upstream: Vec<f32> = (0..logprobs.len()).map(|i| 0.1 * i as f32 - 0.3).collect();
-            let grads = c.carrier(&llm, &upstream)?.backward();
-            let mut out = Vec::new();
-            for block in &adapters.blocks {
-                for p in [&block.q.a, &block.q.b, &block.v.a, &block.v.b] {
-                    out.push(to_host_f32(p.val().grad(&grads).expect("a gradient")));
-                }
-            }
-            Ok((logprobs, out))
+        let adapters = stepped_adapters(&llm, &cfg, &sides)?;
+        let run = |on_host| {
+            let c = Completions::of_on(&llm, Some(&adapters), &batch, &cfg, None, on_host)?;
+            logprobs_and_grads(c, &llm, &adapters)
         };
         let (host_lp, host_grads) = run(true)?;
         let (device_lp, device_grads) = run(false)?;
@@ -300,6 +403,47 @@ mod tests {
                 assert!((x - y).abs() <= 1e-4 * scale, "{x} against {y}");
             }
         }
+        Ok(())
+    }
+
+    /// The frozen blocks' output taken from a store gives what computing it in the batch gives,
+    /// bit for bit (log-probabilities and the adapters' gradients), though a sequence comes
+    /// back in a batch of another length (other padding). On the real model: its integer
+    /// products give a row the same bits in any batch (the tiny model's f32 tiles need not).
+    #[test]
+    fn held_frozen_rows_are_the_batchs_own() -> Result<()> {
+        let llm = crate::llm::test_assets::smollm2_llm();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            top_layers: 2,
+            ..LoraConfig::default()
+        };
+        let (a, b, c) = (
+            example("Review:", " a wonderful film"),
+            example("Spam:", " win money now"),
+            example(
+                "A much longer prompt, so that the others are padded:",
+                " and more",
+            ),
+        );
+        let adapters = stepped_adapters(llm, &cfg, &[a.clone(), b.clone()])?;
+        let mut frozen = FrozenRows::default();
+        for batch in [[&a, &b], [&b, &c], [&c, &a]] {
+            let held = Completions::of(llm, Some(&adapters), &batch, &cfg, Some(&mut frozen))?;
+            let own = Completions::of(llm, Some(&adapters), &batch, &cfg, None)?;
+            let (held, own) = (
+                logprobs_and_grads(held, llm, &adapters)?,
+                logprobs_and_grads(own, llm, &adapters)?,
+            );
+            let bits = |(lp, grads): Scored| {
+                let mut v: Vec<u32> = lp.iter().map(|x| x.to_bits()).collect();
+                v.extend(grads.iter().flatten().map(|x| x.to_bits()));
+                v
+            };
+            assert!(bits(held) == bits(own), "held rows gave other bits");
+        }
+        assert_eq!(frozen.rows.len(), 3);
         Ok(())
     }
 }

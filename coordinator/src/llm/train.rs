@@ -13,7 +13,7 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 
-use super::completions::Completions;
+use super::completions::{Completions, FrozenRows};
 use super::engine::Llm;
 use super::model::{LlamaConfig, LoraAdapters};
 use crate::{Error, Result};
@@ -69,6 +69,8 @@ pub struct LoraTrainer {
     adapters: Option<LoraAdapters>,
     optim: ModuleOptimizer,
     config: LoraConfig,
+    /// The frozen blocks' output for the examples seen so far.
+    frozen: FrozenRows,
 }
 
 impl LoraTrainer {
@@ -93,6 +95,7 @@ impl LoraTrainer {
             adapters: Some(adapters.to_device(&plain).train()),
             optim: AdamConfig::new().init(),
             config,
+            frozen: FrozenRows::default(),
         }
     }
 
@@ -103,7 +106,9 @@ impl LoraTrainer {
 
     /// One optimizer step on `batch`; returns the loss before the step.
     pub fn step(&mut self, llm: &Llm, batch: &[TrainExample]) -> Result<f32> {
-        self.step_on(|adapters, cfg| weighted_nll_loss(llm, adapters, batch, cfg))
+        self.step_on(|adapters, cfg, frozen| {
+            weighted_nll_loss(llm, adapters, batch, cfg, Some(frozen))
+        })
     }
 
     /// One optimizer step on the DPO loss of `pairs` (Rafailov et al., 2023); `reference` from
@@ -115,8 +120,16 @@ impl LoraTrainer {
         reference: &[(f32, f32)],
         beta: f32,
     ) -> Result<f32> {
-        self.step_on(|adapters, cfg| {
-            let (value, c, upstream) = dpo(llm, Some(adapters), pairs, reference, beta, cfg)?;
+        self.step_on(|adapters, cfg, frozen| {
+            let (value, c, upstream) = dpo(
+                llm,
+                Some(adapters),
+                pairs,
+                reference,
+                beta,
+                cfg,
+                Some(frozen),
+            )?;
             Ok(Loss {
                 value,
                 carrier: c.carrier(llm, &upstream)?,
@@ -127,13 +140,13 @@ impl LoraTrainer {
     /// One Adam step on the loss `loss_of` builds from the tracked adapters.
     fn step_on(
         &mut self,
-        loss_of: impl FnOnce(&LoraAdapters, &LoraConfig) -> Result<Loss>,
+        loss_of: impl FnOnce(&LoraAdapters, &LoraConfig, &mut FrozenRows) -> Result<Loss>,
     ) -> Result<f32> {
         let adapters = self
             .adapters
             .take()
             .ok_or_else(|| Error::Model("LoRA trainer lost its adapters".into()))?;
-        let loss = match loss_of(&adapters, &self.config) {
+        let loss = match loss_of(&adapters, &self.config, &mut self.frozen) {
             Ok(loss) => loss,
             Err(e) => {
                 self.adapters = Some(adapters);
@@ -227,7 +240,7 @@ pub fn weighted_nll(
     cfg: &LoraConfig,
 ) -> Result<f32> {
     let batch = weighted(batch)?;
-    let c = Completions::of(llm, lora, &batch, cfg)?;
+    let c = Completions::of(llm, lora, &batch, cfg, None)?;
     let coef = nll_coefficients(&batch, &c);
     Ok(-dot(&coef, &c.logprobs))
 }
@@ -238,9 +251,10 @@ fn weighted_nll_loss(
     lora: &LoraAdapters,
     batch: &[TrainExample],
     cfg: &LoraConfig,
+    frozen: Option<&mut FrozenRows>,
 ) -> Result<Loss> {
     let batch = weighted(batch)?;
-    let c = Completions::of(llm, Some(lora), &batch, cfg)?;
+    let c = Completions::of(llm, Some(lora), &batch, cfg, frozen)?;
     let coef = nll_coefficients(&batch, &c);
     let value = -dot(&coef, &c.logprobs);
     let upstream: Vec<f32> = coef.iter().map(|x| -x).collect();
@@ -288,6 +302,7 @@ fn pair_completions(
     lora: Option<&LoraAdapters>,
     pairs: &[PreferencePair],
     cfg: &LoraConfig,
+    frozen: Option<&mut FrozenRows>,
 ) -> Result<Completions> {
     let sides: Vec<[TrainExample; 2]> = pairs.iter().map(PreferencePair::sides).collect();
     let batch: Vec<&TrainExample> = sides
@@ -295,7 +310,7 @@ fn pair_completions(
         .map(|[c, _]| c)
         .chain(sides.iter().map(|[_, r]| r))
         .collect();
-    Completions::of(llm, lora, &batch, cfg)
+    Completions::of(llm, lora, &batch, cfg, frozen)
 }
 
 /// The reference model's summed log-probabilities (chosen, rejected) of each pair: the
@@ -308,7 +323,7 @@ pub fn reference_logprobs(
 ) -> Result<Vec<(f32, f32)>> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(batch_size.max(1)) {
-        let lp = pair_completions(llm, llm.lora.as_ref(), chunk, cfg)?.sums();
+        let lp = pair_completions(llm, llm.lora.as_ref(), chunk, cfg, None)?.sums();
         let p = chunk.len();
         out.extend((0..p).map(|i| (lp[i], lp[p + i])));
     }
@@ -325,6 +340,7 @@ fn dpo(
     reference: &[(f32, f32)],
     beta: f32,
     cfg: &LoraConfig,
+    frozen: Option<&mut FrozenRows>,
 ) -> Result<(f32, Completions, Vec<f32>)> {
     let total_w: f32 = pairs.iter().map(|p| p.weight.max(0.0)).sum();
     if pairs.is_empty() || pairs.len() != reference.len() || !total_w.is_finite() || total_w <= 0.0
@@ -334,7 +350,7 @@ fn dpo(
         ));
     }
     let p = pairs.len();
-    let c = pair_completions(llm, lora, pairs, cfg)?;
+    let c = pair_completions(llm, lora, pairs, cfg, frozen)?;
     let sums = c.sums();
     let mut value = 0.0f64;
     let mut upstream = vec![0.0f32; c.logprobs.len()];
@@ -518,7 +534,7 @@ mod tests {
         let oracle = autodiff_nll(&llm, &adapters, &examples(), &cfg)?;
         let oracle_value = oracle.clone().into_scalar::<f32>();
         let oracle = oracle.backward();
-        let loss = weighted_nll_loss(&llm, &adapters, &examples(), &cfg)?;
+        let loss = weighted_nll_loss(&llm, &adapters, &examples(), &cfg, None)?;
         assert!(
             (loss.value - oracle_value).abs() < 1e-4 * oracle_value.abs(),
             "{} against {oracle_value}",
@@ -652,9 +668,9 @@ mod tests {
             trainer.preference_step(&llm, &pairs, &reference, 0.5)?;
         }
         let adapters = trainer.adapters().expect("adapters");
-        let after = dpo(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg)?.0;
+        let after = dpo(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg, None)?.0;
         assert!(after < first - 0.1, "DPO loss {first} -> {after}");
-        assert!(dpo(&llm, None, &[], &[], 0.5, &cfg).is_err());
+        assert!(dpo(&llm, None, &[], &[], 0.5, &cfg, None).is_err());
         llm.lora = Some(adapters);
         let now = reference_logprobs(&llm, &pairs, &cfg, 2)?;
         for ((c, r), (c0, r0)) in now.iter().zip(&reference) {
