@@ -176,11 +176,7 @@ impl LoraTrainer {
 /// returns the ids and the number of completion tokens at the end. A completion cut at
 /// `max_completion_tokens` gets no EOS: one there would teach the LLM to stop where the cut
 /// fell (R8's stories run ~120 tokens).
-pub(super) fn example_ids(
-    llm: &Llm,
-    ex: &TrainExample,
-    cfg: &LoraConfig,
-) -> Result<(Vec<u32>, usize)> {
+pub fn example_ids(llm: &Llm, ex: &TrainExample, cfg: &LoraConfig) -> Result<(Vec<u32>, usize)> {
     let mut prompt = llm.tokenizer.encode(&ex.prompt)?;
     if prompt.len() > cfg.max_prompt_tokens {
         prompt.drain(..prompt.len() - cfg.max_prompt_tokens);
