@@ -81,9 +81,10 @@ pub(crate) struct FrozenRows {
     floats: usize,
 }
 
-/// The most floats [`FrozenRows`] holds (64 MiB), a round's worth with the defaults; past it the
-/// rows are dropped and computed again.
-const FROZEN_FLOATS: usize = 16 << 20;
+/// The most floats [`FrozenRows`] holds (128 MiB: a round's examples with the defaults, about
+/// 200 sequences of about 100 tokens, for models up to Qwen2.5-0.5B's width); past it the rows
+/// are dropped and computed again.
+const FROZEN_FLOATS: usize = 32 << 20;
 
 impl FrozenRows {
     /// The residual stream `[b, t, d_model]` entering block `first` of `rows` (`[b, t]`,
@@ -101,22 +102,12 @@ impl FrozenRows {
             self.first = first;
         }
         let seqs: Vec<&[u32]> = rows.iter().zip(pads).map(|(r, &p)| &r[p..]).collect();
-        let mut missing: Vec<Vec<u32>> = Vec::new();
-        for s in &seqs {
-            if !self.rows.contains_key(*s) && !missing.iter().any(|m| m == s) {
-                missing.push(s.to_vec());
-            }
-        }
+        let mut missing = self.missing(&seqs);
         let need: usize = missing.iter().map(|s| s.len() * d).sum();
         if !missing.is_empty() && self.floats + need > FROZEN_FLOATS {
             // Drop what is held; this batch's sequences are all computed again.
             self.clear();
-            missing.clear();
-            for s in &seqs {
-                if !missing.iter().any(|m| m == s) {
-                    missing.push(s.to_vec());
-                }
-            }
+            missing = self.missing(&seqs);
         }
         if !missing.is_empty() {
             let (padded, at) = left_pad(&missing, 0);
@@ -136,6 +127,17 @@ impl FrozenRows {
             }
         }
         out
+    }
+
+    /// The sequences of `seqs` not held, once each.
+    fn missing(&self, seqs: &[&[u32]]) -> Vec<Vec<u32>> {
+        let mut missing: Vec<Vec<u32>> = Vec::new();
+        for s in seqs {
+            if !self.rows.contains_key(*s) && !missing.iter().any(|m| m == s) {
+                missing.push(s.to_vec());
+            }
+        }
+        missing
     }
 
     fn clear(&mut self) {
