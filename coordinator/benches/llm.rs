@@ -18,13 +18,17 @@
 //! reference's, 3 on the CPU and 1 on a GPU by default: the table shows medians, each ratio
 //! the median of the rounds' ratios, with their range).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use common::{env_usize, median, model_path, reference_python};
+
+use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::llm::device::{self, DeviceChoice, Placement};
 use crosslm_coordinator::llm::generate::argmax;
-use crosslm_coordinator::llm::{Llm, qwen2_gguf_path, smollm2_gguf_path};
 use crosslm_coordinator::task::TaskSpec;
 use crosslm_sdk::data::{BadRows, assets_dir, load_mr, workspace_root};
 
@@ -33,13 +37,6 @@ use crosslm_sdk::data::{BadRows, assets_dir, load_mr, workspace_root};
 struct Figures {
     prefill: f64,
     generate: f64,
-}
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Peak resident memory of this process in MiB (`VmHWM`).
@@ -122,19 +119,6 @@ fn round_work(llm: &Llm) -> Result<(f64, f64), String> {
     llm.perplexity(&general).map_err(|e| e.to_string())?;
     let perplexity = tokens as f64 / t.elapsed().as_secs_f64();
     Ok((classify, perplexity))
-}
-
-/// The Python with the references installed: `CROSSLM_BENCH_PYTHON`, else the venv that
-/// `scripts/bench/setup.sh` makes, else `python3`.
-fn reference_python() -> String {
-    if let Ok(p) = std::env::var("CROSSLM_BENCH_PYTHON") {
-        return p;
-    }
-    let venv = std::env::var("HOME").map(|h| format!("{h}/.cache/crosslm/venv/bin/python"));
-    match venv {
-        Ok(v) if std::path::Path::new(&v).is_file() => v,
-        _ => "python3".into(),
-    }
 }
 
 /// A reference's figures beside ours.
@@ -271,14 +255,6 @@ fn torch(
 }
 
 /// The GGUF file to measure: `CROSSLM_BENCH_MODEL` = `smollm2` (default), `qwen2`, or a path.
-fn model_path() -> PathBuf {
-    match std::env::var("CROSSLM_BENCH_MODEL").as_deref() {
-        Ok("qwen2") => qwen2_gguf_path(),
-        Ok("smollm2") | Err(_) => smollm2_gguf_path(),
-        Ok(other) => PathBuf::from(other),
-    }
-}
-
 /// Where the LLM runs: `CROSSLM_BENCH_DEVICE` (cpu by default: the bench's figures are the
 /// CPU's unless a GPU is asked for).
 fn placement() -> Result<Placement, String> {
@@ -483,15 +459,6 @@ fn main() {
 }
 
 /// The middle value (the mean of the middle two for an even count); NaN for none.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Which SIMD the kernels use, and which the CPU offers.
 fn simd_note() -> String {
     format!("kernels {}, {}", crosslm_sdk::quant::kernels(), cpu_simd())

@@ -14,26 +14,21 @@
 //! milliseconds a step, the ratio (PyTorch's time over ours: above 1, ours is faster) and each
 //! side's first loss (the adapters start as a no-op, so both are the base model's loss).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use common::{env_usize, median, model_path, reference_python};
+
 use burn::tensor::Device;
+use crosslm_coordinator::llm::Llm;
 use crosslm_coordinator::llm::train::{LoraTrainer, TrainExample, example_ids};
-use crosslm_coordinator::llm::{Llm, qwen2_gguf_path, smollm2_gguf_path};
 use crosslm_coordinator::tuning::TuningConfig;
 use crosslm_sdk::data::workspace_root;
 
 const STEPS: usize = 3;
-
-fn model_path() -> PathBuf {
-    match std::env::var("CROSSLM_BENCH_MODEL").as_deref() {
-        Ok("qwen2") => qwen2_gguf_path(),
-        Ok("smollm2") | Err(_) => smollm2_gguf_path(),
-        Ok(path) => PathBuf::from(path),
-    }
-}
 
 /// Batch `j` of the run: 8 chat prompts asking for a review, completions of 30-58 words, their
 /// words starting `j` further along a text, so that no step sees a sequence seen before (a
@@ -62,24 +57,6 @@ fn batch(llm: &Llm, j: usize) -> Vec<TrainExample> {
             weight: 1.0,
         })
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// The Python with the references installed: `CROSSLM_BENCH_PYTHON`, else the venv that
-/// `scripts/bench/setup.sh` makes, else `python3`.
-fn reference_python() -> String {
-    if let Ok(p) = std::env::var("CROSSLM_BENCH_PYTHON") {
-        return p;
-    }
-    let venv = std::env::var("HOME").map(|h| format!("{h}/.cache/crosslm/venv/bin/python"));
-    match venv {
-        Ok(v) if std::path::Path::new(&v).is_file() => v,
-        _ => "python3".into(),
-    }
 }
 
 /// Writes the model's weights (f32, GGUF names), the decoder's shape and the batches' ids for
@@ -160,10 +137,7 @@ fn main() -> Result<(), String> {
     let path = model_path();
     let llm = Llm::load(&path, &Device::flex()).map_err(|e| e.to_string())?;
     let lora = TuningConfig::default().lora;
-    let rounds: usize = std::env::var("CROSSLM_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = env_usize("CROSSLM_BENCH_ROUNDS", 3);
     // The warm-up step's batch, then each round's.
     let batches: Vec<Vec<TrainExample>> = (0..1 + rounds * STEPS).map(|j| batch(&llm, j)).collect();
 
