@@ -183,8 +183,14 @@ impl Completions {
         let model = llm.model()?;
         let step = StepInputs::new(&llm.config, &pads, 0, t, device);
         // Blocks below the first adapter are frozen and tracked by nothing: where the quantized
-        // CPU decoder holds the model, they run there, faster than on burn.
-        let first = lora.map_or(0, |l| l.first);
+        // CPU decoder holds the model, they run there, faster than on burn. Without adapters,
+        // the split is the one `cfg`'s adapters have, so that a DPO reference computes what its
+        // policy computes at the start.
+        let first = match lora {
+            Some(l) => l.first,
+            None if cfg.top_layers > 0 => llm.config.n_layers.saturating_sub(cfg.top_layers),
+            None => 0,
+        };
         let hidden = match llm.cpu_model() {
             Some(cpu) if first > 0 => {
                 let x = match frozen {

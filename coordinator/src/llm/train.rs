@@ -675,6 +675,31 @@ mod tests {
         Ok(())
     }
 
+    /// On the real model with adapters on its top blocks, the reference (no adapters) and a
+    /// fresh policy (adapters that add zeros) compute the same log-probabilities, so the first
+    /// DPO loss is ln 2 to the last bits: both split the blocks between the CPU decoder and
+    /// burn in the same place.
+    #[test]
+    fn the_first_dpo_loss_on_the_real_model_is_ln_2() -> Result<()> {
+        let llm = test_assets::smollm2_llm();
+        let chat = |u: &str| llm.tokenizer.chat_prompt(u);
+        let pairs = vec![PreferencePair {
+            prompt: chat("Write a short positive movie review."),
+            chosen: " A warm, funny and moving film.".into(),
+            rejected: " Dull and far too long.".into(),
+            weight: 1.0,
+        }];
+        let cfg = LoraConfig {
+            top_layers: 2,
+            ..LoraConfig::default()
+        };
+        let reference = reference_logprobs(llm, &pairs, &cfg, 1)?;
+        let mut trainer = LoraTrainer::new(llm, cfg, 3);
+        let first = trainer.preference_step(llm, &pairs, &reference, 0.5)?;
+        assert!((first - std::f32::consts::LN_2).abs() < 1e-6, "{first}");
+        Ok(())
+    }
+
     /// A completion within the limit ends with EOS; one cut at the limit does not.
     #[test]
     fn cut_completions_get_no_eos() -> Result<()> {
@@ -740,8 +765,8 @@ mod tests {
     /// Times LoRA steps on the real model with the tuning's defaults (top 10 blocks adapted,
     /// completions cut at 64 tokens) on a demo-sized batch: 8 chat prompts, completions of 30-60
     /// words (`cargo test --release --workspace --lib -- --ignored --nocapture
-    /// tuning_step_probe`). Also times the same batch's loss without adapters (forward only,
-    /// every block on burn) and the blocks below the adapters on the CPU decoder.
+    /// tuning_step_probe`). Also times the same batch's loss without adapters (forward only)
+    /// and the blocks below the adapters on the CPU decoder.
     /// A probe for profiles, not a gate.
     #[test]
     #[ignore]
@@ -779,9 +804,7 @@ mod tests {
         let mut trainer = LoraTrainer::new(llm, cfg.clone(), 1);
         let step = time(&mut || trainer.step(llm, &batch).map(drop))?;
         let forward = time(&mut || weighted_nll(llm, None, &batch, &cfg).map(drop))?;
-        println!(
-            "LoRA step {step:.0} ms, loss without adapters (every block on burn) {forward:.0} ms"
-        );
+        println!("LoRA step {step:.0} ms, loss without adapters (forward only) {forward:.0} ms");
         // The blocks below the adapters, on the CPU decoder.
         let refs: Vec<&TrainExample> = batch.iter().collect();
         let crate::llm::completions::Padded { rows, pads, .. } =
