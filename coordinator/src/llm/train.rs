@@ -11,7 +11,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 
 use super::completions::{Completions, FrozenRows};
 use super::engine::Llm;
@@ -106,8 +106,8 @@ impl LoraTrainer {
 
     /// One optimizer step on `batch`; returns the loss before the step.
     pub fn step(&mut self, llm: &Llm, batch: &[TrainExample]) -> Result<f32> {
-        self.step_on(|adapters, cfg, frozen| {
-            weighted_nll_loss(llm, adapters, batch, cfg, Some(frozen))
+        self.step_on(llm, |adapters, cfg, frozen| {
+            nll(llm, Some(adapters), batch, cfg, Some(frozen))
         })
     }
 
@@ -120,8 +120,8 @@ impl LoraTrainer {
         reference: &[(f32, f32)],
         beta: f32,
     ) -> Result<f32> {
-        self.step_on(|adapters, cfg, frozen| {
-            let (value, c, upstream) = dpo(
+        self.step_on(llm, |adapters, cfg, frozen| {
+            dpo(
                 llm,
                 Some(adapters),
                 pairs,
@@ -129,18 +129,15 @@ impl LoraTrainer {
                 beta,
                 cfg,
                 Some(frozen),
-            )?;
-            Ok(Loss {
-                value,
-                carrier: c.carrier(llm, &upstream)?,
-            })
+            )
         })
     }
 
-    /// One Adam step on the loss `loss_of` builds from the tracked adapters.
+    /// One Adam step on the loss `loss_of` scores with the tracked adapters.
     fn step_on(
         &mut self,
-        loss_of: impl FnOnce(&LoraAdapters, &LoraConfig, &mut FrozenRows) -> Result<Loss>,
+        llm: &Llm,
+        loss_of: impl FnOnce(&LoraAdapters, &LoraConfig, &mut FrozenRows) -> Result<Scored>,
     ) -> Result<f32> {
         let adapters = self
             .adapters
@@ -153,7 +150,14 @@ impl LoraTrainer {
                 return Err(e);
             }
         };
-        let grads = GradientsParams::from_grads(loss.carrier.backward(), &adapters);
+        let carrier = match loss.completions.carrier(llm, &loss.upstream) {
+            Ok(carrier) => carrier,
+            Err(e) => {
+                self.adapters = Some(adapters);
+                return Err(e);
+            }
+        };
+        let grads = GradientsParams::from_grads(carrier.backward(), &adapters);
         self.adapters = Some(self.optim.step(self.config.learning_rate, adapters, grads));
         Ok(loss.value)
     }
@@ -222,10 +226,12 @@ fn weighted(batch: &[TrainExample]) -> Result<Vec<&TrainExample>> {
     Ok(batch)
 }
 
-/// A batch's loss: its value, and a scalar to back-propagate whose gradient is the loss's.
-struct Loss {
+/// A batch's loss: its value, the completions it scored and its gradient in each of their
+/// tokens' log-probabilities (what [`Completions::carrier`] takes back to the adapters).
+struct Scored {
     value: f32,
-    carrier: Tensor<1>,
+    completions: Completions,
+    upstream: Vec<f32>,
 }
 
 /// Weighted NLL of the completions of `batch`: `sum_i w_i * mean_t nll_it / sum_i w_i`.
@@ -235,28 +241,24 @@ pub fn weighted_nll(
     batch: &[TrainExample],
     cfg: &LoraConfig,
 ) -> Result<f32> {
-    let batch = weighted(batch)?;
-    let c = Completions::of(llm, lora, &batch, cfg, None)?;
-    let coef = nll_coefficients(&batch, &c);
-    Ok(-dot(&coef, &c.logprobs))
+    Ok(nll(llm, lora, batch, cfg, None)?.value)
 }
 
-/// [`weighted_nll`] with its gradient route (`lora` on the autodiff device).
-fn weighted_nll_loss(
+/// [`weighted_nll`] with its gradient in each completion token's log-probability.
+fn nll(
     llm: &Llm,
-    lora: &LoraAdapters,
+    lora: Option<&LoraAdapters>,
     batch: &[TrainExample],
     cfg: &LoraConfig,
     frozen: Option<&mut FrozenRows>,
-) -> Result<Loss> {
+) -> Result<Scored> {
     let batch = weighted(batch)?;
-    let c = Completions::of(llm, Some(lora), &batch, cfg, frozen)?;
-    let coef = nll_coefficients(&batch, &c);
-    let value = -dot(&coef, &c.logprobs);
-    let upstream: Vec<f32> = coef.iter().map(|x| -x).collect();
-    Ok(Loss {
-        value,
-        carrier: c.carrier(llm, &upstream)?,
+    let completions = Completions::of(llm, lora, &batch, cfg, frozen)?;
+    let coef = nll_coefficients(&batch, &completions);
+    Ok(Scored {
+        value: -dot(&coef, &completions.logprobs),
+        upstream: coef.iter().map(|x| -x).collect(),
+        completions,
     })
 }
 
@@ -327,8 +329,7 @@ pub fn reference_logprobs(
 }
 
 /// DPO loss (Rafailov et al., 2023) of `pairs` against their reference log-probabilities:
-/// `-sum_i w_i log sigmoid(beta * ((c_i - c_ref_i) - (r_i - r_ref_i))) / sum_i w_i`. Returns
-/// its value, the pairs' completions and `dL/dlogprob` of each of their tokens.
+/// `-sum_i w_i log sigmoid(beta * ((c_i - c_ref_i) - (r_i - r_ref_i))) / sum_i w_i`.
 fn dpo(
     llm: &Llm,
     lora: Option<&LoraAdapters>,
@@ -337,7 +338,7 @@ fn dpo(
     beta: f32,
     cfg: &LoraConfig,
     frozen: Option<&mut FrozenRows>,
-) -> Result<(f32, Completions, Vec<f32>)> {
+) -> Result<Scored> {
     let total_w: f32 = pairs.iter().map(|p| p.weight.max(0.0)).sum();
     if pairs.is_empty() || pairs.len() != reference.len() || !total_w.is_finite() || total_w <= 0.0
     {
@@ -360,7 +361,11 @@ fn dpo(
         upstream[c.spans[i].clone()].fill(dm);
         upstream[c.spans[p + i].clone()].fill(-dm);
     }
-    Ok((value as f32, c, upstream))
+    Ok(Scored {
+        value: value as f32,
+        completions: c,
+        upstream,
+    })
 }
 
 /// `ln(1 / (1 + e^-z))`, without overflow for large `|z|`.
@@ -440,6 +445,8 @@ pub fn load_adapters(
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::Tensor;
+
     use super::*;
     use crate::llm::model::to_host_f32;
     use crate::llm::test_assets::{self, tiny_llm};
@@ -530,13 +537,13 @@ mod tests {
         let oracle = autodiff_nll(&llm, &adapters, &examples(), &cfg)?;
         let oracle_value = oracle.clone().into_scalar::<f32>();
         let oracle = oracle.backward();
-        let loss = weighted_nll_loss(&llm, &adapters, &examples(), &cfg, None)?;
+        let loss = nll(&llm, Some(&adapters), &examples(), &cfg, None)?;
         assert!(
             (loss.value - oracle_value).abs() < 1e-4 * oracle_value.abs(),
             "{} against {oracle_value}",
             loss.value
         );
-        let ours = loss.carrier.backward();
+        let ours = loss.completions.carrier(&llm, &loss.upstream)?.backward();
         let mut compared = 0;
         for block in &adapters.blocks {
             for param in [&block.q.a, &block.q.b, &block.v.a, &block.v.b] {
@@ -664,7 +671,7 @@ mod tests {
             trainer.preference_step(&llm, &pairs, &reference, 0.5)?;
         }
         let adapters = trainer.adapters().expect("adapters");
-        let after = dpo(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg, None)?.0;
+        let after = dpo(&llm, Some(&adapters), &pairs, &reference, 0.5, &cfg, None)?.value;
         assert!(after < first - 0.1, "DPO loss {first} -> {after}");
         assert!(dpo(&llm, None, &[], &[], 0.5, &cfg, None).is_err());
         llm.lora = Some(adapters);
